@@ -1,0 +1,377 @@
+"""graphshape's intermediate representation: a dataflow graph over ``networkx.DiGraph``.
+
+A :class:`Graph` holds :class:`Node` objects. Each node has a canonical ``op`` (a key of
+:data:`graphshape.ops.OPS`), ``attrs`` (everything needed to emit the op again),
+``params`` (named numpy arrays: weights, biases, constant values) and ``outputs`` (one
+:class:`TensorInfo` per produced value). A node consumes values through ``inputs``, an
+ordered list of :class:`Ref` (producer node name, output index).
+
+The ordered ``Node.inputs`` lists are the source of truth; the networkx graph
+(``graph.nx``) mirrors them as edges ``producer -> consumer`` carrying the list of
+``(output_index, input_slot)`` pairs, so that users can run any networkx algorithm on it
+(dominators, topological sorts, paths). Mutate the graph through :class:`Graph` methods
+so that the two stay in step.
+
+This module imports numpy and networkx only.
+"""
+
+from __future__ import annotations
+
+import copy as _copy
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Iterator, NamedTuple
+
+import networkx as nx
+import numpy as np
+
+from graphshape.errors import GraphshapeError
+
+
+class Ref(NamedTuple):
+    """One value in the graph: output ``index`` of node ``node``."""
+
+    node: str
+    index: int = 0
+
+    def __repr__(self) -> str:
+        return self.node if self.index == 0 else f"{self.node}:{self.index}"
+
+
+@dataclass
+class TensorInfo:
+    """Static facts about one value. ``shape`` entries are ints, or None / a string for
+    unknown or symbolic dimensions; ``shape`` itself is None when the rank is unknown.
+    ``dtype`` is a numpy dtype name ("float32", "int64", ...) or None when unknown;
+    values that are not tensors (a Python int from ``x.size(0)``, a tuple) use
+    dtype "object"."""
+
+    shape: tuple | None = None
+    dtype: str | None = None
+
+    @property
+    def rank(self) -> int | None:
+        return None if self.shape is None else len(self.shape)
+
+    def __repr__(self) -> str:
+        if self.shape is None:
+            s = "?"
+        else:
+            s = "x".join("?" if d is None else str(d) for d in self.shape) or "scalar"
+        return f"{self.dtype or '?'}[{s}]"
+
+
+@dataclass
+class Node:
+    """One operation. See the module docstring for the meaning of each field.
+
+    ``meta`` holds frontend/pass bookkeeping that is not semantics: ``source`` (the
+    original framework node's name), ``flags`` (list of strings the analysis reports),
+    and frontend-specific payloads needed to re-emit opaque nodes losslessly.
+    """
+
+    name: str
+    op: str
+    inputs: list[Ref] = field(default_factory=list)
+    attrs: dict[str, Any] = field(default_factory=dict)
+    params: dict[str, np.ndarray] = field(default_factory=dict)
+    outputs: list[TensorInfo] = field(default_factory=lambda: [TensorInfo()])
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def out(self) -> Ref:
+        """The node's first (usually only) output."""
+        return Ref(self.name, 0)
+
+    @property
+    def shape(self) -> tuple | None:
+        return self.outputs[0].shape if self.outputs else None
+
+    @property
+    def dtype(self) -> str | None:
+        return self.outputs[0].dtype if self.outputs else None
+
+
+class Graph:
+    """A model as a dataflow graph. ``graph.nx`` is the underlying ``networkx.DiGraph``
+    (node key: node name; node attribute ``"node"``: the :class:`Node`).
+
+    ``inputs``: names of the ``input`` nodes, in the model's argument order.
+    ``output_nodes``: names of the ``output`` nodes (one input each: the returned
+    value), in the model's return order; ``outputs`` lists the values they return.
+    ``meta``: model-level facts: ``source`` ("torch" or "onnx"), ``opset``,
+    ``ir_version``, names of ONNX inputs/outputs, the torch output structure, etc.
+    """
+
+    def __init__(self, meta: dict | None = None):
+        self.nx = nx.DiGraph()
+        self.inputs: list[str] = []
+        self.output_nodes: list[str] = []
+        self.meta: dict[str, Any] = dict(meta or {})
+        self._order: dict[str, int] = {}  # insertion rank, used to break ties in topo order
+        self._next_rank = 0
+        self._topo_cache: list[str] | None = None
+
+    # ----------------------------------------------------------------- access
+    def __len__(self) -> int:
+        return self.nx.number_of_nodes()
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.nx
+
+    def __getitem__(self, name: str) -> Node:
+        try:
+            return self.nx.nodes[name]["node"]
+        except KeyError:
+            raise GraphshapeError(f"no node named {name!r} in the graph") from None
+
+    def node(self, name: str) -> Node:
+        return self[name]
+
+    def __iter__(self) -> Iterator[Node]:
+        """Nodes in a deterministic topological order (ties: insertion order)."""
+        for name in self.topo_order():
+            yield self.nx.nodes[name]["node"]
+
+    @property
+    def nodes(self) -> list[Node]:
+        return list(self)
+
+    def topo_order(self) -> list[str]:
+        if self._topo_cache is None:
+            try:
+                self._topo_cache = list(
+                    nx.lexicographical_topological_sort(self.nx, key=self._order.__getitem__)
+                )
+            except nx.NetworkXUnfeasible:
+                cycle = nx.find_cycle(self.nx)
+                raise GraphshapeError(
+                    "the graph has a cycle through nodes "
+                    + " -> ".join(u for u, _ in cycle)
+                    + "; graphshape handles acyclic dataflow graphs only"
+                ) from None
+        return list(self._topo_cache)
+
+    @property
+    def outputs(self) -> list[Ref]:
+        """The values the model returns (the inputs of its ``output`` nodes), in order."""
+        return [self[name].inputs[0] for name in self.output_nodes]
+
+    def producer(self, ref: Ref) -> Node:
+        return self[ref.node]
+
+    def info(self, ref: Ref) -> TensorInfo:
+        node = self[ref.node]
+        if ref.index >= len(node.outputs):
+            raise GraphshapeError(
+                f"node {node.name!r} has {len(node.outputs)} outputs, output {ref.index} was asked for",
+                node=node.name, op=node.op)
+        return node.outputs[ref.index]
+
+    def users(self, name: str) -> list[Node]:
+        """Nodes that consume any output of node ``name`` (topological order)."""
+        succ = set(self.nx.successors(name))
+        return [n for n in self if n.name in succ]
+
+    def uses(self, ref: Ref) -> list[tuple[Node, int]]:
+        """(consumer, input slot) for every use of value ``ref``."""
+        result = []
+        for user in self.users(ref.node):
+            for slot, r in enumerate(user.inputs):
+                if r == ref:
+                    result.append((user, slot))
+        return result
+
+    def is_output(self, ref_or_name) -> bool:
+        """Whether a value (or any output of a node) is returned by the model."""
+        if isinstance(ref_or_name, str):
+            return any(r.node == ref_or_name for r in self.outputs)
+        return Ref(*ref_or_name) in self.outputs
+
+    # ----------------------------------------------------------------- mutation
+    def unique_name(self, base: str) -> str:
+        if base not in self.nx:
+            return base
+        i = 1
+        while f"{base}_{i}" in self.nx:
+            i += 1
+        return f"{base}_{i}"
+
+    def add(self, node: Node, *, after: str | None = None) -> Node:
+        """Add ``node``; its inputs must already exist. ``after`` only influences the tie
+        break of the topological order (the node sorts right after that node)."""
+        if node.name in self.nx:
+            raise GraphshapeError(f"a node named {node.name!r} already exists")
+        for ref in node.inputs:
+            if ref.node not in self.nx:
+                raise GraphshapeError(
+                    f"input {ref!r} of node {node.name!r} does not exist (dangling reference)",
+                    node=node.name, op=node.op)
+        self.nx.add_node(node.name, node=node)
+        if after is not None and after in self._order:
+            # fractional ranks keep "right after" without renumbering everything
+            rank_after = self._order[after]
+            later = [r for r in self._order.values() if r > rank_after]
+            nxt = min(later) if later else rank_after + 1
+            self._order[node.name] = (rank_after + nxt) / 2
+        else:
+            self._order[node.name] = self._next_rank
+        self._next_rank += 1
+        self._link_inputs(node)
+        if node.op == "input" and node.name not in self.inputs:
+            self.inputs.append(node.name)
+        if node.op == "output" and node.name not in self.output_nodes:
+            self.output_nodes.append(node.name)
+        self._topo_cache = None
+        return node
+
+    def _link_inputs(self, node: Node) -> None:
+        for slot, ref in enumerate(node.inputs):
+            if self.nx.has_edge(ref.node, node.name):
+                self.nx.edges[ref.node, node.name]["slots"].append((ref.index, slot))
+            else:
+                self.nx.add_edge(ref.node, node.name, slots=[(ref.index, slot)])
+
+    def _unlink_inputs(self, node: Node) -> None:
+        for ref in set(node.inputs):
+            if self.nx.has_edge(ref.node, node.name):
+                self.nx.remove_edge(ref.node, node.name)
+
+    def set_inputs(self, name: str, inputs: Iterable[Ref]) -> None:
+        node = self[name]
+        self._unlink_inputs(node)
+        node.inputs = [Ref(*r) for r in inputs]
+        for ref in node.inputs:
+            if ref.node not in self.nx:
+                raise GraphshapeError(f"input {ref!r} of node {name!r} does not exist",
+                                      node=name, op=node.op)
+        self._link_inputs(node)
+        self._topo_cache = None
+
+    def replace_uses(self, old: Ref, new: Ref, *, exclude: Iterable[str] = ()) -> int:
+        """Make every consumer of value ``old`` (``output`` nodes included) read
+        ``new`` instead. Returns the number of uses rewritten."""
+        old, new = Ref(*old), Ref(*new)
+        exclude = set(exclude)
+        count = 0
+        for user in self.users(old.node):
+            if user.name in exclude:
+                continue
+            if old in user.inputs:
+                self.set_inputs(user.name, [new if r == old else r for r in user.inputs])
+                count += 1
+        return count
+
+    def remove(self, name: str) -> Node:
+        """Remove a node that nothing uses any more."""
+        node = self[name]
+        if any(True for _ in self.nx.successors(name)):
+            users = [u.name for u in self.users(name)]
+            raise GraphshapeError(f"cannot remove node {name!r}: still used by {users}",
+                                  node=name, op=node.op)
+        self.nx.remove_node(name)
+        del self._order[name]
+        if name in self.inputs:
+            self.inputs.remove(name)
+        if name in self.output_nodes:
+            self.output_nodes.remove(name)
+        self._topo_cache = None
+        return node
+
+    def bypass(self, name: str, input_slot: int = 0) -> Node:
+        """Remove a one-output node, wiring its consumers to its input ``input_slot``."""
+        node = self[name]
+        self.replace_uses(node.out, node.inputs[input_slot])
+        return self.remove(name)
+
+    def remove_dead(self) -> list[str]:
+        """Remove nodes from which no graph output is reachable (inputs are kept)."""
+        live = set()
+        for name in self.output_nodes:
+            live.add(name)
+            live |= nx.ancestors(self.nx, name)
+        dead = [n for n in reversed(self.topo_order())
+                if n not in live and self[n].op not in ("input", "output")]
+        for n in dead:
+            self.nx.remove_node(n)
+            del self._order[n]
+        self._topo_cache = None
+        return dead
+
+    def copy(self) -> "Graph":
+        """A deep copy (parameters included): passes never modify their input graph."""
+        return _copy.deepcopy(self)
+
+    # ----------------------------------------------------------------- checks
+    def validate(self) -> None:
+        """Raise GraphshapeError if the graph is malformed (dangling refs, cycles,
+        unknown ops, edges out of step with ``Node.inputs``)."""
+        from graphshape.ops import OPS
+
+        self.topo_order()
+        for name in self.nx.nodes:
+            node = self[name]
+            if node.name != name:
+                raise GraphshapeError(f"node stored under {name!r} is named {node.name!r}")
+            if node.op not in OPS:
+                raise GraphshapeError(f"unknown canonical op {node.op!r}", node=name, op=node.op)
+            for ref in node.inputs:
+                if ref.node not in self.nx:
+                    raise GraphshapeError(f"dangling input {ref!r}", node=name, op=node.op)
+                if ref.index >= len(self[ref.node].outputs):
+                    raise GraphshapeError(
+                        f"input {ref!r} refers to a missing output of {ref.node!r}",
+                        node=name, op=node.op)
+                if not self.nx.has_edge(ref.node, name):
+                    raise GraphshapeError(f"edge {ref.node!r} -> {name!r} missing", node=name)
+        for name in self.output_nodes:
+            if name not in self.nx or len(self[name].inputs) != 1:
+                raise GraphshapeError(f"graph output node {name!r} is missing or malformed")
+
+    # ----------------------------------------------------------------- display
+    def table(self, max_rows: int | None = None) -> str:
+        """The nodes as a text table: name, op, inputs, output shapes, key attributes."""
+        rows = [("node", "op", "inputs", "output", "attrs")]
+        for node in self:
+            attrs = _short_attrs(node)
+            rows.append((node.name, node.op, ", ".join(map(repr, node.inputs)),
+                         ", ".join(map(repr, node.outputs)), attrs))
+        if max_rows is not None and len(rows) > max_rows + 1:
+            rows = rows[: max_rows + 1] + [("...", f"{len(rows) - 1 - max_rows} more", "", "", "")]
+        widths = [min(40, max(len(r[i]) for r in rows)) for i in range(4)]
+        lines = []
+        for i, r in enumerate(rows):
+            cells = [(c if len(c) <= w else c[: w - 1] + "…").ljust(w) for c, w in zip(r[:4], widths)]
+            lines.append("  ".join(cells) + "  " + r[4])
+            if i == 0:
+                lines.append("  ".join("-" * w for w in widths) + "  " + "-" * 5)
+        outs = ", ".join(map(repr, self.outputs))
+        lines.append(f"outputs: {outs}")
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.table()
+
+    def __repr__(self) -> str:
+        src = self.meta.get("source", "?")
+        return f"<graphshape.Graph from {src}: {len(self)} nodes, inputs {self.inputs}, outputs {self.outputs}>"
+
+    def count_ops(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for node in self:
+            counts[node.op] = counts.get(node.op, 0) + 1
+        return counts
+
+
+def _short_attrs(node: Node) -> str:
+    parts = []
+    for k, v in node.attrs.items():
+        if k.startswith("_"):
+            continue
+        s = repr(v)
+        if len(s) > 30:
+            s = s[:27] + "..."
+        parts.append(f"{k}={s}")
+    for k, v in node.params.items():
+        parts.append(f"{k}:{tuple(np.shape(v))}")
+    s = " ".join(parts)
+    return s if len(s) <= 80 else s[:77] + "..."

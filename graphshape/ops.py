@@ -1,0 +1,169 @@
+"""The canonical op table.
+
+Every IR node's ``op`` is a key of :data:`OPS`. An :class:`OpSpec` says what the op means
+(its attribute and parameter conventions), which **kernel rule** the analysis applies to
+it (how it acts on q and c), and what passes may do with it (its ``category``).
+
+Conventions shared by all ops (frontends convert to these, backends convert from them):
+
+* Layout is channels-first (N, C, *spatial), as in PyTorch and ONNX.
+* Padding is ONNX-style ``pads = (begin_0, ..., begin_k, end_0, ..., end_k)`` over the
+  spatial dims, explicit (frontends resolve ``auto_pad`` / ``padding="same"``).
+* Axes are non-negative where the rank is known; otherwise as given.
+* Weights are stored in PyTorch's layout: conv ``(out, in/groups, *kernel)``,
+  conv_transpose ``(in, out/groups, *kernel)``, linear ``(out, in)``.
+
+Per-backend emission rules live beside each backend (``graphshape.backend_torch``,
+``graphshape.backend_onnx``) in tables keyed by these names, and the analysis' kernel
+rules in ``graphshape.passes.analysis``; ``tests/test_ops_table.py`` checks that every op
+here has an entry in each of them (or is declared not emittable there).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class OpSpec:
+    """One canonical op.
+
+    name:      the canonical op name.
+    category:  what passes may do with it: "io", "constant", "affine" (conv/linear: gets
+               orthogonal init, absorbs shifts), "activation" (elementwise nonlinearity:
+               may be transformed/substituted), "join" (sum/concat: may be normalized),
+               "arith" (binary elementwise), "norm" (removed by shaping), "pool",
+               "shape" (data movement only), "reduce", "opaque".
+    kernel:    the kernel rule the analysis applies: "none" (io/constants), "affine",
+               "activation", "sum", "concat", "product", "norm", "identity" (exact),
+               "approx_identity" (identity on q/c as an approximation, flagged),
+               "unknown" (no rule: output and everything downstream marked unknown).
+    attrs:     attribute names and meaning (documentation, checked by frontends' tests).
+    params:    parameter names and meaning.
+    """
+
+    name: str
+    category: str
+    kernel: str
+    doc: str
+    attrs: dict[str, str] = field(default_factory=dict)
+    params: dict[str, str] = field(default_factory=dict)
+
+
+_POOL_ATTRS = {
+    "dims": "number of spatial dims (1, 2, 3)",
+    "kernel_shape": "tuple of ints",
+    "stride": "tuple of ints",
+    "pads": "ONNX-style begin/end pads",
+    "ceil_mode": "bool",
+}
+
+_SPECS = [
+    OpSpec("input", "io", "none", "A model input. attrs: name (ONNX/torch argument name).",
+           {"name": "argument name"}),
+    OpSpec("output", "io", "identity", "A model output; one input, the returned value.",
+           {"name": "output name"}),
+    OpSpec("constant", "constant", "none",
+           "A constant tensor (ONNX initializer / Constant, torch buffer or parameter used as data).",
+           {"trainable": "bool: emit as nn.Parameter (torch) rather than a buffer"},
+           {"value": "the tensor"}),
+    OpSpec("conv", "affine", "affine", "N-d convolution (Conv, nn.ConvNd, F.convNd).",
+           {"dims": "1, 2 or 3", "in_channels": "int", "out_channels": "int",
+            "kernel_shape": "tuple", "stride": "tuple", "pads": "ONNX-style begin/end pads",
+            "dilation": "tuple", "groups": "int",
+            "padding_mode": "'zeros' | 'reflect' | 'replicate' | 'circular'"},
+           {"weight": "(out, in/groups, *kernel)", "bias": "(out,), optional"}),
+    OpSpec("conv_transpose", "affine", "affine", "N-d transposed convolution.",
+           {"dims": "1, 2 or 3", "in_channels": "int", "out_channels": "int",
+            "kernel_shape": "tuple", "stride": "tuple", "pads": "begin/end pads",
+            "output_padding": "tuple", "dilation": "tuple", "groups": "int"},
+           {"weight": "(in, out/groups, *kernel)", "bias": "(out,), optional"}),
+    OpSpec("linear", "affine", "affine",
+           "Dense layer over the last axis: y = x W^T + b (nn.Linear, Gemm, MatMul by a constant).",
+           {"in_features": "int", "out_features": "int"},
+           {"weight": "(out, in)", "bias": "(out,), optional"}),
+    OpSpec("matmul", "arith", "product", "Matrix product of two signals (torch.matmul, MatMul)."),
+    OpSpec("add", "arith", "sum", "x + y with broadcasting. A join when both are signals.",
+           {"alpha": "optional float: x + alpha * y (torch.add)"}),
+    OpSpec("sub", "arith", "sum", "x - y with broadcasting."),
+    OpSpec("mul", "arith", "product", "x * y with broadcasting (a gate when one side is a nonlinearity's output)."),
+    OpSpec("div", "arith", "product", "x / y with broadcasting."),
+    OpSpec("sum", "join", "sum",
+           "Sum of any number of inputs, optionally weighted: sum_i weights[i] * x_i "
+           "(ONNX Sum; the normalized sums shaping writes).",
+           {"weights": "optional tuple of floats, one per input"}),
+    OpSpec("concat", "join", "concat", "Concatenation along an axis.", {"axis": "int"}),
+    OpSpec("activation", "activation", "activation",
+           "Elementwise nonlinearity from graphshape.activations' registry, optionally "
+           "transformed: output_scale * (phi(input_scale * x + input_shift) + output_shift).",
+           {"name": "registry name", "negative_slope": "leaky_relu only",
+            "min_val": "hardtanh only", "max_val": "hardtanh only",
+            "transform": "optional dict: input_scale, input_shift, output_shift, output_scale",
+            "inplace": "bool (torch)"}),
+    OpSpec("batch_norm", "norm", "norm", "Batch normalization (1/2/3d).",
+           {"num_features": "int", "eps": "float", "momentum": "float or None",
+            "affine": "bool", "track_running_stats": "bool"},
+           {"weight": "(C,)", "bias": "(C,)", "running_mean": "(C,)", "running_var": "(C,)"}),
+    OpSpec("layer_norm", "norm", "norm", "Layer normalization over the trailing dims.",
+           {"normalized_shape": "tuple", "eps": "float"},
+           {"weight": "normalized_shape", "bias": "normalized_shape"}),
+    OpSpec("group_norm", "norm", "norm", "Group normalization.",
+           {"num_groups": "int", "num_channels": "int", "eps": "float"},
+           {"weight": "(C,)", "bias": "(C,)"}),
+    OpSpec("instance_norm", "norm", "norm", "Instance normalization.",
+           {"num_features": "int", "eps": "float", "momentum": "float", "affine": "bool",
+            "track_running_stats": "bool"},
+           {"weight": "(C,)", "bias": "(C,)"}),
+    OpSpec("lrn", "norm", "norm", "Local response normalization across channels.",
+           {"size": "int", "alpha": "float", "beta": "float", "k": "float"}),
+    OpSpec("affine", "arith", "affine", "Per-channel scale and shift: x * scale + shift along `axis`.",
+           {"axis": "int (default 1)"}, {"scale": "(C,)", "shift": "(C,), optional"}),
+    OpSpec("avg_pool", "pool", "approx_identity", "Average pooling.",
+           {**_POOL_ATTRS, "count_include_pad": "bool"}),
+    OpSpec("max_pool", "pool", "approx_identity", "Max pooling.",
+           {**_POOL_ATTRS, "dilation": "tuple"}),
+    OpSpec("global_avg_pool", "pool", "approx_identity", "Mean over all spatial dims, keepdims."),
+    OpSpec("global_max_pool", "pool", "approx_identity", "Max over all spatial dims, keepdims."),
+    OpSpec("adaptive_avg_pool", "pool", "approx_identity", "Adaptive average pooling.",
+           {"dims": "int", "output_size": "tuple (None entries keep the input size)"}),
+    OpSpec("adaptive_max_pool", "pool", "approx_identity", "Adaptive max pooling.",
+           {"dims": "int", "output_size": "tuple"}),
+    OpSpec("flatten", "shape", "identity", "Flatten dims start_dim..end_dim (torch semantics).",
+           {"start_dim": "int", "end_dim": "int"}),
+    OpSpec("reshape", "shape", "identity",
+           "Reshape (view/reshape/Reshape). `shape` may hold -1; extra inputs, if any, are "
+           "dynamic dims.", {"shape": "tuple"}),
+    OpSpec("transpose", "shape", "identity", "Permute dims.", {"perm": "tuple"}),
+    OpSpec("squeeze", "shape", "identity", "Remove size-1 dims.", {"axes": "tuple or None (all)"}),
+    OpSpec("unsqueeze", "shape", "identity", "Insert size-1 dims.", {"axes": "tuple"}),
+    OpSpec("slice", "shape", "approx_identity", "Strided slice.",
+           {"axes": "tuple", "starts": "tuple", "ends": "tuple", "steps": "tuple"}),
+    OpSpec("split", "shape", "approx_identity", "Split into several outputs along an axis.",
+           {"axis": "int", "sizes": "tuple of ints"}),
+    OpSpec("pad", "shape", "approx_identity", "Pad.",
+           {"pads": "ONNX-style begin/end pads over all dims", "mode": "'constant' | 'reflect' | 'edge'",
+            "value": "float"}),
+    OpSpec("dropout", "shape", "identity", "Dropout (identity at initialization / in eval).",
+           {"p": "float"}),
+    OpSpec("identity", "shape", "identity", "Identity."),
+    OpSpec("softmax", "reduce", "unknown", "Softmax along an axis.", {"axis": "int"}),
+    OpSpec("log_softmax", "reduce", "unknown", "Log-softmax along an axis.", {"axis": "int"}),
+    OpSpec("reduce", "reduce", "unknown", "Reduction (mean, sum, max, min, prod) over axes.",
+           {"kind": "'mean' | 'sum' | 'max' | 'min' | 'prod'", "axes": "tuple or None (all)",
+            "keepdims": "bool"}),
+    OpSpec("opaque", "opaque", "unknown",
+           "Anything a frontend does not map: carried through untouched and flagged. "
+           "attrs hold what the source's backend needs to emit it again."),
+]
+
+#: canonical op name -> OpSpec
+OPS: dict[str, OpSpec] = {spec.name: spec for spec in _SPECS}
+
+
+def spec(op: str) -> OpSpec:
+    from graphshape.errors import GraphshapeError
+
+    try:
+        return OPS[op]
+    except KeyError:
+        raise GraphshapeError(f"unknown canonical op {op!r}; known: {', '.join(OPS)}") from None
