@@ -59,3 +59,32 @@ def to_onnx(graph: Graph, opset: int | None = None):
     from graphshape.backend_onnx import emit
 
     return emit(load(graph), opset=opset)
+
+
+def analyze(model_or_path_or_graph: Any, example_inputs: Any = None, *, empirical: bool = False):
+    """Per-node kernel statistics at initialization: a :class:`graphshape.stats.KernelStats`.
+
+    ``model_or_path_or_graph``: anything :func:`load` takes (an ``nn.Module`` needs
+    ``example_inputs`` for tracing). ``example_inputs``: the batch whose kernel is propagated
+    (2 or more examples for c); None: two unit-q, uncorrelated examples. ``empirical=True``
+    also runs the model on ``example_inputs`` and adds the measured q and c per node.
+    """
+    from graphshape.passes.analysis import analyze as _analyze
+
+    graph = load(model_or_path_or_graph, example_inputs)
+    return _analyze(graph, example_inputs, empirical=empirical)
+
+
+def shape(*args, **kwargs):
+    """Shape a PyTorch model with DKS / TAT: see :func:`graphshape.shaping_api.shape`."""
+    from graphshape.shaping_api import shape as _shape
+
+    return _shape(*args, **kwargs)
+
+
+def shape_onnx(*args, **kwargs):
+    """Shape an ONNX model file: see :func:`graphshape.shaping_api.shape_onnx`."""
+    from graphshape.shaping_api import shape_onnx as _shape_onnx
+
+    return _shape_onnx(*args, **kwargs)
+

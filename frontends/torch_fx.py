@@ -1,0 +1,1480 @@
+"""PyTorch frontend: an ``nn.Module`` -> graphshape IR, via ``torch.fx``.
+
+``load_module(module, example_inputs)`` traces the module with ``torch.fx.symbolic_trace``
+(a custom tracer that keeps ``torchvision.ops.StochasticDepth`` and any class in
+``leaf_modules`` as one call), fills in shapes and dtypes with
+``torch.fx.passes.shape_prop.ShapeProp`` when example inputs are given, and maps every
+``call_module`` / ``call_function`` / ``call_method`` node to a canonical op of
+:mod:`graphshape.ops`. Anything it does not know becomes an ``opaque`` node holding what
+the torch backend needs to call it again (the module object, the function, or the
+method name, with argument templates in which :class:`~graphshape.ir.Ref` objects stand
+for graph values).
+
+IR node names are the fx node names (``layer1_0_conv1``, ``add_3``, ``relu``), which are
+Python identifiers, so ``graphshape.backend_torch.fx_name`` gives them back unchanged.
+``node.meta["module_path"]`` keeps the submodule's qualified name (``layer1.0.conv1``), so
+the emitted module has the same ``state_dict`` keys as the source.
+
+Parameters and buffers become numpy arrays in ``node.params`` that share memory with the
+source module's tensors (the torch backend copies them). A ``get_attr`` tensor that a mapped
+op takes as its weight (``F.conv2d(x, self.w)``, ``F.layer_norm(..., self.weight, ...)``) is
+folded into that op; any other use becomes a ``constant`` node (``trainable`` for
+``nn.Parameter``). Python numbers in arithmetic become 0-d ``constant`` nodes.
+
+In-place ops (``x += y``, ``relu_``, ``nn.ReLU(inplace=True)``) become their out-of-place
+ops; readers of the mutated value later in the graph read the op's result instead, which is
+what they saw in the source. (Mutations through views are not tracked.)
+
+Sizes and Python arithmetic on them (``x.size(0)``, ``c // g``) stay ``opaque`` with dtype
+"object" and the flag "shape_computation"; a ``view``/``reshape`` that uses them is a
+``reshape`` node whose ``shape`` holds :class:`~graphshape.ir.Ref` entries, each also one of
+the node's extra inputs.
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.fx
+import torch.nn.functional as F
+from torch import nn
+
+from graphshape.errors import GraphshapeError
+from graphshape.ir import Graph, Node, Ref, TensorInfo
+
+__all__ = ["load_module", "MODULE_OPS", "FUNCTION_OPS", "METHOD_OPS"]
+
+
+class _Unmapped(Exception):
+    """Raised by a handler when this particular call cannot be mapped: fall back to opaque."""
+
+
+# ----------------------------------------------------------------------------- tracing
+def _stochastic_depth_class():
+    try:
+        from torchvision.ops import StochasticDepth
+    except Exception:  # pragma: no cover - torchvision missing
+        return None
+    return StochasticDepth
+
+
+class _Tracer(torch.fx.Tracer):
+    """fx's default tracer plus extra leaf module classes."""
+
+    def __init__(self, leaf_classes: tuple):
+        super().__init__()
+        self.leaf_classes = leaf_classes
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        if self.leaf_classes and isinstance(m, self.leaf_classes):
+            return True
+        return super().is_leaf_module(m, module_qualified_name)
+
+
+def _trace(module: nn.Module, leaf_modules) -> torch.fx.GraphModule:
+    leaf_classes = tuple(c for c in (_stochastic_depth_class(), *leaf_modules) if c is not None)
+    tracer = _Tracer(leaf_classes)
+    try:
+        graph = tracer.trace(module)
+    except Exception as exc:  # fx raises TraceError, TypeError, RuntimeError, ...
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        control_flow = ("control flow" in str(exc) or "iterate" in str(exc)
+                        or isinstance(exc, torch.fx.proxy.TraceError))
+        why = ("its forward uses data-dependent Python control flow (an `if`/`for`/`len` on a "
+               "tensor's value), which symbolic tracing cannot record" if control_flow else
+               "symbolic tracing failed")
+        raise GraphshapeError(
+            f"torch.fx cannot trace {type(module).__name__}: {why} ({type(exc).__name__}: {msg}). "
+            "What to do: decorate the offending function with torch.fx.wrap, or pass the "
+            "submodule's class in load_module(..., leaf_modules=[TheClass]) so it is kept as one "
+            "opaque call; or export the model with torch.onnx.export and load the ONNX file."
+        ) from None
+    name = module.__class__.__name__
+    return torch.fx.GraphModule(tracer.root, graph, name)
+
+
+def _propagate_shapes(gm: torch.fx.GraphModule, example_inputs: tuple) -> None:
+    """ShapeProp in eval mode without gradients, so that loading never changes the user's
+    module (train-mode batch norm would update its running statistics)."""
+    from torch.fx.passes.shape_prop import ShapeProp
+
+    modes = [(m, m.training) for m in gm.modules()]
+    try:
+        gm.eval()
+        with torch.no_grad():
+            ShapeProp(gm).propagate(*example_inputs)
+    except Exception as exc:
+        raise GraphshapeError(
+            f"running the traced module on the example inputs failed: {type(exc).__name__}: "
+            f"{str(exc).strip()[:500]}. Check that example_inputs match the model's forward "
+            "(a tensor or a tuple of tensors).") from None
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
+# ----------------------------------------------------------------------------- helpers
+def _np_dtype(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def _to_numpy(t: torch.Tensor) -> np.ndarray:
+    """The tensor's data as numpy, sharing memory where possible."""
+    t = t.detach()
+    if t.is_meta:
+        raise GraphshapeError(
+            "the model has parameters on the 'meta' device (no data): materialize it "
+            "(module.to_empty(device='cpu') and initialize) before loading")
+    if t.device.type != "cpu":
+        t = t.cpu()
+    if t.dtype == torch.bfloat16:
+        return t.float().numpy()
+    return t.numpy()
+
+
+def _info(meta) -> TensorInfo:
+    from torch.fx.passes.shape_prop import TensorMetadata
+
+    if isinstance(meta, TensorMetadata):
+        return TensorInfo(tuple(int(d) for d in meta.shape), _np_dtype(meta.dtype))
+    return TensorInfo(None, "object")
+
+
+def _tuple(v, n: int | None = None) -> tuple:
+    if isinstance(v, (list, tuple)):
+        return tuple(v)
+    return (v,) * (n or 1)
+
+
+def _bind(node: torch.fx.Node, names: list[str], defaults: dict) -> dict:
+    """Positional + keyword arguments of ``node`` by parameter name."""
+    out = dict(defaults)
+    for name, value in zip(names, node.args):
+        out[name] = value
+    for k, v in node.kwargs.items():
+        if k not in names:
+            raise _Unmapped(f"unexpected keyword {k!r}")
+        out[k] = v
+    missing = [n for n in names if n not in out]
+    if missing:
+        raise _Unmapped(f"missing arguments {missing}")
+    return out
+
+
+def _has_node(value) -> bool:
+    found = []
+    torch.fx.node.map_arg(value, lambda n: found.append(n))
+    return bool(found)
+
+
+def _sym_pads(padding, dims: int) -> tuple:
+    p = _tuple(padding, dims)
+    if len(p) != dims:
+        raise _Unmapped("padding rank")
+    return tuple(int(v) for v in p) * 2
+
+
+def _conv_pads(padding, kernel, dilation, dims: int) -> tuple:
+    if padding == "valid":
+        return (0,) * (2 * dims)
+    if padding == "same":
+        # torch pads the extra element of an odd total at the end
+        totals = [d * (k - 1) for k, d in zip(kernel, dilation)]
+        return tuple(t // 2 for t in totals) + tuple(t - t // 2 for t in totals)
+    return _sym_pads(padding, dims)
+
+
+# ----------------------------------------------------------------------------- loader
+class _Loader:
+    def __init__(self, module: nn.Module, example_inputs, leaf_modules):
+        self.module = module
+        if example_inputs is not None and not isinstance(example_inputs, (tuple, list)):
+            example_inputs = (example_inputs,)
+        self.example_inputs = None if example_inputs is None else tuple(example_inputs)
+        self.gm = _trace(module, leaf_modules)
+        self.has_shapes = self.example_inputs is not None
+        if self.has_shapes:
+            _propagate_shapes(self.gm, self.example_inputs)
+        self.graph = Graph({"source": "torch", "model_class": type(module).__name__,
+                            "has_shapes": self.has_shapes,
+                            "training": module.training})
+        self.env: dict[torch.fx.Node, Any] = {}   # fx node -> Ref | _Lazy | _Multi
+        self.nontensor: set[torch.fx.Node] = set()
+        self._materialized: list = []  # lazy constants turned into nodes by the current call
+        self.order = {n: i for i, n in enumerate(self.gm.graph.nodes)}
+
+    # ----------------------------------------------------------------- values
+    def info(self, fx_node: torch.fx.Node) -> TensorInfo:
+        if not self.has_shapes:
+            return TensorInfo(None, "object" if fx_node in self.nontensor else None)
+        return _info(fx_node.meta.get("tensor_meta"))
+
+    def is_tensor(self, v) -> bool:
+        if not isinstance(v, torch.fx.Node):
+            return False
+        if self.has_shapes:
+            from torch.fx.passes.shape_prop import TensorMetadata
+
+            return isinstance(v.meta.get("tensor_meta"), TensorMetadata)
+        value = self.env.get(v)
+        return v not in self.nontensor and not isinstance(value, _Multi)
+
+    def rank(self, v) -> int | None:
+        info = self.info(v) if isinstance(v, torch.fx.Node) else None
+        return None if info is None or info.shape is None else len(info.shape)
+
+    def ref(self, v) -> Ref:
+        """The IR value of fx node ``v`` (materializing a lazy constant)."""
+        value = self.env[v]
+        if isinstance(value, _Lazy):
+            value = self._materialize(v, value)
+        if isinstance(value, _Multi):
+            raise _Unmapped(f"{v.name} is a tuple of values")
+        return value
+
+    def template(self, value):
+        """``value`` with fx nodes replaced by Refs (tuple-valued nodes by tuples of Refs)."""
+        if isinstance(value, torch.fx.Node):
+            entry = self.env[value]
+            if isinstance(entry, _Multi):
+                return tuple(Ref(entry.name, i) for i in range(entry.count))
+            return self.ref(value)
+        if isinstance(value, tuple) and not isinstance(value, Ref):
+            items = [self.template(v) for v in value]
+            return type(value)(*items) if hasattr(value, "_fields") else tuple(items)
+        if isinstance(value, list):
+            return [self.template(v) for v in value]
+        if isinstance(value, dict):
+            return {k: self.template(v) for k, v in value.items()}
+        if isinstance(value, slice):
+            return slice(self.template(value.start), self.template(value.stop),
+                         self.template(value.step))
+        return value
+
+    def _materialize(self, fx_node, lazy: "_Lazy") -> Ref:
+        tensor = lazy.tensor
+        node = Node(fx_node.name, "constant",
+                    attrs={"trainable": isinstance(tensor, nn.Parameter)},
+                    params={"value": _to_numpy(tensor)},
+                    outputs=[TensorInfo(tuple(tensor.shape), _np_dtype(tensor.dtype))],
+                    meta={"source_name": fx_node.name, "module_path": fx_node.target,
+                          "flags": [], **_dtype_meta(tensor)})
+        self.graph.add(node)
+        self.env[fx_node] = node.out
+        self._materialized.append((fx_node, lazy))
+        return node.out
+
+    def scalar_constant(self, base: str, value, like: TensorInfo | None) -> Ref:
+        if isinstance(value, bool):
+            arr = np.array(value)
+        elif isinstance(value, int) and not (like and like.dtype and "float" in like.dtype):
+            arr = np.array(value, dtype=np.int64)
+        else:
+            dtype = like.dtype if like and like.dtype and "float" in like.dtype else "float32"
+            arr = np.array(value, dtype=dtype if dtype != "bfloat16" else "float32")
+        name = self.graph.unique_name(f"{base}_scalar")
+        node = Node(name, "constant", attrs={"trainable": False}, params={"value": arr},
+                    outputs=[TensorInfo((), str(arr.dtype))], meta={"flags": ["scalar"]})
+        self.graph.add(node)
+        return node.out
+
+    # ----------------------------------------------------------------- emitting IR nodes
+    def add(self, fx_node, op: str, inputs: list[Ref], attrs=None, params=None,
+            outputs: list[TensorInfo] | None = None, name: str | None = None) -> Ref:
+        meta = {"source_name": fx_node.name, "flags": []}
+        if fx_node.op == "call_module":
+            meta["module_path"] = fx_node.target
+        node = Node(name or fx_node.name, op, list(inputs), dict(attrs or {}), dict(params or {}),
+                    outputs if outputs is not None else [self.info(fx_node)], meta)
+        self.graph.add(node)
+        return node.out
+
+    def opaque(self, fx_node) -> None:
+        args = self.template(fx_node.args)
+        kwargs = self.template(dict(fx_node.kwargs))
+        refs: list[Ref] = []
+
+        def collect(v):
+            if isinstance(v, Ref):
+                if v not in refs:
+                    refs.append(v)
+            elif isinstance(v, (list, tuple)):
+                for x in v:
+                    collect(x)
+            elif isinstance(v, dict):
+                for x in v.values():
+                    collect(x)
+            elif isinstance(v, slice):
+                collect(v.start), collect(v.stop), collect(v.step)
+
+        collect(args), collect(kwargs)
+        attrs = {"framework": "torch", "fx_op": fx_node.op, "args": args, "kwargs": kwargs}
+        if fx_node.op == "call_module":
+            mod = self.gm.get_submodule(fx_node.target)
+            attrs["target"] = fx_node.target
+            attrs["module"] = mod
+            attrs["description"] = f"module {type(mod).__module__}.{type(mod).__name__}"
+        elif fx_node.op == "call_function":
+            attrs["target"] = fx_node.target
+            mod_name = getattr(fx_node.target, "__module__", None) or ""
+            fn_name = getattr(fx_node.target, "__name__", str(fx_node.target))
+            attrs["description"] = f"function {mod_name}.{fn_name}".replace("_operator.", "operator.")
+        else:
+            attrs["target"] = fx_node.target
+            attrs["description"] = f"method Tensor.{fx_node.target}"
+        ref = self.add(fx_node, "opaque", refs, attrs)
+        flags = self.graph[ref.node].meta["flags"]
+        flags.append("opaque")
+        if self.graph[ref.node].outputs[0].dtype == "object":
+            # sizes and Python arithmetic on them: not on any signal path
+            flags.append("shape_computation")
+        self.env[fx_node] = ref
+
+    # ----------------------------------------------------------------- main loop
+    def run(self) -> Graph:
+        out_template = None
+        for fx_node in self.gm.graph.nodes:
+            if fx_node.op == "placeholder":
+                self._placeholder(fx_node)
+            elif fx_node.op == "get_attr":
+                self._get_attr(fx_node)
+            elif fx_node.op == "output":
+                out_template = fx_node.args[0]
+            else:
+                self._call(fx_node)
+        self._outputs(out_template)
+        self.graph.validate()
+        return self.graph
+
+    def _placeholder(self, fx_node):
+        idx = len(self.graph.inputs)
+        if self.has_shapes and idx < len(self.example_inputs) and not isinstance(
+                self.example_inputs[idx], torch.Tensor):
+            info = TensorInfo(None, "object")
+        else:
+            info = self.info(fx_node)
+        attrs = {"name": fx_node.target}
+        if fx_node.args:  # forward(x, mask=None): keep the default so callers may omit it
+            attrs["default"] = fx_node.args[0]
+        node = Node(fx_node.name, "input", attrs=attrs, outputs=[info],
+                    meta={"source_name": fx_node.name, "flags": []})
+        self.graph.add(node)
+        self.env[fx_node] = node.out
+
+    def _get_attr(self, fx_node):
+        obj = self.gm
+        for part in fx_node.target.split("."):
+            obj = getattr(obj, part)
+        if isinstance(obj, torch.Tensor):
+            self.env[fx_node] = _Lazy(obj)
+        else:
+            # a non-tensor attribute: carry it as an opaque get_attr
+            self.env[fx_node] = self.add(
+                fx_node, "opaque", [],
+                {"framework": "torch", "fx_op": "get_attr", "target": fx_node.target,
+                 "value": obj, "args": (), "kwargs": {},
+                 "description": f"attribute {fx_node.target}"},
+                outputs=[TensorInfo(None, "object")])
+
+    def _call(self, fx_node):
+        if fx_node.op == "call_module":
+            mod = self.gm.get_submodule(fx_node.target)
+            handler = _MODULE_HANDLERS.get(type(mod))
+            args = (mod,)
+        elif fx_node.op == "call_function":
+            handler = _FUNCTION_HANDLERS.get(_key(fx_node.target))
+            args = ()
+        else:  # call_method
+            handler = METHOD_OPS.get(fx_node.target)
+            args = ()
+        if handler is not None:
+            before = set(self.graph.nx.nodes)
+            self._materialized.clear()
+            try:
+                handler(self, fx_node, *args)
+                if args and getattr(args[0], "inplace", False) is True and fx_node.args:
+                    # nn.ReLU(inplace=True) etc.: later readers of the input see the result
+                    _inplace_result(self, fx_node, fx_node.args[0])
+                return
+            except (_Unmapped, TypeError, ValueError, KeyError, IndexError, AttributeError):
+                # this call's arguments do not fit the canonical op (traced values where
+                # constants were expected, unusual forms): undo what the handler added and
+                # keep the call as it is
+                for name in reversed(self.graph.topo_order()):
+                    if name not in before:
+                        self.graph.remove(name)
+                for v, lazy in self._materialized:
+                    if self.env[v].node not in self.graph:
+                        self.env[v] = lazy
+                self.env.pop(fx_node, None)
+            finally:
+                self._materialized.clear()
+        self._mark_nontensor(fx_node)
+        self.opaque(fx_node)
+
+    def _mark_nontensor(self, fx_node):
+        """Without shapes, remember values that are Python numbers / sizes, not tensors."""
+        if self.has_shapes:
+            return
+        t = fx_node.target
+        if fx_node.op == "call_method" and t in ("size", "dim", "numel", "tolist", "item",
+                                                 "__len__", "nelement", "ndimension"):
+            self.nontensor.add(fx_node)
+        elif fx_node.op == "call_function" and t in (getattr, len):
+            self.nontensor.add(fx_node)
+        elif fx_node.op == "call_function":
+            operands = [a for a in fx_node.args if isinstance(a, torch.fx.Node)]
+            if operands and all(a in self.nontensor for a in operands):
+                self.nontensor.add(fx_node)
+
+    def _outputs(self, template):
+        leaves: list[torch.fx.Node] = []
+        torch.fx.node.map_arg(template, lambda n: leaves.append(n))
+        single = isinstance(template, torch.fx.Node)
+        names = {}
+        for i, leaf in enumerate(leaves):
+            name = "output" if single else f"output_{i}"
+            name = self.graph.unique_name(name)
+            entry = self.env[leaf]
+            if isinstance(entry, _Multi):
+                raise GraphshapeError(
+                    f"the model returns the tuple {leaf.name!r} as one value; return its "
+                    "elements instead", node=leaf.name)
+            ref = self.ref(leaf)
+            self.graph.add(Node(name, "output", [ref], {"name": name},
+                                outputs=[self.graph.info(ref)], meta={"flags": []}))
+            names.setdefault(leaf, []).append(name)
+        counters: dict = {}
+
+        def to_ref(v):
+            """The output structure with plain containers and Ref(output node) leaves."""
+            if isinstance(v, torch.fx.Node):
+                k = counters.get(v, 0)
+                counters[v] = k + 1
+                return Ref(names[v][k])
+            if isinstance(v, tuple):
+                items = [to_ref(x) for x in v]
+                return type(v)(*items) if hasattr(v, "_fields") else tuple(items)
+            if isinstance(v, list):
+                return [to_ref(x) for x in v]
+            if isinstance(v, dict):
+                return {k: to_ref(x) for k, x in v.items()}
+            return v
+
+        self.graph.meta["torch_output"] = to_ref(template)
+
+
+class _Lazy:
+    """A get_attr tensor that becomes a constant node only if used as a graph value."""
+
+    def __init__(self, tensor):
+        self.tensor = tensor
+
+
+class _Multi:
+    """A mapped node with several outputs (split); getitem(i) reads Ref(name, i)."""
+
+    def __init__(self, name: str, count: int):
+        self.name, self.count = name, count
+
+
+def _dtype_meta(t: torch.Tensor) -> dict:
+    return {"torch_dtype": "bfloat16"} if t.dtype == torch.bfloat16 else {}
+
+
+def _key(target):
+    try:
+        hash(target)
+        return target
+    except TypeError:
+        return id(target)
+
+
+# ----------------------------------------------------------------------------- handlers
+def _param(ld: _Loader, v, what: str) -> np.ndarray | None:
+    """A weight argument given as a get_attr tensor -> numpy (None stays None)."""
+    if v is None:
+        return None
+    if isinstance(v, torch.fx.Node) and isinstance(ld.env.get(v), _Lazy):
+        return _to_numpy(ld.env[v].tensor)
+    raise _Unmapped(f"{what} is not a parameter")
+
+
+def _module_params(mod: nn.Module, names) -> dict:
+    out = {}
+    for n in names:
+        t = getattr(mod, n, None)
+        if t is not None:
+            out[n] = _to_numpy(t)
+    return out
+
+
+def _input(ld: _Loader, fx_node, v=None) -> Ref:
+    v = fx_node.args[0] if v is None else v
+    if not ld.is_tensor(v):
+        raise _Unmapped("input is not a tensor")
+    return ld.ref(v)
+
+
+def _emit(ld, fx_node, op, inputs, attrs=None, params=None, module_path=None):
+    ld.env[fx_node] = ref = ld.add(fx_node, op, inputs, attrs, params)
+    if module_path:
+        ld.graph[ref.node].meta["module_path"] = module_path
+
+
+def _owner_path(weight, name: str = "weight") -> str | None:
+    """``features.0.1`` for a functional call whose weight is get_attr ``features.0.1.weight``
+    (so the emitted module keeps the source's state_dict keys)."""
+    if isinstance(weight, torch.fx.Node) and weight.op == "get_attr" and "." in weight.target:
+        owner, leaf = weight.target.rsplit(".", 1)
+        if leaf == name:
+            return owner
+    return None
+
+
+# -- modules
+def _m_conv(ld, fx_node, mod):
+    dims = len(mod.kernel_size)
+    pads = _conv_pads(mod.padding, mod.kernel_size, mod.dilation, dims)
+    attrs = {"dims": dims, "in_channels": mod.in_channels, "out_channels": mod.out_channels,
+             "kernel_shape": tuple(mod.kernel_size), "stride": tuple(mod.stride), "pads": pads,
+             "dilation": tuple(mod.dilation), "groups": mod.groups,
+             "padding_mode": mod.padding_mode}
+    _emit(ld, fx_node, "conv", [_input(ld, fx_node)], attrs, _module_params(mod, ["weight", "bias"]))
+
+
+def _m_conv_transpose(ld, fx_node, mod):
+    if len(fx_node.args) > 1 or fx_node.kwargs:
+        raise _Unmapped("output_size given")
+    dims = len(mod.kernel_size)
+    attrs = {"dims": dims, "in_channels": mod.in_channels, "out_channels": mod.out_channels,
+             "kernel_shape": tuple(mod.kernel_size), "stride": tuple(mod.stride),
+             "pads": _sym_pads(mod.padding, dims), "output_padding": tuple(mod.output_padding),
+             "dilation": tuple(mod.dilation), "groups": mod.groups}
+    _emit(ld, fx_node, "conv_transpose", [_input(ld, fx_node)], attrs,
+          _module_params(mod, ["weight", "bias"]))
+
+
+def _m_linear(ld, fx_node, mod):
+    _emit(ld, fx_node, "linear", [_input(ld, fx_node)],
+          {"in_features": mod.in_features, "out_features": mod.out_features},
+          _module_params(mod, ["weight", "bias"]))
+
+
+def _m_batch_norm(ld, fx_node, mod):
+    dims = {nn.BatchNorm1d: 1, nn.BatchNorm2d: 2, nn.BatchNorm3d: 3}.get(type(mod))
+    attrs = {"num_features": mod.num_features, "eps": mod.eps, "momentum": mod.momentum,
+             "affine": mod.affine, "track_running_stats": mod.track_running_stats}
+    if dims is not None:
+        attrs["dims"] = dims
+    _emit(ld, fx_node, "batch_norm", [_input(ld, fx_node)], attrs,
+          _module_params(mod, ["weight", "bias", "running_mean", "running_var",
+                               "num_batches_tracked"]))
+
+
+def _m_instance_norm(ld, fx_node, mod):
+    dims = {nn.InstanceNorm1d: 1, nn.InstanceNorm2d: 2, nn.InstanceNorm3d: 3}[type(mod)]
+    attrs = {"dims": dims, "num_features": mod.num_features, "eps": mod.eps,
+             "momentum": mod.momentum, "affine": mod.affine,
+             "track_running_stats": mod.track_running_stats}
+    _emit(ld, fx_node, "instance_norm", [_input(ld, fx_node)], attrs,
+          _module_params(mod, ["weight", "bias", "running_mean", "running_var",
+                               "num_batches_tracked"]))
+
+
+def _m_layer_norm(ld, fx_node, mod):
+    _emit(ld, fx_node, "layer_norm", [_input(ld, fx_node)],
+          {"normalized_shape": tuple(mod.normalized_shape), "eps": mod.eps},
+          _module_params(mod, ["weight", "bias"]))
+
+
+def _m_group_norm(ld, fx_node, mod):
+    _emit(ld, fx_node, "group_norm", [_input(ld, fx_node)],
+          {"num_groups": mod.num_groups, "num_channels": mod.num_channels, "eps": mod.eps},
+          _module_params(mod, ["weight", "bias"]))
+
+
+def _m_lrn(ld, fx_node, mod):
+    if mod.size % 2 == 0:
+        # torch's even-size window leans the other way from ONNX's (the canonical one)
+        raise _Unmapped("even LRN size")
+    _emit(ld, fx_node, "lrn", [_input(ld, fx_node)],
+          {"size": mod.size, "alpha": mod.alpha, "beta": mod.beta, "k": mod.k})
+
+
+def _act(ld, fx_node, name, x=None, **attrs):
+    _emit(ld, fx_node, "activation", [_input(ld, fx_node, x)], {"name": name, **attrs})
+
+
+def _m_activation(ld, fx_node, mod):
+    t = type(mod)
+    if t is nn.LeakyReLU:
+        return _act(ld, fx_node, "leaky_relu", negative_slope=float(mod.negative_slope))
+    if t is nn.ReLU6:
+        return _act(ld, fx_node, "relu6")
+    if t is nn.Hardtanh:
+        return _act(ld, fx_node, "hardtanh", min_val=float(mod.min_val), max_val=float(mod.max_val))
+    if t is nn.ELU:
+        return _act(ld, fx_node, "elu", alpha=float(mod.alpha))
+    if t is nn.GELU:
+        return _act(ld, fx_node, "gelu" if mod.approximate == "tanh" else "gelu_exact")
+    if t is nn.Softplus:
+        if mod.beta != 1 or mod.threshold != 20:
+            raise _Unmapped("softplus with beta != 1")
+        return _act(ld, fx_node, "softplus")
+    return _act(ld, fx_node, _SIMPLE_ACT_MODULES[t])
+
+
+_SIMPLE_ACT_MODULES = {nn.ReLU: "relu", nn.SELU: "selu", nn.SiLU: "silu", nn.Mish: "mish",
+                       nn.Hardswish: "hardswish", nn.Hardsigmoid: "hardsigmoid",
+                       nn.Tanh: "tanh", nn.Sigmoid: "sigmoid", nn.Softsign: "softsign"}
+
+
+def _m_softmax(ld, fx_node, mod):
+    if mod.dim is None:
+        raise _Unmapped("implicit softmax dim")
+    op = "softmax" if isinstance(mod, nn.Softmax) else "log_softmax"
+    _emit(ld, fx_node, op, [_input(ld, fx_node)], {"axis": _axis(ld, fx_node.args[0], mod.dim)})
+
+
+def _m_dropout(ld, fx_node, mod):
+    attrs = {"p": float(mod.p)}
+    if type(mod) is not nn.Dropout:
+        attrs["variant"] = type(mod).__name__
+    _emit(ld, fx_node, "dropout", [_input(ld, fx_node)], attrs)
+
+
+def _m_stochastic_depth(ld, fx_node, mod):
+    _emit(ld, fx_node, "dropout", [_input(ld, fx_node)],
+          {"p": float(mod.p), "variant": "StochasticDepth", "mode": mod.mode})
+
+
+def _m_identity(ld, fx_node, mod):
+    _emit(ld, fx_node, "identity", [_input(ld, fx_node)])
+
+
+def _m_flatten(ld, fx_node, mod):
+    _flatten(ld, fx_node, fx_node.args[0], mod.start_dim, mod.end_dim)
+
+
+def _pool_attrs(kernel, stride, padding, dims, ceil_mode):
+    kernel = _tuple(kernel, dims)
+    stride = _tuple(stride if stride not in (None, []) else kernel, dims)
+    return {"dims": dims, "kernel_shape": tuple(int(k) for k in kernel),
+            "stride": tuple(int(s) for s in stride), "pads": _sym_pads(padding, dims),
+            "ceil_mode": bool(ceil_mode)}
+
+
+_POOL_DIMS = {nn.MaxPool1d: 1, nn.MaxPool2d: 2, nn.MaxPool3d: 3, nn.AvgPool1d: 1,
+              nn.AvgPool2d: 2, nn.AvgPool3d: 3, nn.AdaptiveAvgPool1d: 1,
+              nn.AdaptiveAvgPool2d: 2, nn.AdaptiveAvgPool3d: 3, nn.AdaptiveMaxPool1d: 1,
+              nn.AdaptiveMaxPool2d: 2, nn.AdaptiveMaxPool3d: 3}
+
+
+def _m_max_pool(ld, fx_node, mod):
+    if mod.return_indices:
+        raise _Unmapped("return_indices")
+    dims = _POOL_DIMS[type(mod)]
+    attrs = _pool_attrs(mod.kernel_size, mod.stride, mod.padding, dims, mod.ceil_mode)
+    attrs["dilation"] = tuple(int(d) for d in _tuple(mod.dilation, dims))
+    _emit(ld, fx_node, "max_pool", [_input(ld, fx_node)], attrs)
+
+
+def _m_avg_pool(ld, fx_node, mod):
+    if getattr(mod, "divisor_override", None):
+        raise _Unmapped("divisor_override")
+    dims = _POOL_DIMS[type(mod)]
+    attrs = _pool_attrs(mod.kernel_size, mod.stride, mod.padding, dims, mod.ceil_mode)
+    attrs["count_include_pad"] = bool(mod.count_include_pad)
+    _emit(ld, fx_node, "avg_pool", [_input(ld, fx_node)], attrs)
+
+
+def _adaptive(ld, fx_node, x, output_size, dims, op):
+    size = tuple(None if s is None else int(s) for s in _tuple(output_size, dims))
+    _emit(ld, fx_node, op, [_input(ld, fx_node, x)], {"dims": dims, "output_size": size})
+
+
+def _m_adaptive_avg(ld, fx_node, mod):
+    _adaptive(ld, fx_node, fx_node.args[0], mod.output_size, _POOL_DIMS[type(mod)],
+              "adaptive_avg_pool")
+
+
+def _m_adaptive_max(ld, fx_node, mod):
+    if mod.return_indices:
+        raise _Unmapped("return_indices")
+    _adaptive(ld, fx_node, fx_node.args[0], mod.output_size, _POOL_DIMS[type(mod)],
+              "adaptive_max_pool")
+
+
+def _m_pad(ld, fx_node, mod):
+    mode = {nn.ZeroPad1d: "constant", nn.ZeroPad2d: "constant", nn.ZeroPad3d: "constant",
+            nn.ConstantPad1d: "constant", nn.ConstantPad2d: "constant",
+            nn.ConstantPad3d: "constant", nn.ReflectionPad1d: "reflect",
+            nn.ReflectionPad2d: "reflect", nn.ReflectionPad3d: "reflect",
+            nn.ReplicationPad1d: "replicate", nn.ReplicationPad2d: "replicate",
+            nn.ReplicationPad3d: "replicate"}[type(mod)]
+    _pad(ld, fx_node, fx_node.args[0], mod.padding, mode, getattr(mod, "value", 0.0))
+
+
+#: (module class, handler); matched on the exact type (a subclass may change forward)
+MODULE_OPS: list[tuple[type, Callable]] = [
+    *[(c, _m_conv) for c in (nn.Conv1d, nn.Conv2d, nn.Conv3d)],
+    *[(c, _m_conv_transpose) for c in (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)],
+    (nn.Linear, _m_linear),
+    *[(c, _m_batch_norm) for c in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)],
+    *[(c, _m_instance_norm) for c in (nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)],
+    (nn.LayerNorm, _m_layer_norm), (nn.GroupNorm, _m_group_norm),
+    (nn.LocalResponseNorm, _m_lrn),
+    *[(c, _m_activation) for c in (nn.LeakyReLU, nn.ReLU6, nn.Hardtanh, nn.ELU, nn.GELU,
+                                   nn.Softplus, *_SIMPLE_ACT_MODULES)],
+    (nn.Softmax, _m_softmax), (nn.LogSoftmax, _m_softmax),
+    *[(c, _m_dropout) for c in (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d,
+                                nn.AlphaDropout)],
+    (nn.Identity, _m_identity), (nn.Flatten, _m_flatten),
+    *[(c, _m_max_pool) for c in (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d)],
+    *[(c, _m_avg_pool) for c in (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d)],
+    *[(c, _m_adaptive_avg) for c in (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d)],
+    *[(c, _m_adaptive_max) for c in (nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d)],
+    *[(c, _m_pad) for c in (nn.ZeroPad1d, nn.ZeroPad2d, nn.ZeroPad3d, nn.ConstantPad1d,
+                            nn.ConstantPad2d, nn.ConstantPad3d, nn.ReflectionPad1d,
+                            nn.ReflectionPad2d, nn.ReflectionPad3d, nn.ReplicationPad1d,
+                            nn.ReplicationPad2d, nn.ReplicationPad3d)],
+]
+_SD = _stochastic_depth_class()
+if _SD is not None:
+    MODULE_OPS.append((_SD, _m_stochastic_depth))
+_MODULE_HANDLERS = dict(MODULE_OPS)
+
+
+# -- shared helpers for functions and methods
+def _axis(ld, x, axis) -> int:
+    if not isinstance(axis, int):
+        raise _Unmapped("axis is not an int")
+    r = ld.rank(x)
+    if axis < 0:
+        if r is None:
+            return axis
+        axis += r
+    return axis
+
+
+def _flatten(ld, fx_node, x, start, end):
+    if not (isinstance(start, int) and isinstance(end, int)):
+        raise _Unmapped("dynamic flatten dims")
+    r = ld.rank(x)
+    if r is not None:
+        start, end = start % max(r, 1), end % max(r, 1)
+    _emit(ld, fx_node, "flatten", [_input(ld, fx_node, x)], {"start_dim": start, "end_dim": end})
+
+
+def _pad(ld, fx_node, x, pad, mode, value):
+    r = ld.rank(x)
+    pad = _tuple(pad, 1)
+    if r is None or _has_node(pad) or len(pad) % 2 or len(pad) // 2 > r:
+        raise _Unmapped("pad needs a known rank")
+    if mode == "circular":
+        raise _Unmapped("circular pad")
+    begin, end = [0] * r, [0] * r
+    for i in range(len(pad) // 2):
+        begin[r - 1 - i], end[r - 1 - i] = int(pad[2 * i]), int(pad[2 * i + 1])
+    _emit(ld, fx_node, "pad", [_input(ld, fx_node, x)],
+          {"pads": tuple(begin + end), "mode": {"replicate": "edge"}.get(mode, mode),
+           "value": float(value or 0.0)})
+
+
+def _shape_args(args) -> tuple:
+    """view(*shape) / view(shape): the shape tuple (may hold fx nodes)."""
+    if len(args) == 1 and isinstance(args[0], (tuple, list, torch.Size)):
+        return tuple(args[0])
+    if len(args) == 1 and isinstance(args[0], torch.fx.Node):
+        raise _Unmapped("shape is a traced value")
+    return tuple(args)
+
+
+def _reshape(ld, fx_node, x, shape):
+    dyn = []
+    entries = []
+    for s in shape:
+        if isinstance(s, torch.fx.Node):
+            if ld.is_tensor(s) and ld.has_shapes:
+                raise _Unmapped("tensor-valued dim")
+            r = ld.ref(s)
+            dyn.append(r)
+            entries.append(r)
+        elif isinstance(s, int):
+            entries.append(int(s))
+        else:
+            raise _Unmapped("shape entry")
+    attrs = {"shape": tuple(entries)}
+    out = ld.info(fx_node)
+    if dyn and out.shape is not None:
+        # the shape this reshape produced for the example inputs, for backends that need a
+        # static one (ONNX); torch re-emits the dynamic form
+        attrs["static_shape"] = tuple(out.shape)
+    _emit(ld, fx_node, "reshape", [_input(ld, fx_node, x), *dyn], attrs)
+
+
+def _permute(ld, fx_node, x, dims):
+    dims = tuple(dims)
+    if not all(isinstance(d, int) for d in dims):
+        raise _Unmapped("dynamic perm")
+    r = len(dims)
+    _emit(ld, fx_node, "transpose", [_input(ld, fx_node, x)], {"perm": tuple(d % r for d in dims)})
+
+
+def _transpose(ld, fx_node, x, d0, d1):
+    r = ld.rank(x)
+    if r is None or not (isinstance(d0, int) and isinstance(d1, int)):
+        raise _Unmapped("transpose needs a known rank")
+    perm = list(range(r))
+    perm[d0 % r], perm[d1 % r] = perm[d1 % r], perm[d0 % r]
+    _emit(ld, fx_node, "transpose", [_input(ld, fx_node, x)], {"perm": tuple(perm)})
+
+
+def _squeeze(ld, fx_node, x, dim):
+    if dim is None:
+        axes = None
+    else:
+        dims = _tuple(dim, 1)
+        if not all(isinstance(d, int) for d in dims):
+            raise _Unmapped("dynamic dim")
+        r = ld.rank(x)
+        if r is None and any(d < 0 for d in dims):
+            raise _Unmapped("negative dim, rank unknown")
+        axes = tuple(sorted(d % r if r else d for d in dims))
+    _emit(ld, fx_node, "squeeze", [_input(ld, fx_node, x)], {"axes": axes})
+
+
+def _unsqueeze(ld, fx_node, x, dim):
+    if not isinstance(dim, int):
+        raise _Unmapped("dynamic dim")
+    r = ld.rank(x)
+    if dim < 0:
+        if r is None:
+            raise _Unmapped("negative dim, rank unknown")
+        dim += r + 1
+    _emit(ld, fx_node, "unsqueeze", [_input(ld, fx_node, x)], {"axes": (dim,)})
+
+
+def _split(ld, fx_node, x, sizes_or_chunks, dim, chunk: bool):
+    info = ld.info(x) if isinstance(x, torch.fx.Node) else None
+    if info is None or info.shape is None or not isinstance(dim, int) or _has_node(sizes_or_chunks):
+        raise _Unmapped("split needs known shapes")
+    dim %= len(info.shape)
+    n = info.shape[dim]
+    if chunk:
+        step = -(-n // int(sizes_or_chunks))
+        sizes = [step] * (n // step) + ([n % step] if n % step else [])
+    elif isinstance(sizes_or_chunks, int):
+        sizes = [sizes_or_chunks] * (n // sizes_or_chunks) + (
+            [n % sizes_or_chunks] if n % sizes_or_chunks else [])
+    else:
+        sizes = [int(s) for s in sizes_or_chunks]
+    metas = fx_node.meta.get("tensor_meta")
+    outputs = [_info(m) for m in metas] if isinstance(metas, (list, tuple)) else None
+    if outputs is None or len(outputs) != len(sizes):
+        raise _Unmapped("split output structure")
+    ref = ld.add(fx_node, "split", [_input(ld, fx_node, x)], {"axis": dim, "sizes": tuple(sizes)},
+                 outputs=outputs)
+    ld.env[fx_node] = _Multi(ref.node, len(sizes))
+
+
+def _reduce(ld, fx_node, kind, x, dim, keepdim, dtype=None):
+    if dtype is not None:
+        raise _Unmapped("dtype")
+    if dim is None or dim == () or dim == []:
+        axes = None
+    else:
+        dims = _tuple(dim, 1)
+        if not all(isinstance(d, int) for d in dims):
+            raise _Unmapped("dynamic dims")
+        r = ld.rank(x)
+        if r is None and any(d < 0 for d in dims):
+            raise _Unmapped("negative dims with unknown rank")
+        axes = tuple(sorted(d % r if r else d for d in dims))
+    _emit(ld, fx_node, "reduce", [_input(ld, fx_node, x)],
+          {"kind": kind, "axes": axes, "keepdims": bool(keepdim)})
+
+
+def _binary(ld, fx_node, op, a, b, alpha=1):
+    if ld.has_shapes and not ld.is_tensor(fx_node):
+        raise _Unmapped("not a tensor operation")
+    tensors = [v for v in (a, b) if isinstance(v, torch.fx.Node)]
+    if not tensors or not all(ld.is_tensor(v) for v in tensors):
+        raise _Unmapped("operand is not a tensor")
+    like = ld.info(tensors[0])
+    refs = []
+    for v in (a, b):
+        if isinstance(v, torch.fx.Node):
+            refs.append(ld.ref(v))
+        elif isinstance(v, (int, float, bool)):
+            refs.append(None)
+        else:
+            raise _Unmapped("operand type")
+    if alpha != 1 and op != "add":
+        raise _Unmapped("alpha")
+    # scalars become 0-d constant nodes (created last so a fallback leaves nothing behind)
+    refs = [r if r is not None else ld.scalar_constant(fx_node.name, v, like)
+            for r, v in zip(refs, (a, b))]
+    attrs = {"alpha": float(alpha)} if alpha != 1 else {}
+    _emit(ld, fx_node, op, refs, attrs)
+
+
+def _inplace_result(ld, fx_node, mutated):
+    """After an in-place op on ``mutated``, later readers of it see the op's result. An
+    activation records ``inplace=True`` (the torch backend emits it out of place)."""
+    ref = ld.env.get(fx_node)
+    if isinstance(ref, Ref) and ld.graph[ref.node].op == "activation":
+        ld.graph[ref.node].attrs["inplace"] = True
+    if isinstance(mutated, torch.fx.Node) and fx_node in ld.env:
+        later = [u for u in mutated.users if ld.order[u] > ld.order[fx_node]]
+        if later:
+            ld.env[mutated] = ld.env[fx_node]
+
+
+def _with_inplace(handler, arg_index=0):
+    def wrapped(ld, fx_node, *extra):
+        handler(ld, fx_node, *extra)
+        _inplace_result(ld, fx_node, fx_node.args[arg_index] if fx_node.args else None)
+    return wrapped
+
+
+# -- functions
+def _f_conv(dims):
+    def h(ld, fx_node):
+        a = _bind(fx_node, ["input", "weight", "bias", "stride", "padding", "dilation", "groups"],
+                  {"bias": None, "stride": 1, "padding": 0, "dilation": 1, "groups": 1})
+        w = _param(ld, a["weight"], "weight")
+        params = {"weight": w}
+        b = _param(ld, a["bias"], "bias")
+        if b is not None:
+            params["bias"] = b
+        kernel = tuple(w.shape[2:])
+        dil = tuple(_tuple(a["dilation"], dims))
+        attrs = {"dims": dims, "in_channels": w.shape[1] * a["groups"], "out_channels": w.shape[0],
+                 "kernel_shape": kernel, "stride": tuple(_tuple(a["stride"], dims)),
+                 "pads": _conv_pads(a["padding"], kernel, dil, dims), "dilation": dil,
+                 "groups": int(a["groups"]), "padding_mode": "zeros"}
+        _emit(ld, fx_node, "conv", [_input(ld, fx_node, a["input"])], attrs, params,
+              _owner_path(a["weight"]))
+    return h
+
+
+def _f_linear(ld, fx_node):
+    a = _bind(fx_node, ["input", "weight", "bias"], {"bias": None})
+    w = _param(ld, a["weight"], "weight")
+    params = {"weight": w}
+    b = _param(ld, a["bias"], "bias")
+    if b is not None:
+        params["bias"] = b
+    _emit(ld, fx_node, "linear", [_input(ld, fx_node, a["input"])],
+          {"in_features": w.shape[1], "out_features": w.shape[0]}, params,
+          _owner_path(a["weight"]))
+
+
+def _f_layer_norm(ld, fx_node):
+    a = _bind(fx_node, ["input", "normalized_shape", "weight", "bias", "eps"],
+              {"weight": None, "bias": None, "eps": 1e-5})
+    params = {k: v for k in ("weight", "bias")
+              if (v := _param(ld, a[k], k)) is not None}
+    _emit(ld, fx_node, "layer_norm", [_input(ld, fx_node, a["input"])],
+          {"normalized_shape": tuple(int(s) for s in _tuple(a["normalized_shape"])),
+           "eps": float(a["eps"])}, params, _owner_path(a["weight"]))
+
+
+def _f_batch_norm(ld, fx_node):
+    a = _bind(fx_node, ["input", "running_mean", "running_var", "weight", "bias", "training",
+                        "momentum", "eps"],
+              {"weight": None, "bias": None, "training": False, "momentum": 0.1, "eps": 1e-5})
+    if not isinstance(a["training"], bool) or not isinstance(a["eps"], (int, float)) \
+            or _has_node(a["momentum"]):
+        raise _Unmapped("traced flags")
+    params = {k: v for k in ("weight", "bias", "running_mean", "running_var")
+              if (v := _param(ld, a[k], k)) is not None}
+    if ("running_mean" in params) != ("running_var" in params) or (
+            not a["training"] and "running_mean" not in params):
+        raise _Unmapped("running statistics")
+    owner_path = _owner_path(a["weight"]) or _owner_path(a["running_mean"], "running_mean")
+    owner = None
+    if owner_path is not None:
+        try:
+            owner = ld.module.get_submodule(owner_path)  # the traced copy keeps only tensors
+        except AttributeError:
+            owner = None
+    # a module that calls F.batch_norm itself (timm's BatchNormAct2d) passes momentum 0 when
+    # traced in eval mode; its own momentum is the one that matters once it trains
+    momentum = getattr(owner, "momentum", a["momentum"])
+    if isinstance(getattr(owner, "num_batches_tracked", None), torch.Tensor):
+        params["num_batches_tracked"] = _to_numpy(owner.num_batches_tracked)
+    info = ld.info(a["input"])
+    channels = next((len(v) for v in params.values() if v.ndim == 1), None) or (
+        info.shape[1] if info.shape else None)
+    if channels is None:
+        raise _Unmapped("channel count unknown")
+    _emit(ld, fx_node, "batch_norm", [_input(ld, fx_node, a["input"])],
+          {"num_features": int(channels), "eps": float(a["eps"]), "momentum": momentum,
+           "affine": "weight" in params, "track_running_stats": "running_mean" in params},
+          params, owner_path)
+
+
+def _f_group_norm(ld, fx_node):
+    a = _bind(fx_node, ["input", "num_groups", "weight", "bias", "eps"],
+              {"weight": None, "bias": None, "eps": 1e-5})
+    params = {k: v for k in ("weight", "bias")
+              if (v := _param(ld, a[k], k)) is not None}
+    info = ld.info(a["input"])
+    channels = info.shape[1] if info.shape else (len(params["weight"]) if params else None)
+    if channels is None:
+        raise _Unmapped("channel count unknown")
+    _emit(ld, fx_node, "group_norm", [_input(ld, fx_node, a["input"])],
+          {"num_groups": int(a["num_groups"]), "num_channels": int(channels),
+           "eps": float(a["eps"])}, params, _owner_path(a["weight"]))
+
+
+def _f_act(name, names=("input",), defaults=None, attrs_of=None):
+    defaults = dict(defaults or {})
+
+    def h(ld, fx_node):
+        a = _bind(fx_node, list(names), defaults)
+        attrs = attrs_of(a) if attrs_of else {}
+        _act(ld, fx_node, name if isinstance(name, str) else name(a), a["input"], **attrs)
+        if a.get("inplace") or getattr(fx_node.target, "__name__", "").endswith("_"):
+            _inplace_result(ld, fx_node, a["input"])
+    return h
+
+
+def _softplus_name(a):
+    if a["beta"] != 1 or a["threshold"] != 20:
+        raise _Unmapped("softplus beta")
+    return "softplus"
+
+
+def _f_softmax(op):
+    def h(ld, fx_node):
+        a = _bind(fx_node, ["input", "dim", "_stacklevel", "dtype"],
+                  {"dim": None, "_stacklevel": 3, "dtype": None})
+        if a["dim"] is None or a["dtype"] is not None:
+            raise _Unmapped("implicit dim or dtype")
+        _emit(ld, fx_node, op, [_input(ld, fx_node, a["input"])],
+              {"axis": _axis(ld, a["input"], a["dim"])})
+    return h
+
+
+def _f_cat(ld, fx_node):
+    a = _bind(fx_node, ["tensors", "dim"], {"dim": 0})
+    if "axis" in fx_node.kwargs:
+        a["dim"] = fx_node.kwargs["axis"]
+    tensors = a["tensors"]
+    if isinstance(tensors, torch.fx.Node):
+        entry = ld.env[tensors]
+        if not isinstance(entry, _Multi):
+            raise _Unmapped("traced list")
+        refs = [Ref(entry.name, i) for i in range(entry.count)]
+        first = None
+    else:
+        refs = []
+        for t in tensors:
+            if isinstance(t, torch.fx.Node) and isinstance(ld.env.get(t), _Multi):
+                raise _Unmapped("nested tuple")
+            refs.append(_input(ld, fx_node, t))
+        first = tensors[0]
+    axis = a["dim"]
+    if not isinstance(axis, int):
+        raise _Unmapped("axis")
+    if axis < 0:
+        r = len(ld.info(fx_node).shape) if ld.info(fx_node).shape is not None else (
+            ld.rank(first) if first is not None else None)
+        if r is None:
+            raise _Unmapped("negative axis with unknown rank")
+        axis += r
+    _emit(ld, fx_node, "concat", refs, {"axis": axis})
+
+
+def _f_getitem(ld, fx_node):
+    src, idx = fx_node.args
+    entry = ld.env.get(src) if isinstance(src, torch.fx.Node) else None
+    if isinstance(entry, _Multi):
+        if not isinstance(idx, int):
+            raise _Unmapped("slice of a tuple")
+        ld.env[fx_node] = Ref(entry.name, idx % entry.count)
+        return
+    if not ld.is_tensor(src) or _has_node(idx):
+        raise _Unmapped("not a static tensor slice")
+    items = idx if isinstance(idx, tuple) else (idx,)
+    if not all(i is None or i is Ellipsis or isinstance(i, (int, slice)) for i in items) \
+            or items.count(Ellipsis) > 1 or any(isinstance(i, bool) for i in items):
+        raise _Unmapped("index other than ints, slices, None and ...")
+    r = ld.rank(src)
+    consuming = sum(1 for i in items if i is not None and i is not Ellipsis)
+    if Ellipsis in items:
+        if r is None:
+            raise _Unmapped("ellipsis with unknown rank")
+        k = items.index(Ellipsis)
+        items = items[:k] + (slice(None),) * (r - consuming) + items[k + 1:]
+    big = int(np.iinfo(np.int64).max)
+    axes, starts, ends, steps, squeeze_axes, unsqueeze_axes = [], [], [], [], [], []
+    in_axis = out_axis = 0
+    for item in items:
+        if item is None:
+            unsqueeze_axes.append(out_axis)
+            out_axis += 1
+            continue
+        if isinstance(item, int):
+            axes.append(in_axis), starts.append(item), steps.append(1)
+            ends.append(big if item == -1 else item + 1)
+            squeeze_axes.append(in_axis)
+        elif item != slice(None):
+            step = 1 if item.step is None else int(item.step)
+            if step <= 0:
+                raise _Unmapped("non-positive step")
+            axes.append(in_axis), steps.append(step)
+            starts.append(0 if item.start is None else int(item.start))
+            ends.append(big if item.stop is None else int(item.stop))
+            out_axis += 1
+        else:
+            out_axis += 1
+        in_axis += 1
+    # one IR node per step; the last one carries the fx node's name
+    steps_ir = []
+    if axes:
+        steps_ir.append(("slice", {"axes": tuple(axes), "starts": tuple(starts),
+                                   "ends": tuple(ends), "steps": tuple(steps)}))
+    if squeeze_axes:
+        steps_ir.append(("squeeze", {"axes": tuple(squeeze_axes)}))
+    if unsqueeze_axes:
+        steps_ir.append(("unsqueeze", {"axes": tuple(unsqueeze_axes)}))
+    if not steps_ir:
+        steps_ir.append(("identity", {}))
+    ref = _input(ld, fx_node, src)
+    info = ld.info(src)
+    for k, (op, attrs) in enumerate(steps_ir):
+        info = _index_info(info, op, attrs)
+        last = k == len(steps_ir) - 1
+        name = None if last else ld.graph.unique_name(f"{fx_node.name}_{op}")
+        ref = ld.add(fx_node, op, [ref], attrs, outputs=None if last else [info], name=name)
+    ld.env[fx_node] = ref
+
+
+def _index_info(info: TensorInfo, op: str, attrs: dict) -> TensorInfo:
+    """Output shape of an intermediate indexing step (None when the input's is unknown)."""
+    if info.shape is None:
+        return TensorInfo(None, info.dtype)
+    shape = list(info.shape)
+    if op == "slice":
+        for a, s, e, st in zip(attrs["axes"], attrs["starts"], attrs["ends"], attrs["steps"]):
+            shape[a] = len(range(shape[a])[slice(s, e, st)])
+    elif op == "squeeze":
+        shape = [d for i, d in enumerate(shape) if i not in attrs["axes"]]
+    elif op == "unsqueeze":
+        for a in attrs["axes"]:
+            shape.insert(a, 1)
+    return TensorInfo(tuple(shape), info.dtype)
+
+
+def _f_pad(ld, fx_node):
+    a = _bind(fx_node, ["input", "pad", "mode", "value"], {"mode": "constant", "value": None})
+    _pad(ld, fx_node, a["input"], a["pad"], a["mode"], a["value"])
+
+
+def _f_dropout(variant):
+    def h(ld, fx_node):
+        a = _bind(fx_node, ["input", "p", "training", "inplace"],
+                  {"p": 0.5, "training": True, "inplace": False})
+        if not isinstance(a["training"], bool) or not isinstance(a["p"], (int, float)):
+            raise _Unmapped("dynamic flags")
+        if not a["training"]:
+            # F.dropout(..., training=False) never drops (fx records the flag's traced value)
+            _emit(ld, fx_node, "identity", [_input(ld, fx_node, a["input"])])
+        else:
+            attrs = {"p": float(a["p"])}
+            if variant:
+                attrs["variant"] = variant
+            _emit(ld, fx_node, "dropout", [_input(ld, fx_node, a["input"])], attrs)
+    return h
+
+
+def _f_pool(op, dims):
+    def h(ld, fx_node):
+        if op == "max_pool":
+            a = _bind(fx_node, ["input", "kernel_size", "stride", "padding", "dilation",
+                                "ceil_mode", "return_indices"],
+                      {"stride": None, "padding": 0, "dilation": 1, "ceil_mode": False,
+                       "return_indices": False})
+            if a["return_indices"]:
+                raise _Unmapped("return_indices")
+        else:
+            a = _bind(fx_node, ["input", "kernel_size", "stride", "padding", "ceil_mode",
+                                "count_include_pad", "divisor_override"],
+                      {"stride": None, "padding": 0, "ceil_mode": False,
+                       "count_include_pad": True, "divisor_override": None})
+            if a["divisor_override"]:
+                raise _Unmapped("divisor_override")
+        if _has_node([v for k, v in a.items() if k != "input"]):
+            raise _Unmapped("dynamic pool args")
+        attrs = _pool_attrs(a["kernel_size"], a["stride"], a["padding"], dims, a["ceil_mode"])
+        if op == "max_pool":
+            attrs["dilation"] = tuple(int(d) for d in _tuple(a["dilation"], dims))
+        else:
+            attrs["count_include_pad"] = bool(a["count_include_pad"])
+        _emit(ld, fx_node, op, [_input(ld, fx_node, a["input"])], attrs)
+    return h
+
+
+def _f_adaptive(op, dims):
+    def h(ld, fx_node):
+        a = _bind(fx_node, ["input", "output_size", "return_indices"], {"return_indices": False})
+        if a["return_indices"] or _has_node(a["output_size"]):
+            raise _Unmapped("return_indices / dynamic size")
+        _adaptive(ld, fx_node, a["input"], a["output_size"], dims, op)
+    return h
+
+
+def _f_binary(op, names=("input", "other")):
+    def h(ld, fx_node):
+        a = _bind(fx_node, [*names, "alpha", "rounding_mode"], {"alpha": 1, "rounding_mode": None})
+        if a["rounding_mode"] is not None:
+            raise _Unmapped("rounding_mode")
+        _binary(ld, fx_node, op, a[names[0]], a[names[1]], a["alpha"])
+        if getattr(fx_node.target, "__name__", "").startswith("i"):  # operator.iadd etc.
+            _inplace_result(ld, fx_node, a[names[0]])
+    return h
+
+
+def _f_matmul(ld, fx_node):
+    a, b = fx_node.args[:2]
+    if fx_node.kwargs or not (ld.is_tensor(a) and ld.is_tensor(b)):
+        raise _Unmapped("matmul operands")
+    _emit(ld, fx_node, "matmul", [ld.ref(a), ld.ref(b)])
+
+
+def _f_flatten(ld, fx_node):
+    a = _bind(fx_node, ["input", "start_dim", "end_dim"], {"start_dim": 0, "end_dim": -1})
+    _flatten(ld, fx_node, a["input"], a["start_dim"], a["end_dim"])
+
+
+def _f_reshape(ld, fx_node):
+    a = _bind(fx_node, ["input", "shape"], {})
+    _reshape(ld, fx_node, a["input"], _shape_args((a["shape"],)))
+
+
+def _f_permute(ld, fx_node):
+    a = _bind(fx_node, ["input", "dims"], {})
+    _permute(ld, fx_node, a["input"], a["dims"])
+
+
+def _f_transpose(ld, fx_node):
+    a = _bind(fx_node, ["input", "dim0", "dim1"], {})
+    _transpose(ld, fx_node, a["input"], a["dim0"], a["dim1"])
+
+
+def _f_squeeze(ld, fx_node):
+    a = _bind(fx_node, ["input", "dim"], {"dim": None})
+    _squeeze(ld, fx_node, a["input"], a["dim"])
+
+
+def _f_unsqueeze(ld, fx_node):
+    a = _bind(fx_node, ["input", "dim"], {})
+    _unsqueeze(ld, fx_node, a["input"], a["dim"])
+
+
+def _f_split(chunk):
+    def h(ld, fx_node):
+        if chunk:
+            a = _bind(fx_node, ["input", "chunks", "dim"], {"dim": 0})
+            _split(ld, fx_node, a["input"], a["chunks"], a["dim"], True)
+        else:
+            a = _bind(fx_node, ["tensor", "split_size_or_sections", "dim"], {"dim": 0})
+            _split(ld, fx_node, a["tensor"], a["split_size_or_sections"], a["dim"], False)
+    return h
+
+
+def _f_reduce(kind):
+    def h(ld, fx_node):
+        dim_default = () if kind in ("max", "min") else None
+        a = _bind(fx_node, ["input", "dim", "keepdim", "dtype"],
+                  {"dim": dim_default, "keepdim": False, "dtype": None})
+        _reduce(ld, fx_node, kind, a["input"], a["dim"], a["keepdim"], a["dtype"])
+    return h
+
+
+def _f_identity(ld, fx_node):
+    if len(fx_node.args) != 1 or fx_node.kwargs:
+        raise _Unmapped("extra args")
+    _emit(ld, fx_node, "identity", [_input(ld, fx_node)])
+
+
+_INPLACE = {"inplace": False}
+FUNCTION_OPS: dict[Any, Callable] = {
+    F.conv1d: _f_conv(1), F.conv2d: _f_conv(2), F.conv3d: _f_conv(3),
+    torch.conv1d: _f_conv(1), torch.conv2d: _f_conv(2), torch.conv3d: _f_conv(3),
+    F.linear: _f_linear, F.layer_norm: _f_layer_norm, F.group_norm: _f_group_norm,
+    F.batch_norm: _f_batch_norm,
+    # activations
+    F.relu: _f_act("relu", ("input", "inplace"), _INPLACE), torch.relu: _f_act("relu"),
+    torch.relu_: _f_act("relu"), F.relu_: _f_act("relu"),
+    F.relu6: _f_act("relu6", ("input", "inplace"), _INPLACE),
+    F.leaky_relu: _f_act("leaky_relu", ("input", "negative_slope", "inplace"),
+                         {"negative_slope": 0.01, "inplace": False},
+                         lambda a: {"negative_slope": float(a["negative_slope"])}),
+    F.elu: _f_act("elu", ("input", "alpha", "inplace"), {"alpha": 1.0, "inplace": False},
+                  lambda a: {"alpha": float(a["alpha"])}),
+    F.selu: _f_act("selu", ("input", "inplace"), _INPLACE), torch.selu: _f_act("selu"),
+    F.gelu: _f_act(lambda a: "gelu" if a["approximate"] == "tanh" else "gelu_exact",
+                   ("input", "approximate"), {"approximate": "none"}),
+    F.silu: _f_act("silu", ("input", "inplace"), _INPLACE),
+    F.mish: _f_act("mish", ("input", "inplace"), _INPLACE),
+    F.hardswish: _f_act("hardswish", ("input", "inplace"), _INPLACE),
+    F.hardsigmoid: _f_act("hardsigmoid", ("input", "inplace"), _INPLACE),
+    F.hardtanh: _f_act("hardtanh", ("input", "min_val", "max_val", "inplace"),
+                       {"min_val": -1.0, "max_val": 1.0, "inplace": False},
+                       lambda a: {"min_val": float(a["min_val"]), "max_val": float(a["max_val"])}),
+    torch.tanh: _f_act("tanh"), F.tanh: _f_act("tanh"),
+    torch.sigmoid: _f_act("sigmoid"), F.sigmoid: _f_act("sigmoid"),
+    F.softplus: _f_act(_softplus_name, ("input", "beta", "threshold"),
+                       {"beta": 1.0, "threshold": 20.0}),
+    F.softsign: _f_act("softsign"),
+    torch.erf: _f_act("erf"), torch.special.erf: _f_act("erf"),
+    torch.atan: _f_act("atan"), torch.arctan: _f_act("atan"),
+    torch.asinh: _f_act("asinh"), torch.arcsinh: _f_act("asinh"),
+    torch.square: _f_act("square"),
+    # softmax
+    F.softmax: _f_softmax("softmax"), torch.softmax: _f_softmax("softmax"),
+    F.log_softmax: _f_softmax("log_softmax"), torch.log_softmax: _f_softmax("log_softmax"),
+    # arithmetic
+    operator.add: _f_binary("add", ("a", "b")), operator.sub: _f_binary("sub", ("a", "b")),
+    operator.mul: _f_binary("mul", ("a", "b")), operator.truediv: _f_binary("div", ("a", "b")),
+    operator.iadd: _f_binary("add", ("a", "b")), operator.isub: _f_binary("sub", ("a", "b")),
+    operator.imul: _f_binary("mul", ("a", "b")), operator.itruediv: _f_binary("div", ("a", "b")),
+    torch.add: _f_binary("add"), torch.sub: _f_binary("sub"), torch.subtract: _f_binary("sub"),
+    torch.mul: _f_binary("mul"), torch.multiply: _f_binary("mul"),
+    torch.div: _f_binary("div"), torch.divide: _f_binary("div"), torch.true_divide: _f_binary("div"),
+    torch.matmul: _f_matmul, operator.matmul: _f_matmul, torch.mm: _f_matmul, torch.bmm: _f_matmul,
+    # joins and shapes
+    torch.cat: _f_cat, torch.concat: _f_cat, torch.concatenate: _f_cat,
+    torch.flatten: _f_flatten, torch.reshape: _f_reshape, torch.permute: _f_permute,
+    torch.transpose: _f_transpose, torch.swapaxes: _f_transpose, torch.swapdims: _f_transpose,
+    torch.squeeze: _f_squeeze, torch.unsqueeze: _f_unsqueeze,
+    torch.chunk: _f_split(True), torch.split: _f_split(False),
+    operator.getitem: _f_getitem, F.pad: _f_pad,
+    F.dropout: _f_dropout(None), F.dropout1d: _f_dropout("Dropout1d"),
+    F.dropout2d: _f_dropout("Dropout2d"), F.dropout3d: _f_dropout("Dropout3d"),
+    F.alpha_dropout: _f_dropout("AlphaDropout"),
+    # reductions
+    torch.mean: _f_reduce("mean"), torch.sum: _f_reduce("sum"), torch.amax: _f_reduce("max"),
+    torch.amin: _f_reduce("min"),
+    # pools
+    F.max_pool1d: _f_pool("max_pool", 1), F.max_pool2d: _f_pool("max_pool", 2),
+    F.max_pool3d: _f_pool("max_pool", 3), F.avg_pool1d: _f_pool("avg_pool", 1),
+    F.avg_pool2d: _f_pool("avg_pool", 2), F.avg_pool3d: _f_pool("avg_pool", 3),
+    F.adaptive_avg_pool1d: _f_adaptive("adaptive_avg_pool", 1),
+    F.adaptive_avg_pool2d: _f_adaptive("adaptive_avg_pool", 2),
+    F.adaptive_avg_pool3d: _f_adaptive("adaptive_avg_pool", 3),
+    F.adaptive_max_pool1d: _f_adaptive("adaptive_max_pool", 1),
+    F.adaptive_max_pool2d: _f_adaptive("adaptive_max_pool", 2),
+    F.adaptive_max_pool3d: _f_adaptive("adaptive_max_pool", 3),
+}
+_FUNCTION_HANDLERS = {_key(k): v for k, v in FUNCTION_OPS.items()}
+
+
+# -- methods: handlers read fx_node.args with the tensor first
+def _m_method_act(name):
+    def h(ld, fx_node):
+        if len(fx_node.args) != 1 or fx_node.kwargs:
+            raise _Unmapped("extra args")
+        _act(ld, fx_node, name, fx_node.args[0])
+        if fx_node.target.endswith("_"):
+            _inplace_result(ld, fx_node, fx_node.args[0])
+    return h
+
+
+def _m_method_binary(op):
+    def h(ld, fx_node):
+        a = _bind(fx_node, ["self", "other", "alpha", "rounding_mode"],
+                  {"alpha": 1, "rounding_mode": None})
+        if a["rounding_mode"] is not None:
+            raise _Unmapped("rounding_mode")
+        _binary(ld, fx_node, op, a["self"], a["other"], a["alpha"])
+        if fx_node.target.endswith("_"):
+            _inplace_result(ld, fx_node, a["self"])
+    return h
+
+
+def _mm_view(ld, fx_node):
+    _reshape(ld, fx_node, fx_node.args[0], _shape_args(fx_node.args[1:]))
+
+
+def _mm_permute(ld, fx_node):
+    _permute(ld, fx_node, fx_node.args[0], _shape_args(fx_node.args[1:]))
+
+
+def _mm_transpose(ld, fx_node):
+    _f_transpose(ld, fx_node)
+
+
+def _mm_flatten(ld, fx_node):
+    _f_flatten(ld, fx_node)
+
+
+def _mm_split(chunk):
+    def h(ld, fx_node):
+        a = _bind(fx_node, ["self", "n", "dim"], {"dim": 0})
+        _split(ld, fx_node, a["self"], a["n"], a["dim"], chunk)
+    return h
+
+
+def _mm_reduce(kind):
+    def h(ld, fx_node):
+        dim_default = () if kind in ("max", "min") else None
+        a = _bind(fx_node, ["input", "dim", "keepdim", "dtype"],
+                  {"dim": dim_default, "keepdim": False, "dtype": None})
+        _reduce(ld, fx_node, kind, a["input"], a["dim"], a["keepdim"], a["dtype"])
+    return h
+
+
+def _mm_softmax(op):
+    def h(ld, fx_node):
+        a = _bind(fx_node, ["input", "dim", "dtype"], {"dtype": None})
+        if a["dtype"] is not None:
+            raise _Unmapped("dtype")
+        _emit(ld, fx_node, op, [_input(ld, fx_node, a["input"])],
+              {"axis": _axis(ld, a["input"], a["dim"])})
+    return h
+
+
+METHOD_OPS: dict[str, Callable] = {
+    "relu": _m_method_act("relu"), "relu_": _m_method_act("relu"),
+    "sigmoid": _m_method_act("sigmoid"), "sigmoid_": _m_method_act("sigmoid"),
+    "tanh": _m_method_act("tanh"), "tanh_": _m_method_act("tanh"),
+    "erf": _m_method_act("erf"), "atan": _m_method_act("atan"), "asinh": _m_method_act("asinh"),
+    "square": _m_method_act("square"),
+    "add": _m_method_binary("add"), "sub": _m_method_binary("sub"),
+    "mul": _m_method_binary("mul"), "div": _m_method_binary("div"),
+    "add_": _m_method_binary("add"), "sub_": _m_method_binary("sub"),
+    "mul_": _m_method_binary("mul"), "div_": _m_method_binary("div"),
+    "matmul": _f_matmul,
+    "view": _mm_view, "reshape": _mm_view, "permute": _mm_permute,
+    "transpose": _mm_transpose, "flatten": _mm_flatten,
+    "squeeze": _f_squeeze, "unsqueeze": _f_unsqueeze,
+    "chunk": _mm_split(True), "split": _mm_split(False),
+    "contiguous": _f_identity, "clone": _f_identity,
+    "mean": _mm_reduce("mean"), "sum": _mm_reduce("sum"), "amax": _mm_reduce("max"),
+    "amin": _mm_reduce("min"),
+    "softmax": _mm_softmax("softmax"), "log_softmax": _mm_softmax("log_softmax"),
+}
+
+
+# ----------------------------------------------------------------------------- entry point
+def load_module(module: nn.Module, example_inputs=None, *, leaf_modules=()) -> Graph:
+    """Trace ``module`` with torch.fx into a graphshape :class:`Graph`.
+
+    ``example_inputs``: a tensor or a tuple of tensors for ``forward``; gives every value's
+    shape and dtype (without it, shapes are None and ops that need a rank to be mapped,
+    such as ``transpose`` or ``chunk``, stay opaque). ``leaf_modules``: module classes to
+    keep as single opaque calls instead of tracing into them.
+    """
+    if not isinstance(module, nn.Module):
+        raise GraphshapeError(f"load_module needs a torch.nn.Module, got {type(module).__name__}")
+    return _Loader(module, example_inputs, tuple(leaf_modules)).run()

@@ -1,0 +1,730 @@
+"""Torch backend: graphshape IR -> ``torch.fx.GraphModule``.
+
+``emit(graph)`` writes one fx node per IR node, named :func:`fx_name` of the IR node's
+name (``gm.meta["graphshape_nodes"]`` maps every IR node name to its fx node name, and is
+authoritative where two names collide after sanitizing). Ops with weights or state become
+real ``torch.nn`` modules (``nn.Conv2d``, ``nn.Linear``, ``nn.BatchNorm2d``, ...) whose
+parameters are fresh ``nn.Parameter`` copies of ``node.params``; the module sits at
+``node.meta["module_path"]`` when the frontend recorded one (so a torch model's
+``state_dict`` keys survive a round trip), else at the fx node name. Constants are buffers
+(or parameters when ``attrs["trainable"]``). Nothing in ``forward`` creates a tensor on a
+fixed device, so the result follows ``.to(device)`` and compiles with ``torch.compile``.
+
+:data:`TORCH_EMITTERS` maps every canonical op to its emitter
+``fn(ctx, node, xs) -> fx value``; ``xs`` are the fx values of ``node.inputs``.
+"""
+
+from __future__ import annotations
+
+import builtins
+import copy
+import keyword
+import math
+import operator
+import re
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.fx
+import torch.nn.functional as F
+from torch import nn
+
+from graphshape import torch_modules as tm
+from graphshape.errors import GraphshapeError
+from graphshape.ir import Graph, Node, Ref
+
+__all__ = ["emit", "fx_name", "TORCH_EMITTERS"]
+
+_ILLEGAL = re.compile(r"[^0-9a-zA-Z_]+")
+# names fx's generated code binds itself (torch.fx.graph._custom_builtins)
+_FX_RESERVED = frozenset({"inf", "nan", "NoneType", "torch", "device", "fx_pytree", "pytree"})
+
+
+def fx_name(ir_name: str) -> str:
+    """The fx node name for IR node ``ir_name``: non-identifier characters become ``_``, a
+    leading digit gets a ``_`` prefix, and Python keywords / builtins get a ``_`` suffix
+    (fx would otherwise rename them)."""
+    name = _ILLEGAL.sub("_", ir_name) or "_unnamed"
+    if name[0].isdigit():
+        name = "_" + name
+    if keyword.iskeyword(name) or name in builtins.__dict__ or name in _FX_RESERVED:
+        name += "_"
+    return name
+
+
+def _pads(node: Node, dims: int) -> tuple[tuple, tuple]:
+    pads = tuple(node.attrs.get("pads") or (0,) * (2 * dims))
+    if len(pads) != 2 * dims:
+        raise GraphshapeError(f"pads {pads} do not match {dims} spatial dims", node=node.name, op=node.op)
+    return tuple(int(p) for p in pads[:dims]), tuple(int(p) for p in pads[dims:])
+
+
+def _torch_pad(begin, end) -> list[int]:
+    """ONNX-order begin/end pads -> F.pad's (last dim first) list, leading zero pairs trimmed."""
+    out = []
+    for b, e in zip(reversed(begin), reversed(end)):
+        out += [int(b), int(e)]
+    while len(out) > 2 and out[-1] == 0 and out[-2] == 0:
+        out = out[:-2]
+    return out
+
+
+class _Ctx:
+    """Emission state: the fx graph being built and the modules/tensors it refers to."""
+
+    def __init__(self, graph: Graph):
+        self.g = graph
+        self.fx = torch.fx.Graph()
+        self.attrs: dict[str, Any] = {}        # target -> module / tensor
+        self.used_targets: set[str] = set()
+        self.target_prefixes: set[str] = set()
+        self.values: dict[str, Any] = {}       # IR name -> fx node (or list for split)
+        self.getitems: dict[Ref, torch.fx.Node] = {}
+        self.names: dict[str, str] = {}        # IR name -> fx name
+        self.reserved = {fx_name(n) for n in graph.nx.nodes}
+
+    # ------------------------------------------------------------- naming
+    def _aux_name(self, base: str) -> str:
+        name, i = fx_name(base), 1
+        while name in self.reserved:
+            name = f"{fx_name(base)}_aux{i}"
+            i += 1
+        self.reserved.add(name)
+        return name
+
+    def _main_name(self, node: Node) -> str:
+        return fx_name(node.name)
+
+    def _record(self, node: Node, fx_node: torch.fx.Node) -> torch.fx.Node:
+        self.names[node.name] = fx_node.name
+        return fx_node
+
+    def target_for(self, node: Node, *, prefer_path: bool = True) -> str:
+        """A free attribute path for the node's module: its source module path when free."""
+        candidates = []
+        path = node.meta.get("module_path") if prefer_path else None
+        if isinstance(path, str) and path and all(p and p.isprintable() for p in path.split(".")):
+            candidates.append(path)
+        candidates.append(fx_name(node.name))
+        for cand in candidates:
+            if self._target_free(cand):
+                return self._claim(cand)
+        base, i = fx_name(node.name), 1
+        while not self._target_free(f"{base}_{i}"):
+            i += 1
+        return self._claim(f"{base}_{i}")
+
+    def _target_free(self, target: str) -> bool:
+        if target in self.used_targets or target in self.target_prefixes:
+            return False
+        parts = target.split(".")
+        return not any(".".join(parts[:k]) in self.used_targets for k in range(1, len(parts)))
+
+    def _claim(self, target: str) -> str:
+        self.used_targets.add(target)
+        parts = target.split(".")
+        for k in range(1, len(parts)):
+            self.target_prefixes.add(".".join(parts[:k]))
+        return target
+
+    # ------------------------------------------------------------- building fx nodes
+    def module(self, node: Node, mod: nn.Module, args, kwargs=None) -> torch.fx.Node:
+        target = self.target_for(node)
+        self.attrs[target] = mod
+        fx_node = self.fx.create_node("call_module", target, tuple(args), kwargs or {},
+                                      name=self._main_name(node))
+        return self._record(node, fx_node)
+
+    def function(self, node: Node, fn: Callable, args, kwargs=None) -> torch.fx.Node:
+        fx_node = self.fx.create_node("call_function", fn, tuple(args), kwargs or {},
+                                      name=self._main_name(node))
+        return self._record(node, fx_node)
+
+    def method(self, node: Node, name: str, args, kwargs=None) -> torch.fx.Node:
+        fx_node = self.fx.create_node("call_method", name, tuple(args), kwargs or {},
+                                      name=self._main_name(node))
+        return self._record(node, fx_node)
+
+    def aux_function(self, base: str, fn: Callable, args, kwargs=None) -> torch.fx.Node:
+        return self.fx.create_node("call_function", fn, tuple(args), kwargs or {},
+                                   name=self._aux_name(base))
+
+    def value(self, ref: Ref):
+        entry = self.values[ref.node]
+        if isinstance(entry, list):  # several outputs: getitem on the tuple node
+            if ref not in self.getitems:
+                self.getitems[ref] = self.aux_function(f"{ref.node}_{ref.index}", operator.getitem,
+                                                       (entry[0], ref.index))
+            return self.getitems[ref]
+        if ref.index != 0:
+            raise GraphshapeError(f"node {ref.node!r} has one output; output {ref.index} was asked for",
+                                  node=ref.node)
+        return entry
+
+    def template(self, value):
+        """Replace Refs in an argument template by fx values."""
+        if isinstance(value, Ref):
+            return self.value(value)
+        if isinstance(value, tuple):
+            items = [self.template(v) for v in value]
+            return type(value)(*items) if hasattr(value, "_fields") else tuple(items)
+        if isinstance(value, list):
+            return [self.template(v) for v in value]
+        if isinstance(value, dict):
+            return {k: self.template(v) for k, v in value.items()}
+        if isinstance(value, slice):
+            return slice(self.template(value.start), self.template(value.stop),
+                         self.template(value.step))
+        return value
+
+    # ------------------------------------------------------------- tensors
+    def tensor(self, node: Node, name: str) -> torch.Tensor:
+        arr = node.params.get(name)
+        if arr is None:
+            raise GraphshapeError(f"missing parameter {name!r}", node=node.name, op=node.op)
+        t = torch.from_numpy(np.array(arr, copy=True))
+        if node.meta.get("torch_dtype") == "bfloat16":
+            t = t.to(torch.bfloat16)
+        return t
+
+    def rank(self, node: Node, slot: int = 0) -> int | None:
+        info = self.g.info(node.inputs[slot])
+        return None if info.shape is None else len(info.shape)
+
+
+def _build(ctx: _Ctx, node: Node, cls, param_names: dict[str, str] | None = None,
+           fills: dict[str, float] | None = None, **kwargs) -> nn.Module:
+    """``cls(**kwargs)`` built on the meta device (no random init), then given copies of
+    ``node.params`` as parameters/buffers. ``param_names`` maps module attribute -> IR param
+    name (default: the same name); ``fills`` gives constant values for parameters the node
+    lacks (a norm with a scale but no shift)."""
+    mod = cls(**kwargs, device="meta")
+    param_names = param_names or {}
+    fills = fills or {}
+    for attr, p in list(mod.named_parameters(recurse=False)):
+        key = param_names.get(attr, attr)
+        if key not in node.params and attr in fills:
+            like = ctx.tensor(node, next(k for k in ("weight", "bias") if k in node.params))
+            t = torch.full(p.shape, fills[attr], dtype=like.dtype)
+        else:
+            t = ctx.tensor(node, key)
+        if tuple(t.shape) != tuple(p.shape):
+            raise GraphshapeError(f"parameter {attr!r} has shape {tuple(t.shape)}, "
+                                  f"{cls.__name__} expects {tuple(p.shape)}", node=node.name, op=node.op)
+        setattr(mod, attr, nn.Parameter(t, requires_grad=True))
+    for attr, b in list(mod.named_buffers(recurse=False)):
+        key = param_names.get(attr, attr)
+        if key in node.params:
+            t = ctx.tensor(node, key)
+            if tuple(t.shape) != tuple(b.shape):
+                raise GraphshapeError(f"buffer {attr!r} has shape {tuple(t.shape)}, "
+                                      f"{cls.__name__} expects {tuple(b.shape)}", node=node.name, op=node.op)
+            if attr == "num_batches_tracked":
+                t = t.to(torch.long)
+        elif attr == "num_batches_tracked":
+            t = torch.zeros((), dtype=torch.long)
+        elif attr == "running_var":
+            t = torch.ones(b.shape, dtype=b.dtype)
+        else:
+            t = torch.zeros(b.shape, dtype=b.dtype)
+        mod._buffers[attr] = t
+    return mod
+
+
+def _dims(ctx: _Ctx, node: Node, default: int | None = None) -> int:
+    dims = node.attrs.get("dims")
+    if dims is None:
+        r = ctx.rank(node)
+        dims = default if r is None else max(r - 2, 1)
+    if dims not in (1, 2, 3):
+        raise GraphshapeError(f"{dims}-d {node.op} is not supported by torch (1, 2 or 3 spatial dims)",
+                              node=node.name, op=node.op)
+    return dims
+
+
+# ----------------------------------------------------------------------------- emitters
+def _e_input(ctx, node, xs):
+    args = (node.attrs["default"],) if "default" in node.attrs else ()
+    name = fx_name(node.name)
+    return ctx._record(node, ctx.fx.create_node("placeholder", name, args, {}, name=name))
+
+
+def _e_constant(ctx, node, xs):
+    t = ctx.tensor(node, "value")
+    if node.attrs.get("trainable"):
+        t = nn.Parameter(t, requires_grad=True)
+    target = ctx.target_for(node)
+    ctx.attrs[target] = t
+    return ctx._record(node, ctx.fx.create_node("get_attr", target, (), {}, name=fx_name(node.name)))
+
+
+def _e_output(ctx, node, xs):
+    return xs[0]
+
+
+def _e_conv(ctx, node, xs):
+    a = node.attrs
+    dims = _dims(ctx, node, len(node.params["weight"].shape) - 2)
+    begin, end = _pads(node, dims)
+    x = xs[0]
+    mode = a.get("padding_mode", "zeros")
+    padding: Any = begin
+    if begin != end:
+        if mode != "zeros":
+            raise GraphshapeError(f"asymmetric pads with padding_mode={mode!r}", node=node.name, op=node.op)
+        x = ctx.aux_function(f"{node.name}_pad", F.pad, (x, _torch_pad(begin, end)))
+        padding = (0,) * dims
+    w = node.params["weight"]
+    groups = int(a.get("groups", 1))
+    cls = (nn.Conv1d, nn.Conv2d, nn.Conv3d)[dims - 1]
+    mod = _build(ctx, node, cls, in_channels=int(w.shape[1]) * groups, out_channels=int(w.shape[0]),
+                 kernel_size=tuple(w.shape[2:]), stride=tuple(a.get("stride", (1,) * dims)),
+                 padding=tuple(padding), dilation=tuple(a.get("dilation", (1,) * dims)),
+                 groups=groups, bias="bias" in node.params, padding_mode=mode)
+    return ctx.module(node, mod, (x,))
+
+
+def _e_conv_transpose(ctx, node, xs):
+    a = node.attrs
+    w = node.params["weight"]
+    dims = _dims(ctx, node, len(w.shape) - 2)
+    begin, end = _pads(node, dims)
+    sym = begin == end
+    groups = int(a.get("groups", 1))
+    cls = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)[dims - 1]
+    mod = _build(ctx, node, cls, in_channels=int(w.shape[0]), out_channels=int(w.shape[1]) * groups,
+                 kernel_size=tuple(w.shape[2:]), stride=tuple(a.get("stride", (1,) * dims)),
+                 padding=tuple(begin) if sym else (0,) * dims,
+                 output_padding=tuple(a.get("output_padding", (0,) * dims)),
+                 groups=groups, bias="bias" in node.params,
+                 dilation=tuple(a.get("dilation", (1,) * dims)))
+    if sym:
+        return ctx.module(node, mod, (xs[0],))
+    # asymmetric pads: full transposed conv, then crop begin/end from each spatial dim
+    target = ctx.target_for(node)
+    ctx.attrs[target] = mod
+    full = ctx.fx.create_node("call_module", target, (xs[0],), {}, name=ctx._aux_name(f"{node.name}_full"))
+    index = (slice(None), slice(None)) + tuple(slice(b, -e if e else None) for b, e in zip(begin, end))
+    return ctx.function(node, operator.getitem, (full, index))
+
+
+def _e_linear(ctx, node, xs):
+    w = node.params["weight"]
+    mod = _build(ctx, node, nn.Linear, in_features=int(w.shape[1]), out_features=int(w.shape[0]),
+                 bias="bias" in node.params)
+    return ctx.module(node, mod, (xs[0],))
+
+
+def _e_matmul(ctx, node, xs):
+    return ctx.function(node, torch.matmul, (xs[0], xs[1]))
+
+
+def _binary(fn):
+    def e(ctx, node, xs):
+        if len(xs) != 2:
+            raise GraphshapeError(f"{node.op} takes 2 inputs, got {len(xs)}", node=node.name, op=node.op)
+        alpha = node.attrs.get("alpha", 1)
+        if alpha not in (1, None):
+            return ctx.function(node, torch.add, (xs[0], xs[1]), {"alpha": alpha})
+        return ctx.function(node, fn, (xs[0], xs[1]))
+    return e
+
+
+def _e_sum(ctx, node, xs):
+    weights = node.attrs.get("weights")
+    if weights is None and len(xs) == 2:
+        return ctx.function(node, operator.add, tuple(xs))
+    if weights is not None and len(weights) != len(xs):
+        raise GraphshapeError(f"{len(weights)} weights for {len(xs)} inputs", node=node.name, op=node.op)
+    return ctx.module(node, tm.WeightedSum(weights), tuple(xs))
+
+
+def _e_concat(ctx, node, xs):
+    return ctx.function(node, torch.cat, (list(xs),), {"dim": int(node.attrs.get("axis", 1))})
+
+
+_ACT_MODULES: dict[str, Callable[..., nn.Module]] = {
+    "relu": lambda: nn.ReLU(), "relu6": lambda: nn.ReLU6(),
+    "leaky_relu": lambda negative_slope=0.01: nn.LeakyReLU(negative_slope),
+    "elu": lambda alpha=1.0: nn.ELU(alpha), "selu": lambda: nn.SELU(),
+    "gelu": lambda: nn.GELU(approximate="tanh"), "gelu_exact": lambda: nn.GELU(),
+    "silu": lambda: nn.SiLU(), "swish": lambda: nn.SiLU(), "mish": lambda: nn.Mish(),
+    "hardswish": lambda: nn.Hardswish(), "hardsigmoid": lambda: nn.Hardsigmoid(),
+    "hardtanh": lambda min_val=-1.0, max_val=1.0: nn.Hardtanh(min_val, max_val),
+    "tanh": lambda: nn.Tanh(), "sigmoid": lambda: nn.Sigmoid(),
+    "softplus": lambda: nn.Softplus(), "softsign": lambda: nn.Softsign(),
+}
+
+
+def _e_activation(ctx, node, xs):
+    a = dict(node.attrs)
+    name = a.pop("name", None)
+    transform = a.pop("transform", None)
+    a = tm.plain_attrs(a)
+    if name not in tm.ACTIVATION_FUNCTIONS:
+        raise GraphshapeError(f"activation {name!r} has no torch implementation; known: "
+                              f"{', '.join(sorted(tm.ACTIVATION_FUNCTIONS))}", node=node.name, op=node.op)
+    if transform:
+        mod = tm.TransformedActivation(name, transform, **a)
+    elif name in _ACT_MODULES:
+        try:
+            mod = _ACT_MODULES[name](**a)
+        except TypeError:
+            raise GraphshapeError(f"activation {name!r} does not take attributes {sorted(a)}",
+                                  node=node.name, op=node.op) from None
+    else:
+        mod = tm.Activation(name, **a)
+    return ctx.module(node, mod, (xs[0],), )
+
+
+def _e_batch_norm(ctx, node, xs):
+    a = node.attrs
+    dims = node.attrs.get("dims")
+    if dims is None:
+        r = ctx.rank(node)
+        dims = 2 if r is None else (1 if r <= 3 else r - 2)
+    cls = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)[dims - 1]
+    channels = a.get("num_features") or len(next(iter(node.params.values())))
+    mod = _build(ctx, node, cls, num_features=int(channels), eps=float(a.get("eps", 1e-5)),
+                 momentum=a.get("momentum", 0.1),
+                 fills={"weight": 1.0, "bias": 0.0},
+                 affine=a.get("affine", "weight" in node.params or "bias" in node.params),
+                 track_running_stats=a.get("track_running_stats", "running_mean" in node.params))
+    return ctx.module(node, mod, (xs[0],))
+
+
+def _e_instance_norm(ctx, node, xs):
+    a = node.attrs
+    dims = _dims(ctx, node, 2)
+    cls = (nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)[dims - 1]
+    channels = a.get("num_features") or len(node.params["weight"])
+    mod = _build(ctx, node, cls, num_features=int(channels), eps=float(a.get("eps", 1e-5)),
+                 momentum=a.get("momentum", 0.1),
+                 fills={"weight": 1.0, "bias": 0.0},
+                 affine=a.get("affine", "weight" in node.params or "bias" in node.params),
+                 track_running_stats=a.get("track_running_stats", "running_mean" in node.params))
+    return ctx.module(node, mod, (xs[0],))
+
+
+def _e_layer_norm(ctx, node, xs):
+    a = node.attrs
+    mod = _build(ctx, node, nn.LayerNorm, normalized_shape=tuple(a["normalized_shape"]),
+                 eps=float(a.get("eps", 1e-5)),
+                 fills={"weight": 1.0, "bias": 0.0},
+                 elementwise_affine="weight" in node.params or "bias" in node.params,
+                 bias="bias" in node.params)
+    return ctx.module(node, mod, (xs[0],))
+
+
+def _e_group_norm(ctx, node, xs):
+    a = node.attrs
+    mod = _build(ctx, node, nn.GroupNorm, num_groups=int(a["num_groups"]),
+                 num_channels=int(a["num_channels"]), eps=float(a.get("eps", 1e-5)),
+                 fills={"weight": 1.0, "bias": 0.0},
+                 affine="weight" in node.params or "bias" in node.params)
+    return ctx.module(node, mod, (xs[0],))
+
+
+def _e_lrn(ctx, node, xs):
+    a = node.attrs
+    size = int(a["size"])
+    args = dict(size=size, alpha=float(a.get("alpha", 1e-4)), beta=float(a.get("beta", 0.75)),
+                k=float(a.get("k", 1.0)))
+    mod = nn.LocalResponseNorm(**args) if size % 2 else tm.LocalResponseNorm(**args)
+    return ctx.module(node, mod, (xs[0],))
+
+
+def _e_affine(ctx, node, xs):
+    shift = ctx.tensor(node, "shift") if "shift" in node.params else None
+    mod = tm.Affine(ctx.tensor(node, "scale"), shift, int(node.attrs.get("axis", 1)))
+    return ctx.module(node, mod, (xs[0],))
+
+
+def _e_avg_pool(ctx, node, xs):
+    a = node.attrs
+    dims = _dims(ctx, node, len(a["kernel_shape"]))
+    begin, end = _pads(node, dims)
+    kernel = tuple(int(k) for k in a["kernel_shape"])
+    stride = tuple(int(s) for s in a.get("stride") or kernel)
+    ceil_mode = bool(a.get("ceil_mode", False))
+    include = bool(a.get("count_include_pad", False))
+    cls = (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d)[dims - 1]
+    x = xs[0]
+    if begin == end and all(p <= k // 2 for p, k in zip(begin, kernel)):
+        mod = cls(kernel, stride, begin, ceil_mode, include)
+        return ctx.module(node, mod, (x,))
+    if include:
+        x = ctx.aux_function(f"{node.name}_pad", F.pad, (x, _torch_pad(begin, end)))
+        return ctx.module(node, cls(kernel, stride, 0, ceil_mode, True), (x,))
+    return ctx.function(node, tm.avg_pool_exclude_pad,
+                        (x, tuple(begin + end), kernel, stride, ceil_mode))
+
+
+def _e_max_pool(ctx, node, xs):
+    a = node.attrs
+    dims = _dims(ctx, node, len(a["kernel_shape"]))
+    begin, end = _pads(node, dims)
+    kernel = tuple(int(k) for k in a["kernel_shape"])
+    stride = tuple(int(s) for s in a.get("stride") or kernel)
+    dilation = tuple(int(d) for d in a.get("dilation") or (1,) * dims)
+    ceil_mode = bool(a.get("ceil_mode", False))
+    cls = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d)[dims - 1]
+    x = xs[0]
+    padding = begin
+    if begin != end or any(p > k // 2 for p, k in zip(begin, kernel)):
+        x = ctx.aux_function(f"{node.name}_pad", F.pad, (x, _torch_pad(begin, end)),
+                             {"value": -math.inf})
+        padding = (0,) * dims
+    return ctx.module(node, cls(kernel, stride, padding, dilation, ceil_mode=ceil_mode), (x,))
+
+
+def _global(avg: bool):
+    def e(ctx, node, xs):
+        r = ctx.rank(node)
+        if r is None or r - 2 not in (1, 2, 3):
+            dims_axes = None
+        else:
+            dims_axes = r - 2
+        if dims_axes is None:
+            # rank unknown: reduce over every dim after the channel axis
+            return ctx.function(node, tm.global_pool, (xs[0],), {"avg": avg})
+        cls = ((nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d) if avg else
+               (nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d))[dims_axes - 1]
+        return ctx.module(node, cls(1), (xs[0],))
+    return e
+
+
+def _adaptive(avg: bool):
+    def e(ctx, node, xs):
+        size = tuple(node.attrs["output_size"])
+        dims = int(node.attrs.get("dims") or len(size))
+        cls = ((nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d) if avg else
+               (nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d))[dims - 1]
+        return ctx.module(node, cls(size if len(size) > 1 else size[0]), (xs[0],))
+    return e
+
+
+def _e_flatten(ctx, node, xs):
+    return ctx.function(node, torch.flatten, (xs[0], int(node.attrs.get("start_dim", 1)),
+                                              int(node.attrs.get("end_dim", -1))))
+
+
+def _e_reshape(ctx, node, xs):
+    shape = node.attrs.get("shape")
+    if shape is None:
+        raise GraphshapeError("reshape without a static `shape` attribute (a shape computed at run "
+                              "time) cannot be emitted to torch", node=node.name, op=node.op)
+    # canonical reshape: -1 is inferred, 0 is a real 0 (frontends resolve ONNX's "copy")
+    entries = [ctx.template(s) if isinstance(s, Ref) else int(s) for s in shape]
+    return ctx.method(node, "reshape", (xs[0], tuple(entries)))
+
+
+def _e_transpose(ctx, node, xs):
+    return ctx.function(node, torch.permute, (xs[0], tuple(int(p) for p in node.attrs["perm"])))
+
+
+def _e_squeeze(ctx, node, xs):
+    axes = node.attrs.get("axes")
+    if axes is None:
+        return ctx.function(node, torch.squeeze, (xs[0],))
+    return ctx.function(node, torch.squeeze, (xs[0], tuple(int(a) for a in axes)))
+
+
+def _e_unsqueeze(ctx, node, xs):
+    axes = tuple(int(a) for a in node.attrs["axes"])
+    if len(axes) == 1:
+        return ctx.function(node, torch.unsqueeze, (xs[0], axes[0]))
+    return ctx.function(node, tm.unsqueeze_axes, (xs[0], axes))
+
+
+def _e_slice(ctx, node, xs):
+    a = node.attrs
+    axes = [int(v) for v in a["axes"]]
+    starts = [int(v) for v in a["starts"]]
+    ends = [int(v) for v in a["ends"]]
+    steps = [int(v) for v in (a.get("steps") or [1] * len(axes))]
+    if all(s > 0 for s in steps) and all(ax >= 0 for ax in axes):
+        index = [slice(None)] * (max(axes) + 1)
+        for ax, s, e, st in zip(axes, starts, ends, steps):
+            index[ax] = slice(s, e, None if st == 1 else st)
+        return ctx.function(node, operator.getitem, (xs[0], tuple(index)))
+    return ctx.function(node, tm.slice_axes, (xs[0], tuple(axes), tuple(starts), tuple(ends), tuple(steps)))
+
+
+def _e_split(ctx, node, xs):
+    sizes = [int(s) for s in node.attrs["sizes"]]
+    fx_node = ctx.function(node, torch.split, (xs[0], sizes), {"dim": int(node.attrs.get("axis", 0))})
+    return [fx_node]
+
+
+def _e_pad(ctx, node, xs):
+    a = node.attrs
+    pads = tuple(int(p) for p in a["pads"])
+    r = len(pads) // 2
+    mode = {"edge": "replicate", "wrap": "circular"}.get(a.get("mode", "constant"), a.get("mode", "constant"))
+    torch_pads = _torch_pad(pads[:r], pads[r:])
+    kwargs = {"mode": mode}
+    if mode == "constant":
+        kwargs["value"] = float(a.get("value", 0.0) or 0.0)
+    return ctx.function(node, F.pad, (xs[0], torch_pads), kwargs)
+
+
+def _e_dropout(ctx, node, xs):
+    a = node.attrs
+    variant = a.get("variant", "Dropout")
+    p = float(a.get("p", 0.5))
+    if variant == "StochasticDepth":
+        from torchvision.ops import StochasticDepth
+
+        mod = StochasticDepth(p, a.get("mode", "row"))
+    else:
+        cls = {"Dropout": nn.Dropout, "Dropout1d": nn.Dropout1d, "Dropout2d": nn.Dropout2d,
+               "Dropout3d": nn.Dropout3d, "AlphaDropout": nn.AlphaDropout}.get(variant)
+        if cls is None:
+            raise GraphshapeError(f"unknown dropout variant {variant!r}", node=node.name, op=node.op)
+        mod = cls(p)
+    return ctx.module(node, mod, (xs[0],))
+
+
+def _e_identity(ctx, node, xs):
+    return ctx.module(node, nn.Identity(), (xs[0],))
+
+
+def _e_softmax(log: bool):
+    def e(ctx, node, xs):
+        mod = (nn.LogSoftmax if log else nn.Softmax)(dim=int(node.attrs.get("axis", -1)))
+        return ctx.module(node, mod, (xs[0],))
+    return e
+
+
+def _e_reduce(ctx, node, xs):
+    a = node.attrs
+    kind = a.get("kind", "mean")
+    axes = a.get("axes")
+    axes = None if axes is None else tuple(int(v) for v in axes)
+    keepdim = bool(a.get("keepdims", True))
+    if kind == "prod":
+        return ctx.function(node, tm.reduce_prod, (xs[0], axes, keepdim))
+    fn = {"mean": torch.mean, "sum": torch.sum, "max": torch.amax, "min": torch.amin}.get(kind)
+    if fn is None:
+        raise GraphshapeError(f"unknown reduction {kind!r}", node=node.name, op=node.op)
+    if axes is None and kind in ("max", "min"):
+        axes = ()
+    return ctx.function(node, fn, (xs[0],), {"dim": axes, "keepdim": keepdim})
+
+
+def _e_opaque(ctx, node, xs):
+    a = node.attrs
+    if a.get("framework") != "torch":
+        desc = a.get("description") or a.get("op_type") or "?"
+        raise GraphshapeError(
+            f"opaque {a.get('framework', 'unknown')} op {desc} cannot be emitted to torch; "
+            "emit this graph with graphshape.to_onnx, or replace the op in the source model",
+            node=node.name, op=node.op)
+    args = ctx.template(a.get("args", ()))
+    kwargs = ctx.template(a.get("kwargs", {}))
+    fx_op = a["fx_op"]
+    if fx_op == "call_module":
+        return ctx.module(node, copy.deepcopy(a["module"]), args, kwargs)
+    if fx_op == "call_function":
+        return ctx.function(node, a["target"], args, kwargs)
+    if fx_op == "call_method":
+        return ctx.method(node, a["target"], args, kwargs)
+    if fx_op == "get_attr":
+        target = ctx.target_for(node)
+        ctx.attrs[target] = copy.deepcopy(a["value"])
+        return ctx._record(node, ctx.fx.create_node("get_attr", target, (), {}, name=fx_name(node.name)))
+    raise GraphshapeError(f"unknown fx op {fx_op!r}", node=node.name, op=node.op)
+
+
+#: canonical op -> emitter ``fn(ctx, node, xs)``
+TORCH_EMITTERS: dict[str, Callable] = {
+    "input": _e_input, "output": _e_output, "constant": _e_constant,
+    "conv": _e_conv, "conv_transpose": _e_conv_transpose, "linear": _e_linear,
+    "matmul": _e_matmul,
+    "add": _binary(operator.add), "sub": _binary(operator.sub), "mul": _binary(operator.mul),
+    "div": _binary(operator.truediv), "sum": _e_sum, "concat": _e_concat,
+    "activation": _e_activation,
+    "batch_norm": _e_batch_norm, "layer_norm": _e_layer_norm, "group_norm": _e_group_norm,
+    "instance_norm": _e_instance_norm, "lrn": _e_lrn, "affine": _e_affine,
+    "avg_pool": _e_avg_pool, "max_pool": _e_max_pool,
+    "global_avg_pool": _global(True), "global_max_pool": _global(False),
+    "adaptive_avg_pool": _adaptive(True), "adaptive_max_pool": _adaptive(False),
+    "flatten": _e_flatten, "reshape": _e_reshape, "transpose": _e_transpose,
+    "squeeze": _e_squeeze, "unsqueeze": _e_unsqueeze, "slice": _e_slice, "split": _e_split,
+    "pad": _e_pad, "dropout": _e_dropout, "identity": _e_identity,
+    "softmax": _e_softmax(False), "log_softmax": _e_softmax(True), "reduce": _e_reduce,
+    "opaque": _e_opaque,
+}
+
+
+def emit(graph: Graph) -> torch.fx.GraphModule:
+    """Emit ``graph`` as a ``torch.fx.GraphModule`` (see the module docstring)."""
+    ctx = _Ctx(graph)
+    for node in graph:
+        emitter = TORCH_EMITTERS.get(node.op)
+        if emitter is None:
+            raise GraphshapeError(f"op {node.op!r} has no torch emitter", node=node.name, op=node.op)
+        xs = [ctx.value(r) for r in node.inputs]
+        if node.op == "output":
+            ctx.values[node.name] = xs[0]
+            continue
+        if node.op == "constant" and _inlinable_scalar(graph, node):
+            # a 0-d constant that only feeds arithmetic is written as a Python number
+            # (as in the source `x * 0.5`): no buffer, no state_dict entry
+            ctx.values[node.name] = node.params["value"].item()
+            continue
+        try:
+            ctx.values[node.name] = emitter(ctx, node, xs)
+        except GraphshapeError:
+            raise
+        except Exception as exc:
+            raise GraphshapeError(f"emitting {node.op} to torch failed: {type(exc).__name__}: {exc}",
+                                  node=node.name, op=node.op) from exc
+    template = graph.meta.get("torch_output")
+    if template is not None:
+        result = _map_outputs(ctx, template)
+    else:
+        outs = [ctx.values[n] for n in graph.output_nodes]
+        result = outs[0] if len(outs) == 1 else tuple(outs)
+    ctx.fx.output(result)
+    class_name = str(graph.meta.get("model_class") or "GraphModule")
+    gm = torch.fx.GraphModule(ctx.attrs, ctx.fx, class_name=class_name)
+    gm.meta["graphshape_nodes"] = dict(ctx.names)
+    gm.train(bool(graph.meta.get("training", True)))
+    return gm
+
+
+_SCALAR_USERS = ("add", "sub", "mul", "div")
+
+
+def _inlinable_scalar(graph: Graph, node: Node) -> bool:
+    value = node.params.get("value")
+    if (node.attrs.get("trainable") or not isinstance(value, np.ndarray) or value.ndim != 0
+            or value.dtype.kind not in "biuf" or node.meta.get("torch_dtype")):
+        return False
+    users = graph.users(node.name)
+    if not users:
+        return False
+    for user in users:
+        if user.op not in _SCALAR_USERS or len(user.inputs) != 2:
+            return False
+        other = user.inputs[1] if user.inputs[0].node == node.name else user.inputs[0]
+        if other.node == node.name or graph[other.node].op == "constant":
+            return False
+    return True
+
+
+def _map_outputs(ctx: _Ctx, template):
+    """The torch output structure with each Ref(output node) replaced by its value."""
+    if isinstance(template, Ref):
+        return ctx.values[template.node]
+    if isinstance(template, tuple):
+        items = [_map_outputs(ctx, v) for v in template]
+        return type(template)(*items) if hasattr(template, "_fields") else tuple(items)
+    if isinstance(template, list):
+        return [_map_outputs(ctx, v) for v in template]
+    if isinstance(template, dict):
+        return {k: _map_outputs(ctx, v) for k, v in template.items()}
+    return template

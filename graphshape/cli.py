@@ -1,0 +1,164 @@
+"""The ``graphshape`` command line. One function per subcommand (``cmd_<name>``), each
+registered by an ``add_<name>_parser`` function; ``main`` dispatches.
+
+Exit status: 0 on success, 1 when graphshape could not do the job (the message says why),
+2 for bad arguments (a one-line message).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+
+from graphshape.errors import GraphshapeError
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a bad argument is one line on stderr and exit status 2."""
+
+    def error(self, message):  # noqa: D102 (argparse API)
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+class UsageError(Exception):
+    """A bad argument found after parsing (exit 2)."""
+
+
+# --------------------------------------------------------------------------- shared helpers
+def parse_shape(text: str) -> tuple[int, ...]:
+    """"1,3,224,224" -> (1, 3, 224, 224)."""
+    try:
+        shape = tuple(int(p) for p in text.replace("x", ",").split(","))
+    except ValueError:
+        raise UsageError(f"--input-shape must be comma-separated positive integers, got {text!r}") from None
+    if not shape or any(d <= 0 for d in shape):
+        raise UsageError(f"--input-shape must be comma-separated positive integers, got {text!r}")
+    return shape
+
+
+def load_source(src: str, input_shape: tuple[int, ...] | None, *, seed: int = 0,
+                default_shape: tuple[int, ...] = (2, 3, 224, 224)):
+    """Load SRC (an .onnx file, or ``package.module:factory``) into a Graph.
+
+    Returns (graph, example_inputs): a batch of standard normal inputs of ``input_shape``
+    (for a factory, ``default_shape`` when not given; for an ONNX file, None when not given).
+    """
+    import graphshape
+
+    if src.endswith(".onnx") or os.path.exists(src):
+        if not os.path.exists(src):
+            raise UsageError(f"no such file: {src}")
+        graph = graphshape.load(src)
+        inputs = None
+        if input_shape is not None:
+            inputs = _random_inputs(input_shape, seed)
+        return graph, inputs
+    if ":" not in src:
+        raise UsageError(f"SRC must be an .onnx file or package.module:factory, got {src!r}")
+    module_name, _, factory_name = src.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise UsageError(f"cannot import {module_name!r} from {src!r}: {e}") from None
+    factory = getattr(module, factory_name, None)
+    if not callable(factory):
+        raise UsageError(f"{module_name!r} has no callable {factory_name!r}")
+    try:
+        model = factory()
+    except Exception as e:
+        raise GraphshapeError(f"{src}() failed: {type(e).__name__}: {e}") from None
+    inputs = _random_inputs(input_shape or default_shape, seed)
+    return graphshape.load(model, inputs), inputs
+
+
+def _random_inputs(shape, seed):
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=gen)
+
+
+# --------------------------------------------------------------------------- inspect
+def add_inspect_parser(sub) -> None:
+    p = sub.add_parser(
+        "inspect", help="per-node kernel statistics (q and c at initialization)",
+        description="Propagate the kernel of example inputs through the network and print, "
+                    "per node, predicted (and with --empirical measured) q and c, C_f(0), "
+                    "C_f'(1), C_f''(1) and flags.")
+    p.add_argument("src", metavar="SRC", help="an .onnx file or package.module:factory "
+                                             "(e.g. torchvision.models:resnet50)")
+    p.add_argument("--input-shape", metavar="N,C,H,W",
+                   help="shape of the random normal example batch (default for factories: "
+                        "2,3,224,224; for ONNX files without it: two unit-q uncorrelated "
+                        "examples); c needs N >= 2")
+    p.add_argument("--empirical", action="store_true",
+                   help="also run the model and measure q and c at every node")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--plot", metavar="OUT.png", help="write a q/c-along-depth plot (PNG)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random example batch")
+    p.set_defaults(func=cmd_inspect)
+
+
+def cmd_inspect(args) -> int:
+    from graphshape.passes.analysis import analyze
+
+    shape = parse_shape(args.input_shape) if args.input_shape else None
+    if args.plot and not args.plot.lower().endswith(".png"):
+        raise UsageError(f"--plot writes a PNG: give a path ending in .png, got {args.plot!r}")
+    graph, inputs = load_source(args.src, shape, seed=args.seed)
+    if args.empirical and inputs is None:
+        inputs = _random_inputs(_graph_input_shape(graph), args.seed)
+    stats = analyze(graph, inputs, empirical=args.empirical)
+    if args.json:
+        print(stats.to_json())
+    else:
+        print(stats.table())
+    if args.plot:
+        stats.plot(args.plot)
+        print(f"plot written to {args.plot}", file=sys.stderr)
+    return 0
+
+
+def _graph_input_shape(graph):
+    if len(graph.inputs) != 1:
+        raise UsageError("--empirical on a model with several inputs needs example inputs "
+                         "(use the Python API, graphshape.analyze)")
+    shape = graph[graph.inputs[0]].shape
+    if shape is None:
+        raise UsageError("the model's input shape is unknown: pass --input-shape")
+    # symbolic or unknown dims (a dynamic batch, say) become 2
+    return tuple(d if isinstance(d, int) and d > 0 else 2 for d in shape)
+
+
+# --------------------------------------------------------------------------- main
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="graphshape",
+                     description="Deep Kernel Shaping and Tailored Activation Transformations "
+                                 "as a compiler pass over PyTorch and ONNX graphs.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+    add_inspect_parser(sub)
+    from graphshape.cli_shape import add_batch_parser, add_shape_parser  # shaping helper
+
+    add_shape_parser(sub)
+    add_batch_parser(sub)
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except UsageError as e:
+        print(f"graphshape {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except GraphshapeError as e:
+        print(f"graphshape {args.command}: error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,313 @@
+"""The ``graphshape shape`` and ``graphshape batch`` subcommands (registered in
+:mod:`graphshape.cli`).
+
+``shape SRC -o DST``: SRC is an .onnx file or a ``package.module:factory`` spec; DST is .onnx,
+or .pt for a saved ``torch.fx.GraphModule`` (PyTorch sources only; ``torch.load(path,
+weights_only=False)`` reads it back, the report is in its ``graphshape_report`` attribute).
+
+``batch SRC_DIR -o DST_DIR``: every .onnx file under SRC_DIR (recursively) is shaped into the
+same relative path under DST_DIR, ``--jobs`` at a time in worker processes; a failing model
+is recorded and the batch goes on. A JSON report (``--report``) holds, per model: status,
+error, activations found, parameters, nodes removed and rewritten, and seconds; a summary
+table goes to stdout. Exit status 1 if any model failed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+from graphshape.errors import GraphshapeError
+
+_METHODS = {"dks": "DKS", "tat": "TAT", "untransformed": "untransformed"}
+
+
+def _unit_float(name):
+    def parse(text):
+        import argparse
+
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be a number, got {text!r}") from None
+        if value != value:  # NaN
+            raise argparse.ArgumentTypeError(f"{name} must be a number, got {text!r}")
+        return value
+    return parse
+
+
+def _add_shaping_options(p) -> None:
+    from graphshape.passes.shaping import DEFAULT_SHORTCUT_WEIGHT
+
+    p.add_argument("-o", "--output", required=True, metavar="DST",
+                   help="where to write the shaped model(s)")
+    p.add_argument("--method", default="tat", type=str.lower, choices=sorted(_METHODS),
+                   help="dks, tat (default) or untransformed (structure and init only)")
+    p.add_argument("--activation", metavar="NAME",
+                   help="replace the main-path nonlinearities by this activation "
+                        "(e.g. leaky_relu, softplus, tanh)")
+    p.add_argument("--shortcut-weight", type=_unit_float("--shortcut-weight"),
+                   default=DEFAULT_SHORTCUT_WEIGHT, metavar="W",
+                   help=f"residual shortcut weight in [0, 1]; 0 removes skip connections "
+                        f"(default {DEFAULT_SHORTCUT_WEIGHT})")
+    p.add_argument("--zeta", type=_unit_float("--zeta"), default=1.5, metavar="Z",
+                   help="DKS: target maximal C_f'(1) (default 1.5)")
+    p.add_argument("--eta", type=_unit_float("--eta"), default=0.9, metavar="E",
+                   help="TAT leaky_relu: target maximal C_f(0) (default 0.9)")
+    p.add_argument("--tau", type=_unit_float("--tau"), default=0.3, metavar="T",
+                   help="TAT smooth activations: target maximal C_f''(1) (default 0.3)")
+    p.add_argument("--pln", action="store_true",
+                   help="per-location normalization of the inputs (q = 1 everywhere)")
+    p.add_argument("--max-pool-to-avg", action="store_true",
+                   help="replace max pooling by average pooling")
+    p.add_argument("--seed", type=int, default=0, help="seed of the orthogonal initialization")
+
+
+def _check_options(args) -> None:
+    from graphshape.cli import UsageError
+
+    if not 0.0 <= args.shortcut_weight <= 1.0:
+        raise UsageError(f"--shortcut-weight must lie in [0, 1], got {args.shortcut_weight}")
+    if args.zeta <= 1.0:
+        raise UsageError(f"--zeta must be greater than 1, got {args.zeta}")
+    if not 0.0 <= args.eta <= 1.0:
+        raise UsageError(f"--eta must lie in [0, 1], got {args.eta}")
+    if args.tau <= 0.0:
+        raise UsageError(f"--tau must be positive, got {args.tau}")
+    if args.activation is not None:
+        from graphshape import activations
+
+        if args.activation not in activations.names():
+            raise UsageError(f"unknown --activation {args.activation!r}; known: "
+                             + ", ".join(activations.names()))
+
+
+def _options(args) -> dict:
+    return dict(method=_METHODS[args.method], activation=args.activation,
+                shortcut_weight=args.shortcut_weight, zeta=args.zeta, eta=args.eta,
+                tau=args.tau, pln=args.pln, max_pool_to_avg=args.max_pool_to_avg,
+                seed=args.seed)
+
+
+# --------------------------------------------------------------------------- shape
+def add_shape_parser(sub) -> None:
+    p = sub.add_parser(
+        "shape", help="shape a model with DKS / TAT (no normalization layers needed)",
+        description="Remove normalization, normalize the sums, transform the activations "
+                    "(DKS or TAT) and re-initialize the weights; write the shaped model.")
+    p.add_argument("src", metavar="SRC", help="an .onnx file or package.module:factory "
+                                             "(e.g. torchvision.models:resnet50)")
+    _add_shaping_options(p)
+    p.add_argument("--input-shape", metavar="N,C,H,W",
+                   help="example input shape for tracing a factory's model "
+                        "(default 1,3,224,224)")
+    p.add_argument("--report", metavar="REPORT.json", help="also write the report as JSON")
+    p.set_defaults(func=cmd_shape)
+
+
+def cmd_shape(args) -> int:
+    from graphshape.cli import UsageError, parse_shape
+
+    _check_options(args)
+    dst = args.output
+    if not dst.endswith((".onnx", ".pt")):
+        raise UsageError(f"-o must end in .onnx or .pt, got {dst!r}")
+    options = _options(args)
+    is_onnx = args.src.endswith(".onnx") or os.path.isfile(args.src)
+    if is_onnx:
+        if not os.path.exists(args.src):
+            raise UsageError(f"no such file: {args.src}")
+        if not dst.endswith(".onnx"):
+            raise UsageError("an ONNX source is written as .onnx (-o ...onnx)")
+        from graphshape.shaping_api import shape_onnx
+
+        report = shape_onnx(args.src, dst, **options)
+    else:
+        shape = parse_shape(args.input_shape) if args.input_shape else (1, 3, 224, 224)
+        report = _shape_factory(args.src, dst, shape, options)
+    if args.report:
+        with open(args.report, "w") as fh:
+            json.dump(report.to_dict(), fh, indent=1)
+    print(f"{args.src} -> {dst}: {report.summary()}")
+    for warning in report.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    return 0
+
+
+def _shape_factory(src, dst, shape, options):
+    import torch
+
+    from graphshape.cli import UsageError, load_source
+
+    folder = os.path.dirname(os.path.abspath(dst))
+    if not os.path.isdir(folder):
+        raise UsageError(f"destination folder {folder!r} does not exist")
+    graph, inputs = load_source(src, shape, seed=0)
+    from graphshape.passes.shaping import shape_graph
+
+    pln = options.pop("pln")
+    shaped, report = shape_graph(graph, **options)
+    report.options["pln"] = pln
+    if dst.endswith(".pt"):
+        from graphshape.backend_torch import emit
+        from graphshape.shaping_api import _add_pln_torch
+
+        gm = emit(shaped)
+        if pln:
+            _add_pln_torch(gm)
+        # GraphModule.meta is not pickled; a plain attribute is
+        gm.meta["graphshape"] = report
+        gm.graphshape_report = report.to_dict()
+        tmp = dst + ".tmp"
+        torch.save(gm, tmp)
+        os.replace(tmp, dst)
+    else:
+        import onnx
+
+        from graphshape.backend_onnx import emit
+        from graphshape.shaping_api import _add_pln_onnx
+
+        model = emit(shaped, opset=17)
+        if pln:
+            _add_pln_onnx(model)
+        entry = model.metadata_props.add()
+        entry.key, entry.value = "graphshape", report.to_json()
+        onnx.checker.check_model(model)
+        tmp = dst + ".tmp"
+        with open(tmp, "wb") as fh:
+            fh.write(model.SerializeToString())
+        os.replace(tmp, dst)
+    return report
+
+
+# --------------------------------------------------------------------------- batch
+def add_batch_parser(sub) -> None:
+    p = sub.add_parser(
+        "batch", help="shape every .onnx file under a folder",
+        description="Shape every .onnx file under SRC_DIR into the same relative path under "
+                    "DST_DIR, in parallel; a failing model does not stop the batch. Exit "
+                    "status 1 if any model failed.")
+    p.add_argument("src", metavar="SRC_DIR", help="folder searched recursively for .onnx files")
+    _add_shaping_options(p)
+    p.add_argument("--jobs", type=int, default=1, metavar="N",
+                   help="models shaped at once, in worker processes (default 1)")
+    p.add_argument("--report", metavar="REPORT.json", help="write the per-model JSON report")
+    p.set_defaults(func=cmd_batch)
+
+
+def _shape_one(job):
+    """Worker: shape one file; never raises (the batch goes on past failures)."""
+    src, dst, options = job
+    t0 = time.perf_counter()
+    entry = {"model": src, "output": dst, "status": "ok", "error": None,
+             "activations_found": {}, "parameters": {}, "removed": 0, "rewritten": 0,
+             "warnings": []}
+    try:
+        import torch
+
+        torch.set_num_threads(1)
+        from graphshape.shaping_api import shape_onnx
+
+        os.makedirs(os.path.dirname(dst) or ".", exist_ok=True)
+        report = shape_onnx(src, dst, **options)
+        entry.update(activations_found=report.activations_found,
+                     parameters=report.activation_params, removed=len(report.removed),
+                     rewritten=len(report.rewritten), warnings=report.warnings)
+    except GraphshapeError as e:
+        entry.update(status="failed", error=str(e))
+    except Exception as e:  # noqa: BLE001 - a batch must survive any one model
+        entry.update(status="failed", error=f"internal error: {type(e).__name__}: {e}")
+    entry["seconds"] = round(time.perf_counter() - t0, 3)
+    return entry
+
+
+class _Progress:
+    """A one-line progress bar on stderr (a line per model when stderr is not a terminal)."""
+
+    def __init__(self, total):
+        self.total, self.done, self.failed = total, 0, 0
+        self.tty = sys.stderr.isatty()
+
+    def update(self, entry):
+        self.done += 1
+        self.failed += entry["status"] != "ok"
+        width = 30
+        filled = int(width * self.done / max(self.total, 1))
+        bar = "#" * filled + "." * (width - filled)
+        line = (f"[{bar}] {self.done}/{self.total} ({self.failed} failed) "
+                f"{os.path.basename(entry['model'])}: {entry['status']}")
+        if self.tty:
+            print("\r" + line[:120].ljust(120), end="", file=sys.stderr, flush=True)
+        else:
+            print(line, file=sys.stderr, flush=True)
+
+    def close(self):
+        if self.tty:
+            print(file=sys.stderr)
+
+
+def _summary_table(entries) -> str:
+    rows = [("model", "status", "activations", "removed", "rewritten", "seconds", "error")]
+    for e in entries:
+        acts = ",".join(sorted(e["activations_found"])) or "-"
+        err = (e["error"] or "")
+        rows.append((os.path.basename(e["model"]), e["status"], acts, str(e["removed"]),
+                     str(e["rewritten"]), f"{e['seconds']:.1f}",
+                     err if len(err) <= 60 else err[:59] + "…"))
+    widths = [max(len(r[i]) for r in rows) for i in range(6)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r[:6], widths)) + "  " + r[6] for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths) + "  -----")
+    ok = sum(e["status"] == "ok" for e in entries)
+    lines.append(f"{ok} of {len(entries)} models shaped, {len(entries) - ok} failed")
+    return "\n".join(lines)
+
+
+def cmd_batch(args) -> int:
+    from graphshape.cli import UsageError
+
+    _check_options(args)
+    if args.jobs < 1:
+        raise UsageError(f"--jobs must be at least 1, got {args.jobs}")
+    if not os.path.isdir(args.src):
+        raise UsageError(f"SRC_DIR {args.src!r} is not a folder")
+    src_root, dst_root = os.path.abspath(args.src), os.path.abspath(args.output)
+    if dst_root == src_root:
+        raise UsageError("-o must differ from SRC_DIR: graphshape never overwrites its inputs")
+    files = []
+    for folder, dirs, names in os.walk(src_root):
+        if os.path.abspath(folder).startswith(dst_root + os.sep) or os.path.abspath(folder) == dst_root:
+            dirs[:] = []  # never re-shape our own outputs if DST_DIR is inside SRC_DIR
+            continue
+        dirs.sort()
+        files += [os.path.join(folder, n) for n in sorted(names) if n.endswith(".onnx")]
+    if not files:
+        raise UsageError(f"no .onnx files under {args.src!r}")
+    options = _options(args)
+    jobs = [(f, os.path.join(dst_root, os.path.relpath(f, src_root)), options) for f in files]
+    progress = _Progress(len(jobs))
+    entries = []
+    if args.jobs == 1 or len(jobs) == 1:
+        for job in jobs:
+            entries.append(_shape_one(job))
+            progress.update(entries[-1])
+    else:
+        import concurrent.futures as cf
+        import multiprocessing
+
+        # spawn: torch and fork do not mix (OpenMP thread pools in the parent)
+        ctx = multiprocessing.get_context("spawn")
+        with cf.ProcessPoolExecutor(max_workers=min(args.jobs, len(jobs)), mp_context=ctx) as pool:
+            futures = [pool.submit(_shape_one, job) for job in jobs]
+            for fut in cf.as_completed(futures):
+                entries.append(fut.result())
+                progress.update(entries[-1])
+        order = {f: i for i, f in enumerate(files)}
+        entries.sort(key=lambda e: order[e["model"]])
+    progress.close()
+    print(_summary_table(entries))
+    if args.report:
+        with open(args.report, "w") as fh:
+            json.dump({"options": options, "models": entries}, fh, indent=1)
+    return 0 if all(e["status"] == "ok" for e in entries) else 1

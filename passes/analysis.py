@@ -1,0 +1,842 @@
+"""Kernel propagation: per-node q and c at initialization, predicted from theory.
+
+For a batch of B examples the **kernel** of a value is its per-example q (mean squared entry,
+per spatial location, averaged over locations) and its per-pair covariance
+``cov[i, j] = c[i, j] * sqrt(q[i] q[j])`` (c: mean over features of the product of the two
+examples' entries, normalized per location, averaged over locations). The analysis pushes the
+kernel of the example inputs through the graph, node by node, with one **kernel rule** per
+canonical op (:data:`KERNEL_RULES`, keyed by the op names of :data:`graphshape.ops.OPS`):
+
+* affine layers (conv, linear, conv_transpose, matmul by a constant) use their actual
+  weights: ``q_out = ||W||_F^2 / out_features * q_in + mean(b^2)``, and the same map on every
+  covariance entry (exact in the infinite-width limit for weights independent of the input,
+  and for inputs constant across locations);
+* activations use the extended local maps of ``graphshape.kernels`` (any input q);
+* sums (``add``, ``sub``, ``sum`` with their actual weights) add ``w_i^2``-weighted kernels
+  (branches after a fork through a random layer are uncorrelated); ``concat`` weighs by
+  channel share ``n_i / N``; products of two signals multiply q and covariances (independent
+  signals, flagged);
+* normalization layers at initialization set q to 1 per channel (batch norm: training-mode
+  batch statistics, which also center the batch's covariance); flagged
+  ``"normalization at init"``;
+* pooling, slicing and padding are the identity on q and c, flagged ``"approximate"``
+  (exact for inputs constant across locations); reshapes, dropout and identity are exact;
+* ops without a rule (softmax, reductions, opaque nodes) make their output unknown, and every
+  node downstream is unknown too (flag ``"unknown after <op>"``): never silently wrong.
+
+Alongside, each node gets the input-independent ``C_f(0)``, ``C_f'(1)`` and ``C_f''(1)`` of
+the network from the model input to that node: the pair propagated is (q = 1, c = 0) for
+``C_f(0)``; the slope and curvature at c = 1 follow by the chain rule, each local map taken
+at the q the unit-q input reaches there.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import weakref
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from graphshape.errors import GraphshapeError
+from graphshape.ir import Graph, Node, Ref
+
+FLAG_APPROX = "approximate"
+FLAG_NORM = "normalization at init"
+FLAG_PRODUCT = "product of signals (assumed independent)"
+
+_FLOAT_DTYPES = (None, "float16", "float32", "float64", "bfloat16")
+_NON_FLOAT = ("int", "uint", "bool", "object")
+
+
+@dataclass
+class Kernel:
+    """The kernel of one value.
+
+    q:   (B,) per-example q.
+    cov: (B, B) per-pair covariance; its diagonal equals q.
+    unit_q, unit_c0: q and c reached from a pair of unit-q, uncorrelated model inputs
+         (``unit_c0`` is C_f(0) of the network up to here).
+    unit_slope, unit_curv: C_f'(1) and C_f''(1) of the network up to here.
+    """
+
+    q: np.ndarray
+    cov: np.ndarray
+    unit_q: float = 1.0
+    unit_c0: float = 0.0
+    unit_slope: float = 1.0
+    unit_curv: float = 0.0
+
+    @property
+    def c(self) -> np.ndarray:
+        """(B, B) correlations; entries with a zero-q example are 0 (1 on the diagonal)."""
+        c = self.__dict__.get("_c")
+        if c is None:
+            c = self.__dict__["_c"] = _corr(self.q, self.cov)
+        return c
+
+
+def _corr(q, cov):
+    scale = np.sqrt(np.outer(q, q))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        c = np.where(scale > 0, cov / np.where(scale > 0, scale, 1.0), 0.0)
+    c = np.clip(c, -1.0, 1.0)
+    np.fill_diagonal(c, 1.0)
+    return c
+
+
+_TRIU: dict[int, tuple] = {}
+
+
+def _triu(b: int) -> tuple:
+    """np.triu_indices(b, 1), cached."""
+    iu = _TRIU.get(b)
+    if iu is None:
+        iu = _TRIU[b] = np.triu_indices(b, 1)
+    return iu
+
+
+def kernel_of(x: np.ndarray) -> Kernel:
+    """The kernel of a batch ``x`` (examples on axis 0, features on axis 1, locations after).
+
+    q per example: mean over locations of the mean over features of x^2; c per pair: mean
+    over features of the product, normalized per location, averaged over locations.
+    """
+    x = np.asarray(x, dtype=np.float64)
+    if x.ndim == 1:
+        x = x[:, None]
+    b, f = x.shape[0], x.shape[1]
+    flat = x.reshape(b, f, -1)
+    # per-location inner products pair by pair: elementwise passes beat a batched matmul of
+    # tiny (B x F) matrices over thousands of locations
+    q_loc = np.einsum("bfl,bfl->bl", flat, flat) / f  # (B, L)
+    q = q_loc.mean(axis=1)
+    c = np.eye(b)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        for i, j in zip(*_triu(b)):
+            dot = np.einsum("fl,fl->l", flat[i], flat[j]) / f
+            scale = np.sqrt(q_loc[i] * q_loc[j])
+            c[i, j] = c[j, i] = float(np.mean(np.where(scale > 0, dot / np.where(
+                scale > 0, scale, 1.0), 0.0)))
+    cov = c * np.sqrt(np.outer(q, q))
+    return Kernel(q=q, cov=cov)
+
+
+# --------------------------------------------------------------------------- local maps
+_LM_CACHE: dict = {}
+
+
+def _local_maps_factory(name, transform, **attrs):
+    from graphshape.kernels import local_maps
+
+    return local_maps(name, transform, **attrs)
+
+
+#: Replaceable for tests (a stand-in before graphshape.kernels existed); signature of
+#: ``graphshape.kernels.local_maps``.
+local_maps_factory: Callable = _local_maps_factory
+
+
+def _act_attrs(node: Node) -> tuple[str, dict | None, dict]:
+    from graphshape import activations
+
+    name = node.attrs.get("name")
+    try:
+        act = activations.get(name)
+    except GraphshapeError as e:
+        raise GraphshapeError(f"{e}", node=node.name, op=node.op) from None
+    attrs = {k: node.attrs[k] for k in act.defaults if node.attrs.get(k) is not None}
+    transform = node.attrs.get("transform") or None
+    return name, transform, attrs
+
+
+def _maps(name, transform, attrs, input_scale_factor=1.0):
+    """LocalMaps of ``name`` with ``transform``, its input scaled by ``input_scale_factor``
+    (the maps at q = s^2 inputs are the q = 1 maps of phi(s x)). Cached."""
+    t = dict(transform or {})
+    if input_scale_factor != 1.0:
+        t["input_scale"] = t.get("input_scale", 1.0) * input_scale_factor
+    key = (local_maps_factory, name, tuple(sorted(t.items())), tuple(sorted(attrs.items())))
+    lm = _LM_CACHE.get(key)
+    if lm is None:
+        if len(_LM_CACHE) > 4096:
+            _LM_CACHE.clear()
+        lm = local_maps_factory(name, t or None, **attrs)
+        _LM_CACHE[key] = lm
+    return lm
+
+
+# --------------------------------------------------------------------------- rule context
+class RuleContext:
+    """What a kernel rule gets: the graph, the node, and the kernels of its inputs
+    (``None`` for inputs that are not signals: constants, shapes)."""
+
+    def __init__(self, graph: Graph, node: Node, inputs: list[Kernel | None],
+                 q_only: bool = False):
+        self.graph = graph
+        self.node = node
+        self.inputs = inputs
+        # only q of the output is wanted (q_local): rules may skip covariances and the unit
+        # track, leaving them at placeholder values
+        self.q_only = q_only
+        self.flags: list[str] = []
+        self.notes: list[str] = []
+
+    def flag(self, flag: str, note: str | None = None):
+        if flag not in self.flags:
+            self.flags.append(flag)
+        if note:
+            self.notes.append(note)
+
+    @property
+    def signals(self) -> list[tuple[int, Kernel]]:
+        return [(i, k) for i, k in enumerate(self.inputs) if k is not None]
+
+    def constant(self, slot: int) -> np.ndarray | None:
+        """The value of input ``slot`` when it is a constant node, else None."""
+        if slot >= len(self.node.inputs):
+            return None
+        prod = self.graph[self.node.inputs[slot].node]
+        if prod.op == "constant" and "value" in prod.params:
+            return np.asarray(prod.params["value"], dtype=np.float64)
+        return None
+
+
+class UnknownKernel(Exception):
+    """Raised by a rule that cannot say anything about its output."""
+
+
+def _gain(k: Kernel, gain: float, bias_sq: float = 0.0) -> Kernel:
+    """The kernel of ``a * x + b`` for an affine map with ``mean_rows ||a||^2 = gain`` and
+    ``mean b^2 = bias_sq``: linear on q and on every covariance entry."""
+    q = gain * k.q + bias_sq
+    cov = gain * k.cov + bias_sq
+    uq = gain * k.unit_q + bias_sq
+    if uq > 0:
+        frac = gain * k.unit_q / uq  # dc_out/dc_in along the unit track
+        c0 = (gain * k.unit_q * k.unit_c0 + bias_sq) / uq
+    else:
+        frac, c0 = 0.0, 1.0
+    return Kernel(q, cov, uq, c0, frac * k.unit_slope, frac * k.unit_curv)
+
+
+def _only_signal(ctx: RuleContext) -> Kernel:
+    sig = ctx.signals
+    if not sig:
+        raise UnknownKernel("no signal input")
+    return sig[0][1]
+
+
+# --------------------------------------------------------------------------- rules
+def rule_identity(ctx: RuleContext) -> Kernel:
+    return _only_signal(ctx)
+
+
+def rule_approx_identity(ctx: RuleContext) -> Kernel:
+    ctx.flag(FLAG_APPROX, f"{ctx.node.op} taken as the identity on q and c "
+                          "(exact for inputs constant across locations)")
+    return _only_signal(ctx)
+
+
+def rule_unknown(ctx: RuleContext) -> Kernel:
+    what = ctx.node.attrs.get("description") if ctx.node.op == "opaque" else None
+    raise UnknownKernel(f"no kernel rule for {ctx.node.op}" + (f" ({what})" if what else ""))
+
+
+def _weight_gain(node: Node, weight: np.ndarray, out_axis: int, groups: int = 1) -> float:
+    w = np.asarray(weight)
+    n_out = w.shape[out_axis] * (groups if out_axis == 1 else 1)
+    if n_out == 0:
+        return 0.0
+    flat = w.reshape(-1)
+    return float(np.dot(flat, flat)) / n_out  # BLAS dot: accurate in float32 too
+
+
+def rule_affine(ctx: RuleContext) -> Kernel:
+    node = ctx.node
+    k = _only_signal(ctx)
+    if node.op == "affine":
+        scale = node.params.get("scale")
+        shift = node.params.get("shift")
+        gain = 1.0 if scale is None else float(np.mean(np.square(scale, dtype=np.float64)))
+        bias_sq = 0.0 if shift is None else float(np.mean(np.square(shift, dtype=np.float64)))
+        return _gain(k, gain, bias_sq)
+    weight = node.params.get("weight")
+    if weight is None and len(node.inputs) > 1:
+        weight = ctx.constant(1)
+    if weight is None:
+        raise UnknownKernel(f"{node.op} without a constant weight")
+    bias = node.params.get("bias")
+    if bias is None and len(node.inputs) > 2:
+        bias = ctx.constant(2)
+    bias_sq = 0.0 if bias is None else float(np.mean(np.square(bias, dtype=np.float64)))
+    if node.op == "conv_transpose":
+        # each output location sums about prod(kernel)/prod(stride) taps of every input
+        groups = int(node.attrs.get("groups", 1) or 1)
+        gain = _weight_gain(node, weight, 1, groups)
+        stride = node.attrs.get("stride") or (1,)
+        gain /= float(np.prod(stride))
+        ctx.flag(FLAG_APPROX, "conv_transpose: taps per output location taken as "
+                              "prod(kernel)/prod(stride)")
+    elif node.op == "conv":
+        gain = _conv_gain(ctx, weight if isinstance(weight, np.ndarray) else np.asarray(weight))
+    else:
+        # linear (out, in): rows are output features
+        w = weight if isinstance(weight, np.ndarray) else np.asarray(weight)
+        gain = float(_tap_norms(w).sum()) / max(1, w.shape[0]) if w.ndim == 2 else \
+            _weight_gain(node, w, 0)
+    return _gain(k, gain, bias_sq)
+
+
+# id(weight) -> (weakref to it, fingerprint, per-tap squared norms): reading every weight of
+# a ResNet-50 is most of a predicted-only analysis, and weights rarely change between calls.
+_TAP_CACHE: dict = {}
+
+
+def _tap_norms(w: np.ndarray) -> np.ndarray:
+    """Per-tap squared Frobenius norms of a conv weight (out, in, *k), float64, shape k
+    (a linear weight (out, in) has one tap: its squared norm, shape ()).
+
+    Cached per array; the fingerprint (shape, dtype, data address and 64 sampled entries)
+    notices re-initializations and replaced arrays (a change of a few single entries in place
+    would not show, and would change the norms negligibly)."""
+    flat_all = w.reshape(-1)
+    step = max(1, flat_all.size // 64)
+    fingerprint = (w.shape, w.dtype.str, w.__array_interface__["data"][0],
+                   flat_all[::step][:64].tobytes())
+    hit = _TAP_CACHE.get(id(w))
+    if hit is not None and hit[0]() is w and hit[1] == fingerprint:
+        return hit[2]
+    flat = w.reshape(w.shape[0] * w.shape[1], -1)
+    # a BLAS Gram product: one pass over the weights, accurate in float32 too
+    taps = (flat.T @ flat).diagonal().astype(np.float64).reshape(w.shape[2:])
+    try:
+        ref = weakref.ref(w)
+    except TypeError:  # pragma: no cover - views of some buffers cannot be weakly referenced
+        return taps
+    if len(_TAP_CACHE) > 4096:
+        _TAP_CACHE.clear()
+    _TAP_CACHE[id(w)] = (ref, fingerprint, taps)
+    return taps
+
+
+def _conv_gain(ctx: RuleContext, w: np.ndarray) -> float:
+    """Mean over output locations of sum over the taps that fall inside the input (zero
+    padding contributes nothing) of ||W_tap||^2, per output channel."""
+    node = ctx.node
+    n_out = w.shape[0]
+    tap_sq = _tap_norms(w) / max(1, n_out)
+    in_shape = ctx.graph.info(node.inputs[0]).shape
+    out_shape = node.shape
+    dims = w.ndim - 2
+    if (in_shape is None or out_shape is None or len(in_shape) != dims + 2
+            or len(out_shape) != dims + 2
+            or not all(isinstance(d, int) for d in (*in_shape[2:], *out_shape[2:]))
+            or node.attrs.get("padding_mode", "zeros") != "zeros"):
+        return float(tap_sq.sum())
+    stride = tuple(node.attrs.get("stride") or (1,) * dims)
+    dilation = tuple(node.attrs.get("dilation") or (1,) * dims)
+    pads = tuple(node.attrs.get("pads") or (0,) * (2 * dims))
+    for d in range(dims):
+        inside = _inside_fraction(w.shape[2 + d], out_shape[2 + d], in_shape[2 + d],
+                                  stride[d], pads[d], dilation[d])
+        shape = [1] * dims
+        shape[d] = w.shape[2 + d]
+        tap_sq = tap_sq * inside.reshape(shape)
+    return float(tap_sq.sum())
+
+
+@functools.lru_cache(maxsize=1024)
+def _inside_fraction(k: int, n_out: int, n_in: int, stride: int, pad: int,
+                     dilation: int) -> np.ndarray:
+    """Per tap of one spatial dim: the fraction of output positions at which it reads the
+    input rather than zero padding."""
+    o = np.arange(n_out)[:, None]
+    idx = o * stride - pad + np.arange(k)[None, :] * dilation
+    return ((idx >= 0) & (idx < n_in)).mean(axis=0)
+
+
+def rule_matmul(ctx: RuleContext) -> Kernel:
+    sig = ctx.signals
+    if len(sig) == 1:
+        slot, k = sig[0]
+        other = ctx.constant(1 - slot)
+        if other is None:
+            raise UnknownKernel("matmul by a non-constant, non-signal operand")
+        # x @ W with W (in, out): output features are W's columns
+        w = other if slot == 0 else other.T
+        gain = float(np.sum(np.square(w))) / max(1, w.shape[-1])
+        return _gain(k, gain)
+    if len(sig) == 2:
+        (_, a), (_, b) = sig
+        shape = ctx.graph.info(ctx.node.inputs[0]).shape
+        inner = shape[-1] if shape and isinstance(shape[-1], int) else None
+        if inner is None:
+            raise UnknownKernel("matmul of two signals with an unknown inner size")
+        ctx.flag(FLAG_PRODUCT)
+        ctx.flag(FLAG_APPROX, "matmul of two signals: entries taken as independent")
+        out = _product(a, b)
+        return _gain(out, float(inner))
+    raise UnknownKernel("matmul without a signal input")
+
+
+def rule_activation(ctx: RuleContext) -> Kernel:
+    k = _only_signal(ctx)
+    name, transform, attrs = _act_attrs(ctx.node)
+    lm = _maps(name, transform, attrs)
+    b = k.q.shape[0]
+    uq_in = k.unit_q
+    # one Q-map call and one covariance call per node: the batch and the unit track together
+    q_all = np.asarray(lm.q(np.append(k.q, uq_in)), dtype=np.float64)
+    q, uq = q_all[:b], float(q_all[b])
+    if ctx.q_only:
+        return Kernel(q, np.diag(q))
+    c = k.c
+    iu = _triu(b)
+    q1 = np.concatenate([k.q[iu[0]], [uq_in]])
+    q2 = np.concatenate([k.q[iu[1]], [uq_in]])
+    pair_c = np.concatenate([c[iu], [min(1.0, max(-1.0, k.unit_c0))]])
+    pair_cov = np.asarray(lm.cov(q1, q2, pair_c), dtype=np.float64).reshape(-1)
+    cov = np.diag(q)
+    cov[iu] = pair_cov[:-1]
+    cov[(iu[1], iu[0])] = pair_cov[:-1]
+    # unit track: the pair (q, c0) and the slope/curvature at c = 1 of the extended C map at
+    # the q reached there (= the q = 1 maps of phi(sqrt(q) x))
+    if uq_in > 0 and uq > 0:
+        c0 = min(1.0, max(-1.0, float(pair_cov[-1]) / uq))
+        lm_q = lm if uq_in == 1.0 else _maps(name, transform, attrs, math.sqrt(uq_in))
+        s, kk = float(lm_q.c_slope_1), float(lm_q.c_curv_1)
+        slope = s * k.unit_slope
+        curv = _finite_sum(kk * k.unit_slope ** 2, s * k.unit_curv)
+    else:
+        c0, slope, curv = 1.0, 0.0, 0.0
+    return Kernel(q, cov, uq, c0, slope, curv)
+
+
+def _finite_sum(a, b):
+    """a + b, where an infinite curvature (ReLU-like kinks) stays +inf rather than NaN."""
+    total = a + b
+    return math.inf if math.isnan(total) else total
+
+
+def _mix(kernels: Sequence[Kernel], weights_sq: Sequence[float]) -> Kernel:
+    """sum_i w_i^2 K_i: the kernel of a weighted sum of uncorrelated signals."""
+    q = sum(w * k.q for w, k in zip(weights_sq, kernels))
+    cov = sum(w * k.cov for w, k in zip(weights_sq, kernels))
+    uqs = [w * k.unit_q for w, k in zip(weights_sq, kernels)]
+    uq = sum(uqs)
+    if uq > 0:
+        share = [u / uq for u in uqs]
+        c0 = sum(s * k.unit_c0 for s, k in zip(share, kernels))
+        slope = sum(s * k.unit_slope for s, k in zip(share, kernels))
+        curv = sum(s * k.unit_curv for s, k in zip(share, kernels) if s > 0)
+    else:
+        c0, slope, curv = 1.0, 0.0, 0.0
+    return Kernel(np.asarray(q, float), np.asarray(cov, float), uq, c0, slope, curv)
+
+
+def _sum_weights(node: Node) -> list[float]:
+    n = len(node.inputs)
+    if node.op == "sum":
+        w = node.attrs.get("weights")
+        return [float(v) for v in w] if w is not None else [1.0] * n
+    if node.op == "sub":
+        return [1.0, -1.0][:n]
+    alpha = node.attrs.get("alpha")
+    return [1.0, 1.0 if alpha is None else float(alpha)][:n]
+
+
+def rule_sum(ctx: RuleContext) -> Kernel:
+    node = ctx.node
+    weights = _sum_weights(node)
+    sig = ctx.signals
+    if not sig:
+        raise UnknownKernel("no signal input")
+    # inputs reading the same value add up before squaring: x + x is 2x, not sqrt(2)x
+    merged: dict[Ref, float] = {}
+    kernels: dict[Ref, Kernel] = {}
+    for slot, k in sig:
+        ref = node.inputs[slot]
+        merged[ref] = merged.get(ref, 0.0) + weights[slot]
+        kernels[ref] = k
+    out = _mix([kernels[r] for r in merged], [w * w for w in merged.values()])
+    # constant operands: a shift by b adds mean(b^2) to q and to every covariance entry
+    # (assuming the signal has zero mean across features: flagged)
+    bias_sq = 0.0
+    for slot in range(len(node.inputs)):
+        if ctx.inputs[slot] is not None:
+            continue
+        value = ctx.constant(slot)
+        if value is None:
+            raise UnknownKernel(f"{node.op} with an operand that is neither a signal nor a constant")
+        bias_sq += weights[slot] ** 2 * float(np.mean(np.square(value)))
+    if bias_sq > 0:
+        ctx.flag(FLAG_APPROX, f"{node.op} of a constant: signal assumed zero-mean")
+        out = _gain(out, 1.0, bias_sq)
+    return out
+
+
+def _product(a: Kernel, b: Kernel) -> Kernel:
+    slope = a.unit_slope + b.unit_slope
+    curv = _finite_sum(a.unit_curv + b.unit_curv, 2 * a.unit_slope * b.unit_slope)
+    return Kernel(a.q * b.q, a.cov * b.cov, a.unit_q * b.unit_q, a.unit_c0 * b.unit_c0,
+                  slope, curv)
+
+
+def rule_product(ctx: RuleContext) -> Kernel:
+    node = ctx.node
+    sig = ctx.signals
+    if node.op == "matmul":
+        return rule_matmul(ctx)
+    if len(sig) >= 2:
+        if node.op == "div":
+            raise UnknownKernel("division by a signal has no finite moments")
+        ctx.flag(FLAG_PRODUCT)
+        out = sig[0][1]
+        for _, k in sig[1:]:
+            out = _product(out, k)
+        return out
+    if not sig:
+        raise UnknownKernel("no signal input")
+    slot, k = sig[0]
+    if node.op == "div" and slot != 0:
+        raise UnknownKernel("division by a signal has no finite moments")
+    value = ctx.constant(1 - slot) if len(node.inputs) == 2 else None
+    if value is None:
+        raise UnknownKernel(f"{node.op} by an operand that is neither a signal nor a constant")
+    if node.op == "div":
+        if np.any(value == 0):
+            raise UnknownKernel("division by a constant that holds zeros")
+        value = 1.0 / value
+    if np.size(value) > 1 and np.ptp(value) > 0:
+        ctx.flag(FLAG_APPROX, "scaling by a non-uniform constant: q taken as mean(scale^2) q")
+    return _gain(k, float(np.mean(np.square(value))))
+
+
+def rule_concat(ctx: RuleContext) -> Kernel:
+    node = ctx.node
+    axis = node.attrs.get("axis", 1)
+    kernels, shares = [], []
+    const_sq = 0.0
+    total = 0.0
+    for slot, ref in enumerate(node.inputs):
+        shape = ctx.graph.info(ref).shape
+        try:
+            n = shape[axis]
+        except (TypeError, IndexError):
+            n = None
+        if not isinstance(n, (int, np.integer)):
+            raise UnknownKernel(f"concat input {ref!r} has an unknown size along axis {axis}")
+        total += n
+        k = ctx.inputs[slot]
+        if k is None:
+            value = ctx.constant(slot)
+            if value is None:
+                raise UnknownKernel(f"concat input {ref!r} is neither a signal nor a constant")
+            const_sq += n * float(np.mean(np.square(value)))
+            ctx.flag(FLAG_APPROX, "concat of a constant: its channels add to q and covariances")
+        else:
+            kernels.append(k)
+            shares.append(float(n))
+    if not kernels:
+        raise UnknownKernel("no signal input")
+    if total == 0:
+        raise UnknownKernel("concat of empty tensors")
+    out = _mix(kernels, [s / total for s in shares])
+    if const_sq:
+        out = _gain(out, 1.0, const_sq / total)
+    return out
+
+
+def rule_norm(ctx: RuleContext) -> Kernel:
+    node = ctx.node
+    k = _only_signal(ctx)
+    weight = node.params.get("weight")
+    bias = node.params.get("bias")
+    gain = 1.0 if weight is None else float(np.mean(np.square(weight, dtype=np.float64)))
+    bias_sq = 0.0 if bias is None else float(np.mean(np.square(bias, dtype=np.float64)))
+    if node.op == "lrn":
+        ctx.flag(FLAG_APPROX, "lrn taken as the identity on q and c")
+        return k
+    if node.op == "batch_norm":
+        # Training-mode batch statistics at init. Per channel, the mean over a large batch
+        # and all locations is the part every example shares: for unrelated examples that is
+        # the correlation C_f(0) = unit_c0 the network has built up to here (the mean of the
+        # activations). Removing it maps c to (c - c0) / (1 - c0); the variance scales q to
+        # 1 on average.
+        ctx.flag(FLAG_NORM, "batch norm with training-mode batch statistics: channels scaled "
+                            "to q = 1 on average over the batch, the component shared by "
+                            "unrelated examples (C_f(0)) removed: c -> (c - c0) / (1 - c0)")
+        scale = float(np.mean(k.q))
+        if scale <= 0:
+            raise UnknownKernel("batch norm of an all-zero signal: the output is the bias")
+        q = k.q / scale
+        c0 = min(max(float(k.unit_c0), -1.0), 1.0)
+        if c0 < 1.0 - 1e-9:
+            c = np.clip((k.c - c0) / (1.0 - c0), -1.0, 1.0)
+            np.fill_diagonal(c, 1.0)
+            stretch = 1.0 / (1.0 - c0)
+            unit = (0.0, k.unit_slope * stretch, k.unit_curv * stretch)
+        else:  # every example alike: nothing to center against
+            c, unit = k.c, (k.unit_c0, k.unit_slope, k.unit_curv)
+        out = Kernel(q, c * np.sqrt(np.outer(q, q)), 1.0, *unit)
+        return _gain(out, gain, bias_sq)
+    # per-example normalizations: q -> 1 per example; c kept (features assumed zero-mean)
+    ctx.flag(FLAG_NORM, f"{node.op}: q set to 1 per example, c assumed unchanged")
+    if node.op == "instance_norm":
+        ctx.flag(FLAG_APPROX, "instance norm normalizes over locations: not defined for "
+                              "inputs constant across locations")
+    c = k.c
+    return _gain(Kernel(np.ones_like(k.q), c, 1.0, k.unit_c0, k.unit_slope, k.unit_curv),
+                 gain, bias_sq)
+
+
+def rule_reduce(ctx: RuleContext) -> Kernel:
+    node = ctx.node
+    axes = node.attrs.get("axes")
+    if node.attrs.get("kind") == "mean" and axes is not None and all(
+            isinstance(a, int) and a >= 2 for a in axes):
+        ctx.flag(FLAG_APPROX, "mean over locations taken as the identity on q and c")
+        return _only_signal(ctx)
+    return rule_unknown(ctx)
+
+
+def rule_none(ctx: RuleContext) -> Kernel:
+    raise UnknownKernel("io/constant node")
+
+
+#: canonical op -> kernel rule (RuleContext -> Kernel; raises UnknownKernel when it cannot
+#: say). Every op of graphshape.ops.OPS has an entry (tests/test_analysis.py checks).
+KERNEL_RULES: dict[str, Callable[[RuleContext], Kernel]] = {
+    "input": rule_none,
+    "constant": rule_none,
+    "output": rule_identity,
+    "conv": rule_affine,
+    "conv_transpose": rule_affine,
+    "linear": rule_affine,
+    "affine": rule_affine,
+    "matmul": rule_product,
+    "add": rule_sum,
+    "sub": rule_sum,
+    "sum": rule_sum,
+    "mul": rule_product,
+    "div": rule_product,
+    "concat": rule_concat,
+    "activation": rule_activation,
+    "batch_norm": rule_norm,
+    "layer_norm": rule_norm,
+    "group_norm": rule_norm,
+    "instance_norm": rule_norm,
+    "lrn": rule_norm,
+    "avg_pool": rule_approx_identity,
+    "max_pool": rule_approx_identity,
+    "global_avg_pool": rule_approx_identity,
+    "global_max_pool": rule_approx_identity,
+    "adaptive_avg_pool": rule_approx_identity,
+    "adaptive_max_pool": rule_approx_identity,
+    "flatten": rule_identity,
+    "reshape": rule_identity,
+    "transpose": rule_approx_identity,
+    "squeeze": rule_identity,
+    "unsqueeze": rule_identity,
+    "slice": rule_approx_identity,
+    "split": rule_approx_identity,
+    "pad": rule_approx_identity,
+    "dropout": rule_identity,
+    "identity": rule_identity,
+    "softmax": rule_unknown,
+    "log_softmax": rule_unknown,
+    "reduce": rule_reduce,
+    "opaque": rule_unknown,
+}
+
+
+def apply_rule(graph: Graph, node: Node, inputs: list[Kernel | None], *,
+               q_only: bool = False) -> tuple[Kernel | None, list[str], list[str]]:
+    """Apply ``node``'s kernel rule to the kernels of its inputs: (kernel or None, flags,
+    notes). ``q_only``: only the output's q is wanted (its other fields are placeholders)."""
+    rule = KERNEL_RULES.get(node.op)
+    ctx = RuleContext(graph, node, inputs, q_only)
+    if rule is None:
+        return None, [f"unknown after {node.op}"], [f"no kernel rule for op {node.op!r}"]
+    try:
+        out = rule(ctx)
+    except UnknownKernel as e:
+        return None, ctx.flags + [f"unknown after {node.op}"], ctx.notes + [str(e)]
+    if not (np.all(np.isfinite(out.q)) and np.all(np.isfinite(out.cov))):
+        return None, ctx.flags + [f"unknown after {node.op}"], ctx.notes + [
+            "the predicted kernel overflowed"]
+    return out, ctx.flags, ctx.notes
+
+
+# --------------------------------------------------------------------------- propagation
+def is_float_value(graph: Graph, ref: Ref) -> bool:
+    return graph.info(ref).dtype in _FLOAT_DTYPES
+
+
+def example_kernels(graph: Graph, example_inputs) -> tuple[dict[str, Kernel | None], int, str]:
+    """Kernels of the model inputs: from ``example_inputs`` (tensors/arrays in input order),
+    or, without them, two unit-q uncorrelated examples per input."""
+    if example_inputs is None:
+        k = Kernel(np.ones(2), np.eye(2))
+        return {name: k for name in graph.inputs}, 2, "two unit-q, uncorrelated examples (no inputs given)"
+    if not isinstance(example_inputs, (tuple, list)):
+        example_inputs = (example_inputs,)
+    if len(example_inputs) != len(graph.inputs):
+        raise GraphshapeError(
+            f"the graph has {len(graph.inputs)} inputs {graph.inputs}, "
+            f"{len(example_inputs)} example inputs were given")
+    result: dict[str, Kernel | None] = {}
+    batch = None
+    for name, x in zip(graph.inputs, example_inputs):
+        arr = _to_numpy(x)
+        if arr is None or arr.dtype.kind != "f" or arr.ndim == 0:
+            result[name] = None
+            continue
+        if batch is not None and arr.shape[0] != batch:
+            raise GraphshapeError(f"example inputs disagree on the batch size "
+                                  f"({batch} and {arr.shape[0]} at input {name!r})")
+        batch = arr.shape[0]
+        result[name] = kernel_of(arr)
+    return result, batch or 0, f"{batch} example(s) given"
+
+
+def _to_numpy(x) -> np.ndarray | None:
+    if isinstance(x, np.ndarray):
+        return x
+    detach = getattr(x, "detach", None)
+    if detach is not None:
+        return detach().cpu().double().numpy() if x.is_floating_point() else detach().cpu().numpy()
+    if isinstance(x, (float, int, list)):
+        return np.asarray(x, dtype=np.float64)
+    return None
+
+
+def propagate(graph: Graph, input_kernels: dict[str, Kernel | None]):
+    """Push kernels through ``graph``. Returns ({Ref: Kernel or None}, {name: flags},
+    {name: notes}); nodes that read constants only (not signals) get no flags entry."""
+    kernels: dict[Ref, Kernel | None] = {}
+    unknown_origin: dict[Ref, str] = {}  # values unknown for want of a rule, and why
+    flags: dict[str, list[str]] = {}
+    notes: dict[str, list[str]] = {}
+    for node in graph:
+        node_flags = list(node.meta.get("flags", []))
+        if node.op == "input":
+            kernels[node.out] = input_kernels.get(node.name)
+            flags[node.name], notes[node.name] = node_flags, []
+            continue
+        if node.op == "constant" or (node.dtype or "").startswith(_NON_FLOAT):
+            continue  # constants and integer values (sizes, indices) are not signals
+        unknown_in = [unknown_origin[r] for r in node.inputs
+                      if r in unknown_origin and is_float_value(graph, r)]
+        ins = [kernels.get(r) if is_float_value(graph, r) else None for r in node.inputs]
+        if unknown_in:
+            out, f, n = None, [f"unknown after {unknown_in[0]}"], []
+        elif not any(k is not None for k in ins):
+            continue  # reads constants (or non-float values) only: not a signal
+        else:
+            out, f, n = apply_rule(graph, node, ins)
+        for i in range(len(node.outputs)):
+            ref = Ref(node.name, i)
+            kernels[ref] = out
+            if out is None:
+                unknown_origin[ref] = next(
+                    (x[len("unknown after "):] for x in f if x.startswith("unknown after ")),
+                    node.op)
+        flags[node.name] = node_flags + [x for x in f if x not in node_flags]
+        notes[node.name] = n
+    return kernels, flags, notes
+
+
+def analyze(graph: Graph, example_inputs=None, *, empirical: bool = False, module=None):
+    """Per-node kernel statistics of ``graph`` (see :class:`graphshape.stats.KernelStats`).
+
+    ``example_inputs``: a tensor/array or tuple of them, one per graph input, with the batch
+    on axis 0 (2 or more examples for c); None: two unit-q, uncorrelated examples.
+    ``empirical=True`` also runs the model on ``example_inputs`` (``module``: a
+    ``torch.fx.GraphModule`` emitted from ``graph``; emitted here when not given) and records
+    the measured q and c and the one-step prediction ``q_local`` at every node.
+    """
+    from graphshape.stats import KernelStats
+
+    if not isinstance(graph, Graph):
+        raise GraphshapeError(f"analyze() takes a graphshape Graph, got {type(graph).__name__}")
+    in_kernels, batch, source = example_kernels(graph, example_inputs)
+    kernels, flags, notes = propagate(graph, in_kernels)
+    measured = None
+    if empirical:
+        if example_inputs is None:
+            raise GraphshapeError("empirical=True needs example_inputs to run the model on")
+        from graphshape.passes.measure import measure
+
+        measured = measure(graph, example_inputs, module=module)
+    rows = []
+    per_node: dict[str, dict] = {}
+    for node in graph:
+        if node.op == "output" or node.name not in flags:
+            continue  # outputs repeat their input; constants are not signals
+        k = kernels.get(node.out)
+        row: dict[str, Any] = {
+            "node": node.name,
+            "op": node.op,
+            "activation": node.attrs.get("name") if node.op == "activation" else None,
+            "q_pred": None if k is None else float(np.mean(k.q)),
+            "c_pred": None if k is None else _mean_offdiag(k.c),
+            "c0": None if k is None else float(k.unit_c0),
+            "c_slope_1": None if k is None else float(k.unit_slope),
+            "c_curv_1": None if k is None else float(k.unit_curv),
+            "flags": flags.get(node.name, []),
+            "notes": notes.get(node.name, []),
+        }
+        if measured is not None:
+            m = measured.get(node.name)
+            row["q_emp"] = None if m is None else float(np.mean(m.q))
+            row["c_emp"] = None if m is None else _mean_offdiag(m.c)
+            row["q_local"] = _q_local(graph, node, measured, in_kernels)
+        _no_nan(row)
+        rows.append(row)
+        pair = {}
+        if k is not None:
+            pair["q_pred"], pair["c_pred"] = k.q, k.c
+        m = measured.get(node.name) if measured is not None else None
+        if m is not None:
+            pair["q_emp"], pair["c_emp"] = m.q, m.c
+        if pair:
+            per_node[node.name] = pair
+    return KernelStats(rows, kernels=per_node, meta={
+        "inputs": source, "batch": batch, "empirical": empirical, "nodes": len(graph)})
+
+
+def _no_nan(row: dict) -> None:
+    """NaN never reaches the user: a number that came out NaN (an overflowing model run, a
+    0 * inf in a chain rule) is reported as unknown, and said so."""
+    bad = [k for k, v in row.items() if isinstance(v, float) and math.isnan(v)]
+    for k in bad:
+        row[k] = None
+    if bad:
+        row["flags"] = list(row["flags"]) + [f"not a number: {', '.join(bad)}"]
+
+
+def _q_local(graph: Graph, node: Node, measured: dict, in_kernels) -> float | None:
+    """q predicted by the node's rule from the measured kernels of its own inputs."""
+    if node.op == "input":
+        k = in_kernels.get(node.name)
+        return None if k is None else float(np.mean(k.q))
+    ins = []
+    for r in node.inputs:
+        m = measured.get(r.node) if r.index == 0 else None
+        ins.append(m if (m is not None and is_float_value(graph, r)) else None)
+    if not any(k is not None for k in ins):
+        return None
+    out, _, _ = apply_rule(graph, node, ins, q_only=True)
+    return None if out is None else float(np.mean(out.q))
+
+
+def _mean_offdiag(c: np.ndarray) -> float | None:
+    """Mean of the off-diagonal entries of a symmetric matrix with unit diagonal."""
+    b = c.shape[0]
+    if b < 2:
+        return None
+    return (float(c.sum()) - b) / (b * (b - 1))

@@ -1,0 +1,181 @@
+"""Shaping pass: remove normalization layers.
+
+DKS/TAT networks have no normalization: at initialization the kernel is controlled by the
+activation transforms and the orthogonal init instead. This pass removes every
+``batch_norm``, ``layer_norm``, ``group_norm``, ``instance_norm`` and ``lrn`` node, and with
+it a per-channel affine map that directly follows one (an ``affine`` node, or ``mul`` then
+``add`` by constants as in caffe2-style ONNX files: BatchNormalization, Mul, Add). Where the
+norm supplied a shift (batch norm's running mean, or a learned bias), the conv / linear layer
+feeding it gains a zero-initialized bias, so the shaped model can still learn that shift.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from graphshape.errors import GraphshapeError
+from graphshape.ir import Graph, Node
+from graphshape.passes.rewire import replace_uses
+
+NORM_OPS = ("batch_norm", "layer_norm", "group_norm", "instance_norm", "lrn")
+_AFFINE_OPS = ("conv", "conv_transpose", "linear")
+
+
+def _out_features(node: Node) -> int | None:
+    w = node.params.get("weight")
+    if w is None:
+        return None
+    shape = np.shape(w)
+    if node.op == "conv_transpose":
+        return int(shape[1]) * int(node.attrs.get("groups", 1) or 1)
+    return int(shape[0])
+
+
+def _constant_operand(graph: Graph, node: Node) -> tuple[int, np.ndarray] | None:
+    """(slot of the signal operand, constant value) if ``node`` has exactly one input that
+    is a ``constant`` node, else None."""
+    if len(node.inputs) != 2:
+        return None
+    kinds = [graph[r.node].op == "constant" for r in node.inputs]
+    if kinds.count(True) != 1:
+        return None
+    const = graph[node.inputs[kinds.index(True)].node]
+    value = const.params.get("value")
+    if value is None:
+        return None
+    return kinds.index(False), np.asarray(value)
+
+
+def _is_per_channel(value: np.ndarray, channels: int | None, rank: int | None) -> bool:
+    """Whether a constant broadcasts along the channel axis (axis 1) only, or is a scalar."""
+    if value.size == 1:
+        return True
+    if channels is None or value.size != channels:
+        return False
+    shape = tuple(value.shape)
+    # (C,) broadcasts against the last axis: per-channel only for rank-2 (N, C) tensors
+    if len(shape) == 1:
+        return rank == 2
+    # (C, 1, ..., 1) or (1, C, 1, ..., 1) aligned to (N, C, *spatial)
+    squeezed = [i for i, d in enumerate(shape) if d != 1]
+    if len(squeezed) != 1:
+        return False
+    axis_from_end = len(shape) - squeezed[0]
+    return rank is not None and axis_from_end == rank - 1
+
+
+def _sole_user(graph: Graph, node: Node) -> Node | None:
+    uses = graph.uses(node.out)
+    if len(uses) != 1 or graph.is_output(node.out):
+        return None
+    return uses[0][0]
+
+
+#: torch functions that normalize (a frontend that does not map them leaves them opaque, as
+#: when timm's fused norm-activation modules are traced through to F.batch_norm)
+_TORCH_NORM_FUNCTIONS = ("batch_norm", "layer_norm", "group_norm", "instance_norm",
+                         "local_response_norm", "rms_norm")
+
+
+def opaque_norm_input(node: Node):
+    """The normalized input (a Ref) of an opaque node that calls a torch normalization
+    function (``torch.nn.functional.batch_norm`` and the like), else None."""
+    if node.op != "opaque" or node.attrs.get("framework") != "torch":
+        return None
+    if node.attrs.get("fx_op") != "call_function":
+        return None
+    target = node.attrs.get("target")
+    name = getattr(target, "__name__", None)
+    module = getattr(target, "__module__", "") or ""
+    if name not in _TORCH_NORM_FUNCTIONS or not module.startswith("torch"):
+        return None
+    args = node.attrs.get("args") or ()
+    first = args[0] if args else (node.attrs.get("kwargs") or {}).get("input")
+    from graphshape.ir import Ref
+
+    return first if isinstance(first, Ref) else None
+
+
+def remove_normalization(graph: Graph, *, copy: bool = True) -> tuple[Graph, dict]:
+    """Remove normalization nodes (and a per-channel affine right after each).
+
+    Returns ``(new_graph, record)`` with ``record = {"removed": [...], "rewritten": [...]}``;
+    each entry is a dict with ``node``, ``op`` and ``what``. The input graph is not modified
+    unless ``copy=False``.
+    """
+    g = graph.copy() if copy else graph
+    removed: list[dict] = []
+    rewritten: list[dict] = []
+    for name in [n.name for n in g if n.op in NORM_OPS]:
+        norm = g[name]
+        if not norm.inputs:
+            raise GraphshapeError("normalization node without an input", node=name, op=norm.op)
+        channels = None
+        rank = norm.outputs[0].rank if norm.outputs else None
+        if norm.shape is not None and len(norm.shape) >= 2 and isinstance(norm.shape[1], int):
+            channels = norm.shape[1]
+        supplies_shift = norm.op == "batch_norm" or norm.params.get("bias") is not None
+        # the per-channel affine chain right after the norm: affine, or mul and/or add by
+        # constants (scale first, then shift)
+        chain: list[Node] = []
+        user = _sole_user(g, norm)
+        if user is not None and user.op == "affine" and user.inputs[0] == norm.out:
+            chain.append(user)
+            supplies_shift |= user.params.get("shift") is not None
+        else:
+            cur = norm
+            for op in ("mul", "add"):
+                user = _sole_user(g, cur)
+                if user is None:
+                    break
+                if user.op != op:
+                    continue
+                operand = _constant_operand(g, user)
+                if (operand is None or user.inputs[operand[0]] != cur.out
+                        or not _is_per_channel(operand[1], channels, rank)):
+                    break
+                chain.append(user)
+                supplies_shift |= op == "add"
+                cur = user
+        # consumers of the chain's last node now read the norm's input
+        source = norm.inputs[0]
+        replace_uses(g, (chain[-1] if chain else norm).out, source)
+        constants = {r.node for node in chain for r in node.inputs if g[r.node].op == "constant"}
+        for node in [*reversed(chain), norm]:
+            g.remove(node.name)
+            removed.append({"node": node.name, "op": node.op,
+                            "what": "normalization" if node is norm
+                            else f"per-channel affine after {norm.name!r}"})
+        for c in sorted(constants):  # the affine's constants, if nothing else reads them
+            if c in g and not any(True for _ in g.nx.successors(c)):
+                g.remove(c)
+        producer = g[source.node]
+        if (supplies_shift and producer.op in _AFFINE_OPS and producer.params.get("bias") is None
+                and producer.params.get("weight") is not None):
+            n_out = _out_features(producer)
+            producer.params["bias"] = np.zeros(n_out, dtype=np.asarray(producer.params["weight"]).dtype)
+            rewritten.append({"node": producer.name, "op": producer.op,
+                              "what": f"gained a zero bias (replacing the shift of {norm.name!r})"})
+    # normalization calls a frontend left opaque (F.batch_norm inside timm's BatchNormAct2d)
+    opaque_norms = [n.name for n in g if opaque_norm_input(n) is not None]
+    for name in opaque_norms:
+        node = g[name]
+        source = opaque_norm_input(node)
+        replace_uses(g, node.out, source)
+        g.remove(name)
+        removed.append({"node": name, "op": "opaque",
+                        "what": f"normalization ({node.attrs.get('description', 'opaque')})"})
+        producer = g[source.node]
+        if (producer.op in _AFFINE_OPS and producer.params.get("bias") is None
+                and producer.params.get("weight") is not None):
+            producer.params["bias"] = np.zeros(
+                _out_features(producer), dtype=np.asarray(producer.params["weight"]).dtype)
+            rewritten.append({"node": producer.name, "op": producer.op,
+                              "what": f"gained a zero bias (replacing the shift of {name!r})"})
+    if opaque_norms:
+        # their statistics, shape checks and asserts are now dead code
+        ops = {node.name: node.op for node in g}
+        for name in g.remove_dead():
+            removed.append({"node": name, "op": ops[name],
+                            "what": "unused after removing normalization"})
+    return g, {"removed": removed, "rewritten": rewritten}

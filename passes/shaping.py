@@ -1,0 +1,418 @@
+"""The shaping pipeline: any model's IR in, a normalizer-free DKS/TAT-shaped IR out.
+
+Passes, each ``IR -> (IR, record)`` and none modifying its input graph:
+
+1. :func:`graphshape.passes.normalize.remove_normalization` (norm layers and the per-channel
+   affine right after them; the layer before gains a zero bias where the norm had a shift);
+2. :func:`graphshape.passes.joins.normalize_sums` (every additive join becomes a normalized
+   sum; residual joins use ``shortcut_weight``; 0 removes the skip);
+3. :func:`max_pool_to_avg_pool` (optional): max pooling has no kernel rule beyond the
+   "identity" approximation; average pooling's is closer (it is linear);
+4. :func:`substitute_activations` (``activation=NAME`` replaces main-path nonlinearities);
+   gates (a nonlinearity whose output multiplies another signal, as in squeeze-excitation)
+   are refused by :func:`find_gates`: there is no kernel rule for them;
+5. :func:`solve_and_inject`: one parameter set per activation name, from
+   :func:`graphshape.kernels.solve` and the subnetwork maximizing function that
+   :func:`graphshape.passes.subnetworks.subnet_max_func` derives from the graph; stored in
+   each activation node's ``attrs["transform"]`` (dks names);
+6. :func:`graphshape.init.initialize`: delta-orthogonal convs, SUO dense layers, zero biases.
+
+:func:`shape_graph` runs them all and returns a :class:`ShapeReport`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import networkx as nx
+
+from graphshape.errors import GraphshapeError
+from graphshape.ir import Graph
+from graphshape.passes.joins import normalize_sums
+from graphshape.passes.normalize import NORM_OPS, remove_normalization
+
+#: The default residual shortcut weight, chosen by measurement (benchmarks/shortcut_weight.py,
+#: numbers in docs/shaping.md): it is the largest weight (0.05 grid) with which the default
+#: method, TAT (leaky ReLU, eta = 0.9), can shape every torchvision ResNet -- resnet18 allows
+#: at most 0.7 (at 0.75 even negative_slope = 0 gives C_f(0) = 0.8995 < 0.9) -- and in the
+#: training measurement stronger skips trained faster up to w = 0.8, with w = 0.7 reaching
+#: the best test accuracy of the TAT runs.
+DEFAULT_SHORTCUT_WEIGHT = 0.7
+
+METHODS = ("DKS", "TAT", "untransformed")
+_TRANSFORM_KEYS = ("input_scale", "input_shift", "output_shift", "output_scale")
+# ops a gate's output may pass through (unchanged data) before it multiplies a signal
+_PASS_THROUGH = ("reshape", "flatten", "squeeze", "unsqueeze", "transpose", "identity",
+                 "dropout", "slice")
+
+
+@dataclass
+class ShapeReport:
+    """What shaping did.
+
+    ``method``: "DKS", "TAT" or "untransformed"; ``options``: the options used;
+    ``activation_params``: activation name -> dict of dks-named parameters (input_scale,
+    input_shift, output_shift, output_scale, negative_slope) injected into every activation
+    of that name; ``removed``: nodes removed (dicts: node, op, what); ``rewritten``: nodes
+    changed in place (dicts: node, op, what, ...); ``warnings``: approximations and
+    anything the user should know; ``subnetworks``: the subnetworks the maximizing function
+    ranged over; ``initialized``: number of conv/linear nodes re-initialized;
+    ``activations_found``: activation name -> number of nodes in the source model.
+    """
+
+    method: str
+    options: dict[str, Any] = field(default_factory=dict)
+    activation_params: dict[str, dict[str, float]] = field(default_factory=dict)
+    removed: list[dict] = field(default_factory=list)
+    rewritten: list[dict] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    subnetworks: list[str] = field(default_factory=list)
+    initialized: int = 0
+    activations_found: dict[str, int] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        """A JSON-serializable dict of every field."""
+        return json.loads(json.dumps(asdict(self), default=_jsonable))
+
+    def to_json(self, **kwargs) -> str:
+        return json.dumps(self.to_dict(), **kwargs)
+
+    def summary(self) -> str:
+        params = "; ".join(f"{k}: " + ", ".join(f"{p}={v:.6g}" for p, v in d.items())
+                           for k, d in self.activation_params.items()) or "none"
+        return (f"{self.method}: {len(self.removed)} nodes removed, {len(self.rewritten)} "
+                f"rewritten, {self.initialized} initialized; parameters: {params}"
+                + (f"; {len(self.warnings)} warnings" if self.warnings else ""))
+
+
+def _jsonable(obj):
+    try:
+        import numpy as np
+
+        if isinstance(obj, np.generic):
+            return obj.item()
+        if isinstance(obj, np.ndarray):
+            return obj.tolist()
+    except ImportError:  # pragma: no cover
+        pass
+    if isinstance(obj, (set, tuple)):
+        return list(obj)
+    return repr(obj)
+
+
+def canonical_method(method: str) -> str:
+    """"dks" / "tat" / "untransformed" in any case -> the canonical spelling."""
+    for m in METHODS:
+        if isinstance(method, str) and method.lower() == m.lower():
+            return m
+    raise GraphshapeError(f"unknown method {method!r}; use one of {', '.join(METHODS)}")
+
+
+# ----------------------------------------------------------------------- gates
+def _signals(graph: Graph) -> set[str]:
+    from graphshape.passes.subnetworks import signal_nodes
+
+    return signal_nodes(graph)
+
+
+def find_gates(graph: Graph) -> list[tuple[str, str]]:
+    """(activation node, product node) pairs where an activation's output (possibly after
+    reshapes) multiplies or divides another signal that does not descend from it: a gate, as
+    in squeeze-and-excitation (``x * sigmoid(fc(pool(x)))``: the sigmoid is the gate, x's
+    activation the gated main path) or a decomposed SiLU (``x * sigmoid(x)``)."""
+    signals = _signals(graph)
+    gates = []
+    for node in graph:
+        if node.op != "activation":
+            continue
+        frontier = [node]
+        seen = set()
+        while frontier:
+            cur = frontier.pop()
+            for user in graph.users(cur.name):
+                if user.name in seen:
+                    continue
+                seen.add(user.name)
+                if user.op in _PASS_THROUGH:
+                    frontier.append(user)
+                elif user.op in ("mul", "div", "matmul"):
+                    # the other operand must be a signal that does not itself come from
+                    # this activation (then this one is the gated main path, not the gate)
+                    others = [r for r in user.inputs if r.node != cur.name]
+                    if any(r.node in signals and not nx.has_path(graph.nx, node.name, r.node)
+                           for r in others):
+                        gates.append((node.name, user.name))
+    return gates
+
+
+def _gate_error(graph: Graph, gates: list[tuple[str, str]]) -> GraphshapeError:
+    act, prod = gates[0]
+    node = graph[act]
+    more = f" (and {len(gates) - 1} more)" if len(gates) > 1 else ""
+    return GraphshapeError(
+        f"the {node.attrs.get('name', '?')} activation {act!r} gates another signal through "
+        f"{graph[prod].op} node {prod!r}{more}, as in squeeze-and-excitation or attention. "
+        "A gate is not a main-path nonlinearity, and graphshape has no kernel rule for "
+        "gated products, so DKS/TAT parameters would be wrong for it. Remove the gating "
+        "modules (e.g. build the model without squeeze-excitation) or use "
+        "method='untransformed' to rewrite structure and initialization only.",
+        node=act, op="activation")
+
+
+# ----------------------------------------------------------------------- small passes
+def max_pool_to_avg_pool(graph: Graph, *, copy: bool = True) -> tuple[Graph, dict]:
+    """Replace max pooling (plain, global, adaptive) by average pooling with the same
+    window. Padding is excluded from the averages (count_include_pad=False). Returns
+    ``(new_graph, record)``; the input graph is not modified unless ``copy=False``."""
+    g = graph.copy() if copy else graph
+    rewritten = []
+    for node in g:
+        if node.op == "max_pool":
+            dilation = tuple(node.attrs.get("dilation") or ())
+            if any(d != 1 for d in dilation):
+                continue  # avg_pool has no dilation: keep it (reported by the caller)
+            attrs = {k: v for k, v in node.attrs.items() if k != "dilation"}
+            attrs["count_include_pad"] = False
+            node.op, node.attrs = "avg_pool", attrs
+        elif node.op == "global_max_pool":
+            node.op = "global_avg_pool"
+        elif node.op == "adaptive_max_pool":
+            node.op = "adaptive_avg_pool"
+        else:
+            continue
+        node.meta.setdefault("flags", []).append("max pooling replaced by average pooling")
+        rewritten.append({"node": node.name, "op": node.op.replace("avg", "max"),
+                          "what": f"replaced by {node.op}"})
+    return g, {"removed": [], "rewritten": rewritten}
+
+
+def _activation_attrs_for(name: str, old: dict) -> dict:
+    """The attrs an activation node keeps when its function becomes ``name``."""
+    from graphshape import activations
+
+    defaults = activations.get(name).defaults
+    keep = {k: v for k, v in old.items() if k == "inplace"}
+    for k, v in old.items():
+        if k in defaults:
+            keep[k] = v
+    return {"name": name, **keep}
+
+
+def substitute_activations(graph: Graph, activation: str | None,
+                           gates: list[tuple[str, str]] | None = None, *,
+                           copy: bool = True) -> tuple[Graph, dict]:
+    """Replace every main-path activation's function by ``activation`` (gates excepted).
+    ``None`` keeps them. Returns ``(new_graph, record)``; the input graph is not modified
+    unless ``copy=False``."""
+    g = graph.copy() if copy else graph
+    rewritten = []
+    if activation is None:
+        return g, {"removed": [], "rewritten": rewritten}
+    from graphshape import activations
+
+    activations.get(activation)  # unknown name: GraphshapeError listing the known ones
+    gate_nodes = {a for a, _ in (gates if gates is not None else find_gates(g))}
+    for node in g:
+        if node.op != "activation" or node.name in gate_nodes:
+            continue
+        old = node.attrs.get("name")
+        if old == activation:
+            continue
+        node.attrs = _activation_attrs_for(activation, node.attrs)
+        rewritten.append({"node": node.name, "op": "activation",
+                          "what": f"{old} replaced by {activation}"})
+    return g, {"removed": [], "rewritten": rewritten}
+
+
+# ----------------------------------------------------------------------- solve + inject
+def solve_activation_params(graph: Graph, method: str, *, zeta: float = 1.5, eta: float = 0.9,
+                            tau: float = 0.3):
+    """Solve DKS/TAT parameters for the activation names of ``graph`` from the subnetwork
+    maximizing function derived from the graph. Returns ``(params, subnet_max_func)``."""
+    from graphshape import kernels
+    from graphshape.passes.subnetworks import subnet_max_func
+
+    from graphshape import activations as registry
+
+    # one parameter set per activation name: the nodes of one name must agree on the
+    # attributes the kernel depends on (hardtanh bounds, elu alpha); a solved leaky_relu
+    # negative_slope is not one of them under DKS/TAT
+    attrs_by_name: dict[str, dict] = {}
+    for node in graph:
+        if node.op != "activation":
+            continue
+        name = node.attrs["name"]
+        defaults = registry.get(name).defaults
+        attrs = {k: node.attrs[k] for k in defaults if k in node.attrs}
+        if name == "leaky_relu" and method != "untransformed":
+            attrs.pop("negative_slope", None)
+        if name in attrs_by_name and attrs_by_name[name] != attrs:
+            raise GraphshapeError(
+                f"activation nodes named {name!r} have different attributes "
+                f"({attrs_by_name[name]} and {attrs}); graphshape solves one parameter set per "
+                "activation name: pass activation=... to make them all the same",
+                node=node.name, op="activation")
+        attrs_by_name[name] = attrs
+    smf = subnet_max_func(graph)
+    if not attrs_by_name or method == "untransformed":
+        return {}, smf
+    params = kernels.solve(attrs_by_name, method, smf, zeta=zeta, eta=eta, tau=tau)
+    return {k: {p: float(v) for p, v in d.items()} for k, d in params.items()}, smf
+
+
+def inject_transforms(graph: Graph, params: dict[str, dict[str, float]], *,
+                      copy: bool = True) -> tuple[Graph, dict]:
+    """Write ``params`` into every activation node: ``attrs["transform"]`` gets the dks-named
+    input/output scales and shifts, ``attrs["negative_slope"]`` the solved slope. Returns
+    ``(new_graph, record)``; the input graph is not modified unless ``copy=False``."""
+    g = graph.copy() if copy else graph
+    rewritten = []
+    for node in g:
+        if node.op != "activation" or node.attrs.get("name") not in params:
+            continue
+        p = params[node.attrs["name"]]
+        transform = {k: float(p[k]) for k in _TRANSFORM_KEYS if k in p}
+        if transform:
+            node.attrs["transform"] = transform
+        if "negative_slope" in p:
+            node.attrs["negative_slope"] = float(p["negative_slope"])
+        rewritten.append({"node": node.name, "op": "activation",
+                          "what": f"transformed {node.attrs['name']}", "params": dict(p)})
+    return g, {"removed": [], "rewritten": rewritten}
+
+
+def _constant_scales(graph: Graph) -> list[tuple[str, float]]:
+    """``mul``/``div`` nodes scaling a signal by a constant whose RMS is off 1 by 10x+."""
+    import numpy as np
+
+    signals = _signals(graph)
+    found = []
+    for node in graph:
+        if node.op not in ("mul", "div") or len(node.inputs) != 2:
+            continue
+        consts = [graph[r.node] for r in node.inputs if graph[r.node].op == "constant"]
+        if len(consts) != 1 or not any(r.node in signals for r in node.inputs):
+            continue
+        value = consts[0].params.get("value")
+        if value is None or np.size(value) == 0:
+            continue
+        rms = float(np.sqrt(np.mean(np.square(np.asarray(value, dtype=np.float64)))))
+        if node.op == "div" and rms > 0:
+            rms = 1.0 / rms
+        if not 0.1 <= rms <= 10.0:
+            found.append((node.name, rms))
+    return found
+
+
+# ----------------------------------------------------------------------- pipeline
+def _merge(report: ShapeReport, record: dict) -> None:
+    report.removed.extend(record.get("removed", ()))
+    report.rewritten.extend(record.get("rewritten", ()))
+
+
+def shape_graph(graph: Graph, *, method: str = "TAT", activation: str | None = None,
+                shortcut_weight: float = DEFAULT_SHORTCUT_WEIGHT, zeta: float = 1.5,
+                eta: float = 0.9, tau: float = 0.3, max_pool_to_avg: bool = False,
+                initialize: bool = True, seed: int | None = None) -> tuple[Graph, ShapeReport]:
+    """Shape ``graph`` with DKS / TAT (see the module docstring). Returns the new graph and a
+    :class:`ShapeReport`; ``graph`` is not modified. Raises GraphshapeError when the model
+    cannot be shaped (a gate, a target no parameter reaches, an unknown activation...)."""
+    method = canonical_method(method)
+    report = ShapeReport(method, options={
+        "method": method, "activation": activation, "shortcut_weight": shortcut_weight,
+        "zeta": zeta, "eta": eta, "tau": tau, "max_pool_to_avg": max_pool_to_avg,
+        "seed": seed})
+    graph.validate()
+    for node in graph:
+        if node.op == "activation":
+            name = node.attrs.get("name", "?")
+            report.activations_found[name] = report.activations_found.get(name, 0) + 1
+
+    # one copy up front; the passes then work on it in place
+    g, rec = remove_normalization(graph.copy(), copy=False)
+    _merge(report, rec)
+    for node in g:
+        if node.op == "opaque" and "norm" in str(node.attrs.get("description", "")).lower():
+            raise GraphshapeError(
+                f"{node.attrs.get('description')!r} looks like a normalization layer that "
+                "graphshape could not map to a known norm op, so it cannot remove it",
+                node=node.name, op=node.op)
+
+    g, rec = normalize_sums(g, shortcut_weight, copy=False)
+    _merge(report, rec)
+
+    if max_pool_to_avg:
+        g, rec = max_pool_to_avg_pool(g, copy=False)
+        _merge(report, rec)
+        for node in g:
+            if node.op == "max_pool":
+                report.warnings.append(f"max_pool {node.name!r} has dilation: kept as max_pool")
+
+    gates = find_gates(g)
+    if gates and method != "untransformed":
+        raise _gate_error(g, gates)
+    if gates:
+        report.warnings.append(
+            f"{len(gates)} gating activation(s) ({', '.join(a for a, _ in gates)}) left as they are")
+    if method == "TAT" and activation is None:
+        gate_nodes = {a for a, _ in gates}
+        names = {n.attrs["name"] for n in g if n.op == "activation" and n.name not in gate_nodes}
+        if names == {"relu"}:
+            # TAT has no ReLU version (its C map cannot be made closer to the identity);
+            # TReLU, the TAT leaky ReLU, is what the TAT paper uses in place of ReLU
+            activation = "leaky_relu"
+            report.warnings.append("TAT does not transform relu: relu replaced by leaky_relu "
+                                   "(TReLU); pass activation=... to choose another")
+    report.options["activation_used"] = activation
+    g, rec = substitute_activations(g, activation, gates, copy=False)
+    _merge(report, rec)
+
+    max_pools, opaque = [], []
+    for node in g:
+        if node.op == "opaque" and not all(o.dtype == "object" for o in node.outputs):
+            # (opaque nodes computing Python values -- x.size(), getitem on a shape -- carry
+            # no signal and need no kernel rule)
+            opaque.append(f"{node.name!r} ({node.attrs.get('description', '?')})")
+        elif node.op in ("max_pool", "global_max_pool", "adaptive_max_pool"):
+            max_pools.append(node.name)
+    if opaque:
+        report.warnings.append(
+            f"{len(opaque)} opaque node(s) without a kernel rule ({', '.join(opaque[:3])}"
+            f"{' ...' if len(opaque) > 3 else ''}): the solved parameters ignore what they do")
+    scaled = _constant_scales(g)
+    if scaled:
+        shown = ", ".join(f"{n!r} (rms {rms:.2g})" for n, rms in scaled[:3])
+        report.warnings.append(
+            f"{len(scaled)} multiplication(s) by constants far from 1 on the signal path "
+            f"({shown}{' ...' if len(scaled) > 3 else ''}), e.g. ConvNeXt's layer scale: "
+            "the kernel rules treat them as the identity, so the shaped network's kernel "
+            "differs from the one solved for; consider initializing them to 1")
+    if max_pools:
+        shown = ", ".join(repr(n) for n in max_pools[:3]) + (" ..." if len(max_pools) > 3 else "")
+        report.warnings.append(
+            f"{len(max_pools)} max pooling node(s) ({shown}) treated as the identity on the "
+            "kernel, an approximation (max_pool_to_avg=True replaces them by average pooling)")
+    act_names = sorted({n.attrs["name"] for n in g if n.op == "activation"})
+    if not act_names:
+        report.warnings.append("the model has no activation nodes: nothing to transform")
+
+    params, smf = solve_activation_params(g, method, zeta=zeta, eta=eta, tau=tau)
+    report.subnetworks = list(getattr(smf, "subnetworks", []))
+    report.activation_params = params
+    if params:
+        g, rec = inject_transforms(g, params, copy=False)
+        _merge(report, rec)
+
+    if initialize:
+        from graphshape.init import initialize as init_pass
+
+        g, init_report = init_pass(g, seed, copy=False)
+        report.initialized = len(init_report.records)
+    g.meta["graphshape"] = report.to_dict()
+    g.validate()
+    leftover = [n.name for n in g if n.op in NORM_OPS]
+    if leftover:  # pragma: no cover - remove_normalization removes them all
+        raise GraphshapeError(f"normalization nodes left after shaping: {leftover}")
+    return g, report

@@ -1,0 +1,424 @@
+"""Subnetworks of a graph and its subnetwork maximizing function, derived from the IR alone.
+
+DKS/TAT (``DESIGN.md`` §1, "Subnetworks") need ``M(x, r)``: the maximum, over the set S(f) of
+subnetworks of the network f, of the subnetwork's composed map at ``x`` where every nonlinear
+layer applies the scalar function ``r``. dks users write M by hand; here it is derived:
+
+* **signals** are the values that depend on a model input (everything else is a constant);
+* a **join** is a ``sum`` node, an ``add``/``sub`` node with two signal inputs, or a ``concat``
+  with two or more signal inputs;
+* the **fork** of a join is its immediate dominator in the dataflow graph (computed with
+  ``networkx.immediate_dominators`` from a virtual root feeding every model input);
+* a **branch** is the part of the graph between the fork and one join input: the nodes that
+  descend from the fork and lead to that input. Fed ``x`` at the fork, it is a network of its own.
+
+S(f) is f plus every branch of every join. The DKS definition is recursive (the branches of
+the joins inside a branch, and so on), but the fork dominates every node of its branches, so
+the joins inside a branch and their forks are joins and forks of f too: the flat set over all
+joins of f is the same set. Branches without any nonlinear layer (identity and projection
+shortcuts) compose to the identity map; they are left out of S(f), as in dks's hand-written
+functions (a linear subnetwork has nothing to shape).
+
+Composition rules on the scalar ``x`` (an entry of the kernel: a c value, a slope, ...):
+nonlinear layers (``activation`` nodes) apply ``r``; joins average their inputs with kernel
+weights that sum to 1 (normalized sum ``sum w_i x_i`` with ``sum w_i^2 = 1``: weights ``w_i^2``;
+concat: ``n_i / N`` by channel count); products of two signals multiply (``mul``, ``div``,
+``matmul``: the c of a product of independent signals is the product of their c values); every
+other op (affine layers, pooling, reshapes, normalization, ops with a constant operand) is the
+identity on ``x``.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+from typing import Callable, Mapping, Sequence
+
+import networkx as nx
+import numpy as np
+
+from graphshape.errors import GraphshapeError
+from graphshape.ir import Graph, Ref
+
+#: key of the virtual root node added to the dataflow graph before computing dominators
+_ROOT = ("__graphshape_root__",)
+
+_SUM_LIKE = ("sum", "add", "sub")
+_PRODUCT_OPS = ("mul", "div", "matmul")
+
+
+_NON_FLOAT = ("int", "uint", "bool", "object")
+
+
+def signal_nodes(graph: Graph) -> set[str]:
+    """Names of the nodes whose outputs depend on a model input: the inputs, and every node
+    with a signal input whose output is a floating-point tensor (or of unknown dtype).
+    Integer and object values computed from inputs (``x.size(0)``, argmax indices) are not
+    signals."""
+    found: set[str] = set(graph.inputs)
+    for node in graph:
+        if node.name in found:
+            continue
+        dtype = node.dtype or ""
+        if dtype.startswith(_NON_FLOAT):
+            continue
+        if any(ref.node in found for ref in node.inputs):
+            found.add(node.name)
+    return found
+
+
+def is_join(graph: Graph, name: str, signals: set[str] | None = None) -> bool:
+    """Whether node ``name`` joins two or more signals (see the module docstring)."""
+    node = graph[name]
+    if node.op not in (*_SUM_LIKE, "concat"):
+        return False
+    signals = signal_nodes(graph) if signals is None else signals
+    n_signal = sum(1 for ref in node.inputs if ref.node in signals)
+    return n_signal >= 2
+
+
+@dataclass
+class Join:
+    """One join: ``node`` (name), ``fork`` (its immediate dominator, None for the virtual root
+    when the join's inputs meet only at the model inputs), ``inputs`` (its signal inputs, in
+    slot order), ``slots`` (their input slots on the node), ``branches`` (node names of the
+    branch leading to each signal input, topological order; the fork itself excluded),
+    ``nonlinear`` (per branch: whether it holds an activation), ``shortcut`` (the position in
+    ``inputs`` of the shortcut of a residual join, else None)."""
+
+    node: str
+    op: str
+    fork: str | None
+    inputs: list[Ref]
+    slots: list[int]
+    branches: list[list[str]]
+    nonlinear: list[bool]
+    shortcut: int | None = None
+
+
+@dataclass
+class _Analysis:
+    order: list[str]
+    index: dict[str, int]
+    signals: set[str]
+    idom: dict
+    joins: list[Join] = field(default_factory=list)
+
+
+def _analyse(graph: Graph) -> _Analysis:
+    order = [n for n in graph.topo_order()]
+    index = {n: i for i, n in enumerate(order)}
+    signals = signal_nodes(graph)
+    dag = nx.DiGraph()
+    dag.add_nodes_from(n for n in order if n in signals)
+    dag.add_edges_from((u, v) for u, v in graph.nx.edges if u in signals and v in signals)
+    dag.add_node(_ROOT)
+    dag.add_edges_from((_ROOT, n) for n in graph.inputs)
+    idom = nx.immediate_dominators(dag, _ROOT)
+
+    # Ancestor / descendant sets as Python-int bitsets over topological positions: one
+    # pass each way, so that a branch (ancestors of a join input that descend from the fork)
+    # is two AND operations even for graphs with thousands of joins (DenseNets).
+    anc = {}
+    for n in order:
+        if n not in signals:
+            continue
+        bits = 0
+        for p in graph.nx.predecessors(n):
+            if p in signals:
+                bits |= anc[p] | (1 << index[p])
+        anc[n] = bits
+    desc = {}
+    for n in reversed(order):
+        if n not in signals:
+            continue
+        bits = 0
+        for s in graph.nx.successors(n):
+            if s in signals:
+                bits |= desc[s] | (1 << index[s])
+        desc[n] = bits
+    all_signals = 0
+    for n in signals:
+        all_signals |= 1 << index[n]
+
+    result = _Analysis(order, index, signals, idom)
+    act_bits = 0
+    for n in signals:
+        if graph[n].op == "activation":
+            act_bits |= 1 << index[n]
+    for n in order:
+        if n not in signals or not is_join(graph, n, signals):
+            continue
+        node = graph[n]
+        fork = idom[n]
+        fork_desc = all_signals if fork == _ROOT else desc[fork]
+        inputs, slots, branches, nonlinear = [], [], [], []
+        for slot, ref in enumerate(node.inputs):
+            if ref.node not in signals:
+                continue
+            bits = (anc[ref.node] | (1 << index[ref.node])) & fork_desc
+            inputs.append(ref)
+            slots.append(slot)
+            branches.append(_decode(bits, order))
+            nonlinear.append(bool(bits & act_bits))
+        shortcut = None
+        if node.op in _SUM_LIKE and len(inputs) == 2 and nonlinear.count(False) == 1:
+            # residual join: one identity/projection shortcut (no activation between the
+            # fork and the join) and one branch that holds the nonlinear layers
+            shortcut = nonlinear.index(False)
+        result.joins.append(Join(n, node.op, None if fork == _ROOT else fork, inputs, slots,
+                                 branches, nonlinear, shortcut))
+    return result
+
+
+def _decode(bits: int, order: list[str]) -> list[str]:
+    names = []
+    i = 0
+    while bits:
+        if bits & 1:
+            names.append(order[i])
+        bits >>= 1
+        i += 1
+    return names
+
+
+def find_joins(graph: Graph) -> list[Join]:
+    """Every join of ``graph`` with its fork, branches and (for residual joins) shortcut."""
+    return _analyse(graph).joins
+
+
+def join_kernel_weights(graph: Graph, join: Join, *, weights: Mapping | None = None,
+                        shortcut_weight: float | None = None) -> tuple[list[float], list[str]]:
+    """Kernel weights of a join's signal inputs (they sum to 1) and flags explaining them.
+
+    A normalized sum ``sum w_i x_i`` (``sum w_i^2 = 1``) has kernel weights ``w_i^2``; the
+    weights are taken, in this order of precedence, from ``weights[join.node]`` (one per signal
+    input), from ``shortcut_weight`` for residual joins (shortcut ``w^2``, branch ``1 - w^2``),
+    from ``attrs["weights"]`` of ``sum`` nodes, from ``alpha`` of ``add`` / the sign of
+    ``sub``; sums whose weights are not normalized are taken as the normalized sum they
+    become under shaping (``w_i^2 / sum_j w_j^2``), flagged. Concatenations weigh each input by
+    its share ``n_i / N`` of the channels along the concatenation axis.
+    """
+    node = graph[join.node]
+    k = len(join.inputs)
+    flags: list[str] = []
+    if node.op == "concat":
+        axis = node.attrs.get("axis", 1)
+        sizes = []
+        for ref in join.inputs:
+            shape = graph.info(ref).shape
+            try:
+                size = shape[axis]
+            except (TypeError, IndexError):
+                size = None
+            sizes.append(size if isinstance(size, (int, np.integer)) else None)
+        if any(s is None for s in sizes):
+            flags.append("approximate: concat with unknown input sizes weighted equally")
+            return [1.0 / k] * k, flags
+        total = float(sum(sizes))
+        return [s / total for s in sizes], flags
+    if weights is not None and join.node in weights:
+        raw = [float(w) for w in weights[join.node]]
+        if len(raw) != k:
+            raise GraphshapeError(
+                f"weights for join {join.node!r} has {len(raw)} entries, the join has {k} "
+                "signal inputs", node=join.node, op=node.op)
+    elif shortcut_weight is not None and join.shortcut is not None:
+        w = float(shortcut_weight)
+        if not 0.0 <= w <= 1.0:
+            raise GraphshapeError(f"shortcut_weight must lie in [0, 1], got {w}")
+        raw = [np.sqrt(1.0 - w * w)] * k
+        raw[join.shortcut] = w
+    elif node.op == "sum" and node.attrs.get("weights") is not None:
+        all_w = [float(w) for w in node.attrs["weights"]]
+        raw = [all_w[s] for s in join.slots]
+    elif node.op == "add":
+        raw = [1.0, float(node.attrs.get("alpha", 1.0) or 1.0)]
+        raw = [raw[min(s, 1)] for s in join.slots]
+        flags.append("unweighted add: analysed as the normalized sum with equal weights")
+    elif node.op == "sub":
+        raw = [1.0, -1.0]
+        flags.append("unweighted sub: analysed as the normalized sum with equal weights")
+    else:
+        raw = [1.0] * k
+        flags.append("unweighted sum: analysed as the normalized sum with equal weights")
+    squares = [w * w for w in raw]
+    total = sum(squares)
+    if total <= 0:
+        raise GraphshapeError("all weights of this join are zero", node=join.node, op=node.op)
+    if abs(total - 1.0) > 1e-9 and not any(f.startswith("unweighted") for f in flags):
+        flags.append(f"unnormalized sum (sum of squared weights {total:.4g}): analysed as "
+                     "the normalized sum it becomes")
+    return [s / total for s in squares], flags
+
+
+# --------------------------------------------------------------------------- programs
+# A subnetwork compiles to a straight-line program over registers; register 0 holds x.
+# Instructions: ("r", a) -> r(v[a]); ("mix", ((a, w), ...)) -> sum w v[a];
+# ("prod", (a, b, ...)) -> product. Programs are canonical tuples, so equal subnetworks
+# (all the residual branches of a ResNet stage, say) are evaluated once.
+
+
+def _compile(graph: Graph, nodes: Sequence[str], sources: Sequence[str], out: str,
+             join_weights: Mapping[str, list[float]], joins_by_node: Mapping[str, Join],
+             signals: set[str]) -> tuple:
+    reg: dict[str, int] = {s: 0 for s in sources}
+    prog: list[tuple] = []
+    for name in nodes:
+        node = graph[name]
+        refs = [r for r in node.inputs if r.node in reg]
+        if not refs:
+            continue
+        if node.op == "activation":
+            prog.append(("r", reg[refs[0].node]))
+            reg[name] = len(prog)
+        elif name in joins_by_node:
+            join = joins_by_node[name]
+            mix: dict[int, float] = {}
+            for ref, w in zip(join.inputs, join_weights[name]):
+                if ref.node in reg:  # inside a branch every signal input is in reg
+                    mix[reg[ref.node]] = mix.get(reg[ref.node], 0.0) + w
+            if len(mix) == 1:
+                reg[name] = next(iter(mix))
+            else:
+                prog.append(("mix", tuple(sorted(mix.items()))))
+                reg[name] = len(prog)
+        elif node.op in _PRODUCT_OPS and sum(r.node in signals for r in node.inputs) >= 2:
+            prog.append(("prod", tuple(reg[r.node] for r in refs)))
+            reg[name] = len(prog)
+        else:
+            reg[name] = reg[refs[0].node]
+    if out not in reg:
+        return ()
+    return _prune(prog, reg[out])
+
+
+def _prune(prog: list[tuple], out: int) -> tuple:
+    """Dead-code elimination and renumbering: the canonical form of a program."""
+    live = {out}
+    for i in range(len(prog), 0, -1):
+        if i in live:
+            ins = prog[i - 1]
+            if ins[0] == "r":
+                live.add(ins[1])
+            elif ins[0] == "mix":
+                live.update(a for a, _ in ins[1])
+            else:
+                live.update(ins[1])
+    new = {0: 0}
+    result = []
+    for i in range(1, len(prog) + 1):
+        if i not in live:
+            continue
+        ins = prog[i - 1]
+        if ins[0] == "r":
+            result.append(("r", new[ins[1]]))
+        elif ins[0] == "mix":
+            result.append(("mix", tuple((new[a], w) for a, w in ins[1])))
+        else:
+            result.append(("prod", tuple(new[a] for a in ins[1])))
+        new[i] = len(result)
+    return tuple(result) + (("out", new[out]),)
+
+
+def _run(prog: tuple, x, r: Callable):
+    vals = [x]
+    for ins in prog:
+        kind = ins[0]
+        if kind == "r":
+            vals.append(r(vals[ins[1]]))
+        elif kind == "mix":
+            acc = 0.0
+            for a, w in ins[1]:
+                acc = acc + w * vals[a]
+            vals.append(acc)
+        elif kind == "prod":
+            acc = 1.0
+            for a in ins[1]:
+                acc = acc * vals[a]
+            vals.append(acc)
+        else:  # ("out", register)
+            return vals[ins[1]]
+    return vals[-1]
+
+
+class SubnetMaxFunc:
+    """``M(x, r)``: callable following dks's ``subnet_max_func(x, r_fn)`` convention.
+
+    Attributes: ``subnetworks`` (one description per distinct subnetwork: "network" or
+    "branch <fork> -> <join>[input]"), ``programs`` (their compiled forms), ``joins``,
+    ``flags`` (join name -> list of strings explaining how its weights were chosen).
+    """
+
+    def __init__(self, programs: list[tuple], descriptions: list[str], joins: list[Join],
+                 flags: dict[str, list[str]]):
+        self.programs = programs
+        self.subnetworks = descriptions
+        self.joins = joins
+        self.flags = flags
+
+    def __call__(self, x, r: Callable):
+        values = [_run(p, x, r) for p in self.programs]
+        if any(isinstance(v, np.ndarray) for v in values):
+            return functools.reduce(np.maximum, values)
+        return max(values)
+
+    def __repr__(self) -> str:
+        return (f"<SubnetMaxFunc over {len(self.programs)} distinct subnetworks: "
+                f"{', '.join(self.subnetworks[:4])}{' ...' if len(self.programs) > 4 else ''}>")
+
+
+def subnet_max_func(graph: Graph, weights: Mapping[str, Sequence[float]] | None = None, *,
+                    shortcut_weight: float | None = None) -> SubnetMaxFunc:
+    """The subnetwork maximizing function of ``graph`` (see the module docstring).
+
+    ``weights``: optional join node name -> weights of its signal inputs (the normalized sum
+    ``sum w_i x_i`` they will have), overriding everything else; ``shortcut_weight``: the
+    weight w of the shortcut of every residual join (shortcut ``w``, branch ``sqrt(1-w^2)``),
+    as dks's ResNet examples take it. Joins without either use their own weights (``sum``
+    ``attrs["weights"]``), and unweighted adds count as normalized sums with equal weights
+    (flagged in ``.flags``).
+    """
+    info = _analyse(graph)
+    if not graph.inputs:
+        raise GraphshapeError("the graph has no input nodes: nothing to analyse")
+    joins_by_node = {j.node: j for j in info.joins}
+    join_w: dict[str, list[float]] = {}
+    flags: dict[str, list[str]] = {}
+    for j in info.joins:
+        join_w[j.node], flags[j.node] = join_kernel_weights(
+            graph, j, weights=weights, shortcut_weight=shortcut_weight)
+
+    programs: list[tuple] = []
+    descriptions: list[str] = []
+    seen: set[tuple] = set()
+
+    def add(prog, description, always=False):
+        if not prog or prog in seen:
+            return
+        if not always and not any(ins[0] == "r" for ins in prog):
+            return  # a linear subnetwork composes to the identity: nothing to shape
+        seen.add(prog)
+        programs.append(prog)
+        descriptions.append(description)
+
+    signal_order = [n for n in info.order if n in info.signals]
+    outs = [graph[o].inputs[0].node for o in graph.output_nodes]
+    outs = [o for o in outs if o in info.signals]
+    if not outs:
+        raise GraphshapeError("no model output depends on a model input: nothing to analyse")
+    for o in outs:
+        add(_compile(graph, signal_order, graph.inputs, o, join_w, joins_by_node, info.signals),
+            "network", always=True)
+
+    done: set[tuple[str | None, str]] = set()
+    for j in info.joins:
+        for ref, branch, nonlinear in zip(j.inputs, j.branches, j.nonlinear):
+            key = (j.fork, ref.node)
+            if not nonlinear or key in done:
+                continue
+            done.add(key)
+            sources = [j.fork] if j.fork is not None else list(graph.inputs)
+            add(_compile(graph, branch, sources, ref.node, join_w, joins_by_node, info.signals),
+                f"branch {j.fork or 'inputs'} -> {j.node}[{ref!r}]")
+    return SubnetMaxFunc(programs, descriptions, info.joins, flags)

@@ -1,0 +1,108 @@
+"""Gaussian expectations: exact moments, adaptive quadrature, closed forms, Monte Carlo."""
+
+import numpy as np
+import pytest
+from scipy import integrate, special
+
+from graphshape import gaussian as G
+
+C_GRID = np.array([-1.0, -1 + 1e-9, -0.97, -0.5, 0.0, 0.2, 0.7, 0.99, 1 - 1e-6, 1 - 1e-12, 1.0])
+
+
+def _quad(f, breaks=()):
+    """E[f(z)] by scipy's adaptive quadrature, split at ``breaks`` (independent reference)."""
+    edges = [-14.0, *sorted(b for b in breaks if abs(b) < 14), 14.0]  # density < 1e-42 beyond
+    density = lambda z: f(z) * np.exp(-z * z / 2) / np.sqrt(2 * np.pi)
+    return sum(integrate.quad(density, lo, hi, epsabs=1e-14, epsrel=1e-12, limit=500)[0]
+               for lo, hi in zip(edges[:-1], edges[1:]))
+
+
+def test_normal_moments_exact():
+    assert G.expect(lambda z: np.ones_like(z)) == pytest.approx(1.0, abs=1e-14)
+    assert G.expect(lambda z: z) == pytest.approx(0.0, abs=1e-15)
+    assert G.expect(lambda z: z ** 2) == pytest.approx(1.0, abs=1e-14)
+    assert G.expect(lambda z: z ** 8) == pytest.approx(105.0, rel=1e-13)
+    assert G.expect(np.abs, kinks=[0.0]) == pytest.approx(np.sqrt(2 / np.pi), abs=1e-15)
+
+
+@pytest.mark.parametrize("scale,shift", [(1.0, 0.0), (0.3, 0.7), (2.5, -1.0), (12.0, 0.4)])
+def test_expect_matches_adaptive_quadrature(scale, shift):
+    # Smooth but sharp (tanh(12 z)) and kinked (relu, hardtanh) integrands; the centre of
+    # the sharp part is passed as a soft point, as kernels does.
+    soft = [(-shift / scale, 1 / scale)] if scale > 1 else []
+    f = lambda z: np.tanh(scale * z + shift) ** 2 * np.exp(0.3 * z)
+    assert G.expect(f, soft=soft) == pytest.approx(_quad(f, [-shift / scale]), abs=1e-12)
+    kinks = [(-1 - shift) / scale, (1 - shift) / scale]
+    g = lambda z: np.clip(scale * z + shift, -1, 1) * z
+    assert G.expect(g, kinks=kinks) == pytest.approx(_quad(g, kinks), abs=1e-13)
+
+
+def test_relu_arc_cosine_kernel_across_c():
+    relu = lambda x: np.maximum(x, 0.0)
+    got = G.expect2(relu, relu, C_GRID, [0.0], [0.0])
+    s = np.sqrt(1 - C_GRID ** 2)
+    exact = (s + (np.pi - np.arccos(C_GRID)) * C_GRID) / (2 * np.pi)
+    np.testing.assert_allclose(got, exact, rtol=0, atol=1e-13)
+
+
+def test_shifted_kinks_against_bivariate_normal_cdf():
+    # E[1{u > a} 1{v > b}] = P(u > a, v > b): the kinks are off the origin and move with c.
+    a, b = 0.4, -1.3
+    step_a = lambda x: (x > a).astype(float)
+    step_b = lambda x: (x > b).astype(float)
+    for c in [-0.9, -0.3, 0.0, 0.5, 0.95, 0.9999]:
+        s = np.sqrt(1 - c * c)
+        # P(u > a, v > b) = int_a^inf pdf(u) P(w > (b - c u) / s) du, by adaptive quadrature.
+        exact = integrate.quad(lambda u: np.exp(-u * u / 2) / np.sqrt(2 * np.pi)
+                               * special.ndtr((c * u - b) / s), a, np.inf,
+                               epsabs=1e-14, epsrel=1e-12, limit=500)[0]
+        assert G.expect2(step_a, step_b, c, [a], [b]) == pytest.approx(exact, abs=1e-12)
+
+
+@pytest.mark.parametrize("scale", [0.5, 1.0, 6.0])
+def test_erf_arcsine_kernel(scale):
+    f = lambda x: special.erf(scale * x)
+    soft = [(0.0, 1 / scale)] if scale > 1 else []
+    got = G.expect2(f, f, C_GRID, soft_f=soft, soft_g=soft)
+    k = 2 * scale ** 2 / (1 + 2 * scale ** 2)
+    np.testing.assert_allclose(got, 2 / np.pi * np.arcsin(k * C_GRID), rtol=0, atol=1e-12)
+
+
+def test_polynomial_moments_and_shapes():
+    c = np.array([[-0.3, 0.1], [0.8, 1.0]])
+    np.testing.assert_allclose(G.expect2(lambda x: x, lambda x: x, c), c, atol=1e-14)
+    np.testing.assert_allclose(G.expect2(np.square, np.square, c), 1 + 2 * c ** 2, atol=1e-13)
+    assert isinstance(G.expect2(np.tanh, np.tanh, 0.3), float)
+    with pytest.raises(ValueError):
+        G.expect2(np.tanh, np.tanh, 1.5)
+
+
+def test_piecewise_polynomial_inner_integral_in_closed_form():
+    # hardswish-like pieces against adaptive quadrature, for means far in both tails too.
+    pieces = [(-np.inf, -3.0, 0.0, 0.0, 0.0), (-3.0, 3.0, 0.0, 0.5, 1 / 6),
+              (3.0, np.inf, 0.0, 1.0, 0.0)]
+    g = lambda x: x * np.clip(x + 3, 0, 6) / 6
+    for mean, std in [(0.0, 1.0), (2.5, 0.3), (-7.0, 1.5), (40.0, 2.0), (0.1, 1e-6)]:
+        exact = _quad(lambda w: g(mean + std * w), [(-3 - mean) / std, (3 - mean) / std])
+        got = G.expect_pieces(pieces, mean, std)
+        assert got == pytest.approx(exact, rel=1e-12, abs=1e-14)
+    # ... and as the inner integral of expect2 (the same value as the quadrature path).
+    c = np.array([-0.99, -0.2, 0.5, 0.999])
+    with_pieces = G.expect2(np.tanh, g, c, kinks_g=[-3, 3], scale_g=1.7, pieces_g=pieces)
+    plain = G.expect2(np.tanh, g, c, kinks_g=[-3, 3], scale_g=1.7)
+    np.testing.assert_allclose(with_pieces, plain, rtol=1e-12, atol=1e-14)
+
+
+def test_monte_carlo_mixed_kinked_pair():
+    # hardswish(u + 0.5) * tanh(2 v): no closed form. 4e6 samples with a fixed seed; the
+    # tolerance is 5 standard errors of the sample mean, so a correct value fails with
+    # probability ~6e-7.
+    f = lambda x: x * np.clip(x + 3.5, 0, 6) / 6 + 0.5 * np.clip(x + 3.5, 0, 6) / 6
+    g = lambda x: np.tanh(2 * x)
+    rng = np.random.default_rng(1234)
+    c = 0.6
+    u = rng.standard_normal(4_000_000)
+    v = c * u + np.sqrt(1 - c * c) * rng.standard_normal(u.size)
+    prod = f(u) * g(v)
+    got = G.expect2(f, g, c, kinks_f=[-3.5, 2.5], soft_g=[(0.0, 0.5)])
+    assert abs(got - prod.mean()) < 5 * prod.std() / np.sqrt(prod.size)

@@ -1,0 +1,260 @@
+"""Shaping torchvision ResNets end to end: parameters against dks 0.1.2, shaped models.
+
+The parameter tests compare what graphshape solves on the traced model (its subnetworks
+derived from the graph) with what dks 0.1.2 solves from the hand-derived subnetwork
+maximizing function of each ResNet, recorded once in tests/data/dks_resnet_reference.json
+by tests/data/make_dks_resnet_reference.py (dks is never called here).
+"""
+
+import functools
+import importlib.util
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+torchvision = pytest.importorskip("torchvision")
+
+import graphshape  # noqa: E402
+from graphshape import GraphshapeError  # noqa: E402
+from graphshape.passes.normalize import NORM_OPS  # noqa: E402
+from graphshape.passes.shaping import shape_graph  # noqa: E402
+
+DATA = os.path.join(os.path.dirname(__file__), "data")
+REFERENCE = json.load(open(os.path.join(DATA, "dks_resnet_reference.json")))
+_spec = importlib.util.spec_from_file_location(
+    "make_dks_resnet_reference", os.path.join(DATA, "make_dks_resnet_reference.py"))
+make_ref = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(make_ref)
+
+TINY = (1, 3, 32, 32)
+
+
+@functools.lru_cache(maxsize=None)
+def traced(arch: str):
+    from graphshape.frontends.torch_fx import load_module
+
+    torch.manual_seed(0)
+    return load_module(getattr(torchvision.models, arch)(weights=None), torch.zeros(TINY))
+
+
+def _case_id(case):
+    return f"{case['arch']}-w{case['shortcut_weight']}-{case['method']}-{case['activation']}"
+
+
+def _relu_conditions(params, s_star):
+    """Q(1) - 1, C(0) and C'(1) - s* of the transformed relu, in closed form."""
+    from scipy.stats import norm
+
+    a, b = params["input_scale"], params["input_shift"]
+    d, g = params["output_shift"], params["output_scale"]
+    m = b / a  # relu(a z + b) = a relu(z + m), a > 0
+    e1 = a * (m * norm.cdf(m) + norm.pdf(m))
+    e2 = a * a * ((m * m + 1) * norm.cdf(m) + m * norm.pdf(m))
+    q1 = g * g * (e2 + 2 * d * e1 + d * d)
+    return q1 - 1, g * g * (e1 + d) ** 2 / q1, g * g * a * a * norm.cdf(m) / q1 - s_star
+
+
+@pytest.mark.parametrize("case", REFERENCE["cases"], ids=_case_id)
+def test_resnet_parameters_match_dks(case):
+    arch, w = case["arch"], case["shortcut_weight"]
+    kwargs = dict(method=case["method"], activation=case["activation"], shortcut_weight=w,
+                  initialize=False)
+    if "error" in case:  # dks finds no parameters: neither may graphshape
+        with pytest.raises(GraphshapeError, match="eta"):
+            shape_graph(traced(arch), **kwargs)
+        return
+    shaped, report = shape_graph(traced(arch), **kwargs)
+    got = report.activation_params[case["activation"]]
+    assert set(got) == set(case["params"])
+    if case["method"] == "DKS" and case["activation"] == "relu":
+        # dks integrates relu with a fixed Gauss-Legendre grid that does not split at the
+        # kink, which leaves its C'(1) condition off by ~7e-6 (so its parameters by ~1e-4);
+        # graphshape's closed-form expectations meet all three conditions to ~1e-12.
+        assert got == pytest.approx(case["params"], rel=3e-4)
+        blocks, bottleneck = make_ref.RESNETS[arch]
+        from scipy.optimize import brentq
+
+        s_star = brentq(lambda s: make_ref.resnet_v1_subnet_max_func(
+            1.0, lambda y: s * y, blocks, bottleneck, w) - 1.5, 1.0, 2.0, xtol=1e-15)
+        assert np.abs(_relu_conditions(got, s_star)).max() < 1e-10
+    else:
+        assert got == pytest.approx(case["params"], rel=1e-5, abs=1e-9)
+    assert not any(n.op in NORM_OPS for n in shaped)
+
+
+def test_reference_covers_the_issue_matrix():
+    """4 ResNets x 3 shortcut weights x 6 (method, activation) pairs, and the one case where
+    dks finds no parameters."""
+    cases = REFERENCE["cases"]
+    assert len(cases) == 72
+    assert [(_c["arch"], _c["shortcut_weight"], _c["method"], _c["activation"])
+            for _c in cases if "error" in _c] == [("resnet18", 0.8, "TAT", "leaky_relu")]
+
+
+def test_unreachable_eta_names_what_is_reachable():
+    with pytest.raises(GraphshapeError) as info:
+        graphshape.shape(torchvision.models.resnet18(weights=None), torch.zeros(TINY),
+                         method="TAT", activation="leaky_relu", shortcut_weight=0.8)
+    msg = str(info.value)
+    assert "0.893" in msg and "eta" in msg
+
+
+# ------------------------------------------------------------------ shaped models
+def _constant_per_location(n, channels, size, seed=0):
+    """n examples, each constant across spatial locations, with q = 1 per location."""
+    gen = torch.Generator().manual_seed(seed)
+    v = torch.randn(n, channels, generator=gen)
+    v = v / v.pow(2).mean(dim=1, keepdim=True).sqrt()
+    return v[:, :, None, None].expand(n, channels, size, size).contiguous()
+
+
+def _activation_input_q(gm, x):
+    from graphshape.torch_modules import TransformedActivation
+
+    qs = []
+    hooks = [m.register_forward_pre_hook(lambda mod, args: qs.append(
+        args[0].detach().double().pow(2).mean().item()))
+        for m in gm.modules() if isinstance(m, TransformedActivation)]
+    try:
+        with torch.no_grad():
+            gm(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    return np.array(qs)
+
+
+@pytest.mark.parametrize("arch,method,activation,w,check_c", [
+    ("resnet18", "TAT", "leaky_relu", 0.0, True),
+    ("resnet18", "TAT", "leaky_relu", 0.5, True),
+    ("resnet18", "TAT", "softplus", 0.0, True),
+    ("resnet50", "DKS", "softplus", 0.8, False),
+])
+def test_shaped_resnet_runs_and_meets_the_kernel_bounds(arch, method, activation, w, check_c):
+    """No norm left; forward and backward run; on constant-per-location inputs (where the
+    kernel theory is exact up to finite width: delta-orthogonal convs see only the centre
+    tap, so padding and pooling keep every location the same) the analysis issue's bounds
+    hold: median |q_local / q_emp - 1| <= 8%, and for TAT median |c_pred - c_emp| <= 0.03,
+    worst <= 0.10 (measured for DKS ResNet-50 at w=0.8: median 0.040, worst 0.18 -- DKS
+    networks are more nonlinear, c is harder to predict at width 64)."""
+    from graphshape.backend_torch import emit
+    from graphshape.passes.analysis import analyze
+
+    shaped, report = shape_graph(traced(arch), method=method, activation=activation,
+                                 shortcut_weight=w, seed=0)
+    assert not any(n.op in NORM_OPS for n in shaped)
+    n_bn = sum(1 for n in traced(arch) if n.op == "batch_norm")
+    assert sum(r["op"] == "batch_norm" for r in report.removed) == n_bn > 0
+    json.dumps(report.to_dict())  # JSON-able
+    gm = emit(shaped)
+    assert not [m for m in gm.modules() if isinstance(
+        m, (torch.nn.modules.batchnorm._BatchNorm, torch.nn.LayerNorm, torch.nn.GroupNorm))]
+
+    # forward and backward
+    out = gm(torch.randn(2, 3, 32, 32))
+    assert out.shape == (2, 1000) and torch.isfinite(out).all()
+    out.square().mean().backward()
+    grads = [p.grad for p in gm.parameters() if p.requires_grad]
+    assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert sum(float(g.abs().sum()) for g in grads) > 0
+
+    x = _constant_per_location(4, 3, 32)
+    with torch.no_grad():
+        stats = analyze(shaped, x, empirical=True, module=gm)
+    q_err = np.array([abs(r["q_local"] / r["q_emp"] - 1) for r in stats.rows
+                      if r.get("q_local") is not None and r.get("q_emp")])
+    assert len(q_err) > 20 and np.median(q_err) <= 0.08, np.median(q_err)
+    if check_c:
+        c_err = np.array([abs(r["c_pred"] - r["c_emp"]) for r in stats.rows
+                          if r.get("c_pred") is not None and r.get("c_emp") is not None])
+        assert np.median(c_err) <= 0.03 and c_err.max() <= 0.10, (np.median(c_err), c_err.max())
+    if w == 0.0:
+        # without skips every activation follows a conv, and q stays near 1 throughout
+        q = _activation_input_q(gm, x)
+        assert len(q) == sum(1 for n in shaped if n.op == "activation")
+        dev = np.abs(q - 1)
+        assert np.median(dev) < 0.1 and dev.max() < 0.3, q
+
+
+def test_default_tat_turns_relu_into_trelu_and_untransformed_only_restructures():
+    """All defaults work on resnet18 (the default shortcut weight is the largest for which
+    TAT's default eta is reachable on every torchvision ResNet)."""
+    from graphshape.passes.shaping import DEFAULT_SHORTCUT_WEIGHT
+
+    model = torchvision.models.resnet18(weights=None)
+    gm = graphshape.shape(model, torch.zeros(TINY), seed=1)
+    report = gm.meta["graphshape"]
+    assert report.options["shortcut_weight"] == DEFAULT_SHORTCUT_WEIGHT
+    assert report.method == "TAT" and set(report.activation_params) == {"leaky_relu"}
+    with pytest.raises(GraphshapeError, match="eta"):  # 0.05 more is too much for resnet18
+        shape_graph(traced("resnet18"), activation="leaky_relu",
+                    shortcut_weight=DEFAULT_SHORTCUT_WEIGHT + 0.05, initialize=False)
+    assert any("leaky_relu" in warning for warning in report.warnings)
+    plain = graphshape.shape(model, torch.zeros(TINY), method="untransformed",
+                             shortcut_weight=0.0, seed=1)
+    rep = plain.meta["graphshape"]
+    assert rep.activation_params == {} and rep.method == "untransformed"
+    assert "add" not in {r["op"] for r in rep.rewritten}  # w = 0: skips removed, not rewritten
+    assert sum(r["op"] == "add" for r in rep.removed) == 8  # the 8 residual adds
+    assert sum(r["op"] == "conv" for r in rep.removed) == 3  # the 3 projection shortcuts
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.isfinite(plain(x)).all()
+
+
+def test_seed_determinism_and_source_untouched():
+    model = torchvision.models.resnet18(weights=None)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    a = graphshape.shape(model, torch.zeros(TINY), shortcut_weight=0.5, seed=3)
+    b = graphshape.shape(model, torch.zeros(TINY), shortcut_weight=0.5, seed=3)
+    for (ka, va), (kb, vb) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert ka == kb and torch.equal(va, vb)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k])
+
+
+def test_pln_makes_every_input_location_q_one():
+    model = torchvision.models.resnet18(weights=None)
+    gm = graphshape.shape(model, torch.zeros(TINY), shortcut_weight=0.5, pln=True, seed=0)
+    seen = []
+    h = gm.conv1.register_forward_pre_hook(lambda m, a: seen.append(a[0]))
+    gm(torch.randn(2, 3, 32, 32) * 5 + 2)
+    h.remove()
+    q = seen[0].pow(2).mean(dim=1)
+    torch.testing.assert_close(q, torch.ones_like(q), rtol=1e-4, atol=1e-4)
+
+
+class _FunctionalBatchNormNet(torch.nn.Module):
+    """conv -> F.batch_norm (as timm's BatchNormAct2d traces) -> relu, twice, with a skip."""
+
+    def __init__(self, c=8):
+        super().__init__()
+        self.conv1 = torch.nn.Conv2d(3, c, 3, padding=1, bias=False)
+        self.conv2 = torch.nn.Conv2d(c, c, 3, padding=1, bias=False)
+        for i in (1, 2):
+            self.register_buffer(f"mean{i}", torch.zeros(c))
+            self.register_buffer(f"var{i}", torch.ones(c))
+            self.register_parameter(f"gamma{i}", torch.nn.Parameter(torch.ones(c)))
+            self.register_parameter(f"beta{i}", torch.nn.Parameter(torch.zeros(c)))
+
+    def forward(self, x):
+        F = torch.nn.functional
+        torch._assert(x.ndim == 4, "expected NCHW")  # as timm does: dead code after shaping
+        h = F.relu(F.batch_norm(self.conv1(x), self.mean1, self.var1, self.gamma1, self.beta1))
+        y = F.batch_norm(self.conv2(h), self.mean2, self.var2, self.gamma2, self.beta2)
+        return F.relu(y + h)
+
+
+def test_functional_batch_norm_calls_are_removed():
+    gm = graphshape.shape(_FunctionalBatchNormNet(), torch.zeros(1, 3, 8, 8), method="DKS",
+                          activation="softplus", shortcut_weight=0.5, seed=0)
+    report = gm.meta["graphshape"]
+    # removed whether the frontend maps F.batch_norm to batch_norm or leaves it opaque
+    assert sum(r["what"].startswith("normalization") for r in report.removed) == 2
+    assert not [n for n in gm.graph.nodes if "batch_norm" in str(n.target)]
+    assert {r["node"] for r in report.rewritten if "zero bias" in r["what"]} >= {"conv1", "conv2"}
+    out = gm(torch.randn(2, 3, 8, 8))
+    assert torch.isfinite(out).all()
