@@ -454,7 +454,94 @@ class _Importer:
         self._journal: list[tuple[str, str]] = []
 
     # ----------------------------------------------------------------- setup
+    def _check_structure(self) -> None:
+        """Name the node behind the structural faults that onnx.checker reports without
+        one: dangling tensor names, cycles, two producers of one value, ops that are not
+        ONNX ops (or not in this opset), graph outputs nothing produces. Nodes that are
+        merely out of order (an acyclic graph) are sorted, in a copy of the model."""
+        import networkx as nx
+
+        onnx = self.onnx
+        graph = self.proto.graph
+        defined = {i.name for i in graph.input} | {i.name for i in graph.initializer} | {
+            s.values.name for s in graph.sparse_initializer}
+        producer: dict[str, int] = {}
+        labels = [n.name or f"#{i} ({n.op_type})" for i, n in enumerate(graph.node)]
+        for i, node in enumerate(graph.node):
+            domain = node.domain if node.domain != "ai.onnx" else ""
+            if domain == "":
+                if not onnx.defs.has(node.op_type):
+                    raise GraphshapeError(
+                        f"{node.op_type!r} is not an ONNX op: the file is corrupt, or a custom "
+                        "op was written without its own domain; give custom ops a domain "
+                        "(node.domain = 'com.example') so that graphshape carries them as is",
+                        node=labels[i], op=node.op_type)
+                try:
+                    onnx.defs.get_schema(node.op_type, self.opset or 1, "")
+                except onnx.defs.SchemaError:
+                    raise GraphshapeError(
+                        f"ONNX op {node.op_type!r} does not exist in opset {self.opset}, the "
+                        "model's opset: the exporter wrote a wrong opset_import; re-export "
+                        "the model with a newer opset", node=labels[i], op=node.op_type) from None
+            for out in node.output:
+                if not out:
+                    continue
+                if out in defined or out in producer:
+                    other = labels[producer[out]] if out in producer else "a graph input or initializer"
+                    raise GraphshapeError(
+                        f"value {out!r} is produced twice (also by {other}); ONNX values have "
+                        "one producer: the model is broken, export it again",
+                        node=labels[i], op=node.op_type)
+                producer[out] = i
+        unsorted = False
+        for i, node in enumerate(graph.node):
+            for name in node.input:
+                if not name or name in defined:
+                    continue
+                if name not in producer:
+                    raise GraphshapeError(
+                        f"input {name!r} is produced by no node and is neither a graph input "
+                        "nor an initializer (a dangling tensor name): the model is broken; "
+                        "export it again or fix the name", node=labels[i], op=node.op_type)
+                if producer[name] >= i:
+                    unsorted = True
+        for out in graph.output:
+            if out.name not in defined and out.name not in producer:
+                raise GraphshapeError(
+                    f"graph output {out.name!r} is produced by no node: the model is broken; "
+                    "export it again")
+        if not unsorted:
+            return
+        deps = nx.DiGraph()
+        deps.add_nodes_from(range(len(graph.node)))
+        for i, node in enumerate(graph.node):
+            for name in node.input:
+                if name and name not in defined:
+                    deps.add_edge(producer[name], i)
+        try:
+            cycle = nx.find_cycle(deps)
+        except nx.NetworkXNoCycle:
+            cycle = None
+        if cycle:
+            path = " -> ".join(labels[a] for a, _ in cycle) + f" -> {labels[cycle[0][0]]}"
+            raise GraphshapeError(
+                f"the graph has a cycle ({path}); ONNX graphs must be acyclic: the model is "
+                "broken, export it again", node=labels[cycle[0][0]],
+                op=graph.node[cycle[0][0]].op_type)
+        # acyclic but out of order: sort a copy (the caller's ModelProto stays as it is)
+        order = list(nx.lexicographical_topological_sort(deps))
+        proto = onnx.ModelProto()
+        proto.CopyFrom(self.proto)
+        nodes = [proto.graph.node[i] for i in order]
+        sorted_nodes = [onnx.NodeProto() for _ in nodes]
+        for dst, src in zip(sorted_nodes, nodes):
+            dst.CopyFrom(src)
+        del proto.graph.node[:]
+        proto.graph.node.extend(sorted_nodes)
+        self.proto = proto
+
     def _infer_shapes(self) -> None:
+        self._check_structure()
         onnx = self.onnx
         graph = self.proto.graph
         small, typed_inputs = [], []
@@ -485,6 +572,7 @@ class _Importer:
                 raise GraphshapeError(
                     f"the ONNX model is not valid: {str(e).strip().splitlines()[0]}; the file "
                     "may be truncated or written by a broken exporter") from None
+        self._check_shapes_strict(light)
         if not self._run_inference(light):
             return
         # Reshapes whose target is computed from a dynamic shape (x.view(x.size(0), ...))
@@ -506,6 +594,30 @@ class _Importer:
                     self.reshape_targets[node.output[0]] = tuple(value)
             if not self._run_inference(light):
                 break
+
+    def _check_shapes_strict(self, light) -> None:
+        """Strict shape inference, to name the node whose inputs do not fit together (an
+        initializer of the wrong shape, say): onnxruntime would refuse such a model. Errors
+        in nodes that are not standard ONNX ops, and errors caused by them (an input
+        without a type), are left to the non-strict pass."""
+        import re
+
+        onnx = self.onnx
+        try:
+            onnx.shape_inference.infer_shapes(light, strict_mode=True, data_prop=True)
+            return
+        except Exception as e:  # InferenceError; anything else is left to the normal pass
+            text = str(e)
+        for match in re.finditer(r"\(op_type:([^,)]*)(?:, node name: ([^)]*))?\): (.*)", text):
+            op_type, node_name, message = match.groups()
+            if "instead is null" in message or not onnx.defs.has(op_type):
+                continue
+            if "ShapeInferenceError" not in message and "TypeInferenceError" not in message:
+                continue
+            raise GraphshapeError(
+                f"the node's inputs do not fit together ({message.strip()}): an initializer "
+                "or input has the wrong shape or type; onnxruntime would refuse this model. "
+                "Fix or re-export the model", node=node_name or None, op=op_type)
 
     def _run_inference(self, light) -> bool:
         """Shape inference on the light copy; record what it finds in self.infos."""
@@ -586,8 +698,8 @@ class _Importer:
         onnx = self.onnx
         from onnx import numpy_helper
 
+        self._infer_shapes()  # (may replace self.proto by a topologically sorted copy)
         graph = self.proto.graph
-        self._infer_shapes()
         self._count_uses()
         for init in graph.initializer:
             try:
@@ -654,6 +766,18 @@ class _Importer:
             try:
                 handler(node, attrs, readable)
                 return
+            except (ValueError, IndexError, KeyError, TypeError, AttributeError) as e:
+                # a malformed node that passed the checks above (wrong initializer rank,
+                # a missing attribute): name it rather than fail deep inside a handler
+                shapes = ", ".join(
+                    f"{n}: {self.info(n).dtype}{list(self.info(n).shape) if self.info(n).shape is not None else '[?]'}"
+                    for n in node.input if n)
+                raise GraphshapeError(
+                    f"cannot read this ONNX node: its inputs or attributes do not have the "
+                    f"form the ONNX spec requires ({type(e).__name__}: {e}; inputs {shapes}); "
+                    "the model is malformed: check the initializer shapes and attributes "
+                    "(onnx.shape_inference.infer_shapes(model, strict_mode=True))",
+                    node=node.name or readable, op=op) from None
             except _Unsupported:
                 # undo what the handler added before giving up, then carry the op as is
                 for kind, key in reversed(self._journal[mark:]):

@@ -34,6 +34,7 @@ the node's extra inputs.
 from __future__ import annotations
 
 import operator
+import sys
 from typing import Any, Callable
 
 import numpy as np
@@ -42,8 +43,9 @@ import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
+from graphshape import torch_modules as _tm
 from graphshape.errors import GraphshapeError
-from graphshape.ir import Graph, Node, Ref, TensorInfo
+from graphshape.ir import Graph, Node, Ref, TensorInfo, weight_tap_norms
 
 __all__ = ["load_module", "MODULE_OPS", "FUNCTION_OPS", "METHOD_OPS"]
 
@@ -61,6 +63,19 @@ def _stochastic_depth_class():
     return StochasticDepth
 
 
+def _norm_act_classes() -> tuple:
+    """timm's fused norm-activation modules that graphshape maps itself (kept as fx leaves so
+    they become a norm node plus an activation node, rather than being traced into an
+    F.batch_norm call and input-rank asserts)."""
+    # only when the model's code has imported timm already (importing it costs ~1 s)
+    norm_act = sys.modules.get("timm.layers.norm_act")
+    if norm_act is None:
+        return ()
+    names = ("BatchNormAct2d", "GroupNormAct")
+    return tuple(getattr(norm_act, n) for n in names
+                 if isinstance(getattr(norm_act, n, None), type))
+
+
 class _Tracer(torch.fx.Tracer):
     """fx's default tracer plus extra leaf module classes."""
 
@@ -75,7 +90,8 @@ class _Tracer(torch.fx.Tracer):
 
 
 def _trace(module: nn.Module, leaf_modules) -> torch.fx.GraphModule:
-    leaf_classes = tuple(c for c in (_stochastic_depth_class(), *leaf_modules) if c is not None)
+    leaf_classes = tuple(c for c in (_stochastic_depth_class(), *_norm_act_classes(),
+                                     *_GRAPHSHAPE_MODULES, *leaf_modules) if c is not None)
     tracer = _Tracer(leaf_classes)
     try:
         graph = tracer.trace(module)
@@ -104,19 +120,41 @@ def _propagate_shapes(gm: torch.fx.GraphModule, example_inputs: tuple) -> None:
     modes = [(m, m.training) for m in gm.modules()]
     try:
         gm.eval()
-        with torch.no_grad():
+        # ShapeProp prints a traceback to stderr before re-raising: keep it quiet, and
+        # report the root cause with the fx node it happened at
+        import contextlib
+        import io
+
+        with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):
             ShapeProp(gm).propagate(*example_inputs)
     except Exception as exc:
+        cause = exc.__cause__ or exc
+        where = str(exc).split("node=%", 1)[1].split(" ", 1)[0] if "node=%" in str(exc) else None
+        first = (str(cause).strip().splitlines() or [""])[0][:300]
         raise GraphshapeError(
-            f"running the traced module on the example inputs failed: {type(exc).__name__}: "
-            f"{str(exc).strip()[:500]}. Check that example_inputs match the model's forward "
-            "(a tensor or a tuple of tensors).") from None
+            f"running the traced module on the example inputs failed"
+            f"{f' at fx node {where!r}' if where else ''}: {type(cause).__name__}: {first}. "
+            "Check that example_inputs match the model's forward (a tensor or a tuple of "
+            "tensors of the shapes it expects).") from None
     finally:
         for m, training in modes:
             m.training = training
 
 
 # ----------------------------------------------------------------------------- helpers
+def _read_weight_norms(graph: Graph) -> None:
+    """Compute (and cache, see :func:`graphshape.ir.weight_tap_norms`) the per-tap weight
+    norms of every conv and linear layer now, while loading: the analysis needs them, and
+    reading all weights (25.5M floats for ResNet-50, ~15-25 ms) would otherwise be most of
+    the first predicted-only analysis."""
+    for node in graph.nx.nodes.values():
+        node = node["node"]
+        if node.op in ("conv", "conv_transpose", "linear"):
+            w = node.params.get("weight")
+            if isinstance(w, np.ndarray) and w.dtype.kind == "f" and w.ndim >= 2:
+                weight_tap_norms(w)
+
+
 def _np_dtype(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")
 
@@ -347,6 +385,7 @@ class _Loader:
                 self._call(fx_node)
         self._outputs(out_template)
         self.graph.validate()
+        _read_weight_norms(self.graph)
         return self.graph
 
     def _placeholder(self, fx_node):
@@ -383,6 +422,8 @@ class _Loader:
         if fx_node.op == "call_module":
             mod = self.gm.get_submodule(fx_node.target)
             handler = _MODULE_HANDLERS.get(type(mod))
+            if handler is None and type(mod) in _norm_act_classes():
+                handler = _m_norm_act
             args = (mod,)
         elif fx_node.op == "call_function":
             handler = _FUNCTION_HANDLERS.get(_key(fx_node.target))
@@ -609,23 +650,59 @@ def _act(ld, fx_node, name, x=None, **attrs):
     _emit(ld, fx_node, "activation", [_input(ld, fx_node, x)], {"name": name, **attrs})
 
 
-def _m_activation(ld, fx_node, mod):
+def _act_spec(mod) -> tuple[str, dict]:
+    """(registry name, attributes) of an activation module; KeyError if not one."""
     t = type(mod)
     if t is nn.LeakyReLU:
-        return _act(ld, fx_node, "leaky_relu", negative_slope=float(mod.negative_slope))
+        return "leaky_relu", {"negative_slope": float(mod.negative_slope)}
     if t is nn.ReLU6:
-        return _act(ld, fx_node, "relu6")
+        return "relu6", {}
     if t is nn.Hardtanh:
-        return _act(ld, fx_node, "hardtanh", min_val=float(mod.min_val), max_val=float(mod.max_val))
+        return "hardtanh", {"min_val": float(mod.min_val), "max_val": float(mod.max_val)}
     if t is nn.ELU:
-        return _act(ld, fx_node, "elu", alpha=float(mod.alpha))
+        return "elu", {"alpha": float(mod.alpha)}
     if t is nn.GELU:
-        return _act(ld, fx_node, "gelu" if mod.approximate == "tanh" else "gelu_exact")
+        return ("gelu" if mod.approximate == "tanh" else "gelu_exact"), {}
     if t is nn.Softplus:
         if mod.beta != 1 or mod.threshold != 20:
             raise _Unmapped("softplus with beta != 1")
-        return _act(ld, fx_node, "softplus")
-    return _act(ld, fx_node, _SIMPLE_ACT_MODULES[t])
+        return "softplus", {}
+    return _SIMPLE_ACT_MODULES[t], {}
+
+
+def _m_activation(ld, fx_node, mod):
+    name, attrs = _act_spec(mod)
+    return _act(ld, fx_node, name, **attrs)
+
+
+def _m_norm_act(ld, fx_node, mod):
+    """timm's BatchNormAct2d / GroupNormAct: ``act(drop(norm(x)))`` as a batch_norm or
+    group_norm node (named after the module, so the emitted module keeps its state_dict
+    keys) followed by an activation node; dropout is the identity at inference."""
+    if len(fx_node.args) != 1 or fx_node.kwargs:
+        raise _Unmapped("extra arguments")
+    if not isinstance(mod.drop, (nn.Identity, nn.Dropout)):
+        raise _Unmapped("unknown drop module")
+    act = None if isinstance(mod.act, nn.Identity) else _act_spec(mod.act)
+    x = _input(ld, fx_node)
+    if isinstance(mod, nn.BatchNorm2d):
+        attrs = {"num_features": mod.num_features, "eps": mod.eps, "momentum": mod.momentum,
+                 "affine": mod.affine, "track_running_stats": mod.track_running_stats,
+                 "dims": 2}
+        op, names = "batch_norm", ["weight", "bias", "running_mean", "running_var",
+                                   "num_batches_tracked"]
+    elif isinstance(mod, nn.GroupNorm):
+        attrs = {"num_groups": mod.num_groups, "num_channels": mod.num_channels, "eps": mod.eps}
+        op, names = "group_norm", ["weight", "bias"]
+    else:
+        raise _Unmapped("unknown norm-act module")
+    norm = ld.add(fx_node, op, [x], attrs, _module_params(mod, names))
+    ld.graph[norm.node].meta["module_path"] = fx_node.target
+    ld.env[fx_node] = norm
+    if act is not None:
+        name, act_attrs = act
+        ld.env[fx_node] = ld.add(fx_node, "activation", [norm], {"name": name, **act_attrs},
+                                 name=ld.graph.unique_name(f"{fx_node.name}_act"))
 
 
 _SIMPLE_ACT_MODULES = {nn.ReLU: "relu", nn.SELU: "selu", nn.SiLU: "silu", nn.Mish: "mish",
@@ -743,6 +820,48 @@ MODULE_OPS: list[tuple[type, Callable]] = [
                             nn.ReflectionPad2d, nn.ReflectionPad3d, nn.ReplicationPad1d,
                             nn.ReplicationPad2d, nn.ReplicationPad3d)],
 ]
+
+
+# -- graphshape's own emitted modules (re-loading a shaped model): each maps back to the
+# canonical IR node backend_torch built it from, so a shaped model analyzes, re-shapes and
+# exports like the original rather than as opaque addcmul/threshold calls
+def _m_gs_transformed_activation(ld, fx_node, mod):
+    _act(ld, fx_node, mod.name, **mod.attrs, transform=dict(mod.transform))
+
+
+def _m_gs_activation(ld, fx_node, mod):
+    _act(ld, fx_node, mod.name, **mod.attrs)
+
+
+def _m_gs_weighted_sum(ld, fx_node, mod):
+    if fx_node.kwargs or not fx_node.args:
+        raise _Unmapped("unexpected arguments")
+    xs = [_input(ld, fx_node, v) for v in fx_node.args]
+    attrs = {} if mod.weights is None else {"weights": tuple(mod.weights)}
+    _emit(ld, fx_node, "sum", xs, attrs)
+
+
+def _m_gs_affine(ld, fx_node, mod):
+    _emit(ld, fx_node, "affine", [_input(ld, fx_node)], {"axis": mod.axis},
+          _module_params(mod, ["scale", "shift"]), module_path=fx_node.target)
+
+
+def _m_gs_lrn(ld, fx_node, mod):
+    # graphshape's LocalResponseNorm uses ONNX's (canonical) window for every size
+    _emit(ld, fx_node, "lrn", [_input(ld, fx_node)],
+          {"size": mod.size, "alpha": mod.alpha, "beta": mod.beta, "k": mod.k})
+
+
+_GRAPHSHAPE_MODULE_OPS = [
+    (_tm.TransformedActivation, _m_gs_transformed_activation),
+    (_tm.Activation, _m_gs_activation),
+    (_tm.WeightedSum, _m_gs_weighted_sum),
+    (_tm.Affine, _m_gs_affine),
+    (_tm.LocalResponseNorm, _m_gs_lrn),
+]
+#: graphshape.torch_modules classes traced as fx leaves and mapped by the handlers above
+_GRAPHSHAPE_MODULES = tuple(c for c, _ in _GRAPHSHAPE_MODULE_OPS)
+MODULE_OPS.extend(_GRAPHSHAPE_MODULE_OPS)
 _SD = _stochastic_depth_class()
 if _SD is not None:
     MODULE_OPS.append((_SD, _m_stochastic_depth))

@@ -1,7 +1,15 @@
-"""The public pipeline entry points. Each imports its framework on first use."""
+"""The public pipeline entry points. Each imports its framework on first use.
+
+Every entry point raises only :class:`GraphshapeError` for bad input: the frontends and
+passes validate what they read and name the node at fault; an unexpected exception from
+deeper down (a graphshape bug) is wrapped as a GraphshapeError that says so, with the
+original exception as its ``__cause__`` (``graphshape --debug`` prints its traceback).
+"""
 
 from __future__ import annotations
 
+import functools
+import inspect
 import os
 from typing import Any
 
@@ -9,12 +17,91 @@ from graphshape.errors import GraphshapeError
 from graphshape.ir import Graph
 
 
-def load(model: Any, example_inputs: Any = None) -> Graph:
+def _boundary(what: str):
+    """Decorator: let GraphshapeError through; wrap any other exception (a bug) in one."""
+    def decorate(fn):
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            try:
+                return fn(*args, **kwargs)
+            except GraphshapeError:
+                raise
+            except MemoryError:
+                raise GraphshapeError(
+                    f"ran out of memory while {what}: free memory or use a smaller model "
+                    "or example batch") from None
+            except RecursionError as e:
+                raise GraphshapeError(
+                    f"the model is nested too deeply to process while {what} ({e}); "
+                    "raise sys.setrecursionlimit or simplify the model") from e
+            except Exception as e:  # noqa: BLE001 - the API boundary: a bug, said so
+                raise GraphshapeError(
+                    f"internal error while {what} ({type(e).__name__}: {e}); this is a "
+                    "graphshape bug: please report it with the model (the original traceback "
+                    "is this error's __cause__; the CLI prints it with --debug)") from e
+        return wrapper
+    return decorate
+
+
+def _bind(fn, args, kwargs) -> None:
+    """Check a call's arguments against ``fn``'s signature: a GraphshapeError naming the
+    bad argument instead of Python's TypeError."""
+    try:
+        inspect.signature(fn).bind(*args, **kwargs)
+    except TypeError as e:
+        params = [p for p in inspect.signature(fn).parameters]
+        raise GraphshapeError(f"{fn.__name__}(): {e}; its arguments are: "
+                              f"{', '.join(params)}") from None
+
+
+def load_pt(path: str | os.PathLike, *, trust: bool = False):
+    """Read a ``.pt`` / ``.pth`` file with ``torch.load(weights_only=True)``.
+
+    Returns what it holds when that is an ``nn.Module``. A pickled module (a saved
+    ``GraphModule``, a ``torch.save(model)``) needs a full unpickle, which can run arbitrary
+    code: it is only done with ``trust=True`` (the CLI's ``--trust``). A state dict holds
+    no model: build the model in Python and load the state into it.
+    """
+    import pickle
+
+    import torch
+
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise GraphshapeError(f"no such file: {path!r}")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=not trust)
+    except pickle.UnpicklingError as e:
+        if trust or "unsupported global" not in str(e).lower():
+            detail = str(e).strip().splitlines()[-1] if trust else "not a PyTorch file"
+            raise GraphshapeError(f"{path!r} cannot be unpickled ({detail[:200]}); the file "
+                                  "is corrupt or truncated: save it again") from None
+        raise GraphshapeError(
+            f"{path!r} holds pickled Python objects (a saved nn.Module or GraphModule), which "
+            "torch.load(weights_only=True) refuses because unpickling can run arbitrary code. "
+            "If you trust the file, pass --trust (CLI) or trust=True (API)") from None
+    except Exception as e:  # noqa: BLE001 - zip/pickle/protobuf errors of a corrupt file
+        raise GraphshapeError(f"{path!r} is not a readable PyTorch file ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0] if str(e) else ''}); it is corrupt "
+                              "or truncated: save it again") from None
+    if isinstance(obj, torch.nn.Module):
+        return obj
+    if isinstance(obj, dict):
+        raise GraphshapeError(
+            f"{path!r} holds a state dict (weights only, no model): build the model in "
+            "Python, call model.load_state_dict(torch.load(path)), and pass the module (or "
+            "use a package.module:factory spec on the command line)")
+    raise GraphshapeError(f"{path!r} holds a {type(obj).__name__}, not an nn.Module")
+
+
+@_boundary("loading the model")
+def load(model: Any, example_inputs: Any = None, *, trust: bool = False) -> Graph:
     """Read a model into graphshape's IR.
 
     ``model``: a ``torch.nn.Module`` (traced with torch.fx; ``example_inputs``, a tensor
-    or tuple of tensors, gives the shapes), an ONNX file path, or an ``onnx.ModelProto``.
-    A :class:`Graph` is returned unchanged.
+    or tuple of tensors, gives the shapes), an ONNX file path, a ``.pt`` / ``.pth`` file
+    (see :func:`load_pt`; ``trust=True`` allows a full unpickle), or an
+    ``onnx.ModelProto``. A :class:`Graph` is returned unchanged.
     """
     if isinstance(model, Graph):
         return model
@@ -26,9 +113,7 @@ def load(model: Any, example_inputs: Any = None) -> Graph:
             from graphshape.frontends.onnx_import import load_onnx
 
             return load_onnx(path)
-        raise GraphshapeError(
-            f"{path!r}: load .pt files with torch yourself and pass the nn.Module "
-            "(graphshape never unpickles files for you)")
+        return load(load_pt(path, trust=trust), example_inputs)
     mod = type(model).__module__
     if mod.startswith("onnx"):
         from graphshape.frontends.onnx_import import load_onnx
@@ -47,6 +132,7 @@ def load(model: Any, example_inputs: Any = None) -> Graph:
         "or an onnx.ModelProto")
 
 
+@_boundary("emitting the PyTorch module")
 def to_torch(graph: Graph):
     """Emit a ``torch.fx.GraphModule`` (device-agnostic, trainable, torch.compile-able)."""
     from graphshape.backend_torch import emit
@@ -54,13 +140,17 @@ def to_torch(graph: Graph):
     return emit(load(graph))
 
 
+@_boundary("emitting the ONNX model")
 def to_onnx(graph: Graph, opset: int | None = None):
     """Emit an ``onnx.ModelProto`` in ``opset`` (default: the source's opset)."""
     from graphshape.backend_onnx import emit
 
+    if opset is not None and (isinstance(opset, bool) or not isinstance(opset, int)):
+        raise GraphshapeError(f"opset must be an integer or None, got {opset!r}")
     return emit(load(graph), opset=opset)
 
 
+@_boundary("analysing the model")
 def analyze(model_or_path_or_graph: Any, example_inputs: Any = None, *, empirical: bool = False):
     """Per-node kernel statistics at initialization: a :class:`graphshape.stats.KernelStats`.
 
@@ -72,19 +162,67 @@ def analyze(model_or_path_or_graph: Any, example_inputs: Any = None, *, empirica
     from graphshape.passes.analysis import analyze as _analyze
 
     graph = load(model_or_path_or_graph, example_inputs)
+    check_example_inputs(graph, example_inputs)
     return _analyze(graph, example_inputs, empirical=empirical)
+
+
+def check_example_inputs(graph: Graph, example_inputs: Any) -> None:
+    """GraphshapeError, naming the graph input, when ``example_inputs`` cannot be the
+    model's inputs: not tensors or arrays, the wrong number, a rank or a non-batch size
+    that differs from the model's, or NaN / infinite values (the kernel would be NaN)."""
+    import numpy as np
+
+    if example_inputs is None:
+        return
+    items = list(example_inputs) if isinstance(example_inputs, (tuple, list)) else [example_inputs]
+    if len(items) != len(graph.inputs):
+        raise GraphshapeError(f"the model has {len(graph.inputs)} input(s) "
+                              f"{list(graph.inputs)}, but {len(items)} example input(s) were "
+                              "given: pass one tensor per model input, as a tuple")
+    for name, item in zip(graph.inputs, items):
+        if hasattr(item, "detach") and hasattr(item, "numpy"):  # a torch tensor
+            shape = tuple(item.shape)
+            floating = item.is_floating_point()
+            finite = bool(item.isfinite().all()) if floating else True
+        elif isinstance(item, np.ndarray):
+            shape = item.shape
+            floating = item.dtype.kind == "f"
+            finite = bool(np.isfinite(item).all()) if floating else True
+        else:
+            raise GraphshapeError(f"example input for {name!r} is a {type(item).__name__}: "
+                                  "pass a torch.Tensor or numpy array", node=name)
+        if not finite:
+            raise GraphshapeError(f"example input for {name!r} holds NaN or infinite values: "
+                                  "pass finite example inputs", node=name)
+        declared = graph[name].outputs[0].shape if graph[name].outputs else None
+        if declared is None:
+            continue
+        if len(declared) != len(shape):
+            raise GraphshapeError(
+                f"example input for {name!r} has shape {shape}, but the model's input has "
+                f"rank {len(declared)} ({declared}): pass an example of that rank", node=name)
+        for axis, (want, got) in enumerate(zip(declared, shape)):
+            # axis 0 is the batch: any size; symbolic dims (strings) and None match anything
+            if axis > 0 and isinstance(want, int) and want > 0 and want != got:
+                raise GraphshapeError(
+                    f"example input for {name!r} has shape {shape}, but the model's input "
+                    f"is {tuple(declared)} (axis {axis}: {got} instead of {want}): pass an "
+                    "example of the model's input shape (the batch size may differ)",
+                    node=name)
 
 
 def shape(*args, **kwargs):
     """Shape a PyTorch model with DKS / TAT: see :func:`graphshape.shaping_api.shape`."""
     from graphshape.shaping_api import shape as _shape
 
-    return _shape(*args, **kwargs)
+    _bind(_shape, args, kwargs)
+    return _boundary("shaping the model")(_shape)(*args, **kwargs)
 
 
 def shape_onnx(*args, **kwargs):
     """Shape an ONNX model file: see :func:`graphshape.shaping_api.shape_onnx`."""
     from graphshape.shaping_api import shape_onnx as _shape_onnx
 
-    return _shape_onnx(*args, **kwargs)
+    _bind(_shape_onnx, args, kwargs)
+    return _boundary("shaping the ONNX model")(_shape_onnx)(*args, **kwargs)
 

@@ -859,6 +859,33 @@ def _value_info(name: str, info, helper):
     return helper.make_tensor_value_info(name, elem, shape)
 
 
+def _static_shape_arithmetic(graph: Graph) -> set[str]:
+    """Opaque nodes that only compute Python values (``x.size()``, ``getitem`` on the size
+    tuple, ``floordiv``...) feeding reshapes whose output shape is static: the reshape is
+    written with its static shape, so these nodes are dead in the ONNX model and are not
+    emitted (they have no ONNX form of their own)."""
+    dead: set[str] = set()
+    outputs = {r.node for r in graph.outputs}
+    for name in reversed(graph.topo_order()):
+        node = graph[name]
+        if (node.op != "opaque" or name in outputs or not node.outputs
+                or not all(o.dtype == "object" for o in node.outputs)):
+            continue
+        users = graph.users(name)
+        if users and all(u.name in dead or _static_reshape_shape_use(u, name) for u in users):
+            dead.add(name)
+    return dead
+
+
+def _static_reshape_shape_use(user, name: str) -> bool:
+    """Whether ``user`` is a reshape with a fully static output shape that reads ``name``
+    only as a shape entry (not as the data input)."""
+    shape = user.outputs[0].shape if user.outputs else None
+    return (user.op == "reshape" and shape is not None
+            and all(isinstance(d, int) for d in shape)
+            and bool(user.inputs) and user.inputs[0].node != name)
+
+
 def emit(graph: Graph, opset: int | None = None):
     """Emit ``graph`` as an ``onnx.ModelProto`` in ``opset`` (default: the source's opset
     for ONNX graphs, 17 otherwise). Input and output names are kept. Raises
@@ -909,7 +936,10 @@ def emit(graph: Graph, opset: int | None = None):
             ctx.names[ref] = tensor
             claimed.add(ref)
 
+    skipped = _static_shape_arithmetic(graph)
     for name in order:
+        if name in skipped:
+            continue
         node = graph[name]
         emitter = ONNX_EMITTERS.get(node.op)
         if emitter is None:
@@ -1075,11 +1105,13 @@ def save(model, path: str | os.PathLike, *, external_data: bool | None = None,
                     del raw
             with open(tmp, "wb") as f:
                 f.write(model.SerializeToString())
+            _default_mode(tmp_data)  # mkstemp makes 0600 files
             os.replace(tmp_data, os.path.join(folder, data_name))
             tmp_data = None
         else:
             with open(tmp, "wb") as f:
                 f.write(model.SerializeToString())
+        _default_mode(tmp)
         os.replace(tmp, path)
     finally:
         # put the weights back into the caller's model
@@ -1094,6 +1126,13 @@ def save(model, path: str | os.PathLike, *, external_data: bool | None = None,
         for leftover in (tmp, tmp_data):
             if leftover and os.path.exists(leftover):
                 os.remove(leftover)
+
+
+def _default_mode(path: str) -> None:
+    """The mode ``open`` would give a new file (0666 less the umask), not mkstemp's 0600."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
 
 
 def _set_external(tensor, location: str, offset: int, length: int) -> None:

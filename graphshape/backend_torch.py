@@ -73,8 +73,9 @@ def _torch_pad(begin, end) -> list[int]:
 class _Ctx:
     """Emission state: the fx graph being built and the modules/tensors it refers to."""
 
-    def __init__(self, graph: Graph):
+    def __init__(self, graph: Graph, copy_params: bool = True):
         self.g = graph
+        self.copy_params = copy_params
         self.fx = torch.fx.Graph()
         self.attrs: dict[str, Any] = {}        # target -> module / tensor
         self.used_targets: set[str] = set()
@@ -183,7 +184,11 @@ class _Ctx:
         arr = node.params.get(name)
         if arr is None:
             raise GraphshapeError(f"missing parameter {name!r}", node=node.name, op=node.op)
-        t = torch.from_numpy(np.array(arr, copy=True))
+        arr = np.asarray(arr)
+        if self.copy_params or not arr.flags.writeable:
+            t = torch.from_numpy(np.array(arr, copy=True))
+        else:  # the caller hands the graph's arrays over (see emit)
+            t = torch.from_numpy(np.ascontiguousarray(arr))
         if node.meta.get("torch_dtype") == "bfloat16":
             t = t.to(torch.bfloat16)
         return t
@@ -659,9 +664,14 @@ TORCH_EMITTERS: dict[str, Callable] = {
 }
 
 
-def emit(graph: Graph) -> torch.fx.GraphModule:
-    """Emit ``graph`` as a ``torch.fx.GraphModule`` (see the module docstring)."""
-    ctx = _Ctx(graph)
+def emit(graph: Graph, *, copy_params: bool = True) -> torch.fx.GraphModule:
+    """Emit ``graph`` as a ``torch.fx.GraphModule`` (see the module docstring).
+
+    ``copy_params=False`` lets the module's parameters share memory with the graph's
+    arrays instead of copying them: for callers that discard the graph afterwards and whose
+    graph shares no arrays with anything else (the shaping API: after re-initialization
+    every array is the graph's own), saving one copy of all weights."""
+    ctx = _Ctx(graph, copy_params)
     for node in graph:
         emitter = TORCH_EMITTERS.get(node.op)
         if emitter is None:

@@ -2,7 +2,9 @@
 registered by an ``add_<name>_parser`` function; ``main`` dispatches.
 
 Exit status: 0 on success, 1 when graphshape could not do the job (the message says why),
-2 for bad arguments (a one-line message).
+2 for bad arguments; either way one line on stderr. ``--debug`` (anywhere on the command
+line) also prints the full traceback. Every file is written atomically (a temp file in the
+destination folder, then ``os.replace``): an error never leaves a half-written output.
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ import argparse
 import importlib
 import os
 import sys
+import tempfile
+import traceback
 
 from graphshape.errors import GraphshapeError
 
@@ -27,6 +31,47 @@ class UsageError(Exception):
 
 
 # --------------------------------------------------------------------------- shared helpers
+def atomic_write(path: str, write) -> None:
+    """Call ``write(tmp)`` on a temp file in ``path``'s folder, then rename it to ``path``;
+    on any error the temp file is removed and ``path`` is untouched. The temp name keeps
+    ``path``'s extension (matplotlib picks the format from it)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise UsageError(f"destination folder {folder!r} does not exist")
+    if os.path.isdir(path):
+        raise UsageError(f"{path!r} is a folder: give a file path")
+    base = os.path.basename(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{base}.", suffix=".tmp" + os.path.splitext(base)[1],
+                               dir=folder)
+    os.close(fd)
+    try:
+        write(tmp)
+        from graphshape.shaping_api import default_file_mode
+
+        default_file_mode(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def write_text(path: str, text: str) -> None:
+    """Write ``text`` to ``path`` atomically."""
+    def write(tmp):
+        with open(tmp, "w") as fh:
+            fh.write(text)
+    atomic_write(path, write)
+
+
+def check_not_input(src: str, dst: str) -> None:
+    """graphshape never overwrites its input."""
+    if os.path.exists(src) and os.path.exists(dst) and os.path.samefile(src, dst) or (
+            os.path.abspath(src) == os.path.abspath(dst)):
+        raise UsageError(f"-o {dst!r} is the input file: graphshape never overwrites its "
+                         "input; choose another path")
+
+
 def parse_shape(text: str) -> tuple[int, ...]:
     """"1,3,224,224" -> (1, 3, 224, 224)."""
     try:
@@ -39,13 +84,24 @@ def parse_shape(text: str) -> tuple[int, ...]:
 
 
 def load_source(src: str, input_shape: tuple[int, ...] | None, *, seed: int = 0,
-                default_shape: tuple[int, ...] = (2, 3, 224, 224)):
-    """Load SRC (an .onnx file, or ``package.module:factory``) into a Graph.
+                default_shape: tuple[int, ...] = (2, 3, 224, 224), trust: bool = False):
+    """Load SRC (an .onnx file, a .pt/.pth file, or ``package.module:factory``) into a Graph.
 
     Returns (graph, example_inputs): a batch of standard normal inputs of ``input_shape``
-    (for a factory, ``default_shape`` when not given; for an ONNX file, None when not given).
+    (for a factory or .pt file, ``default_shape`` when not given; for an ONNX file, None
+    when not given). A ``.pt`` file is read with ``torch.load(weights_only=True)``; a pickled
+    module needs ``trust=True`` (``--trust``). A factory spec imports (runs) its module.
     """
     import graphshape
+
+    if src.endswith((".pt", ".pth")):
+        if not os.path.exists(src):
+            raise UsageError(f"no such file: {src}")
+        from graphshape.api import load_pt
+
+        module = load_pt(src, trust=trust)
+        inputs = _random_inputs(input_shape or default_shape, seed)
+        return graphshape.load(module, inputs), inputs
 
     if src.endswith(".onnx") or os.path.exists(src):
         if not os.path.exists(src):
@@ -58,10 +114,15 @@ def load_source(src: str, input_shape: tuple[int, ...] | None, *, seed: int = 0,
     if ":" not in src:
         raise UsageError(f"SRC must be an .onnx file or package.module:factory, got {src!r}")
     module_name, _, factory_name = src.partition(":")
+    if not module_name or not factory_name:
+        raise UsageError(f"SRC must be an .onnx file or package.module:factory, got {src!r}")
     try:
         module = importlib.import_module(module_name)
     except ImportError as e:
         raise UsageError(f"cannot import {module_name!r} from {src!r}: {e}") from None
+    except Exception as e:  # noqa: BLE001 - the imported module's own code failed
+        raise GraphshapeError(f"importing {module_name!r} failed: {type(e).__name__}: "
+                              f"{str(e).splitlines()[0] if str(e) else ''}") from None
     factory = getattr(module, factory_name, None)
     if not callable(factory):
         raise UsageError(f"{module_name!r} has no callable {factory_name!r}")
@@ -98,7 +159,14 @@ def add_inspect_parser(sub) -> None:
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--plot", metavar="OUT.png", help="write a q/c-along-depth plot (PNG)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random example batch")
+    add_trust_option(p)
     p.set_defaults(func=cmd_inspect)
+
+
+def add_trust_option(p) -> None:
+    p.add_argument("--trust", action="store_true",
+                   help="allow a .pt SRC that holds a pickled module (a full unpickle can run "
+                        "arbitrary code: only for files you trust); see docs/security.md")
 
 
 def cmd_inspect(args) -> int:
@@ -107,16 +175,19 @@ def cmd_inspect(args) -> int:
     shape = parse_shape(args.input_shape) if args.input_shape else None
     if args.plot and not args.plot.lower().endswith(".png"):
         raise UsageError(f"--plot writes a PNG: give a path ending in .png, got {args.plot!r}")
-    graph, inputs = load_source(args.src, shape, seed=args.seed)
+    graph, inputs = load_source(args.src, shape, seed=args.seed, trust=args.trust)
     if args.empirical and inputs is None:
         inputs = _random_inputs(_graph_input_shape(graph), args.seed)
+    from graphshape.api import check_example_inputs
+
+    check_example_inputs(graph, inputs)
     stats = analyze(graph, inputs, empirical=args.empirical)
     if args.json:
         print(stats.to_json())
     else:
         print(stats.table())
     if args.plot:
-        stats.plot(args.plot)
+        atomic_write(args.plot, stats.plot)
         print(f"plot written to {args.plot}", file=sys.stderr)
     return 0
 
@@ -137,6 +208,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="graphshape",
                      description="Deep Kernel Shaping and Tailored Activation Transformations "
                                  "as a compiler pass over PyTorch and ONNX graphs.")
+    parser.add_argument("--debug", action="store_true",
+                        help="on an error, also print the full traceback")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
     add_inspect_parser(sub)
@@ -147,16 +220,40 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
 def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # --debug is accepted anywhere on the command line
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
     parser = build_parser()
     args = parser.parse_args(argv)
+    prefix = f"graphshape {args.command}: error:"
     try:
         return args.func(args)
     except UsageError as e:
-        print(f"graphshape {args.command}: error: {e}", file=sys.stderr)
+        if debug:
+            traceback.print_exc()
+        print(f"{prefix} {_one_line(e)}", file=sys.stderr)
         return 2
     except GraphshapeError as e:
-        print(f"graphshape {args.command}: error: {e}", file=sys.stderr)
+        if debug:
+            traceback.print_exc()
+        hint = "" if debug or e.__cause__ is None else " (run with --debug for the traceback)"
+        print(f"{prefix} {_one_line(e)}{hint}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"graphshape {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 - a bug: one line, the traceback with --debug
+        if debug:
+            traceback.print_exc()
+        print(f"{prefix} internal error ({type(e).__name__}: {_one_line(e)}); this is a "
+              "graphshape bug: please report it"
+              + ("" if debug else " (run with --debug for the traceback)"), file=sys.stderr)
         return 1
 
 

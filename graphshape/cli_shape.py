@@ -1,13 +1,16 @@
 """The ``graphshape shape`` and ``graphshape batch`` subcommands (registered in
 :mod:`graphshape.cli`).
 
-``shape SRC -o DST``: SRC is an .onnx file or a ``package.module:factory`` spec; DST is .onnx,
+``shape SRC -o DST``: SRC is an .onnx file, a ``package.module:factory`` spec (imported: it
+runs code), or a .pt file holding a pickled ``nn.Module`` (read only with ``--trust``: a full
+unpickle runs code; see docs/security.md); DST is .onnx,
 or .pt for a saved ``torch.fx.GraphModule`` (PyTorch sources only; ``torch.load(path,
 weights_only=False)`` reads it back, the report is in its ``graphshape_report`` attribute).
 
 ``batch SRC_DIR -o DST_DIR``: every .onnx file under SRC_DIR (recursively) is shaped into the
 same relative path under DST_DIR, ``--jobs`` at a time in worker processes; a failing model
-is recorded and the batch goes on. A JSON report (``--report``) holds, per model: status,
+is recorded and the batch goes on. No output may be an input; DST_DIR inside SRC_DIR needs
+``--force`` (and is then never read as input). Every file is written atomically. A JSON report (``--report``) holds, per model: status,
 error, activations found, parameters, nodes removed and rewritten, and seconds; a summary
 table goes to stdout. Exit status 1 if any model failed.
 """
@@ -97,25 +100,37 @@ def add_shape_parser(sub) -> None:
         "shape", help="shape a model with DKS / TAT (no normalization layers needed)",
         description="Remove normalization, normalize the sums, transform the activations "
                     "(DKS or TAT) and re-initialize the weights; write the shaped model.")
-    p.add_argument("src", metavar="SRC", help="an .onnx file or package.module:factory "
-                                             "(e.g. torchvision.models:resnet50)")
+    p.add_argument("src", metavar="SRC", help="an .onnx file, a .pt file holding an "
+                                             "nn.Module (needs --trust), or "
+                                             "package.module:factory (imports and runs it; "
+                                             "e.g. torchvision.models:resnet50)")
     _add_shaping_options(p)
     p.add_argument("--input-shape", metavar="N,C,H,W",
-                   help="example input shape for tracing a factory's model "
+                   help="example input shape for tracing a factory's or .pt file's model "
                         "(default 1,3,224,224)")
     p.add_argument("--report", metavar="REPORT.json", help="also write the report as JSON")
+    from graphshape.cli import add_trust_option
+
+    add_trust_option(p)
     p.set_defaults(func=cmd_shape)
 
 
 def cmd_shape(args) -> int:
-    from graphshape.cli import UsageError, parse_shape
+    from graphshape.cli import UsageError, check_not_input, parse_shape, write_text
 
     _check_options(args)
     dst = args.output
     if not dst.endswith((".onnx", ".pt")):
         raise UsageError(f"-o must end in .onnx or .pt, got {dst!r}")
+    folder = os.path.dirname(os.path.abspath(dst))
+    if not os.path.isdir(folder):
+        raise UsageError(f"destination folder {folder!r} does not exist")
+    check_not_input(args.src, dst)
+    if args.report:
+        check_not_input(args.src, args.report)
     options = _options(args)
-    is_onnx = args.src.endswith(".onnx") or os.path.isfile(args.src)
+    is_onnx = args.src.endswith(".onnx") or (
+        os.path.isfile(args.src) and not args.src.endswith((".pt", ".pth")))
     if is_onnx:
         if not os.path.exists(args.src):
             raise UsageError(f"no such file: {args.src}")
@@ -126,28 +141,30 @@ def cmd_shape(args) -> int:
         report = shape_onnx(args.src, dst, **options)
     else:
         shape = parse_shape(args.input_shape) if args.input_shape else (1, 3, 224, 224)
-        report = _shape_factory(args.src, dst, shape, options)
+        report = _shape_factory(args.src, dst, shape, options, trust=args.trust)
     if args.report:
-        with open(args.report, "w") as fh:
-            json.dump(report.to_dict(), fh, indent=1)
+        write_text(args.report, json.dumps(report.to_dict(), indent=1))
     print(f"{args.src} -> {dst}: {report.summary()}")
     for warning in report.warnings:
         print(f"warning: {warning}", file=sys.stderr)
     return 0
 
 
-def _shape_factory(src, dst, shape, options):
+def _shape_factory(src, dst, shape, options, trust=False):
     import torch
 
-    from graphshape.cli import UsageError, load_source
+    from graphshape.cli import UsageError, atomic_write, load_source
 
     folder = os.path.dirname(os.path.abspath(dst))
     if not os.path.isdir(folder):
         raise UsageError(f"destination folder {folder!r} does not exist")
-    graph, inputs = load_source(src, shape, seed=0)
+    graph, inputs = load_source(src, shape, seed=0, trust=trust)
     from graphshape.passes.shaping import shape_graph
+    from graphshape.shaping_api import check_shapeable
 
+    options = dict(options)
     pln = options.pop("pln")
+    check_shapeable(graph, options["method"])
     shaped, report = shape_graph(graph, **options)
     report.options["pln"] = pln
     if dst.endswith(".pt"):
@@ -160,25 +177,18 @@ def _shape_factory(src, dst, shape, options):
         # GraphModule.meta is not pickled; a plain attribute is
         gm.meta["graphshape"] = report
         gm.graphshape_report = report.to_dict()
-        tmp = dst + ".tmp"
-        torch.save(gm, tmp)
-        os.replace(tmp, dst)
+        atomic_write(dst, lambda tmp: torch.save(gm, tmp))
     else:
-        import onnx
-
         from graphshape.backend_onnx import emit
-        from graphshape.shaping_api import _add_pln_onnx
+        from graphshape.shaping_api import _add_pln_onnx, _check_emitted, save
 
         model = emit(shaped, opset=17)
         if pln:
             _add_pln_onnx(model)
         entry = model.metadata_props.add()
         entry.key, entry.value = "graphshape", report.to_json()
-        onnx.checker.check_model(model)
-        tmp = dst + ".tmp"
-        with open(tmp, "wb") as fh:
-            fh.write(model.SerializeToString())
-        os.replace(tmp, dst)
+        _check_emitted(model)
+        save(model, dst)  # atomic; external data past 2 GB
     return report
 
 
@@ -194,6 +204,9 @@ def add_batch_parser(sub) -> None:
     p.add_argument("--jobs", type=int, default=1, metavar="N",
                    help="models shaped at once, in worker processes (default 1)")
     p.add_argument("--report", metavar="REPORT.json", help="write the per-model JSON report")
+    p.add_argument("--force", action="store_true",
+                   help="allow DST_DIR inside SRC_DIR (its contents are then never read as "
+                        "inputs); existing inputs are never overwritten, even with --force")
     p.set_defaults(func=cmd_batch)
 
 
@@ -272,12 +285,20 @@ def cmd_batch(args) -> int:
         raise UsageError(f"--jobs must be at least 1, got {args.jobs}")
     if not os.path.isdir(args.src):
         raise UsageError(f"SRC_DIR {args.src!r} is not a folder")
-    src_root, dst_root = os.path.abspath(args.src), os.path.abspath(args.output)
+    src_root, dst_root = os.path.realpath(args.src), os.path.realpath(args.output)
     if dst_root == src_root:
         raise UsageError("-o must differ from SRC_DIR: graphshape never overwrites its inputs")
+    if os.path.exists(dst_root) and not os.path.isdir(dst_root):
+        raise UsageError(f"-o {args.output!r} is a file: give a folder")
+    if dst_root.startswith(src_root + os.sep) and not args.force:
+        raise UsageError(f"-o {args.output!r} lies inside SRC_DIR {args.src!r}: a later batch "
+                         "would read the shaped models as inputs; choose a folder outside it, "
+                         "or pass --force")
     files = []
+    dst_inside_src = dst_root.startswith(src_root + os.sep)
     for folder, dirs, names in os.walk(src_root):
-        if os.path.abspath(folder).startswith(dst_root + os.sep) or os.path.abspath(folder) == dst_root:
+        if dst_inside_src and (os.path.abspath(folder).startswith(dst_root + os.sep)
+                               or os.path.abspath(folder) == dst_root):
             dirs[:] = []  # never re-shape our own outputs if DST_DIR is inside SRC_DIR
             continue
         dirs.sort()
@@ -286,6 +307,19 @@ def cmd_batch(args) -> int:
         raise UsageError(f"no .onnx files under {args.src!r}")
     options = _options(args)
     jobs = [(f, os.path.join(dst_root, os.path.relpath(f, src_root)), options) for f in files]
+    inputs = {os.path.realpath(f) for f in files}
+    for _, dst, _ in jobs:
+        # SRC_DIR inside DST_DIR could map an output onto an input
+        if os.path.realpath(dst) in inputs:
+            raise UsageError(f"the output {dst!r} would overwrite an input: graphshape never "
+                             "overwrites its inputs; choose another -o")
+    if args.report:
+        report_path = os.path.realpath(args.report)
+        if report_path in inputs or os.path.realpath(args.report) in {
+                os.path.realpath(d) for _, d, _ in jobs}:
+            raise UsageError(f"--report {args.report!r} would overwrite a model file")
+        if not os.path.isdir(os.path.dirname(report_path)):
+            raise UsageError(f"--report folder {os.path.dirname(report_path)!r} does not exist")
     progress = _Progress(len(jobs))
     entries = []
     if args.jobs == 1 or len(jobs) == 1:
@@ -308,6 +342,7 @@ def cmd_batch(args) -> int:
     progress.close()
     print(_summary_table(entries))
     if args.report:
-        with open(args.report, "w") as fh:
-            json.dump({"options": options, "models": entries}, fh, indent=1)
+        from graphshape.cli import write_text
+
+        write_text(args.report, json.dumps({"options": options, "models": entries}, indent=1))
     return 0 if all(e["status"] == "ok" for e in entries) else 1

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from typing import Any
 
 from graphshape.errors import GraphshapeError
@@ -19,9 +18,78 @@ from graphshape.passes.shaping import DEFAULT_SHORTCUT_WEIGHT, ShapeReport, shap
 PLN_EPS = 1e-6
 
 
-def _options(method, activation, shortcut_weight, zeta, eta, tau, max_pool_to_avg, seed):
-    return dict(method=method, activation=activation, shortcut_weight=shortcut_weight,
-                zeta=zeta, eta=eta, tau=tau, max_pool_to_avg=max_pool_to_avg, seed=seed)
+def _options(method, activation, shortcut_weight, zeta, eta, tau, max_pool_to_avg, seed,
+             pln=False):
+    """The options as shape_graph takes them, after checking their types (the values are
+    checked by the solver, which knows the valid ranges)."""
+    import math
+    import numbers
+
+    if not isinstance(method, str):
+        raise GraphshapeError(f"method must be a string (DKS, TAT or untransformed), got "
+                              f"{type(method).__name__} {method!r}")
+    if activation is not None and not isinstance(activation, str):
+        raise GraphshapeError(f"activation must be an activation name such as 'tanh' or None, "
+                              f"got {type(activation).__name__} {activation!r}")
+    for name, value in (("shortcut_weight", shortcut_weight), ("zeta", zeta), ("eta", eta),
+                        ("tau", tau)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise GraphshapeError(f"{name} must be a number, got {type(value).__name__} {value!r}")
+        if not math.isfinite(float(value)):
+            raise GraphshapeError(f"{name} must be a finite number, got {value!r}")
+    for name, value in (("pln", pln), ("max_pool_to_avg", max_pool_to_avg)):
+        if not isinstance(value, bool):
+            raise GraphshapeError(f"{name} must be True or False, got {value!r}")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)
+                             or seed < 0):
+        raise GraphshapeError(f"seed must be a non-negative integer or None, got {seed!r}")
+    return dict(method=method, activation=activation, shortcut_weight=float(shortcut_weight),
+                zeta=float(zeta), eta=float(eta), tau=float(tau),
+                max_pool_to_avg=max_pool_to_avg, seed=None if seed is None else int(seed))
+
+
+def _release_memory() -> None:
+    """Collect garbage and return freed heap memory to the OS (glibc ``malloc_trim``):
+    the weights' arrays are freed, but glibc would otherwise keep the pages, and the next
+    stage's allocations would add to the peak resident memory instead of reusing them."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass
+
+
+def check_shapeable(graph, method: str) -> None:
+    """Raise GraphshapeError, saying what to do, for a graph that shaping cannot help: no
+    outputs, no floating-point computation, or (for DKS and TAT) not a single activation."""
+    from graphshape.passes.shaping import canonical_method
+
+    method = canonical_method(method)
+    if not graph.output_nodes:
+        raise GraphshapeError("the model has no outputs (an empty graph): nothing to shape; "
+                              "export the model again")
+    floating = any(graph[n].outputs and str(graph[n].outputs[0].dtype or "float").startswith(
+        ("float", "bfloat")) for n in graph.inputs)
+    floating = floating or any(
+        getattr(v, "dtype", None) is not None and v.dtype.kind == "f"
+        for node in graph for v in node.params.values())
+    if not floating:
+        dtypes = sorted({str(graph[n].outputs[0].dtype) for n in graph.inputs if graph[n].outputs})
+        raise GraphshapeError(
+            f"the model computes without floating-point values (inputs: {', '.join(dtypes) or 'none'}, "
+            "no floating-point weights): DKS and TAT shape floating-point networks; "
+            "export the model in float32")
+    if method != "untransformed" and not any(node.op == "activation" for node in graph):
+        opaque = sorted({str(n.attrs.get("description")) for n in graph if n.op == "opaque"})
+        hint = (f" (its opaque ops, {', '.join(opaque[:5])}, may hide one: graphshape cannot "
+                "read them)" if opaque else "")
+        raise GraphshapeError(
+            f"the model has no activation function (no relu, tanh, gelu, ... node){hint}: "
+            f"{method} transforms activations, so there is nothing to shape. Use "
+            "method='untransformed' to only remove normalization and re-initialize the weights")
 
 
 def per_location_normalize(x):
@@ -75,10 +143,12 @@ def shape(module, example_inputs=None, *, method: str = "TAT", activation: str |
     from graphshape.api import load
     from graphshape.backend_torch import emit
 
+    options = _options(method, activation, shortcut_weight, zeta, eta, tau, max_pool_to_avg,
+                       seed, pln)
     graph = load(module, example_inputs)
-    shaped, report = shape_graph(graph, **_options(method, activation, shortcut_weight, zeta,
-                                                   eta, tau, max_pool_to_avg, seed))
-    gm = emit(shaped)
+    check_shapeable(graph, method)
+    shaped, report = shape_graph(graph, **options)
+    gm = emit(shaped, copy_params=False)  # shaped owns its (fresh) arrays and is dropped
     if pln:
         names = _add_pln_torch(gm)
         report.rewritten.extend({"node": n, "op": "input", "what": "per-location normalized"}
@@ -140,23 +210,39 @@ def shape_onnx(src, dst, *, method: str = "TAT", activation: str | None = None,
     Same options as :func:`shape`. The result is checker-valid in the source's opset, carries
     the report as JSON in ``metadata_props["graphshape"]``, and is written atomically (a
     temporary file in ``dst``'s folder, then renamed); ``src`` is never modified."""
-    import onnx
-
     from graphshape.backend_onnx import emit
     from graphshape.frontends.onnx_import import load_onnx
 
+    if not isinstance(dst, (str, os.PathLike)):
+        raise GraphshapeError(f"dst must be a file path, got {type(dst).__name__}")
     dst = os.fspath(dst)
+    options = _options(method, activation, shortcut_weight, zeta, eta, tau, max_pool_to_avg,
+                       seed, pln)
+    if os.path.isdir(dst):
+        raise GraphshapeError(f"destination {dst!r} is a folder: give a file path such as "
+                              f"{os.path.join(dst, 'shaped.onnx')!r}")
+    folder = os.path.dirname(os.path.abspath(dst))
+    if not os.path.isdir(folder):
+        raise GraphshapeError(f"destination folder {folder!r} does not exist")
     if isinstance(src, (str, os.PathLike)):
         src_path = os.fspath(src)
         if not os.path.exists(src_path):
             raise GraphshapeError(f"no such ONNX file: {src_path!r}")
-        if os.path.abspath(src_path) == os.path.abspath(dst):
+        if os.path.abspath(src_path) == os.path.abspath(dst) or (
+                os.path.exists(dst) and os.path.samefile(src_path, dst)):
             raise GraphshapeError(f"destination {dst!r} is the source file: graphshape never "
                                   "overwrites its input; choose another path")
     graph = load_onnx(src)
-    shaped, report = shape_graph(graph, **_options(method, activation, shortcut_weight, zeta,
-                                                   eta, tau, max_pool_to_avg, seed))
+    _release_memory()  # the parsed protobuf is gone: its pages go back before shaping
+    check_shapeable(graph, method)
+    shaped, report = shape_graph(graph, **options)
+    # the source weights are no longer needed: free them (and hand the freed heap back to
+    # the OS) before emitting, so that the peak holds about two copies of the weights
+    del graph
+    _release_memory()
     model = emit(shaped)
+    del shaped
+    _release_memory()
     if pln:
         names = _add_pln_onnx(model)
         report.rewritten.extend({"node": n, "op": "input", "what": "per-location normalized"}
@@ -167,28 +253,135 @@ def shape_onnx(src, dst, *, method: str = "TAT", activation: str | None = None,
             model.metadata_props.remove(prop)
     entry = model.metadata_props.add()
     entry.key, entry.value = "graphshape", report.to_json()
-    try:
-        onnx.checker.check_model(model)
-    except onnx.checker.ValidationError as e:
-        raise GraphshapeError(f"the shaped ONNX model does not pass onnx.checker: {e}") from None
-    folder = os.path.dirname(os.path.abspath(dst))
-    if not os.path.isdir(folder):
-        raise GraphshapeError(f"destination folder {folder!r} does not exist")
-    try:
-        data = model.SerializeToString()
-    except ValueError as e:  # protobuf's 2 GB limit
-        raise GraphshapeError(f"the shaped model cannot be serialized ({e}); models over 2 GB "
-                              "need ONNX external data, which shape_onnx does not write yet") from None
-    fd, tmp = tempfile.mkstemp(suffix=".onnx.tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, dst)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    _check_emitted(model)
+    # atomic (temp file in dst's folder, then os.replace); external data past 2 GB
+    save(model, dst)
     return report
+
+
+def _check_emitted(model) -> None:
+    """onnx.checker on the shaped model (over 2 GB through a temp file), tolerating what
+    the loader tolerates: a declared value without a shape (onnxruntime runs those)."""
+    import onnx
+
+    from graphshape.backend_onnx import check
+
+    try:
+        check(_without_weights(model), full_check=False)
+    except GraphshapeError as e:
+        if "'shape' of 'type' is required" in str(e):
+            return
+        raise GraphshapeError(f"the shaped ONNX model does not pass onnx.checker "
+                              f"({str(e).splitlines()[0]}); this is a graphshape bug: please "
+                              "report it with the model") from None
+    except onnx.checker.ValidationError as e:  # pragma: no cover - check() converts these
+        raise GraphshapeError(f"the shaped ONNX model does not pass onnx.checker: {e}") from None
+
+
+def _without_weights(model, keep_bytes: int | None = 1024):
+    """A copy of ``model`` without its large initializers, cheap to serialize.
+
+    ``keep_bytes`` given: initializers over that many bytes become typed graph inputs (for
+    the checker, which serializes the model and would copy every weight twice; graphshape's
+    emitter writes the weights from numpy arrays, so their data is well-formed already).
+    ``keep_bytes=0``: every initializer is left out, nothing added (for streaming)."""
+    import onnx
+
+    def copy_fields(src, dst, skip):
+        for field, value in src.ListFields():
+            if field.name == skip:
+                continue
+            if hasattr(value, "CopyFrom"):  # a message
+                getattr(dst, field.name).CopyFrom(value)
+            elif hasattr(value, "extend"):  # a repeated field
+                getattr(dst, field.name).extend(value)
+            else:
+                setattr(dst, field.name, value)
+
+    light = onnx.ModelProto()
+    copy_fields(model, light, skip="graph")
+    graph, light_graph = model.graph, light.graph
+    copy_fields(graph, light_graph, skip="initializer")
+    if keep_bytes == 0:
+        return light
+    inputs = {i.name for i in graph.input}
+    for init in graph.initializer:
+        size = len(init.raw_data) if init.HasField("raw_data") else init.ByteSize()
+        if size <= keep_bytes or init.data_location == onnx.TensorProto.EXTERNAL:
+            light_graph.initializer.add().CopyFrom(init)
+        elif init.name not in inputs:
+            light_graph.input.append(onnx.helper.make_tensor_value_info(
+                init.name, init.data_type, list(init.dims)))
+    return light
+
+
+def save(model, dst) -> None:
+    """Write an ONNX model atomically: a temp file in ``dst``'s folder, then os.replace;
+    models over protobuf's 2 GB limit put their weights in ``<dst>.data`` beside it
+    (:func:`graphshape.backend_onnx.save`). Smaller models are streamed: the model without
+    its weights, then one initializer at a time, so that writing never holds a second copy
+    of all the weights (``SerializeToString`` of the whole model would)."""
+    from graphshape import backend_onnx
+
+    dst = os.fspath(dst)
+    try:
+        if backend_onnx._model_bytes(model) >= backend_onnx._TWO_GB - 64 * 2**20:
+            backend_onnx.save(model, dst)
+            return
+        import tempfile
+
+        folder = os.path.dirname(os.path.abspath(dst))
+        fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(dst)}.", suffix=".tmp",
+                                   dir=folder)
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                _stream_model(model, fh)
+            default_file_mode(tmp)
+            os.replace(tmp, dst)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+            raise
+    except OSError as e:
+        raise GraphshapeError(f"cannot write {dst!r}: {e.strerror or e}") from None
+
+
+def default_file_mode(path: str) -> None:
+    """Give a file made by ``tempfile.mkstemp`` (mode 0600) the mode a plain ``open`` would
+    have given it (0666 less the umask), so that atomic writes do not change permissions."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, n = n & 0x7F, n >> 7
+        out.append(byte | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+#: protobuf tags (field number << 3 | wire type 2): ModelProto.graph = 7,
+#: GraphProto.initializer = 5
+_MODEL_GRAPH_TAG, _GRAPH_INITIALIZER_TAG = bytes([7 << 3 | 2]), bytes([5 << 3 | 2])
+
+
+def _stream_model(model, fh) -> None:
+    """Write ``model``'s protobuf encoding to ``fh`` one initializer at a time.
+
+    Protobuf merges repeated occurrences of an embedded message field, so
+    ``model-without-initializers + graph{initializer: t1} + graph{initializer: t2} + ...``
+    parses as the whole model (onnx.load and onnxruntime read it unchanged)."""
+    light = _without_weights(model, keep_bytes=0)
+    fh.write(light.SerializeToString())
+    for init in model.graph.initializer:
+        tensor = init.SerializeToString()
+        graph_part = _GRAPH_INITIALIZER_TAG + _varint(len(tensor))
+        fh.write(_MODEL_GRAPH_TAG + _varint(len(graph_part) + len(tensor)) + graph_part)
+        fh.write(tensor)
+        del tensor
 
 
 def report_from_onnx(path_or_model) -> dict[str, Any]:

@@ -34,18 +34,18 @@ from __future__ import annotations
 
 import functools
 import math
-import weakref
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import numpy as np
 
 from graphshape.errors import GraphshapeError
-from graphshape.ir import Graph, Node, Ref
+from graphshape.ir import _TAP_CACHE, Graph, Node, Ref, weight_tap_norms  # noqa: F401
 
 FLAG_APPROX = "approximate"
 FLAG_NORM = "normalization at init"
 FLAG_PRODUCT = "product of signals (assumed independent)"
+FLAG_NONGAUSSIAN = "non-gaussian input (V1 shortcut)"
 
 _FLOAT_DTYPES = (None, "float16", "float32", "float64", "bfloat16")
 _NON_FLOAT = ("int", "uint", "bool", "object")
@@ -290,36 +290,8 @@ def rule_affine(ctx: RuleContext) -> Kernel:
     return _gain(k, gain, bias_sq)
 
 
-# id(weight) -> (weakref to it, fingerprint, per-tap squared norms): reading every weight of
-# a ResNet-50 is most of a predicted-only analysis, and weights rarely change between calls.
-_TAP_CACHE: dict = {}
-
-
-def _tap_norms(w: np.ndarray) -> np.ndarray:
-    """Per-tap squared Frobenius norms of a conv weight (out, in, *k), float64, shape k
-    (a linear weight (out, in) has one tap: its squared norm, shape ()).
-
-    Cached per array; the fingerprint (shape, dtype, data address and 64 sampled entries)
-    notices re-initializations and replaced arrays (a change of a few single entries in place
-    would not show, and would change the norms negligibly)."""
-    flat_all = w.reshape(-1)
-    step = max(1, flat_all.size // 64)
-    fingerprint = (w.shape, w.dtype.str, w.__array_interface__["data"][0],
-                   flat_all[::step][:64].tobytes())
-    hit = _TAP_CACHE.get(id(w))
-    if hit is not None and hit[0]() is w and hit[1] == fingerprint:
-        return hit[2]
-    flat = w.reshape(w.shape[0] * w.shape[1], -1)
-    # a BLAS Gram product: one pass over the weights, accurate in float32 too
-    taps = (flat.T @ flat).diagonal().astype(np.float64).reshape(w.shape[2:])
-    try:
-        ref = weakref.ref(w)
-    except TypeError:  # pragma: no cover - views of some buffers cannot be weakly referenced
-        return taps
-    if len(_TAP_CACHE) > 4096:
-        _TAP_CACHE.clear()
-    _TAP_CACHE[id(w)] = (ref, fingerprint, taps)
-    return taps
+# per-tap squared norms, cached per weight array (filled at load time by the torch frontend)
+_tap_norms = weight_tap_norms
 
 
 def _conv_gain(ctx: RuleContext, w: np.ndarray) -> float:
@@ -765,6 +737,14 @@ def analyze(graph: Graph, example_inputs=None, *, empirical: bool = False, modul
         raise GraphshapeError(f"analyze() takes a graphshape Graph, got {type(graph).__name__}")
     in_kernels, batch, source = example_kernels(graph, example_inputs)
     kernels, flags, notes = propagate(graph, in_kernels)
+    from graphshape.passes.shaping import find_nongaussian_activations
+
+    for name in find_nongaussian_activations(graph):
+        if name in flags and FLAG_NONGAUSSIAN not in flags[name]:
+            # say why measured q departs from the prediction here (see the function's doc)
+            flags[name].append(FLAG_NONGAUSSIAN)
+            notes[name].append("input is a join whose identity shortcut carries a non-zero-mean "
+                               "activation output: not Gaussian, q under-predicted")
     measured = None
     if empirical:
         if example_inputs is None:

@@ -20,7 +20,6 @@ import math
 
 from graphshape.errors import GraphshapeError
 from graphshape.ir import Graph
-from graphshape.passes.rewire import replace_uses
 
 
 def normalize_sums(graph: Graph, shortcut_weight: float, *, copy: bool = True) -> tuple[Graph, dict]:
@@ -44,7 +43,7 @@ def normalize_sums(graph: Graph, shortcut_weight: float, *, copy: bool = True) -
         k = len(join.inputs)
         if join.shortcut is not None and w == 0.0:
             branch = join.inputs[1 - join.shortcut]
-            replace_uses(g, node.out, branch)
+            g.replace_uses(node.out, branch)
             g.remove(node.name)
             removed.append({"node": node.name, "op": node.op,
                             "what": "skip connection (shortcut_weight = 0): the join now "

@@ -15,7 +15,6 @@ import numpy as np
 
 from graphshape.errors import GraphshapeError
 from graphshape.ir import Graph, Node
-from graphshape.passes.rewire import replace_uses
 
 NORM_OPS = ("batch_norm", "layer_norm", "group_norm", "instance_norm", "lrn")
 _AFFINE_OPS = ("conv", "conv_transpose", "linear")
@@ -139,7 +138,7 @@ def remove_normalization(graph: Graph, *, copy: bool = True) -> tuple[Graph, dic
                 cur = user
         # consumers of the chain's last node now read the norm's input
         source = norm.inputs[0]
-        replace_uses(g, (chain[-1] if chain else norm).out, source)
+        g.replace_uses((chain[-1] if chain else norm).out, source)
         constants = {r.node for node in chain for r in node.inputs if g[r.node].op == "constant"}
         for node in [*reversed(chain), norm]:
             g.remove(node.name)
@@ -161,7 +160,7 @@ def remove_normalization(graph: Graph, *, copy: bool = True) -> tuple[Graph, dic
     for name in opaque_norms:
         node = g[name]
         source = opaque_norm_input(node)
-        replace_uses(g, node.out, source)
+        g.replace_uses(node.out, source)
         g.remove(name)
         removed.append({"node": name, "op": "opaque",
                         "what": f"normalization ({node.attrs.get('description', 'opaque')})"})

@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import networkx as nx
+import numpy as np
 
 from graphshape.errors import GraphshapeError
 from graphshape.ir import Graph
@@ -307,6 +308,71 @@ def _constant_scales(graph: Graph) -> list[tuple[str, float]]:
 
 
 # ----------------------------------------------------------------------- pipeline
+#: |C(0)| = E[phi_hat]^2 / Q(1) above which an activation's output counts as non-zero-mean
+NONZERO_MEAN_C0 = 1e-4
+#: op kernels that pass a value on unchanged in distribution (its mean included)
+_PASS_THROUGH_KERNELS = ("identity", "approx_identity")
+
+
+def _activation_c0(node) -> float:
+    """C(0) = E[phi_hat(z)]^2 / Q(1) of activation ``node`` (its transform included); 0.0
+    when graphshape has no local maps for it."""
+    from graphshape.kernels import local_maps
+
+    attrs = {k: float(v) for k, v in node.attrs.items()
+             if k not in ("name", "transform", "inplace") and isinstance(v, (int, float, np.number))
+             and not isinstance(v, bool)}
+    try:
+        return float(local_maps(node.attrs.get("name"), node.attrs.get("transform"), **attrs).c0)
+    except Exception:  # an activation without local maps: nothing to say about its mean
+        return 0.0
+
+
+def find_nongaussian_activations(graph: Graph) -> list[str]:
+    """Activations (in graph order) whose input is a join that reads, through an identity
+    shortcut (identity / pooling / shape-only nodes), the output of another activation with
+    non-zero mean (E[phi_hat] != 0, i.e. C(0) > NONZERO_MEAN_C0): the V1 ResNet pattern
+    ``act(w * act_prev(...) + branch)``. That input is not a centred Gaussian, so the kernel
+    rules, which assume one, under-predict q there; the error compounds block after block.
+    Join inputs with weight 0 (``shortcut_weight=0``) do not count."""
+    from graphshape.ops import spec
+
+    def kernel_of(op: str) -> str:
+        try:
+            return spec(op).kernel
+        except Exception:
+            return "none"
+
+    def source(ref):
+        """The node reached from ``ref`` through pass-through nodes."""
+        node = graph[ref.node]
+        while kernel_of(node.op) in _PASS_THROUGH_KERNELS and node.inputs:
+            node = graph[node.inputs[0].node]
+        return node
+
+    c0_cache: dict[str, float] = {}
+    found = []
+    for node in graph:
+        if node.op != "activation" or not node.inputs:
+            continue
+        join = source(node.inputs[0])
+        if kernel_of(join.op) != "sum" or len(join.inputs) < 2:
+            continue
+        weights = join.attrs.get("weights") if join.op == "sum" else None
+        for i, ref in enumerate(join.inputs):
+            if weights is not None and i < len(weights) and float(weights[i]) == 0.0:
+                continue
+            prev = source(ref)
+            if prev.op != "activation":
+                continue
+            if prev.name not in c0_cache:
+                c0_cache[prev.name] = _activation_c0(prev)
+            if c0_cache[prev.name] > NONZERO_MEAN_C0:
+                found.append(node.name)
+                break
+    return found
+
+
 def _merge(report: ShapeReport, record: dict) -> None:
     report.removed.extend(record.get("removed", ()))
     report.rewritten.extend(record.get("rewritten", ()))
@@ -330,8 +396,13 @@ def shape_graph(graph: Graph, *, method: str = "TAT", activation: str | None = N
             name = node.attrs.get("name", "?")
             report.activations_found[name] = report.activations_found.get(name, 0) + 1
 
-    # one copy up front; the passes then work on it in place
-    g, rec = remove_normalization(graph.copy(), copy=False)
+    # one copy up front; the passes then work on it in place. Weights that the init pass
+    # replaces with new arrays (no pass modifies them in place) are shared, not copied:
+    # ResNet-50's 100 MB, twice.
+    replaced = [n.params["weight"] for n in graph
+                if initialize and n.op in ("conv", "conv_transpose", "linear")
+                and isinstance(n.params.get("weight"), np.ndarray)]
+    g, rec = remove_normalization(graph.copy(share=replaced), copy=False)
     _merge(report, rec)
     for node in g:
         if node.op == "opaque" and "norm" in str(node.attrs.get("description", "")).lower():
@@ -405,11 +476,28 @@ def shape_graph(graph: Graph, *, method: str = "TAT", activation: str | None = N
         g, rec = inject_transforms(g, params, copy=False)
         _merge(report, rec)
 
+    nongaussian = find_nongaussian_activations(g)
+    if nongaussian:
+        report.warnings.append(
+            f"{len(nongaussian)} activation(s) (first {nongaussian[0]!r}) read a residual join "
+            "whose identity shortcut carries another activation's output, which has non-zero "
+            "mean under this transform (V1 ResNet pattern): that input is not Gaussian, so "
+            "the kernel rules under-predict q there and the error grows block after block. "
+            "Use method='DKS' (its phi_hat has zero mean), shortcut_weight=0, or a "
+            "pre-activation (V2) architecture; see docs/shaping.md, known limits")
+
     if initialize:
         from graphshape.init import initialize as init_pass
 
         g, init_report = init_pass(g, seed, copy=False)
         report.initialized = len(init_report.records)
+        # a shared weight that init did not replace (tied to another node's parameter)
+        # must not stay shared with the source model
+        shared_ids = {id(a) for a in replaced}
+        for node in g:
+            for key, value in node.params.items():
+                if id(value) in shared_ids:
+                    node.params[key] = np.array(value, copy=True)
     g.meta["graphshape"] = report.to_dict()
     g.validate()
     leftover = [n.name for n in g if n.op in NORM_OPS]

@@ -204,3 +204,46 @@ def test_even_kernel_conv_transpose_upsampling_preserves_q_exactly():
     q_out = y.pow(2).mean(dim=1)  # (2, 10, 10): each 2x2 block comes from one input location
     torch.testing.assert_close(q_out, q_in.repeat_interleave(2, 1).repeat_interleave(2, 2),
                                rtol=1e-10, atol=1e-12)
+
+
+def test_large_stacked_draws_are_float32_accurate_and_reproducible():
+    """Stacks above _FLOAT32_ABOVE entries are factorized in float32 (the fast path for
+    ResNet-size layers): still orthonormal to 1e-5, Haar (sign-corrected), and one seed gives
+    one set of weights."""
+    from graphshape import init
+
+    rows, cols = 300, 1200
+    assert 3 * rows * cols > init._FLOAT32_ABOVE
+    q = haar_semi_orthogonal(3, rows, cols, np.random.default_rng(11))
+    assert q.dtype == np.float32 and q.shape == (3, rows, cols)
+    gram = np.einsum("bij,bkj->bik", q.astype(np.float64), q.astype(np.float64))
+    assert np.max(np.abs(gram - np.eye(rows))) <= 1e-5
+    again = haar_semi_orthogonal(3, rows, cols, np.random.default_rng(11))
+    np.testing.assert_array_equal(q, again)
+    other = haar_semi_orthogonal(3, rows, cols, np.random.default_rng(12))
+    assert np.max(np.abs(q - other)) > 0.05
+    # columns of a tall stack: orthonormal columns, SUO-scaled
+    tall = suo_matrices(2, 1200, 400, np.random.default_rng(13))
+    gram = np.einsum("bji,bjk->bik", tall.astype(np.float64), tall.astype(np.float64)) / 3.0
+    assert np.max(np.abs(gram - np.eye(400))) <= 1e-5
+
+
+@pytest.mark.parametrize("rows,cols", [(4, 4), (6, 3)])
+def test_householder_draw_has_the_distribution_of_sign_corrected_qr(rows, cols):
+    """The draw skips the factorization (Stewart's method); its matrices must be distributed
+    like Q of a sign-corrected QR of a Gaussian matrix (Haar): two-sample KS tests on
+    entries and on the trace-like sum of the diagonal."""
+    from scipy.stats import ks_2samp
+
+    n = 4000
+    ours = haar_semi_orthogonal(n, rows, cols, np.random.default_rng(21))
+    g = np.random.default_rng(22).standard_normal((n, rows, cols))
+    q, r = np.linalg.qr(g)
+    ref = q * np.sign(np.diagonal(r, axis1=1, axis2=2))[:, None, :]
+    for stat in (lambda m: m[:, 0, 0], lambda m: m[:, -1, -1], lambda m: m[:, 0, -1],
+                 lambda m: np.trace(m[:, :cols, :cols], axis1=1, axis2=2)):
+        assert ks_2samp(stat(ours), stat(ref)).pvalue > 1e-3
+    # and not like plain LAPACK QR (positive-diagonal bias missing): the test has power
+    biased = q
+    assert ks_2samp(np.trace(ours[:, :cols, :cols], axis1=1, axis2=2),
+                    np.trace(biased[:, :cols, :cols], axis1=1, axis2=2)).pvalue < 1e-6

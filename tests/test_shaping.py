@@ -173,11 +173,21 @@ def test_shaped_resnet_runs_and_meets_the_kernel_bounds(arch, method, activation
                           if r.get("c_pred") is not None and r.get("c_emp") is not None])
         assert np.median(c_err) <= 0.03 and c_err.max() <= 0.10, (np.median(c_err), c_err.max())
     if w == 0.0:
-        # without skips every activation follows a conv, and q stays near 1 throughout
-        q = _activation_input_q(gm, x)
-        assert len(q) == sum(1 for n in shaped if n.op == "activation")
-        dev = np.abs(q - 1)
-        assert np.median(dev) < 0.1 and dev.max() < 0.3, q
+        # without skips every activation follows a conv and the predicted q is 1 at every
+        # activation input; the measured q of one width-64 network drifts like a random walk
+        # (docs/analysis.md; 4 examples here), so bound the drift per network and require
+        # no systematic gain over four initializations (measured: per-seed mean log q
+        # -0.12 +- 0.33 over 32 seeds, with max |log q| up to ~0.55)
+        log_q = []
+        for seed in range(4):
+            net = gm if seed == 0 else emit(shape_graph(
+                traced(arch), method=method, activation=activation, shortcut_weight=w,
+                seed=seed)[0])
+            q = _activation_input_q(net, x)
+            assert len(q) == sum(1 for n in shaped if n.op == "activation")
+            assert np.max(np.abs(np.log(q))) < 0.8, (seed, q)
+            log_q.append(np.log(q))
+        assert abs(np.mean(log_q)) < 0.35, np.mean(log_q, axis=1)
 
 
 def test_default_tat_turns_relu_into_trelu_and_untransformed_only_restructures():
@@ -214,6 +224,16 @@ def test_seed_determinism_and_source_untouched():
         assert ka == kb and torch.equal(va, vb)
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k])
+    # no memory shared with the source (the shaping API hands the shaped graph's arrays to
+    # the module without a copy) nor between the two results
+    source_ptrs = {v.data_ptr() for v in model.state_dict().values() if v.numel()}
+    a_ptrs = {v.data_ptr() for v in a.state_dict().values() if v.numel()}
+    b_ptrs = {v.data_ptr() for v in b.state_dict().values() if v.numel()}
+    assert not (a_ptrs & source_ptrs) and not (a_ptrs & b_ptrs)
+    with torch.no_grad():
+        for p in a.parameters():
+            p.mul_(2.0)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 
 def test_pln_makes_every_input_location_q_one():

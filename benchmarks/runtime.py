@@ -1,0 +1,123 @@
+"""Runtime cost of shaping: shaped ResNet-50 against the BatchNorm original, on CPU.
+
+    python benchmarks/runtime.py [--batch 8] [--size 128] [--steps 5] [--compile]
+
+Networks (torchvision resnet50, weights=None):
+
+* ``original``     the BatchNorm network (train mode for the training step, eval for inference);
+* ``bn->identity`` the original with every BatchNorm2d replaced by nn.Identity: the floor a
+                   normalizer-free network can reach (no φ̂ cost);
+* ``dks``, ``tat`` ``graphshape.shape(method=...)`` (TAT: leaky_relu).
+
+Measured: one training step (forward, cross-entropy, backward, SGD step) and one inference
+forward pass in eval mode under ``torch.no_grad``. Every network is timed in turn in each
+round (so that load from other processes hits them alike); the table shows median times and
+the median over rounds of the per-round ratio to the original (goal: training step <= 0.85x). ``--compile`` also times
+``torch.compile``d versions (compilation is slow, so it is opt-in; warm-up steps excluded).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+import warnings
+
+
+def _networks(x):
+    import torch.nn as nn
+    import torchvision
+
+    import graphshape
+
+    def original():
+        import torch
+
+        torch.manual_seed(0)
+        return torchvision.models.resnet50(weights=None)
+
+    def no_bn():
+        model = original()
+        for name, module in list(model.named_modules()):
+            for child_name, child in list(module.named_children()):
+                if isinstance(child, nn.BatchNorm2d):
+                    setattr(module, child_name, nn.Identity())
+        return model
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return {"original": original(), "bn->identity": no_bn(),
+                "dks": graphshape.shape(original(), x[:1], method="DKS", seed=0),
+                "tat": graphshape.shape(original(), x[:1], method="TAT",
+                                        activation="leaky_relu", seed=0)}
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--size", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=5, help="timed rounds (median reported)")
+    parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads")
+    parser.add_argument("--compile", action="store_true", help="also time torch.compile")
+    args = parser.parse_args(argv)
+
+    import torch
+    import torch.nn.functional as F
+
+    torch.set_num_threads(args.threads)
+    x = torch.randn(args.batch, 3, args.size, args.size)
+    labels = torch.randint(0, 1000, (args.batch,))
+    networks = _networks(x)
+    variants = dict(networks)
+    if args.compile:
+        variants.update({f"{name} (compiled)": torch.compile(model)
+                         for name, model in networks.items()})
+    optimizers = {name: torch.optim.SGD(m.parameters(), lr=1e-4) for name, m in variants.items()}
+
+    def train_step(name):
+        model = variants[name]
+        model.train()
+        loss = F.cross_entropy(model(x), labels)
+        optimizers[name].zero_grad()
+        loss.backward()
+        optimizers[name].step()
+
+    def infer(name):
+        model = variants[name]
+        model.eval()
+        with torch.no_grad():
+            model(x)
+
+    for name in variants:  # warm-up (and compilation)
+        for _ in range(2 if "compiled" in name else 1):
+            train_step(name)
+            infer(name)
+    times = {(name, what): [] for name in variants for what in ("train", "infer")}
+    for _ in range(args.steps):
+        for name in variants:
+            for what, fn in (("train", train_step), ("infer", infer)):
+                start = time.perf_counter()
+                fn(name)
+                times[(name, what)].append(time.perf_counter() - start)
+    med = {k: statistics.median(v) for k, v in times.items()}
+
+    print(f"resnet50, batch {args.batch}x3x{args.size}x{args.size}, CPU, {args.threads} thread(s), "
+          f"median of {args.steps}")
+    print("| network | training step | vs original | inference (eval) | vs original |")
+    print("| --- | ---: | ---: | ---: | ---: |")
+    ratios = {}
+    for name in variants:
+        base = "original (compiled)" if "compiled" in name else "original"
+        for what in ("train", "infer"):
+            # median of the per-round ratios: each pair was timed back to back, so a burst of
+            # load from other processes tends to hit both sides of a ratio
+            ratios[(name, what)] = statistics.median(
+                a / b for a, b in zip(times[(name, what)], times[(base, what)]))
+        tr, inf = med[(name, "train")], med[(name, "infer")]
+        print(f"| {name} | {tr:.3f} s | {ratios[(name, 'train')]:.2f}x | {inf:.3f} s | "
+              f"{ratios[(name, 'infer')]:.2f}x |")
+    return {"median_seconds": med, "ratios": ratios}
+
+
+if __name__ == "__main__":
+    main()
