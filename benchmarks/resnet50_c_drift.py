@@ -2,7 +2,7 @@
 median |c_pred - c_emp| <= 0.03), and whether it shrinks with width (finite-width drift)
 or not (a wrong kernel rule).
 
-    python benchmarks/fixup_dks_resnet_c.py [--seeds 3 4 5 6 7 8] [--archs resnet50 wide_resnet50_2]
+    python benchmarks/resnet50_c_drift.py [--seeds 3 4 5 6 7 8] [--archs resnet50 wide_resnet50_2]
 
 Each case: ``shape_graph`` (DKS, relu, shortcut_weight 0.8, seed s), 8 unit-q examples that
 are constant across locations (32x32, where the kernel theory is exact up to finite width),

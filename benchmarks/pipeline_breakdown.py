@@ -1,6 +1,6 @@
 """Where `graphshape.shape(torchvision.models.resnet50(), x)` spends its time, stage by stage.
 
-    python benchmarks/fixup_pipeline_breakdown.py [--repeats 5] [--size 224] [--method DKS]
+    python benchmarks/pipeline_breakdown.py [--repeats 5] [--size 224] [--method DKS]
 
 Single-threaded torch; median over ``--repeats`` of each stage, run in pipeline order:
 construct (``torchvision.models.resnet50()``, the reference), load (fx trace + ShapeProp +
