@@ -27,6 +27,7 @@ import dks.base.activation_transform as dks_transform  # noqa: E402
 
 from graphshape import GraphshapeError  # noqa: E402
 from graphshape import kernels  # noqa: E402
+from graphshape.kernels import chain_subnet_max_func  # noqa: E402
 
 DKS_NAMES = ["tanh", "sigmoid", "erf", "relu", "softplus", "selu", "elu", "swish", "bentid",
              "atan", "asinh", "square", "softsign", "leaky_relu", "gelu", "gelu_exact"]
@@ -34,12 +35,6 @@ SMOOTH_NAMES = ["tanh", "sigmoid", "erf", "softplus", "swish", "bentid", "atan",
                 "square", "gelu", "gelu_exact"]
 
 
-def chain(depth):
-    def subnet_max_func(x, r):
-        for _ in range(depth):
-            x = r(x)
-        return x
-    return subnet_max_func
 
 
 def cases(quick):
@@ -57,7 +52,7 @@ def time_dks(method, name, depth):
     start = time.perf_counter()
     try:
         dks_transform._get_activations_params([name], method=method,
-                                              subnet_max_func=chain(depth))
+                                              subnet_max_func=chain_subnet_max_func(depth))
         ok = True
     except Exception:  # dks raises ValueError when it finds no root
         ok = False
@@ -69,7 +64,7 @@ def time_graphshape(method, name, depth, repeat):
     for _ in range(repeat):
         start = time.perf_counter()
         try:
-            kernels.solve([name], method, chain(depth))
+            kernels.solve([name], method, chain_subnet_max_func(depth))
         except GraphshapeError:
             ok = False
         times.append(time.perf_counter() - start)
@@ -86,7 +81,7 @@ def main():
     warnings.simplefilter("ignore", RuntimeWarning)  # dks's autograd overflows while searching
 
     time_dks("DKS", "tanh", 5)  # warm-up: loads dks's cached quadrature roots
-    kernels.solve(["tanh"], "DKS", chain(5))
+    kernels.solve(["tanh"], "DKS", chain_subnet_max_func(5))
     print(f"# python {platform.python_version()}, {platform.machine()}, "
           f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
     print(f"{'method':6} {'activation':11} {'depth':>5} {'dks [s]':>9} {'graphshape [ms]':>16} "

@@ -1544,13 +1544,8 @@ def _mm_split(chunk):
     return h
 
 
-def _mm_reduce(kind):
-    def h(ld, fx_node):
-        dim_default = () if kind in ("max", "min") else None
-        a = _bind(fx_node, ["input", "dim", "keepdim", "dtype"],
-                  {"dim": dim_default, "keepdim": False, "dtype": None})
-        _reduce(ld, fx_node, kind, a["input"], a["dim"], a["keepdim"], a["dtype"])
-    return h
+# x.mean(dim) binds like torch.mean(x, dim): the same handler serves both
+_mm_reduce = _f_reduce
 
 
 def _mm_softmax(op):

@@ -398,6 +398,20 @@ def leaky_relu_c_map(c, negative_slope):
     return float(out) if np.ndim(out) == 0 else out
 
 
+def chain_subnet_max_func(depth: int) -> Callable:
+    """dks's ``subnet_max_func`` of a plain chain of ``depth`` nonlinear layers (no skips):
+    ``M(x, r) = r(r(...r(x)))``, r applied ``depth`` times (depth 0: the identity)."""
+    if int(depth) != depth or depth < 0:
+        raise GraphshapeError(f"depth must be a non-negative integer, got {depth!r}")
+
+    def subnet_max_func(x, r):
+        for _ in range(int(depth)):
+            x = r(x)
+        return x
+
+    return subnet_max_func
+
+
 def _call_m(subnet_max_func, x, r, what):
     try:
         value = float(subnet_max_func(x, r))

@@ -13,18 +13,12 @@ from scipy import integrate
 from graphshape import GraphshapeError
 from graphshape import activations as A
 from graphshape import kernels as K
+from graphshape.kernels import chain_subnet_max_func
 
 C_GRID = np.array([-1.0, -0.8, -0.3, 0.0, 0.4, 0.9, 0.999, 1.0])
 REFERENCE = os.path.join(os.path.dirname(__file__), "data", "dks_reference.json")
 
 
-def chain(depth):
-    """dks's subnet_max_func of a chain of ``depth`` nonlinear layers: r applied depth times."""
-    def subnet_max_func(x, r):
-        for _ in range(depth):
-            x = r(x)
-        return x
-    return subnet_max_func
 
 
 def _quad(f, breaks=()):
@@ -197,7 +191,7 @@ def test_import_needs_neither_torch_nor_onnx():
 @pytest.mark.parametrize("name", ["mish", "silu", "hardswish", "tanh", "elu"])
 def test_dks_solution_meets_the_dks_conditions(name):
     depth, zeta = 10, 1.5
-    params = K.solve([name], "dks", chain(depth), zeta=zeta)[name]
+    params = K.solve([name], "dks", chain_subnet_max_func(depth), zeta=zeta)[name]
     maps = K.local_maps(name, params)
     assert maps.q1 == pytest.approx(1.0, abs=1e-10)
     assert maps.q_slope_1 == pytest.approx(1.0, abs=1e-8)
@@ -210,7 +204,7 @@ def test_dks_solution_meets_the_conditions_or_raises(name):
     # hybrd reports "success" at a saturated hardtanh whose output variance is lost to
     # rounding (output_scale ~ 1e8, conditions unmet): that must not come back as a solution.
     try:
-        params = K.solve([name], "DKS", chain(10))[name]
+        params = K.solve([name], "DKS", chain_subnet_max_func(10))[name]
     except GraphshapeError as exc:
         assert "no parameters found" in str(exc)
         return
@@ -222,7 +216,7 @@ def test_dks_solution_meets_the_conditions_or_raises(name):
 @pytest.mark.parametrize("name", ["mish", "silu", "softplus"])
 def test_tat_solution_meets_the_tat_conditions(name):
     depth, tau = 10, 0.3
-    params = K.solve([name], "TaT", chain(depth), tau=tau)[name]
+    params = K.solve([name], "TaT", chain_subnet_max_func(depth), tau=tau)[name]
     maps = K.local_maps(name, params)
     assert maps.q1 == pytest.approx(1.0, abs=1e-10)
     assert maps.q_slope_1 == pytest.approx(1.0, abs=1e-8)
@@ -232,7 +226,7 @@ def test_tat_solution_meets_the_tat_conditions(name):
 
 
 def test_tat_leaky_relu_meets_eta():
-    params = K.solve(["leaky_relu"], "TAT", chain(20), eta=0.9)["leaky_relu"]
+    params = K.solve(["leaky_relu"], "TAT", chain_subnet_max_func(20), eta=0.9)["leaky_relu"]
     a = params["negative_slope"]
     c = 0.0
     for _ in range(20):
@@ -253,27 +247,27 @@ def test_unreachable_eta_names_the_achievable_value():
     for _ in range(5):
         achievable = relu_c(achievable)
     with pytest.raises(GraphshapeError) as info:
-        K.solve(["leaky_relu"], "TAT", chain(5), eta=0.9)
+        K.solve(["leaky_relu"], "TAT", chain_subnet_max_func(5), eta=0.9)
     message = str(info.value)
     assert f"{achievable:.4g}" in message and "eta=0.9" in message and "lower eta" in message
 
 
 @pytest.mark.parametrize("call,pattern", [
-    (lambda: K.solve(["tanh"], "DKS", chain(5), zeta=1.0), "zeta > 1"),
-    (lambda: K.solve(["tanh"], "DKS", chain(5), zeta=float("nan")), "zeta > 1"),
-    (lambda: K.solve(["tanh"], "DKS", chain(5), zeta=float("inf")), "zeta > 1"),
-    (lambda: K.solve(["tanh"], "TAT", chain(5), tau=0.0), "tau > 0"),
-    (lambda: K.solve(["leaky_relu"], "TAT", chain(5), eta=1.2), r"eta .* in \[0, 1\]"),
-    (lambda: K.solve(["leaky_relu"], "TAT", chain(5), eta=-0.1), r"eta .* in \[0, 1\]"),
-    (lambda: K.solve(["relu"], "TAT", chain(5)), "use leaky_relu"),
-    (lambda: K.solve(["selu"], "TAT", chain(5)), "kink"),
-    (lambda: K.solve(["leaky_relu", "tanh"], "TAT", chain(5)), "only"),
-    (lambda: K.solve(["tanh"], "NTK", chain(5)), "unknown method"),
-    (lambda: K.solve(["tanhh"], "DKS", chain(5)), "known activations"),
-    (lambda: K.solve(["tanh"], "DKS", chain(0)), "zeta=1.5 is out of reach"),
+    (lambda: K.solve(["tanh"], "DKS", chain_subnet_max_func(5), zeta=1.0), "zeta > 1"),
+    (lambda: K.solve(["tanh"], "DKS", chain_subnet_max_func(5), zeta=float("nan")), "zeta > 1"),
+    (lambda: K.solve(["tanh"], "DKS", chain_subnet_max_func(5), zeta=float("inf")), "zeta > 1"),
+    (lambda: K.solve(["tanh"], "TAT", chain_subnet_max_func(5), tau=0.0), "tau > 0"),
+    (lambda: K.solve(["leaky_relu"], "TAT", chain_subnet_max_func(5), eta=1.2), r"eta .* in \[0, 1\]"),
+    (lambda: K.solve(["leaky_relu"], "TAT", chain_subnet_max_func(5), eta=-0.1), r"eta .* in \[0, 1\]"),
+    (lambda: K.solve(["relu"], "TAT", chain_subnet_max_func(5)), "use leaky_relu"),
+    (lambda: K.solve(["selu"], "TAT", chain_subnet_max_func(5)), "kink"),
+    (lambda: K.solve(["leaky_relu", "tanh"], "TAT", chain_subnet_max_func(5)), "only"),
+    (lambda: K.solve(["tanh"], "NTK", chain_subnet_max_func(5)), "unknown method"),
+    (lambda: K.solve(["tanhh"], "DKS", chain_subnet_max_func(5)), "known activations"),
+    (lambda: K.solve(["tanh"], "DKS", chain_subnet_max_func(0)), "zeta=1.5 is out of reach"),
     (lambda: K.solve(["tanh"], "TAT", lambda x, r: min(r(x), 0.1)), "only reaches 0.1"),
     (lambda: K.solve(["tanh"], "DKS", lambda x, r: 1 / 0), "subnet_max_func failed"),
-    (lambda: K.solve(["square"], "DKS", chain(5)), "no parameters found for activation 'square'"),
+    (lambda: K.solve(["square"], "DKS", chain_subnet_max_func(5)), "no parameters found for activation 'square'"),
 ])
 def test_errors_are_graphshape_errors(call, pattern):
     with pytest.raises(GraphshapeError, match=pattern):
@@ -284,7 +278,7 @@ def test_never_nan_over_a_grid_of_targets():
     for zeta in (1.01, 1.5, 10.0, 1e3):
         for depth in (1, 7, 100):
             try:
-                params = K.solve(["softplus", "leaky_relu"], "DKS", chain(depth), zeta=zeta)
+                params = K.solve(["softplus", "leaky_relu"], "DKS", chain_subnet_max_func(depth), zeta=zeta)
             except GraphshapeError:
                 continue
             assert all(math.isfinite(v) for p in params.values() for v in p.values())
@@ -311,7 +305,7 @@ def _solve_case(case):
                               ("tau", "c_curve_target", tat_params)):
         if theirs in src:
             kwargs[ours] = src[theirs]
-    return K.solve(case["names"], case["method"], chain(case["depth"]), **kwargs), kwargs
+    return K.solve(case["names"], case["method"], chain_subnet_max_func(case["depth"]), **kwargs), kwargs
 
 
 def _condition_errors(name, params, method, depth, kwargs):

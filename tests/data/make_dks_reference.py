@@ -23,6 +23,8 @@ import time
 import dks
 import dks.base.activation_transform as dks_transform  # the numpy backend (autograd)
 
+from graphshape.kernels import chain_subnet_max_func
+
 DKS_NAMES = ["tanh", "sigmoid", "erf", "relu", "softplus", "selu", "elu", "swish", "bentid",
              "atan", "asinh", "square", "softsign", "leaky_relu", "gelu", "gelu_exact"]
 # Infinitely differentiable: TAT's C''(1) condition is well defined for these.
@@ -31,12 +33,6 @@ SMOOTH_NAMES = ["tanh", "sigmoid", "erf", "softplus", "swish", "bentid", "atan",
 DEPTHS = [5, 20, 50]
 
 
-def chain(depth):
-    def subnet_max_func(x, r):
-        for _ in range(depth):
-            x = r(x)
-        return x
-    return subnet_max_func
 
 
 def cases(quick=False):
@@ -93,7 +89,7 @@ def run_case(case):
             list(case["names"]), method=case["method"],
             dks_params=dict(case.get("dks_params", {})) or None,
             tat_params=dict(case.get("tat_params", {})) or None,
-            subnet_max_func=chain(case["depth"]))
+            subnet_max_func=chain_subnet_max_func(case["depth"]))
         result = {"params": {n: {k: float(v) for k, v in p.items()} for n, p in params.items()}}
     except Exception as exc:  # dks raises ValueError (and occasionally others): record them all
         result = {"error": f"{type(exc).__name__}: {exc}"}
