@@ -21,6 +21,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from graphshape.atomic import default_file_mode
 from graphshape.errors import GraphshapeError
 from graphshape.ir import Graph, Node, Ref
 
@@ -532,26 +533,27 @@ def _emit_affine(ctx, node):
 
 
 # ---- pooling -------------------------------------------------------------------------
-def _emit_avg_pool(ctx, node):
-    a = node.attrs
+def _pool_attrs(ctx, node) -> dict:
+    """kernel/stride/pads of a pool, plus ceil_mode (an attribute from opset 10)."""
     kw = _spatial_attrs(node)
-    if a.get("ceil_mode"):
+    if node.attrs.get("ceil_mode"):
         if ctx.opset < 10:
             raise GraphshapeError("ceil_mode pooling needs opset 10 or newer", node=node.name,
                                   op=node.op)
         kw["ceil_mode"] = 1
+    return kw
+
+
+def _emit_avg_pool(ctx, node):
+    a = node.attrs
+    kw = _pool_attrs(ctx, node)
     kw["count_include_pad"] = int(bool(a.get("count_include_pad", False)))
     ctx.emit1(node, "AveragePool", [_input(ctx, node)], **kw)
 
 
 def _emit_max_pool(ctx, node):
     a = node.attrs
-    kw = _spatial_attrs(node)
-    if a.get("ceil_mode"):
-        if ctx.opset < 10:
-            raise GraphshapeError("ceil_mode pooling needs opset 10 or newer", node=node.name,
-                                  op=node.op)
-        kw["ceil_mode"] = 1
+    kw = _pool_attrs(ctx, node)
     dil = a.get("dilation")
     if dil and any(d != 1 for d in dil):
         if ctx.opset < 10:
@@ -1105,13 +1107,13 @@ def save(model, path: str | os.PathLike, *, external_data: bool | None = None,
                     del raw
             with open(tmp, "wb") as f:
                 f.write(model.SerializeToString())
-            _default_mode(tmp_data)  # mkstemp makes 0600 files
+            default_file_mode(tmp_data)  # mkstemp makes 0600 files
             os.replace(tmp_data, os.path.join(folder, data_name))
             tmp_data = None
         else:
             with open(tmp, "wb") as f:
                 f.write(model.SerializeToString())
-        _default_mode(tmp)
+        default_file_mode(tmp)
         os.replace(tmp, path)
     finally:
         # put the weights back into the caller's model
@@ -1126,13 +1128,6 @@ def save(model, path: str | os.PathLike, *, external_data: bool | None = None,
         for leftover in (tmp, tmp_data):
             if leftover and os.path.exists(leftover):
                 os.remove(leftover)
-
-
-def _default_mode(path: str) -> None:
-    """The mode ``open`` would give a new file (0666 less the umask), not mkstemp's 0600."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)
 
 
 def _set_external(tensor, location: str, offset: int, length: int) -> None:

@@ -13,9 +13,9 @@ import argparse
 import importlib
 import os
 import sys
-import tempfile
 import traceback
 
+from graphshape.atomic import atomic_write as _atomic_write
 from graphshape.errors import GraphshapeError
 
 
@@ -32,28 +32,14 @@ class UsageError(Exception):
 
 # --------------------------------------------------------------------------- shared helpers
 def atomic_write(path: str, write) -> None:
-    """Call ``write(tmp)`` on a temp file in ``path``'s folder, then rename it to ``path``;
-    on any error the temp file is removed and ``path`` is untouched. The temp name keeps
-    ``path``'s extension (matplotlib picks the format from it)."""
+    """:func:`graphshape.atomic.atomic_write` (the temp name keeps ``path``'s extension),
+    after checking ``path`` as a command-line destination (exit 2 if it is not one)."""
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         raise UsageError(f"destination folder {folder!r} does not exist")
     if os.path.isdir(path):
         raise UsageError(f"{path!r} is a folder: give a file path")
-    base = os.path.basename(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{base}.", suffix=".tmp" + os.path.splitext(base)[1],
-                               dir=folder)
-    os.close(fd)
-    try:
-        write(tmp)
-        from graphshape.shaping_api import default_file_mode
-
-        default_file_mode(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    _atomic_write(path, write, keep_extension=True)
 
 
 def write_text(path: str, text: str) -> None:

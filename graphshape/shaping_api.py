@@ -11,6 +11,7 @@ import json
 import os
 from typing import Any
 
+from graphshape.atomic import atomic_write
 from graphshape.errors import GraphshapeError
 from graphshape.passes.shaping import DEFAULT_SHORTCUT_WEIGHT, ShapeReport, shape_graph
 
@@ -328,30 +329,13 @@ def save(model, dst) -> None:
         if backend_onnx._model_bytes(model) >= backend_onnx._TWO_GB - 64 * 2**20:
             backend_onnx.save(model, dst)
             return
-        import tempfile
-
-        folder = os.path.dirname(os.path.abspath(dst))
-        fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(dst)}.", suffix=".tmp",
-                                   dir=folder)
-        try:
-            with os.fdopen(fd, "wb") as fh:
+        def write(tmp):
+            with open(tmp, "wb") as fh:
                 _stream_model(model, fh)
-            default_file_mode(tmp)
-            os.replace(tmp, dst)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-            raise
+
+        atomic_write(dst, write)
     except OSError as e:
         raise GraphshapeError(f"cannot write {dst!r}: {e.strerror or e}") from None
-
-
-def default_file_mode(path: str) -> None:
-    """Give a file made by ``tempfile.mkstemp`` (mode 0600) the mode a plain ``open`` would
-    have given it (0666 less the umask), so that atomic writes do not change permissions."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)
 
 
 def _varint(n: int) -> bytes:
