@@ -45,7 +45,7 @@ from torch import nn
 
 from graphshape import torch_modules as _tm
 from graphshape.errors import GraphshapeError
-from graphshape.ir import Graph, Node, Ref, TensorInfo, weight_tap_norms
+from graphshape.ir import Graph, Node, Ref, TensorInfo, map_template, weight_tap_norms
 
 __all__ = ["load_module", "MODULE_OPS", "FUNCTION_OPS", "METHOD_OPS"]
 
@@ -275,22 +275,15 @@ class _Loader:
 
     def template(self, value):
         """``value`` with fx nodes replaced by Refs (tuple-valued nodes by tuples of Refs)."""
-        if isinstance(value, torch.fx.Node):
-            entry = self.env[value]
+        def leaf(v):
+            if not isinstance(v, torch.fx.Node):
+                return v
+            entry = self.env[v]
             if isinstance(entry, _Multi):
                 return tuple(Ref(entry.name, i) for i in range(entry.count))
-            return self.ref(value)
-        if isinstance(value, tuple) and not isinstance(value, Ref):
-            items = [self.template(v) for v in value]
-            return type(value)(*items) if hasattr(value, "_fields") else tuple(items)
-        if isinstance(value, list):
-            return [self.template(v) for v in value]
-        if isinstance(value, dict):
-            return {k: self.template(v) for k, v in value.items()}
-        if isinstance(value, slice):
-            return slice(self.template(value.start), self.template(value.stop),
-                         self.template(value.step))
-        return value
+            return self.ref(v)
+
+        return map_template(value, leaf)
 
     def _materialize(self, fx_node, lazy: "_Lazy") -> Ref:
         tensor = lazy.tensor
@@ -491,21 +484,14 @@ class _Loader:
         counters: dict = {}
 
         def to_ref(v):
-            """The output structure with plain containers and Ref(output node) leaves."""
-            if isinstance(v, torch.fx.Node):
-                k = counters.get(v, 0)
-                counters[v] = k + 1
-                return Ref(names[v][k])
-            if isinstance(v, tuple):
-                items = [to_ref(x) for x in v]
-                return type(v)(*items) if hasattr(v, "_fields") else tuple(items)
-            if isinstance(v, list):
-                return [to_ref(x) for x in v]
-            if isinstance(v, dict):
-                return {k: to_ref(x) for k, x in v.items()}
-            return v
+            """A leaf of the output structure: Ref(its output node) for an fx node."""
+            if not isinstance(v, torch.fx.Node):
+                return v
+            k = counters.get(v, 0)
+            counters[v] = k + 1
+            return Ref(names[v][k])
 
-        self.graph.meta["torch_output"] = to_ref(template)
+        self.graph.meta["torch_output"] = map_template(template, to_ref)
 
 
 class _Lazy:
@@ -953,18 +939,22 @@ def _transpose(ld, fx_node, x, d0, d1):
     _emit(ld, fx_node, "transpose", [_input(ld, fx_node, x)], {"perm": tuple(perm)})
 
 
-def _squeeze(ld, fx_node, x, dim):
+def _axes(ld, x, dim):
+    """torch's ``dim`` argument (an int or a sequence of ints) as sorted non-negative axes
+    of ``x``; None when ``dim`` is None (all axes)."""
     if dim is None:
-        axes = None
-    else:
-        dims = _tuple(dim, 1)
-        if not all(isinstance(d, int) for d in dims):
-            raise _Unmapped("dynamic dim")
-        r = ld.rank(x)
-        if r is None and any(d < 0 for d in dims):
-            raise _Unmapped("negative dim, rank unknown")
-        axes = tuple(sorted(d % r if r else d for d in dims))
-    _emit(ld, fx_node, "squeeze", [_input(ld, fx_node, x)], {"axes": axes})
+        return None
+    dims = _tuple(dim, 1)
+    if not all(isinstance(d, int) for d in dims):
+        raise _Unmapped("dynamic dim")
+    r = ld.rank(x)
+    if r is None and any(d < 0 for d in dims):
+        raise _Unmapped("negative dim, rank unknown")
+    return tuple(sorted(d % r if r else d for d in dims))
+
+
+def _squeeze(ld, fx_node, x, dim):
+    _emit(ld, fx_node, "squeeze", [_input(ld, fx_node, x)], {"axes": _axes(ld, x, dim)})
 
 
 def _unsqueeze(ld, fx_node, x, dim):
@@ -1004,18 +994,9 @@ def _split(ld, fx_node, x, sizes_or_chunks, dim, chunk: bool):
 def _reduce(ld, fx_node, kind, x, dim, keepdim, dtype=None):
     if dtype is not None:
         raise _Unmapped("dtype")
-    if dim is None or dim == () or dim == []:
-        axes = None
-    else:
-        dims = _tuple(dim, 1)
-        if not all(isinstance(d, int) for d in dims):
-            raise _Unmapped("dynamic dims")
-        r = ld.rank(x)
-        if r is None and any(d < 0 for d in dims):
-            raise _Unmapped("negative dims with unknown rank")
-        axes = tuple(sorted(d % r if r else d for d in dims))
     _emit(ld, fx_node, "reduce", [_input(ld, fx_node, x)],
-          {"kind": kind, "axes": axes, "keepdims": bool(keepdim)})
+          {"kind": kind, "axes": None if dim in ((), []) else _axes(ld, x, dim),  # () is all
+           "keepdims": bool(keepdim)})
 
 
 def _binary(ld, fx_node, op, a, b, alpha=1):

@@ -32,7 +32,7 @@ from torch import nn
 
 from graphshape import torch_modules as tm
 from graphshape.errors import GraphshapeError
-from graphshape.ir import Graph, Node, Ref
+from graphshape.ir import Graph, Node, Ref, map_template
 
 __all__ = ["emit", "fx_name", "TORCH_EMITTERS"]
 
@@ -165,19 +165,7 @@ class _Ctx:
 
     def template(self, value):
         """Replace Refs in an argument template by fx values."""
-        if isinstance(value, Ref):
-            return self.value(value)
-        if isinstance(value, tuple):
-            items = [self.template(v) for v in value]
-            return type(value)(*items) if hasattr(value, "_fields") else tuple(items)
-        if isinstance(value, list):
-            return [self.template(v) for v in value]
-        if isinstance(value, dict):
-            return {k: self.template(v) for k, v in value.items()}
-        if isinstance(value, slice):
-            return slice(self.template(value.start), self.template(value.stop),
-                         self.template(value.step))
-        return value
+        return map_template(value, lambda v: self.value(v) if isinstance(v, Ref) else v)
 
     # ------------------------------------------------------------- tensors
     def tensor(self, node: Node, name: str) -> torch.Tensor:
@@ -383,13 +371,10 @@ def _e_activation(ctx, node, xs):
     return ctx.module(node, mod, (xs[0],), )
 
 
-def _e_batch_norm(ctx, node, xs):
+def _channel_norm(ctx, node, xs, classes):
+    """batch_norm and instance_norm: the same constructor arguments, 1/2/3-d by rank."""
     a = node.attrs
-    dims = node.attrs.get("dims")
-    if dims is None:
-        r = ctx.rank(node)
-        dims = 2 if r is None else (1 if r <= 3 else r - 2)
-    cls = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)[dims - 1]
+    cls = classes[_dims(ctx, node, 2) - 1]
     channels = a.get("num_features") or len(next(iter(node.params.values())))
     mod = _build(ctx, node, cls, num_features=int(channels), eps=float(a.get("eps", 1e-5)),
                  momentum=a.get("momentum", 0.1),
@@ -399,17 +384,12 @@ def _e_batch_norm(ctx, node, xs):
     return ctx.module(node, mod, (xs[0],))
 
 
+def _e_batch_norm(ctx, node, xs):
+    return _channel_norm(ctx, node, xs, (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d))
+
+
 def _e_instance_norm(ctx, node, xs):
-    a = node.attrs
-    dims = _dims(ctx, node, 2)
-    cls = (nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)[dims - 1]
-    channels = a.get("num_features") or len(node.params["weight"])
-    mod = _build(ctx, node, cls, num_features=int(channels), eps=float(a.get("eps", 1e-5)),
-                 momentum=a.get("momentum", 0.1),
-                 fills={"weight": 1.0, "bias": 0.0},
-                 affine=a.get("affine", "weight" in node.params or "bias" in node.params),
-                 track_running_stats=a.get("track_running_stats", "running_mean" in node.params))
-    return ctx.module(node, mod, (xs[0],))
+    return _channel_norm(ctx, node, xs, (nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d))
 
 
 def _e_layer_norm(ctx, node, xs):
@@ -728,13 +708,5 @@ def _inlinable_scalar(graph: Graph, node: Node) -> bool:
 
 def _map_outputs(ctx: _Ctx, template):
     """The torch output structure with each Ref(output node) replaced by its value."""
-    if isinstance(template, Ref):
-        return ctx.values[template.node]
-    if isinstance(template, tuple):
-        items = [_map_outputs(ctx, v) for v in template]
-        return type(template)(*items) if hasattr(template, "_fields") else tuple(items)
-    if isinstance(template, list):
-        return [_map_outputs(ctx, v) for v in template]
-    if isinstance(template, dict):
-        return {k: _map_outputs(ctx, v) for k, v in template.items()}
-    return template
+    return map_template(template,
+                        lambda v: ctx.values[v.node] if isinstance(v, Ref) else v)

@@ -20,7 +20,7 @@ from __future__ import annotations
 import copy as _copy
 import weakref
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Iterator, NamedTuple
+from typing import Any, Callable, Iterable, Iterator, NamedTuple
 
 import networkx as nx
 import numpy as np
@@ -382,23 +382,30 @@ class Graph:
         return counts
 
 
-def substitute_ref(value, old: Ref, new: Ref):
-    """``value`` (an attribute template: nested lists, tuples, named tuples, dicts and
-    slices) with every ``old`` :class:`Ref` replaced by ``new``; other leaves are kept as
-    they are (the same objects)."""
+def map_template(value, leaf: Callable[[Any], Any]):
+    """``value`` (an argument or output template: nested lists, tuples, named tuples,
+    dicts and slices) with ``leaf(x)`` in place of every leaf ``x``. A :class:`Ref` is a
+    leaf, not a tuple to descend into. The one walker over templates: frontends, backends
+    and passes pass their own ``leaf``."""
     if isinstance(value, Ref):
-        return new if value == old else value
+        return leaf(value)
     if isinstance(value, tuple):
-        items = [substitute_ref(v, old, new) for v in value]
+        items = [map_template(v, leaf) for v in value]
         return type(value)(*items) if hasattr(value, "_fields") else tuple(items)
     if isinstance(value, list):
-        return [substitute_ref(v, old, new) for v in value]
+        return [map_template(v, leaf) for v in value]
     if isinstance(value, dict):
-        return {k: substitute_ref(v, old, new) for k, v in value.items()}
+        return {k: map_template(v, leaf) for k, v in value.items()}
     if isinstance(value, slice):
-        return slice(substitute_ref(value.start, old, new), substitute_ref(value.stop, old, new),
-                     substitute_ref(value.step, old, new))
-    return value
+        return slice(map_template(value.start, leaf), map_template(value.stop, leaf),
+                     map_template(value.step, leaf))
+    return leaf(value)
+
+
+def substitute_ref(value, old: Ref, new: Ref):
+    """``value`` (an attribute template) with every ``old`` :class:`Ref` replaced by
+    ``new``; other leaves are kept as they are (the same objects)."""
+    return map_template(value, lambda v: new if isinstance(v, Ref) and v == old else v)
 
 
 # id(weight) -> (weakref to it, fingerprint, per-tap squared norms). Reading every weight
