@@ -13,6 +13,7 @@ import inspect
 import os
 from typing import Any
 
+from graphshape import shaping_api as _shaping_api  # light: imports neither torch nor onnx
 from graphshape.errors import GraphshapeError
 from graphshape.ir import Graph
 
@@ -211,18 +212,16 @@ def check_example_inputs(graph: Graph, example_inputs: Any) -> None:
                     node=name)
 
 
+@functools.wraps(_shaping_api.shape)  # the real signature and docstring for help() and IDEs
 def shape(*args, **kwargs):
-    """Shape a PyTorch model with DKS / TAT: see :func:`graphshape.shaping_api.shape`."""
-    from graphshape.shaping_api import shape as _shape
-
+    _shape = _shaping_api.shape
     _bind(_shape, args, kwargs)
     return _boundary("shaping the model")(_shape)(*args, **kwargs)
 
 
+@functools.wraps(_shaping_api.shape_onnx)
 def shape_onnx(*args, **kwargs):
-    """Shape an ONNX model file: see :func:`graphshape.shaping_api.shape_onnx`."""
-    from graphshape.shaping_api import shape_onnx as _shape_onnx
-
+    _shape_onnx = _shaping_api.shape_onnx
     _bind(_shape_onnx, args, kwargs)
     return _boundary("shaping the ONNX model")(_shape_onnx)(*args, **kwargs)
 
