@@ -96,6 +96,16 @@ class Activation:
             return tuple(0.0 for _ in self.kink_points(**attrs))
         return tuple(self.d1_jumps_fn(**self.attrs(**attrs)))
 
+    def is_nondecreasing(self, **attrs) -> bool:
+        """True if fn never decreases, for these attributes: ``d1 >= 0`` on a fine grid over
+        [-30, 30], which holds every dip of the registered functions (swish, gelu, mish and
+        hardswish dip below zero slope between -4 and 0; outside [-30, 30] all are flat or
+        linear). Then ``fn(max(a, b)) = max(fn(a), fn(b))``: max pooling commutes with it."""
+        grid = np.linspace(-30.0, 30.0, 60001)
+        with np.errstate(all="ignore"):
+            slope = np.asarray(self.d1(grid, **self.attrs(**attrs)), dtype=float)
+        return bool(np.all(slope >= 0.0))
+
     def is_differentiable(self, **attrs) -> bool:
         """True if fn is C^1 for these attributes (no jump in d1)."""
         return all(j == 0.0 for j in self.d1_jumps(**attrs))

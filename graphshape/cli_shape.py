@@ -17,6 +17,7 @@ table goes to stdout. Exit status 1 if any model failed.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import sys
@@ -65,6 +66,11 @@ def _add_shaping_options(p) -> None:
                    help="per-location normalization of the inputs (q = 1 everywhere)")
     p.add_argument("--max-pool-to-avg", action="store_true",
                    help="replace max pooling by average pooling")
+    p.add_argument("--preactivation-shortcuts", action=argparse.BooleanOptionalAction,
+                   default=None,
+                   help="let V1 residual blocks' identity shortcuts read the residual stream "
+                        "before the activation (pre-activation, V2-style; default: on for "
+                        "tat, off for dks and untransformed)")
     p.add_argument("--seed", type=int, default=0, help="seed of the orthogonal initialization")
 
 
@@ -91,7 +97,7 @@ def _options(args) -> dict:
     return dict(method=_METHODS[args.method], activation=args.activation,
                 shortcut_weight=args.shortcut_weight, zeta=args.zeta, eta=args.eta,
                 tau=args.tau, pln=args.pln, max_pool_to_avg=args.max_pool_to_avg,
-                seed=args.seed)
+                preactivation_shortcuts=args.preactivation_shortcuts, seed=args.seed)
 
 
 # --------------------------------------------------------------------------- shape

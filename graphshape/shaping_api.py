@@ -20,7 +20,7 @@ PLN_EPS = 1e-6
 
 
 def _options(method, activation, shortcut_weight, zeta, eta, tau, max_pool_to_avg, seed,
-             pln=False):
+             pln=False, preactivation_shortcuts=None):
     """The options as shape_graph takes them, after checking their types (the values are
     checked by the solver, which knows the valid ranges)."""
     import math
@@ -41,12 +41,16 @@ def _options(method, activation, shortcut_weight, zeta, eta, tau, max_pool_to_av
     for name, value in (("pln", pln), ("max_pool_to_avg", max_pool_to_avg)):
         if not isinstance(value, bool):
             raise GraphshapeError(f"{name} must be True or False, got {value!r}")
+    if preactivation_shortcuts is not None and not isinstance(preactivation_shortcuts, bool):
+        raise GraphshapeError("preactivation_shortcuts must be True, False or None (automatic: "
+                              f"True for TAT), got {preactivation_shortcuts!r}")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)
                              or seed < 0):
         raise GraphshapeError(f"seed must be a non-negative integer or None, got {seed!r}")
     return dict(method=method, activation=activation, shortcut_weight=float(shortcut_weight),
                 zeta=float(zeta), eta=float(eta), tau=float(tau),
-                max_pool_to_avg=max_pool_to_avg, seed=None if seed is None else int(seed))
+                max_pool_to_avg=max_pool_to_avg, preactivation_shortcuts=preactivation_shortcuts,
+                seed=None if seed is None else int(seed))
 
 
 def _release_memory() -> None:
@@ -124,7 +128,7 @@ def _add_pln_torch(gm) -> list[str]:
 def shape(module, example_inputs=None, *, method: str = "TAT", activation: str | None = None,
           shortcut_weight: float = DEFAULT_SHORTCUT_WEIGHT, zeta: float = 1.5, eta: float = 0.9,
           tau: float = 0.3, pln: bool = False, max_pool_to_avg: bool = False,
-          seed: int | None = None):
+          preactivation_shortcuts: bool | None = None, seed: int | None = None):
     """Shape a PyTorch model with DKS or TAT and return a ``torch.fx.GraphModule``.
 
     module:          an ``nn.Module`` (traced with torch.fx) or a graphshape ``Graph``.
@@ -137,6 +141,13 @@ def shape(module, example_inputs=None, *, method: str = "TAT", activation: str |
     zeta, eta, tau:  DKS max slope, TAT leaky-relu C_f(0) and TAT max curvature targets.
     pln:             per-location normalization of every input (q = 1 at every location).
     max_pool_to_avg: replace max pooling by average pooling.
+    preactivation_shortcuts:
+                     in V1 residual blocks (``act(w * act_prev(...) + branch)``, torchvision's
+                     ResNets), let the identity shortcut read the residual stream before
+                     ``act_prev`` (a pre-activation, V2-style ResNet: every activation then
+                     reads a Gaussian). None (default): on for TAT, whose leaky ReLU has a
+                     non-zero mean that otherwise makes q grow block after block; off for DKS
+                     (zero-mean) and untransformed. See docs/shaping.md.
     seed:            seed of the orthogonal initialization.
 
     ``result.meta["graphshape"]`` is the :class:`ShapeReport`.
@@ -145,7 +156,7 @@ def shape(module, example_inputs=None, *, method: str = "TAT", activation: str |
     from graphshape.backend_torch import emit
 
     options = _options(method, activation, shortcut_weight, zeta, eta, tau, max_pool_to_avg,
-                       seed, pln)
+                       seed, pln, preactivation_shortcuts)
     graph = load(module, example_inputs)
     check_shapeable(graph, method)
     shaped, report = shape_graph(graph, **options)
@@ -205,7 +216,8 @@ def _add_pln_onnx(model) -> list[str]:
 def shape_onnx(src, dst, *, method: str = "TAT", activation: str | None = None,
                shortcut_weight: float = DEFAULT_SHORTCUT_WEIGHT, zeta: float = 1.5,
                eta: float = 0.9, tau: float = 0.3, pln: bool = False,
-               max_pool_to_avg: bool = False, seed: int | None = None) -> ShapeReport:
+               max_pool_to_avg: bool = False, preactivation_shortcuts: bool | None = None,
+               seed: int | None = None) -> ShapeReport:
     """Shape an ONNX model (a path or ``onnx.ModelProto``) and write it to ``dst``.
 
     Same options as :func:`shape`. The result is checker-valid in the source's opset, carries
@@ -218,7 +230,7 @@ def shape_onnx(src, dst, *, method: str = "TAT", activation: str | None = None,
         raise GraphshapeError(f"dst must be a file path, got {type(dst).__name__}")
     dst = os.fspath(dst)
     options = _options(method, activation, shortcut_weight, zeta, eta, tau, max_pool_to_avg,
-                       seed, pln)
+                       seed, pln, preactivation_shortcuts)
     if os.path.isdir(dst):
         raise GraphshapeError(f"destination {dst!r} is a folder: give a file path such as "
                               f"{os.path.join(dst, 'shaped.onnx')!r}")

@@ -1,4 +1,4 @@
-"""Shaping pass: normalized sums.
+"""Shaping passes on joins: normalized sums, and pre-activation shortcuts.
 
 Every join of two or more signals that adds them (``add``, ``sub``, ``sum``) becomes a ``sum``
 node ``sum_i w_i x_i`` with ``sum_i w_i^2 = 1``, so that it averages the kernels of its
@@ -12,6 +12,9 @@ identity or projection shortcut):
   nothing else uses them;
 * other joins: equal weights ``1/sqrt(k)`` (sign kept for ``sub``);
 * concatenations are left as they are: the analysis weighs them by channel share.
+
+:func:`move_shortcuts_to_preactivation` then lets V1 blocks' identity shortcuts read the
+residual stream rather than the activation after it (TAT's default; see its docstring).
 """
 
 from __future__ import annotations
@@ -72,3 +75,102 @@ def normalize_sums(graph: Graph, shortcut_weight: float, *, copy: bool = True) -
         removed.append({"node": name, "op": ops[name],
                         "what": "unused after removing skip connections"})
     return g, {"removed": removed, "rewritten": rewritten}
+
+
+_MAX_POOLS = ("max_pool", "global_max_pool", "adaptive_max_pool")
+
+
+def commutes_with_max_pool(node) -> bool:
+    """True if activation ``node`` (its transform included, if it has one) is nondecreasing,
+    so that ``max_pool(act(x)) = act(max_pool(x))``."""
+    from graphshape.activations import get
+
+    if node.op != "activation":
+        return False
+    t = node.attrs.get("transform") or {}
+    if float(t.get("input_scale", 1.0)) * float(t.get("output_scale", 1.0)) <= 0.0:
+        return False
+    attrs = {k: v for k, v in node.attrs.items() if k not in ("name", "transform", "inplace")}
+    try:
+        return get(node.attrs.get("name")).is_nondecreasing(**attrs)
+    except GraphshapeError:  # an unknown activation or attribute: assume nothing
+        return False
+
+
+def _commute_max_pool(g: Graph, pool, act) -> None:
+    """``pool(act(x))`` -> ``act(pool(x))`` (equal for a nondecreasing ``act``; max pooling's
+    padding is -inf, so edges agree too). Node names and attributes stay; the activation then
+    runs on the smaller, pooled tensor."""
+    x = act.inputs[0]
+    pooled_info = pool.outputs[0]
+    g.set_inputs(pool.name, [x])
+    g.replace_uses(pool.out, act.out)  # the pool's consumers now read the activation
+    g.set_inputs(act.name, [pool.out])
+    pool.outputs = [type(pooled_info)(shape=pooled_info.shape, dtype=g.info(x).dtype)]
+    act.outputs = [pooled_info]
+    # shaping checks after solving that the transform keeps the activation nondecreasing
+    act.meta["commuted_with_max_pool"] = pool.name
+
+
+def move_shortcuts_to_preactivation(graph: Graph, *, copy: bool = True) -> tuple[Graph, dict]:
+    """Give V1 residual blocks pre-activation shortcuts: an identity shortcut that reads
+    the activation ``a = act(h)`` which also starts the block's branch reads ``h`` instead.
+
+    A V1 block (torchvision's ResNets) computes ``act(w * a + v * B(a))`` with
+    ``a = act(j_prev)``. When ``act``'s transform has a non-zero mean (TAT's leaky ReLU), ``a``
+    is not a centred Gaussian, so the next activation's input is not one either: its q grows
+    block after block and the kernel rules under-predict it
+    (:func:`graphshape.passes.shaping.find_nongaussian_activations`). After the rewrite the
+    residual stream is ``j = w * j_prev + v * B(act(j_prev))``: every activation reads a
+    weighted sum of linear-layer outputs (Gaussian at initialization in the wide limit), as
+    in a pre-activation (V2) ResNet; for a torchvision ResNet-50 the result has exactly the
+    structure of dks's own "modified ResNet" V2. Same layers and parameters: only shortcut
+    edges move. Projection shortcuts (a conv reading ``a``) stay: the conv's output is
+    Gaussian already.
+
+    A stem ``conv -> act -> max_pool`` feeding an identity shortcut (resnet18/34's first
+    block) is first reordered to ``conv -> max_pool -> act`` when ``act`` is nondecreasing
+    (the same function; :func:`commutes_with_max_pool`), so that the shortcut can read the
+    pooled conv output. Such activations get ``meta["commuted_with_max_pool"]``: their
+    solved transform must keep them nondecreasing (``input_scale * output_scale > 0``).
+
+    Run it after :func:`normalize_sums` (weights) and before solving. Returns
+    ``(new_graph, record)``, ``record["rewritten"]`` listing each moved shortcut and
+    reordered pool; the input graph is not modified unless ``copy=False``."""
+    from graphshape.passes.subnetworks import find_joins
+
+    g = graph.copy() if copy else graph
+    rewritten: list[dict] = []
+    for join in find_joins(g):
+        node = g[join.node]
+        if join.shortcut is None or node.op != "sum":
+            continue
+        shortcut = join.inputs[join.shortcut]
+        source = g[shortcut.node]
+        if source.name != join.fork or len(source.inputs) != 1:
+            continue  # not an identity shortcut from the block's input
+        if source.op in _MAX_POOLS:
+            act = g[source.inputs[0].node]
+            if not commutes_with_max_pool(act) or len(g.users(act.name)) != 1:
+                continue
+            _commute_max_pool(g, source, act)
+            rewritten.append({"node": source.name, "op": source.op,
+                              "what": f"moved before activation {act.name!r} (equal for a "
+                                      "nondecreasing activation) so that the shortcut of "
+                                      f"{node.name!r} can read the pooled pre-activation"})
+            pre = source.out  # the activation now reads the pool
+        elif source.op == "activation":
+            pre = source.inputs[0]
+            act = source
+        else:
+            continue
+        inputs = list(node.inputs)
+        inputs[join.slots[join.shortcut]] = pre
+        g.set_inputs(node.name, inputs)
+        node.meta.setdefault("flags", []).append(
+            f"pre-activation shortcut: reads {pre.node!r} instead of {act.name!r}")
+        rewritten.append({"node": node.name, "op": "sum",
+                          "what": f"pre-activation shortcut: reads {pre.node!r} instead of "
+                                  f"the activation {act.name!r}",
+                          "shortcut_from": act.name, "shortcut_to": pre.node})
+    return g, {"removed": [], "rewritten": rewritten}

@@ -11,6 +11,9 @@ Passes, each ``IR -> (IR, record)`` and none modifying its input graph:
 4. :func:`substitute_activations` (``activation=NAME`` replaces main-path nonlinearities);
    gates (a nonlinearity whose output multiplies another signal, as in squeeze-excitation)
    are refused by :func:`find_gates`: there is no kernel rule for them;
+4b. :func:`graphshape.passes.joins.move_shortcuts_to_preactivation` (``preactivation_shortcuts``,
+   default on under TAT): V1 identity shortcuts read the residual stream instead of the
+   activation after it, so that every activation reads a Gaussian (docs/shaping.md);
 5. :func:`solve_and_inject`: one parameter set per activation name, from
    :func:`graphshape.kernels.solve` and the subnetwork maximizing function that
    :func:`graphshape.passes.subnetworks.subnet_max_func` derives from the graph; stored in
@@ -32,15 +35,15 @@ import numpy as np
 from graphshape.errors import GraphshapeError
 from graphshape.ir import Graph
 from graphshape.passes.joins import normalize_sums
+from graphshape.passes.joins import commutes_with_max_pool, move_shortcuts_to_preactivation
 from graphshape.passes.normalize import NORM_OPS, remove_normalization
 
 #: The default residual shortcut weight, chosen by measurement (benchmarks/shortcut_weight.py,
 #: numbers in docs/shaping.md): it is the largest weight (0.05 grid) with which the default
-#: method, TAT (leaky ReLU, eta = 0.9), can shape every torchvision ResNet -- resnet18 allows
-#: at most 0.7 (at 0.75 even negative_slope = 0 gives C_f(0) = 0.8995 < 0.9) -- and in the
-#: training measurement stronger skips trained faster up to w = 0.8, with w = 0.7 reaching
-#: the best test accuracy of the TAT runs.
-DEFAULT_SHORTCUT_WEIGHT = 0.7
+#: method, TAT (leaky ReLU, eta = 0.9, pre-activation shortcuts), can shape every torchvision
+#: ResNet -- resnet18 allows at most 0.5 (at 0.55 even negative_slope = 0 gives C_f(0) < 0.9)
+#: -- and in the training measurement it reached the best test accuracy of the TAT runs.
+DEFAULT_SHORTCUT_WEIGHT = 0.5
 
 METHODS = ("DKS", "TAT", "untransformed")
 _TRANSFORM_KEYS = ("input_scale", "input_shift", "output_shift", "output_scale")
@@ -381,15 +384,23 @@ def _merge(report: ShapeReport, record: dict) -> None:
 def shape_graph(graph: Graph, *, method: str = "TAT", activation: str | None = None,
                 shortcut_weight: float = DEFAULT_SHORTCUT_WEIGHT, zeta: float = 1.5,
                 eta: float = 0.9, tau: float = 0.3, max_pool_to_avg: bool = False,
+                preactivation_shortcuts: bool | None = None,
                 initialize: bool = True, seed: int | None = None) -> tuple[Graph, ShapeReport]:
     """Shape ``graph`` with DKS / TAT (see the module docstring). Returns the new graph and a
     :class:`ShapeReport`; ``graph`` is not modified. Raises GraphshapeError when the model
-    cannot be shaped (a gate, a target no parameter reaches, an unknown activation...)."""
+    cannot be shaped (a gate, a target no parameter reaches, an unknown activation...).
+
+    ``preactivation_shortcuts``: move V1 identity shortcuts onto the residual stream
+    (:func:`graphshape.passes.joins.move_shortcuts_to_preactivation`); None (default) does it for
+    TAT, whose transformed activations have non-zero mean, and not for DKS (zero mean) or
+    untransformed networks."""
     method = canonical_method(method)
+    if preactivation_shortcuts is None:
+        preactivation_shortcuts = method == "TAT"
     report = ShapeReport(method, options={
         "method": method, "activation": activation, "shortcut_weight": shortcut_weight,
         "zeta": zeta, "eta": eta, "tau": tau, "max_pool_to_avg": max_pool_to_avg,
-        "seed": seed})
+        "preactivation_shortcuts": bool(preactivation_shortcuts), "seed": seed})
     graph.validate()
     for node in graph:
         if node.op == "activation":
@@ -439,6 +450,9 @@ def shape_graph(graph: Graph, *, method: str = "TAT", activation: str | None = N
     report.options["activation_used"] = activation
     g, rec = substitute_activations(g, activation, gates, copy=False)
     _merge(report, rec)
+    if preactivation_shortcuts:
+        g, rec = move_shortcuts_to_preactivation(g, copy=False)
+        _merge(report, rec)
 
     max_pools, opaque = [], []
     for node in g:
@@ -475,6 +489,12 @@ def shape_graph(graph: Graph, *, method: str = "TAT", activation: str | None = N
     if params:
         g, rec = inject_transforms(g, params, copy=False)
         _merge(report, rec)
+    for node in g:
+        if "commuted_with_max_pool" in node.meta and not commutes_with_max_pool(node):
+            raise GraphshapeError(
+                f"the solved transform of {node.attrs.get('name')!r} decreases somewhere, so "
+                f"max pool {node.meta['commuted_with_max_pool']!r} cannot run before it; "
+                "pass preactivation_shortcuts=False", node=node.name, op=node.op)
 
     nongaussian = find_nongaussian_activations(g)
     if nongaussian:
@@ -483,8 +503,8 @@ def shape_graph(graph: Graph, *, method: str = "TAT", activation: str | None = N
             "whose identity shortcut carries another activation's output, which has non-zero "
             "mean under this transform (V1 ResNet pattern): that input is not Gaussian, so "
             "the kernel rules under-predict q there and the error grows block after block. "
-            "Use method='DKS' (its phi_hat has zero mean), shortcut_weight=0, or a "
-            "pre-activation (V2) architecture; see docs/shaping.md, known limits")
+            "Use preactivation_shortcuts=True (the default under TAT), method='DKS' (its "
+            "phi_hat has zero mean) or shortcut_weight=0; see docs/shaping.md")
 
     if initialize:
         from graphshape.init import initialize as init_pass

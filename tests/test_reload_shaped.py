@@ -91,8 +91,9 @@ def test_transformed_activation_forward_makes_no_dtype_copies(dtype):
     torch.testing.assert_close(y.double(), want, rtol=1e-6, atol=1e-6)
 
 
-# -- V1 ResNets under TAT: the activation after a residual add reads a non-zero-mean,
-# non-Gaussian input through the identity shortcut; shaping warns, analysis flags it
+# -- V1 ResNets under TAT kept as V1 (preactivation_shortcuts=False): the activation after a
+# residual add reads a non-zero-mean, non-Gaussian input through the identity shortcut;
+# shaping warns, analysis flags it
 V1_WARNING = "V1 ResNet pattern"
 
 
@@ -104,17 +105,18 @@ def _resnet18_report(**options):
 
 
 def test_tat_resnet18_warns_about_v1_shortcuts():
-    shaped, report, x = _resnet18_report(method="TAT")
+    shaped, report, x = _resnet18_report(method="TAT", preactivation_shortcuts=False)
     warnings = [w for w in report.warnings if V1_WARNING in w]
     # resnet18: 8 blocks, 3 of them with a conv (downsample) shortcut -> 5 such activations
     assert len(warnings) == 1 and warnings[0].startswith("5 activation(s)")
-    assert "DKS" in warnings[0] and "shortcut_weight=0" in warnings[0]
+    assert "preactivation_shortcuts=True" in warnings[0] and "DKS" in warnings[0]
     stats = graphshape.analyze(shaped, x)
     flagged = [r["node"] for r in stats.rows if "non-gaussian input (V1 shortcut)" in r["flags"]]
     assert len(flagged) == 5 and all(stats[n]["op"] == "activation" for n in flagged)
 
 
-@pytest.mark.parametrize("options", [{"method": "DKS"}, {"method": "TAT", "shortcut_weight": 0.0}])
+@pytest.mark.parametrize("options", [{"method": "DKS"}, {"method": "TAT", "shortcut_weight": 0.0},
+                                     {"method": "TAT"}])
 def test_no_v1_warning_for_zero_mean_activations_or_no_shortcut(options):
     shaped, report, x = _resnet18_report(**options)
     assert not any(V1_WARNING in w for w in report.warnings)

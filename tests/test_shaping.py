@@ -42,7 +42,8 @@ def traced(arch: str):
 
 
 def _case_id(case):
-    return f"{case['arch']}-w{case['shortcut_weight']}-{case['method']}-{case['activation']}"
+    return (f"{case['structure']}-{case['arch']}-w{case['shortcut_weight']}-{case['method']}-"
+            f"{case['activation']}")
 
 
 def _relu_conditions(params, s_star):
@@ -62,6 +63,7 @@ def _relu_conditions(params, s_star):
 def test_resnet_parameters_match_dks(case):
     arch, w = case["arch"], case["shortcut_weight"]
     kwargs = dict(method=case["method"], activation=case["activation"], shortcut_weight=w,
+                  preactivation_shortcuts=case["structure"] == "preactivation",
                   initialize=False)
     if "error" in case:  # dks finds no parameters: neither may graphshape
         with pytest.raises(GraphshapeError, match="eta"):
@@ -78,7 +80,7 @@ def test_resnet_parameters_match_dks(case):
         blocks, bottleneck = make_ref.RESNETS[arch]
         from scipy.optimize import brentq
 
-        s_star = brentq(lambda s: make_ref.resnet_v1_subnet_max_func(
+        s_star = brentq(lambda s: make_ref.STRUCTURES[case["structure"]](
             1.0, lambda y: s * y, blocks, bottleneck, w) - 1.5, 1.0, 2.0, xtol=1e-15)
         assert np.abs(_relu_conditions(got, s_star)).max() < 1e-10
     else:
@@ -87,20 +89,35 @@ def test_resnet_parameters_match_dks(case):
 
 
 def test_reference_covers_the_issue_matrix():
-    """4 ResNets x 3 shortcut weights x 6 (method, activation) pairs, and the one case where
-    dks finds no parameters."""
+    """4 ResNets x 3 shortcut weights x 6 (method, activation) pairs as torchvision builds
+    them ("v1"), the same with pre-activation shortcuts (TAT's default structure; w > 0
+    only), and the one case, in each structure, where dks finds no parameters."""
     cases = REFERENCE["cases"]
-    assert len(cases) == 72
-    assert [(_c["arch"], _c["shortcut_weight"], _c["method"], _c["activation"])
-            for _c in cases if "error" in _c] == [("resnet18", 0.8, "TAT", "leaky_relu")]
+    assert [c["structure"] for c in cases].count("v1") == 72
+    assert [c["structure"] for c in cases].count("preactivation") == 48
+    for structure in ("v1", "preactivation"):
+        assert [(c["arch"], c["shortcut_weight"], c["method"], c["activation"])
+                for c in cases if "error" in c and c["structure"] == structure] == [
+            ("resnet18", 0.8, "TAT", "leaky_relu")]
 
 
-def test_unreachable_eta_names_what_is_reachable():
+@pytest.mark.parametrize("structure", ["v1", "preactivation"])
+def test_unreachable_eta_names_what_is_reachable(structure):
+    """The message gives C_f(0) at negative_slope = 0 (relu's arc-cosine C map through the
+    hand-derived subnetwork function): 0.893 as torchvision builds resnet18, 0.828 with the
+    pre-activation shortcuts TAT uses by default."""
+    def relu_c_map(c):
+        c = min(max(c, -1.0), 1.0)
+        return (math.sqrt(1.0 - c * c) + (math.pi - math.acos(c)) * c) / math.pi
+
+    blocks, bottleneck = make_ref.RESNETS["resnet18"]
+    c_f0 = make_ref.STRUCTURES[structure](0.0, relu_c_map, blocks, bottleneck, 0.8)
     with pytest.raises(GraphshapeError) as info:
         graphshape.shape(torchvision.models.resnet18(weights=None), torch.zeros(TINY),
-                         method="TAT", activation="leaky_relu", shortcut_weight=0.8)
+                         method="TAT", activation="leaky_relu", shortcut_weight=0.8,
+                         preactivation_shortcuts=structure == "preactivation")
     msg = str(info.value)
-    assert "0.893" in msg and "eta" in msg
+    assert f"{c_f0:.3f}" in msg and "eta" in msg, (c_f0, msg)
 
 
 # ------------------------------------------------------------------ shaped models

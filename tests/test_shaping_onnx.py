@@ -105,7 +105,8 @@ def test_torchvision_export_keeps_its_opset_and_matches_torch_parameters(resnet1
     # the same parameters as dks for resnet18, w = 0.5 (tests/data/dks_resnet_reference.json)
     ref = json.load(open(os.path.join(os.path.dirname(__file__), "data",
                                       "dks_resnet_reference.json")))
-    want = next(c["params"] for c in ref["cases"] if c["arch"] == "resnet18"
+    want = next(c["params"] for c in ref["cases"] if c["structure"] == "v1"
+                and c["arch"] == "resnet18"
                 and c["shortcut_weight"] == 0.5 and c["method"] == "DKS"
                 and c["activation"] == "tanh")
     assert report.activation_params["tanh"] == pytest.approx(want, rel=1e-5)

@@ -204,15 +204,23 @@ def test_inject_transforms():
 
 @pytest.mark.parametrize("method,act", [("DKS", "softplus"), ("TAT", "leaky_relu"),
                                         ("TAT", "softplus")])
-def test_shape_graph_solves_from_the_graphs_own_subnetworks(method, act):
-    """Two basic blocks after a stem: M(x, r) = max(r(w2 y + (1-w2) r(y)) twice from
-    y = r(x), r(x)), solved directly with kernels.solve, equals what shape_graph injects."""
+@pytest.mark.parametrize("preactivation", [False, True])
+def test_shape_graph_solves_from_the_graphs_own_subnetworks(method, act, preactivation):
+    """Two blocks after a stem, as built (V1): M(x, r) = max(r(w2 y + (1-w2) r(y)) twice from
+    y = r(x), r(x)); with pre-activation shortcuts the identity block's shortcut reads the
+    stem conv and the projection reads the stream's activation: M = max(r(y2), r(r(x))),
+    y1 = w2 x + (1-w2) r(r(x)), y2 = w2 r(y1) + (1-w2) r(r(y1)). Solved directly with
+    kernels.solve, equal to what shape_graph injects."""
     from graphshape import kernels
 
     w = 0.5
     eta = 0.5  # two blocks are too shallow to reach TAT's default eta = 0.9
 
     def hand(x, r):
+        if preactivation:
+            y = w * w * x + (1 - w * w) * r(r(x))
+            y = w * w * r(y) + (1 - w * w) * r(r(y))
+            return max(r(y), r(r(x)))
         y = r(x)
         for _ in range(2):
             y = r(w * w * y + (1 - w * w) * r(y))
@@ -220,8 +228,11 @@ def test_shape_graph_solves_from_the_graphs_own_subnetworks(method, act):
 
     expected = kernels.solve([act], method, hand, eta=eta)[act]
     new, report = shape_graph(mini_resnet(), method=method, activation=act,
-                              shortcut_weight=w, eta=eta, seed=0)
+                              shortcut_weight=w, eta=eta, seed=0,
+                              preactivation_shortcuts=preactivation)
     assert report.activation_params[act] == pytest.approx(expected, rel=1e-9, abs=1e-12)
+    assert new["add1"].inputs[1] == (Ref("conv0") if preactivation else Ref("relu0"))
+    assert new["add2"].inputs[0] == Ref("conv5")  # a projection shortcut stays
     assert "batch_norm" not in new.count_ops()
     t = new["relu3"].attrs.get("transform", {})
     for k in ("input_scale", "input_shift", "output_shift", "output_scale"):
