@@ -11,9 +11,15 @@ orthogonal re-initialization of every conv/linear, emission of a new GraphModule
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 import warnings
+
+
+def _load_average() -> str:
+    """The 1-minute load average (other jobs on the machine skew every timing)."""
+    return f"{os.getloadavg()[0]:.2f}"
 
 
 def main(argv=None) -> dict:
@@ -31,6 +37,7 @@ def main(argv=None) -> dict:
     import graphshape
 
     torch.set_num_threads(args.threads)
+    load_before = _load_average()
     build = getattr(torchvision.models, args.model)
     x = torch.randn(1, 3, args.size, args.size)
     activation = "leaky_relu" if args.method.upper() == "TAT" else None
@@ -68,14 +75,18 @@ def main(argv=None) -> dict:
             stages[key].append(v)
     c, s = statistics.median(construct), statistics.median(shape)
     print(f"{args.model}, example input 1x3x{args.size}x{args.size}, method {args.method}, "
-          f"{args.rounds} rounds, {args.threads} thread(s)")
+          f"{args.rounds} rounds, {args.threads} thread(s), {time.strftime('%Y-%m-%d %H:%M')}, "
+          f"load average {load_before} before, {_load_average()} after")
     print(f"| `torchvision.models.{args.model}()` | `graphshape.shape(model, x)` | ratio |")
     print("| ---: | ---: | ---: |")
     print(f"| {c:.3f} s | {s:.3f} s | {s / c:.2f}x |")
+    per_round = statistics.median(b / a for a, b in zip(construct, shape))
+    print(f"median of the per-round ratios: {per_round:.2f}x")
     print("\nstages of shape(), medians:")
     for key, v in stages.items():
         print(f"  {key:40s} {statistics.median(v):.3f} s")
-    return {"construct": construct, "shape": shape, "ratio": s / c, "stages": stages}
+    return {"construct": construct, "shape": shape, "ratio": s / c,
+            "per_round_ratio": per_round, "stages": stages}
 
 
 if __name__ == "__main__":

@@ -96,13 +96,16 @@ def load_pt(path: str | os.PathLike, *, trust: bool = False):
 
 
 @_boundary("loading the model")
-def load(model: Any, example_inputs: Any = None, *, trust: bool = False) -> Graph:
+def load(model: Any, example_inputs: Any = None, *, trust: bool = False,
+         cache_weight_norms: bool = True) -> Graph:
     """Read a model into graphshape's IR.
 
     ``model``: a ``torch.nn.Module`` (traced with torch.fx; ``example_inputs``, a tensor
     or tuple of tensors, gives the shapes), an ONNX file path, a ``.pt`` / ``.pth`` file
     (see :func:`load_pt`; ``trust=True`` allows a full unpickle), or an
     ``onnx.ModelProto``. A :class:`Graph` is returned unchanged.
+    ``cache_weight_norms=False``: a PyTorch model's weights are not read for the analysis
+    at load time (for callers that replace them, such as shaping).
     """
     if isinstance(model, Graph):
         return model
@@ -114,7 +117,8 @@ def load(model: Any, example_inputs: Any = None, *, trust: bool = False) -> Grap
             from graphshape.frontends.onnx_import import load_onnx
 
             return load_onnx(path)
-        return load(load_pt(path, trust=trust), example_inputs)
+        return load(load_pt(path, trust=trust), example_inputs,
+                    cache_weight_norms=cache_weight_norms)
     mod = type(model).__module__
     if mod.startswith("onnx"):
         from graphshape.frontends.onnx_import import load_onnx
@@ -127,7 +131,7 @@ def load(model: Any, example_inputs: Any = None, *, trust: bool = False) -> Grap
     if torch is not None and isinstance(model, torch.nn.Module):
         from graphshape.frontends.torch_fx import load_module
 
-        return load_module(model, example_inputs)
+        return load_module(model, example_inputs, cache_weight_norms=cache_weight_norms)
     raise GraphshapeError(
         f"cannot load a {type(model).__name__}: pass a torch.nn.Module, an ONNX file path "
         "or an onnx.ModelProto")

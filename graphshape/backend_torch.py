@@ -324,13 +324,34 @@ def _binary(fn):
     return e
 
 
+#: ops whose torch output is a fresh tensor (never a view of an input) that their own
+#: backward does not read: a module that is its only reader may write over it
+_FRESH_OUTPUT_OPS = frozenset({"conv", "linear", "add", "sub", "mul", "div"})
+
+
+def _overwritable(ctx: _Ctx, node: Node, slot: int) -> bool:
+    """Whether ``node`` may overwrite its input ``slot`` in place (as torchvision's
+    ``nn.ReLU(inplace=True)`` does): the value comes from a fresh-output op (a conv, a
+    binary op, a sum of two or more inputs) and ``node`` reads it once and nothing else
+    reads it (not another node, not the model's outputs)."""
+    ref = node.inputs[slot]
+    producer = ctx.g[ref.node]
+    fresh = producer.op in _FRESH_OUTPUT_OPS or (producer.op == "sum" and len(producer.inputs) >= 2)
+    if not fresh or len(producer.outputs) != 1:
+        return False
+    return [(user.name, s) for user, s in ctx.g.uses(ref)] == [(node.name, slot)]
+
+
 def _e_sum(ctx, node, xs):
     weights = node.attrs.get("weights")
     if weights is None and len(xs) == 2:
         return ctx.function(node, operator.add, tuple(xs))
     if weights is not None and len(weights) != len(xs):
         raise GraphshapeError(f"{len(weights)} weights for {len(xs)} inputs", node=node.name, op=node.op)
-    return ctx.module(node, tm.WeightedSum(weights), tuple(xs))
+    over = [i for i in range(len(xs)) if _overwritable(ctx, node, i)]
+    # an input of weight 1 is overwritten as is; another one would first be scaled in place
+    over = next((i for i in over if weights is None or weights[i] == 1.0), over[0] if over else None)
+    return ctx.module(node, tm.WeightedSum(weights, overwrite_input=over), tuple(xs))
 
 
 def _e_concat(ctx, node, xs):
@@ -359,7 +380,18 @@ def _e_activation(ctx, node, xs):
         raise GraphshapeError(f"activation {name!r} has no torch implementation; known: "
                               f"{', '.join(sorted(tm.ACTIVATION_FUNCTIONS))}", node=node.name, op=node.op)
     if transform:
-        mod = tm.TransformedActivation(name, transform, **a)
+        mod = tm.TransformedActivation(name, transform, overwrite_input=_overwritable(ctx, node, 0),
+                                       **a)
+    elif (name == "relu" or (name == "leaky_relu" and float(a.get("negative_slope", 0.01)) >= 0)
+          ) and _overwritable(ctx, node, 0):
+        # in place as torchvision's nn.ReLU(inplace=True) (what a folded TReLU becomes,
+        # graphshape.passes.fold); torch has no in-place backward for a negative slope
+        try:
+            mod = (nn.ReLU(inplace=True, **a) if name == "relu"
+                   else nn.LeakyReLU(a.pop("negative_slope", 0.01), inplace=True, **a))
+        except TypeError:
+            raise GraphshapeError(f"activation {name!r} does not take attributes {sorted(a)}",
+                                  node=node.name, op=node.op) from None
     elif name in _ACT_MODULES:
         try:
             mod = _ACT_MODULES[name](**a)

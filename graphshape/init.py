@@ -18,7 +18,10 @@ differ. This module does not.)
 Speed: all matrices of one shape (the groups of a grouped conv, and every layer with the
 same matrix shape) are drawn in one stacked call: Gaussian Householder vectors accumulated by
 ``torch.linalg.householder_product`` (Stewart's method: half the work of a QR), in float32
-for large stacks.
+for large stacks. That call and the Gaussian draw are most of the time (ResNet-50: 15.4M
+matrix entries; ``benchmarks/pipeline_breakdown.py`` prints this floor next to the whole
+pass); the rest is kept to one cache-friendly pass per layout change (LAPACK reads and
+writes column-major matrices, weights are C order) and the zeroed 3x3 kernels.
 """
 
 from __future__ import annotations
@@ -62,50 +65,94 @@ def suo_scale(fan_out: int, fan_in: int) -> float:
     return max(1.0, math.sqrt(fan_out / fan_in))
 
 
-def haar_semi_orthogonal(batch: int, rows: int, cols: int,
-                         rng: np.random.Generator) -> np.ndarray:
-    """``batch`` independent Haar-uniform (semi-)orthogonal ``rows x cols`` matrices,
-    as one ``(batch, rows, cols)`` array: orthonormal rows when rows <= cols, orthonormal
-    columns otherwise: the Q of the QR, with a positive diagonal R, of a Gaussian matrix,
-    computed in one stacked call without the factorization itself (see the comments)."""
+def _transposed(a, row_scale=None, dtype=None, strip: int = 64):
+    """``a.mT`` (``a``: (batch, m, n), any strides) as a new C-contiguous (batch, n, m)
+    tensor of ``dtype`` (default: ``a``'s), its columns times ``row_scale`` ((batch, m, 1):
+    factors of ``a``'s rows) if given. Copied in strips of ``strip`` rows of ``a``: a plain
+    transposing copy of a large matrix misses the cache on every element (measured: 27 ms
+    for 3x2048x512 float32, 2.9 ms in strips of 64)."""
+    import torch
+
+    batch, m, n = a.shape
+    out = torch.empty((batch, n, m), dtype=dtype or a.dtype)
+    for i in range(0, m, strip):
+        block = a[:, i:i + strip].mT
+        if row_scale is None:
+            out[:, :, i:i + strip].copy_(block)
+        else:
+            torch.mul(block, row_scale[:, i:i + strip].mT, out=out[:, :, i:i + strip])
+    return out
+
+
+def _haar_stack(batch: int, rows: int, cols: int, gen, gauss_dtype, dtype,
+                scale: float = 1.0):
+    """``batch`` Haar (semi-)orthogonal ``rows x cols`` matrices times ``scale``, as one
+    C-contiguous torch tensor ``(batch, rows, cols)`` of ``dtype``, from Gaussians drawn in
+    ``gauss_dtype``. Call it single-threaded (:class:`_one_thread`)."""
+    import torch
+
+    tall, short = max(rows, cols), min(rows, cols)
+    # Stewart (1980): the Householder reflectors of the QR of a Gaussian matrix are those of
+    # independent Gaussian vectors of dimensions tall, tall-1, ..., so draw the vectors (the
+    # lower trapezoid of a (tall, short) Gaussian matrix, in the order one seed has always
+    # given) and only accumulate Q (LAPACK orgqr), skipping the factorization (geqrf): half
+    # the work of a QR, same distribution. The vectors become the rows of a (short, tall)
+    # array: the column-major (tall, short) matrix LAPACK reads, so that torch does not
+    # transpose them itself (element by element: ~60 ms of the ~260 ms householder_product
+    # takes for ResNet-50 from row-major input), and their norms are contiguous reductions.
+    v = _transposed(torch.randn((batch, tall, short), generator=gen, dtype=gauss_dtype),
+                    dtype=dtype).triu_()
+    diag = torch.arange(short)
+    alpha = v[:, diag, diag]  # first entry of each vector (a copy)
+    sign = torch.where(alpha >= 0, 1.0, -1.0).to(dtype)
+    beta = -sign * torch.linalg.vector_norm(v, dim=2)  # R's diagonal (LAPACK dlarfg)
+    tau = (beta - alpha) / beta
+    v /= (alpha - beta).unsqueeze(2)  # Householder vectors, scaled to v[0] = 1
+    v[:, diag, diag] = 1.0
+    q_t = torch.linalg.householder_product(v.mT, tau).mT  # Q^T: (batch, short, tall), C order
+    del v
+    # Q's columns times sign(R_kk) = -sign(alpha): the QR with a positive diagonal R, which
+    # is Haar (plain LAPACK signs are a convention, not uniform); the SUO scale rides along
+    col_scale = (-sign if scale == 1.0 else -sign * scale).unsqueeze(2)
+    if rows < cols:  # orthonormal rows: Q^T itself
+        return q_t.mul_(col_scale)
+    return _transposed(q_t, col_scale)  # orthonormal columns: Q, in C order
+
+
+def _draw(batch: int, rows: int, cols: int, rng: np.random.Generator, scale: float = 1.0,
+          float32: bool = False):
+    """:func:`_haar_stack` seeded from ``rng``: Gaussians and factorization in float32 for
+    stacks of more than ``_FLOAT32_ABOVE`` entries, in float64 otherwise; ``float32=True``
+    factorizes small stacks in float32 too (their Gaussians stay float64: one seed, one
+    set of matrices, whichever the precision)."""
     if rows < 1 or cols < 1 or batch < 0:
         raise GraphshapeError(f"cannot draw a {rows}x{cols} orthogonal matrix")
     import torch
 
-    tall, short = max(rows, cols), min(rows, cols)
-    dtype = torch.float32 if batch * rows * cols > _FLOAT32_ABOVE else torch.float64
+    gauss_dtype = torch.float32 if batch * rows * cols > _FLOAT32_ABOVE else torch.float64
+    dtype = torch.float32 if float32 else gauss_dtype
     # torch's sampler is ~2x faster than numpy's; seeded from ``rng``: one seed, one result
     gen = torch.Generator().manual_seed(int(rng.integers(0, 2**63 - 1)))
     with _one_thread():
-        # Stewart (1980): the Householder reflectors of the QR of a Gaussian matrix are
-        # those of independent Gaussian vectors of dimensions tall, tall-1, ..., so draw the
-        # vectors (the lower trapezoid) and only accumulate Q (LAPACK orgqr), skipping the
-        # factorization (geqrf): half the work of a QR, same distribution.
-        x = torch.randn((batch, tall, short), generator=gen, dtype=dtype).tril_()
-        diag = torch.arange(short)
-        alpha = x[:, diag, diag].clone()  # first entry of each vector
-        sign = torch.where(alpha >= 0, 1.0, -1.0).to(dtype)
-        # R's diagonal (LAPACK dlarfg); square().sum() is ~10x faster than vector_norm here
-        beta = -sign * x.square().sum(1).sqrt()
-        tau = (beta - alpha) / beta
-        x /= (alpha - beta).unsqueeze(1)  # Householder vectors, scaled to v[0] = 1
-        x[:, diag, diag] = 1.0
-        q = torch.linalg.householder_product(x, tau)  # (batch, tall, short)
-        del x
-        # columns times sign(R_kk) = -sign(alpha): the QR with a positive diagonal R, which
-        # is Haar (plain LAPACK signs are a convention, not uniform)
-        q *= (-sign).unsqueeze(1)
-    q = q.numpy()
-    return q if rows >= cols else np.swapaxes(q, 1, 2)
+        return _haar_stack(batch, rows, cols, gen, gauss_dtype, dtype, scale)
 
 
-def suo_matrices(batch: int, rows: int, cols: int, rng: np.random.Generator) -> np.ndarray:
-    """``batch`` SUO matrices ``(rows=fan_out, cols=fan_in)``, shape (batch, rows, cols)."""
-    mats = haar_semi_orthogonal(batch, rows, cols, rng)
-    scale = suo_scale(rows, cols)
-    if scale != 1.0:
-        mats *= scale  # in place: these stacks hold up to a whole network's weights
-    return mats
+def haar_semi_orthogonal(batch: int, rows: int, cols: int,
+                         rng: np.random.Generator) -> np.ndarray:
+    """``batch`` independent Haar-uniform (semi-)orthogonal ``rows x cols`` matrices,
+    as one C-contiguous ``(batch, rows, cols)`` array: orthonormal rows when rows <= cols,
+    orthonormal columns otherwise: the Q of the QR, with a positive diagonal R, of a
+    Gaussian matrix, computed in one stacked call without the factorization itself (see
+    the comments)."""
+    return _draw(batch, rows, cols, rng).numpy()
+
+
+def suo_matrices(batch: int, rows: int, cols: int, rng: np.random.Generator, *,
+                 float32: bool = False) -> np.ndarray:
+    """``batch`` SUO matrices ``(rows=fan_out, cols=fan_in)``, shape (batch, rows, cols).
+    ``float32=True``: float32 matrices (orthonormal to ~1e-6) for float32 weights: the
+    same matrices as without (to ~1e-6), factorized in float32 also for small stacks."""
+    return _draw(batch, rows, cols, rng, suo_scale(rows, cols), float32).numpy()
 
 
 def suo(shape, rng: np.random.Generator, dtype="float32") -> np.ndarray:
@@ -166,11 +213,12 @@ def _assemble_conv(shape, plan: _ConvPlan, mats: np.ndarray, transpose: bool,
     shape = tuple(int(d) for d in shape)
     kernel = shape[2:]
     g = plan.groups
-    if (plan.scheme == "delta_orthogonal" and g == 1 and not transpose
-            and all(k == 1 for k in kernel) and mats.dtype == np.dtype(dtype)):
-        # a 1x1 conv is its matrix: reshape the stack's memory (no new zeroed array, whose
-        # page faults are most of the cost of assembling a ResNet's weights)
-        return mats[0].reshape(shape)
+    if (not transpose and mats.dtype == np.dtype(dtype) and mats.flags.c_contiguous
+            and (plan.scheme == "suo_flat" or all(k == 1 for k in kernel))):
+        # a 1x1 conv (any groups) or a flattened even-kernel conv is its stacked matrices
+        # in their memory order: reshape the stack (no new zeroed array, whose page faults
+        # are most of the cost of assembling a ResNet's weights)
+        return mats.reshape(shape)
     w = np.zeros(shape, dtype=dtype)
     if plan.scheme == "delta_orthogonal":
         centre = tuple(k // 2 for k in kernel)
@@ -261,9 +309,15 @@ def initialize(graph, seed: int | None = None, *, copy: bool = True):
                 raise GraphshapeError(str(e), node=node.name, op=node.op) from None
             requests.append((node, plan, _n_mats(shape, plan), plan.rows, plan.cols))
     by_shape: dict[tuple[int, int], int] = {}
-    for _, _, n, rows, cols in requests:
+    wide_weights = set()  # matrix shapes with a weight wider than float32
+    for node, _, n, rows, cols in requests:
         by_shape[(rows, cols)] = by_shape.get((rows, cols), 0) + n
-    pools = {key: suo_matrices(n, *key, rng) for key, n in by_shape.items()}
+        if np.dtype(getattr(node.params["weight"], "dtype", np.float32)).itemsize > 4:
+            wide_weights.add((rows, cols))
+    # float32 weights get float32 matrices (orthonormal to ~1e-6): the float64
+    # factorization of ResNet-50's stacks under _FLOAT32_ABOVE takes 1.75x as long (+25 ms)
+    pools = {key: suo_matrices(n, *key, rng, float32=key not in wide_weights)
+             for key, n in by_shape.items()}
     taken = {key: 0 for key in pools}
     for node, plan, n, rows, cols in requests:
         key = (rows, cols)

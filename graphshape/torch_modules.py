@@ -90,21 +90,89 @@ class Activation(nn.Module):
         return ", ".join([repr(self.name)] + [f"{k}={v!r}" for k, v in self.attrs.items()])
 
 
+# torch >= 2.1 is supported: older releases lack some of these checks
+_is_compiling = getattr(torch.compiler, "is_compiling", None) or torch._dynamo.is_compiling
+_is_exporting = getattr(torch.compiler, "is_exporting", None) or (lambda: False)
+
+
+def _tracing() -> bool:
+    """Whether a compiler or exporter is tracing the module (torch.compile, torch.export,
+    ONNX or TorchScript export). They get the plain out-of-place formula: compilers fuse the
+    elementwise passes themselves, and exporters need standard ops, not autograd.Functions."""
+    return (torch.onnx.is_in_onnx_export() or _is_compiling() or _is_exporting()
+            or torch.jit.is_tracing() or torch.jit.is_scripting())
+
+
+def _affine_into(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor | None,
+                 overwrite: bool) -> torch.Tensor:
+    """``scale * x + shift`` (``shift`` None: no shift) in one pass, written over ``x``
+    when ``overwrite`` (its dtype is kept: the 0-d constants are in the module's dtype)."""
+    out = x if overwrite else None
+    if shift is None:
+        return torch.mul(x, scale, out=out)
+    return torch.addcmul(shift, x, scale, out=out)
+
+
+class _HomogeneousActivation(torch.autograd.Function):
+    """``phi(scale * x + shift)`` for relu-like phi, ``scale > 0``, in two passes and one
+    buffer: the affine map writes into a fresh buffer (or over ``x`` when the caller says
+    it may), then phi runs in place on it. Only the output is saved: with ``scale > 0`` it
+    tells which side of the kink every input was on, so the backward is one
+    ``threshold_backward`` / ``leaky_relu_backward`` and one in-place mul by ``scale``.
+
+    ``kind`` is ``"threshold"`` (``max(z, m)``: relu with a folded output shift ``m``) or
+    ``"leaky_relu"`` (slope ``m >= 0``). The backward is built from differentiable ops, so
+    double backward works (phi'' is 0 away from the kink, as for torch's own relu)."""
+
+    @staticmethod
+    def forward(ctx, x, scale, shift, kind: str, m: float, overwrite: bool):
+        y = _affine_into(x, scale, shift, overwrite)
+        if kind == "threshold":
+            torch.threshold_(y, m, m)
+        else:
+            F.leaky_relu_(y, m)
+        if overwrite:
+            ctx.mark_dirty(x)
+        ctx.save_for_backward(y, scale)
+        ctx.kind, ctx.m = kind, m
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        y, scale = ctx.saved_tensors
+        if ctx.kind == "threshold":
+            # y > m exactly where scale * x + shift > m
+            gx = torch.ops.aten.threshold_backward(grad, y, ctx.m)
+        else:
+            # y > 0 exactly where scale * x + shift > 0 (slope >= 0)
+            gx = torch.ops.aten.leaky_relu_backward(grad, y, ctx.m, True)
+        return gx.mul_(scale), None, None, None, None, None
+
+
 class TransformedActivation(nn.Module):
     """``output_scale * (phi(input_scale * x + input_shift) + output_shift)``.
 
-    Computed with as few elementwise passes as exact algebra allows:
+    Computed with as few elementwise passes and fresh buffers as exact algebra allows:
 
-    * the input affine map is one ``torch.addcmul`` (one pass) with the shift and scale
-      held as 0-dim buffers (they follow ``.to(device/dtype)``); skipped when identity;
     * for positively homogeneous phi (relu, leaky_relu) and ``input_scale * output_scale
       > 0``, the output scale is folded into the input map
       (``g * phi(a x + b) = phi(g a x + g b)``); for relu the output shift is folded too
-      (``relu(y) + d = max(y + d, d)``), so relu takes two passes in all;
-    * otherwise the output affine map is one more ``addcmul``.
+      (``relu(y) + d = max(y + d, d)``). Then (relu; leaky_relu with slope >= 0 and no
+      output shift) the whole activation is one ``_HomogeneousActivation``: one affine pass
+      into one buffer, phi in place on it, and a backward of one mask pass and one scale
+      pass that reads only the output;
+    * otherwise the input affine map is one ``torch.addcmul`` (one pass), phi, and the
+      output affine map one more ``addcmul``; each skipped when identity.
+
+    The shift and scale are 0-dim buffers in the default float dtype (they follow
+    ``.to(device/dtype)`` with the parameters). ``overwrite_input=True`` (set by the torch
+    backend only where nothing else reads the input: a conv or sum output with this module
+    as its one reader, as ``nn.ReLU(inplace=True)`` in torchvision) lets the relu-like path
+    write its result over the input tensor instead of a fresh buffer. Under
+    ``torch.compile`` / ``torch.export`` / ONNX export the module is the plain formula.
     """
 
-    def __init__(self, name: str, transform: dict, **attrs):
+    def __init__(self, name: str, transform: dict, *, overwrite_input: bool = False, **attrs):
         super().__init__()
         unknown = set(transform) - set(_TRANSFORM_KEYS)
         if unknown:
@@ -116,6 +184,7 @@ class TransformedActivation(nn.Module):
         self.transform = {k: float(transform.get(k, 1.0 if k.endswith("scale") else 0.0))
                           for k in _TRANSFORM_KEYS}
         self.fn = activation_function(name)
+        self.overwrite_input = bool(overwrite_input)
         a, b = self.transform["input_scale"], self.transform["input_shift"]
         d, g = self.transform["output_shift"], self.transform["output_scale"]
         self.clamp_min: float | None = None  # relu with folded output shift: max(y, clamp_min)
@@ -131,6 +200,14 @@ class TransformedActivation(nn.Module):
             pre_scale, pre_shift, post_scale, post_shift = a, b, g, g * d
         self.pre = (pre_scale, pre_shift) != (1.0, 0.0)
         self.post = (post_scale, post_shift) != (1.0, 0.0)
+        # the one-Function path: (kind, m) for _HomogeneousActivation, None where it does not apply
+        self._fused: tuple[str, float] | None = None
+        if self.clamp_min is not None and self.pre:
+            self._fused = ("threshold", self.clamp_min)
+        elif (name == "leaky_relu" and pre_scale > 0 and self.pre and not self.post
+              and float(self.attrs.get("negative_slope", 0.01)) >= 0):
+            self._fused = ("leaky_relu", float(self.attrs.get("negative_slope", 0.01)))
+        self._has_shift = pre_shift != 0.0
         # 0-d buffers in the default float dtype, so they follow .to(device) and
         # .to(dtype)/.half() with the parameters: addcmul then reads them without a
         # conversion. (float64 buffers cost one _to_copy per call and pass -- ~250 tiny
@@ -140,8 +217,18 @@ class TransformedActivation(nn.Module):
             self.register_buffer(key, torch.tensor(v, dtype=torch.get_default_dtype()))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scale = self.pre_scale
+        if self._fused is not None and not _tracing() and x.dtype == scale.dtype:
+            kind, m = self._fused
+            shift = self.pre_shift if self._has_shift else None
+            if torch.is_grad_enabled() and x.requires_grad:
+                return _HomogeneousActivation.apply(x, scale, shift, kind, m,
+                                                    self.overwrite_input)
+            # no autograd: the same two passes, no Function
+            y = _affine_into(x, scale, shift, self.overwrite_input)
+            return torch.threshold_(y, m, m) if kind == "threshold" else F.leaky_relu_(y, m)
         if self.pre:
-            x = torch.addcmul(self.pre_shift, x, self.pre_scale)
+            x = torch.addcmul(self.pre_shift, x, scale)
         if self.clamp_min is not None:
             # max(x, m) as threshold(x, m, m): same values, but its backward is one
             # threshold_backward pass, where clamp_min's is gt + where (measured 4.6x slower
@@ -158,26 +245,53 @@ class TransformedActivation(nn.Module):
     def extra_repr(self) -> str:
         t = ", ".join(f"{k}={v:.6g}" for k, v in self.transform.items())
         extra = "".join(f", {k}={v!r}" for k, v in self.attrs.items())
-        return f"{self.name!r}{extra}, {t}"
+        over = ", overwrite_input=True" if self.overwrite_input else ""
+        return f"{self.name!r}{extra}, {t}{over}"
 
 
 class WeightedSum(nn.Module):
-    """``sum_i weights[i] * xs[i]`` (``weights`` None: plain sum), one ``torch.add`` with
-    ``alpha`` per extra input."""
+    """``sum_i weights[i] * xs[i]`` (``weights`` None: plain sum) with one fresh buffer:
+    the first term is written into it (or over ``xs[overwrite_input]`` when the torch
+    backend found that nothing else reads that input), and every further input is added
+    in place with ``alpha``. Under ``torch.compile`` / export: the plain formula."""
 
-    def __init__(self, weights: Sequence[float] | None = None):
+    def __init__(self, weights: Sequence[float] | None = None, *,
+                 overwrite_input: int | None = None):
         super().__init__()
         self.weights = None if weights is None else tuple(float(w) for w in weights)
+        self.overwrite_input = overwrite_input
 
     def forward(self, *xs: torch.Tensor) -> torch.Tensor:
         w = self.weights or (1.0,) * len(xs)
-        out = xs[0] if w[0] == 1.0 else xs[0] * w[0]
-        for x, wi in zip(xs[1:], w[1:]):
-            out = torch.add(out, x, alpha=wi)
+        if len(xs) < 2 or _tracing():
+            out = xs[0] if w[0] == 1.0 else xs[0] * w[0]
+            for x, wi in zip(xs[1:], w[1:]):
+                out = torch.add(out, x, alpha=wi)
+            return out
+        first = self.overwrite_input if self.overwrite_input is not None else 0
+        x0 = xs[first]
+        rest = [(x, wi) for i, (x, wi) in enumerate(zip(xs, w)) if i != first]
+        same = all(x.shape == x0.shape and x.dtype == x0.dtype for x, _ in rest)
+        if self.overwrite_input is not None and same:
+            out = x0 if w[first] == 1.0 else x0.mul_(w[first])
+        elif same:  # one fresh buffer, started in one pass
+            if w[first] == 1.0:
+                (x1, w1), rest = rest[0], rest[1:]
+                out = torch.add(x0, x1, alpha=w1)
+            else:
+                out = torch.mul(x0, w[first])
+        else:  # broadcasting or type promotion: out of place
+            out = x0 if w[first] == 1.0 else x0 * w[first]
+            for x, wi in rest:
+                out = torch.add(out, x, alpha=wi)
+            return out
+        for x, wi in rest:
+            out.add_(x, alpha=wi)
         return out
 
     def extra_repr(self) -> str:
-        return f"weights={self.weights}"
+        over = "" if self.overwrite_input is None else f", overwrite_input={self.overwrite_input}"
+        return f"weights={self.weights}{over}"
 
 
 class Affine(nn.Module):
