@@ -1,18 +1,21 @@
 """Runtime cost of shaping: shaped ResNet-50 against the BatchNorm original, on CPU.
 
-    python benchmarks/runtime.py [--batch 8] [--size 128] [--steps 5] [--compile]
+    python benchmarks/runtime.py [--batch 8] [--size 128] [--steps 5] [--compile] [--fold-scales]
 
 Networks (torchvision resnet50, weights=None):
 
 * ``original``     the BatchNorm network (train mode for the training step, eval for inference);
 * ``bn->identity`` the original with every BatchNorm2d replaced by nn.Identity: the floor a
                    normalizer-free network can reach (no φ̂ cost);
-* ``dks``, ``tat`` ``graphshape.shape(method=...)`` (TAT: leaky_relu).
+* ``dks``, ``tat`` ``graphshape.shape(method=...)`` (TAT: leaky_relu);
+* ``dks (folded)``, ``tat (folded)`` (``--fold-scales``) the same with ``fold_scales=True``:
+                   activation scales and sum weights folded into the conv weights.
 
 Measured: one training step (forward, cross-entropy, backward, SGD step) and one inference
 forward pass in eval mode under ``torch.no_grad``. Every network is timed in turn in each
 round (so that load from other processes hits them alike); the table shows median times and
-the median over rounds of the per-round ratio to the original (goal: training step <= 0.85x). ``--compile`` also times
+the medians over rounds of the per-round ratios to the original (goal: training step <= 0.85x)
+and to ``bn->identity`` (issue #6: shaped nets at most ~5% over that floor). ``--compile`` also times
 ``torch.compile``d versions (compilation is slow, so it is opt-in; warm-up steps excluded).
 """
 
@@ -24,7 +27,7 @@ import time
 import warnings
 
 
-def _networks(x):
+def _networks(x, fold_scales=False):
     import torch.nn as nn
     import torchvision
 
@@ -46,10 +49,15 @@ def _networks(x):
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return {"original": original(), "bn->identity": no_bn(),
-                "dks": graphshape.shape(original(), x[:1], method="DKS", seed=0),
-                "tat": graphshape.shape(original(), x[:1], method="TAT",
-                                        activation="leaky_relu", seed=0)}
+        nets = {"original": original(), "bn->identity": no_bn()}
+        for fold in (False, True) if fold_scales else (False,):
+            suffix = " (folded)" if fold else ""
+            nets["dks" + suffix] = graphshape.shape(original(), x[:1], method="DKS", seed=0,
+                                                    fold_scales=fold)
+            nets["tat" + suffix] = graphshape.shape(original(), x[:1], method="TAT",
+                                                    activation="leaky_relu", seed=0,
+                                                    fold_scales=fold)
+        return nets
 
 
 def main(argv=None) -> dict:
@@ -59,6 +67,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--steps", type=int, default=5, help="timed rounds (median reported)")
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads")
     parser.add_argument("--compile", action="store_true", help="also time torch.compile")
+    parser.add_argument("--fold-scales", action="store_true",
+                        help="also time dks and tat shaped with fold_scales=True")
     args = parser.parse_args(argv)
 
     import torch
@@ -67,7 +77,7 @@ def main(argv=None) -> dict:
     torch.set_num_threads(args.threads)
     x = torch.randn(args.batch, 3, args.size, args.size)
     labels = torch.randint(0, 1000, (args.batch,))
-    networks = _networks(x)
+    networks = _networks(x, fold_scales=args.fold_scales)
     variants = dict(networks)
     if args.compile:
         variants.update({f"{name} (compiled)": torch.compile(model)
@@ -103,20 +113,22 @@ def main(argv=None) -> dict:
 
     print(f"resnet50, batch {args.batch}x3x{args.size}x{args.size}, CPU, {args.threads} thread(s), "
           f"median of {args.steps}")
-    print("| network | training step | vs original | inference (eval) | vs original |")
-    print("| --- | ---: | ---: | ---: | ---: |")
-    ratios = {}
+    print("| network | training step | vs original | vs bn->identity | inference (eval) | "
+          "vs original | vs bn->identity |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    ratios, floor_ratios = {}, {}
     for name in variants:
-        base = "original (compiled)" if "compiled" in name else "original"
+        compiled = " (compiled)" if "compiled" in name else ""
         for what in ("train", "infer"):
             # median of the per-round ratios: each pair was timed back to back, so a burst of
             # load from other processes tends to hit both sides of a ratio
-            ratios[(name, what)] = statistics.median(
-                a / b for a, b in zip(times[(name, what)], times[(base, what)]))
-        tr, inf = med[(name, "train")], med[(name, "infer")]
-        print(f"| {name} | {tr:.3f} s | {ratios[(name, 'train')]:.2f}x | {inf:.3f} s | "
-              f"{ratios[(name, 'infer')]:.2f}x |")
-    return {"median_seconds": med, "ratios": ratios}
+            for out, base in ((ratios, "original"), (floor_ratios, "bn->identity")):
+                out[(name, what)] = statistics.median(
+                    a / b for a, b in zip(times[(name, what)], times[(base + compiled, what)]))
+        cells = " | ".join(f"{med[(name, what)]:.3f} s | {ratios[(name, what)]:.2f}x | "
+                           f"{floor_ratios[(name, what)]:.2f}x" for what in ("train", "infer"))
+        print(f"| {name} | {cells} |")
+    return {"median_seconds": med, "ratios": ratios, "floor_ratios": floor_ratios}
 
 
 if __name__ == "__main__":

@@ -16,6 +16,11 @@ Two parts, both printed as tables (and written as JSON with ``--json PATH``):
 
 Run:  nice python benchmarks/shortcut_weight.py [--steps 300] [--seeds 2] [--json out.json]
 (single-threaded torch; about 10 minutes on one core).
+
+``--fold-scales`` adds TAT rows shaped with ``fold_scales=True`` (scales folded into the
+conv weights: the same function at initialization, another parametrization) at the weights
+of ``--fold-weights`` (default 0.5, the default shortcut weight); ``--methods TAT`` and
+``--no-reachability`` narrow the run to that comparison.
 """
 
 from __future__ import annotations
@@ -109,17 +114,24 @@ def train(model, data, steps, seed, lr=1e-3, batch=128):
     return float(np.mean(losses[-20:])), acc
 
 
-def training(weights, steps, seeds):
+def training(weights, steps, seeds, methods=("TAT", "DKS"), fold_weights=()):
     import torch
 
     import graphshape
 
     data = digits()
     rows = []
-    configs = [("batchnorm baseline", None, None)]
-    configs += [(f"TAT leaky_relu w={w}", "TAT", w) for w in weights]
-    configs += [(f"DKS softplus w={w}", "DKS", w) for w in weights]
-    for label, method, w in configs:
+    configs = [("batchnorm baseline", None, None, False)]
+    if "TAT" in methods:
+        for w in weights:
+            configs.append((f"TAT leaky_relu w={w}", "TAT", w, False))
+            if w in fold_weights:
+                configs.append((f"TAT leaky_relu w={w} folded", "TAT", w, True))
+        configs += [(f"TAT leaky_relu w={w} folded", "TAT", w, True)
+                    for w in fold_weights if w not in weights]
+    if "DKS" in methods:
+        configs += [(f"DKS softplus w={w}", "DKS", w, False) for w in weights]
+    for label, method, w, fold in configs:
         losses, accs, t0 = [], [], time.time()
         error = None
         for seed in range(seeds):
@@ -129,19 +141,21 @@ def training(weights, steps, seeds):
                 act = "leaky_relu" if method == "TAT" else "softplus"
                 try:
                     model = graphshape.shape(model, torch.zeros(2, 1, 8, 8), method=method,
-                                             activation=act, shortcut_weight=w, seed=seed)
+                                             activation=act, shortcut_weight=w, seed=seed,
+                                             fold_scales=fold)
                 except graphshape.GraphshapeError as e:
                     error = str(e)
                     break
             loss, acc = train(model, data, steps, seed)
             losses.append(loss)
             accs.append(acc)
-        row = {"config": label, "method": method, "shortcut_weight": w,
+        row = {"config": label, "method": method, "shortcut_weight": w, "fold_scales": fold,
                "train_loss": float(np.mean(losses)) if losses else None,
                "test_acc": float(np.mean(accs)) if accs else None,
+               "train_losses": losses, "test_accs": accs,
                "seconds": round(time.time() - t0, 1), "error": error}
         rows.append(row)
-        print(f"{label:24s} loss {row['train_loss'] if losses else float('nan'):.4f}  "
+        print(f"{label:31s} loss {row['train_loss'] if losses else float('nan'):.4f}  "
               f"test acc {row['test_acc'] if accs else float('nan'):.4f}  "
               f"({row['seconds']} s){'  ' + error[:80] if error else ''}", flush=True)
     return rows
@@ -156,10 +170,22 @@ def main():
     ap.add_argument("--seeds", type=int, default=2)
     ap.add_argument("--weights", default="0,0.5,0.7,0.8,0.9")
     ap.add_argument("--json")
+    ap.add_argument("--methods", default="TAT,DKS", help="shaping methods to train")
+    ap.add_argument("--fold-scales", action="store_true",
+                    help="add TAT rows shaped with fold_scales=True (at --fold-weights)")
+    ap.add_argument("--fold-weights", default="0.5")
+    ap.add_argument("--no-reachability", action="store_true",
+                    help="skip part 1 (the reachability grid)")
     args = ap.parse_args()
-    reach = reachability()
-    print("largest w at which TAT leaky_relu reaches eta=0.9:", reach, flush=True)
-    rows = training([float(w) for w in args.weights.split(",")], args.steps, args.seeds)
+    reach = None
+    if not args.no_reachability:
+        reach = reachability()
+        print("largest w at which TAT leaky_relu reaches eta=0.9:", reach, flush=True)
+    fold_weights = ([float(w) for w in args.fold_weights.split(",")] if args.fold_scales
+                    else [])
+    rows = training([float(w) for w in args.weights.split(",")], args.steps, args.seeds,
+                    methods=[m.strip().upper() for m in args.methods.split(",")],
+                    fold_weights=fold_weights)
     if args.json:
         with open(args.json, "w") as fh:
             json.dump({"reachability": reach, "training": rows, "steps": args.steps,

@@ -72,6 +72,10 @@ def _add_shaping_options(p) -> None:
                         "before the activation (pre-activation, V2-style; default: on for "
                         "tat, off for dks and untransformed)")
     p.add_argument("--seed", type=int, default=0, help="seed of the orthogonal initialization")
+    p.add_argument("--fold-scales", action="store_true",
+                   help="fold the activations' positive scales and the normalized sums' "
+                        "weights into the conv/linear weights after initialization (same "
+                        "function, faster; changes the parametrization training sees)")
 
 
 def _check_options(args) -> None:
@@ -97,7 +101,8 @@ def _options(args) -> dict:
     return dict(method=_METHODS[args.method], activation=args.activation,
                 shortcut_weight=args.shortcut_weight, zeta=args.zeta, eta=args.eta,
                 tau=args.tau, pln=args.pln, max_pool_to_avg=args.max_pool_to_avg,
-                preactivation_shortcuts=args.preactivation_shortcuts, seed=args.seed)
+                preactivation_shortcuts=args.preactivation_shortcuts, seed=args.seed,
+                fold_scales=args.fold_scales)
 
 
 # --------------------------------------------------------------------------- shape

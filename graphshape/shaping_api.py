@@ -20,7 +20,7 @@ PLN_EPS = 1e-6
 
 
 def _options(method, activation, shortcut_weight, zeta, eta, tau, max_pool_to_avg, seed,
-             pln=False, preactivation_shortcuts=None):
+             pln=False, preactivation_shortcuts=None, fold_scales=False):
     """The options as shape_graph takes them, after checking their types (the values are
     checked by the solver, which knows the valid ranges)."""
     import math
@@ -38,7 +38,8 @@ def _options(method, activation, shortcut_weight, zeta, eta, tau, max_pool_to_av
             raise GraphshapeError(f"{name} must be a number, got {type(value).__name__} {value!r}")
         if not math.isfinite(float(value)):
             raise GraphshapeError(f"{name} must be a finite number, got {value!r}")
-    for name, value in (("pln", pln), ("max_pool_to_avg", max_pool_to_avg)):
+    for name, value in (("pln", pln), ("max_pool_to_avg", max_pool_to_avg),
+                        ("fold_scales", fold_scales)):
         if not isinstance(value, bool):
             raise GraphshapeError(f"{name} must be True or False, got {value!r}")
     if preactivation_shortcuts is not None and not isinstance(preactivation_shortcuts, bool):
@@ -50,7 +51,7 @@ def _options(method, activation, shortcut_weight, zeta, eta, tau, max_pool_to_av
     return dict(method=method, activation=activation, shortcut_weight=float(shortcut_weight),
                 zeta=float(zeta), eta=float(eta), tau=float(tau),
                 max_pool_to_avg=max_pool_to_avg, preactivation_shortcuts=preactivation_shortcuts,
-                seed=None if seed is None else int(seed))
+                seed=None if seed is None else int(seed), fold_scales=fold_scales)
 
 
 def _release_memory() -> None:
@@ -128,7 +129,8 @@ def _add_pln_torch(gm) -> list[str]:
 def shape(module, example_inputs=None, *, method: str = "TAT", activation: str | None = None,
           shortcut_weight: float = DEFAULT_SHORTCUT_WEIGHT, zeta: float = 1.5, eta: float = 0.9,
           tau: float = 0.3, pln: bool = False, max_pool_to_avg: bool = False,
-          preactivation_shortcuts: bool | None = None, seed: int | None = None):
+          preactivation_shortcuts: bool | None = None, seed: int | None = None,
+          fold_scales: bool = False):
     """Shape a PyTorch model with DKS or TAT and return a ``torch.fx.GraphModule``.
 
     module:          an ``nn.Module`` (traced with torch.fx) or a graphshape ``Graph``.
@@ -149,6 +151,14 @@ def shape(module, example_inputs=None, *, method: str = "TAT", activation: str |
                      non-zero mean that otherwise makes q grow block after block; off for DKS
                      (zero-mean) and untransformed. See docs/shaping.md.
     seed:            seed of the orthogonal initialization.
+    fold_scales:     after initialization, fold the activations' positive scales (TAT's
+                     TReLU becomes a plain leaky_relu) and the normalized sums' weights into
+                     the neighbouring conv/linear weights
+                     (:func:`graphshape.passes.fold.fold_scales`). The same function at
+                     initialization, fewer elementwise passes per step; but gradient
+                     descent then sees differently scaled weights, so training can differ
+                     (measured in benchmarks/shortcut_weight.py and
+                     examples/train_vanilla_digits.py with --fold-scales). Off by default.
 
     ``result.meta["graphshape"]`` is the :class:`ShapeReport`.
     """
@@ -156,8 +166,9 @@ def shape(module, example_inputs=None, *, method: str = "TAT", activation: str |
     from graphshape.backend_torch import emit
 
     options = _options(method, activation, shortcut_weight, zeta, eta, tau, max_pool_to_avg,
-                       seed, pln, preactivation_shortcuts)
-    graph = load(module, example_inputs)
+                       seed, pln, preactivation_shortcuts, fold_scales)
+    # the weights are about to be re-initialized: no need to read them for the analysis
+    graph = load(module, example_inputs, cache_weight_norms=False)
     check_shapeable(graph, method)
     shaped, report = shape_graph(graph, **options)
     gm = emit(shaped, copy_params=False)  # shaped owns its (fresh) arrays and is dropped
@@ -217,7 +228,7 @@ def shape_onnx(src, dst, *, method: str = "TAT", activation: str | None = None,
                shortcut_weight: float = DEFAULT_SHORTCUT_WEIGHT, zeta: float = 1.5,
                eta: float = 0.9, tau: float = 0.3, pln: bool = False,
                max_pool_to_avg: bool = False, preactivation_shortcuts: bool | None = None,
-               seed: int | None = None) -> ShapeReport:
+               seed: int | None = None, fold_scales: bool = False) -> ShapeReport:
     """Shape an ONNX model (a path or ``onnx.ModelProto``) and write it to ``dst``.
 
     Same options as :func:`shape`. The result is checker-valid in the source's opset, carries
@@ -230,7 +241,7 @@ def shape_onnx(src, dst, *, method: str = "TAT", activation: str | None = None,
         raise GraphshapeError(f"dst must be a file path, got {type(dst).__name__}")
     dst = os.fspath(dst)
     options = _options(method, activation, shortcut_weight, zeta, eta, tau, max_pool_to_avg,
-                       seed, pln, preactivation_shortcuts)
+                       seed, pln, preactivation_shortcuts, fold_scales)
     if os.path.isdir(dst):
         raise GraphshapeError(f"destination {dst!r} is a folder: give a file path such as "
                               f"{os.path.join(dst, 'shaped.onnx')!r}")

@@ -18,7 +18,9 @@ Passes, each ``IR -> (IR, record)`` and none modifying its input graph:
    :func:`graphshape.kernels.solve` and the subnetwork maximizing function that
    :func:`graphshape.passes.subnetworks.subnet_max_func` derives from the graph; stored in
    each activation node's ``attrs["transform"]`` (dks names);
-6. :func:`graphshape.init.initialize`: delta-orthogonal convs, SUO dense layers, zero biases.
+6. :func:`graphshape.init.initialize`: delta-orthogonal convs, SUO dense layers, zero biases;
+7. :func:`graphshape.passes.fold.fold_scales` (``fold_scales=True`` only): constant scales
+   folded into the conv/linear weights (same function, cheaper to run).
 
 :func:`shape_graph` runs them all and returns a :class:`ShapeReport`.
 """
@@ -385,7 +387,8 @@ def shape_graph(graph: Graph, *, method: str = "TAT", activation: str | None = N
                 shortcut_weight: float = DEFAULT_SHORTCUT_WEIGHT, zeta: float = 1.5,
                 eta: float = 0.9, tau: float = 0.3, max_pool_to_avg: bool = False,
                 preactivation_shortcuts: bool | None = None,
-                initialize: bool = True, seed: int | None = None) -> tuple[Graph, ShapeReport]:
+                initialize: bool = True, seed: int | None = None,
+                fold_scales: bool = False) -> tuple[Graph, ShapeReport]:
     """Shape ``graph`` with DKS / TAT (see the module docstring). Returns the new graph and a
     :class:`ShapeReport`; ``graph`` is not modified. Raises GraphshapeError when the model
     cannot be shaped (a gate, a target no parameter reaches, an unknown activation...).
@@ -393,14 +396,20 @@ def shape_graph(graph: Graph, *, method: str = "TAT", activation: str | None = N
     ``preactivation_shortcuts``: move V1 identity shortcuts onto the residual stream
     (:func:`graphshape.passes.joins.move_shortcuts_to_preactivation`); None (default) does it for
     TAT, whose transformed activations have non-zero mean, and not for DKS (zero mean) or
-    untransformed networks."""
+    untransformed networks.
+
+    ``fold_scales``: after initialization, fold the activations' positive scales (TReLU) and
+    the normalized sums' weights into the neighbouring conv/linear weights
+    (:func:`graphshape.passes.fold.fold_scales`): the same function at initialization with
+    fewer elementwise passes, but a different parametrization for training."""
     method = canonical_method(method)
     if preactivation_shortcuts is None:
         preactivation_shortcuts = method == "TAT"
     report = ShapeReport(method, options={
         "method": method, "activation": activation, "shortcut_weight": shortcut_weight,
         "zeta": zeta, "eta": eta, "tau": tau, "max_pool_to_avg": max_pool_to_avg,
-        "preactivation_shortcuts": bool(preactivation_shortcuts), "seed": seed})
+        "preactivation_shortcuts": bool(preactivation_shortcuts), "seed": seed,
+        "fold_scales": bool(fold_scales)})
     graph.validate()
     for node in graph:
         if node.op == "activation":
@@ -518,6 +527,11 @@ def shape_graph(graph: Graph, *, method: str = "TAT", activation: str | None = N
             for key, value in node.params.items():
                 if id(value) in shared_ids:
                     node.params[key] = np.array(value, copy=True)
+    if fold_scales:
+        from graphshape.passes.fold import fold_scales as fold_pass
+
+        g, rec = fold_pass(g, copy=False)
+        _merge(report, rec)
     g.meta["graphshape"] = report.to_dict()
     g.validate()
     leftover = [n.name for n in g if n.op in NORM_OPS]
