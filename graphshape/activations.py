@@ -328,6 +328,10 @@ _register(_A("hardtanh", _hardtanh, _hardtanh_d1, _zero, kinks=(-1.0, 1.0), smoo
                                                  (min_val, max_val, 0.0, 1.0, 0.0),
                                                  (max_val, _INF, max_val, 0.0, 0.0))))
 
+#: Activations with phi(a x) = a phi(x) for every a > 0 (leaky_relu for any slope): a
+#: positive scale in front of or behind them moves through them.
+POSITIVELY_HOMOGENEOUS = frozenset({"relu", "leaky_relu"})
+
 #: The names dks 0.1.2 knows.
 DKS_NAMES = ("tanh", "sigmoid", "erf", "relu", "softplus", "selu", "elu", "swish", "bentid",
              "atan", "asinh", "square", "softsign", "leaky_relu", "gelu", "gelu_exact")

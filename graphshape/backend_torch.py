@@ -339,7 +339,8 @@ def _overwritable(ctx: _Ctx, node: Node, slot: int) -> bool:
     fresh = producer.op in _FRESH_OUTPUT_OPS or (producer.op == "sum" and len(producer.inputs) >= 2)
     if not fresh or len(producer.outputs) != 1:
         return False
-    return [(user.name, s) for user, s in ctx.g.uses(ref)] == [(node.name, slot)]
+    use = ctx.g.sole_use(ref)
+    return use is not None and (use[0].name, use[1]) == (node.name, slot)
 
 
 def _e_sum(ctx, node, xs):
@@ -458,14 +459,20 @@ def _e_affine(ctx, node, xs):
     return ctx.module(node, mod, (xs[0],))
 
 
-def _e_avg_pool(ctx, node, xs):
+def _pool_window(ctx, node):
+    """``(dims, begin, end, kernel, stride, ceil_mode)`` of a pooling node's attributes
+    (stride defaults to the kernel, as in ONNX)."""
     a = node.attrs
     dims = _dims(ctx, node, len(a["kernel_shape"]))
     begin, end = _pads(node, dims)
     kernel = tuple(int(k) for k in a["kernel_shape"])
     stride = tuple(int(s) for s in a.get("stride") or kernel)
-    ceil_mode = bool(a.get("ceil_mode", False))
-    include = bool(a.get("count_include_pad", False))
+    return dims, begin, end, kernel, stride, bool(a.get("ceil_mode", False))
+
+
+def _e_avg_pool(ctx, node, xs):
+    dims, begin, end, kernel, stride, ceil_mode = _pool_window(ctx, node)
+    include = bool(node.attrs.get("count_include_pad", False))
     cls = (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d)[dims - 1]
     x = xs[0]
     if begin == end and all(p <= k // 2 for p, k in zip(begin, kernel)):
@@ -479,13 +486,8 @@ def _e_avg_pool(ctx, node, xs):
 
 
 def _e_max_pool(ctx, node, xs):
-    a = node.attrs
-    dims = _dims(ctx, node, len(a["kernel_shape"]))
-    begin, end = _pads(node, dims)
-    kernel = tuple(int(k) for k in a["kernel_shape"])
-    stride = tuple(int(s) for s in a.get("stride") or kernel)
-    dilation = tuple(int(d) for d in a.get("dilation") or (1,) * dims)
-    ceil_mode = bool(a.get("ceil_mode", False))
+    dims, begin, end, kernel, stride, ceil_mode = _pool_window(ctx, node)
+    dilation = tuple(int(d) for d in node.attrs.get("dilation") or (1,) * dims)
     cls = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d)[dims - 1]
     x = xs[0]
     padding = begin

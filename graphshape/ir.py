@@ -194,6 +194,12 @@ class Graph:
                     result.append((user, slot))
         return result
 
+    def sole_use(self, ref: Ref) -> tuple[Node, int] | None:
+        """The one (consumer, input slot) reading value ``ref``; None when it is read more
+        than once (an ``output`` node counts as a reader) or not at all."""
+        uses = self.uses(Ref(*ref))
+        return uses[0] if len(uses) == 1 else None
+
     def is_output(self, ref_or_name) -> bool:
         """Whether a value (or any output of a node) is returned by the model."""
         if isinstance(ref_or_name, str):

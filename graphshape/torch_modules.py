@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from graphshape.activations import POSITIVELY_HOMOGENEOUS
 from graphshape.errors import GraphshapeError
 
 
@@ -53,8 +54,6 @@ ACTIVATION_FUNCTIONS: dict[str, Callable[..., torch.Tensor]] = {
     "hardtanh": F.hardtanh,
 }
 
-#: activations with phi(a * x) = a * phi(x) for a > 0: their scales fold into one another
-POSITIVELY_HOMOGENEOUS = frozenset({"relu", "leaky_relu"})
 
 _TRANSFORM_KEYS = ("input_scale", "input_shift", "output_shift", "output_scale")
 
@@ -263,28 +262,23 @@ class WeightedSum(nn.Module):
 
     def forward(self, *xs: torch.Tensor) -> torch.Tensor:
         w = self.weights or (1.0,) * len(xs)
-        if len(xs) < 2 or _tracing():
-            out = xs[0] if w[0] == 1.0 else xs[0] * w[0]
-            for x, wi in zip(xs[1:], w[1:]):
-                out = torch.add(out, x, alpha=wi)
-            return out
         first = self.overwrite_input if self.overwrite_input is not None else 0
         x0 = xs[first]
         rest = [(x, wi) for i, (x, wi) in enumerate(zip(xs, w)) if i != first]
-        same = all(x.shape == x0.shape and x.dtype == x0.dtype for x, _ in rest)
-        if self.overwrite_input is not None and same:
-            out = x0 if w[first] == 1.0 else x0.mul_(w[first])
-        elif same:  # one fresh buffer, started in one pass
-            if w[first] == 1.0:
-                (x1, w1), rest = rest[0], rest[1:]
-                out = torch.add(x0, x1, alpha=w1)
-            else:
-                out = torch.mul(x0, w[first])
-        else:  # broadcasting or type promotion: out of place
+        if (not rest or _tracing()
+                or not all(x.shape == x0.shape and x.dtype == x0.dtype for x, _ in rest)):
+            # the plain formula (compilers fuse it; broadcasting or type promotion need it)
             out = x0 if w[first] == 1.0 else x0 * w[first]
             for x, wi in rest:
                 out = torch.add(out, x, alpha=wi)
             return out
+        if self.overwrite_input is not None:
+            out = x0 if w[first] == 1.0 else x0.mul_(w[first])
+        elif w[first] == 1.0:  # one fresh buffer, started in one pass
+            (x1, w1), rest = rest[0], rest[1:]
+            out = torch.add(x0, x1, alpha=w1)
+        else:
+            out = torch.mul(x0, w[first])
         for x, wi in rest:
             out.add_(x, alpha=wi)
         return out

@@ -24,10 +24,9 @@ from collections import Counter
 
 import numpy as np
 
+from graphshape.activations import POSITIVELY_HOMOGENEOUS
 from graphshape.ir import Graph, Node, Ref
 
-#: activations with phi(a x) = a phi(x) for a > 0 (leaky_relu only with slope >= 0)
-_HOMOGENEOUS = ("relu", "leaky_relu")
 #: layers whose input scale can move into their weight
 _LINEAR = ("conv", "conv_transpose", "linear")
 #: ops with op(c x) = c op(x) for c > 0, reading the signal in input 0 (pad: see _commutes)
@@ -40,7 +39,7 @@ def homogeneous_scale(node: Node) -> float | None:
     """``c`` when activation ``node`` computes ``c * phi(x)`` with ``phi`` positively
     homogeneous (relu, leaky_relu with slope >= 0) and ``c > 0``: a transform with zero shifts
     and positive input and output scales. None otherwise (no transform, shifts, other phi)."""
-    if node.op != "activation" or node.attrs.get("name") not in _HOMOGENEOUS:
+    if node.op != "activation" or node.attrs.get("name") not in POSITIVELY_HOMOGENEOUS:
         return None
     slope = float(node.attrs.get("negative_slope", 0.01))
     if node.attrs.get("name") == "leaky_relu" and not slope >= 0:
@@ -155,7 +154,8 @@ def fold_scales(graph: Graph, *, copy: bool = True) -> tuple[Graph, dict]:
             producer = g[ref.node]
             if w in (0.0, 1.0) or not _foldable(producer, counts) or len(producer.outputs) != 1:
                 continue
-            if [(u.name, s) for u, s in g.uses(ref)] != [(node.name, slot)]:
+            use = g.sole_use(ref)
+            if use is None or (use[0].name, use[1]) != (node.name, slot):
                 continue  # another reader needs the unscaled value
             for key in ("weight", "bias"):
                 if producer.params.get(key) is not None:

@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 
 from graphshape.errors import GraphshapeError
-from graphshape.ir import Graph
+from graphshape.ir import Graph, TensorInfo
 
 
 def normalize_sums(graph: Graph, shortcut_weight: float, *, copy: bool = True) -> tuple[Graph, dict]:
@@ -106,7 +106,7 @@ def _commute_max_pool(g: Graph, pool, act) -> None:
     g.set_inputs(pool.name, [x])
     g.replace_uses(pool.out, act.out)  # the pool's consumers now read the activation
     g.set_inputs(act.name, [pool.out])
-    pool.outputs = [type(pooled_info)(shape=pooled_info.shape, dtype=g.info(x).dtype)]
+    pool.outputs = [TensorInfo(pooled_info.shape, g.info(x).dtype)]
     act.outputs = [pooled_info]
     # shaping checks after solving that the transform keeps the activation nondecreasing
     act.meta["commuted_with_max_pool"] = pool.name
