@@ -1,6 +1,6 @@
 """Peak memory of shaping a large model, against the model's parameter bytes.
 
-    python benchmarks/memory.py [--model resnet152] [--input-shape 2,3,64,64] [--onnx]
+    python benchmarks/memory.py [--model resnet152] [--input-shape 2,3,64,64] [--onnx] [--threads 1]
 
 Each measurement runs in a fresh subprocess, so that peaks do not carry over:
 
@@ -52,7 +52,8 @@ def _export(model_name: str, input_shape: tuple[int, ...], path: str) -> None:
                           dynamo=False)
 
 
-def _measure(model_name: str, input_shape: tuple[int, ...], onnx_file: str | None) -> dict:
+def _measure(model_name: str, input_shape: tuple[int, ...], onnx_file: str | None,
+             threads: int = 1) -> dict:
     import resource
     import tempfile
     import time
@@ -63,7 +64,8 @@ def _measure(model_name: str, input_shape: tuple[int, ...], onnx_file: str | Non
 
     import graphshape
 
-    torch.set_num_threads(1)
+    if threads:
+        torch.set_num_threads(threads)
     kib = 1024  # ru_maxrss is in KiB on Linux
     use_onnx = onnx_file is not None
     folder = tempfile.mkdtemp()
@@ -110,7 +112,7 @@ def _measure(model_name: str, input_shape: tuple[int, ...], onnx_file: str | Non
             "extra_over_params": round(extra / param_bytes, 3),
             "tracemalloc_peak": traced_peak,
             "tracemalloc_over_params": round(traced_peak / param_bytes, 3),
-            "seconds": round(seconds, 1)}
+            "seconds": round(seconds, 1), "threads": torch.get_num_threads()}
 
 
 def main(argv=None) -> int:
@@ -118,6 +120,9 @@ def main(argv=None) -> int:
     parser.add_argument("--model", default="resnet152", help="a torchvision.models name")
     parser.add_argument("--input-shape", default="2,3,64,64")
     parser.add_argument("--onnx", action="store_true", help="shape an ONNX export instead")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch.set_num_threads (0: torch's default; graphshape's "
+                             "orthogonal draws run on that many threads)")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--export-to", help=argparse.SUPPRESS)
     parser.add_argument("--onnx-file", help=argparse.SUPPRESS)
@@ -127,12 +132,12 @@ def main(argv=None) -> int:
         _export(args.model, shape, args.export_to)
         return 0
     if args.child:
-        print(json.dumps(_measure(args.model, shape, args.onnx_file)))
+        print(json.dumps(_measure(args.model, shape, args.onnx_file, args.threads)))
         return 0
     import tempfile
 
     me = [sys.executable, os.path.abspath(__file__), "--model", args.model,
-          "--input-shape", args.input_shape]
+          "--input-shape", args.input_shape, "--threads", str(args.threads)]
     with tempfile.TemporaryDirectory() as folder:
         extra = []
         if args.onnx:
@@ -148,7 +153,7 @@ def main(argv=None) -> int:
           f"MiB, peak {r['peak_rss'] / mib:.0f} MiB; shaping needed {r['extra'] / mib:.0f} MiB = "
           f"{r['extra_over_params']:.2f} x parameters (goal < 3); tracemalloc peak "
           f"{r['tracemalloc_peak'] / mib:.0f} MiB = {r['tracemalloc_over_params']:.2f} x; "
-          f"{r['seconds']:.1f} s")
+          f"{r['seconds']:.1f} s, {r['threads']} thread(s)")
     print(json.dumps(r))
     return 0 if r["extra_over_params"] < 3 else 1
 

@@ -1,6 +1,6 @@
 """Pipeline cost: ``graphshape.shape(resnet50)`` against building ``torchvision.models.resnet50()``.
 
-    python benchmarks/pipeline.py [--rounds 5] [--size 224] [--method DKS]
+    python benchmarks/pipeline.py [--rounds 5] [--size 224] [--method DKS] [--threads N]
 
 Both are timed in turn in each round (so that load from other processes hits them alike);
 the table shows the medians and their ratio (goal: shape <= 1.5x construction).
@@ -28,7 +28,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--size", type=int, default=224, help="side of the example input")
     parser.add_argument("--method", default="DKS")
-    parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch.set_num_threads for both (default: torch's own, one per "
+                             "core; graphshape's orthogonal draws use that many threads)")
     args = parser.parse_args(argv)
 
     import torch
@@ -36,7 +38,9 @@ def main(argv=None) -> dict:
 
     import graphshape
 
-    torch.set_num_threads(args.threads)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    threads = torch.get_num_threads()
     load_before = _load_average()
     build = getattr(torchvision.models, args.model)
     x = torch.randn(1, 3, args.size, args.size)
@@ -75,7 +79,7 @@ def main(argv=None) -> dict:
             stages[key].append(v)
     c, s = statistics.median(construct), statistics.median(shape)
     print(f"{args.model}, example input 1x3x{args.size}x{args.size}, method {args.method}, "
-          f"{args.rounds} rounds, {args.threads} thread(s), {time.strftime('%Y-%m-%d %H:%M')}, "
+          f"{args.rounds} rounds, {threads} thread(s), {time.strftime('%Y-%m-%d %H:%M')}, "
           f"load average {load_before} before, {_load_average()} after")
     print(f"| `torchvision.models.{args.model}()` | `graphshape.shape(model, x)` | ratio |")
     print("| ---: | ---: | ---: |")

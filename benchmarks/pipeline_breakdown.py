@@ -1,9 +1,10 @@
 """Where `graphshape.shape(torchvision.models.resnet50(), x)` spends its time, stage by stage.
 
-    python benchmarks/pipeline_breakdown.py [--repeats 5] [--size 224] [--method DKS]
+    python benchmarks/pipeline_breakdown.py [--repeats 5] [--size 224] [--method DKS] [--threads 1]
 
-Single-threaded torch. Each round builds ``torchvision.models.resnet50()`` (the reference)
-and runs one real ``graphshape.shape`` call whose stages are timed from inside, by wrapping
+Single-threaded torch unless ``--threads`` says otherwise. Each round builds
+``torchvision.models.resnet50()`` (the reference) and runs one real ``graphshape.shape``
+call whose stages are timed from inside, by wrapping
 the functions it calls: load (fx trace + shape propagation + op mapping), passes + solve
 (``shape_graph`` without its init pass), init (delta-orthogonal / SUO,
 ``graphshape.init.initialize``), emit (``backend_torch.emit``); "other" is the rest of the
@@ -12,7 +13,7 @@ call (option and model checks). Medians over ``--repeats`` rounds, after one war
 Then the floor of the init stage, timed in turn with ``initialize`` in each round: only
 ``torch.randn`` of the Householder vectors of every matrix ResNet-50 needs, and only
 ``torch.linalg.householder_product`` on them (already in LAPACK's column-major layout), in
-float32, single-threaded, as ``initialize`` draws them.
+float32, as ``initialize`` draws them.
 """
 
 from __future__ import annotations
@@ -121,6 +122,10 @@ def main():
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--method", default="DKS")
     parser.add_argument("--activation", default="relu")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch.set_num_threads (0: torch's default). graphshape's "
+                             "draws use that many threads, each single-threaded; the floor "
+                             "rows are plain calls on that many intra-op threads")
     args = parser.parse_args()
 
     import torch
@@ -128,7 +133,9 @@ def main():
 
     import graphshape
 
-    torch.set_num_threads(1)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    threads = torch.get_num_threads()
     load_before = _load_average()
     x = torch.randn(1, 3, args.size, args.size)
     options = dict(method=args.method, activation=args.activation, seed=0)
@@ -143,7 +150,7 @@ def main():
             stages.setdefault(key, []).append(dt)
     construct = statistics.median(stages["construct"])
     print(f"resnet50, input 1x3x{args.size}x{args.size}, {args.method} {args.activation}, "
-          f"torch {torch.__version__}, 1 thread, median of {args.repeats}, "
+          f"torch {torch.__version__}, {threads} thread(s), median of {args.repeats}, "
           f"{time.strftime('%Y-%m-%d %H:%M')}, load average {load_before} before, "
           f"{_load_average()} after")
     print("| stage | median s | / construct |")

@@ -1,6 +1,7 @@
 """Runtime cost of shaping: shaped ResNet-50 against the BatchNorm original, on CPU.
 
     python benchmarks/runtime.py [--batch 8] [--size 128] [--steps 5] [--compile] [--fold-scales]
+                                 [--channels-last] [--threads 1]
 
 Networks (torchvision resnet50, weights=None):
 
@@ -67,6 +68,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--steps", type=int, default=5, help="timed rounds (median reported)")
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads")
     parser.add_argument("--compile", action="store_true", help="also time torch.compile")
+    parser.add_argument("--channels-last", action="store_true",
+                        help="every network and the input in torch.channels_last")
     parser.add_argument("--fold-scales", action="store_true",
                         help="also time dks and tat shaped with fold_scales=True")
     args = parser.parse_args(argv)
@@ -78,6 +81,10 @@ def main(argv=None) -> dict:
     x = torch.randn(args.batch, 3, args.size, args.size)
     labels = torch.randint(0, 1000, (args.batch,))
     networks = _networks(x, fold_scales=args.fold_scales)
+    if args.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+        networks = {name: m.to(memory_format=torch.channels_last)
+                    for name, m in networks.items()}
     variants = dict(networks)
     if args.compile:
         variants.update({f"{name} (compiled)": torch.compile(model)
@@ -111,8 +118,9 @@ def main(argv=None) -> dict:
                 times[(name, what)].append(time.perf_counter() - start)
     med = {k: statistics.median(v) for k, v in times.items()}
 
-    print(f"resnet50, batch {args.batch}x3x{args.size}x{args.size}, CPU, {args.threads} thread(s), "
-          f"median of {args.steps}")
+    layout = ", channels_last" if args.channels_last else ""
+    print(f"resnet50, batch {args.batch}x3x{args.size}x{args.size}{layout}, CPU, "
+          f"{args.threads} thread(s), median of {args.steps}, {time.strftime('%Y-%m-%d %H:%M')}")
     print("| network | training step | vs original | vs bn->identity | inference (eval) | "
           "vs original | vs bn->identity |")
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")

@@ -176,7 +176,8 @@ def _shape_factory(src, dst, shape, options, trust=False):
     options = dict(options)
     pln = options.pop("pln")
     check_shapeable(graph, options["method"])
-    shaped, report = shape_graph(graph, **options)
+    shaped, report = shape_graph(graph, **options, copy=False)  # graph is ours to use up
+    del graph
     report.options["pln"] = pln
     if dst.endswith(".pt"):
         from graphshape.backend_torch import emit

@@ -16,12 +16,16 @@ conv weights as ``(in, out, ...)``; that scales q by in/out at every conv whose 
 differ. This module does not.)
 
 Speed: all matrices of one shape (the groups of a grouped conv, and every layer with the
-same matrix shape) are drawn in one stacked call: Gaussian Householder vectors accumulated by
-``torch.linalg.householder_product`` (Stewart's method: half the work of a QR), in float32
-for large stacks. That call and the Gaussian draw are most of the time (ResNet-50: 15.4M
-matrix entries; ``benchmarks/pipeline_breakdown.py`` prints this floor next to the whole
-pass); the rest is kept to one cache-friendly pass per layout change (LAPACK reads and
-writes column-major matrices, weights are C order) and the zeroed 3x3 kernels.
+same matrix shape) are drawn in one stacked call: float32 Gaussian Householder vectors
+accumulated by ``torch.linalg.householder_product`` (Stewart's method: half the work of a
+QR), in float32 for large stacks. That call and the Gaussian draw are most of the time
+(ResNet-50: 15.4M matrix entries in 20 stacks; ``benchmarks/pipeline_breakdown.py`` prints
+this floor next to the whole pass). The stacks are independent, each from its own seed taken
+in a fixed order, so they are drawn (and their weights assembled) on
+``torch.get_num_threads()`` threads, each running LAPACK single-threaded: the same weights
+on any number of threads. The rest is kept to one cache-friendly pass per layout change
+(LAPACK reads and writes column-major matrices, weights are C order) and the zeroed 3x3
+kernels.
 """
 
 from __future__ import annotations
@@ -60,6 +64,41 @@ class _one_thread:
         return False
 
 
+def _thread_count(tasks: int) -> int:
+    """Threads for ``tasks`` independent draws: torch's intra-op budget
+    (``torch.get_num_threads()``, which users set to limit torch's threads), at most one per
+    usable core and per task."""
+    import os
+
+    import torch
+
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    return max(1, min(torch.get_num_threads(), cores, tasks))
+
+
+def _map_on_threads(fn, items) -> list:
+    """``[fn(item) for item in items]``, on :func:`_thread_count` threads, each running
+    torch single-threaded: the draws are independent LAPACK calls, which scale ~2x on two
+    threads this way (ResNet-50's 20 stacks: 0.36 -> 0.18 s), where one call on two
+    intra-op threads gains ~1.4x idle and loses badly on a busy machine (:class:`_one_thread`)."""
+    import torch
+
+    items = list(items)
+    workers = _thread_count(len(items))
+    with _one_thread():
+        if workers == 1:
+            return [fn(item) for item in items]
+        from concurrent.futures import ThreadPoolExecutor
+
+        # torch's thread settings are per thread: each worker sets its own
+        with ThreadPoolExecutor(workers, initializer=torch.set_num_threads,
+                                initargs=(1,)) as pool:
+            return list(pool.map(fn, items))
+
+
 def suo_scale(fan_out: int, fan_in: int) -> float:
     """The SUO scale ``max(1, sqrt(fan_out / fan_in))``."""
     return max(1.0, math.sqrt(fan_out / fan_in))
@@ -84,24 +123,23 @@ def _transposed(a, row_scale=None, dtype=None, strip: int = 64):
     return out
 
 
-def _haar_stack(batch: int, rows: int, cols: int, gen, gauss_dtype, dtype,
-                scale: float = 1.0):
+def _haar_stack(batch: int, rows: int, cols: int, gen, dtype, scale: float = 1.0):
     """``batch`` Haar (semi-)orthogonal ``rows x cols`` matrices times ``scale``, as one
-    C-contiguous torch tensor ``(batch, rows, cols)`` of ``dtype``, from Gaussians drawn in
-    ``gauss_dtype``. Call it single-threaded (:class:`_one_thread`)."""
+    C-contiguous torch tensor ``(batch, rows, cols)`` of ``dtype``, from float32 Gaussians
+    drawn from ``gen`` (and factorized in ``dtype``). Call it single-threaded
+    (:class:`_one_thread`)."""
     import torch
 
     tall, short = max(rows, cols), min(rows, cols)
     # Stewart (1980): the Householder reflectors of the QR of a Gaussian matrix are those of
-    # independent Gaussian vectors of dimensions tall, tall-1, ..., so draw the vectors (the
-    # lower trapezoid of a (tall, short) Gaussian matrix, in the order one seed has always
-    # given) and only accumulate Q (LAPACK orgqr), skipping the factorization (geqrf): half
-    # the work of a QR, same distribution. The vectors become the rows of a (short, tall)
-    # array: the column-major (tall, short) matrix LAPACK reads, so that torch does not
-    # transpose them itself (element by element: ~60 ms of the ~260 ms householder_product
-    # takes for ResNet-50 from row-major input), and their norms are contiguous reductions.
-    v = _transposed(torch.randn((batch, tall, short), generator=gen, dtype=gauss_dtype),
-                    dtype=dtype).triu_()
+    # independent Gaussian vectors of dimensions tall, tall-1, ..., so draw the vectors and
+    # only accumulate Q (LAPACK orgqr), skipping the factorization (geqrf): half the work of
+    # a QR, same distribution. Vector i is row i of a (short, tall) Gaussian array from
+    # column i on: the column-major (tall, short) matrix LAPACK reads, drawn in place (no
+    # transposing copy), with contiguous norms. float32 Gaussians whatever ``dtype``: one
+    # seed gives one set of matrices in either precision, and float64 sampling costs 2x.
+    v = torch.randn((batch, short, tall), generator=gen, dtype=torch.float32)
+    v = (v if dtype == torch.float32 else v.to(dtype)).triu_()
     diag = torch.arange(short)
     alpha = v[:, diag, diag]  # first entry of each vector (a copy)
     sign = torch.where(alpha >= 0, 1.0, -1.0).to(dtype)
@@ -119,22 +157,34 @@ def _haar_stack(batch: int, rows: int, cols: int, gen, gauss_dtype, dtype,
     return _transposed(q_t, col_scale)  # orthonormal columns: Q, in C order
 
 
-def _draw(batch: int, rows: int, cols: int, rng: np.random.Generator, scale: float = 1.0,
-          float32: bool = False):
-    """:func:`_haar_stack` seeded from ``rng``: Gaussians and factorization in float32 for
-    stacks of more than ``_FLOAT32_ABOVE`` entries, in float64 otherwise; ``float32=True``
-    factorizes small stacks in float32 too (their Gaussians stay float64: one seed, one
-    set of matrices, whichever the precision)."""
+def _seeded_stack(batch: int, rows: int, cols: int, seed: int, scale: float = 1.0,
+                  float32: bool = False):
+    """:func:`_haar_stack` from a torch generator seeded with ``seed``, factorized in
+    float32 for stacks of more than ``_FLOAT32_ABOVE`` entries or when ``float32=True``
+    (float32 weights), in float64 otherwise; the Gaussians are the same either way. Call
+    it single-threaded (:class:`_one_thread`)."""
     if rows < 1 or cols < 1 or batch < 0:
         raise GraphshapeError(f"cannot draw a {rows}x{cols} orthogonal matrix")
     import torch
 
-    gauss_dtype = torch.float32 if batch * rows * cols > _FLOAT32_ABOVE else torch.float64
-    dtype = torch.float32 if float32 else gauss_dtype
-    # torch's sampler is ~2x faster than numpy's; seeded from ``rng``: one seed, one result
-    gen = torch.Generator().manual_seed(int(rng.integers(0, 2**63 - 1)))
+    big = batch * rows * cols > _FLOAT32_ABOVE
+    dtype = torch.float32 if float32 or big else torch.float64
+    # torch's sampler is ~2x faster than numpy's
+    gen = torch.Generator().manual_seed(seed)
+    return _haar_stack(batch, rows, cols, gen, dtype, scale)
+
+
+def _stack_seed(rng: np.random.Generator) -> int:
+    """The torch seed of the next stacked draw: one numpy seed, one sequence of draws."""
+    return int(rng.integers(0, 2**63 - 1))
+
+
+def _draw(batch: int, rows: int, cols: int, rng: np.random.Generator, scale: float = 1.0,
+          float32: bool = False):
+    """:func:`_seeded_stack` seeded from ``rng``, single-threaded."""
+    seed = _stack_seed(rng)
     with _one_thread():
-        return _haar_stack(batch, rows, cols, gen, gauss_dtype, dtype, scale)
+        return _seeded_stack(batch, rows, cols, seed, scale, float32)
 
 
 def haar_semi_orthogonal(batch: int, rows: int, cols: int,
@@ -280,7 +330,7 @@ def initialize(graph, seed: int | None = None, *, copy: bool = True):
     """Re-initialize every conv, conv_transpose and linear node of ``graph``: SUO
     (dense), delta-orthogonal (convs), zero biases. Returns ``(new_graph, InitReport)``;
     the input graph is not modified unless ``copy=False``. The same seed gives the same
-    weights."""
+    weights, on any number of threads (``torch.get_num_threads()`` of them draw)."""
     rng = np.random.default_rng(seed)
     out = graph.copy() if copy else graph
     report = InitReport(seed)
@@ -314,31 +364,52 @@ def initialize(graph, seed: int | None = None, *, copy: bool = True):
         by_shape[(rows, cols)] = by_shape.get((rows, cols), 0) + n
         if np.dtype(getattr(node.params["weight"], "dtype", np.float32)).itemsize > 4:
             wide_weights.add((rows, cols))
-    # float32 weights get float32 matrices (orthonormal to ~1e-6): the float64
-    # factorization of ResNet-50's stacks under _FLOAT32_ABOVE takes 1.75x as long (+25 ms)
-    pools = {key: suo_matrices(n, *key, rng, float32=key not in wide_weights)
-             for key, n in by_shape.items()}
-    taken = {key: 0 for key in pools}
-    for node, plan, n, rows, cols in requests:
-        key = (rows, cols)
-        mats = pools[key][taken[key]:taken[key] + n]
-        taken[key] += n
-        weight = node.params["weight"]
-        dtype = getattr(weight, "dtype", np.float32)
-        if plan is None:
-            new = mats[0]
-            scheme, groups = "suo", 1
-        else:
-            new = _assemble_conv(np.shape(weight), plan, mats, node.op == "conv_transpose",
-                                 node.attrs.get("stride"), dtype)
-            scheme, groups = plan.scheme, plan.groups
-        node.params["weight"] = np.ascontiguousarray(new, dtype=dtype)
+    # one torch seed per stacked draw, taken in first-use order (as always: one numpy seed,
+    # one set of weights), so that the stacks can then be drawn in any order, on any thread
+    seeds = {key: _stack_seed(rng) for key in by_shape}
+    offsets, taken, members = [], {key: 0 for key in by_shape}, {key: [] for key in by_shape}
+    for i, (_, _, n, rows, cols) in enumerate(requests):
+        offsets.append(taken[(rows, cols)])
+        taken[(rows, cols)] += n
+        members[(rows, cols)].append(i)
+
+    def draw_and_assemble(key):
+        """Draw the stack of one matrix shape and build the weights it feeds."""
+        rows, cols = key
+        # float32 weights get float32 matrices (orthonormal to ~1e-6): the float64
+        # factorization of ResNet-50's stacks under _FLOAT32_ABOVE takes 1.75x as long
+        mats = _seeded_stack(by_shape[key], rows, cols, seeds[key], suo_scale(rows, cols),
+                             float32=key not in wide_weights).numpy()
+        weights = {}
+        for i in members[key]:
+            node, plan, n, _, _ = requests[i]
+            weight = node.params["weight"]
+            dtype = getattr(weight, "dtype", np.float32)
+            piece = mats[offsets[i]:offsets[i] + n]
+            if plan is None:
+                new = piece[0]
+            else:
+                new = _assemble_conv(np.shape(weight), plan, piece,
+                                     node.op == "conv_transpose", node.attrs.get("stride"),
+                                     dtype)
+            weights[i] = np.ascontiguousarray(new, dtype=dtype)
+        return weights
+
+    # the largest stacks first, so that the threads finish together
+    order = sorted(by_shape, key=lambda k: -by_shape[k] * max(k) * min(k) ** 2)
+    new_weights = {}
+    for weights in _map_on_threads(draw_and_assemble, order):
+        new_weights.update(weights)
+    for i, (node, plan, n, rows, cols) in enumerate(requests):
+        old_shape = list(np.shape(node.params["weight"]))
+        node.params["weight"] = new_weights[i]
         bias_zeroed = node.params.get("bias") is not None
         if bias_zeroed:
             node.params["bias"] = np.zeros_like(node.params["bias"])
+        scheme, groups = ("suo", 1) if plan is None else (plan.scheme, plan.groups)
         report.records.append({
             "node": node.name, "op": node.op, "scheme": scheme,
-            "weight_shape": list(np.shape(weight)), "groups": groups,
+            "weight_shape": old_shape, "groups": groups,
             "matrix": [rows, cols], "scale": suo_scale(rows, cols),
             "bias_zeroed": bias_zeroed})
     return out, report

@@ -170,7 +170,8 @@ def shape(module, example_inputs=None, *, method: str = "TAT", activation: str |
     # the weights are about to be re-initialized: no need to read them for the analysis
     graph = load(module, example_inputs, cache_weight_norms=False)
     check_shapeable(graph, method)
-    shaped, report = shape_graph(graph, **options)
+    shaped, report = shape_graph(graph, **options, copy=False)  # graph is ours to use up
+    del graph
     gm = emit(shaped, copy_params=False)  # shaped owns its (fresh) arrays and is dropped
     if pln:
         names = _add_pln_torch(gm)
@@ -259,7 +260,7 @@ def shape_onnx(src, dst, *, method: str = "TAT", activation: str | None = None,
     graph = load_onnx(src)
     _release_memory()  # the parsed protobuf is gone: its pages go back before shaping
     check_shapeable(graph, method)
-    shaped, report = shape_graph(graph, **options)
+    shaped, report = shape_graph(graph, **options, copy=False)  # graph is ours to use up
     # the source weights are no longer needed: free them (and hand the freed heap back to
     # the OS) before emitting, so that the peak holds about two copies of the weights
     del graph

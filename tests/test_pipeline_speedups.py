@@ -203,14 +203,15 @@ def _stewart_reference(x: np.ndarray) -> np.ndarray:
 @pytest.mark.parametrize("rows,cols", [(7, 19), (19, 7), (12, 12)])
 def test_draws_are_stewarts_householder_qr_of_the_seeds_gaussians(rows, cols):
     """One seed keeps giving the same matrices: the sign-corrected Householder Q of the
-    (tall, short) Gaussian matrices that the seed's torch generator draws, as C-contiguous
-    arrays (orthonormal rows when rows < cols)."""
+    (tall, short) Gaussian matrices whose columns the seed's torch generator draws as the
+    rows of a float32 (short, tall) array, as C-contiguous arrays (orthonormal rows when
+    rows < cols)."""
     batch, tall, short = 3, max(rows, cols), min(rows, cols)
     q = haar_semi_orthogonal(batch, rows, cols, np.random.default_rng(5))
     assert q.shape == (batch, rows, cols) and q.dtype == np.float64 and q.flags.c_contiguous
     seed = int(np.random.default_rng(5).integers(0, 2**63 - 1))
-    x = torch.randn((batch, tall, short), generator=torch.Generator().manual_seed(seed),
-                    dtype=torch.float64).numpy()
+    x = torch.randn((batch, short, tall), generator=torch.Generator().manual_seed(seed),
+                    dtype=torch.float32).mT.double().numpy()
     for b in range(batch):
         ref = _stewart_reference(x[b])
         np.testing.assert_allclose(q[b], ref if rows >= cols else ref.T, atol=1e-12)

@@ -307,3 +307,45 @@ def test_functional_batch_norm_calls_are_removed():
     assert {r["node"] for r in report.rewritten if "zero bias" in r["what"]} >= {"conv1", "conv2"}
     out = gm(torch.randn(2, 3, 8, 8))
     assert torch.isfinite(out).all()
+
+
+class _ScaledNet(torch.nn.Module):
+    """A conv net with parameters that shaping keeps (a per-channel gain, a constant
+    buffer) next to the ones it replaces."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.gain = torch.nn.Parameter(torch.full((1, 8, 1, 1), 1.0))
+        self.register_buffer("offset", torch.zeros(1, 8, 1, 1))
+        self.conv2 = torch.nn.Conv2d(8, 8, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv2(torch.relu(self.conv1(x)) * self.gain + self.offset)
+
+
+def test_shape_graph_in_place_shares_no_array_with_its_input():
+    """shape() lets shape_graph work on the loaded IR itself (copy=False, no deep copy);
+    the arrays it keeps (gain, offset) are still copied, so the shaped model shares no
+    memory with the source, and the loaded graph's arrays are left as they were."""
+    from graphshape.passes.shaping import shape_graph
+
+    model = _ScaledNet()
+    graph = graphshape.load(model, torch.zeros(1, 3, 8, 8))
+    inputs = {id(v): v for n in graph for v in n.params.values() if isinstance(v, np.ndarray)}
+    values = {k: v.copy() for k, v in inputs.items()}
+    shaped, _ = shape_graph(graph, method="DKS", seed=0, copy=False)
+    for node in shaped:
+        for value in node.params.values():
+            if isinstance(value, np.ndarray):
+                assert not any(np.shares_memory(value, v) for v in inputs.values()), node.name
+    assert all(np.array_equal(v, values[k]) for k, v in inputs.items())
+    gm = graphshape.shape(model, torch.zeros(1, 3, 8, 8), method="DKS", seed=0)
+    source = {v.data_ptr() for v in model.state_dict().values()}
+    assert source.isdisjoint(v.data_ptr() for v in gm.state_dict().values())
+    assert any(torch.equal(v, model.gain.detach()) for v in gm.state_dict().values())
+    with torch.no_grad():
+        for v in gm.state_dict().values():
+            v.add_(1.0)
+    assert torch.equal(model.gain.detach(), torch.ones(1, 8, 1, 1))
+    assert torch.equal(model.offset, torch.zeros(1, 8, 1, 1))
