@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 
 from graphshape.errors import GraphshapeError
-from graphshape.ir import Graph, Node, Ref, TensorInfo
+from graphshape.ir import Graph, Node, Ref, TensorInfo, cache_weight_tap_norms
 
 # Initializers larger than this many bytes are replaced by typed graph inputs in the copy
 # that shape inference sees (shape inference only reads small constants' values).
@@ -67,12 +67,15 @@ class _Unsupported(Exception):
     """Raised by an op handler when this instance cannot be mapped: becomes opaque."""
 
 
-def load_onnx(model: Any) -> Graph:
+def load_onnx(model: Any, *, cache_weight_norms: bool = True) -> Graph:
     """Read an ONNX file path or ``onnx.ModelProto`` into a :class:`Graph`.
 
     ``graph.meta`` gets ``source="onnx"``, ``opset`` (default-domain version),
     ``opset_imports`` (domain -> version), ``ir_version``, ``producer_name``,
-    ``input_names``, ``output_names`` and ``graph_name``.
+    ``input_names``, ``output_names`` and ``graph_name``. ``cache_weight_norms``: read
+    every conv/linear weight now for the analysis
+    (:func:`graphshape.ir.cache_weight_tap_norms`), as the PyTorch frontend does; False
+    where the weights are about to be replaced (shaping).
     """
     import onnx
 
@@ -84,7 +87,10 @@ def load_onnx(model: Any) -> Graph:
     else:
         raise GraphshapeError(
             f"load_onnx expects a file path or onnx.ModelProto, not {type(model).__name__}")
-    return _Importer(proto).run()
+    graph = _Importer(proto).run()
+    if cache_weight_norms:
+        cache_weight_tap_norms(graph)
+    return graph
 
 
 # --------------------------------------------------------------------------- reading

@@ -48,7 +48,7 @@ from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 
 from graphshape import torch_modules as _tm
 from graphshape.errors import GraphshapeError
-from graphshape.ir import Graph, Node, Ref, TensorInfo, map_template, weight_tap_norms
+from graphshape.ir import Graph, Node, Ref, TensorInfo, cache_weight_tap_norms, map_template
 
 __all__ = ["load_module", "MODULE_OPS", "FUNCTION_OPS", "METHOD_OPS"]
 
@@ -243,19 +243,6 @@ def _propagate_on_meta(gm: torch.fx.GraphModule, example_inputs: tuple) -> bool:
 
 
 # ----------------------------------------------------------------------------- helpers
-def _read_weight_norms(graph: Graph) -> None:
-    """Compute (and cache, see :func:`graphshape.ir.weight_tap_norms`) the per-tap weight
-    norms of every conv and linear layer now, while loading: the analysis needs them, and
-    reading all weights (25.5M floats for ResNet-50, ~15-25 ms) would otherwise be most of
-    the first predicted-only analysis."""
-    for node in graph.nx.nodes.values():
-        node = node["node"]
-        if node.op in ("conv", "conv_transpose", "linear"):
-            w = node.params.get("weight")
-            if isinstance(w, np.ndarray) and w.dtype.kind == "f" and w.ndim >= 2:
-                weight_tap_norms(w)
-
-
 def _np_dtype(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")
 
@@ -1666,7 +1653,8 @@ def load_module(module: nn.Module, example_inputs=None, *, leaf_modules=(),
     shape and dtype (without it, shapes are None and ops that need a rank to be mapped,
     such as ``transpose`` or ``chunk``, stay opaque). ``leaf_modules``: module classes to
     keep as single opaque calls instead of tracing into them. ``cache_weight_norms``: read
-    every conv/linear weight now for the analysis (:func:`_read_weight_norms`); False
+    every conv/linear weight now for the analysis
+    (:func:`graphshape.ir.cache_weight_tap_norms`); False
     where the weights are about to be replaced (shaping re-initializes them): ~20 ms less
     for ResNet-50.
     """
@@ -1674,5 +1662,5 @@ def load_module(module: nn.Module, example_inputs=None, *, leaf_modules=(),
         raise GraphshapeError(f"load_module needs a torch.nn.Module, got {type(module).__name__}")
     graph = _Loader(module, example_inputs, tuple(leaf_modules)).run()
     if cache_weight_norms:
-        _read_weight_norms(graph)
+        cache_weight_tap_norms(graph)
     return graph

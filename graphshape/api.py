@@ -104,7 +104,7 @@ def load(model: Any, example_inputs: Any = None, *, trust: bool = False,
     or tuple of tensors, gives the shapes), an ONNX file path, a ``.pt`` / ``.pth`` file
     (see :func:`load_pt`; ``trust=True`` allows a full unpickle), or an
     ``onnx.ModelProto``. A :class:`Graph` is returned unchanged.
-    ``cache_weight_norms=False``: a PyTorch model's weights are not read for the analysis
+    ``cache_weight_norms=False``: the conv/linear weights are not read for the analysis
     at load time (for callers that replace them, such as shaping).
     """
     if isinstance(model, Graph):
@@ -116,14 +116,14 @@ def load(model: Any, example_inputs: Any = None, *, trust: bool = False,
         if path.endswith(".onnx") or not path.endswith((".pt", ".pth")):
             from graphshape.frontends.onnx_import import load_onnx
 
-            return load_onnx(path)
+            return load_onnx(path, cache_weight_norms=cache_weight_norms)
         return load(load_pt(path, trust=trust), example_inputs,
                     cache_weight_norms=cache_weight_norms)
     mod = type(model).__module__
     if mod.startswith("onnx"):
         from graphshape.frontends.onnx_import import load_onnx
 
-        return load_onnx(model)
+        return load_onnx(model, cache_weight_norms=cache_weight_norms)
     try:
         import torch
     except ImportError:  # pragma: no cover

@@ -70,13 +70,16 @@ def parse_shape(text: str) -> tuple[int, ...]:
 
 
 def load_source(src: str, input_shape: tuple[int, ...] | None, *, seed: int = 0,
-                default_shape: tuple[int, ...] = (2, 3, 224, 224), trust: bool = False):
+                default_shape: tuple[int, ...] = (2, 3, 224, 224), trust: bool = False,
+                cache_weight_norms: bool = True):
     """Load SRC (an .onnx file, a .pt/.pth file, or ``package.module:factory``) into a Graph.
 
     Returns (graph, example_inputs): a batch of standard normal inputs of ``input_shape``
     (for a factory or .pt file, ``default_shape`` when not given; for an ONNX file, None
     when not given). A ``.pt`` file is read with ``torch.load(weights_only=True)``; a pickled
     module needs ``trust=True`` (``--trust``). A factory spec imports (runs) its module.
+    ``cache_weight_norms``: as :func:`graphshape.load` (False when shaping: the weights
+    are about to be replaced).
     """
     import graphshape
 
@@ -87,12 +90,12 @@ def load_source(src: str, input_shape: tuple[int, ...] | None, *, seed: int = 0,
 
         module = load_pt(src, trust=trust)
         inputs = _random_inputs(input_shape or default_shape, seed)
-        return graphshape.load(module, inputs), inputs
+        return graphshape.load(module, inputs, cache_weight_norms=cache_weight_norms), inputs
 
     if src.endswith(".onnx") or os.path.exists(src):
         if not os.path.exists(src):
             raise UsageError(f"no such file: {src}")
-        graph = graphshape.load(src)
+        graph = graphshape.load(src, cache_weight_norms=cache_weight_norms)
         inputs = None
         if input_shape is not None:
             inputs = _random_inputs(input_shape, seed)
@@ -117,7 +120,7 @@ def load_source(src: str, input_shape: tuple[int, ...] | None, *, seed: int = 0,
     except Exception as e:
         raise GraphshapeError(f"{src}() failed: {type(e).__name__}: {e}") from None
     inputs = _random_inputs(input_shape or default_shape, seed)
-    return graphshape.load(model, inputs), inputs
+    return graphshape.load(model, inputs, cache_weight_norms=cache_weight_norms), inputs
 
 
 def _random_inputs(shape, seed):

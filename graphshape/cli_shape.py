@@ -169,7 +169,8 @@ def _shape_factory(src, dst, shape, options, trust=False):
     folder = os.path.dirname(os.path.abspath(dst))
     if not os.path.isdir(folder):
         raise UsageError(f"destination folder {folder!r} does not exist")
-    graph, inputs = load_source(src, shape, seed=0, trust=trust)
+    graph, inputs = load_source(src, shape, seed=0, trust=trust,
+                                cache_weight_norms=False)  # the weights will be replaced
     from graphshape.passes.shaping import shape_graph
     from graphshape.shaping_api import check_shapeable
 

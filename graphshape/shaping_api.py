@@ -257,7 +257,7 @@ def shape_onnx(src, dst, *, method: str = "TAT", activation: str | None = None,
                 os.path.exists(dst) and os.path.samefile(src_path, dst)):
             raise GraphshapeError(f"destination {dst!r} is the source file: graphshape never "
                                   "overwrites its input; choose another path")
-    graph = load_onnx(src)
+    graph = load_onnx(src, cache_weight_norms=False)  # the weights are about to be replaced
     _release_memory()  # the parsed protobuf is gone: its pages go back before shaping
     check_shapeable(graph, method)
     shaped, report = shape_graph(graph, **options, copy=False)  # graph is ours to use up

@@ -6,6 +6,7 @@
 """
 
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -179,6 +180,46 @@ def test_cache_weight_norms_is_optional():
     graph = load_module(model, torch.randn(1, 3, 6, 6))
     weights = [n.params["weight"] for n in graph if n.op in ("conv", "linear")]
     assert all(id(w) in ir._TAP_CACHE for w in weights)
+
+
+def test_onnx_loads_read_weight_norms_too(tmp_path, monkeypatch):
+    """ONNX files fill the weight-norm cache at load as PyTorch models do (the first
+    analysis then does not read every weight), except when shaping, which replaces the
+    weights: shape_onnx and the CLI's shape load without it."""
+    pytest.importorskip("onnx")
+    import graphshape
+    from graphshape.frontends import onnx_import
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(4 * 4 * 4, 2)).eval()
+    path = str(tmp_path / "m.onnx")
+    with warnings.catch_warnings():  # the TorchScript exporter's deprecation notice
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (torch.randn(1, 3, 6, 6),), path, dynamo=False)
+
+    def weights(graph):
+        return [n.params["weight"] for n in graph if n.op in ("conv", "linear")]
+
+    ir._TAP_CACHE.clear()
+    loaded = weights(graphshape.load(path))
+    assert len(loaded) == 2 and all(id(w) in ir._TAP_CACHE for w in loaded)
+    ir._TAP_CACHE.clear()
+    assert not any(id(w) in ir._TAP_CACHE
+                   for w in weights(graphshape.load(path, cache_weight_norms=False)))
+    seen = []
+    original = onnx_import.load_onnx  # shape_onnx imports it when called
+
+    def spy(src, **kwargs):
+        seen.append(kwargs.get("cache_weight_norms", True))
+        return original(src, **kwargs)
+
+    monkeypatch.setattr(onnx_import, "load_onnx", spy)
+    graphshape.shape_onnx(path, str(tmp_path / "shaped.onnx"), method="DKS", seed=0)
+    from graphshape.cli import main
+
+    assert main(["shape", path, "-o", str(tmp_path / "cli.onnx"), "--method", "DKS"]) == 0
+    assert seen == [False, False]
 
 
 # ------------------------------------------------------------------ orthogonal draws
