@@ -446,14 +446,19 @@ def weight_tap_norms(w: np.ndarray) -> np.ndarray:
     # weight errs by ~1e-7 *systematically*, 3e-6 after 30 layers; numpy's einsum, 1e-4)
     rows = max(1, _TAP_BLOCK // k)
     taps = np.zeros(k, dtype=np.float64)
-    if k == 1:
-        v = flat[:, 0]
-        taps[0] = sum(float(np.dot(v[i:i + rows], v[i:i + rows]))
-                      for i in range(0, v.size, rows))
-    else:
-        for i in range(0, flat.shape[0], rows):
-            block = flat[i:i + rows]
-            taps += (block.T @ block).diagonal()
+    with np.errstate(over="ignore"):  # huge float32 entries: redone in float64 below
+        if k == 1:
+            v = flat[:, 0]
+            taps[0] = sum(float(np.dot(v[i:i + rows], v[i:i + rows]))
+                          for i in range(0, v.size, rows))
+        else:
+            for i in range(0, flat.shape[0], rows):
+                block = flat[i:i + rows]
+                taps += (block.T @ block).diagonal()
+    if not np.all(np.isfinite(taps)) and data.dtype != np.float64:
+        # a block's float32 sum of squares overflowed (entries ~1e19 and up): float64 has
+        # the range (infinite or NaN weights stay infinite or NaN)
+        taps = np.square(flat, dtype=np.float64).sum(axis=0)
     taps = taps.reshape(w.shape[2:])
     try:
         ref = weakref.ref(w)

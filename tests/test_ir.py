@@ -125,3 +125,22 @@ def test_torch_load_precomputes_weight_norms_for_the_analysis():
     after = [r["q_pred"] for r in analyze(graph).rows if r["op"] == "linear"][0]
     assert ir._TAP_CACHE.get(id(weights[1])) is not entries[1]
     assert after == pytest.approx(4 * before, rel=1e-4)
+
+
+@pytest.mark.parametrize("shape", [(4, 3), (4, 3, 3, 3)])
+def test_weight_tap_norms_of_huge_float32_weights_do_not_overflow(shape):
+    """Float32 blocks whose sum of squares passes float32's range (entries ~1e19: fuzzed
+    or diverged models) are summed in float64 instead of becoming inf, without warnings."""
+    import warnings
+
+    from graphshape import ir
+
+    w = np.full(shape, 3e19, dtype=np.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        taps = ir.weight_tap_norms(w)
+    expected = np.square(w.astype(np.float64)).sum(axis=(0, 1))
+    np.testing.assert_allclose(taps, expected, rtol=1e-6)
+    assert np.all(np.isfinite(taps)) and taps.shape == shape[2:]
+    w[0, 0] = np.inf
+    assert not np.all(np.isfinite(ir.weight_tap_norms(w)))
