@@ -393,6 +393,10 @@ def _e_activation(ctx, node, xs):
         except TypeError:
             raise GraphshapeError(f"activation {name!r} does not take attributes {sorted(a)}",
                                   node=node.name, op=node.op) from None
+    elif (name == "leaky_relu" and float(a.get("negative_slope", 0.01)) >= 0
+          and set(a) <= {"negative_slope"}):
+        # read by other layers too: out of place, with the backward of the in-place one
+        mod = tm.LeakyReLU(float(a.get("negative_slope", 0.01)))
     elif name in _ACT_MODULES:
         try:
             mod = _ACT_MODULES[name](**a)

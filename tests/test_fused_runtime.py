@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from graphshape import GraphshapeError
 from graphshape import torch_modules as tm
 from graphshape.backend_torch import emit
 from graphshape.ir import Graph, Node, Ref, TensorInfo
@@ -282,6 +283,112 @@ def test_fused_activation_compiles_to_the_same_values():
     a, b = torch.randn(50), torch.randn(50)
     got = torch.compile(s, backend="aot_eager", fullgraph=True)(a.clone(), b)
     torch.testing.assert_close(got, 0.6 * a + 0.5 * b)
+
+
+def _check_compiled_block_saves_no_mask(act, reference):
+    """Compile linear -> ``act`` -> linear with inductor's partitioner and check that the
+    forward keeps neither ``act``'s input (the affine map's output: ``addcmul``) nor a bool
+    mask made from it for the backward (the backward reads ``act``'s output, which the
+    second layer keeps anyway: inductor's CPU kernels store bool masks ~25x slower than
+    floats), and that values and gradients are ``reference``'s (``act``'s formula)."""
+    from functorch.compile import make_boxed_func, min_cut_rematerialization_partition
+    from torch._dynamo.backends.common import aot_autograd
+
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.first = torch.nn.Linear(5, 5, bias=False)
+            self.act = act
+            self.second = torch.nn.Linear(5, 5, bias=False)
+
+        def forward(self, x):
+            return self.second(self.act(self.first(x)))
+
+    saved = []  # (producing op, dtype) of every tensor the forward keeps for the backward
+
+    def forward_compiler(gm, example_inputs):
+        (outputs,) = [n.args[0] for n in gm.graph.nodes if n.op == "output"]
+        saved.extend((str(o.target), o.meta["val"].dtype) for o in outputs
+                     if hasattr(o, "meta") and "val" in o.meta)
+        return make_boxed_func(gm)
+
+    torch.manual_seed(0)
+    block = Block()
+    torch._dynamo.reset()
+    backend = aot_autograd(fw_compiler=forward_compiler,
+                           bw_compiler=lambda gm, _: make_boxed_func(gm),
+                           partition_fn=min_cut_rematerialization_partition)
+    compiled = torch.compile(block, backend=backend, fullgraph=True)
+    x = torch.randn(4, 3, 5, 5, requires_grad=True)
+    y = compiled(x)
+    assert saved and not any(dtype == torch.bool or op.startswith("aten.addcmul")
+                             for op, dtype in saved), saved
+    xr = x.detach().clone().requires_grad_(True)
+    want = block.second(reference(block.first(xr)))
+    torch.testing.assert_close(y, want)
+    v = torch.randn_like(want)
+    y.backward(v)
+    grads = [p.grad.clone() for p in block.parameters()]
+    block.zero_grad()
+    want.backward(v)
+    torch.testing.assert_close(x.grad, xr.grad)
+    for got, p in zip(grads, block.parameters()):
+        torch.testing.assert_close(got, p.grad)
+
+
+@pytest.mark.parametrize("name,attrs,t", [
+    ("relu", {}, RELU_T),
+    ("leaky_relu", {"negative_slope": 0.36}, {"output_scale": 1.33}),
+])
+def test_compiled_activation_saves_no_bool_mask(name, attrs, t):
+    """Under torch.compile the relu-like transformed activations are one out-of-place
+    Function whose backward reads phi's output."""
+    act = tm.TransformedActivation(name, t, **attrs)
+    assert act._fused is not None
+    _check_compiled_block_saves_no_mask(act, lambda z: _formula(name, attrs, t, z))
+
+
+def test_out_of_place_leaky_relu_backward_reads_its_output():
+    """tm.LeakyReLU (emitted where other layers read a leaky ReLU's input, as a folded TReLU
+    on a residual stream) is an nn.LeakyReLU with the in-place one's backward: the same
+    values and gradients as F.leaky_relu, its input untouched, and compiled without a mask;
+    the torch backend emits it there and nn.LeakyReLU(inplace=True) where it may."""
+    act = tm.LeakyReLU(0.25)
+    assert isinstance(act, torch.nn.LeakyReLU) and not act.inplace
+    x = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+    x_before = x.detach().clone()
+    y = act(x)
+    xr = x_before.clone().requires_grad_(True)
+    want = torch.nn.functional.leaky_relu(xr, 0.25)
+    torch.testing.assert_close(y, want, rtol=0, atol=0)
+    torch.testing.assert_close(x.detach(), x_before, rtol=0, atol=0)
+    # what the backward keeps: the output itself, not the input
+    kept = [t for t in y.grad_fn.saved_tensors if t is not None]
+    assert len(kept) == 1 and kept[0].data_ptr() == y.data_ptr()
+    v = torch.randn_like(want)
+    y.backward(v)
+    want.backward(v)
+    torch.testing.assert_close(x.grad, xr.grad, rtol=0, atol=0)
+    assert torch.autograd.gradcheck(act, (x_before.clone().requires_grad_(True),))
+    with pytest.raises(GraphshapeError, match="negative_slope"):
+        tm.LeakyReLU(-0.1)
+    _check_compiled_block_saves_no_mask(
+        tm.LeakyReLU(0.25), lambda z: torch.nn.functional.leaky_relu(z, 0.25))
+    # emitted: a leaky ReLU whose input a sum also reads, and one that may overwrite
+    g = Graph({"source": "torch"})
+    g.add(Node("x", "input", attrs={"name": "x"}, outputs=[TensorInfo((2, 3), "float32")]))
+    g.add(Node("fork", "activation", [Ref("x")],
+               attrs={"name": "leaky_relu", "negative_slope": 0.25}))
+    g.add(Node("s", "sum", [Ref("x"), Ref("fork")]))
+    g.add(Node("last", "activation", [Ref("s")],
+               attrs={"name": "leaky_relu", "negative_slope": 0.25}))
+    g.add(Node("out", "output", [Ref("last")], attrs={"name": "out"}))
+    gm = emit(g)
+    assert type(gm.fork) is tm.LeakyReLU
+    assert type(gm.last) is torch.nn.LeakyReLU and gm.last.inplace
+    x = torch.randn(2, 3)
+    z = torch.nn.functional.leaky_relu(x, 0.25)
+    torch.testing.assert_close(gm(x), torch.nn.functional.leaky_relu(x + z, 0.25))
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # the TorchScript exporter's
