@@ -113,65 +113,52 @@ def _affine_into(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor | Non
 
 
 class _HomogeneousActivation(torch.autograd.Function):
-    """``phi(scale * x + shift)`` for relu-like phi, ``scale > 0``, in two passes and one
-    buffer: the affine map writes into a fresh buffer (or over ``x`` when the caller says
-    it may), then phi runs in place on it. Only the output is saved: with ``scale > 0`` it
-    tells which side of the kink every input was on, so the backward is one
-    ``threshold_backward`` / ``leaky_relu_backward`` and one in-place mul by ``scale``.
+    """``phi(scale * x + shift)`` for relu-like phi, ``scale > 0`` (``scale`` None: no
+    affine map). Only the output is saved: with ``scale > 0`` it tells which side of the
+    kink every input was on, so the backward is one ``threshold_backward`` /
+    ``leaky_relu_backward`` and one mul by ``scale``.
+
+    ``in_place=True``: two passes and one buffer: the affine map writes into a fresh buffer
+    (or over ``x`` when ``overwrite``), then phi runs in place on it; the backward scales in
+    place. ``in_place=False``: plain out-of-place ops, for compilers (which fuse and plan
+    memory themselves) and for inputs that other layers read.
 
     ``kind`` is ``"threshold"`` (``max(z, m)``: relu with a folded output shift ``m``) or
     ``"leaky_relu"`` (slope ``m >= 0``). The backward is built from differentiable ops, so
     double backward works (phi'' is 0 away from the kink, as for torch's own relu)."""
 
     @staticmethod
-    def forward(ctx, x, scale, shift, kind: str, m: float, overwrite: bool):
-        y = _affine_into(x, scale, shift, overwrite)
-        if kind == "threshold":
-            torch.threshold_(y, m, m)
+    def forward(ctx, x, scale, shift, kind: str, m: float, overwrite: bool, in_place: bool):
+        if in_place:
+            y = _affine_into(x, scale, shift, overwrite)
+            if kind == "threshold":
+                torch.threshold_(y, m, m)
+            else:
+                F.leaky_relu_(y, m)
+            if overwrite:
+                ctx.mark_dirty(x)
         else:
-            F.leaky_relu_(y, m)
-        if overwrite:
-            ctx.mark_dirty(x)
+            if scale is None:
+                z = x
+            else:
+                z = x * scale if shift is None else torch.addcmul(shift, x, scale)
+            y = F.threshold(z, m, m) if kind == "threshold" else F.leaky_relu(z, m)
         ctx.save_for_backward(y, scale)
-        ctx.kind, ctx.m = kind, m
+        ctx.kind, ctx.m, ctx.in_place = kind, m, in_place
         return y
 
     @staticmethod
     def backward(ctx, grad):
         y, scale = ctx.saved_tensors
-        if ctx.kind == "threshold":
-            # y > m exactly where scale * x + shift > m
-            gx = torch.ops.aten.threshold_backward(grad, y, ctx.m)
-        else:
-            # y > 0 exactly where scale * x + shift > 0 (slope >= 0)
-            gx = torch.ops.aten.leaky_relu_backward(grad, y, ctx.m, True)
-        return gx.mul_(scale), None, None, None, None, None
-
-
-class _TracedHomogeneousActivation(torch.autograd.Function):
-    """:class:`_HomogeneousActivation` out of place (for compilers, which fuse and plan
-    memory themselves, and for inputs that other layers read): the same backward from the
-    saved output. ``scale`` None: no affine map."""
-
-    @staticmethod
-    def forward(ctx, x, scale, shift, kind: str, m: float):
-        if scale is None:
-            z = x
-        else:
-            z = x * scale if shift is None else torch.addcmul(shift, x, scale)
-        y = F.threshold(z, m, m) if kind == "threshold" else F.leaky_relu(z, m)
-        ctx.save_for_backward(y, scale)
-        ctx.kind, ctx.m = kind, m
-        return y
-
-    @staticmethod
-    def backward(ctx, grad):
-        y, scale = ctx.saved_tensors
+        # y > m exactly where phi's input was above m (threshold), y > 0 exactly where it
+        # was positive (leaky_relu, slope >= 0)
         if ctx.kind == "threshold":
             gx = torch.ops.aten.threshold_backward(grad, y, ctx.m)
         else:
             gx = torch.ops.aten.leaky_relu_backward(grad, y, ctx.m, True)
-        return (gx if scale is None else gx * scale), None, None, None, None
+        if scale is not None:
+            gx = gx.mul_(scale) if ctx.in_place else gx * scale
+        return gx, None, None, None, None, None, None
 
 
 class LeakyReLU(nn.LeakyReLU):
@@ -192,8 +179,8 @@ class LeakyReLU(nn.LeakyReLU):
         if (torch.is_grad_enabled() and x.requires_grad and not _is_exporting()
                 and not (torch.onnx.is_in_onnx_export() or torch.jit.is_tracing()
                          or torch.jit.is_scripting())):
-            return _TracedHomogeneousActivation.apply(x, None, None, "leaky_relu",
-                                                      self.negative_slope)
+            return _HomogeneousActivation.apply(x, None, None, "leaky_relu",
+                                                self.negative_slope, False, False)
         return F.leaky_relu(x, self.negative_slope)
 
 
@@ -274,7 +261,7 @@ class TransformedActivation(nn.Module):
             shift = self.pre_shift if self._has_shift else None
             if torch.is_grad_enabled() and x.requires_grad:
                 return _HomogeneousActivation.apply(x, scale, shift, kind, m,
-                                                    self.overwrite_input)
+                                                    self.overwrite_input, True)
             # no autograd: the same two passes, no Function
             y = _affine_into(x, scale, shift, self.overwrite_input)
             return torch.threshold_(y, m, m) if kind == "threshold" else F.leaky_relu_(y, m)
@@ -286,8 +273,8 @@ class TransformedActivation(nn.Module):
             # inductor's CPU kernels store ~25x slower than floats (measured, torch 2.14:
             # ResNet-50 TAT training step 1.20x of the compiled original with it)
             kind, m = self._fused
-            return _TracedHomogeneousActivation.apply(
-                x, scale, self.pre_shift if self._has_shift else None, kind, m)
+            return _HomogeneousActivation.apply(
+                x, scale, self.pre_shift if self._has_shift else None, kind, m, False, False)
         if self.pre:
             x = torch.addcmul(self.pre_shift, x, scale)
         if self.clamp_min is not None:
