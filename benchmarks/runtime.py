@@ -1,7 +1,7 @@
-"""Runtime cost of shaping: shaped ResNet-50 against the BatchNorm original, on CPU.
+"""Runtime cost of shaping: shaped ResNet-50 against the BatchNorm original (CPU or CUDA).
 
     python benchmarks/runtime.py [--batch 8] [--size 128] [--steps 5] [--compile] [--fold-scales]
-                                 [--channels-last] [--threads 1]
+                                 [--channels-last] [--threads 1] [--device cuda] [--onnx]
 
 Networks (torchvision resnet50, weights=None):
 
@@ -18,6 +18,9 @@ round (so that load from other processes hits them alike); the table shows media
 the medians over rounds of the per-round ratios to the original (goal: training step <= 0.85x)
 and to ``bn->identity`` (issue #6: shaped nets at most ~5% over that floor). ``--compile`` also times
 ``torch.compile``d versions (compilation is slow, so it is opt-in; warm-up steps excluded).
+``--device cuda`` runs everything on the GPU (each timing between ``torch.cuda.synchronize``
+calls); ``--onnx`` also times every network exported to ONNX under onnxruntime (its CUDA
+provider on a cuda device).
 """
 
 from __future__ import annotations
@@ -72,15 +75,29 @@ def main(argv=None) -> dict:
                         help="every network and the input in torch.channels_last")
     parser.add_argument("--fold-scales", action="store_true",
                         help="also time dks and tat shaped with fold_scales=True")
+    parser.add_argument("--device", default="cpu",
+                        help="torch device for the networks and the batch (cpu, cuda, cuda:1)")
+    parser.add_argument("--onnx", action="store_true",
+                        help="also export every network (eval mode, opset 17) and time "
+                             "onnxruntime inference: CUDAExecutionProvider for a cuda "
+                             "--device (where onnxruntime has it), CPUExecutionProvider else")
     args = parser.parse_args(argv)
 
     import torch
     import torch.nn.functional as F
 
     torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: torch sees no CUDA device")
     x = torch.randn(args.batch, 3, args.size, args.size)
     labels = torch.randint(0, 1000, (args.batch,))
     networks = _networks(x, fold_scales=args.fold_scales)
+    onnx_rows = _onnx_inference(networks, x, device, args.steps) if args.onnx else None
+    x, labels = x.to(device), labels.to(device)
+    networks = {name: m.to(device) for name, m in networks.items()}
+    # CUDA runs asynchronously: wait for the device before reading the clock
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     if args.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
         networks = {name: m.to(memory_format=torch.channels_last)
@@ -113,14 +130,18 @@ def main(argv=None) -> dict:
     for _ in range(args.steps):
         for name in variants:
             for what, fn in (("train", train_step), ("infer", infer)):
+                sync()
                 start = time.perf_counter()
                 fn(name)
+                sync()
                 times[(name, what)].append(time.perf_counter() - start)
     med = {k: statistics.median(v) for k, v in times.items()}
 
     layout = ", channels_last" if args.channels_last else ""
-    print(f"resnet50, batch {args.batch}x3x{args.size}x{args.size}{layout}, CPU, "
-          f"{args.threads} thread(s), median of {args.steps}, {time.strftime('%Y-%m-%d %H:%M')}")
+    where = (f"CPU, {args.threads} thread(s)" if device.type == "cpu"
+             else f"{device} ({torch.cuda.get_device_name(device)})")
+    print(f"resnet50, batch {args.batch}x3x{args.size}x{args.size}{layout}, {where}, "
+          f"median of {args.steps}, {time.strftime('%Y-%m-%d %H:%M')}")
     print("| network | training step | vs original | vs bn->identity | inference (eval) | "
           "vs original | vs bn->identity |")
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
@@ -136,7 +157,58 @@ def main(argv=None) -> dict:
         cells = " | ".join(f"{med[(name, what)]:.3f} s | {ratios[(name, what)]:.2f}x | "
                            f"{floor_ratios[(name, what)]:.2f}x" for what in ("train", "infer"))
         print(f"| {name} | {cells} |")
-    return {"median_seconds": med, "ratios": ratios, "floor_ratios": floor_ratios}
+    if onnx_rows is not None:
+        provider, rows = onnx_rows
+        base = rows["original"]
+        print(f"\nonnxruntime inference ({provider}), median of {args.steps}")
+        print("| network | inference | vs original |")
+        print("| --- | ---: | ---: |")
+        for name, seconds in rows.items():
+            print(f"| {name} | {seconds:.4f} s | {seconds / base:.2f}x |")
+    return {"median_seconds": med, "ratios": ratios, "floor_ratios": floor_ratios,
+            "onnx": onnx_rows}
+
+
+def _onnx_inference(networks, x, device, steps: int):
+    """Export each network (eval mode, opset 17, TorchScript exporter) to a temporary
+    folder and time one onnxruntime inference of ``x`` per round, all networks in turn:
+    ``(provider, {name: median seconds})``. On a cuda device the CUDA provider is used
+    where onnxruntime has it; the input is fed from host memory, as a serving caller would."""
+    import io
+    import statistics
+
+    import onnxruntime as ort
+    import torch
+
+    available = ort.get_available_providers()
+    if device.type == "cuda":
+        if "CUDAExecutionProvider" not in available:
+            raise SystemExit("--onnx on cuda: this onnxruntime has no CUDAExecutionProvider "
+                             f"(available: {available}); install onnxruntime-gpu")
+        providers = [("CUDAExecutionProvider", {"device_id": device.index or 0})]
+    else:
+        providers = ["CPUExecutionProvider"]
+    sessions = {}
+    for name, model in networks.items():
+        buffer = io.BytesIO()
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(model.eval(), (x,), buffer, opset_version=17, dynamo=False,
+                              input_names=["x"])
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = torch.get_num_threads()
+        sessions[name] = ort.InferenceSession(buffer.getvalue(), options, providers=providers)
+    feed = {"x": x.numpy()}
+    for session in sessions.values():  # warm-up (CUDA: kernels, memory arenas)
+        session.run(None, feed)
+    times = {name: [] for name in sessions}
+    for _ in range(steps):
+        for name, session in sessions.items():
+            start = time.perf_counter()
+            session.run(None, feed)
+            times[name].append(time.perf_counter() - start)
+    provider = sessions["original"].get_providers()[0]
+    return provider, {name: statistics.median(v) for name, v in times.items()}
 
 
 if __name__ == "__main__":
