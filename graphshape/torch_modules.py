@@ -94,12 +94,17 @@ _is_compiling = getattr(torch.compiler, "is_compiling", None) or torch._dynamo.i
 _is_exporting = getattr(torch.compiler, "is_exporting", None) or (lambda: False)
 
 
-def _tracing() -> bool:
-    """Whether a compiler or exporter is tracing the module (torch.compile, torch.export,
-    ONNX or TorchScript export). They get the plain out-of-place formula: compilers fuse the
-    elementwise passes themselves, and exporters need standard ops, not autograd.Functions."""
-    return (torch.onnx.is_in_onnx_export() or _is_compiling() or _is_exporting()
+def _exporting() -> bool:
+    """Whether an exporter is tracing the module (torch.export, ONNX or TorchScript
+    export): exporters need standard ops, not autograd.Functions."""
+    return (torch.onnx.is_in_onnx_export() or _is_exporting()
             or torch.jit.is_tracing() or torch.jit.is_scripting())
+
+
+def _tracing() -> bool:
+    """Whether a compiler or exporter is tracing the module. They get out-of-place ops:
+    compilers fuse the elementwise passes and plan memory themselves."""
+    return _is_compiling() or _exporting()
 
 
 def _affine_into(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor | None,
@@ -176,9 +181,7 @@ class LeakyReLU(nn.LeakyReLU):
         super().__init__(negative_slope, inplace=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (torch.is_grad_enabled() and x.requires_grad and not _is_exporting()
-                and not (torch.onnx.is_in_onnx_export() or torch.jit.is_tracing()
-                         or torch.jit.is_scripting())):
+        if torch.is_grad_enabled() and x.requires_grad and not _exporting():
             return _HomogeneousActivation.apply(x, None, None, "leaky_relu",
                                                 self.negative_slope, False, False)
         return F.leaky_relu(x, self.negative_slope)
@@ -256,25 +259,22 @@ class TransformedActivation(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         scale = self.pre_scale
-        if self._fused is not None and not _tracing() and x.dtype == scale.dtype:
+        if self._fused is not None and not _exporting() and x.dtype == scale.dtype:
             kind, m = self._fused
             shift = self.pre_shift if self._has_shift else None
+            in_place = not _is_compiling()
             if torch.is_grad_enabled() and x.requires_grad:
+                # compiled too: a backward that reads phi's output (which the next layer
+                # keeps anyway); autograd's own formulas for leaky_relu / threshold read
+                # their input, and torch.compile then saves an x > 0 bool mask for the
+                # backward, which inductor's CPU kernels store ~25x slower than floats
+                # (measured, torch 2.14: ResNet-50 TAT training step 1.20x of the compiled
+                # original with it)
                 return _HomogeneousActivation.apply(x, scale, shift, kind, m,
-                                                    self.overwrite_input, True)
-            # no autograd: the same two passes, no Function
-            y = _affine_into(x, scale, shift, self.overwrite_input)
-            return torch.threshold_(y, m, m) if kind == "threshold" else F.leaky_relu_(y, m)
-        if (self._fused is not None and _is_compiling() and not _is_exporting()
-                and torch.is_grad_enabled() and x.requires_grad and x.dtype == scale.dtype):
-            # a backward that reads phi's output (which the next layer keeps anyway):
-            # autograd's own formulas for leaky_relu / threshold read their input, and
-            # torch.compile then saves an x > 0 bool mask for the backward, which
-            # inductor's CPU kernels store ~25x slower than floats (measured, torch 2.14:
-            # ResNet-50 TAT training step 1.20x of the compiled original with it)
-            kind, m = self._fused
-            return _HomogeneousActivation.apply(
-                x, scale, self.pre_shift if self._has_shift else None, kind, m, False, False)
+                                                    self.overwrite_input and in_place, in_place)
+            if in_place:  # no autograd: the same two passes, no Function
+                y = _affine_into(x, scale, shift, self.overwrite_input)
+                return torch.threshold_(y, m, m) if kind == "threshold" else F.leaky_relu_(y, m)
         if self.pre:
             x = torch.addcmul(self.pre_shift, x, scale)
         if self.clamp_min is not None:

@@ -428,8 +428,10 @@ def shape_graph(graph: Graph, *, method: str = "TAT", activation: str | None = N
     replaced = [n.params["weight"] for n in graph
                 if initialize and n.op in ("conv", "conv_transpose", "linear")
                 and isinstance(n.params.get("weight"), np.ndarray)]
-    source_arrays = {id(v): v for n in graph for v in n.params.values()
-                     if isinstance(v, np.ndarray)}
+    # arrays that must not stay shared with the source model unless a pass replaces them
+    # (held here, so that their ids stay theirs): with copy=True only those the copy shares
+    shared = replaced if copy else [v for n in graph for v in n.params.values()
+                                    if isinstance(v, np.ndarray)]
     g, rec = remove_normalization(graph.copy(share=replaced) if copy else graph, copy=False)
     _merge(report, rec)
     for node in g:
@@ -528,13 +530,12 @@ def shape_graph(graph: Graph, *, method: str = "TAT", activation: str | None = N
 
         g, init_report = init_pass(g, seed, copy=False)
         report.initialized = len(init_report.records)
-    # an array of the input graph that no pass replaced (with copy=True: a shared weight
-    # init did not replace, tied to another node's parameter) must not stay shared with
-    # the source model
-    kept = {id(a) for a in replaced} if copy else set(source_arrays)
+    # copy what is still shared: with copy=True a weight tied to another node's parameter
+    # that init did not replace; with copy=False every parameter no pass replaced
+    shared_ids = {id(a) for a in shared}
     for node in g:
         for key, value in node.params.items():
-            if id(value) in kept:
+            if id(value) in shared_ids:
                 node.params[key] = np.array(value, copy=True)
     if fold_scales:
         from graphshape.passes.fold import fold_scales as fold_pass
