@@ -19,8 +19,8 @@ float32, as ``initialize`` draws them.
 from __future__ import annotations
 
 import argparse
-import os
 import contextlib
+import os
 import statistics
 import time
 import warnings

@@ -175,7 +175,6 @@ def _onnx_inference(networks, x, device, steps: int):
     ``(provider, {name: median seconds})``. On a cuda device the CUDA provider is used
     where onnxruntime has it; the input is fed from host memory, as a serving caller would."""
     import io
-    import statistics
 
     import onnxruntime as ort
     import torch

@@ -380,11 +380,13 @@ def _e_activation(ctx, node, xs):
     if name not in tm.ACTIVATION_FUNCTIONS:
         raise GraphshapeError(f"activation {name!r} has no torch implementation; known: "
                               f"{', '.join(sorted(tm.ACTIVATION_FUNCTIONS))}", node=node.name, op=node.op)
+    # relu, or leaky_relu with a slope >= 0: its output's sign tells its input's
+    relu_like = name == "relu" or (name == "leaky_relu"
+                                   and float(a.get("negative_slope", 0.01)) >= 0)
     if transform:
         mod = tm.TransformedActivation(name, transform, overwrite_input=_overwritable(ctx, node, 0),
                                        **a)
-    elif (name == "relu" or (name == "leaky_relu" and float(a.get("negative_slope", 0.01)) >= 0)
-          ) and _overwritable(ctx, node, 0):
+    elif relu_like and _overwritable(ctx, node, 0):
         # in place as torchvision's nn.ReLU(inplace=True) (what a folded TReLU becomes,
         # graphshape.passes.fold); torch has no in-place backward for a negative slope
         try:
@@ -393,8 +395,7 @@ def _e_activation(ctx, node, xs):
         except TypeError:
             raise GraphshapeError(f"activation {name!r} does not take attributes {sorted(a)}",
                                   node=node.name, op=node.op) from None
-    elif (name == "leaky_relu" and float(a.get("negative_slope", 0.01)) >= 0
-          and set(a) <= {"negative_slope"}):
+    elif name == "leaky_relu" and relu_like and set(a) <= {"negative_slope"}:
         # read by other layers too: out of place, with the backward of the in-place one
         mod = tm.LeakyReLU(float(a.get("negative_slope", 0.01)))
     elif name in _ACT_MODULES:

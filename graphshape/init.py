@@ -18,7 +18,8 @@ differ. This module does not.)
 Speed: all matrices of one shape (the groups of a grouped conv, and every layer with the
 same matrix shape) are drawn in one stacked call: float32 Gaussian Householder vectors
 accumulated by ``torch.linalg.householder_product`` (Stewart's method: half the work of a
-QR), in float32 for large stacks. That call and the Gaussian draw are most of the time
+QR), factorized in float32 for float32 weights and for stacks above ``_FLOAT32_ABOVE``
+entries, in float64 otherwise. That call and the Gaussian draw are most of the time
 (ResNet-50: 15.4M matrix entries in 20 stacks; ``benchmarks/pipeline_breakdown.py`` prints
 this floor next to the whole pass). The stacks are independent, each from its own seed taken
 in a fixed order, so they are drawn (and their weights assembled) on

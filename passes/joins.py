@@ -77,7 +77,8 @@ def normalize_sums(graph: Graph, shortcut_weight: float, *, copy: bool = True) -
     return g, {"removed": removed, "rewritten": rewritten}
 
 
-_MAX_POOLS = ("max_pool", "global_max_pool", "adaptive_max_pool")
+#: the max-pooling ops (one rule for all: they take the max over a window)
+MAX_POOL_OPS = ("max_pool", "global_max_pool", "adaptive_max_pool")
 
 
 def commutes_with_max_pool(node) -> bool:
@@ -149,7 +150,7 @@ def move_shortcuts_to_preactivation(graph: Graph, *, copy: bool = True) -> tuple
         source = g[shortcut.node]
         if source.name != join.fork or len(source.inputs) != 1:
             continue  # not an identity shortcut from the block's input
-        if source.op in _MAX_POOLS:
+        if source.op in MAX_POOL_OPS:
             act = g[source.inputs[0].node]
             if not commutes_with_max_pool(act) or len(g.users(act.name)) != 1:
                 continue

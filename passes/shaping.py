@@ -36,8 +36,8 @@ import numpy as np
 
 from graphshape.errors import GraphshapeError
 from graphshape.ir import Graph
-from graphshape.passes.joins import normalize_sums
-from graphshape.passes.joins import commutes_with_max_pool, move_shortcuts_to_preactivation
+from graphshape.passes.joins import (MAX_POOL_OPS, commutes_with_max_pool,
+                                    move_shortcuts_to_preactivation, normalize_sums)
 from graphshape.passes.normalize import NORM_OPS, remove_normalization
 
 #: The default residual shortcut weight, chosen by measurement (benchmarks/shortcut_weight.py,
@@ -479,7 +479,7 @@ def shape_graph(graph: Graph, *, method: str = "TAT", activation: str | None = N
             # (opaque nodes computing Python values -- x.size(), getitem on a shape -- carry
             # no signal and need no kernel rule)
             opaque.append(f"{node.name!r} ({node.attrs.get('description', '?')})")
-        elif node.op in ("max_pool", "global_max_pool", "adaptive_max_pool"):
+        elif node.op in MAX_POOL_OPS:
             max_pools.append(node.name)
     if opaque:
         report.warnings.append(
