@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 
 from graphshape.errors import GraphshapeError
-from graphshape.ir import Graph, Node, Ref, TensorInfo, cache_weight_tap_norms
+from graphshape.ir import TENSOR_CONTAINER, Graph, Node, Ref, TensorInfo, cache_weight_tap_norms
 
 # Initializers larger than this many bytes are replaced by typed graph inputs in the copy
 # that shape inference sees (shape inference only reads small constants' values).
@@ -160,6 +160,21 @@ def _attr_dict(node) -> dict[str, Any]:
             v = v.decode("utf-8")
         out[a.name] = v
     return out
+
+
+def _holds_float_tensors(type_proto) -> bool:
+    """A sequence / optional (nested) of floating-point tensors: an "object" value that
+    carries signals (mvit's export builds its pooled tensors with Loop and SequenceInsert)."""
+    from onnx import TensorProto
+
+    floats = {TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16, TensorProto.BFLOAT16}
+    if type_proto.HasField("sequence_type"):
+        return _holds_float_tensors(type_proto.sequence_type.elem_type)
+    if type_proto.HasField("optional_type"):
+        return _holds_float_tensors(type_proto.optional_type.elem_type)
+    if type_proto.HasField("tensor_type"):
+        return type_proto.tensor_type.elem_type in floats
+    return False
 
 
 def _tensor_info(type_proto) -> TensorInfo:
@@ -454,6 +469,7 @@ class _Importer:
         self.scalar_partials: set[str] = set()
         self.refs: dict[str, Ref] = {}
         self.infos: dict[str, TensorInfo] = {}
+        self.tensor_containers: set[str] = set()  # "object" values holding float tensors
         self.uses: dict[str, int] = {}
         # ("node", IR name) / ("ref", ONNX value) in creation order, to undo a handler
         # that gives up half way
@@ -641,6 +657,8 @@ class _Importer:
             ok = False
         for vi in value_infos:
             info = _tensor_info(vi.type)
+            if not vi.type.HasField("tensor_type") and _holds_float_tensors(vi.type):
+                self.tensor_containers.add(vi.name)
             old = self.infos.get(vi.name)
             if old is None or _known_dims(info) > _known_dims(old):
                 self.infos[vi.name] = info
@@ -928,6 +946,8 @@ class _Importer:
         n = self.add(readable, "opaque", inputs, attrs, outputs=list(node.output),
                      source=node.name or node.output[0])
         n.meta["flags"].append(f"opaque ONNX op {node.op_type}")
+        if any(o in self.tensor_containers for o in node.output):
+            n.meta["flags"].append(TENSOR_CONTAINER)
 
     def _outer_scope_names(self, node) -> list[str]:
         """Values a node's subgraphs read from the enclosing graph."""
@@ -1329,6 +1349,13 @@ class _Importer:
         else:
             axis %= rank
             normalized = tuple(shape[axis:])
+            # dims unknown to shape inference (shapes computed at run time, as in swin's
+            # padded windows): the scale has the normalized shape, where no dim of it is a
+            # 1 that could be broadcasting
+            if (not _static(normalized) and scale.ndim == rank - axis
+                    and all(d == s if isinstance(d, int) else s != 1
+                            for d, s in zip(normalized, scale.shape))):
+                normalized = tuple(int(s) for s in scale.shape)
         if normalized is None or not _static(normalized):
             raise _Unsupported("normalized shape unknown")
         weight = np.ascontiguousarray(np.broadcast_to(scale, normalized))

@@ -26,7 +26,10 @@ ops; readers of the mutated value later in the graph read the op's result instea
 what they saw in the source. (Mutations through views are not tracked.)
 
 Sizes and Python arithmetic on them (``x.size(0)``, ``c // g``) stay ``opaque`` with dtype
-"object" and the flag "shape_computation"; a ``view``/``reshape`` that uses them is a
+"object" and the flag "shape_computation"; calls returning a tuple/list of tensors
+(``nn.MultiheadAttention``, ``unbind``) get dtype "object" and the flag
+:data:`~graphshape.ir.TENSOR_CONTAINER` (their ``getitem`` readers carry the signal). A
+``view``/``reshape`` that uses sizes is a
 ``reshape`` node whose ``shape`` holds :class:`~graphshape.ir.Ref` entries, each also one of
 the node's extra inputs.
 """
@@ -44,11 +47,13 @@ import torch
 import torch.fx
 import torch.nn.functional as F
 from torch import nn
+from torch.fx.immutable_collections import immutable_dict
 from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 
 from graphshape import torch_modules as _tm
 from graphshape.errors import GraphshapeError
-from graphshape.ir import Graph, Node, Ref, TensorInfo, cache_weight_tap_norms, map_template
+from graphshape.ir import (TENSOR_CONTAINER, Graph, Node, Ref, TensorInfo, cache_weight_tap_norms,
+                           map_template)
 
 __all__ = ["load_module", "MODULE_OPS", "FUNCTION_OPS", "METHOD_OPS"]
 
@@ -115,6 +120,34 @@ def _trace(module: nn.Module, leaf_modules) -> torch.fx.GraphModule:
     return torch.fx.GraphModule(tracer.root, graph, name)
 
 
+def _mutable(value):
+    """``value`` with fx's immutable_list / immutable_dict (nested, also inside tuples)
+    turned into list / dict."""
+    if isinstance(value, list):  # immutable_list is a list subclass
+        return [_mutable(v) for v in value]
+    if type(value) is tuple:
+        return tuple(_mutable(v) for v in value)
+    if isinstance(value, immutable_dict):
+        return {k: _mutable(v) for k, v in value.items()}
+    return value
+
+
+class PlainArgsMixin:
+    """For ``torch.fx.Interpreter`` subclasses: call each node with plain lists and dicts,
+    as the GraphModule's generated code does (``f([a, b])``), not with the immutable
+    containers the Interpreter builds from the node's arguments. A wrapped function that
+    edits a list argument (torchvision's ``_get_window_and_shift_size`` in swin3d) otherwise
+    fails under the Interpreter while the module itself runs."""
+
+    def fetch_args_kwargs_from_env(self, n):
+        args, kwargs = super().fetch_args_kwargs_from_env(n)
+        return tuple(_mutable(a) for a in args), {k: _mutable(v) for k, v in kwargs.items()}
+
+
+class _ShapeProp(PlainArgsMixin, ShapeProp):
+    pass
+
+
 def _propagate_shapes(gm: torch.fx.GraphModule, example_inputs: tuple) -> None:
     """ShapeProp in eval mode without gradients, so that loading never changes the user's
     module (train-mode batch norm would update its running statistics). The frontend only
@@ -129,7 +162,7 @@ def _propagate_shapes(gm: torch.fx.GraphModule, example_inputs: tuple) -> None:
         # report the root cause with the fx node it happened at
         with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):
             if not _propagate_on_meta(gm, example_inputs):
-                ShapeProp(gm).propagate(*example_inputs)
+                _ShapeProp(gm).propagate(*example_inputs)
     except Exception as exc:
         cause = exc.__cause__ or exc
         where = str(exc).split("node=%", 1)[1].split(" ", 1)[0] if "node=%" in str(exc) else None
@@ -144,7 +177,7 @@ def _propagate_shapes(gm: torch.fx.GraphModule, example_inputs: tuple) -> None:
             m.training = training
 
 
-class _MetaShapeProp(ShapeProp):
+class _MetaShapeProp(PlainArgsMixin, ShapeProp):
     """ShapeProp on meta tensors, with a shortcut for eval-mode batch norm, whose meta
     kernel is a Python decomposition (~0.6 ms a call: 30 of the 45 ms of ResNet-50): its
     output has its input's shape, dtype and layout."""
@@ -265,6 +298,18 @@ def _info(meta) -> TensorInfo:
     if isinstance(meta, TensorMetadata):
         return TensorInfo(tuple(int(d) for d in meta.shape), _np_dtype(meta.dtype))
     return TensorInfo(None, "object")
+
+
+def _holds_float_tensor(meta) -> bool:
+    """Whether ShapeProp's ``tensor_meta`` of a container value (tuples, lists and dicts of
+    ``TensorMetadata`` and other values) holds a floating-point tensor."""
+    if isinstance(meta, TensorMetadata):
+        return meta.dtype.is_floating_point
+    if isinstance(meta, (list, tuple)):
+        return any(_holds_float_tensor(m) for m in meta)
+    if isinstance(meta, dict):
+        return any(_holds_float_tensor(m) for m in meta.values())
+    return False
 
 
 def _tuple(v, n: int | None = None) -> tuple:
@@ -444,8 +489,12 @@ class _Loader:
         flags = self.graph[ref.node].meta["flags"]
         flags.append("opaque")
         if self.graph[ref.node].outputs[0].dtype == "object":
-            # sizes and Python arithmetic on them: not on any signal path
-            flags.append("shape_computation")
+            if _holds_float_tensor(fx_node.meta.get("tensor_meta")):
+                # a tuple/list of tensors ((output, weights), unbind): its getitems are signals
+                flags.append(TENSOR_CONTAINER)
+            else:
+                # sizes and Python arithmetic on them: not on any signal path
+                flags.append("shape_computation")
         self.env[fx_node] = ref
 
     # ----------------------------------------------------------------- main loop

@@ -31,6 +31,9 @@ DEFAULT_TORCH_OPSET = 17
 MAX_IR_VERSION = 10
 _TWO_GB = 2**31 - 1
 
+#: name prefix of the helper constants the backend adds (see _Ctx.scalar)
+HELPER_PREFIX = "graphshape."
+
 
 class _Ctx:
     """Emission state: ONNX nodes, initializers, and the tensor name of each IR value."""
@@ -97,12 +100,16 @@ class _Ctx:
             self._const_cache[key] = name
         return name
 
+    # Helper constants (axes, shapes, pads, scalars: no node's own parameter) are named
+    # "graphshape.<what>". A bare name can collide with one that a runtime gives its own
+    # initializers: onnxruntime 1.32's Gather-to-Split fusion adds one and fails to load
+    # the model ("Attempt to replace the existing tensor") when ours was "squeeze_axes".
     def scalar(self, value: float, like: Ref | str, base: str = "c") -> str:
         dtype = self.dtype(like) if isinstance(like, tuple) else like
-        return self.const(np.asarray(value, dtype=dtype), f"{base}")
+        return self.const(np.asarray(value, dtype=dtype), f"{HELPER_PREFIX}{base}")
 
     def ints(self, values, base: str) -> str:
-        return self.const(np.asarray(list(values), np.int64), base)
+        return self.const(np.asarray(list(values), np.int64), f"{HELPER_PREFIX}{base}")
 
     def add_node(self, op_type: str, inputs: list[str], outputs: list[str] | int = 1,
                  name: str | None = None, domain: str = "", **attrs) -> list[str]:

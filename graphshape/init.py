@@ -327,18 +327,20 @@ class InitReport:
         return {"seed": self.seed, "records": list(self.records)}
 
 
-def initialize(graph, seed: int | None = None, *, copy: bool = True):
-    """Re-initialize every conv, conv_transpose and linear node of ``graph``: SUO
-    (dense), delta-orthogonal (convs), zero biases. Returns ``(new_graph, InitReport)``;
-    the input graph is not modified unless ``copy=False``. The same seed gives the same
-    weights, on any number of threads (``torch.get_num_threads()`` of them draw)."""
+def initialize(graph, seed: int | None = None, *, copy: bool = True, skip=()):
+    """Re-initialize every conv, conv_transpose and linear node of ``graph`` (except the
+    nodes named in ``skip``): SUO (dense), delta-orthogonal (convs), zero biases. Returns
+    ``(new_graph, InitReport)``; the input graph is not modified unless ``copy=False``. The
+    same seed gives the same weights, on any number of threads (``torch.get_num_threads()``
+    of them draw)."""
     rng = np.random.default_rng(seed)
     out = graph.copy() if copy else graph
     report = InitReport(seed)
     # collect requests first so that all matrices of one shape come from one QR call
     requests = []  # (node, plan or None, n_mats, rows, cols)
+    skip = set(skip)
     for node in out:
-        if node.op not in ("conv", "conv_transpose", "linear"):
+        if node.op not in ("conv", "conv_transpose", "linear") or node.name in skip:
             continue
         weight = node.params.get("weight")
         if weight is None:

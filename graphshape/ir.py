@@ -61,6 +61,18 @@ class TensorInfo:
         return f"{self.dtype or '?'}[{s}]"
 
 
+#: ``Node.meta["flags"]`` entry of a node whose value is not a tensor but a tuple / list /
+#: dict holding floating-point tensors (an opaque call returning ``(x, thw)``,
+#: ``nn.MultiheadAttention``'s ``(output, weights)``, ``Tensor.unbind``). Its dtype is
+#: "object", but it carries signals to the ``getitem`` nodes that read it.
+TENSOR_CONTAINER = "tensor_container"
+
+
+def holds_tensors(node: "Node") -> bool:
+    """Whether ``node``'s "object" value holds floating-point tensors (:data:`TENSOR_CONTAINER`)."""
+    return TENSOR_CONTAINER in node.meta.get("flags", ())
+
+
 @dataclass
 class Node:
     """One operation. See the module docstring for the meaning of each field.

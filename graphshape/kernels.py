@@ -569,6 +569,24 @@ def _normalize_activations(activations):
     return out
 
 
+def tat_unsupported(name: str, attrs: dict | None = None) -> str | None:
+    """Why TAT's smooth-activation solve cannot take activation ``name`` (relu, or an
+    activation with a kink in its derivative, where C''(1) is infinite), or None if it can.
+    leaky_relu has its own TAT solve (TReLU) and is never refused here."""
+    if name == "leaky_relu":
+        return None
+    if name == "relu":
+        return ("TAT does not support relu (its C map has infinite curvature at c = 1): "
+                "use leaky_relu instead")
+    act = _acts.get(name)
+    if not act.is_differentiable(**(attrs or {})):
+        return (f"TAT needs a continuously differentiable activation or leaky_relu; {name!r} "
+                f"has a kink in its derivative at {act.kink_points(**(attrs or {}))}, where "
+                "C''(1) is infinite: use a smooth activation (e.g. tanh, softplus, gelu, silu) "
+                "or leaky_relu")
+    return None
+
+
 def solve(activations, method: str, subnet_max_func: Callable, *, zeta: float = 1.5,
           q_slope: float = 1.0, eta: float = 0.9, tau: float = 0.3) -> dict[str, dict[str, float]]:
     """Transformation parameters for each activation under DKS or TAT (dks 0.1.2's solver).
@@ -653,16 +671,10 @@ def solve(activations, method: str, subnet_max_func: Callable, *, zeta: float = 
         return {"leaky_relu": {"output_scale": math.sqrt(2.0 / (1.0 + a * a)),
                                "negative_slope": float(a)}}
 
-    if "relu" in acts:
-        raise GraphshapeError("TAT does not support relu (its C map has infinite curvature at "
-                              "c = 1): use leaky_relu instead")
     for name, attrs in acts.items():
-        if not _acts.get(name).is_differentiable(**attrs):
-            raise GraphshapeError(
-                f"TAT needs a continuously differentiable activation or leaky_relu; {name!r} "
-                f"has a kink in its derivative at {_acts.get(name).kink_points(**attrs)}, where "
-                "C''(1) is infinite: use a smooth activation (e.g. tanh, softplus, gelu, silu) "
-                "or leaky_relu")
+        reason = tat_unsupported(name, attrs)
+        if reason:
+            raise GraphshapeError(reason)
     if not (tau > 0.0 and math.isfinite(tau)):
         raise GraphshapeError(f"TAT needs tau > 0 (the maximal C''_f(1)), got tau={tau}")
 

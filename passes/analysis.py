@@ -40,7 +40,8 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from graphshape.errors import GraphshapeError
-from graphshape.ir import _TAP_CACHE, Graph, Node, Ref, weight_tap_norms  # noqa: F401
+from graphshape.ir import (_TAP_CACHE, Graph, Node, Ref, holds_tensors,  # noqa: F401
+                           weight_tap_norms)
 
 FLAG_APPROX = "approximate"
 FLAG_NORM = "normalization at init"
@@ -645,7 +646,8 @@ def apply_rule(graph: Graph, node: Node, inputs: list[Kernel | None], *,
 
 # --------------------------------------------------------------------------- propagation
 def is_float_value(graph: Graph, ref: Ref) -> bool:
-    return graph.info(ref).dtype in _FLOAT_DTYPES
+    """A floating-point tensor (or of unknown dtype), or a container of them."""
+    return graph.info(ref).dtype in _FLOAT_DTYPES or holds_tensors(graph[ref.node])
 
 
 def example_kernels(graph: Graph, example_inputs) -> tuple[dict[str, Kernel | None], int, str]:
@@ -699,7 +701,8 @@ def propagate(graph: Graph, input_kernels: dict[str, Kernel | None]):
             kernels[node.out] = input_kernels.get(node.name)
             flags[node.name], notes[node.name] = node_flags, []
             continue
-        if node.op == "constant" or (node.dtype or "").startswith(_NON_FLOAT):
+        if node.op == "constant" or ((node.dtype or "").startswith(_NON_FLOAT)
+                                     and not holds_tensors(node)):
             continue  # constants and integer values (sizes, indices) are not signals
         unknown_in = [unknown_origin[r] for r in node.inputs
                       if r in unknown_origin and is_float_value(graph, r)]

@@ -26,6 +26,7 @@ def measure(graph: Graph, example_inputs, *, module=None) -> dict:
     import torch
     import torch.fx
 
+    from graphshape.frontends.torch_fx import PlainArgsMixin
     from graphshape.passes.analysis import kernel_of
 
     if module is None:
@@ -49,7 +50,7 @@ def measure(graph: Graph, example_inputs, *, module=None) -> dict:
 
     result: dict = {}
 
-    class _Recorder(torch.fx.Interpreter):
+    class _Recorder(PlainArgsMixin, torch.fx.Interpreter):
         def run_node(self, n):
             out = super().run_node(n)
             name = fx_to_ir.get(n.name)

@@ -35,7 +35,7 @@ import networkx as nx
 import numpy as np
 
 from graphshape.errors import GraphshapeError
-from graphshape.ir import Graph
+from graphshape.ir import Graph, holds_tensors
 from graphshape.passes.joins import (MAX_POOL_OPS, commutes_with_max_pool,
                                     move_shortcuts_to_preactivation, normalize_sums)
 from graphshape.passes.normalize import NORM_OPS, remove_normalization
@@ -121,6 +121,21 @@ def _signals(graph: Graph) -> set[str]:
     from graphshape.passes.subnetworks import signal_nodes
 
     return signal_nodes(graph)
+
+
+def constant_path_activations(graph: Graph, signals: set[str] | None = None) -> list[str]:
+    """Activation nodes that read no model input: they compute a constant (swin_v2's
+    continuous position-bias MLP, an activation applied to a learned table). They carry no
+    signal, so no kernel rule concerns them: the shaping passes leave them, and the layers
+    that compute them, as they are."""
+    signals = _signals(graph) if signals is None else signals
+    return [n.name for n in graph if n.op == "activation" and n.name not in signals]
+
+
+def _main_path_activations(graph: Graph, signals: set[str] | None = None) -> list:
+    """The activation nodes that read a signal (gates included)."""
+    signals = _signals(graph) if signals is None else signals
+    return [n for n in graph if n.op == "activation" and n.name in signals]
 
 
 def find_gates(graph: Graph) -> list[tuple[str, str]]:
@@ -209,9 +224,9 @@ def _activation_attrs_for(name: str, old: dict) -> dict:
 def substitute_activations(graph: Graph, activation: str | None,
                            gates: list[tuple[str, str]] | None = None, *,
                            copy: bool = True) -> tuple[Graph, dict]:
-    """Replace every main-path activation's function by ``activation`` (gates excepted).
-    ``None`` keeps them. Returns ``(new_graph, record)``; the input graph is not modified
-    unless ``copy=False``."""
+    """Replace every main-path activation's function by ``activation`` (gates and
+    activations that read no model input excepted). ``None`` keeps them. Returns
+    ``(new_graph, record)``; the input graph is not modified unless ``copy=False``."""
     g = graph.copy() if copy else graph
     rewritten = []
     if activation is None:
@@ -220,8 +235,8 @@ def substitute_activations(graph: Graph, activation: str | None,
 
     activations.get(activation)  # unknown name: GraphshapeError listing the known ones
     gate_nodes = {a for a, _ in (gates if gates is not None else find_gates(g))}
-    for node in g:
-        if node.op != "activation" or node.name in gate_nodes:
+    for node in _main_path_activations(g):
+        if node.name in gate_nodes:
             continue
         old = node.attrs.get("name")
         if old == activation:
@@ -235,8 +250,9 @@ def substitute_activations(graph: Graph, activation: str | None,
 # ----------------------------------------------------------------------- solve + inject
 def solve_activation_params(graph: Graph, method: str, *, zeta: float = 1.5, eta: float = 0.9,
                             tau: float = 0.3):
-    """Solve DKS/TAT parameters for the activation names of ``graph`` from the subnetwork
-    maximizing function derived from the graph. Returns ``(params, subnet_max_func)``."""
+    """Solve DKS/TAT parameters for the names of ``graph``'s main-path activations (those
+    that read a model input) from the subnetwork maximizing function derived from the
+    graph. Returns ``(params, subnet_max_func)``."""
     from graphshape import kernels
     from graphshape.passes.subnetworks import subnet_max_func
 
@@ -246,9 +262,7 @@ def solve_activation_params(graph: Graph, method: str, *, zeta: float = 1.5, eta
     # attributes the kernel depends on (hardtanh bounds, elu alpha); a solved leaky_relu
     # negative_slope is not one of them under DKS/TAT
     attrs_by_name: dict[str, dict] = {}
-    for node in graph:
-        if node.op != "activation":
-            continue
+    for node in _main_path_activations(graph):
         name = node.attrs["name"]
         defaults = registry.get(name).defaults
         attrs = {k: node.attrs[k] for k in defaults if k in node.attrs}
@@ -260,6 +274,10 @@ def solve_activation_params(graph: Graph, method: str, *, zeta: float = 1.5, eta
                 f"({attrs_by_name[name]} and {attrs}); graphshape solves one parameter set per "
                 "activation name: pass activation=... to make them all the same",
                 node=node.name, op="activation")
+        if str(method).upper() == "TAT" and name not in attrs_by_name:
+            reason = kernels.tat_unsupported(name, attrs)
+            if reason:
+                raise GraphshapeError(reason, node=node.name, op="activation")
         attrs_by_name[name] = attrs
     smf = subnet_max_func(graph)
     if not attrs_by_name or method == "untransformed":
@@ -270,13 +288,14 @@ def solve_activation_params(graph: Graph, method: str, *, zeta: float = 1.5, eta
 
 def inject_transforms(graph: Graph, params: dict[str, dict[str, float]], *,
                       copy: bool = True) -> tuple[Graph, dict]:
-    """Write ``params`` into every activation node: ``attrs["transform"]`` gets the dks-named
-    input/output scales and shifts, ``attrs["negative_slope"]`` the solved slope. Returns
-    ``(new_graph, record)``; the input graph is not modified unless ``copy=False``."""
+    """Write ``params`` into every main-path activation node (one that reads a model input):
+    ``attrs["transform"]`` gets the dks-named input/output scales and shifts,
+    ``attrs["negative_slope"]`` the solved slope. Returns ``(new_graph, record)``; the input
+    graph is not modified unless ``copy=False``."""
     g = graph.copy() if copy else graph
     rewritten = []
-    for node in g:
-        if node.op != "activation" or node.attrs.get("name") not in params:
+    for node in _main_path_activations(g):
+        if node.attrs.get("name") not in params:
             continue
         p = params[node.attrs["name"]]
         transform = {k: float(p[k]) for k in _TRANSFORM_KEYS if k in p}
@@ -457,15 +476,33 @@ def shape_graph(graph: Graph, *, method: str = "TAT", activation: str | None = N
     if gates:
         report.warnings.append(
             f"{len(gates)} gating activation(s) ({', '.join(a for a, _ in gates)}) left as they are")
+    signals = _signals(g)
+    constant_acts = constant_path_activations(g, signals)
+    if constant_acts:
+        report.warnings.append(
+            f"{len(constant_acts)} activation(s) read no model input (first "
+            f"{constant_acts[0]!r}: a computed constant, e.g. a position-bias MLP): left as "
+            "they are, with the layers that compute them")
     if method == "TAT" and activation is None:
         gate_nodes = {a for a, _ in gates}
-        names = {n.attrs["name"] for n in g if n.op == "activation" and n.name not in gate_nodes}
+        main = [n for n in _main_path_activations(g, signals) if n.name not in gate_nodes]
+        names = {n.attrs["name"] for n in main}
         if names == {"relu"}:
             # TAT has no ReLU version (its C map cannot be made closer to the identity);
             # TReLU, the TAT leaky ReLU, is what the TAT paper uses in place of ReLU
             activation = "leaky_relu"
             report.warnings.append("TAT does not transform relu: relu replaced by leaky_relu "
                                    "(TReLU); pass activation=... to choose another")
+        elif "relu" in names:
+            first = next(n.name for n in main if n.attrs["name"] == "relu")
+            raise GraphshapeError(
+                "TAT has no relu version (its C map has infinite curvature at c = 1). "
+                "graphshape turns relu into leaky_relu (TReLU) by itself only when relu is "
+                f"the network's one main-path activation; this network also has "
+                f"{', '.join(sorted(names - {'relu'}))}, and TAT solves leaky_relu alone. "
+                "Pass activation='leaky_relu' (every main-path activation becomes TReLU), "
+                "another smooth activation (e.g. activation='gelu'), or method='DKS'",
+                node=first, op="activation")
     report.options["activation_used"] = activation
     g, rec = substitute_activations(g, activation, gates, copy=False)
     _merge(report, rec)
@@ -475,7 +512,8 @@ def shape_graph(graph: Graph, *, method: str = "TAT", activation: str | None = N
 
     max_pools, opaque = [], []
     for node in g:
-        if node.op == "opaque" and not all(o.dtype == "object" for o in node.outputs):
+        if node.op == "opaque" and (holds_tensors(node)
+                                    or not all(o.dtype == "object" for o in node.outputs)):
             # (opaque nodes computing Python values -- x.size(), getitem on a shape -- carry
             # no signal and need no kernel rule)
             opaque.append(f"{node.name!r} ({node.attrs.get('description', '?')})")
@@ -528,7 +566,10 @@ def shape_graph(graph: Graph, *, method: str = "TAT", activation: str | None = N
     if initialize:
         from graphshape.init import initialize as init_pass
 
-        g, init_report = init_pass(g, seed, copy=False)
+        # layers that compute a constant (no model input reaches them) keep their weights
+        signals = _signals(g)
+        g, init_report = init_pass(g, seed, copy=False,
+                                   skip=[n.name for n in g if n.name not in signals])
         report.initialized = len(init_report.records)
     # copy what is still shared: with copy=True a weight tied to another node's parameter
     # that init did not replace; with copy=False every parameter no pass replaced

@@ -38,7 +38,7 @@ import networkx as nx
 import numpy as np
 
 from graphshape.errors import GraphshapeError
-from graphshape.ir import Graph, Ref
+from graphshape.ir import Graph, Ref, holds_tensors
 
 #: key of the virtual root node added to the dataflow graph before computing dominators
 _ROOT = ("__graphshape_root__",)
@@ -60,7 +60,7 @@ def signal_nodes(graph: Graph) -> set[str]:
         if node.name in found:
             continue
         dtype = node.dtype or ""
-        if dtype.startswith(_NON_FLOAT):
+        if dtype.startswith(_NON_FLOAT) and not holds_tensors(node):
             continue
         if any(ref.node in found for ref in node.inputs):
             found.add(node.name)

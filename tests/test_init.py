@@ -165,6 +165,15 @@ def test_initialize_pass():
     np.testing.assert_allclose(fc @ fc.T, np.eye(10), atol=1e-6)
 
 
+def test_initialize_skips_the_named_nodes():
+    g = _tiny_graph()
+    new, report = initialize(g, seed=0, skip=["conv2"])
+    assert [r["node"] for r in report.records] == ["conv1", "fc"]
+    assert np.all(new["conv2"].params["weight"] == 1)
+    assert not np.all(new["conv1"].params["weight"] == 1)
+    assert np.all(g["conv1"].params["weight"] == 1)  # the input graph is untouched
+
+
 def test_initialize_is_deterministic_with_seed():
     g = _tiny_graph()
     a, _ = initialize(g, seed=42)

@@ -364,6 +364,49 @@ def test_layer_norm(axis):
     _assert_same(_run(out13, {"x": X4}), _run(m, {"x": X4}))
 
 
+@pytest.mark.parametrize("scale_shape", [(5,), (1,)])
+def test_layer_norm_over_dims_shape_inference_does_not_know(scale_shape):
+    """swin's ONNX export pads its windows by amounts computed at run time, so the last
+    dim of a LayerNormalization input is unknown: the scale's shape gives the normalized
+    shape, unless it is 1 (then it may be broadcasting, and the node stays opaque)."""
+    m = _model([helper.make_node("LayerNormalization", ["x", "s", "b"], ["y"], axis=-1)],
+               [("x", (2, 3, 4, "c"))], [("y", (2, 3, 4, "c"))],
+               [_init("s", _rand(*scale_shape)), _init("b", _rand(*scale_shape))], opset=17)
+    g = load_onnx(m)
+    nodes = [n for n in g if n.op == "layer_norm"]
+    if scale_shape == (1,):
+        assert not nodes and g.count_ops().get("opaque") == 1
+        return
+    assert nodes[0].attrs["normalized_shape"] == (5,)
+    out = emit(g)
+    onnx.checker.check_model(out, full_check=True)
+    _assert_same(_run(out, {"x": X4}), _run(m, {"x": X4}))
+
+
+def test_a_sequence_of_tensors_carries_the_signal():
+    """Sequences of float tensors (mvit's export builds pooled tensors with Loop and
+    SequenceInsert) are "object" values; before, they ended every signal path, so all that
+    followed counted as constant (mvit: "no model output depends on a model input")."""
+    from graphshape.ir import holds_tensors
+    from graphshape.passes.subnetworks import signal_nodes
+
+    m = _model([helper.make_node("Conv", ["x", "w1"], ["h"], pads=[1, 1, 1, 1]),
+                helper.make_node("Relu", ["h"], ["r"]),
+                helper.make_node("SequenceConstruct", ["r", "r"], ["seq"]),
+                helper.make_node("ConcatFromSequence", ["seq"], ["cat"], axis=1),
+                helper.make_node("Conv", ["cat", "w2"], ["h2"], pads=[1, 1, 1, 1]),
+                helper.make_node("Relu", ["h2"], ["y"])],
+               [("x", (2, 3, 4, 5))], [("y", (2, 3, 4, 5))],
+               [_init("w1", _rand(3, 3, 3, 3)), _init("w2", _rand(3, 6, 3, 3))], opset=17)
+    g = load_onnx(m)
+    seq = next(n for n in g if n.op == "opaque" and n.attrs["op_type"] == "SequenceConstruct")
+    assert seq.dtype == "object" and holds_tensors(seq)
+    relus = [n.name for n in g if n.op == "activation"]
+    assert set(relus) <= signal_nodes(g) and len(relus) == 2
+    out = emit(g)
+    _assert_same(_run(out, {"x": X4[:, :, :, :5]}), _run(m, {"x": X4[:, :, :, :5]}))
+
+
 def test_group_norm():
     # GroupNormalization-18 (per-group scale) is deprecated and fails onnx.checker: the
     # model is written at 21, where scale and bias are per channel

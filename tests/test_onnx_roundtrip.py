@@ -241,3 +241,45 @@ def test_helper_built_model_round_trip(opset):
     assert [o.name for o in out.graph.output] == ["probs", "logits"]
     x = np.random.default_rng(4).standard_normal((2, 3, 8, 8)).astype(np.float32)
     assert_outputs_equal(run_ort(out, {"x": x}), run_ort(model, {"x": x}))
+
+
+class _AttentionBlock(torch.nn.Module):
+    """A pre-norm transformer block with nn.MultiheadAttention (vit's encoder layer, small):
+    its ONNX export splits the packed q/k/v projection with Squeeze -> 3 Gathers."""
+
+    def __init__(self, dim=16):
+        super().__init__()
+        self.embed = torch.nn.Linear(8, dim)
+        self.norm1, self.norm2 = torch.nn.LayerNorm(dim), torch.nn.LayerNorm(dim)
+        self.attn = torch.nn.MultiheadAttention(dim, 2, batch_first=True)
+        self.mlp = torch.nn.Sequential(torch.nn.Linear(dim, 32), torch.nn.GELU(),
+                                       torch.nn.Linear(32, dim))
+
+    def forward(self, x):
+        h = self.embed(x)
+        y = self.norm1(h)
+        h = h + self.attn(y, y, y, need_weights=False)[0]
+        return h + self.mlp(self.norm2(h))
+
+
+@pytest.mark.parametrize("method", [None, "DKS"])
+def test_attention_export_round_trip_loads_in_onnxruntime(tmp_path, method):
+    """The static shapes graphshape writes let onnxruntime fuse the q/k/v Gathers into a
+    Split; the fusion adds an initializer named like our old helper "squeeze_axes", and the
+    session failed to load ("Attempt to replace the existing tensor")."""
+    path = str(tmp_path / "attention.onnx")
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(_AttentionBlock().eval(), (torch.randn(2, 5, 8),), path,
+                          opset_version=17, dynamo=False, input_names=["x"])
+    x = np.random.default_rng(3).standard_normal((2, 5, 8)).astype(np.float32)
+    if method is None:
+        model = graphshape.to_onnx(graphshape.load(path))
+        assert any(n.op_type == "Gather" for n in model.graph.node)
+        assert_outputs_equal(run_ort(model, {"x": x}), run_ort(path, {"x": x}))
+    else:
+        out = str(tmp_path / "attention_dks.onnx")
+        graphshape.shape_onnx(path, out, method=method)
+        (y,) = run_ort(out, {"x": x})
+        assert y.shape == (2, 5, 16) and np.isfinite(y).all()

@@ -1,0 +1,207 @@
+"""Shape every torchvision model builder (classification, segmentation, video), untrained
+(weights=None): each must be shaped and run forward and backward, or be refused with a
+clear GraphshapeError -- never crash.
+
+Run:  nice python benchmarks/shape_torchvision.py [--methods TAT,DKS,DKS:0] [--models a,b]
+      [--max-params 400e6] [--onnx]
+A method is ``NAME`` or ``NAME:w`` (``w`` the shortcut weight; 0 removes the skips).
+``--onnx``: each model is exported with ``torch.onnx.export(..., dynamo=False)`` (opset 17,
+into a temporary folder, removed at the end), shaped with ``graphshape.shape_onnx`` and run
+by onnxruntime (CPU) instead; a model torch cannot export, or whose unshaped export
+onnxruntime cannot run, is counted "no export".
+Prints one line per model and method: ok (seconds, parameters solved), refused (the
+message), CRASH (exception type and message: a bug) or non-finite; then the counts.
+Models with more than ``--max-params`` parameters are skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import os
+import tempfile
+import time
+import traceback
+import warnings
+
+#: model name -> example input shape where the default (2, 3, 64, 64) / video (2, 3, 4, 32, 32)
+#: is too small: fixed-size transformers, and video models whose final pooling wants more
+INPUT_SHAPES = {
+    **{name: (2, 3, 224, 224) for name in (
+        "vit_b_16", "vit_b_32", "vit_l_16", "vit_l_32", "vit_h_14", "maxvit_t")},
+    "inception_v3": (2, 3, 96, 96),
+    "mvit_v1_b": (1, 3, 16, 224, 224),
+    "mvit_v2_s": (1, 3, 16, 224, 224),
+    "s3d": (1, 3, 16, 224, 224),
+}
+#: builder keyword arguments: no auxiliary heads (they are training-only outputs)
+BUILD_KWARGS = {"googlenet": {"aux_logits": False, "init_weights": True},
+                "inception_v3": {"aux_logits": False, "init_weights": True}}
+FAMILIES = ("classification", "segmentation", "video")
+
+
+def _builders(families):
+    import torchvision.models as tvm
+
+    modules = {"classification": tvm, "segmentation": tvm.segmentation, "video": tvm.video}
+    return [(family, name) for family in families
+            for name in tvm.list_models(module=modules[family])]
+
+
+def _parameter_count(name, kwargs) -> int:
+    """Counted on the meta device (no weights built); on the CPU where a builder needs data
+    (regnet computes its widths with tensors)."""
+    import torch
+    import torchvision
+
+    try:
+        with torch.device("meta"):
+            model = torchvision.models.get_model(name, weights=None, **kwargs)
+    except NotImplementedError:
+        model = torchvision.models.get_model(name, weights=None, **kwargs)
+    return sum(p.numel() for p in model.parameters())
+
+
+def _run_one(model, x, method, shortcut_weight):
+    import torch
+
+    import graphshape
+
+    options = {} if shortcut_weight is None else {"shortcut_weight": shortcut_weight}
+    t0 = time.perf_counter()
+    try:
+        shaped = graphshape.shape(model, x, method=method, seed=0, **options)
+        out = shaped(x)
+        if isinstance(out, dict):  # segmentation models return {"out": ...}
+            out = out["out"]
+        out.float().square().mean().backward()
+        report = shaped.meta["graphshape"]
+        status = "ok" if torch.isfinite(out).all() else "non-finite"
+        detail = ", ".join(sorted(report.activation_params)) or "(nothing solved)"
+        detail += f"; {len(report.warnings)} warnings"
+    except graphshape.GraphshapeError as e:
+        status, detail = "refused", str(e)
+    except Exception as e:  # noqa: BLE001 - reported as a crash
+        status = "CRASH"
+        detail = f"{type(e).__name__}: {e}\n" + traceback.format_exc(limit=-3)
+    return status, time.perf_counter() - t0, detail
+
+
+def _run_one_onnx(path, out_path, x, method, shortcut_weight):
+    import numpy as np
+    import onnxruntime as ort
+
+    import graphshape
+
+    options = {} if shortcut_weight is None else {"shortcut_weight": shortcut_weight}
+    t0 = time.perf_counter()
+    try:
+        report = graphshape.shape_onnx(path, out_path, method=method, seed=0, **options)
+        session = ort.InferenceSession(out_path, providers=["CPUExecutionProvider"])
+        out = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+        status = "ok" if np.isfinite(out).all() else "non-finite"
+        detail = ", ".join(sorted(report.activation_params)) or "(nothing solved)"
+        detail += f"; {len(report.warnings)} warnings"
+    except graphshape.GraphshapeError as e:
+        status, detail = "refused", str(e)
+    except Exception as e:  # noqa: BLE001 - reported as a crash
+        status = "CRASH"
+        detail = f"{type(e).__name__}: {e}\n" + traceback.format_exc(limit=-3)
+    return status, time.perf_counter() - t0, detail
+
+
+def _export(model, x, path) -> str | None:
+    """Why the exported model is not usable (torch.onnx.export's error, or onnxruntime's on
+    the unshaped export), or None when it exports and runs."""
+    import onnxruntime as ort
+    import torch
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(model.eval(), (x,), path, opset_version=17, dynamo=False,
+                              input_names=["x"])
+    except Exception as e:  # noqa: BLE001 - the exporter's failure, not graphshape's
+        return f"export: {type(e).__name__}: {e}"
+    try:
+        session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+        session.run(None, {"x": x.numpy()})
+    except Exception as e:  # noqa: BLE001 - the original export does not run
+        return f"the unshaped export does not run in onnxruntime: {type(e).__name__}: {e}"
+    return None
+
+
+def main():
+    import torch
+    import torchvision
+
+    torch.set_num_threads(1)
+    warnings.simplefilter("ignore")  # torchvision's builder warnings; shaping's are counted
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--methods", default="TAT,DKS,DKS:0")
+    ap.add_argument("--models", default=None, help="comma-separated builder names (default all)")
+    ap.add_argument("--families", default=",".join(FAMILIES))
+    ap.add_argument("--max-params", type=float, default=400e6)
+    ap.add_argument("--onnx", action="store_true",
+                    help="export to ONNX and shape the file (graphshape.shape_onnx)")
+    args = ap.parse_args()
+    workdir = tempfile.TemporaryDirectory(prefix="shape_torchvision_")
+    methods = []
+    for spec in args.methods.split(","):
+        name, _, w = spec.partition(":")
+        methods.append((spec, name, float(w) if w else None))
+    builders = _builders(args.families.split(","))
+    if args.models:
+        wanted = set(args.models.split(","))
+        builders = [(f, n) for f, n in builders if n in wanted]
+    counts: dict[tuple[str, str], int] = {}
+    skipped = []
+    print(f"torch {torch.__version__}, torchvision {torchvision.__version__}, 1 thread")
+    print(f"{'model':30s} {'method':7s} {'result':9s} {'time':>6s}  detail")
+    for family, name in builders:
+        kwargs = dict(BUILD_KWARGS.get(name, {}))
+        if family == "segmentation":
+            kwargs.update(weights_backbone=None, aux_loss=False)
+        n_params = _parameter_count(name, kwargs)
+        if n_params > args.max_params:
+            skipped.append(f"{name} ({n_params / 1e6:.0f}M)")
+            continue
+        torch.manual_seed(0)
+        model = torchvision.models.get_model(name, weights=None, **kwargs)
+        shape = INPUT_SHAPES.get(name, (2, 3, 4, 32, 32) if family == "video" else (2, 3, 64, 64))
+        x = torch.randn(*shape)
+        path = os.path.join(workdir.name, f"{name}.onnx")
+        if args.onnx:
+            failure = _export(model, x, path)
+            if failure:
+                counts[("export", "no export")] = counts.get(("export", "no export"), 0) + 1
+                print(f"{name:30s} {'-':7s} {'no export':9s} {'':6s}  {failure[:160]}",
+                      flush=True)
+                continue
+        for spec, method, w in methods:
+            if args.onnx:
+                status, seconds, detail = _run_one_onnx(
+                    path, os.path.join(workdir.name, f"{name}_{spec}.onnx"), x, method, w)
+            else:
+                status, seconds, detail = _run_one(model, x, method, w)
+            counts[(spec, status)] = counts.get((spec, status), 0) + 1
+            first_line = detail.strip().splitlines()[0] if detail.strip() else ""
+            print(f"{name:30s} {spec:7s} {status:9s} {seconds:5.1f}s  {first_line[:160]}",
+                  flush=True)
+            if status == "CRASH":
+                print(detail)
+        for leftover in glob.glob(os.path.join(workdir.name, f"{name}*.onnx*")):
+            os.remove(leftover)  # big models: keep the folder small
+    workdir.cleanup()
+    print()
+    print(f"skipped (over {args.max_params / 1e6:.0f}M parameters): {', '.join(skipped) or '-'}")
+    if args.onnx:
+        print(f"no usable export (torch.onnx.export fails, or onnxruntime cannot run the "
+              f"unshaped export): {counts.get(('export', 'no export'), 0)}")
+    for spec, _, _ in methods:
+        row = {s: counts.get((spec, s), 0) for s in ("ok", "refused", "non-finite", "CRASH")}
+        print(f"{spec:7s} " + ", ".join(f"{v} {k}" for k, v in row.items()))
+
+
+if __name__ == "__main__":
+    main()

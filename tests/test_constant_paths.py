@@ -1,0 +1,167 @@
+"""What a sweep of torchvision's model zoo found mishandled (swin_v2, swin3d):
+
+* activations and layers that read no model input (a computed constant, as swin_v2's
+  continuous position-bias MLP) are left as they are by shaping;
+* TAT's refusals of relu beside other activations, and of kinked activations, name a node;
+* a wrapped function that edits its list argument runs under fx's Interpreter (loading's
+  ShapeProp, the measuring pass) as it does in the module."""
+
+import pytest
+import torch
+import torch.nn as nn
+
+import graphshape
+from graphshape import GraphshapeError
+from graphshape.torch_modules import TransformedActivation
+
+
+class PosBiasNet(nn.Module):
+    """Two conv-BN-act layers; between them, a bias computed from a buffer by a small
+    relu/sigmoid MLP (swin_v2's cpb_mlp pattern: ``16 * sigmoid(mlp(table))``)."""
+
+    def __init__(self, act=nn.GELU):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 16, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(16)
+        self.conv2 = nn.Conv2d(16, 16, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(16)
+        self.act1, self.act2 = act(), act()
+        self.register_buffer("table", torch.randn(64, 2))
+        self.cpb = nn.Sequential(nn.Linear(2, 32), nn.ReLU(), nn.Linear(32, 1))
+        self.head = nn.Linear(16, 10)
+
+    def position_bias(self):
+        return 16 * torch.sigmoid(self.cpb(self.table)).view(1, 1, 8, 8)
+
+    def forward(self, x):
+        h = self.act1(self.bn1(self.conv1(x))) + self.position_bias()
+        h = self.act2(self.bn2(self.conv2(h)))
+        return self.head(h.mean((2, 3)))
+
+
+@pytest.mark.parametrize("method", ["TAT", "DKS"])
+def test_constant_path_activations_and_layers_are_left_as_they_are(method):
+    torch.manual_seed(0)
+    model = PosBiasNet()
+    x = torch.randn(4, 3, 8, 8)
+    # before: TAT refused the network for the relu inside the constant MLP, and DKS solved
+    # and injected relu and sigmoid transforms there, and re-initialized the MLP
+    shaped = graphshape.shape(model, x, method=method, seed=0)
+    report = shaped.meta["graphshape"]
+    assert set(report.activation_params) == {"gelu_exact"}
+    assert any("read no model input" in w and "'cpb_1'" in w for w in report.warnings)
+    transformed = {r["node"] for r in report.rewritten if r["what"].startswith("transformed")}
+    assert transformed == {"act1", "act2"}
+    # the MLP keeps its weights and plain activations; the main-path layers are shaped
+    before, after = model.state_dict(), shaped.state_dict()
+    for key in ("cpb.0.weight", "cpb.0.bias", "cpb.2.weight", "cpb.2.bias"):
+        assert torch.equal(after[key], before[key]), key
+    assert not torch.equal(after["head.weight"], before["head.weight"])
+    assert type(getattr(shaped.cpb, "1")) is nn.ReLU
+    assert isinstance(shaped.act1, TransformedActivation)
+    with torch.no_grad():
+        mlp = [getattr(shaped.cpb, str(i)) for i in range(3)]
+        bias = 16 * torch.sigmoid(mlp[2](mlp[1](mlp[0](shaped.table))))
+        torch.testing.assert_close(bias.view(1, 1, 8, 8), model.position_bias())
+    out = shaped(x)
+    out.pow(2).mean().backward()
+    assert torch.isfinite(out).all()
+
+
+def test_tat_with_relu_beside_another_activation_names_the_relu_node():
+    class Mixed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv1, self.conv2 = nn.Conv2d(3, 8, 3), nn.Conv2d(8, 8, 3)
+            self.relu, self.tanh = nn.ReLU(), nn.Tanh()
+
+        def forward(self, x):
+            return self.conv2(self.relu(self.conv1(x))).tanh()
+
+    with pytest.raises(GraphshapeError, match="activation='leaky_relu'") as err:
+        graphshape.shape(Mixed(), torch.randn(2, 3, 12, 12), method="TAT")
+    assert err.value.node == "relu" and "tanh" in str(err.value)
+    # one of the ways out the message gives (this 2-layer network is too shallow for
+    # TReLU's eta=0.9)
+    shaped = graphshape.shape(Mixed(), torch.randn(2, 3, 12, 12), method="TAT",
+                              activation="tanh")
+    assert set(shaped.meta["graphshape"].activation_params) == {"tanh"}
+
+
+def test_tat_refusing_a_kinked_activation_names_a_node():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU6(), nn.Conv2d(8, 8, 3))
+    with pytest.raises(GraphshapeError, match="kink in its derivative") as err:
+        graphshape.shape(model, torch.randn(2, 3, 12, 12), method="TAT")
+    assert err.value.node == "_1" and err.value.op == "activation"  # fx's name of module "1"
+
+
+def _scale_by_first(x, sizes):
+    sizes[0] = min(sizes[0], x.shape[-1])  # edits its list argument, as swin3d's helper does
+    return x * (sizes[0] / 2)
+
+
+torch.fx.wrap("_scale_by_first")
+
+
+class ListEditing(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.conv2 = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv2(torch.tanh(_scale_by_first(self.conv1(x), [2, 3])))
+
+
+def test_a_wrapped_function_that_edits_its_list_argument_loads_and_is_measured():
+    # the GraphModule's code passes a fresh list; fx's Interpreter (ShapeProp, the measuring
+    # pass) passed its immutable_list, and the edit raised TypeError
+    model, x = ListEditing(), torch.randn(2, 3, 6, 6)
+    stats = graphshape.analyze(model, x, empirical=True)
+    assert stats.empirical and stats["tanh"]["q_emp"] > 0
+    shaped = graphshape.shape(model, x, method="DKS")
+    assert torch.isfinite(shaped(x)).all()
+
+
+def _double_with_width(x):
+    return 2 * x, x.shape[-1]  # a tuple: a tensor and a Python int
+
+
+torch.fx.wrap("_double_with_width")
+
+
+class TupleNet(nn.Module):
+    """A residual block whose branch goes through a call returning a tuple, as
+    nn.MultiheadAttention (``x + attn(x)[0]``, vit) or mvit's ``(x, thw)`` blocks."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.conv2, self.conv3 = (nn.Conv2d(8, 8, 3, padding=1) for _ in range(3))
+
+    def forward(self, x):
+        h = torch.relu(self.conv1(x))
+        y, _ = _double_with_width(self.conv2(h))
+        return self.conv3(torch.relu(h + y))
+
+
+def test_a_tuple_of_tensors_carries_the_signal():
+    from graphshape.api import load
+    from graphshape.ir import holds_tensors
+    from graphshape.passes.subnetworks import signal_nodes
+
+    model, x = TupleNet(), torch.randn(2, 8, 6, 6)
+    graph = load(model, x)
+    tuple_node = graph["_double_with_width"]
+    assert tuple_node.dtype == "object" and holds_tensors(tuple_node)
+    # before: an "object" value ended every signal path, so the branch counted as a
+    # constant and the residual add was not a join
+    signals = signal_nodes(graph)
+    assert {"_double_with_width", "getitem", "add"} <= signals
+    assert "getitem_1" not in signals  # the int
+    shaped = graphshape.shape(model, x, method="DKS", seed=0)
+    report = shaped.meta["graphshape"]
+    assert any(r["node"] == "add" and "sum" in r["what"] for r in report.rewritten), \
+        report.rewritten
+    assert any("opaque" in w and "_double_with_width" in w for w in report.warnings)
+    stats = graphshape.analyze(model, x)
+    assert any(f.startswith("unknown after") for f in stats["add"]["flags"])
+    assert torch.isfinite(shaped(x)).all()
