@@ -17,7 +17,8 @@ the joins inside a branch, and so on), but the fork dominates every node of its 
 the joins inside a branch and their forks are joins and forks of f too: the flat set over all
 joins of f is the same set. Branches without any nonlinear layer (identity and projection
 shortcuts) compose to the identity map; they are left out of S(f), as in dks's hand-written
-functions (a linear subnetwork has nothing to shape).
+functions (a linear subnetwork has nothing to shape). A branch through a softmax, a product
+of two signals or an opaque call (attention) is not a shortcut either.
 
 Composition rules on the scalar ``x`` (an entry of the kernel: a c value, a slope, ...):
 nonlinear layers (``activation`` nodes) apply ``r``; joins average their inputs with kernel
@@ -83,7 +84,8 @@ class Join:
     when the join's inputs meet only at the model inputs), ``inputs`` (its signal inputs, in
     slot order), ``slots`` (their input slots on the node), ``branches`` (node names of the
     branch leading to each signal input, topological order; the fork itself excluded),
-    ``nonlinear`` (per branch: whether it holds an activation), ``shortcut`` (the position in
+    ``nonlinear`` (per branch: whether it holds a nonlinear layer: an activation, softmax,
+    product of two signals or opaque call), ``shortcut`` (the position in
     ``inputs`` of the shortcut of a residual join, else None)."""
 
     node: str
@@ -142,9 +144,9 @@ def _analyse(graph: Graph) -> _Analysis:
         all_signals |= 1 << index[n]
 
     result = _Analysis(order, index, signals, idom)
-    act_bits = 0
+    act_bits = 0  # the nodes that make a branch nonlinear (see _is_nonlinear_layer)
     for n in signals:
-        if graph[n].op == "activation":
+        if _is_nonlinear_layer(graph[n], signals):
             act_bits |= 1 << index[n]
     for n in order:
         if n not in signals or not is_join(graph, n, signals):
@@ -163,12 +165,25 @@ def _analyse(graph: Graph) -> _Analysis:
             nonlinear.append(bool(bits & act_bits))
         shortcut = None
         if node.op in _SUM_LIKE and len(inputs) == 2 and nonlinear.count(False) == 1:
-            # residual join: one identity/projection shortcut (no activation between the
+            # residual join: one identity/projection shortcut (no nonlinear layer between the
             # fork and the join) and one branch that holds the nonlinear layers
             shortcut = nonlinear.index(False)
         result.joins.append(Join(n, node.op, None if fork == _ROOT else fork, inputs, slots,
                                  branches, nonlinear, shortcut))
     return result
+
+
+def _is_nonlinear_layer(node, signals: set[str]) -> bool:
+    """Whether a branch through ``node`` cannot be an identity or projection shortcut: an
+    activation, a softmax, a product of two signals, or an opaque call on a signal (a
+    transformer's attention from PyTorch: ``nn.MultiheadAttention``, swin's attention
+    function). Without the last three, a pre-norm transformer's attention sublayer
+    (``x + attn(norm(x))``) had no nonlinear branch: its join got equal weights and
+    ``shortcut_weight=0`` kept its skip."""
+    if node.op in ("activation", "softmax", "log_softmax", "opaque"):
+        return True
+    return (node.op in _PRODUCT_OPS
+            and sum(ref.node in signals for ref in node.inputs) >= 2)
 
 
 def _decode(bits: int, order: list[str]) -> list[str]:

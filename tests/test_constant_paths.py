@@ -165,3 +165,38 @@ def test_a_tuple_of_tensors_carries_the_signal():
     stats = graphshape.analyze(model, x)
     assert any(f.startswith("unknown after") for f in stats["add"]["flags"])
     assert torch.isfinite(shaped(x)).all()
+
+
+class PreNormBlock(nn.Module):
+    """A pre-norm transformer block (vit's encoder layer, small): the attention sublayer's
+    branch holds no activation node, only nn.MultiheadAttention (an opaque call)."""
+
+    def __init__(self, dim=16):
+        super().__init__()
+        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.attn = nn.MultiheadAttention(dim, 2, batch_first=True)
+        self.mlp = nn.Sequential(nn.Linear(dim, 32), nn.GELU(), nn.Linear(32, dim))
+
+    def forward(self, x):
+        y = self.norm1(x)
+        x = x + self.attn(y, y, y, need_weights=False)[0]
+        return x + self.mlp(self.norm2(x))
+
+
+def test_an_attention_sublayer_is_a_residual_branch():
+    # before: only branches holding an activation counted as nonlinear, so the attention
+    # join got equal weights and shortcut_weight=0 kept its skip
+    from graphshape.api import load
+    from graphshape.passes.subnetworks import find_joins
+
+    model, x = PreNormBlock(), torch.randn(2, 5, 16)
+    joins = {j.node: j for j in find_joins(load(model, x))}
+    assert len(joins) == 2
+    for join in joins.values():
+        assert join.shortcut is not None and join.inputs[join.shortcut].node in ("x", "add")
+    report = graphshape.shape(model, x, method="DKS", seed=0).meta["graphshape"]
+    kinds = [r["what"] for r in report.rewritten if r["node"] in joins]
+    assert len(kinds) == 2 and all("residual join" in k for k in kinds), kinds
+    no_skips = graphshape.shape(model, x, method="DKS", shortcut_weight=0.0, seed=0)
+    assert {r["node"] for r in no_skips.meta["graphshape"].removed} >= set(joins)
+    assert torch.isfinite(no_skips(x)).all()
