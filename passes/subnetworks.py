@@ -180,10 +180,13 @@ def _is_nonlinear_layer(node, signals: set[str]) -> bool:
     function). Without the last three, a pre-norm transformer's attention sublayer
     (``x + attn(norm(x))``) had no nonlinear branch: its join got equal weights and
     ``shortcut_weight=0`` kept its skip."""
-    if node.op in ("activation", "softmax", "log_softmax", "opaque"):
-        return True
-    return (node.op in _PRODUCT_OPS
-            and sum(ref.node in signals for ref in node.inputs) >= 2)
+    return (node.op in ("activation", "softmax", "log_softmax", "opaque")
+            or _is_signal_product(node, signals))
+
+
+def _is_signal_product(node, signals: set[str]) -> bool:
+    """A ``mul`` / ``div`` / ``matmul`` of two signals (not a scaling by a constant)."""
+    return node.op in _PRODUCT_OPS and sum(r.node in signals for r in node.inputs) >= 2
 
 
 def _decode(bits: int, order: list[str]) -> list[str]:
@@ -298,7 +301,7 @@ def _compile(graph: Graph, nodes: Sequence[str], sources: Sequence[str], out: st
             else:
                 prog.append(("mix", tuple(sorted(mix.items()))))
                 reg[name] = len(prog)
-        elif node.op in _PRODUCT_OPS and sum(r.node in signals for r in node.inputs) >= 2:
+        elif _is_signal_product(node, signals):
             prog.append(("prod", tuple(reg[r.node] for r in refs)))
             reg[name] = len(prog)
         else:
