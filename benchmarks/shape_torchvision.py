@@ -3,12 +3,14 @@
 clear GraphshapeError -- never crash.
 
 Run:  nice python benchmarks/shape_torchvision.py [--methods TAT,DKS,DKS:0] [--models a,b]
-      [--max-params 400e6] [--onnx]
+      [--max-params 400e6] [--onnx [--dynamo]]
 A method is ``NAME`` or ``NAME:w`` (``w`` the shortcut weight; 0 removes the skips).
 ``--onnx``: each model is exported with ``torch.onnx.export(..., dynamo=False)`` (opset 17,
 into a temporary folder, removed at the end), shaped with ``graphshape.shape_onnx`` and run
 by onnxruntime (CPU) instead; a model torch cannot export, or whose unshaped export
-onnxruntime cannot run, is counted "no export".
+onnxruntime cannot run, is counted "no export". ``--dynamo`` exports with
+``torch.onnx.export(..., dynamo=True)`` instead (torch's default exporter; needs the
+``onnxscript`` package, which graphshape itself does not use), at its default opset.
 Prints one line per model and method: ok (seconds, parameters solved), refused (the
 message), CRASH (exception type and message: a bug) or non-finite; then the counts.
 Models with more than ``--max-params`` parameters are skipped.
@@ -43,7 +45,8 @@ ONNX_INPUT_SHAPES = {name: (2, 3, 224, 224) for name in (
 BUILD_KWARGS = {"googlenet": {"aux_logits": False, "init_weights": True},
                 "inception_v3": {"aux_logits": False, "init_weights": True}}
 FAMILIES = ("classification", "segmentation", "video")
-#: models not exported with --onnx, and why (measured 2026-11-23, torch 2.14.1, onnxruntime 1.32)
+#: models not exported with --onnx by the TorchScript exporter (dynamo=False), and why
+#: (measured 2026-11-23, torch 2.14.1, onnxruntime 1.32)
 ONNX_SKIP = {
     "mvit_v1_b": "its TorchScript export does not run in onnxruntime (an If branch's Squeeze "
                  "gets a shape the graph did not declare)",
@@ -126,17 +129,24 @@ def _shape_onnx(path, out_path, x, options):
     return bool(np.isfinite(out).all()), report
 
 
-def _export(model, x, path) -> str | None:
+def _export(model, x, path, dynamo=False) -> str | None:
     """Why the exported model is not usable (torch.onnx.export's error, or onnxruntime's on
     the unshaped export), or None when it exports and runs."""
+    import contextlib
+    import io
+
     import onnxruntime as ort
     import torch
 
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
             warnings.simplefilter("ignore")
-            torch.onnx.export(model.eval(), (x,), path, opset_version=17, dynamo=False,
-                              input_names=["x"])
+            if dynamo:  # the exporter's own progress lines go to the discarded stdout
+                torch.onnx.export(model.eval(), (x,), path, dynamo=True, input_names=["x"],
+                                  external_data=False, verbose=False)
+            else:
+                torch.onnx.export(model.eval(), (x,), path, opset_version=17, dynamo=False,
+                                  input_names=["x"])
     except Exception as e:  # noqa: BLE001 - the exporter's failure, not graphshape's
         return f"export: {type(e).__name__}: {e}"
     try:
@@ -160,6 +170,8 @@ def main():
     ap.add_argument("--max-params", type=float, default=400e6)
     ap.add_argument("--onnx", action="store_true",
                     help="export to ONNX and shape the file (graphshape.shape_onnx)")
+    ap.add_argument("--dynamo", action="store_true",
+                    help="with --onnx: export with dynamo=True (needs onnxscript)")
     args = ap.parse_args()
     # removed at the end, and by the finalizer on an exception (not when the process is killed)
     workdir = tempfile.TemporaryDirectory(prefix="shape_torchvision_")
@@ -176,7 +188,7 @@ def main():
     print(f"torch {torch.__version__}, torchvision {torchvision.__version__}, 1 thread")
     print(f"{'model':30s} {'method':7s} {'result':9s} {'time':>6s}  detail")
     for family, name in builders:
-        if args.onnx and name in ONNX_SKIP:
+        if args.onnx and not args.dynamo and name in ONNX_SKIP:
             skipped.append(f"{name} (--onnx: {ONNX_SKIP[name]})")
             continue
         kwargs = dict(BUILD_KWARGS.get(name, {}))
@@ -194,7 +206,7 @@ def main():
         x = torch.randn(*shape)
         path = os.path.join(workdir.name, f"{name}.onnx")
         if args.onnx:
-            failure = _export(model, x, path)
+            failure = _export(model, x, path, dynamo=args.dynamo)
             if failure:
                 _remove_files(workdir.name, name)
                 counts[("export", "no export")] = counts.get(("export", "no export"), 0) + 1

@@ -24,9 +24,13 @@ Composition rules on the scalar ``x`` (an entry of the kernel: a c value, a slop
 nonlinear layers (``activation`` nodes) apply ``r``; joins average their inputs with kernel
 weights that sum to 1 (normalized sum ``sum w_i x_i`` with ``sum w_i^2 = 1``: weights ``w_i^2``;
 concat: ``n_i / N`` by channel count); products of two signals multiply (``mul``, ``div``,
-``matmul``: the c of a product of independent signals is the product of their c values); every
-other op (affine layers, pooling, reshapes, normalization, ops with a constant operand) is the
-identity on ``x``.
+``matmul``: the c of a product of independent signals is the product of their c values), except
+that a factor computed by a softmax (through reshapes, transposes, dropout) is a set of mixing
+weights, not a signal: attention's ``softmax(q kᵀ) v`` averages the tokens of ``v`` with
+convex weights, which is treated like average pooling, as the identity on ``v``'s kernel (the
+same map the PyTorch frontend gives an opaque attention call, so a model and its ONNX export
+get the same M); every other op (affine layers, pooling, reshapes, normalization, ops with a
+constant operand) is the identity on ``x``.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ import numpy as np
 
 from graphshape.errors import GraphshapeError
 from graphshape.ir import Graph, Ref, holds_tensors
+from graphshape.ops import spec
 
 #: key of the virtual root node added to the dataflow graph before computing dominators
 _ROOT = ("__graphshape_root__",)
@@ -282,11 +287,15 @@ def _compile(graph: Graph, nodes: Sequence[str], sources: Sequence[str], out: st
              signals: set[str]) -> tuple:
     reg: dict[str, int] = {s: 0 for s in sources}
     prog: list[tuple] = []
+    mixing = set()  # softmax outputs, possibly reshaped: attention's mixing weights
     for name in nodes:
         node = graph[name]
         refs = [r for r in node.inputs if r.node in reg]
         if not refs:
             continue
+        if node.op == "softmax" or (spec(node.op).category == "shape"
+                                    and refs[0].node in mixing):
+            mixing.add(name)
         if node.op == "activation":
             prog.append(("r", reg[refs[0].node]))
             reg[name] = len(prog)
@@ -302,8 +311,14 @@ def _compile(graph: Graph, nodes: Sequence[str], sources: Sequence[str], out: st
                 prog.append(("mix", tuple(sorted(mix.items()))))
                 reg[name] = len(prog)
         elif _is_signal_product(node, signals):
-            prog.append(("prod", tuple(reg[r.node] for r in refs)))
-            reg[name] = len(prog)
+            factors = [r for r in refs if r.node not in mixing]
+            if node.op == "matmul" and len(factors) == 1 and len(refs) == 2:
+                # softmax weights times values: a convex average over tokens (see the
+                # module docstring), the identity on the values' kernel
+                reg[name] = reg[factors[0].node]
+            else:
+                prog.append(("prod", tuple(reg[r.node] for r in refs)))
+                reg[name] = len(prog)
         else:
             reg[name] = reg[refs[0].node]
     if out not in reg:

@@ -200,3 +200,83 @@ def test_an_attention_sublayer_is_a_residual_branch():
     no_skips = graphshape.shape(model, x, method="DKS", shortcut_weight=0.0, seed=0)
     assert {r["node"] for r in no_skips.meta["graphshape"].removed} >= set(joins)
     assert torch.isfinite(no_skips(x)).all()
+
+
+class ExplicitAttention(nn.Module):
+    """Self-attention written out (matmul, scale, softmax, dropout, matmul), as in timm with
+    fused_attn=False and many hand-written transformers; traced into plain IR nodes."""
+
+    def __init__(self, dim=16, heads=2):
+        super().__init__()
+        self.heads, self.qkv, self.proj = heads, nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        self.drop = nn.Dropout(0.0)
+
+    def forward(self, x):
+        b, n, d = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, d // self.heads).permute(
+            2, 0, 3, 1, 4).unbind(0)
+        attn = self.drop((q @ k.transpose(-2, -1) * (d // self.heads) ** -0.5).softmax(-1))
+        return self.proj((attn @ v).transpose(1, 2).reshape(b, n, d))
+
+
+class ExplicitPreNormBlock(PreNormBlock):
+    def __init__(self, dim=16):
+        super().__init__(dim)
+        self.attn = ExplicitAttention(dim)
+
+    def forward(self, x):
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+def _flat(params):
+    return {(act, key): v for act, values in params.items() for key, v in values.items()}
+
+
+@pytest.mark.parametrize("method", ["DKS", "TAT"])
+def test_attention_is_solved_alike_from_an_opaque_call_explicit_nodes_and_onnx(tmp_path,
+                                                                                method):
+    # softmax(q k^T) v averages v's tokens: the maximizing function treats it like pooling
+    # (the identity), as it treats the opaque nn.MultiheadAttention. Before, q k^T and
+    # (weights) v were two products of signals: M had a cube per attention sublayer and
+    # vit_b_16's DKS GELU from ONNX had input_scale 0.0048 where PyTorch gave 0.299.
+    from graphshape.passes.subnetworks import find_joins
+
+    x = torch.randn(2, 5, 16)
+    opaque = nn.Sequential(PreNormBlock(), PreNormBlock())
+    explicit = nn.Sequential(ExplicitPreNormBlock(), ExplicitPreNormBlock()).eval()
+    want = graphshape.shape(opaque, x, method=method, seed=0).meta["graphshape"]
+    shaped = graphshape.shape(explicit, x, method=method, seed=0)
+    got = shaped.meta["graphshape"]
+    assert _flat(got.activation_params) == pytest.approx(_flat(want.activation_params),
+                                                         rel=1e-9)
+    assert len(find_joins(graphshape.load(explicit, x))) == 4
+    assert torch.isfinite(shaped(x)).all()
+
+    src = tmp_path / "explicit.onnx"
+    torch.onnx.export(explicit, (x,), str(src), opset_version=17, dynamo=False)
+    report = graphshape.shape_onnx(src, tmp_path / "shaped.onnx", method=method, seed=0)
+    assert _flat(report.activation_params) == pytest.approx(_flat(want.activation_params),
+                                                            rel=1e-9)
+
+
+def test_a_product_of_two_signals_without_a_softmax_still_multiplies():
+    # only softmax weights are mixing weights: a sigmoid-free product of two signals
+    # (here q k^T v with no softmax) is still a product in M, so the solve differs
+    from graphshape.passes.subnetworks import subnet_max_func
+
+    class NoSoftmax(ExplicitAttention):
+        def forward(self, x):
+            q, k, v = self.qkv(x).chunk(3, dim=-1)
+            return self.proj((q @ k.transpose(-2, -1)) @ v)
+
+    x = torch.randn(2, 5, 16)
+    block = ExplicitPreNormBlock()
+    m_softmax = subnet_max_func(graphshape.load(block, x))
+    block.attn = NoSoftmax()
+    m_products = subnet_max_func(graphshape.load(block, x))
+    # with r the identity every subnetwork maps x to x, except where q k^T v is the
+    # product c * c * c: the network's attention join (equal weights 1/2 for an
+    # unweighted add) gives 0.5 * 2 + 0.5 * 8
+    assert m_softmax(2.0, lambda c: c) == pytest.approx(2.0)
+    assert m_products(2.0, lambda c: c) == pytest.approx(5.0)
