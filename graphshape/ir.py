@@ -73,6 +73,17 @@ def holds_tensors(node: "Node") -> bool:
     return TENSOR_CONTAINER in node.meta.get("flags", ())
 
 
+#: dtype prefixes of values that are never signals (sizes, indices, masks, Python objects)
+NON_FLOAT_DTYPES = ("int", "uint", "bool", "object")
+
+
+def may_hold_signal(node: "Node") -> bool:
+    """Whether ``node``'s value can carry a signal: a floating-point tensor, a value of
+    unknown dtype, or a container of floating-point tensors (:func:`holds_tensors`).
+    Integer and object values (``x.size(0)``, argmax indices) cannot."""
+    return not (node.dtype or "").startswith(NON_FLOAT_DTYPES) or holds_tensors(node)
+
+
 @dataclass
 class Node:
     """One operation. See the module docstring for the meaning of each field.

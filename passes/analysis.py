@@ -41,7 +41,7 @@ import numpy as np
 
 from graphshape.errors import GraphshapeError
 from graphshape.ir import (_TAP_CACHE, Graph, Node, Ref, holds_tensors,  # noqa: F401
-                           weight_tap_norms)
+                           may_hold_signal, weight_tap_norms)
 
 FLAG_APPROX = "approximate"
 FLAG_NORM = "normalization at init"
@@ -49,7 +49,6 @@ FLAG_PRODUCT = "product of signals (assumed independent)"
 FLAG_NONGAUSSIAN = "non-gaussian input (V1 shortcut)"
 
 _FLOAT_DTYPES = (None, "float16", "float32", "float64", "bfloat16")
-_NON_FLOAT = ("int", "uint", "bool", "object")
 
 
 @dataclass
@@ -701,8 +700,7 @@ def propagate(graph: Graph, input_kernels: dict[str, Kernel | None]):
             kernels[node.out] = input_kernels.get(node.name)
             flags[node.name], notes[node.name] = node_flags, []
             continue
-        if node.op == "constant" or ((node.dtype or "").startswith(_NON_FLOAT)
-                                     and not holds_tensors(node)):
+        if node.op == "constant" or not may_hold_signal(node):
             continue  # constants and integer values (sizes, indices) are not signals
         unknown_in = [unknown_origin[r] for r in node.inputs
                       if r in unknown_origin and is_float_value(graph, r)]

@@ -43,7 +43,7 @@ import networkx as nx
 import numpy as np
 
 from graphshape.errors import GraphshapeError
-from graphshape.ir import Graph, Ref, holds_tensors
+from graphshape.ir import Graph, Ref, may_hold_signal
 from graphshape.ops import spec
 
 #: key of the virtual root node added to the dataflow graph before computing dominators
@@ -53,7 +53,6 @@ _SUM_LIKE = ("sum", "add", "sub")
 _PRODUCT_OPS = ("mul", "div", "matmul")
 
 
-_NON_FLOAT = ("int", "uint", "bool", "object")
 
 
 def signal_nodes(graph: Graph) -> set[str]:
@@ -65,8 +64,7 @@ def signal_nodes(graph: Graph) -> set[str]:
     for node in graph:
         if node.name in found:
             continue
-        dtype = node.dtype or ""
-        if dtype.startswith(_NON_FLOAT) and not holds_tensors(node):
+        if not may_hold_signal(node):
             continue
         if any(ref.node in found for ref in node.inputs):
             found.add(node.name)
@@ -169,13 +167,29 @@ def _analyse(graph: Graph) -> _Analysis:
             branches.append(_decode(bits, order))
             nonlinear.append(bool(bits & act_bits))
         shortcut = None
-        if node.op in _SUM_LIKE and len(inputs) == 2 and nonlinear.count(False) == 1:
+        if (node.op in _SUM_LIKE and len(inputs) == 2 and nonlinear.count(False) == 1
+                and not _broadcasts(graph, node, inputs)):
             # residual join: one identity/projection shortcut (no nonlinear layer between the
             # fork and the join) and one branch that holds the nonlinear layers
             shortcut = nonlinear.index(False)
         result.joins.append(Join(n, node.op, None if fork == _ROOT else fork, inputs, slots,
                                  branches, nonlinear, shortcut))
     return result
+
+
+def _broadcasts(graph: Graph, node, inputs: Sequence[Ref]) -> bool:
+    """Whether an input of ``node`` has a (known) shape other than its output's: an add that
+    broadcasts (mvit's decomposed relative-position terms, ``(.., 1, 7, 7) + (.., 8, 1, 1)``)
+    is not a residual connection, and dropping one of its inputs would change the shape."""
+    out = node.shape
+    if out is None:
+        return False
+
+    def differs(shape) -> bool:  # symbolic dims ("N", "unk__3") may differ only in name
+        return shape is not None and (len(shape) != len(out) or any(
+            isinstance(a, int) and isinstance(b, int) and a != b for a, b in zip(shape, out)))
+
+    return any(differs(graph.info(ref).shape) for ref in inputs)
 
 
 def _is_nonlinear_layer(node, signals: set[str]) -> bool:

@@ -280,3 +280,42 @@ def test_a_product_of_two_signals_without_a_softmax_still_multiplies():
     # unweighted add) gives 0.5 * 2 + 0.5 * 8
     assert m_softmax(2.0, lambda c: c) == pytest.approx(2.0)
     assert m_products(2.0, lambda c: c) == pytest.approx(5.0)
+
+
+class BroadcastJoin(nn.Module):
+    """An add of a nonlinear branch and a linear one that broadcasts, (2, 4, 1, 8) +
+    (2, 1, 4, 8), as mvit's decomposed relative-position terms do in its ONNX export."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 8)
+
+    def forward(self, x):
+        return self.c(torch.relu(self.a(x)).unsqueeze(2) + self.b(x).unsqueeze(1))
+
+
+def test_a_broadcasting_add_is_not_a_residual_join(tmp_path):
+    # before: the linear input counted as the shortcut, and shortcut_weight=0 dropped it,
+    # so the join passed (2, 4, 1, 8) on where the model computes (2, 4, 4, 8); onnxruntime
+    # then failed on mvit_v2_s's next Reshape
+    import numpy as np
+    import onnxruntime as ort
+
+    from graphshape.passes.subnetworks import find_joins
+
+    model, x = BroadcastJoin().eval(), torch.randn(2, 4, 8)
+    (join,) = find_joins(graphshape.load(model, x))
+    assert join.nonlinear == [True, False] and join.shortcut is None
+    shaped = graphshape.shape(model, x, method="DKS", shortcut_weight=0.0, seed=0)
+    assert shaped(x).shape == model(x).shape == (2, 4, 4, 8)
+    assert not shaped.meta["graphshape"].removed
+
+    src = tmp_path / "broadcast.onnx"
+    torch.onnx.export(model, (x,), str(src), opset_version=17, dynamo=False,
+                      input_names=["x"])
+    graphshape.shape_onnx(src, tmp_path / "shaped.onnx", method="DKS", shortcut_weight=0.0,
+                          seed=0)
+    session = ort.InferenceSession(str(tmp_path / "shaped.onnx"),
+                                   providers=["CPUExecutionProvider"])
+    out = session.run(None, {"x": x.numpy()})[0]
+    assert out.shape == (2, 4, 4, 8) and np.isfinite(out).all()
