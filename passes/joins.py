@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
 from graphshape.errors import GraphshapeError
 from graphshape.ir import Graph, TensorInfo
 
@@ -78,6 +80,66 @@ def normalize_sums(graph: Graph, shortcut_weight: float, *, copy: bool = True) -
 
 
 #: the max-pooling ops (one rule for all: they take the max over a window)
+#: ops a layer scale may pass through between its mul and the residual join (or, for its
+#: parameter, between the parameter and the mul)
+_BRANCH_PASS = ("dropout", "identity", "reshape", "transpose", "flatten", "squeeze",
+                "unsqueeze")
+
+
+def reset_branch_scales(graph: Graph, *, copy: bool = True) -> tuple[Graph, dict]:
+    """Set to 1 the constant scale that ends a residual branch: LayerScale (ConvNeXt,
+    CaiT, XCiT, PoolFormer...: ``x + gamma * f(x)`` with ``gamma`` initialized to 1e-6..0.1)
+    and ReZero-style scalars. A normalized sum ``w x + sqrt(1 - w²) f(x)`` assumes the branch
+    carries q ~ 1; with gamma = 1e-6 it carries ~0, and the residual stream's q shrinks by w²
+    per block (torchvision convnext_tiny, shaped with its layer scales: q 0.25 after the
+    first block, 0.0000 after the ninth). The parameter stays (trainable, same shape and
+    dtype); only its initial value changes. A scale another node also reads is left alone.
+
+    Returns ``(new_graph, record)`` (``rewritten``: one entry per reset scale); the input
+    graph is not modified unless ``copy=False``."""
+    from graphshape.passes.subnetworks import find_joins
+
+    g = graph.copy() if copy else graph
+    rewritten: list[dict] = []
+    for join in find_joins(g):
+        if join.shortcut is None or g[join.node].op not in ("add", "sub", "sum"):
+            continue
+        node = g[join.inputs[1 - join.shortcut].node]
+        while node.op in _BRANCH_PASS and len(node.inputs) >= 1:
+            node = g[node.inputs[0].node]
+        if node.op != "mul" or len(node.inputs) != 2:
+            continue
+        const = _sole_constant(g, node)
+        if const is None:
+            continue
+        value = const.params["value"]
+        const.params["value"] = np.ones_like(value)
+        rewritten.append({"node": const.name, "op": "constant",
+                          "what": f"branch scale before join {join.node!r} set to 1 (was "
+                                  f"{float(np.abs(value).mean()):.3g} on average: a layer "
+                                  "scale)"})
+    return g, {"removed": [], "rewritten": rewritten}
+
+
+def _sole_constant(g: Graph, mul):
+    """The float constant node that ``mul`` multiplies its signal by, when nothing else
+    reads it (through reshapes of the parameter: ``gamma.reshape(1, -1, 1, 1)``)."""
+    from graphshape.passes.subnetworks import signal_nodes
+
+    signals = signal_nodes(g)
+    others = [r for r in mul.inputs if r.node not in signals]
+    if len(others) != 1 or len(mul.inputs) - len(others) != 1:
+        return None
+    node = g[others[0].node]
+    while node.op in _BRANCH_PASS and len(g.users(node.name)) == 1 and node.inputs:
+        node = g[node.inputs[0].node]
+    value = node.params.get("value") if node.op == "constant" else None
+    if (not isinstance(value, np.ndarray) or value.dtype.kind != "f"
+            or len(g.users(node.name)) != 1):
+        return None
+    return node
+
+
 MAX_POOL_OPS = ("max_pool", "global_max_pool", "adaptive_max_pool")
 
 

@@ -10,7 +10,9 @@ Passes, each ``IR -> (IR, record)`` and none modifying its input graph:
    "identity" approximation; average pooling's is closer (it is linear);
 4. :func:`substitute_activations` (``activation=NAME`` replaces main-path nonlinearities);
    gates (a nonlinearity whose output multiplies another signal, as in squeeze-excitation)
-   are refused by :func:`find_gates`: there is no kernel rule for them;
+   are refused by :func:`find_gates`, and other products of two signals (gMLP, linear
+   attention; softmax attention excepted) by :func:`find_signal_products`: there is no
+   kernel rule for them;
 4b. :func:`graphshape.passes.joins.move_shortcuts_to_preactivation` (``preactivation_shortcuts``,
    default on under TAT): V1 identity shortcuts read the residual stream instead of the
    activation after it, so that every activation reads a Gaussian (docs/shaping.md);
@@ -37,7 +39,8 @@ import numpy as np
 from graphshape.errors import GraphshapeError
 from graphshape.ir import Graph, holds_tensors
 from graphshape.passes.joins import (MAX_POOL_OPS, commutes_with_max_pool,
-                                    move_shortcuts_to_preactivation, normalize_sums)
+                                    move_shortcuts_to_preactivation, normalize_sums,
+                                    reset_branch_scales)
 from graphshape.passes.normalize import NORM_OPS, remove_normalization
 
 #: The default residual shortcut weight, chosen by measurement (benchmarks/shortcut_weight.py,
@@ -166,6 +169,82 @@ def find_gates(graph: Graph) -> list[tuple[str, str]]:
                            for r in others):
                         gates.append((node.name, user.name))
     return gates
+
+
+def find_signal_products(graph: Graph, gates: list[tuple[str, str]] = ()) -> list[str]:
+    """``mul`` / ``matmul`` nodes that multiply two signals, other than attention's: a gMLP
+    spatial gating unit (``u * proj(v)``), linear attention (``q @ (kᵀ v)``), a bilinear
+    layer. Left out: the products of ``gates``; attention logits (``q kᵀ``, whose output
+    reaches a softmax through reshapes, scalings and added biases); a product with softmax
+    weights (``softmax(q kᵀ) v``, a convex average over tokens). The q of a product is the
+    product of its factors' q values, so its fixed point at q = 1 is unstable: no activation
+    transform keeps q near 1 through a stack of them (gmlp_ti16_224, shaped with such
+    products: q 1.5 after 8 blocks, 175 after 11, inf at the output)."""
+    from graphshape.passes.subnetworks import _is_signal_product, mixing_weights
+
+    signals = _signals(graph)
+    mixing = mixing_weights(graph)
+    gated = {prod for _, prod in gates}
+    found = []
+    for node in graph:
+        if (node.op not in ("mul", "matmul") or node.name in gated
+                or not _is_signal_product(node, signals)
+                or any(r.node in mixing for r in node.inputs)
+                or _reaches_softmax(graph, node)):
+            continue
+        found.append(node.name)
+    return found
+
+
+def _reaches_softmax(graph: Graph, node) -> bool:
+    """Whether ``node``'s output reaches a softmax through reshapes, scalings, sums and
+    opaque calls (attention logits: ``softmax(q kᵀ * scale + bias)``)."""
+    frontier, seen = [node.name], {node.name}
+    while frontier:
+        for user in graph.users(frontier.pop()):
+            if user.op == "softmax":
+                return True
+            # opaque: a scale traced from the head size, masked_fill
+            if user.name not in seen and user.op in (*_PASS_THROUGH, "mul", "div", "add",
+                                                     "sub", "sum", "affine", "opaque"):
+                seen.add(user.name)
+                frontier.append(user.name)
+    return False
+
+
+def _feeds_only_attention_logits(graph: Graph, node) -> bool:
+    """Whether every use of ``node``'s output ends in a softmax, through reshapes, scalings,
+    sums, opaque calls and products: XCiT's and EdgeNeXt's ``F.normalize`` of q and k (cosine
+    attention). Such a normalization only sets the attention weights, which the maximizing
+    function does not see (it averages over tokens whatever they are), so it is kept."""
+    frontier, seen = [node.name], {node.name}
+    while frontier:
+        users = graph.users(frontier.pop())
+        if not users:
+            return False  # a model output
+        for user in users:
+            if user.op == "softmax" or user.name in seen:
+                continue
+            if user.op not in (*_PASS_THROUGH, "mul", "div", "add", "sub", "sum", "affine",
+                               "opaque", "matmul"):
+                return False
+            seen.add(user.name)
+            frontier.append(user.name)
+    return True
+
+
+def _product_error(graph: Graph, products: list[str]) -> GraphshapeError:
+    node = graph[products[0]]
+    more = f" (and {len(products) - 1} more)" if len(products) > 1 else ""
+    factors = " and ".join(repr(r.node) for r in node.inputs[:2])
+    return GraphshapeError(
+        f"{node.op} node {node.name!r}{more} multiplies two signals ({factors}), as gMLP's "
+        "spatial gating unit or linear attention do. The q of a product is the product of "
+        "its factors' q values, so q = 1 is an unstable fixed point: a deviation doubles at "
+        "each such product, and no DKS/TAT activation transform keeps q near 1 through a "
+        "stack of them (softmax attention is fine: it averages over tokens). Remove or "
+        "replace those products, or use method='untransformed' to rewrite structure and "
+        "initialization only.", node=node.name, op=node.op)
 
 
 def _gate_error(graph: Graph, gates: list[tuple[str, str]]) -> GraphshapeError:
@@ -306,6 +385,23 @@ def inject_transforms(graph: Graph, params: dict[str, dict[str, float]], *,
         rewritten.append({"node": node.name, "op": "activation",
                           "what": f"transformed {node.attrs['name']}", "params": dict(p)})
     return g, {"removed": [], "rewritten": rewritten}
+
+
+def _attention_nodes(graph: Graph) -> list[str]:
+    """Softmax nodes whose weights average a signal (``softmax(q kᵀ) v``) and opaque
+    attention calls (``nn.MultiheadAttention``, ``F.scaled_dot_product_attention``, ONNX
+    ``Attention``)."""
+    from graphshape.passes.subnetworks import mixing_weights
+
+    mixing = mixing_weights(graph)
+    found = []
+    for node in graph:
+        if node.op == "opaque":
+            if "attention" in str(node.attrs.get("description", "")).lower():
+                found.append(node.name)
+        elif node.op in ("matmul", "mul") and any(r.node in mixing for r in node.inputs):
+            found.append(node.name)
+    return found
 
 
 def _constant_scales(graph: Graph) -> list[tuple[str, float]]:
@@ -454,12 +550,16 @@ def shape_graph(graph: Graph, *, method: str = "TAT", activation: str | None = N
     g, rec = remove_normalization(graph.copy(share=replaced) if copy else graph, copy=False)
     _merge(report, rec)
     for node in g:
-        if node.op == "opaque" and "norm" in str(node.attrs.get("description", "")).lower():
+        if (node.op == "opaque" and "norm" in str(node.attrs.get("description", "")).lower()
+                and not _feeds_only_attention_logits(g, node)):
             raise GraphshapeError(
                 f"{node.attrs.get('description')!r} looks like a normalization layer that "
                 "graphshape could not map to a known norm op, so it cannot remove it",
                 node=node.name, op=node.op)
 
+    if initialize:  # before normalize_sums, which removes the joins at w = 0
+        g, rec = reset_branch_scales(g, copy=False)
+        _merge(report, rec)
     g, rec = normalize_sums(g, shortcut_weight, copy=False)
     _merge(report, rec)
 
@@ -476,6 +576,14 @@ def shape_graph(graph: Graph, *, method: str = "TAT", activation: str | None = N
     if gates:
         report.warnings.append(
             f"{len(gates)} gating activation(s) ({', '.join(a for a, _ in gates)}) left as they are")
+    products = find_signal_products(g, gates)
+    if products and method != "untransformed":
+        raise _product_error(g, products)
+    if products:
+        report.warnings.append(
+            f"{len(products)} product(s) of two signals ({', '.join(products[:3])}"
+            f"{', ...' if len(products) > 3 else ''}) left as they are: q is not controlled "
+            "through them")
     signals = _signals(g)
     constant_acts = constant_path_activations(g, signals)
     if constant_acts:
@@ -528,9 +636,18 @@ def shape_graph(graph: Graph, *, method: str = "TAT", activation: str | None = N
         shown = ", ".join(f"{n!r} (rms {rms:.2g})" for n, rms in scaled[:3])
         report.warnings.append(
             f"{len(scaled)} multiplication(s) by constants far from 1 on the signal path "
-            f"({shown}{' ...' if len(scaled) > 3 else ''}), e.g. ConvNeXt's layer scale: "
-            "the kernel rules treat them as the identity, so the shaped network's kernel "
-            "differs from the one solved for; consider initializing them to 1")
+            f"({shown}{' ...' if len(scaled) > 3 else ''}), e.g. a layer scale that does not "
+            "end a residual branch or that another node shares (those that end one are set "
+            "to 1): the kernel rules treat them as the identity, so the shaped network's "
+            "kernel differs from the one solved for; consider initializing them to 1")
+    attention = _attention_nodes(g)
+    if attention:
+        report.warnings.append(
+            f"{len(attention)} attention node(s) ({', '.join(repr(n) for n in attention[:3])}"
+            f"{' ...' if len(attention) > 3 else ''}) treated as the identity on the kernel: "
+            "DKS/TAT do not cover attention, which averages over tokens and shrinks q at "
+            "initialization (vit_b_16 shaped: q in the residual stream 0.25 after the first "
+            "attention sublayer, under 0.01 at mid-depth; docs/shaping.md)")
     if max_pools:
         shown = ", ".join(repr(n) for n in max_pools[:3]) + (" ..." if len(max_pools) > 3 else "")
         report.warnings.append(

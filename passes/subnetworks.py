@@ -203,6 +203,18 @@ def _is_nonlinear_layer(node, signals: set[str]) -> bool:
             or _is_signal_product(node, signals))
 
 
+def mixing_weights(graph: Graph) -> set[str]:
+    """Softmax outputs, possibly reshaped (transposes, reshapes, dropout): attention's
+    convex mixing weights. A product with one of them averages its other factor over tokens
+    (see the module docstring)."""
+    found: set[str] = set()
+    for node in graph:
+        if node.op == "softmax" or (spec(node.op).category == "shape" and node.inputs
+                                    and node.inputs[0].node in found):
+            found.add(node.name)
+    return found
+
+
 def _is_signal_product(node, signals: set[str]) -> bool:
     """A ``mul`` / ``div`` / ``matmul`` of two signals (not a scaling by a constant)."""
     return node.op in _PRODUCT_OPS and sum(r.node in signals for r in node.inputs) >= 2
@@ -301,15 +313,12 @@ def _compile(graph: Graph, nodes: Sequence[str], sources: Sequence[str], out: st
              signals: set[str]) -> tuple:
     reg: dict[str, int] = {s: 0 for s in sources}
     prog: list[tuple] = []
-    mixing = set()  # softmax outputs, possibly reshaped: attention's mixing weights
+    mixing = mixing_weights(graph)
     for name in nodes:
         node = graph[name]
         refs = [r for r in node.inputs if r.node in reg]
         if not refs:
             continue
-        if node.op == "softmax" or (spec(node.op).category == "shape"
-                                    and refs[0].node in mixing):
-            mixing.add(name)
         if node.op == "activation":
             prog.append(("r", reg[refs[0].node]))
             reg[name] = len(prog)
