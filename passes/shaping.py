@@ -197,8 +197,9 @@ def find_signal_products(graph: Graph, gates: list[tuple[str, str]] = ()) -> lis
 
 
 def _reaches_softmax(graph: Graph, node) -> bool:
-    """Whether ``node``'s output reaches a softmax through reshapes, scalings, sums and
-    opaque calls (attention logits: ``softmax(q kᵀ * scale + bias)``)."""
+    """Whether ``node``'s output reaches a softmax through reshapes, scalings, sums, opaque
+    calls and linear layers (attention logits: ``softmax(q kᵀ * scale + bias)``; CaiT's
+    talking heads mix the logits of the heads with a linear layer)."""
     frontier, seen = [node.name], {node.name}
     while frontier:
         for user in graph.users(frontier.pop()):
@@ -206,7 +207,8 @@ def _reaches_softmax(graph: Graph, node) -> bool:
                 return True
             # opaque: a scale traced from the head size, masked_fill
             if user.name not in seen and user.op in (*_PASS_THROUGH, "mul", "div", "add",
-                                                     "sub", "sum", "affine", "opaque"):
+                                                     "sub", "sum", "affine", "opaque",
+                                                     "linear"):  # talking heads
                 seen.add(user.name)
                 frontier.append(user.name)
     return False

@@ -204,14 +204,14 @@ def _is_nonlinear_layer(node, signals: set[str]) -> bool:
 
 
 def mixing_weights(graph: Graph) -> set[str]:
-    """Softmax outputs, possibly reshaped (transposes, reshapes, dropout): attention's
-    convex mixing weights. A product with one of them averages its other factor over tokens
+    """Softmax outputs, possibly reshaped (transposes, reshapes, dropout) or mixed across
+    heads by a linear layer (talking heads): attention's mixing weights. A product with one of them averages its other factor over tokens
     (see the module docstring)."""
     found: set[str] = set()
     for node in graph:
-        if node.op == "softmax" or (spec(node.op).category == "shape" and node.inputs
-                                    and node.inputs[0].node in found):
-            found.add(node.name)
+        if node.op == "softmax" or ((spec(node.op).category == "shape" or node.op == "linear")
+                                    and node.inputs and node.inputs[0].node in found):
+            found.add(node.name)  # linear: CaiT's talking heads mix the weights of the heads
     return found
 
 

@@ -72,3 +72,31 @@ def test_linear_attention_is_refused_but_its_softmax_average_is_not_the_reason()
                for r in g[product].inputs)
     with pytest.raises(GraphshapeError, match="multiplies two signals"):
         graphshape.shape(model, x, method="DKS")
+
+
+class TalkingHeads(nn.Module):
+    """CaiT's attention: linear layers mix the heads' logits before the softmax and their
+    weights after it; still softmax attention."""
+
+    def __init__(self, dim=16, heads=4):
+        super().__init__()
+        self.heads, self.qkv, self.proj = heads, nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        self.proj_l, self.proj_w = nn.Linear(heads, heads), nn.Linear(heads, heads)
+        self.mlp = nn.Sequential(nn.Linear(dim, dim), nn.GELU(), nn.Linear(dim, dim))
+
+    def forward(self, x):
+        b, n, d = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, d // self.heads).permute(
+            2, 0, 3, 1, 4).unbind(0)
+        attn = self.proj_l((q @ k.transpose(-2, -1)).permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        attn = self.proj_w(attn.softmax(-1).permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        x = x + self.proj((attn @ v).transpose(1, 2).reshape(b, n, d))
+        return x + self.mlp(x)
+
+
+def test_talking_heads_attention_is_not_a_product_of_signals():
+    model, x = TalkingHeads(), torch.randn(2, 6, 16)
+    assert find_signal_products(graphshape.load(model, x)) == []
+    shaped = graphshape.shape(model, x, method="DKS", seed=0)
+    assert any("1 attention node(s)" in w for w in shaped.meta["graphshape"].warnings)
+    assert torch.isfinite(shaped(x)).all()
