@@ -1,7 +1,7 @@
 """Shape timm models of many families; each must be shaped and runnable, or refused with a
 clear GraphshapeError -- never crash.
 
-Run:  nice python benchmarks/shape_timm.py [--method TAT] [--shortcut-weight 0.5]
+Run:  nice python benchmarks/shape_timm.py [--method TAT] [--shortcut-weight 0.5] [--set wide]
 Prints one line per model: ok (with parameters and seconds), refused (the message) or
 CRASH (the exception type and message: a bug).
 """
@@ -29,6 +29,24 @@ MODELS = {
     "mobilenetv3_small_050": 64,  # hard-swish, SE with hard-sigmoid gates
 }
 
+#: ``--set wide``: 44 more families (transformers, MLP mixers, attention CNNs, re-param
+#: nets), model name -> input side
+WIDE = {
+    **{name: 224 for name in (
+        "vit_tiny_patch16_224", "deit_tiny_patch16_224", "swin_tiny_patch4_window7_224",
+        "mixer_s16_224", "resmlp_12_224", "cait_xxs24_224", "xcit_nano_12_p16_224",
+        "levit_128s", "efficientformer_l1", "gmlp_ti16_224", "sequencer2d_s",
+        "coat_lite_tiny", "pit_ti_224", "twins_svt_small", "visformer_tiny", "convit_tiny",
+        "pvt_v2_b0", "mvitv2_tiny", "efficientvit_b0", "repvit_m1", "eva02_tiny_patch14_224",
+        "nest_tiny")},
+    **{name: 64 for name in (
+        "poolformer_s12", "mobilevit_xxs", "nf_resnet26", "resnest14d", "skresnet18",
+        "res2net50_26w_4s", "dpn68", "ghostnet_100", "rexnet_100", "edgenext_xx_small",
+        "fastvit_t8", "hgnetv2_b0", "ese_vovnet19b_dw", "selecsls42b", "inception_next_tiny",
+        "mobileone_s0", "densenetblur121d", "tresnet_m", "convmixer_768_32")},
+    **{name: 256 for name in ("botnet26t_256", "halonet26t", "lambda_resnet26t")},
+}
+
 
 def main():
     import torch
@@ -41,11 +59,14 @@ def main():
     ap.add_argument("--method", default="TAT")
     ap.add_argument("--activation", default=None)
     ap.add_argument("--shortcut-weight", type=float, default=0.5)
-    ap.add_argument("--models", default=",".join(MODELS))
+    ap.add_argument("--set", choices=("default", "wide"), default="default",
+                    help="the 13 families above, or the 44 of WIDE")
+    ap.add_argument("--models", default=None, help="comma-separated names (default: the set)")
     args = ap.parse_args()
+    sizes = WIDE if args.set == "wide" else MODELS
     counts = {"ok": 0, "refused": 0, "CRASH": 0}
-    for name in args.models.split(","):
-        size = MODELS.get(name, 64)
+    for name in (args.models.split(",") if args.models else sizes):
+        size = sizes.get(name, MODELS.get(name, WIDE.get(name, 64)))
         t0 = time.time()
         try:
             torch.manual_seed(0)

@@ -92,7 +92,7 @@ def reset_branch_scales(graph: Graph, *, copy: bool = True) -> tuple[Graph, dict
     and ReZero-style scalars. A normalized sum ``w x + sqrt(1 - w²) f(x)`` assumes the branch
     carries q ~ 1; with gamma = 1e-6 it carries ~0, and the residual stream's q shrinks by w²
     per block (torchvision convnext_tiny, shaped with its layer scales: q 0.25 after the
-    first block, 0.0000 after the ninth). The parameter stays (trainable, same shape and
+    first block, 0.0000 at mid-depth). The parameter stays (trainable, same shape and
     dtype); only its initial value changes. A scale another node also reads is left alone.
 
     Returns ``(new_graph, record)`` (``rewritten``: one entry per reset scale); the input
