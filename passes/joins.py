@@ -1,11 +1,11 @@
-"""Shaping passes on joins: normalized sums, and pre-activation shortcuts.
+"""Shaping passes on joins: layer scales, normalized sums, and pre-activation shortcuts.
 
 Every join of two or more signals that adds them (``add``, ``sub``, ``sum``) becomes a ``sum``
 node ``sum_i w_i x_i`` with ``sum_i w_i^2 = 1``, so that it averages the kernels of its
 inputs (q and c of the output are ``sum_i w_i^2 q_i`` and ``sum_i w_i^2 c_i``) instead of
 adding them up. Joins are found by :func:`graphshape.passes.subnetworks.find_joins` (fork =
-immediate dominator; a residual join has one input whose branch holds no activation: an
-identity or projection shortcut):
+immediate dominator; a residual join has one input whose branch holds no nonlinear layer, an
+identity or projection shortcut, and inputs of its output's shape):
 
 * residual joins: shortcut ``w = shortcut_weight``, branch ``sqrt(1 - w^2)``. ``w = 0``
   removes the skip connection, and the shortcut's own layers (a projection conv) when
@@ -13,8 +13,11 @@ identity or projection shortcut):
 * other joins: equal weights ``1/sqrt(k)`` (sign kept for ``sub``);
 * concatenations are left as they are: the analysis weighs them by channel share.
 
-:func:`move_shortcuts_to_preactivation` then lets V1 blocks' identity shortcuts read the
-residual stream rather than the activation after it (TAT's default; see its docstring).
+:func:`reset_branch_scales` runs first: a constant scale that ends a residual branch (a
+layer scale, ``x + gamma * f(x)``) is set to 1, since the normalized sum assumes the branch
+carries q ~ 1. :func:`move_shortcuts_to_preactivation` then lets V1 blocks' identity shortcuts
+read the residual stream rather than the activation after it (TAT's default; see its
+docstring).
 """
 
 from __future__ import annotations
@@ -79,7 +82,6 @@ def normalize_sums(graph: Graph, shortcut_weight: float, *, copy: bool = True) -
     return g, {"removed": removed, "rewritten": rewritten}
 
 
-#: the max-pooling ops (one rule for all: they take the max over a window)
 #: ops a layer scale may pass through between its mul and the residual join (or, for its
 #: parameter, between the parameter and the mul)
 _BRANCH_PASS = ("dropout", "identity", "reshape", "transpose", "flatten", "squeeze",
@@ -140,6 +142,7 @@ def _sole_constant(g: Graph, mul):
     return node
 
 
+#: the max-pooling ops (one rule for all: they take the max over a window)
 MAX_POOL_OPS = ("max_pool", "global_max_pool", "adaptive_max_pool")
 
 

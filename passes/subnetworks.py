@@ -25,8 +25,8 @@ nonlinear layers (``activation`` nodes) apply ``r``; joins average their inputs 
 weights that sum to 1 (normalized sum ``sum w_i x_i`` with ``sum w_i^2 = 1``: weights ``w_i^2``;
 concat: ``n_i / N`` by channel count); products of two signals multiply (``mul``, ``div``,
 ``matmul``: the c of a product of independent signals is the product of their c values), except
-that a factor computed by a softmax (through reshapes, transposes, dropout) is a set of mixing
-weights, not a signal: attention's ``softmax(q kᵀ) v`` averages the tokens of ``v`` with
+that a factor computed by a softmax (through reshapes, transposes, dropout, or the linear layers
+of CaiT's talking heads) is a set of mixing weights, not a signal: attention's ``softmax(q kᵀ) v`` averages the tokens of ``v`` with
 convex weights, which is treated like average pooling, as the identity on ``v``'s kernel (the
 same map the PyTorch frontend gives an opaque attention call, so a model and its ONNX export
 get the same M); every other op (affine layers, pooling, reshapes, normalization, ops with a
@@ -51,8 +51,6 @@ _ROOT = ("__graphshape_root__",)
 
 _SUM_LIKE = ("sum", "add", "sub")
 _PRODUCT_OPS = ("mul", "div", "matmul")
-
-
 
 
 def signal_nodes(graph: Graph) -> set[str]:
