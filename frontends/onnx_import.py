@@ -1554,6 +1554,33 @@ class _Importer:
                   "ends": tuple(norm_ends), "steps": tuple(int(s) for s in steps)},
                  outputs=node.output, source=node.name)
 
+    def _op_Gather(self, node, a, name):
+        """Gather of one constant index from a signal: a select (``x[:, i]``, the exporters'
+        form of ``unbind`` / ``chunk``: attention's q, k, v taken from the stacked qkv),
+        written as a slice and a squeeze. Other Gathers (an embedding table indexed by
+        token ids, several indices) stay opaque."""
+        data, index = node.input[0], node.input[1]
+        if self.is_const(data) or not self.is_const(index) or self.const(index).ndim != 0:
+            raise _Unsupported("not a select from a signal")
+        shape = self.info(data).shape
+        rank = self._rank(data)
+        if rank is None or shape is None:
+            raise _Unsupported("unknown rank")
+        axis = self._norm_axes([int(a.get("axis", 0))], rank)[0]
+        dim = shape[axis]
+        i = int(self.const(index))
+        if i < 0:
+            if not isinstance(dim, int):
+                raise _Unsupported("negative index into an unknown dim")
+            i += dim
+        dtype = self.info(data).dtype or "float32"
+        sliced = tuple(1 if k == axis else d for k, d in enumerate(shape))
+        picked = self.add(f"{name}.slice", "slice", [self.signal(data)],
+                          {"axes": (axis,), "starts": (i,), "ends": (i + 1,), "steps": (1,)},
+                          infos=[TensorInfo(sliced, dtype)])
+        self.add(name, "squeeze", [picked.out], {"axes": [axis]}, outputs=node.output,
+                 source=node.name)
+
     def _op_Split(self, node, a, name):
         rank = self._rank(node.input[0])
         axis = int(a.get("axis", 0))

@@ -330,6 +330,24 @@ def test_split_forms(opset, attrs, inputs):
     assert sum([n for n in g if n.op == "split"][0].attrs["sizes"]) == 6
 
 
+@pytest.mark.parametrize("axis,index", [(0, 1), (2, -1), (-1, 0)])
+def test_gather_of_one_index_from_a_signal_is_a_select(axis, index):
+    # torch's dynamo exporter writes unbind (attention's q, k, v) as Gather with a scalar
+    # index; it was opaque, and the analysis stopped there ("unknown after opaque")
+    m = _model([helper.make_node("Relu", ["x"], ["r"]),
+                helper.make_node("Gather", ["r", "i"], ["y"], axis=axis)],
+               [("x", (3, 2, 4, 5))], [("y", None)], [_init("i", np.array(index))])
+    g, _ = _roundtrip(m, {"x": _rand(3, 2, 4, 5)}, ["slice", "squeeze"])
+    assert g.count_ops().get("opaque", 0) == 0
+
+
+def test_gather_of_several_indices_stays_opaque():
+    several = _model([helper.make_node("Gather", ["x", "i"], ["y"], axis=1)],
+                     [("x", (2, 4))], [("y", None)], [_init("i", np.array([0, 2]))])
+    g, _ = _roundtrip(several, {"x": _rand(2, 4)}, ["opaque"])
+    assert "slice" not in g.count_ops()
+
+
 # --------------------------------------------------------------------------- normalization
 def test_batch_norm_instance_norm_lrn():
     c = 3
