@@ -99,10 +99,11 @@ def reset_branch_scales(graph: Graph, *, copy: bool = True) -> tuple[Graph, dict
 
     Returns ``(new_graph, record)`` (``rewritten``: one entry per reset scale); the input
     graph is not modified unless ``copy=False``."""
-    from graphshape.passes.subnetworks import find_joins
+    from graphshape.passes.subnetworks import find_joins, signal_nodes
 
     g = graph.copy() if copy else graph
     rewritten: list[dict] = []
+    signals = signal_nodes(g)  # resetting a constant's value does not change which are signals
     for join in find_joins(g):
         if join.shortcut is None or g[join.node].op not in ("add", "sub", "sum"):
             continue
@@ -111,7 +112,7 @@ def reset_branch_scales(graph: Graph, *, copy: bool = True) -> tuple[Graph, dict
             node = g[node.inputs[0].node]
         if node.op != "mul" or len(node.inputs) != 2:
             continue
-        const = _sole_constant(g, node)
+        const = _sole_constant(g, node, signals)
         if const is None:
             continue
         value = const.params["value"]
@@ -123,12 +124,9 @@ def reset_branch_scales(graph: Graph, *, copy: bool = True) -> tuple[Graph, dict
     return g, {"removed": [], "rewritten": rewritten}
 
 
-def _sole_constant(g: Graph, mul):
+def _sole_constant(g: Graph, mul, signals: set[str]):
     """The float constant node that ``mul`` multiplies its signal by, when nothing else
     reads it (through reshapes of the parameter: ``gamma.reshape(1, -1, 1, 1)``)."""
-    from graphshape.passes.subnetworks import signal_nodes
-
-    signals = signal_nodes(g)
     others = [r for r in mul.inputs if r.node not in signals]
     if len(others) != 1 or len(mul.inputs) - len(others) != 1:
         return None
@@ -203,10 +201,11 @@ def move_shortcuts_to_preactivation(graph: Graph, *, copy: bool = True) -> tuple
     Run it after :func:`normalize_sums` (weights) and before solving. Returns
     ``(new_graph, record)``, ``record["rewritten"]`` listing each moved shortcut and
     reordered pool; the input graph is not modified unless ``copy=False``."""
-    from graphshape.passes.subnetworks import find_joins
+    from graphshape.passes.subnetworks import find_joins, signal_nodes
 
     g = graph.copy() if copy else graph
     rewritten: list[dict] = []
+    signals = signal_nodes(g)  # resetting a constant's value does not change which are signals
     for join in find_joins(g):
         node = g[join.node]
         if join.shortcut is None or node.op != "sum":

@@ -196,6 +196,11 @@ def find_signal_products(graph: Graph, gates: list[tuple[str, str]] = ()) -> lis
     return found
 
 
+#: ops between a product and the softmax it feeds in attention logits (``q kᵀ * scale +
+#: bias``); opaque: a scale traced from the head size, masked_fill
+_LOGIT_OPS = (*_PASS_THROUGH, "mul", "div", "add", "sub", "sum", "affine", "opaque")
+
+
 def _reaches_softmax(graph: Graph, node) -> bool:
     """Whether ``node``'s output reaches a softmax through reshapes, scalings, sums, opaque
     calls and linear layers (attention logits: ``softmax(q kᵀ * scale + bias)``; CaiT's
@@ -205,10 +210,7 @@ def _reaches_softmax(graph: Graph, node) -> bool:
         for user in graph.users(frontier.pop()):
             if user.op == "softmax":
                 return True
-            # opaque: a scale traced from the head size, masked_fill
-            if user.name not in seen and user.op in (*_PASS_THROUGH, "mul", "div", "add",
-                                                     "sub", "sum", "affine", "opaque",
-                                                     "linear"):  # talking heads
+            if user.name not in seen and user.op in (*_LOGIT_OPS, "linear"):  # talking heads
                 seen.add(user.name)
                 frontier.append(user.name)
     return False
@@ -227,8 +229,7 @@ def _feeds_only_attention_logits(graph: Graph, node) -> bool:
         for user in users:
             if user.op == "softmax" or user.name in seen:
                 continue
-            if user.op not in (*_PASS_THROUGH, "mul", "div", "add", "sub", "sum", "affine",
-                               "opaque", "matmul"):
+            if user.op not in (*_LOGIT_OPS, "matmul"):
                 return False
             seen.add(user.name)
             frontier.append(user.name)

@@ -25,11 +25,11 @@ nonlinear layers (``activation`` nodes) apply ``r``; joins average their inputs 
 weights that sum to 1 (normalized sum ``sum w_i x_i`` with ``sum w_i^2 = 1``: weights ``w_i^2``;
 concat: ``n_i / N`` by channel count); products of two signals multiply (``mul``, ``div``,
 ``matmul``: the c of a product of independent signals is the product of their c values), except
-that a factor computed by a softmax (through reshapes, transposes, dropout, or the linear layers
-of CaiT's talking heads) is a set of mixing weights, not a signal: attention's ``softmax(q kᵀ) v`` averages the tokens of ``v`` with
-convex weights, which is treated like average pooling, as the identity on ``v``'s kernel (the
-same map the PyTorch frontend gives an opaque attention call, so a model and its ONNX export
-get the same M); every other op (affine layers, pooling, reshapes, normalization, ops with a
+that a factor computed by a softmax (through reshapes, transposes, dropout, or the linear
+layers of CaiT's talking heads) is a set of mixing weights, not a signal: attention's
+``softmax(q kᵀ) v`` averages the tokens of ``v`` with convex weights, which is treated like
+average pooling, as the identity on ``v``'s kernel (the same map the PyTorch frontend gives an
+opaque attention call, so a model and its ONNX export get the same M); every other op (affine layers, pooling, reshapes, normalization, ops with a
 constant operand) is the identity on ``x``.
 """
 
@@ -203,8 +203,8 @@ def _is_nonlinear_layer(node, signals: set[str]) -> bool:
 
 def mixing_weights(graph: Graph) -> set[str]:
     """Softmax outputs, possibly reshaped (transposes, reshapes, dropout) or mixed across
-    heads by a linear layer (talking heads): attention's mixing weights. A product with one of them averages its other factor over tokens
-    (see the module docstring)."""
+    heads by a linear layer (talking heads): attention's mixing weights. A product with one
+    of them averages its other factor over tokens (see the module docstring)."""
     found: set[str] = set()
     for node in graph:
         if node.op == "softmax" or ((spec(node.op).category == "shape" or node.op == "linear")
@@ -308,10 +308,10 @@ def join_kernel_weights(graph: Graph, join: Join, *, weights: Mapping | None = N
 
 def _compile(graph: Graph, nodes: Sequence[str], sources: Sequence[str], out: str,
              join_weights: Mapping[str, list[float]], joins_by_node: Mapping[str, Join],
-             signals: set[str]) -> tuple:
+             signals: set[str], mixing: set[str]) -> tuple:
+    """``mixing``: :func:`mixing_weights` of ``graph``."""
     reg: dict[str, int] = {s: 0 for s in sources}
     prog: list[tuple] = []
-    mixing = mixing_weights(graph)
     for name in nodes:
         node = graph[name]
         refs = [r for r in node.inputs if r.node in reg]
@@ -434,6 +434,7 @@ def subnet_max_func(graph: Graph, weights: Mapping[str, Sequence[float]] | None 
     (flagged in ``.flags``).
     """
     info = _analyse(graph)
+    mixing = mixing_weights(graph)  # one pass for every subnetwork's program
     if not graph.inputs:
         raise GraphshapeError("the graph has no input nodes: nothing to analyse")
     joins_by_node = {j.node: j for j in info.joins}
@@ -462,7 +463,8 @@ def subnet_max_func(graph: Graph, weights: Mapping[str, Sequence[float]] | None 
     if not outs:
         raise GraphshapeError("no model output depends on a model input: nothing to analyse")
     for o in outs:
-        add(_compile(graph, signal_order, graph.inputs, o, join_w, joins_by_node, info.signals),
+        add(_compile(graph, signal_order, graph.inputs, o, join_w, joins_by_node, info.signals,
+                     mixing),
             "network", always=True)
 
     done: set[tuple[str | None, str]] = set()
@@ -473,6 +475,7 @@ def subnet_max_func(graph: Graph, weights: Mapping[str, Sequence[float]] | None 
                 continue
             done.add(key)
             sources = [j.fork] if j.fork is not None else list(graph.inputs)
-            add(_compile(graph, branch, sources, ref.node, join_w, joins_by_node, info.signals),
+            add(_compile(graph, branch, sources, ref.node, join_w, joins_by_node, info.signals,
+                         mixing),
                 f"branch {j.fork or 'inputs'} -> {j.node}[{ref!r}]")
     return SubnetMaxFunc(programs, descriptions, info.joins, flags)
