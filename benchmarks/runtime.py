@@ -8,9 +8,14 @@ Networks (torchvision resnet50, weights=None):
 * ``original``     the BatchNorm network (train mode for the training step, eval for inference);
 * ``bn->identity`` the original with every BatchNorm2d replaced by nn.Identity: the floor a
                    normalizer-free network can reach (no φ̂ cost);
-* ``dks``, ``tat`` ``graphshape.shape(method=...)`` (TAT: leaky_relu);
-* ``dks (folded)``, ``tat (folded)`` (``--fold-scales``) the same with ``fold_scales=True``:
-                   activation scales and sum weights folded into the conv weights.
+* ``dks``, ``tat`` ``graphshape.shape(method=...)`` (TAT: leaky_relu), as shaped by default:
+                   activation scales and sum weights moved onto the conv layers, which
+                   compute with scaled weights (``fold_scales="weights"``: the parameters
+                   and the training are those of the unfolded network);
+* ``... (unfolded)``, ``... (folded params)`` (``--fold-scales``) the same with
+                   ``fold_scales="none"`` (the scales as elementwise passes) and with
+                   ``fold_scales="parameters"`` (multiplied into the stored parameters:
+                   a different parametrization for training).
 
 Measured: one training step (forward, cross-entropy, backward, SGD step) and one inference
 forward pass in eval mode under ``torch.no_grad``. Every network is timed in turn in each
@@ -54,13 +59,15 @@ def _networks(x, fold_scales=False):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         nets = {"original": original(), "bn->identity": no_bn()}
-        for fold in (False, True) if fold_scales else (False,):
-            suffix = " (folded)" if fold else ""
+        modes = {"weights": ""}
+        if fold_scales:
+            modes.update({"none": " (unfolded)", "parameters": " (folded params)"})
+        for mode, suffix in modes.items():
             nets["dks" + suffix] = graphshape.shape(original(), x[:1], method="DKS", seed=0,
-                                                    fold_scales=fold)
+                                                    fold_scales=mode)
             nets["tat" + suffix] = graphshape.shape(original(), x[:1], method="TAT",
                                                     activation="leaky_relu", seed=0,
-                                                    fold_scales=fold)
+                                                    fold_scales=mode)
         return nets
 
 
@@ -74,7 +81,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--channels-last", action="store_true",
                         help="every network and the input in torch.channels_last")
     parser.add_argument("--fold-scales", action="store_true",
-                        help="also time dks and tat shaped with fold_scales=True")
+                        help="also time dks and tat shaped with fold_scales='none' and "
+                             "fold_scales='parameters'")
     parser.add_argument("--device", default="cpu",
                         help="torch device for the networks and the batch (cpu, cuda, cuda:1)")
     parser.add_argument("--onnx", action="store_true",

@@ -5,11 +5,14 @@ Four versions of the same network (3x3 convs, width 32, no skip connections, ReL
 * ``default``   PyTorch's default initialization, no normalization;
 * ``batchnorm`` a BatchNorm2d after every conv;
 * ``tat``       the default network shaped by ``graphshape.shape(method="TAT",
-                activation="leaky_relu")`` (TReLU, eta = 0.9);
+                activation="leaky_relu")`` (TReLU, eta = 0.9; its scale computed on the next
+                conv's weight, the default ``fold_scales="weights"``: same training as an
+                elementwise TReLU);
 * ``dks``       the default network shaped by ``graphshape.shape(method="DKS")`` (ReLU);
 * ``tat_folded`` (only with ``--fold-scales``, or named in ``--kinds``) the ``tat`` network
-                with ``fold_scales=True``: TReLU's scale folded into the next conv's weights
-                (the same function at initialization, a different parametrization).
+                with ``fold_scales=True`` ("parameters"): TReLU's scale multiplied into the
+                next conv's stored weights (the same function at initialization, a different
+                parametrization).
 
 Each is trained with Adam for a few epochs at every learning rate of a small grid; the
 table shows, per version, the best learning rate's final training loss and test accuracy.

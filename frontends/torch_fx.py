@@ -771,7 +771,7 @@ def _act(ld, fx_node, name, x=None, **attrs):
 def _act_spec(mod) -> tuple[str, dict]:
     """(registry name, attributes) of an activation module; KeyError if not one."""
     t = type(mod)
-    if t is nn.LeakyReLU:
+    if t is nn.LeakyReLU or t is _tm.LeakyReLU:
         return "leaky_relu", {"negative_slope": float(mod.negative_slope)}
     if t is nn.ReLU6:
         return "relu6", {}
@@ -959,6 +959,18 @@ def _m_gs_weighted_sum(ld, fx_node, mod):
     _emit(ld, fx_node, "sum", xs, attrs)
 
 
+def _m_gs_scaled_layer(plain_handler):
+    """A graphshape scaled conv / linear (passes.fold, mode "weights"): the plain layer's
+    node with its ``weight_scale`` / ``bias_scale`` attributes."""
+    def handler(ld, fx_node, mod):
+        plain_handler(ld, fx_node, mod)
+        node = ld.graph[ld.env[fx_node].node]
+        for key in ("weight_scale", "bias_scale"):
+            if getattr(mod, key) != 1.0:
+                node.attrs[key] = float(getattr(mod, key))
+    return handler
+
+
 def _m_gs_affine(ld, fx_node, mod):
     _emit(ld, fx_node, "affine", [_input(ld, fx_node)], {"axis": mod.axis},
           _module_params(mod, ["scale", "shift"]), module_path=fx_node.target)
@@ -976,6 +988,12 @@ _GRAPHSHAPE_MODULE_OPS = [
     (_tm.WeightedSum, _m_gs_weighted_sum),
     (_tm.Affine, _m_gs_affine),
     (_tm.LocalResponseNorm, _m_gs_lrn),
+    (_tm.LeakyReLU, _m_activation),  # a folded TReLU read by other layers too
+    *[(c, _m_gs_scaled_layer(_m_conv)) for c in (_tm.ScaledConv1d, _tm.ScaledConv2d,
+                                                  _tm.ScaledConv3d)],
+    *[(c, _m_gs_scaled_layer(_m_conv_transpose))
+      for c in (_tm.ScaledConvTranspose1d, _tm.ScaledConvTranspose2d, _tm.ScaledConvTranspose3d)],
+    (_tm.ScaledLinear, _m_gs_scaled_layer(_m_linear)),
 ]
 #: graphshape.torch_modules classes traced as fx leaves and mapped by the handlers above
 _GRAPHSHAPE_MODULES = tuple(c for c, _ in _GRAPHSHAPE_MODULE_OPS)

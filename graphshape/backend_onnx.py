@@ -138,6 +138,11 @@ def _param_or_input(ctx: _Ctx, node: Node, pname: str, slot: int, transform=None
     neither exists."""
     if pname in node.params and node.params[pname] is not None:
         value = node.params[pname]
+        # a scale that a fold moved onto the layer (graphshape.passes.fold, mode "weights"):
+        # an inference graph has no parametrization to keep, so it goes into the initializer
+        scale = float(node.attrs.get(f"{pname}_scale", 1.0))
+        if scale != 1.0:
+            value = np.multiply(value, scale, dtype=value.dtype)
         if transform is not None:
             value = transform(value)
         return ctx.const(value, f"{node.name}.{pname}")

@@ -72,10 +72,14 @@ def _add_shaping_options(p) -> None:
                         "before the activation (pre-activation, V2-style; default: on for "
                         "tat, off for dks and untransformed)")
     p.add_argument("--seed", type=int, default=0, help="seed of the orthogonal initialization")
-    p.add_argument("--fold-scales", action="store_true",
-                   help="fold the activations' positive scales and the normalized sums' "
-                        "weights into the conv/linear weights after initialization (same "
-                        "function, faster; changes the parametrization training sees)")
+    p.add_argument("--fold-scales", nargs="?", const="parameters", default="weights",
+                   choices=("weights", "parameters", "none"), metavar="MODE",
+                   help="move the activations' positive scales and the normalized sums' "
+                        "weights onto the conv/linear layers after initialization: "
+                        "'weights' (default) computes them on the weights in each forward "
+                        "(training unchanged); 'parameters' (also the bare flag) multiplies "
+                        "them into the stored parameters (a little faster; changes the "
+                        "parametrization training sees); 'none' leaves them elementwise")
 
 
 def _check_options(args) -> None:

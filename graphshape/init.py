@@ -406,6 +406,10 @@ def initialize(graph, seed: int | None = None, *, copy: bool = True, skip=()):
     for i, (node, plan, n, rows, cols) in enumerate(requests):
         old_shape = list(np.shape(node.params["weight"]))
         node.params["weight"] = new_weights[i]
+        # scales an earlier fold left on the layer (re-shaping a shaped model) belonged to
+        # the old weights
+        node.attrs.pop("weight_scale", None)
+        node.attrs.pop("bias_scale", None)
         bias_zeroed = node.params.get("bias") is not None
         if bias_zeroed:
             node.params["bias"] = np.zeros_like(node.params["bias"])

@@ -58,6 +58,12 @@ _POOL_ATTRS = {
     "ceil_mode": "bool",
 }
 
+#: attributes a scale fold (passes/fold.py, mode "weights") puts on conv / linear layers
+_LAYER_SCALES = {
+    "weight_scale": "float, optional (1): the layer computes with weight_scale * weight",
+    "bias_scale": "float, optional (1): ... and bias_scale * bias",
+}
+
 _SPECS = [
     OpSpec("input", "io", "none", "A model input. attrs: name (ONNX/torch argument name).",
            {"name": "argument name"}),
@@ -71,16 +77,17 @@ _SPECS = [
            {"dims": "1, 2 or 3", "in_channels": "int", "out_channels": "int",
             "kernel_shape": "tuple", "stride": "tuple", "pads": "ONNX-style begin/end pads",
             "dilation": "tuple", "groups": "int",
-            "padding_mode": "'zeros' | 'reflect' | 'replicate' | 'circular'"},
+            "padding_mode": "'zeros' | 'reflect' | 'replicate' | 'circular'",
+            **_LAYER_SCALES},
            {"weight": "(out, in/groups, *kernel)", "bias": "(out,), optional"}),
     OpSpec("conv_transpose", "affine", "affine", "N-d transposed convolution.",
            {"dims": "1, 2 or 3", "in_channels": "int", "out_channels": "int",
             "kernel_shape": "tuple", "stride": "tuple", "pads": "begin/end pads",
-            "output_padding": "tuple", "dilation": "tuple", "groups": "int"},
+            "output_padding": "tuple", "dilation": "tuple", "groups": "int", **_LAYER_SCALES},
            {"weight": "(in, out/groups, *kernel)", "bias": "(out,), optional"}),
     OpSpec("linear", "affine", "affine",
            "Dense layer over the last axis: y = x W^T + b (nn.Linear, Gemm, MatMul by a constant).",
-           {"in_features": "int", "out_features": "int"},
+           {"in_features": "int", "out_features": "int", **_LAYER_SCALES},
            {"weight": "(out, in)", "bias": "(out,), optional"}),
     OpSpec("matmul", "arith", "product", "Matrix product of two signals (torch.matmul, MatMul)."),
     OpSpec("add", "arith", "sum", "x + y with broadcasting. A join when both are signals.",

@@ -20,7 +20,7 @@ PLN_EPS = 1e-6
 
 
 def _options(method, activation, shortcut_weight, zeta, eta, tau, max_pool_to_avg, seed,
-             pln=False, preactivation_shortcuts=None, fold_scales=False):
+             pln=False, preactivation_shortcuts=None, fold_scales="weights"):
     """The options as shape_graph takes them, after checking their types (the values are
     checked by the solver, which knows the valid ranges)."""
     import math
@@ -38,8 +38,10 @@ def _options(method, activation, shortcut_weight, zeta, eta, tau, max_pool_to_av
             raise GraphshapeError(f"{name} must be a number, got {type(value).__name__} {value!r}")
         if not math.isfinite(float(value)):
             raise GraphshapeError(f"{name} must be a finite number, got {value!r}")
-    for name, value in (("pln", pln), ("max_pool_to_avg", max_pool_to_avg),
-                        ("fold_scales", fold_scales)):
+    from graphshape.passes.fold import canonical_fold_mode
+
+    fold_scales = canonical_fold_mode(fold_scales)
+    for name, value in (("pln", pln), ("max_pool_to_avg", max_pool_to_avg)):
         if not isinstance(value, bool):
             raise GraphshapeError(f"{name} must be True or False, got {value!r}")
     if preactivation_shortcuts is not None and not isinstance(preactivation_shortcuts, bool):
@@ -130,7 +132,7 @@ def shape(module, example_inputs=None, *, method: str = "TAT", activation: str |
           shortcut_weight: float = DEFAULT_SHORTCUT_WEIGHT, zeta: float = 1.5, eta: float = 0.9,
           tau: float = 0.3, pln: bool = False, max_pool_to_avg: bool = False,
           preactivation_shortcuts: bool | None = None, seed: int | None = None,
-          fold_scales: bool = False):
+          fold_scales: bool | str = "weights"):
     """Shape a PyTorch model with DKS or TAT and return a ``torch.fx.GraphModule``.
 
     module:          an ``nn.Module`` (traced with torch.fx) or a graphshape ``Graph``.
@@ -151,14 +153,18 @@ def shape(module, example_inputs=None, *, method: str = "TAT", activation: str |
                      non-zero mean that otherwise makes q grow block after block; off for DKS
                      (zero-mean) and untransformed. See docs/shaping.md.
     seed:            seed of the orthogonal initialization.
-    fold_scales:     after initialization, fold the activations' positive scales (TAT's
-                     TReLU becomes a plain leaky_relu) and the normalized sums' weights into
-                     the neighbouring conv/linear weights
-                     (:func:`graphshape.passes.fold.fold_scales`). The same function at
-                     initialization, fewer elementwise passes per step; but gradient
-                     descent then sees differently scaled weights, so training can differ
-                     (measured in benchmarks/shortcut_weight.py and
-                     examples/train_vanilla_digits.py with --fold-scales). Off by default.
+    fold_scales:     after initialization, move the activations' positive scales (TAT's
+                     TReLU becomes a plain leaky_relu) and the normalized sums' weights onto
+                     the neighbouring conv/linear layers
+                     (:func:`graphshape.passes.fold.fold_scales`): fewer passes over the
+                     activations, the same function. "weights" (default): the layers
+                     compute with scaled weights (``ScaledConv2d``...), the parameters and
+                     their gradients are those of the unfolded network, so training is
+                     unchanged. "parameters" (or True): the stored parameters are scaled,
+                     a little faster, but gradient descent then sees differently scaled
+                     weights (measured in benchmarks/shortcut_weight.py and
+                     examples/train_vanilla_digits.py). "none" (or False): the scales stay
+                     elementwise passes.
 
     ``result.meta["graphshape"]`` is the :class:`ShapeReport`.
     """
@@ -229,7 +235,7 @@ def shape_onnx(src, dst, *, method: str = "TAT", activation: str | None = None,
                shortcut_weight: float = DEFAULT_SHORTCUT_WEIGHT, zeta: float = 1.5,
                eta: float = 0.9, tau: float = 0.3, pln: bool = False,
                max_pool_to_avg: bool = False, preactivation_shortcuts: bool | None = None,
-               seed: int | None = None, fold_scales: bool = False) -> ShapeReport:
+               seed: int | None = None, fold_scales: bool | str = "weights") -> ShapeReport:
     """Shape an ONNX model (a path or ``onnx.ModelProto``) and write it to ``dst``.
 
     Same options as :func:`shape`. The result is checker-valid in the source's opset, carries

@@ -287,6 +287,9 @@ def rule_affine(ctx: RuleContext) -> Kernel:
         w = weight if isinstance(weight, np.ndarray) else np.asarray(weight)
         gain = float(_tap_norms(w).sum()) / max(1, w.shape[0]) if w.ndim == 2 else \
             _weight_gain(node, w, 0)
+    # scales a fold moved onto the layer (graphshape.passes.fold, mode "weights")
+    gain *= float(node.attrs.get("weight_scale", 1.0)) ** 2
+    bias_sq *= float(node.attrs.get("bias_scale", 1.0)) ** 2
     return _gain(k, gain, bias_sq)
 
 

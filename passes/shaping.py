@@ -506,7 +506,8 @@ def shape_graph(graph: Graph, *, method: str = "TAT", activation: str | None = N
                 eta: float = 0.9, tau: float = 0.3, max_pool_to_avg: bool = False,
                 preactivation_shortcuts: bool | None = None,
                 initialize: bool = True, seed: int | None = None,
-                fold_scales: bool = False, copy: bool = True) -> tuple[Graph, ShapeReport]:
+                fold_scales: bool | str = "weights",
+                copy: bool = True) -> tuple[Graph, ShapeReport]:
     """Shape ``graph`` with DKS / TAT (see the module docstring). Returns the new graph and a
     :class:`ShapeReport`; ``graph`` is not modified unless ``copy=False``. Raises
     GraphshapeError when the model cannot be shaped (a gate, a target no parameter reaches,
@@ -522,18 +523,23 @@ def shape_graph(graph: Graph, *, method: str = "TAT", activation: str | None = N
     TAT, whose transformed activations have non-zero mean, and not for DKS (zero mean) or
     untransformed networks.
 
-    ``fold_scales``: after initialization, fold the activations' positive scales (TReLU) and
-    the normalized sums' weights into the neighbouring conv/linear weights
-    (:func:`graphshape.passes.fold.fold_scales`): the same function at initialization with
-    fewer elementwise passes, but a different parametrization for training."""
+    ``fold_scales``: after initialization, move the activations' positive scales (TReLU) and
+    the normalized sums' weights onto the neighbouring conv/linear layers
+    (:func:`graphshape.passes.fold.fold_scales`): the same function with fewer elementwise
+    passes. "weights" (default): the layers compute with scaled weights, the parameters and
+    gradients are unchanged; "parameters" (True): the stored parameters are scaled, which
+    changes the parametrization training sees; "none" (False): no folding."""
+    from graphshape.passes.fold import canonical_fold_mode
+
     method = canonical_method(method)
+    fold_scales = canonical_fold_mode(fold_scales)
     if preactivation_shortcuts is None:
         preactivation_shortcuts = method == "TAT"
     report = ShapeReport(method, options={
         "method": method, "activation": activation, "shortcut_weight": shortcut_weight,
         "zeta": zeta, "eta": eta, "tau": tau, "max_pool_to_avg": max_pool_to_avg,
         "preactivation_shortcuts": bool(preactivation_shortcuts), "seed": seed,
-        "fold_scales": bool(fold_scales)})
+        "fold_scales": fold_scales})
     graph.validate()
     for node in graph:
         if node.op == "activation":
@@ -698,10 +704,10 @@ def shape_graph(graph: Graph, *, method: str = "TAT", activation: str | None = N
         for key, value in node.params.items():
             if id(value) in shared_ids:
                 node.params[key] = np.array(value, copy=True)
-    if fold_scales:
+    if fold_scales != "none":
         from graphshape.passes.fold import fold_scales as fold_pass
 
-        g, rec = fold_pass(g, copy=False)
+        g, rec = fold_pass(g, mode=fold_scales, copy=False)
         _merge(report, rec)
     g.meta["graphshape"] = report.to_dict()
     g.validate()

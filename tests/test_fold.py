@@ -59,7 +59,7 @@ def shaped_cache():
     return {}
 
 
-def _shaped(cache, arch, method):
+def _shaped(cache, arch, method, mode="parameters"):
     """(source graph, shaped graph, folded graph, fold record, example input)."""
     if (arch, method) not in cache:
         factory, shape = MODELS[arch]
@@ -67,10 +67,13 @@ def _shaped(cache, arch, method):
         graph = load(factory(), (x,))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            shaped, _ = shape_graph(graph, method=method, seed=0)
-        folded, record = fold_scales(shaped)
-        cache[arch, method] = (graph, shaped, folded, record, x)
-    return cache[arch, method]
+            shaped, _ = shape_graph(graph, method=method, seed=0, fold_scales="none")
+        cache[arch, method] = (graph, shaped, x)
+    if (arch, method, mode) not in cache:
+        graph, shaped, x = cache[arch, method]
+        folded, record = fold_scales(shaped, mode=mode)
+        cache[arch, method, mode] = (graph, shaped, folded, record, x)
+    return cache[arch, method, mode]
 
 
 def _fingerprint(graph):
@@ -95,11 +98,12 @@ def _q_ratios(folded, record):
     return ratios
 
 
+@pytest.mark.parametrize("mode", ["parameters", "weights"])
 @pytest.mark.parametrize("arch,method", CASES)
-def test_folding_keeps_the_function_and_the_kernels(shaped_cache, arch, method):
+def test_folding_keeps_the_function_and_the_kernels(shaped_cache, arch, method, mode):
     from graphshape.passes.analysis import analyze
 
-    _, shaped, folded, record, x = _shaped(shaped_cache, arch, method)
+    _, shaped, folded, record, x = _shaped(shaped_cache, arch, method, mode)
     before = _fingerprint(shaped)
     acts = [n for n in shaped if n.op == "activation"]
     foldable = [n.name for n in acts if homogeneous_scale(n) is not None]
@@ -119,6 +123,12 @@ def test_folding_keeps_the_function_and_the_kernels(shaped_cache, arch, method):
         slots = [i for i, ref in enumerate(folded[r["node"]].inputs) if ref.node in r["into"]]
         assert [folded[r["node"]].attrs["weights"][i] for i in slots] == [1.0] * len(slots)
     assert _fingerprint(shaped) == before  # the input graph is not modified
+    layers = {n for r in record["rewritten"] for n in r["into"]}
+    for name in layers:  # "weights": the scales are attributes, the parameters untouched
+        on_attrs = any(k in folded[name].attrs for k in ("weight_scale", "bias_scale"))
+        same = all(np.array_equal(v, shaped[name].params[k])
+                   for k, v in folded[name].params.items())
+        assert on_attrs == same == (mode == "weights"), name
 
     gen = torch.Generator().manual_seed(2)
     xs = torch.randn(3, *x.shape[1:], generator=gen)
@@ -147,13 +157,14 @@ def test_folding_keeps_the_function_and_the_kernels(shaped_cache, arch, method):
             assert rb[key] == pytest.approx(ra[key], rel=1e-5, abs=1e-6), (ra["node"], key)
 
 
+@pytest.mark.parametrize("mode", ["parameters", "weights"])
 @pytest.mark.parametrize("arch,method", [("resnet18", "TAT"), ("resnet18", "DKS"),
                                          ("vanilla_cnn", "TAT"), ("mlp", "TAT")])
-def test_folded_graph_through_onnx_runtime(shaped_cache, arch, method):
+def test_folded_graph_through_onnx_runtime(shaped_cache, arch, method, mode):
     ort = pytest.importorskip("onnxruntime")
     from graphshape.backend_onnx import emit as emit_onnx
 
-    _, shaped, folded, record, x = _shaped(shaped_cache, arch, method)
+    _, shaped, folded, record, x = _shaped(shaped_cache, arch, method, mode)
     xs = torch.randn(*x.shape, generator=torch.Generator().manual_seed(4))  # static batch
     outs = []
     for g in (shaped, folded):
@@ -282,7 +293,7 @@ def test_sum_weights_fold_only_into_layers_the_sum_alone_reads():
     folded, rec = fold_scales(g)
     assert rec == {"removed": [], "rewritten": [
         {"node": "s", "op": "sum", "what": "weights 0.6 folded into 'c1', 0.3 folded into 'c3'",
-         "scale": [0.6, 0.3], "into": ["c1", "c3"]}]}
+         "scale": [0.6, 0.3], "into": ["c1", "c3"], "mode": "parameters"}]}
     assert folded["s"].attrs["weights"] == (1.0, -0.5, 1.0, 0.4)  # c2 is read by t too
     np.testing.assert_allclose(folded["c1"].params["bias"], 0.6 * g["c1"].params["bias"],
                                rtol=1e-6)
@@ -349,24 +360,78 @@ def test_plain_relu_is_emitted_in_place_only_where_nothing_else_reads_its_input(
 
 
 # ------------------------------------------------------------------ options
+def _train_grads(net, x):
+    net.train()
+    net.zero_grad(set_to_none=True)
+    out = net(x)
+    out.square().mean().backward()
+    return out.detach(), {k: p.grad.clone() for k, p in net.named_parameters()}
+
+
 def test_shape_option_folds_and_keeps_outputs():
     import graphshape
 
     x = torch.randn(2, 3, 16, 16)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        plain = graphshape.shape(_vanilla_cnn(), x, seed=0)
-        fast = graphshape.shape(_vanilla_cnn(), x, seed=0, fold_scales=True)
-    rp, rf = plain.meta["graphshape"], fast.meta["graphshape"]
-    assert rp.options["fold_scales"] is False and rf.options["fold_scales"] is True
-    folds = [r for r in rf.rewritten if "folded into" in r["what"]]
-    assert len(folds) == CNN_DEPTH and not [r for r in rp.rewritten if "folded into" in r["what"]]
-    assert not any(isinstance(m, tm.TransformedActivation) for m in fast.modules())
+        nets = {mode: graphshape.shape(_vanilla_cnn(), x, seed=0, fold_scales=mode)
+                for mode in (False, "weights", True)}
+        default = graphshape.shape(_vanilla_cnn(), x, seed=0)
+    plain, on_weights, on_params = nets[False], nets["weights"], nets[True]
+    options = {m: n.meta["graphshape"].options["fold_scales"] for m, n in nets.items()}
+    assert options == {False: "none", "weights": "weights", True: "parameters"}
+    assert default.meta["graphshape"].options["fold_scales"] == "weights"
+    for net in (on_weights, on_params):
+        folds = [r for r in net.meta["graphshape"].rewritten if "folded into" in r["what"]]
+        assert len(folds) == CNN_DEPTH
+        assert not any(isinstance(m, tm.TransformedActivation) for m in net.modules())
+    assert not [r for r in plain.meta["graphshape"].rewritten if "folded into" in r["what"]]
     assert any(isinstance(m, tm.TransformedActivation) for m in plain.modules())
-    with torch.no_grad():
-        torch.testing.assert_close(fast(x), plain(x), rtol=1e-5, atol=1e-5)
+    # "weights": the scales sit on the layers, the parameters are the unfolded ones
+    scaled = [m for m in on_weights.modules() if isinstance(m, tm.ScaledConv2d)]
+    assert len(scaled) == CNN_DEPTH - 1 and all(m.weight_scale > 1.0 for m in scaled)
+    assert not any(isinstance(m, tm.ScaledConv2d) for m in on_params.modules())
+    params = dict(plain.named_parameters())  # (its state_dict also holds TReLU's constants)
+    assert list(dict(on_weights.named_parameters())) == list(params)
+    for k, v in on_weights.named_parameters():
+        torch.testing.assert_close(v, params[k], rtol=0, atol=0, msg=k)
+    assert any(not torch.equal(v, params[k]) for k, v in on_params.named_parameters())
+    # the same function; with "weights" also the same gradients (training is unchanged),
+    # with "parameters" a folded weight c W gets 1/c of the original's gradient
+    out, grads = _train_grads(plain, x)
+    out_w, grads_w = _train_grads(on_weights, x)
+    out_p, grads_p = _train_grads(on_params, x)
+    torch.testing.assert_close(out_w, out, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out_p, out, rtol=1e-5, atol=1e-6)
+    for k, g in grads.items():
+        torch.testing.assert_close(grads_w[k], g, rtol=1e-4, atol=1e-6, msg=k)  # rounding
+    conv = next(k for k in grads if k.endswith("weight") and k != "0.weight")
+    ratio = (grads_p[conv].norm() / grads[conv].norm()).item()
+    assert ratio < 0.9, ratio  # 1/c, c = TReLU's scale (> 1)
     with pytest.raises(GraphshapeError, match="fold_scales"):
         graphshape.shape(_vanilla_cnn(), x, fold_scales="yes")
+
+
+def test_folded_default_keeps_training_step_for_step():
+    """Five Adam steps of the default (scales on the weights) and of the unfolded network
+    from the same parameters end at the same parameters."""
+    import graphshape
+
+    x = torch.randn(8, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    y = torch.randint(0, 10, (8,), generator=torch.Generator().manual_seed(1))
+    final = {}
+    for mode in ("none", "weights"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            net = graphshape.shape(_vanilla_cnn(), x, seed=0, fold_scales=mode).train()
+        opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+        for _ in range(5):
+            opt.zero_grad()
+            nn.functional.cross_entropy(net(x), y).backward()
+            opt.step()
+        final[mode] = {k: v.detach() for k, v in net.named_parameters()}
+    for k, v in final["none"].items():
+        torch.testing.assert_close(final["weights"][k], v, rtol=1e-4, atol=1e-6, msg=k)
 
 
 def test_shape_onnx_and_cli_fold_scales(tmp_path, capsys):
@@ -381,23 +446,32 @@ def test_shape_onnx_and_cli_fold_scales(tmp_path, capsys):
     x = torch.randn(2, 3, 16, 16)
     src = tmp_path / "cnn.onnx"
     onnx.save(emit_onnx(load(_vanilla_cnn(), (x,))), str(src))
-    outs = {}
-    for fold in (False, True):
-        dst = tmp_path / f"shaped_{fold}.onnx"
+    outs, inits = {}, {}
+    for fold, mode in ((False, "none"), ("weights", "weights"), (True, "parameters")):
+        dst = tmp_path / f"shaped_{mode}.onnx"
         report = graphshape.shape_onnx(src, dst, seed=0, fold_scales=fold)
-        assert report.options["fold_scales"] is fold
+        assert report.options["fold_scales"] == mode
         sess = ort.InferenceSession(str(dst), providers=["CPUExecutionProvider"])
-        outs[fold] = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
-        meta = json.loads({p.key: p.value for p in onnx.load(str(dst)).metadata_props}["graphshape"])
-        assert meta["options"]["fold_scales"] is fold
-    np.testing.assert_allclose(outs[True], outs[False], rtol=1e-4, atol=1e-5)
+        outs[mode] = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
+        model = onnx.load(str(dst))
+        meta = json.loads({p.key: p.value for p in model.metadata_props}["graphshape"])
+        assert meta["options"]["fold_scales"] == mode
+        inits[mode] = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer}
+        assert sum(n.op_type == "Mul" for n in model.graph.node) == (mode == "none") * CNN_DEPTH
+    np.testing.assert_allclose(outs["parameters"], outs["none"], rtol=1e-4, atol=1e-5)
+    # an inference graph has no parametrization: both folds write the same initializers
+    np.testing.assert_array_equal(outs["weights"], outs["parameters"])
+    assert inits["weights"].keys() == inits["parameters"].keys()
+    for k, v in inits["weights"].items():
+        np.testing.assert_array_equal(v, inits["parameters"][k])
 
-    for flag in ([], ["--fold-scales"]):
-        dst, rep = tmp_path / f"cli{len(flag)}.onnx", tmp_path / f"cli{len(flag)}.json"
+    for flag, mode in (([], "weights"), (["--fold-scales"], "parameters"),
+                       (["--fold-scales", "none"], "none")):
+        dst, rep = tmp_path / f"cli_{mode}.onnx", tmp_path / f"cli_{mode}.json"
         assert main(["shape", str(src), "-o", str(dst), "--report", str(rep)] + flag) == 0
         data = json.loads(rep.read_text())
-        assert data["options"]["fold_scales"] is bool(flag)
-        assert any("folded into" in r["what"] for r in data["rewritten"]) is bool(flag)
+        assert data["options"]["fold_scales"] == mode
+        assert any("folded into" in r["what"] for r in data["rewritten"]) is (mode != "none")
     capsys.readouterr()
 
 
@@ -406,10 +480,47 @@ def test_shape_graph_records_the_fold(shaped_cache):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         g, report = shape_graph(graph, method="TAT", seed=0, fold_scales=True)
-    assert report.options["fold_scales"] is True
+    assert report.options["fold_scales"] == "parameters"
     assert all(r in report.rewritten for r in record["rewritten"])
-    assert g.meta["graphshape"]["options"]["fold_scales"] is True
+    assert g.meta["graphshape"]["options"]["fold_scales"] == "parameters"
     for n in g:
         assert n.attrs == folded[n.name].attrs
         for k, v in n.params.items():
             np.testing.assert_array_equal(v, folded[n.name].params[k])
+
+
+# ------------------------------------------------------------------ scaled layers (torch)
+@pytest.mark.parametrize("batch", [1, 64])  # input smaller / larger than the weight
+@pytest.mark.parametrize("kind", ["conv", "conv_transpose", "linear"])
+def test_scaled_layers_match_the_plain_formula_and_its_gradients(kind, batch):
+    """A scaled layer computes layer(x; s W, t b) with the gradients of that formula for its
+    unscaled parameters, whether it scales its input or its weight (the smaller one)."""
+    gen = torch.Generator().manual_seed(0)
+    s, t = 1.37, 0.6
+    if kind == "conv":
+        layer = tm.ScaledConv2d(8, 8, 3, padding=1, weight_scale=s, bias_scale=t)
+        x = torch.randn(batch, 8, 4, 4, generator=gen, dtype=torch.float64)
+        ref = lambda x, w, b: nn.functional.conv2d(x, w, b, padding=1)  # noqa: E731
+    elif kind == "conv_transpose":
+        layer = tm.ScaledConvTranspose2d(8, 8, 3, stride=2, weight_scale=s, bias_scale=t)
+        x = torch.randn(batch, 8, 4, 4, generator=gen, dtype=torch.float64)
+        ref = lambda x, w, b: nn.functional.conv_transpose2d(x, w, b, stride=2)  # noqa: E731
+    else:
+        layer = tm.ScaledLinear(24, 24, weight_scale=s, bias_scale=t)
+        x = torch.randn(batch, 24, generator=gen, dtype=torch.float64)
+        ref = nn.functional.linear
+    layer = layer.double()
+    assert layer._scales_input(x) == (batch == 1)
+    x.requires_grad_(True)
+    w = layer.weight.detach().clone().requires_grad_(True)
+    b = layer.bias.detach().clone().requires_grad_(True)
+    got, want = layer(x), ref(x, s * w, t * b)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    v = torch.randn(got.shape, generator=gen, dtype=torch.float64)
+    gx, = torch.autograd.grad(got, x, v, retain_graph=True)
+    got.backward(v)
+    gx_want, gw, gb = torch.autograd.grad(want, (x, w, b), v)
+    for a, e in ((gx, gx_want), (layer.weight.grad, gw), (layer.bias.grad, gb)):
+        torch.testing.assert_close(a, e, rtol=1e-12, atol=1e-12)
+    compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(compiled(x.detach()), want.detach(), rtol=1e-12, atol=1e-12)

@@ -17,7 +17,9 @@ def shaped_resnet18():
     torch.manual_seed(0)
     x = torch.randn(2, 3, 32, 32)
     model = torchvision.models.resnet18(weights=None).eval()
-    shaped = graphshape.shape(model, x).eval()
+    # unfolded: the tests below are about TransformedActivation / WeightedSum; the default
+    # (folded) model's reload is tested at the end
+    shaped = graphshape.shape(model, x, fold_scales="none").eval()
     return shaped, x
 
 
@@ -122,3 +124,62 @@ def test_no_v1_warning_for_zero_mean_activations_or_no_shortcut(options):
     assert not any(V1_WARNING in w for w in report.warnings)
     stats = graphshape.analyze(shaped, x)
     assert not any("non-gaussian input (V1 shortcut)" in r["flags"] for r in stats.rows)
+
+
+# -- folded models (fold_scales: "weights" is the default, "parameters" the opt-in): the
+# scaled layers and the plain leaky ReLU a folded TReLU becomes map back to canonical nodes
+@pytest.fixture(scope="module")
+def folded_resnet18():
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 32, 32)
+    nets = {mode: graphshape.shape(torchvision.models.resnet18(weights=None), x, seed=0,
+                                   fold_scales=mode).eval()
+            for mode in ("none", "weights", "parameters")}
+    return nets, x
+
+
+@pytest.mark.parametrize("mode", ["weights", "parameters"])
+def test_reloaded_folded_model_keeps_its_scales_function_and_kernels(folded_resnet18, mode):
+    nets, x = folded_resnet18
+    shaped = nets[mode]
+    graph = graphshape.load(shaped, x)
+    assert "opaque" not in [n.op for n in graph.nodes]
+    scaled = {n.name: n.attrs["weight_scale"] for n in graph.nodes if "weight_scale" in n.attrs}
+    modules = [m for m in shaped.modules() if isinstance(m, (tm.ScaledConv2d, tm.ScaledLinear))]
+    # every conv after a TReLU and the classifier
+    assert len(scaled) == len(modules) == (20 if mode == "weights" else 0)
+    assert sorted(scaled.values()) == pytest.approx(sorted(m.weight_scale for m in modules))
+    with torch.no_grad():
+        want = shaped(x).numpy()
+        np.testing.assert_allclose(graphshape.to_torch(graph).eval()(x).numpy(), want,
+                                   rtol=1e-4, atol=1e-5)
+    sess = ort.InferenceSession(graphshape.to_onnx(graph).SerializeToString(),
+                                providers=["CPUExecutionProvider"])
+    got = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+    # the analysis of the folded model predicts what the unfolded one's does at the output
+    out = graph.outputs[0].node
+    q_folded = graphshape.analyze(shaped, x)[out]["q_pred"]
+    unfolded = graphshape.load(nets["none"], x)
+    q_plain = graphshape.analyze(nets["none"], x)[unfolded.outputs[0].node]["q_pred"]
+    assert q_folded == pytest.approx(q_plain, rel=1e-5)
+
+
+def test_reshaping_a_folded_model_does_not_stack_scales(folded_resnet18):
+    nets, x = folded_resnet18
+    again = graphshape.shape(nets["weights"], x, seed=0)
+    first = [m.weight_scale for m in nets["weights"].modules() if isinstance(m, tm.ScaledConv2d)]
+    second = [m.weight_scale for m in again.modules() if isinstance(m, tm.ScaledConv2d)]
+    # new orthogonal weights: the old scales are dropped, the solve sets the same new ones
+    assert second == pytest.approx(first, rel=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["none", "weights", "parameters"])
+def test_users_can_fx_trace_a_shaped_model(folded_resnet18, mode):
+    """torch.fx.symbolic_trace of a shaped model (a user's own fx pass): graphshape's
+    modules take no branch on a proxy's value (they used to raise TraceError)."""
+    nets, x = folded_resnet18
+    net = nets[mode]
+    traced = torch.fx.symbolic_trace(net)
+    with torch.no_grad():
+        torch.testing.assert_close(traced(x), net(x), rtol=1e-5, atol=1e-5)

@@ -130,12 +130,15 @@ def _constant_per_location(n, channels, size, seed=0):
 
 
 def _activation_input_q(gm, x):
+    """q at the input of every activation (transformed, or folded into a plain
+    (leaky) ReLU), in execution order."""
     from graphshape.torch_modules import TransformedActivation
 
+    kinds = (TransformedActivation, torch.nn.ReLU, torch.nn.LeakyReLU)
     qs = []
     hooks = [m.register_forward_pre_hook(lambda mod, args: qs.append(
         args[0].detach().double().pow(2).mean().item()))
-        for m in gm.modules() if isinstance(m, TransformedActivation)]
+        for m in gm.modules() if isinstance(m, kinds)]
     try:
         with torch.no_grad():
             gm(x)

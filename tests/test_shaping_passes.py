@@ -229,7 +229,7 @@ def test_shape_graph_solves_from_the_graphs_own_subnetworks(method, act, preacti
     expected = kernels.solve([act], method, hand, eta=eta)[act]
     new, report = shape_graph(mini_resnet(), method=method, activation=act,
                               shortcut_weight=w, eta=eta, seed=0,
-                              preactivation_shortcuts=preactivation)
+                              preactivation_shortcuts=preactivation, fold_scales="none")
     assert report.activation_params[act] == pytest.approx(expected, rel=1e-9, abs=1e-12)
     assert new["add1"].inputs[1] == (Ref("conv0") if preactivation else Ref("relu0"))
     assert new["add2"].inputs[0] == Ref("conv5")  # a projection shortcut stays
