@@ -357,7 +357,8 @@ class _ScaledWeights:
     weight_scale: float = 1.0
     bias_scale: float = 1.0
 
-    def _init_scales(self, weight_scale: float, bias_scale: float) -> None:
+    def __init__(self, *args, weight_scale: float = 1.0, bias_scale: float = 1.0, **kwargs):
+        super().__init__(*args, **kwargs)  # the torch layer's own arguments
         self.weight_scale = float(weight_scale)
         self.bias_scale = float(bias_scale)
 
@@ -384,20 +385,21 @@ class _ScaledWeights:
             return False
         return x.numel() < self.weight.numel()
 
+    def _operands(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(input, weight) to compute with: ``(s x, W)`` or ``(x, s W)``."""
+        if self._scales_input(x):
+            return x * self.weight_scale, self.weight
+        return x, self.scaled_weight()
+
     def extra_repr(self) -> str:
         return (f"{super().extra_repr()}, weight_scale={self.weight_scale:.6g}"
                 + ("" if self.bias_scale == 1.0 else f", bias_scale={self.bias_scale:.6g}"))
 
 
 class _ScaledConv(_ScaledWeights):
-    def __init__(self, *args, weight_scale: float = 1.0, bias_scale: float = 1.0, **kwargs):
-        super().__init__(*args, **kwargs)
-        self._init_scales(weight_scale, bias_scale)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._scales_input(x):
-            return self._conv_forward(x * self.weight_scale, self.weight, self.scaled_bias())
-        return self._conv_forward(x, self.scaled_weight(), self.scaled_bias())
+        x, weight = self._operands(x)
+        return self._conv_forward(x, weight, self.scaled_bias())
 
 
 class ScaledConv1d(_ScaledConv, nn.Conv1d):
@@ -416,17 +418,11 @@ class _ScaledConvTranspose(_ScaledWeights):
     _conv_transpose: Callable[..., torch.Tensor]
     _spatial_dims: int
 
-    def __init__(self, *args, weight_scale: float = 1.0, bias_scale: float = 1.0, **kwargs):
-        super().__init__(*args, **kwargs)
-        self._init_scales(weight_scale, bias_scale)
-
     def forward(self, x: torch.Tensor, output_size: list[int] | None = None) -> torch.Tensor:
         output_padding = self._output_padding(x, output_size, self.stride, self.padding,
                                               self.kernel_size, self._spatial_dims,
                                               self.dilation)
-        weight = self.scaled_weight()
-        if self._scales_input(x):
-            x, weight = x * self.weight_scale, self.weight
+        x, weight = self._operands(x)
         return type(self)._conv_transpose(x, weight, self.scaled_bias(), self.stride,
                                           self.padding, output_padding, self.groups,
                                           self.dilation)
@@ -450,14 +446,9 @@ class ScaledConvTranspose3d(_ScaledConvTranspose, nn.ConvTranspose3d):
 class ScaledLinear(_ScaledWeights, nn.Linear):
     """``nn.Linear`` computing with scaled parameters (see :class:`_ScaledWeights`)."""
 
-    def __init__(self, *args, weight_scale: float = 1.0, bias_scale: float = 1.0, **kwargs):
-        super().__init__(*args, **kwargs)
-        self._init_scales(weight_scale, bias_scale)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._scales_input(x):
-            return F.linear(x * self.weight_scale, self.weight, self.scaled_bias())
-        return F.linear(x, self.scaled_weight(), self.scaled_bias())
+        x, weight = self._operands(x)
+        return F.linear(x, weight, self.scaled_bias())
 
 
 #: plain torch layer class -> its scaled sibling (the torch backend's choice for a layer
