@@ -374,10 +374,11 @@ class _ScaledWeights:
         """Whether to scale the input rather than the weight: ``layer(s x; W)`` and
         ``layer(x; s W)`` are the same, with the same gradients, so the scale goes on the
         smaller tensor (ResNet-50's last stage at batch 8: 25k-value activations, 1-2M-value
-        weights). Never under torch.compile: inductor fuses ``s x`` into the leaky ReLU that
-        produced ``x``, whose output is then not materialized, so its backward saves a bool
-        mask (slow on CPU, see TransformedActivation): ResNet-50 TAT training step 1.35x of
-        the compiled floor, against 1.02x with the stored parameters folded. Nor when
+        weights). Never under torch.compile (which scales the output, see forward):
+        inductor would fuse ``s x`` into the leaky ReLU that produced ``x``, whose output is
+        then not materialized, so its backward saves a bool mask (slow on CPU, see
+        TransformedActivation): ResNet-50 TAT training step 1.35x of the compiled floor,
+        against 1.02x with the stored parameters folded. Nor when
         exporting (a scaled initializer is constant-folded, onnxruntime does it) or under fx
         symbolic tracing, whose proxies have no size."""
         if (self.weight_scale == 1.0 or not isinstance(x, torch.Tensor) or _exporting()
@@ -385,11 +386,23 @@ class _ScaledWeights:
             return False
         return x.numel() < self.weight.numel()
 
-    def _operands(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(input, weight) to compute with: ``(s x, W)`` or ``(x, s W)``."""
+    def _layer(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+               *args) -> torch.Tensor:
+        """The plain layer with these parameters."""
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor, *args) -> torch.Tensor:
+        s = self.weight_scale
+        if s != 1.0 and _is_compiling() and not _exporting():
+            # s * layer(x; W, b t / s), the same values and gradients: inductor fuses
+            # "s *" into the elementwise kernel that reads the output (the next activation
+            # or sum), where a weight pass would stay a pass
+            b = self.bias
+            bias = None if b is None else b * (self.bias_scale / s)
+            return self._layer(x, self.weight, bias, *args) * s
         if self._scales_input(x):
-            return x * self.weight_scale, self.weight
-        return x, self.scaled_weight()
+            return self._layer(x * s, self.weight, self.scaled_bias(), *args)
+        return self._layer(x, self.scaled_weight(), self.scaled_bias(), *args)
 
     def extra_repr(self) -> str:
         return (f"{super().extra_repr()}, weight_scale={self.weight_scale:.6g}"
@@ -397,9 +410,8 @@ class _ScaledWeights:
 
 
 class _ScaledConv(_ScaledWeights):
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x, weight = self._operands(x)
-        return self._conv_forward(x, weight, self.scaled_bias())
+    def _layer(self, x, weight, bias):
+        return self._conv_forward(x, weight, bias)
 
 
 class ScaledConv1d(_ScaledConv, nn.Conv1d):
@@ -418,14 +430,12 @@ class _ScaledConvTranspose(_ScaledWeights):
     _conv_transpose: Callable[..., torch.Tensor]
     _spatial_dims: int
 
-    def forward(self, x: torch.Tensor, output_size: list[int] | None = None) -> torch.Tensor:
+    def _layer(self, x, weight, bias, output_size: list[int] | None = None):
         output_padding = self._output_padding(x, output_size, self.stride, self.padding,
                                               self.kernel_size, self._spatial_dims,
                                               self.dilation)
-        x, weight = self._operands(x)
-        return type(self)._conv_transpose(x, weight, self.scaled_bias(), self.stride,
-                                          self.padding, output_padding, self.groups,
-                                          self.dilation)
+        return type(self)._conv_transpose(x, weight, bias, self.stride, self.padding,
+                                          output_padding, self.groups, self.dilation)
 
 
 class ScaledConvTranspose1d(_ScaledConvTranspose, nn.ConvTranspose1d):
@@ -446,9 +456,8 @@ class ScaledConvTranspose3d(_ScaledConvTranspose, nn.ConvTranspose3d):
 class ScaledLinear(_ScaledWeights, nn.Linear):
     """``nn.Linear`` computing with scaled parameters (see :class:`_ScaledWeights`)."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x, weight = self._operands(x)
-        return F.linear(x, weight, self.scaled_bias())
+    def _layer(self, x, weight, bias):
+        return F.linear(x, weight, bias)
 
 
 #: plain torch layer class -> its scaled sibling (the torch backend's choice for a layer

@@ -522,5 +522,11 @@ def test_scaled_layers_match_the_plain_formula_and_its_gradients(kind, batch):
     gx_want, gw, gb = torch.autograd.grad(want, (x, w, b), v)
     for a, e in ((gx, gx_want), (layer.weight.grad, gw), (layer.bias.grad, gb)):
         torch.testing.assert_close(a, e, rtol=1e-12, atol=1e-12)
+    # compiled: s * layer(x; W, b t / s), the same values and parameter gradients
+    layer.zero_grad()
     compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
-    torch.testing.assert_close(compiled(x.detach()), want.detach(), rtol=1e-12, atol=1e-12)
+    out = compiled(x.detach())
+    torch.testing.assert_close(out, want.detach(), rtol=1e-12, atol=1e-12)
+    out.backward(v)
+    for a, e in ((layer.weight.grad, gw), (layer.bias.grad, gb)):
+        torch.testing.assert_close(a, e, rtol=1e-12, atol=1e-12)
