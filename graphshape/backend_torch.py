@@ -236,17 +236,14 @@ def _dims(ctx: _Ctx, node: Node, default: int | None = None) -> int:
     return dims
 
 
-def _layer_class(node: Node, cls: type) -> type:
-    """``cls``, or its scaled sibling (graphshape.torch_modules.SCALED_LAYERS) when a fold
-    moved a scale onto the layer (``weight_scale`` / ``bias_scale``, passes.fold)."""
-    scaled = any(float(node.attrs.get(k, 1.0)) != 1.0 for k in ("weight_scale", "bias_scale"))
-    return tm.SCALED_LAYERS[cls] if scaled else cls
-
-
-def _layer_scales(node: Node, cls: type) -> dict:
-    if cls not in tm.SCALED_LAYERS.values():
-        return {}
-    return {k: float(node.attrs.get(k, 1.0)) for k in ("weight_scale", "bias_scale")}
+def _layer_class(node: Node, cls: type) -> tuple[type, dict]:
+    """``(cls, {})``, or its scaled sibling (graphshape.torch_modules.SCALED_LAYERS) and the
+    scales it takes when a fold moved a scale onto the layer (``weight_scale`` /
+    ``bias_scale``, passes.fold)."""
+    scales = {k: float(node.attrs.get(k, 1.0)) for k in ("weight_scale", "bias_scale")}
+    if all(v == 1.0 for v in scales.values()):
+        return cls, {}
+    return tm.SCALED_LAYERS[cls], scales
 
 
 # ----------------------------------------------------------------------------- emitters
@@ -283,8 +280,9 @@ def _e_conv(ctx, node, xs):
         padding = (0,) * dims
     w = node.params["weight"]
     groups = int(a.get("groups", 1))
-    cls = _layer_class(node, (nn.Conv1d, nn.Conv2d, nn.Conv3d)[dims - 1])
-    mod = _build(ctx, node, cls, **_layer_scales(node, cls), in_channels=int(w.shape[1]) * groups, out_channels=int(w.shape[0]),
+    cls, scales = _layer_class(node, (nn.Conv1d, nn.Conv2d, nn.Conv3d)[dims - 1])
+    mod = _build(ctx, node, cls, **scales, in_channels=int(w.shape[1]) * groups,
+                 out_channels=int(w.shape[0]),
                  kernel_size=tuple(w.shape[2:]), stride=tuple(a.get("stride", (1,) * dims)),
                  padding=tuple(padding), dilation=tuple(a.get("dilation", (1,) * dims)),
                  groups=groups, bias="bias" in node.params, padding_mode=mode)
@@ -298,8 +296,10 @@ def _e_conv_transpose(ctx, node, xs):
     begin, end = _pads(node, dims)
     sym = begin == end
     groups = int(a.get("groups", 1))
-    cls = _layer_class(node, (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)[dims - 1])
-    mod = _build(ctx, node, cls, **_layer_scales(node, cls), in_channels=int(w.shape[0]), out_channels=int(w.shape[1]) * groups,
+    cls, scales = _layer_class(
+        node, (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)[dims - 1])
+    mod = _build(ctx, node, cls, **scales, in_channels=int(w.shape[0]),
+                 out_channels=int(w.shape[1]) * groups,
                  kernel_size=tuple(w.shape[2:]), stride=tuple(a.get("stride", (1,) * dims)),
                  padding=tuple(begin) if sym else (0,) * dims,
                  output_padding=tuple(a.get("output_padding", (0,) * dims)),
@@ -317,9 +317,9 @@ def _e_conv_transpose(ctx, node, xs):
 
 def _e_linear(ctx, node, xs):
     w = node.params["weight"]
-    cls = _layer_class(node, nn.Linear)
-    mod = _build(ctx, node, cls, **_layer_scales(node, cls), in_features=int(w.shape[1]), out_features=int(w.shape[0]),
-                 bias="bias" in node.params)
+    cls, scales = _layer_class(node, nn.Linear)
+    mod = _build(ctx, node, cls, **scales, in_features=int(w.shape[1]),
+                 out_features=int(w.shape[0]), bias="bias" in node.params)
     return ctx.module(node, mod, (xs[0],))
 
 

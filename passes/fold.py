@@ -19,8 +19,9 @@ and the sum ``x + w x'``: fewer elementwise passes over activations. Two ways to
   ``bias_scale * b``), a pass over the weight rather than over the activation. The same
   function, the same parameters and, by the chain rule, the same gradients as without
   folding: training is unchanged, step for step, under any optimizer (up to float
-  rounding). A weight is much smaller than the activations it meets (ResNet-50 at batch 8:
-  25.6M weights against ~250M activation values per pass).
+  rounding). The weights are usually smaller than the activations they meet (ResNet-50 at
+  8x3x224x224: 25.5M conv/linear weights against 85M values of those layers' inputs per
+  forward pass).
 * ``mode="parameters"`` (``fold_scales=True``): the stored parameters are multiplied. No
   pass at all, but a different parametrization for training: a folded weight is ``c W``, so
   its gradient is ``1/c`` of the original's and an Adam step moves ``c W`` as much as one

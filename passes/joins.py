@@ -201,11 +201,10 @@ def move_shortcuts_to_preactivation(graph: Graph, *, copy: bool = True) -> tuple
     Run it after :func:`normalize_sums` (weights) and before solving. Returns
     ``(new_graph, record)``, ``record["rewritten"]`` listing each moved shortcut and
     reordered pool; the input graph is not modified unless ``copy=False``."""
-    from graphshape.passes.subnetworks import find_joins, signal_nodes
+    from graphshape.passes.subnetworks import find_joins
 
     g = graph.copy() if copy else graph
     rewritten: list[dict] = []
-    signals = signal_nodes(g)  # resetting a constant's value does not change which are signals
     for join in find_joins(g):
         node = g[join.node]
         if join.shortcut is None or node.op != "sum":
