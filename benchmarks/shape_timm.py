@@ -2,13 +2,21 @@
 clear GraphshapeError -- never crash.
 
 Run:  nice python benchmarks/shape_timm.py [--method TAT] [--shortcut-weight 0.5] [--set wide]
+      [--onnx]
 Prints one line per model: ok (with parameters and seconds), refused (the message) or
-CRASH (the exception type and message: a bug).
+CRASH (the exception type and message: a bug). ``--onnx`` adds a line per model for its ONNX
+export (``torch.onnx.export(..., dynamo=False)``, opset 17, into a temporary folder removed at
+the end), shaped with ``graphshape.shape_onnx`` and run in onnxruntime: "same" when it runs
+with a finite output and solves the same parameters as the PyTorch path (to 1e-6), else
+MISMATCH, both refused, no export, non-finite or CRASH.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
+import os
+import tempfile
 import time
 import traceback
 
@@ -48,11 +56,25 @@ WIDE = {
 }
 
 
+def _params_line(report) -> str:
+    return "; ".join(f"{k}: " + ", ".join(f"{p}={v:.4g}" for p, v in d.items())
+                     for k, d in report.activation_params.items())
+
+
+def _same_params(a: dict, b: dict, rel: float = 1e-6) -> bool:
+    """Whether two reports' activation_params agree (same names, keys, values to ``rel``)."""
+    if a.keys() != b.keys() or any(a[k].keys() != b[k].keys() for k in a):
+        return False
+    return all(math.isclose(a[k][p], b[k][p], rel_tol=rel, abs_tol=1e-12)
+               for k in a for p in a[k])
+
+
 def main():
     import torch
     import timm
 
     import graphshape
+    from shape_torchvision import _export, _remove_files, _shape_onnx
 
     torch.set_num_threads(1)
     ap = argparse.ArgumentParser()
@@ -62,26 +84,33 @@ def main():
     ap.add_argument("--set", choices=("default", "wide"), default="default",
                     help="the 13 families above, or the 44 of WIDE")
     ap.add_argument("--models", default=None, help="comma-separated names (default: the set)")
+    ap.add_argument("--onnx", action="store_true",
+                    help="also export each model (TorchScript exporter, opset 17), shape the "
+                         "file with graphshape.shape_onnx, run it in onnxruntime and compare "
+                         "its solved parameters with the PyTorch path's")
     args = ap.parse_args()
     sizes = WIDE if args.set == "wide" else MODELS
+    options = {"method": args.method, "activation": args.activation,
+               "shortcut_weight": args.shortcut_weight}
     counts = {"ok": 0, "refused": 0, "CRASH": 0}
+    onnx_counts = {"same": 0, "MISMATCH": 0, "both refused": 0, "no export": 0, "CRASH": 0,
+                   "non-finite": 0}
+    workdir = tempfile.TemporaryDirectory(prefix="shape_timm_") if args.onnx else None
     for name in (args.models.split(",") if args.models else sizes):
         size = sizes.get(name, MODELS.get(name, WIDE.get(name, 64)))
         t0 = time.time()
+        torch.manual_seed(0)
+        model = timm.create_model(name, pretrained=False, num_classes=10).eval()
+        x = torch.randn(2, 3, size, size)
+        report = None
         try:
-            torch.manual_seed(0)
-            model = timm.create_model(name, pretrained=False, num_classes=10).eval()
-            x = torch.randn(2, 3, size, size)
-            gm = graphshape.shape(model, x, method=args.method, activation=args.activation,
-                                  shortcut_weight=args.shortcut_weight, seed=0)
+            gm = graphshape.shape(model, x, seed=0, **options)
             out = gm(x)
             out.float().square().mean().backward()
             assert torch.isfinite(out).all(), "non-finite output"
-            rep = gm.meta["graphshape"]
-            params = "; ".join(f"{k}: " + ", ".join(f"{p}={v:.4g}" for p, v in d.items())
-                               for k, d in rep.activation_params.items())
-            status, detail = "ok", f"{params} ({len(rep.removed)} removed, " \
-                                   f"{len(rep.warnings)} warnings)"
+            report = gm.meta["graphshape"]
+            status, detail = "ok", f"{_params_line(report)} ({len(report.removed)} removed, " \
+                                   f"{len(report.warnings)} warnings)"
         except graphshape.GraphshapeError as e:
             status, detail = "refused", str(e)
         except Exception as e:  # noqa: BLE001 - reported as a crash
@@ -89,7 +118,47 @@ def main():
             detail = f"{type(e).__name__}: {e}\n" + traceback.format_exc(limit=-3)
         counts[status] += 1
         print(f"{name:24s} {status:8s} {time.time() - t0:6.1f}s  {detail[:400]}", flush=True)
+        if args.onnx:
+            onnx_status, onnx_detail = _onnx_path(model, x, name, workdir.name, options,
+                                                   report, _export, _shape_onnx)
+            _remove_files(workdir.name, name)
+            onnx_counts[onnx_status] += 1
+            print(f"{'':24s} onnx: {onnx_status}  {onnx_detail[:400]}", flush=True)
     print(counts)
+    if args.onnx:
+        workdir.cleanup()
+        print("onnx:", onnx_counts)
+
+
+def _onnx_path(model, x, name, folder, options, torch_report, export, shape_onnx):
+    """(status, detail) of the ONNX path for one model: "same" (shaped, runs in
+    onnxruntime with a finite output, the same parameters as the PyTorch path), "MISMATCH"
+    (different parameters, or one path refused where the other shaped), "both refused",
+    "no export" (torch cannot export it, or onnxruntime cannot run the unshaped export),
+    "non-finite" or "CRASH"."""
+    import graphshape
+
+    path = os.path.join(folder, f"{name}.onnx")
+    failure = export(model, x, path)
+    if failure:
+        return "no export", failure
+    try:
+        finite, report = shape_onnx(path, os.path.join(folder, f"{name}_shaped.onnx"), x,
+                                    {k: v for k, v in options.items() if v is not None})
+    except graphshape.GraphshapeError as e:
+        if torch_report is None:
+            return "both refused", str(e)
+        return "MISMATCH", f"refused from ONNX, shaped from PyTorch: {e}"
+    except Exception as e:  # noqa: BLE001 - reported as a crash
+        return "CRASH", f"{type(e).__name__}: {e}\n" + traceback.format_exc(limit=-3)
+    if not finite:
+        return "non-finite", _params_line(report)
+    if torch_report is None:
+        return "MISMATCH", f"shaped from ONNX, not from PyTorch: {_params_line(report)}"
+    if not _same_params(report.activation_params, torch_report.activation_params):
+        return "MISMATCH", (f"ONNX {_params_line(report)}; PyTorch "
+                            f"{_params_line(torch_report)}")
+    return "same", _params_line(report)
 
 
 if __name__ == "__main__":

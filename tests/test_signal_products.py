@@ -100,3 +100,27 @@ def test_talking_heads_attention_is_not_a_product_of_signals():
     shaped = graphshape.shape(model, x, method="DKS", seed=0)
     assert any("1 attention node(s)" in w for w in shaped.meta["graphshape"].warnings)
     assert torch.isfinite(shaped(x)).all()
+
+
+@pytest.mark.parametrize("method, activation", [("DKS", "relu"), ("TAT", "leaky_relu")])
+def test_split_attention_is_an_average_from_pytorch_and_onnx(tmp_path, method, activation):
+    # SKNet's selective kernel: two conv paths, summed with softmax weights. The weighted
+    # sum is an average of the paths, so skresnet18 solves exactly as resnet18 (the same
+    # chain of one activation per residual branch). Before, the paths times their softmax
+    # weights was a product in M: DKS solved other parameters, and TAT refused skresnet18
+    # (eta = 0.9 out of reach).
+    timm = pytest.importorskip("timm")
+    x = torch.randn(1, 3, 32, 32)
+    model = timm.create_model("skresnet18", pretrained=False, num_classes=10).eval()
+    assert find_signal_products(graphshape.load(model, x)) == []
+    shaped = graphshape.shape(model, x, method=method, seed=0)
+    got = shaped.meta["graphshape"].activation_params[activation]
+    assert torch.isfinite(shaped(x)).all()
+    plain = timm.create_model("resnet18", pretrained=False, num_classes=10).eval()
+    want = graphshape.shape(plain, x, method=method, seed=0).meta["graphshape"]
+    assert got == pytest.approx(want.activation_params[activation], rel=1e-9)
+
+    src = tmp_path / "skresnet18.onnx"
+    torch.onnx.export(model, (x,), str(src), opset_version=17, dynamo=False)
+    report = graphshape.shape_onnx(src, tmp_path / "shaped.onnx", method=method, seed=0)
+    assert report.activation_params[activation] == pytest.approx(got, rel=1e-9)

@@ -327,6 +327,42 @@ def test_timm_resnetv2():
             _close(m(x, r), _timm_resnetv2_hand(x, r, w))
 
 
+def _split_attention_hand(x, r, w, stem, blocks, branch):
+    """A V1 ResNet whose blocks hold split attention (ResNeSt's radix paths, SKNet's kernel
+    paths, averaged with softmax weights): ``stem`` activations, ``blocks`` blocks of
+    ``branch`` activations each, a projection or identity shortcut, the activation after the
+    join; the max with one residual branch. The softmax-weighted sum of the paths is the
+    identity on the kernel: no product of the paths and their own attention weights."""
+    h = x
+    for _ in range(stem):
+        h = r(h)
+    for _ in range(blocks):
+        b = h
+        for _ in range(branch):
+            b = r(b)
+        h = r(w * w * h + (1 - w * w) * b)
+    branch_only = x
+    for _ in range(branch):
+        branch_only = r(branch_only)
+    return max(h, branch_only)
+
+
+@pytest.mark.parametrize("name, stem, blocks, branch", [
+    ("resnest14d", 3, 4, 2),  # deep stem; per block act1, then the radix paths' act0
+    ("skresnet18", 1, 8, 1),  # per block the two kernel paths' activations (one in series)
+])
+def test_timm_split_attention(name, stem, blocks, branch):
+    # before: the mul of the paths by their softmax weights was a product of two signals in
+    # M (c * r(c) at every block), so TAT found eta = 0.9 out of reach for both models
+    timm = pytest.importorskip("timm")
+    g = _load(timm.create_model(name, pretrained=False), (1, 3, 32, 32))
+    assert sum(node.op == "softmax" for node in g) == blocks
+    for w in (0.0, 0.5, 0.8):
+        m = subnet_max_func(g, shortcut_weight=w)
+        for x, r in CASES:
+            _close(m(x, r), _split_attention_hand(x, r, w, stem, blocks, branch))
+
+
 def test_densenet_concatenations():
     block_config, growth, init = (3, 4), 8, 16
     model = torchvision.models.DenseNet(growth_rate=growth, block_config=block_config,
