@@ -198,19 +198,31 @@ def move_shortcuts_to_preactivation(graph: Graph, *, copy: bool = True) -> tuple
     pooled conv output. Such activations get ``meta["commuted_with_max_pool"]``: their
     solved transform must keep them nondecreasing (``input_scale * output_scale > 0``).
 
+    The shortcut may pass through ``identity`` nodes (an ``nn.Identity`` projection, as in
+    timm's DLA); the join then reads the pre-activation directly, and those identity nodes
+    are removed when nothing else reads them.
+
     Run it after :func:`normalize_sums` (weights) and before solving. Returns
     ``(new_graph, record)``, ``record["rewritten"]`` listing each moved shortcut and
-    reordered pool; the input graph is not modified unless ``copy=False``."""
+    reordered pool, ``record["removed"]`` the identity nodes left unused; the input graph is
+    not modified unless ``copy=False``."""
     from graphshape.passes.subnetworks import find_joins
 
     g = graph.copy() if copy else graph
+    removed: list[dict] = []
     rewritten: list[dict] = []
     for join in find_joins(g):
         node = g[join.node]
         if join.shortcut is None or node.op != "sum":
             continue
         shortcut = join.inputs[join.shortcut]
-        source = g[shortcut.node]
+        source, passed = g[shortcut.node], []
+        while source.name != join.fork and source.op == "identity":
+            # nn.Identity between the block's input and the join (timm's DLA: a `project`
+            # that is nn.Identity when the widths match; ONNX exports drop such nodes, and
+            # the two paths must agree)
+            passed.append(source.name)
+            source = g[source.inputs[0].node]
         if source.name != join.fork or len(source.inputs) != 1:
             continue  # not an identity shortcut from the block's input
         if source.op in MAX_POOL_OPS:
@@ -231,10 +243,16 @@ def move_shortcuts_to_preactivation(graph: Graph, *, copy: bool = True) -> tuple
         inputs = list(node.inputs)
         inputs[join.slots[join.shortcut]] = pre
         g.set_inputs(node.name, inputs)
+        for name in passed:  # identity nodes nothing reads any more
+            if g.users(name) or g.is_output(name):
+                break
+            g.remove(name)
+            removed.append({"node": name, "op": "identity",
+                            "what": f"identity on the shortcut of {node.name!r}, now unused"})
         node.meta.setdefault("flags", []).append(
             f"pre-activation shortcut: reads {pre.node!r} instead of {act.name!r}")
         rewritten.append({"node": node.name, "op": "sum",
                           "what": f"pre-activation shortcut: reads {pre.node!r} instead of "
                                   f"the activation {act.name!r}",
                           "shortcut_from": act.name, "shortcut_to": pre.node})
-    return g, {"removed": [], "rewritten": rewritten}
+    return g, {"removed": removed, "rewritten": rewritten}

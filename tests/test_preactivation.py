@@ -175,3 +175,54 @@ def test_public_api_cli_and_onnx_take_the_option(tmp_path, capsys):
             5 if expected else 0)
         onnx.checker.check_model(onnx.load(str(dst)))
     capsys.readouterr()
+
+
+class _V1Block(torch.nn.Module):
+    """A V1 basic block whose identity shortcut may pass through ``nn.Identity`` (timm's DLA:
+    its ``project`` is an nn.Identity when the widths match)."""
+
+    def __init__(self, width, identity_project):
+        super().__init__()
+        self.conv1 = torch.nn.Conv2d(width, width, 3, padding=1, bias=False)
+        self.conv2 = torch.nn.Conv2d(width, width, 3, padding=1, bias=False)
+        self.bn1, self.bn2 = torch.nn.BatchNorm2d(width), torch.nn.BatchNorm2d(width)
+        self.project = torch.nn.Identity() if identity_project else None
+
+    def forward(self, x):
+        shortcut = self.project(x) if self.project is not None else x
+        out = self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x)))))
+        return torch.relu(out + shortcut)
+
+
+def _v1_net(identity_project, width=8, blocks=3):
+    stem = torch.nn.Sequential(torch.nn.Conv2d(3, width, 3, padding=1), torch.nn.ReLU())
+    return torch.nn.Sequential(stem, *[_V1Block(width, identity_project) for _ in range(blocks)],
+                               torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
+                               torch.nn.Linear(width, 10)).eval()
+
+
+def test_a_shortcut_through_nn_identity_moves_too(tmp_path):
+    # before: the shortcut read the nn.Identity, not the block's input, so it kept reading
+    # the activation, and timm's dla34 solved another leaky ReLU slope from PyTorch (0.1684)
+    # than from its ONNX export (0.1636), where the exporter had dropped the Identity
+    x = torch.randn(2, 3, 16, 16)
+    options = {"method": "TAT", "eta": 0.6, "seed": 0}  # eta 0.9 is out of a 7-layer net's reach
+    plain = graphshape.shape(_v1_net(False), x, **options).meta["graphshape"]
+    model = _v1_net(True)
+    shaped = graphshape.shape(model, x, **options)
+    report = shaped.meta["graphshape"]
+    moved = [r for r in report.rewritten if "pre-activation shortcut" in r["what"]]
+    assert len(moved) == 3 == len([r for r in plain.rewritten
+                                   if "pre-activation shortcut" in r["what"]])
+    assert sorted(r["node"] for r in report.removed if r["op"] == "identity") == [
+        f"_{i}_project" for i in (1, 2, 3)]
+    assert not any("non-zero mean" in w for w in report.warnings)
+    assert report.activation_params == plain.activation_params
+    assert torch.isfinite(shaped(x)).all()
+    assert not any(isinstance(m, torch.nn.Identity) for m in shaped.modules())
+
+    src = tmp_path / "v1.onnx"
+    torch.onnx.export(model, (x,), str(src), opset_version=17, dynamo=False)
+    from_onnx = graphshape.shape_onnx(src, tmp_path / "shaped.onnx", **options)
+    assert from_onnx.activation_params["leaky_relu"] == pytest.approx(
+        report.activation_params["leaky_relu"], rel=1e-12)
