@@ -211,15 +211,26 @@ def _known_dims(info: TensorInfo) -> int:
 
 # the ops _resolve_dynamic_reshapes evaluates (their inputs are never substituted)
 _CHAIN_OPS = {"Constant", "Shape", "Cast", "Identity", "Squeeze", "Unsqueeze", "Gather",
-              "Concat", "Add", "Sub", "Mul", "Div"}
+              "Concat", "Add", "Sub", "Mul", "Div", "ConstantOfShape", "Equal", "Where"}
+
+
+def _broadcast_pair(x, y):
+    """Two int vectors (entries may be None) broadcast to one length, or None."""
+    if len(x) != len(y) and 1 not in (len(x), len(y)):
+        return None
+    n = max(len(x), len(y))
+    return (x * n if len(x) == 1 else x), (y * n if len(y) == 1 else y)
 
 
 def _resolve_dynamic_reshapes(nodes, consts, infos, done):
     """Integer vectors computed at run time from shapes (Shape, Gather, Unsqueeze,
-    Squeeze, Concat, Cast, Identity, Slice, integer Add/Sub/Mul/Div, Constant), evaluated
-    from the known dims of ``infos`` and the constants. Returns (node, input index, value)
+    Squeeze, Concat, Cast, Identity, Slice, integer Add/Sub/Mul/Div, Constant, and the
+    ConstantOfShape / Equal / Where that torch's exporter writes for ``expand(n, -1, -1)``),
+    evaluated from the known dims of ``infos`` and the constants. Returns (node, input index, value)
     for every input of a non-shape op that is fully known, and for Reshape targets (not in
     ``done``) with at most one unknown entry, given as -1."""
+    from onnx import numpy_helper
+
     known: dict[str, list] = {}  # value -> entries (int or None); scalars as 1-element
     scalars: set[str] = set()
 
@@ -271,18 +282,34 @@ def _resolve_dynamic_reshapes(nodes, consts, infos, done):
                 steps = vec(node.input[4]) if len(node.input) > 4 and node.input[4] else [1]
                 if src is not None and st is not None and en is not None and None not in st + en:
                     known[node.output[0]] = src[st[0]:min(en[0], 2**62):steps[0]]
-            elif op in ("Add", "Sub", "Mul", "Div"):
+            elif op in ("Add", "Sub", "Mul", "Div", "Equal"):
                 x, y = vec(node.input[0]), vec(node.input[1])
-                if x is not None and y is not None and (len(x) == len(y) or 1 in (len(x), len(y))):
-                    n = max(len(x), len(y))
-                    x, y = (x * n if len(x) == 1 else x), (y * n if len(y) == 1 else y)
+                pair = _broadcast_pair(x, y) if x is not None and y is not None else None
+                if pair is not None:
                     fn = {"Add": lambda p, q: p + q, "Sub": lambda p, q: p - q,
                           "Mul": lambda p, q: p * q,
-                          "Div": lambda p, q: int(p / q) if q else None}[op]
+                          "Div": lambda p, q: int(p / q) if q else None,
+                          "Equal": lambda p, q: int(p == q)}[op]
                     known[node.output[0]] = [None if p is None or q is None else fn(p, q)
-                                             for p, q in zip(x, y)]
+                                             for p, q in zip(*pair)]
                     if node.input[0] in scalars and node.input[1] in scalars:
                         scalars.add(node.output[0])
+            elif op == "Where":
+                cond, x, y = (vec(n) for n in node.input[:3])
+                if cond is not None and x is not None and y is not None:
+                    n = max(len(cond), len(x), len(y))
+                    if all(len(v) in (1, n) for v in (cond, x, y)):
+                        cond, x, y = ((v * n if len(v) == 1 else v) for v in (cond, x, y))
+                        known[node.output[0]] = [None if c is None else (p if c else q)
+                                                 for c, p, q in zip(cond, x, y)]
+            elif op == "ConstantOfShape":
+                shape = vec(node.input[0])
+                fill = _attr_dict(node).get("value")
+                fill = (np.zeros(1, np.float32) if fill is None
+                        else numpy_helper.to_array(fill).reshape(-1))
+                if (shape is not None and len(shape) == 1 and shape[0] is not None
+                        and fill.dtype.kind in "iu"):
+                    known[node.output[0]] = [int(fill[0])] * shape[0]
             if op not in _CHAIN_OPS:
                 # a fully known int vector computed at run time (Slice starts, Expand
                 # shapes, ...): hand it to shape inference as a constant

@@ -260,6 +260,28 @@ def test_attention_is_solved_alike_from_an_opaque_call_explicit_nodes_and_onnx(t
                                                             rel=1e-9)
 
 
+@pytest.mark.parametrize("method", ["DKS", "TAT"])
+def test_class_attention_solves_alike_from_pytorch_and_onnx(tmp_path, method):
+    # CaiT's class token: torch's exporter writes cls_token.expand(n, -1, -1) with a
+    # ConstantOfShape / Equal / Where target that ONNX shape inference does not evaluate,
+    # so every shape on the class token's path was unknown and the concat of the token
+    # and the patches was weighed 1/2 : 1/2 instead of 1/17 : 16/17 (DKS GELU input_scale
+    # 0.743 from ONNX, 1.022 from PyTorch)
+    timm = pytest.importorskip("timm")
+    from timm.models.cait import Cait
+
+    torch.manual_seed(0)
+    model = Cait(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2,
+                 depth_token_only=2, num_classes=10).eval()
+    x = torch.randn(2, 3, 32, 32)
+    want = graphshape.shape(model, x, method=method, seed=0).meta["graphshape"]
+    src = tmp_path / "cait.onnx"
+    torch.onnx.export(model, (x,), str(src), opset_version=17, dynamo=False)
+    got = graphshape.shape_onnx(src, tmp_path / "shaped.onnx", method=method, seed=0)
+    assert _flat(got.activation_params) == pytest.approx(_flat(want.activation_params),
+                                                         rel=1e-9)
+
+
 def test_a_product_of_two_signals_without_a_softmax_still_multiplies():
     # only softmax weights are mixing weights: a sigmoid-free product of two signals
     # (here q k^T v with no softmax) is still a product in M, so the solve differs

@@ -526,6 +526,34 @@ def test_shape_chains_on_a_dynamic_batch_resolve_to_static_ops():
     assert out.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"
 
 
+def test_expand_with_minus_one_entries_resolves_its_shape():
+    """torch's exporter writes ``cls_token.expand(n, -1, -1)`` as Expand(cls, Where(Equal(
+    target, ConstantOfShape(3) * -1), ConstantOfShape(3), target)); ONNX shape inference
+    leaves the expanded token count unknown, and so everything computed from the token.
+    Evaluated, it is known: a later concat of the token and the patches then has known sizes (cait and xcit solved other parameters from
+    their ONNX exports, which weighed such a concat's inputs equally)."""
+    def const(name, value):  # Constant nodes, as the exporter writes them
+        return helper.make_node("Constant", [], [name], value=numpy_helper.from_array(value))
+
+    nodes = [const("three", np.array([3])), const("minus1", np.array(-1)),
+             const("target", np.array([2, -1, -1])),
+             helper.make_node("ConstantOfShape", ["three"], ["ones"],
+                              value=numpy_helper.from_array(np.array([1], np.int64))),
+             helper.make_node("Mul", ["ones", "minus1"], ["minus_ones"]),
+             helper.make_node("Equal", ["target", "minus_ones"], ["is_minus1"]),
+             helper.make_node("Where", ["is_minus1", "ones", "target"], ["expand_to"]),
+             helper.make_node("Expand", ["cls", "expand_to"], ["tokens"]),
+             # the token then meets the signal (as in class attention): not foldable
+             helper.make_node("ReduceMean", ["x"], ["pooled"], axes=[1], keepdims=1),
+             helper.make_node("Add", ["tokens", "pooled"], ["token"]),
+             helper.make_node("Concat", ["token", "x"], ["y"], axis=1)]
+    m = _model(nodes, [("x", (2, 5, 4))], [("y", None)],
+               [_init("cls", _rand(1, 1, 4))])
+    g, _ = _roundtrip(m, {"x": _rand(2, 5, 4)}, ["concat"])
+    (cat,) = [n for n in g if n.op == "concat"]
+    assert [g.info(r).shape for r in cat.inputs] == [(2, 1, 4), (2, 5, 4)]
+
+
 @pytest.mark.parametrize("opset", [11, 13])
 def test_squeeze_unsqueeze_forms(opset):
     if opset < 13:
