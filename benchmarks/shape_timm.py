@@ -8,13 +8,13 @@ CRASH (the exception type and message: a bug). ``--onnx`` adds a line per model 
 export (``torch.onnx.export(..., dynamo=False)``, opset 17, into a temporary folder removed at
 the end), shaped with ``graphshape.shape_onnx`` and run in onnxruntime: "same" when it runs
 with a finite output and solves the same parameters as the PyTorch path (to 1e-6), else
-MISMATCH, both refused, no export, non-finite or CRASH.
+MISMATCH, both refused, ONNX only (torch.fx cannot trace the model, its export shapes), no
+export, non-finite or CRASH.
 """
 
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import tempfile
 import time
@@ -61,14 +61,6 @@ def _params_line(report) -> str:
                      for k, d in report.activation_params.items())
 
 
-def _same_params(a: dict, b: dict, rel: float = 1e-6) -> bool:
-    """Whether two reports' activation_params agree (same names, keys, values to ``rel``)."""
-    if a.keys() != b.keys() or any(a[k].keys() != b[k].keys() for k in a):
-        return False
-    return all(math.isclose(a[k][p], b[k][p], rel_tol=rel, abs_tol=1e-12)
-               for k in a for p in a[k])
-
-
 def main():
     import torch
     import timm
@@ -93,8 +85,8 @@ def main():
     options = {"method": args.method, "activation": args.activation,
                "shortcut_weight": args.shortcut_weight}
     counts = {"ok": 0, "refused": 0, "CRASH": 0}
-    onnx_counts = {"same": 0, "MISMATCH": 0, "both refused": 0, "no export": 0, "CRASH": 0,
-                   "non-finite": 0}
+    onnx_counts = {"same": 0, "MISMATCH": 0, "both refused": 0, "ONNX only": 0,
+                   "no export": 0, "CRASH": 0, "non-finite": 0}
     workdir = tempfile.TemporaryDirectory(prefix="shape_timm_") if args.onnx else None
     for name in (args.models.split(",") if args.models else sizes):
         size = sizes.get(name, MODELS.get(name, WIDE.get(name, 64)))
@@ -120,7 +112,7 @@ def main():
         print(f"{name:24s} {status:8s} {time.time() - t0:6.1f}s  {detail[:400]}", flush=True)
         if args.onnx:
             onnx_status, onnx_detail = _onnx_path(model, x, name, workdir.name, options,
-                                                   report, _export, _shape_onnx)
+                                                   report, detail, _export, _shape_onnx)
             _remove_files(workdir.name, name)
             onnx_counts[onnx_status] += 1
             print(f"{'':24s} onnx: {onnx_status}  {onnx_detail[:400]}", flush=True)
@@ -130,13 +122,16 @@ def main():
         print("onnx:", onnx_counts)
 
 
-def _onnx_path(model, x, name, folder, options, torch_report, export, shape_onnx):
+def _onnx_path(model, x, name, folder, options, torch_report, torch_detail, export,
+               shape_onnx):
     """(status, detail) of the ONNX path for one model: "same" (shaped, runs in
     onnxruntime with a finite output, the same parameters as the PyTorch path), "MISMATCH"
     (different parameters, or one path refused where the other shaped), "both refused",
+    "ONNX only" (shaped from ONNX; torch.fx cannot trace the PyTorch model),
     "no export" (torch cannot export it, or onnxruntime cannot run the unshaped export),
     "non-finite" or "CRASH"."""
     import graphshape
+    from shape_torchvision import _same_params
 
     path = os.path.join(folder, f"{name}.onnx")
     failure = export(model, x, path)
@@ -154,6 +149,8 @@ def _onnx_path(model, x, name, folder, options, torch_report, export, shape_onnx
     if not finite:
         return "non-finite", _params_line(report)
     if torch_report is None:
+        if torch_detail.startswith("torch.fx cannot trace"):
+            return "ONNX only", _params_line(report)
         return "MISMATCH", f"shaped from ONNX, not from PyTorch: {_params_line(report)}"
     if not _same_params(report.activation_params, torch_report.activation_params):
         return "MISMATCH", (f"ONNX {_params_line(report)}; PyTorch "

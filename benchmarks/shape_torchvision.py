@@ -3,7 +3,7 @@
 clear GraphshapeError -- never crash.
 
 Run:  nice python benchmarks/shape_torchvision.py [--methods TAT,DKS,DKS:0] [--models a,b]
-      [--max-params 400e6] [--onnx [--dynamo]]
+      [--max-params 400e6] [--onnx [--dynamo] [--compare]]
 A method is ``NAME`` or ``NAME:w`` (``w`` the shortcut weight; 0 removes the skips).
 ``--onnx``: each model is exported with ``torch.onnx.export(..., dynamo=False)`` (opset 17,
 into a temporary folder, removed at the end), shaped with ``graphshape.shape_onnx`` and run
@@ -11,6 +11,8 @@ by onnxruntime (CPU) instead; a model torch cannot export, or whose unshaped exp
 onnxruntime cannot run, is counted "no export". ``--dynamo`` exports with
 ``torch.onnx.export(..., dynamo=True)`` instead (torch's default exporter; needs the
 ``onnxscript`` package, which graphshape itself does not use), at its default opset.
+``--compare`` also shapes each model from PyTorch and counts whether the two paths solve the
+same parameters (to 1e-6), or refuse alike ("same"), or not ("MISMATCH").
 Prints one line per model and method: ok (seconds, parameters solved), refused (the
 message), CRASH (exception type and message: a bug) or non-finite; then the counts.
 Models with more than ``--max-params`` parameters are skipped.
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import glob
+import math
 import os
 import tempfile
 import time
@@ -82,13 +85,23 @@ def _parameter_count(name, kwargs) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def _same_params(a: dict, b: dict, rel: float = 1e-6) -> bool:
+    """Whether two reports' activation_params agree (same names, keys, values to ``rel``)."""
+    if a.keys() != b.keys() or any(a[k].keys() != b[k].keys() for k in a):
+        return False
+    return all(math.isclose(a[k][p], b[k][p], rel_tol=rel, abs_tol=1e-12)
+               for k in a for p in a[k])
+
+
 def _classified(run):
-    """(status, seconds, detail) of ``run()``, which shapes and runs one model and returns
-    (whether the output is finite, the ShapeReport): ok / non-finite, refused (a
-    GraphshapeError: its message) or CRASH (any other exception: a bug)."""
+    """(status, seconds, detail, report) of ``run()``, which shapes and runs one model and
+    returns (whether the output is finite, the ShapeReport): ok / non-finite, refused (a
+    GraphshapeError: its message) or CRASH (any other exception: a bug); ``report`` is None
+    unless shaped."""
     import graphshape
 
     t0 = time.perf_counter()
+    report = None
     try:
         finite, report = run()
         status = "ok" if finite else "non-finite"
@@ -97,9 +110,9 @@ def _classified(run):
     except graphshape.GraphshapeError as e:
         status, detail = "refused", str(e)
     except Exception as e:  # noqa: BLE001 - reported as a crash
-        status = "CRASH"
+        status, report = "CRASH", None
         detail = f"{type(e).__name__}: {e}\n" + traceback.format_exc(limit=-3)
-    return status, time.perf_counter() - t0, detail
+    return status, time.perf_counter() - t0, detail, report
 
 
 def _shape_torch(model, x, options):
@@ -172,6 +185,9 @@ def main():
                     help="export to ONNX and shape the file (graphshape.shape_onnx)")
     ap.add_argument("--dynamo", action="store_true",
                     help="with --onnx: export with dynamo=True (needs onnxscript)")
+    ap.add_argument("--compare", action="store_true",
+                    help="with --onnx: also shape each model from PyTorch and compare the "
+                         "solved parameters of the two paths")
     args = ap.parse_args()
     # removed at the end, and by the finalizer on an exception (not when the process is killed)
     workdir = tempfile.TemporaryDirectory(prefix="shape_torchvision_")
@@ -217,7 +233,7 @@ def main():
             options = {"method": method} if w is None else {"method": method,
                                                             "shortcut_weight": w}
             out_path = os.path.join(workdir.name, f"{name}_{spec}.onnx")
-            status, seconds, detail = _classified(
+            status, seconds, detail, report = _classified(
                 (lambda: _shape_onnx(path, out_path, x, options)) if args.onnx
                 else (lambda: _shape_torch(model, x, options)))
             counts[(spec, status)] = counts.get((spec, status), 0) + 1
@@ -226,6 +242,20 @@ def main():
                   flush=True)
             if status == "CRASH":
                 print(detail)
+            if args.onnx and args.compare:
+                torch_status, _, _, torch_report = _classified(
+                    lambda: _shape_torch(model, x, options))
+                if report is not None and torch_report is not None:
+                    same = _same_params(report.activation_params,
+                                        torch_report.activation_params)
+                    verdict = "same" if same else "MISMATCH"
+                else:
+                    verdict = "same" if status == torch_status else "MISMATCH"
+                counts[(spec, verdict)] = counts.get((spec, verdict), 0) + 1
+                if verdict == "MISMATCH":
+                    print(f"{'':30s} {spec:7s} MISMATCH with PyTorch ({torch_status}): "
+                          f"{torch_report.activation_params if torch_report else ''}",
+                          flush=True)
         _remove_files(workdir.name, name)  # big models: keep the folder small
     workdir.cleanup()
     print()
@@ -236,6 +266,9 @@ def main():
               f"unshaped export): {counts.get(('export', 'no export'), 0)}")
     for spec, _, _ in methods:
         row = {s: counts.get((spec, s), 0) for s in ("ok", "refused", "non-finite", "CRASH")}
+        if args.compare:
+            row.update({f"{s} as PyTorch": counts.get((spec, s), 0)
+                        for s in ("same", "MISMATCH")})
         print(f"{spec:7s} " + ", ".join(f"{v} {k}" for k, v in row.items()))
 
 

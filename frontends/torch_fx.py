@@ -84,6 +84,20 @@ def _norm_act_classes() -> tuple:
                  if isinstance(getattr(norm_act, n, None), type))
 
 
+def _std_conv_classes() -> tuple:
+    """timm's weight-standardized convs (``StdConv2d``, ``ScaledStdConv2d``: NF-ResNets,
+    NFNets, BiT ResNetV2s), kept as fx leaves and mapped to a conv holding the standardized
+    weight, as ``torch.onnx.export`` writes them. Traced, their ``F.batch_norm`` on the weight
+    and ``F.conv2d`` with a computed weight became opaque nodes: no kernel rule, no
+    re-initialization, and other DKS/TAT parameters than the model's ONNX export. (The
+    ``...Same`` variants pad dynamically and are traced as before.)"""
+    std_conv = sys.modules.get("timm.layers.std_conv")
+    if std_conv is None:
+        return ()
+    return tuple(getattr(std_conv, n) for n in ("StdConv2d", "ScaledStdConv2d")
+                 if isinstance(getattr(std_conv, n, None), type))
+
+
 class _Tracer(torch.fx.Tracer):
     """fx's default tracer plus extra leaf module classes."""
 
@@ -99,7 +113,8 @@ class _Tracer(torch.fx.Tracer):
 
 def _trace(module: nn.Module, leaf_modules) -> torch.fx.GraphModule:
     leaf_classes = tuple(c for c in (_stochastic_depth_class(), *_norm_act_classes(),
-                                     *_GRAPHSHAPE_MODULES, *leaf_modules) if c is not None)
+                                     *_std_conv_classes(), *_GRAPHSHAPE_MODULES,
+                                     *leaf_modules) if c is not None)
     tracer = _Tracer(leaf_classes)
     try:
         graph = tracer.trace(module)
@@ -549,6 +564,8 @@ class _Loader:
             handler = _MODULE_HANDLERS.get(type(mod))
             if handler is None and type(mod) in _norm_act_classes():
                 handler = _m_norm_act
+            if handler is None and type(mod) in _std_conv_classes():
+                handler = _m_std_conv
             args = (mod,)
         elif fx_node.op == "call_function":
             handler = _FUNCTION_HANDLERS.get(_key(fx_node.target))
@@ -695,14 +712,36 @@ def _owner_path(weight, name: str = "weight") -> str | None:
 
 
 # -- modules
-def _m_conv(ld, fx_node, mod):
+def _m_conv(ld, fx_node, mod, params=None):
     dims = len(mod.kernel_size)
     pads = _conv_pads(mod.padding, mod.kernel_size, mod.dilation, dims)
     attrs = {"dims": dims, "in_channels": mod.in_channels, "out_channels": mod.out_channels,
              "kernel_shape": tuple(mod.kernel_size), "stride": tuple(mod.stride), "pads": pads,
              "dilation": tuple(mod.dilation), "groups": mod.groups,
              "padding_mode": mod.padding_mode}
-    _emit(ld, fx_node, "conv", [_input(ld, fx_node)], attrs, _module_params(mod, ["weight", "bias"]))
+    if params is None:
+        params = _module_params(mod, ["weight", "bias"])
+    _emit(ld, fx_node, "conv", [_input(ld, fx_node)], attrs, params)
+
+
+def _m_std_conv(ld, fx_node, mod):
+    """timm's StdConv2d / ScaledStdConv2d (see :func:`_std_conv_classes`): a conv with the
+    weight its forward computes (standardized per output channel, times ``gain * scale``
+    for the scaled variant). The node's ``meta["weight_standardization"]`` names the class;
+    shaping removes the standardization with the other normalization (the conv is then
+    re-initialized). Without shaping the emitted conv computes the same function, but
+    trains without the standardization, as the model's ONNX export would."""
+    if len(fx_node.args) != 1 or fx_node.kwargs:
+        raise _Unmapped("extra arguments")
+    gain = getattr(mod, "gain", None)
+    with torch.no_grad():
+        weight = F.batch_norm(
+            mod.weight.reshape(1, mod.out_channels, -1), None, None,
+            weight=None if gain is None else (gain * mod.scale).view(-1),
+            training=True, momentum=0.0, eps=mod.eps).reshape_as(mod.weight)
+    params = {"weight": _to_numpy(weight), **_module_params(mod, ["bias"])}
+    _m_conv(ld, fx_node, mod, params)
+    ld.graph[ld.env[fx_node].node].meta["weight_standardization"] = type(mod).__name__
 
 
 def _m_conv_transpose(ld, fx_node, mod):

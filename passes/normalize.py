@@ -177,4 +177,11 @@ def remove_normalization(graph: Graph, *, copy: bool = True) -> tuple[Graph, dic
         for name in g.remove_dead():
             removed.append({"node": name, "op": ops[name],
                             "what": "unused after removing normalization"})
+    # weight standardization (timm's StdConv2d / ScaledStdConv2d, loaded as a conv holding
+    # the standardized weight): the conv becomes a plain one
+    for node in g:
+        kind = node.meta.pop("weight_standardization", None)
+        if kind is not None:
+            rewritten.append({"node": node.name, "op": node.op,
+                              "what": f"weight standardization removed (was a {kind})"})
     return g, {"removed": removed, "rewritten": rewritten}

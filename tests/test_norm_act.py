@@ -1,5 +1,7 @@
 """timm's fused norm-activation modules (BatchNormAct2d, GroupNormAct) map to a norm node
-plus an activation node, round-trip exactly, and are removed by shaping."""
+plus an activation node, round-trip exactly, and are removed by shaping; its
+weight-standardized convs (StdConv2d, ScaledStdConv2d) map to convs holding the standardized
+weights, and shaping removes the standardization."""
 
 import pytest
 
@@ -59,3 +61,52 @@ def test_shape_removes_fused_norms():
     out = shaped(x)
     assert out.shape == (2, 4) and torch.isfinite(out).all()
     assert set(report.activation_params) == {"tanh"}
+
+
+def _std_conv_model():
+    std_conv = pytest.importorskip("timm.layers.std_conv")
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(
+        std_conv.ScaledStdConv2d(3, 8, 3, padding=1), torch.nn.ReLU(),
+        std_conv.StdConv2d(8, 8, 3, padding=1), torch.nn.ReLU(),
+        std_conv.ScaledStdConv2d(8, 8, 1, bias=False),
+        torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(8, 4))
+    with torch.no_grad():  # weights far from standardized, a non-trivial gain
+        for conv in (m[0], m[2], m[4]):
+            conv.weight.mul_(3.0).add_(0.5)
+        m[0].gain.uniform_(0.5, 2.0)
+    return m.eval()
+
+
+def test_weight_standardized_convs_load_as_convs_with_their_standardized_weights():
+    # before: traced into F.batch_norm on the weight and an opaque F.conv2d, which had no
+    # kernel rule and no re-initialization (timm's nf_resnet26 then solved TAT slope 0.1229
+    # from PyTorch and 0.1656 from its ONNX export, which holds the standardized weights)
+    model, x = _std_conv_model(), torch.randn(2, 3, 8, 8)
+    g = graphshape.load(model, x)
+    convs = [n for n in g if n.op == "conv"]
+    assert len(convs) == 3 and "opaque" not in g.count_ops()
+    assert [n.meta["weight_standardization"] for n in convs] == [
+        "ScaledStdConv2d", "StdConv2d", "ScaledStdConv2d"]
+    w = convs[1].params["weight"].reshape(8, -1)  # standardized per output channel
+    assert abs(w.mean(1)).max() < 1e-5 and abs(w.std(1) - 1).max() < 1e-3
+    emitted = graphshape.to_torch(g)
+    with torch.no_grad():
+        torch.testing.assert_close(emitted(x), model(x), rtol=1e-5, atol=1e-5)
+    # kernel rules apply: every layer's q is predicted (an opaque conv had none)
+    rows = [r for r in graphshape.analyze(g, x).rows
+            if r["op"] in ("conv", "activation", "linear")]
+    assert len(rows) == 6 and all(r["q_pred"] is not None for r in rows)
+
+
+def test_shape_removes_weight_standardization():
+    model, x = _std_conv_model(), torch.randn(2, 3, 8, 8)
+    shaped = graphshape.shape(model, x, method="DKS", seed=0)
+    report = shaped.meta["graphshape"]
+    assert sorted(r["node"] for r in report.rewritten
+                  if r["what"].startswith("weight standardization removed")) == ["_0", "_2", "_4"]
+    assert report.initialized == 4
+    assert not any("gain" in k for k in shaped.state_dict())
+    assert "0.weight" in shaped.state_dict()  # the source's keys
+    out = shaped(x)
+    assert torch.isfinite(out).all() and out.shape == (2, 4)
