@@ -1382,6 +1382,34 @@ def _f_cat(ld, fx_node):
     _emit(ld, fx_node, "concat", refs, {"axis": axis})
 
 
+def _f_stack(ld, fx_node):
+    """``torch.stack(tensors, dim)``: an unsqueeze per tensor, then a concat, as the ONNX
+    exporters write it (SKNet stacks its kernel paths): the kernel rules and the maximizing
+    function see the join, where an opaque call hid it."""
+    a = _bind(fx_node, ["tensors", "dim"], {"dim": 0})
+    tensors, dim = a["tensors"], a["dim"]
+    if isinstance(tensors, torch.fx.Node) or not tensors:
+        raise _Unmapped("traced list")
+    if not isinstance(dim, int):
+        raise _Unmapped("dynamic dim")
+    if dim < 0:
+        rank = ld.rank(tensors[0])
+        if rank is None:
+            raise _Unmapped("negative dim with unknown rank")
+        dim += rank + 1
+    refs = []
+    for t in tensors:
+        if isinstance(t, torch.fx.Node) and isinstance(ld.env.get(t), _Multi):
+            raise _Unmapped("nested tuple")
+        ref = _input(ld, fx_node, t)
+        info = ld.graph.info(ref)
+        shape = None if info.shape is None else (*info.shape[:dim], 1, *info.shape[dim:])
+        refs.append(ld.add(fx_node, "unsqueeze", [ref], {"axes": (dim,)},
+                           outputs=[TensorInfo(shape, info.dtype)],
+                           name=ld.graph.unique_name(f"{fx_node.name}_unsqueeze")))
+    _emit(ld, fx_node, "concat", refs, {"axis": dim})
+
+
 def _f_getitem(ld, fx_node):
     src, idx = fx_node.args
     entry = ld.env.get(src) if isinstance(src, torch.fx.Node) else None
@@ -1642,7 +1670,7 @@ FUNCTION_OPS: dict[Any, Callable] = {
     torch.div: _f_binary("div"), torch.divide: _f_binary("div"), torch.true_divide: _f_binary("div"),
     torch.matmul: _f_matmul, operator.matmul: _f_matmul, torch.mm: _f_matmul, torch.bmm: _f_matmul,
     # joins and shapes
-    torch.cat: _f_cat, torch.concat: _f_cat, torch.concatenate: _f_cat,
+    torch.cat: _f_cat, torch.concat: _f_cat, torch.stack: _f_stack, torch.concatenate: _f_cat,
     torch.flatten: _f_flatten, torch.reshape: _f_reshape, torch.permute: _f_permute,
     torch.transpose: _f_transpose, torch.swapaxes: _f_transpose, torch.swapdims: _f_transpose,
     torch.squeeze: _f_squeeze, torch.unsqueeze: _f_unsqueeze,
