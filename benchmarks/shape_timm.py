@@ -2,14 +2,16 @@
 clear GraphshapeError -- never crash.
 
 Run:  nice python benchmarks/shape_timm.py [--method TAT] [--shortcut-weight 0.5] [--set wide]
-      [--onnx]
+      [--onnx [--dynamo]]
 Prints one line per model: ok (with parameters and seconds), refused (the message) or
 CRASH (the exception type and message: a bug). ``--onnx`` adds a line per model for its ONNX
 export (``torch.onnx.export(..., dynamo=False)``, opset 17, into a temporary folder removed at
 the end), shaped with ``graphshape.shape_onnx`` and run in onnxruntime: "same" when it runs
 with a finite output and solves the same parameters as the PyTorch path (to 1e-6), else
 MISMATCH, both refused, ONNX only (torch.fx cannot trace the model, its export shapes), no
-export, non-finite or CRASH.
+export, non-finite or CRASH. ``--dynamo`` exports with ``dynamo=True`` (torch's default
+exporter, at its default opset; needs the ``onnxscript`` package, which graphshape does not
+use).
 """
 
 from __future__ import annotations
@@ -76,6 +78,9 @@ def main():
     ap.add_argument("--set", choices=("default", "wide"), default="default",
                     help="the 13 families above, or the 44 of WIDE")
     ap.add_argument("--models", default=None, help="comma-separated names (default: the set)")
+    ap.add_argument("--dynamo", action="store_true",
+                    help="with --onnx: export with dynamo=True (torch's default exporter; "
+                         "needs onnxscript)")
     ap.add_argument("--onnx", action="store_true",
                     help="also export each model (TorchScript exporter, opset 17), shape the "
                          "file with graphshape.shape_onnx, run it in onnxruntime and compare "
@@ -111,8 +116,9 @@ def main():
         counts[status] += 1
         print(f"{name:24s} {status:8s} {time.time() - t0:6.1f}s  {detail[:400]}", flush=True)
         if args.onnx:
-            onnx_status, onnx_detail = _onnx_path(model, x, name, workdir.name, options,
-                                                   report, detail, _export, _shape_onnx)
+            onnx_status, onnx_detail = _onnx_path(
+                model, x, name, workdir.name, options, report, detail,
+                lambda m, x, path: _export(m, x, path, dynamo=args.dynamo), _shape_onnx)
             _remove_files(workdir.name, name)
             onnx_counts[onnx_status] += 1
             print(f"{'':24s} onnx: {onnx_status}  {onnx_detail[:400]}", flush=True)

@@ -185,3 +185,37 @@ def remove_normalization(graph: Graph, *, copy: bool = True) -> tuple[Graph, dic
             rewritten.append({"node": node.name, "op": node.op,
                               "what": f"weight standardization removed (was a {kind})"})
     return g, {"removed": removed, "rewritten": rewritten}
+
+
+def merge_duplicate_activations(graph: Graph, *, copy: bool = True) -> tuple[Graph, dict]:
+    """Merge activation nodes that read the same value with the same attributes: they
+    compute the same output, always (an activation holds no parameters, and shaping gives
+    every activation of a name the same transform).
+
+    Removing normalization exposes them: DPN's dual-path blocks normalize one input twice
+    (``bn_a(x)``, ``bn_b(x)``, each followed by a ReLU); once the norms are gone both ReLUs
+    read ``x``. torch's dynamo ONNX exporter already merges them in an untrained model (whose
+    norms are identical), which moved the fork of the block's joins and gave dpn68 another
+    maximizing function (TAT slope 0.329 from that export, 0.3175 from PyTorch). Merged,
+    every path sees one activation, and the shaped network computes it once.
+
+    Returns ``(new_graph, record)``, ``record["removed"]`` naming each merged node and the
+    node it was merged into; the input graph is not modified unless ``copy=False``."""
+    import json
+
+    g = graph.copy() if copy else graph
+    removed: list[dict] = []
+    seen: dict[tuple, str] = {}
+    for name in g.topo_order():
+        node = g[name]
+        if node.op != "activation" or len(node.inputs) != 1 or node.params:
+            continue
+        key = (node.inputs[0], json.dumps(node.attrs, sort_keys=True, default=repr))
+        kept = seen.setdefault(key, name)
+        if kept == name:
+            continue
+        g.replace_uses(node.out, g[kept].out)
+        g.remove(name)
+        removed.append({"node": name, "op": node.op,
+                        "what": f"duplicate of {kept!r} (same input and attributes), merged"})
+    return g, {"removed": removed, "rewritten": []}

@@ -41,7 +41,8 @@ from graphshape.ir import Graph, holds_tensors
 from graphshape.passes.joins import (MAX_POOL_OPS, commutes_with_max_pool,
                                     move_shortcuts_to_preactivation, normalize_sums,
                                     reset_branch_scales)
-from graphshape.passes.normalize import NORM_OPS, remove_normalization
+from graphshape.passes.normalize import (NORM_OPS, merge_duplicate_activations,
+                                         remove_normalization)
 
 #: The default residual shortcut weight, chosen by measurement (benchmarks/shortcut_weight.py,
 #: numbers in docs/shaping.md): it is the largest weight (0.05 grid) with which the default
@@ -557,6 +558,8 @@ def shape_graph(graph: Graph, *, method: str = "TAT", activation: str | None = N
     shared = replaced if copy else [v for n in graph for v in n.params.values()
                                     if isinstance(v, np.ndarray)]
     g, rec = remove_normalization(graph.copy(share=replaced) if copy else graph, copy=False)
+    _merge(report, rec)
+    g, rec = merge_duplicate_activations(g, copy=False)
     _merge(report, rec)
     for node in g:
         if (node.op == "opaque" and "norm" in str(node.attrs.get("description", "")).lower()
