@@ -1,8 +1,9 @@
 """PyTorch frontend: an ``nn.Module`` -> graphshape IR, via ``torch.fx``.
 
 ``load_module(module, example_inputs)`` traces the module with ``torch.fx.symbolic_trace``
-(a custom tracer that keeps ``torchvision.ops.StochasticDepth`` and any class in
-``leaf_modules`` as one call), fills in shapes and dtypes with
+(a custom tracer that keeps ``torchvision.ops.StochasticDepth``, timm's fused norm-activation
+modules and weight-standardized convs, and any class in ``leaf_modules`` as one call), fills
+in shapes and dtypes with
 ``torch.fx.passes.shape_prop.ShapeProp`` when example inputs are given, and maps every
 ``call_module`` / ``call_function`` / ``call_method`` node to a canonical op of
 :mod:`graphshape.ops`. Anything it does not know becomes an ``opaque`` node holding what
