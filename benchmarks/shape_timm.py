@@ -68,7 +68,7 @@ def main():
     import timm
 
     import graphshape
-    from shape_torchvision import _export, _remove_files, _shape_onnx
+    from shape_torchvision import _remove_files
 
     torch.set_num_threads(1)
     ap = argparse.ArgumentParser()
@@ -116,9 +116,8 @@ def main():
         counts[status] += 1
         print(f"{name:24s} {status:8s} {time.time() - t0:6.1f}s  {detail[:400]}", flush=True)
         if args.onnx:
-            onnx_status, onnx_detail = _onnx_path(
-                model, x, name, workdir.name, options, report, detail,
-                lambda m, x, path: _export(m, x, path, dynamo=args.dynamo), _shape_onnx)
+            onnx_status, onnx_detail = _onnx_path(model, x, name, workdir.name, options,
+                                                   report, detail, args.dynamo)
             _remove_files(workdir.name, name)
             onnx_counts[onnx_status] += 1
             print(f"{'':24s} onnx: {onnx_status}  {onnx_detail[:400]}", flush=True)
@@ -128,8 +127,7 @@ def main():
         print("onnx:", onnx_counts)
 
 
-def _onnx_path(model, x, name, folder, options, torch_report, torch_detail, export,
-               shape_onnx):
+def _onnx_path(model, x, name, folder, options, torch_report, torch_detail, dynamo):
     """(status, detail) of the ONNX path for one model: "same" (shaped, runs in
     onnxruntime with a finite output, the same parameters as the PyTorch path), "MISMATCH"
     (different parameters, or one path refused where the other shaped), "both refused",
@@ -137,14 +135,14 @@ def _onnx_path(model, x, name, folder, options, torch_report, torch_detail, expo
     "no export" (torch cannot export it, or onnxruntime cannot run the unshaped export),
     "non-finite" or "CRASH"."""
     import graphshape
-    from shape_torchvision import _same_params
+    from shape_torchvision import _export, _same_params, _shape_onnx
 
     path = os.path.join(folder, f"{name}.onnx")
-    failure = export(model, x, path)
+    failure = _export(model, x, path, dynamo=dynamo)
     if failure:
         return "no export", failure
     try:
-        finite, report = shape_onnx(path, os.path.join(folder, f"{name}_shaped.onnx"), x,
+        finite, report = _shape_onnx(path, os.path.join(folder, f"{name}_shaped.onnx"), x,
                                     {k: v for k, v in options.items() if v is not None})
     except graphshape.GraphshapeError as e:
         if torch_report is None:

@@ -214,12 +214,14 @@ _CHAIN_OPS = {"Constant", "Shape", "Cast", "Identity", "Squeeze", "Unsqueeze", "
               "Concat", "Add", "Sub", "Mul", "Div", "ConstantOfShape", "Equal", "Where"}
 
 
-def _broadcast_pair(x, y):
-    """Two int vectors (entries may be None) broadcast to one length, or None."""
-    if len(x) != len(y) and 1 not in (len(x), len(y)):
+def _broadcast(*vectors):
+    """Int vectors (entries may be None) broadcast to one length, or None when they do not
+    broadcast."""
+    lengths = {len(v) for v in vectors if len(v) != 1}
+    if len(lengths) > 1:
         return None
-    n = max(len(x), len(y))
-    return (x * n if len(x) == 1 else x), (y * n if len(y) == 1 else y)
+    n = lengths.pop() if lengths else 1
+    return [v * n if len(v) == 1 else v for v in vectors]
 
 
 def _resolve_dynamic_reshapes(nodes, consts, infos, done):
@@ -284,7 +286,7 @@ def _resolve_dynamic_reshapes(nodes, consts, infos, done):
                     known[node.output[0]] = src[st[0]:min(en[0], 2**62):steps[0]]
             elif op in ("Add", "Sub", "Mul", "Div", "Equal"):
                 x, y = vec(node.input[0]), vec(node.input[1])
-                pair = _broadcast_pair(x, y) if x is not None and y is not None else None
+                pair = _broadcast(x, y) if x is not None and y is not None else None
                 if pair is not None:
                     fn = {"Add": lambda p, q: p + q, "Sub": lambda p, q: p - q,
                           "Mul": lambda p, q: p * q,
@@ -295,13 +297,11 @@ def _resolve_dynamic_reshapes(nodes, consts, infos, done):
                     if node.input[0] in scalars and node.input[1] in scalars:
                         scalars.add(node.output[0])
             elif op == "Where":
-                cond, x, y = (vec(n) for n in node.input[:3])
-                if cond is not None and x is not None and y is not None:
-                    n = max(len(cond), len(x), len(y))
-                    if all(len(v) in (1, n) for v in (cond, x, y)):
-                        cond, x, y = ((v * n if len(v) == 1 else v) for v in (cond, x, y))
-                        known[node.output[0]] = [None if c is None else (p if c else q)
-                                                 for c, p, q in zip(cond, x, y)]
+                parts = [vec(n) for n in node.input[:3]]
+                parts = _broadcast(*parts) if None not in parts else None
+                if parts is not None:
+                    known[node.output[0]] = [None if c is None else (p if c else q)
+                                             for c, p, q in zip(*parts)]
             elif op == "ConstantOfShape":
                 shape = vec(node.input[0])
                 fill = _attr_dict(node).get("value")
