@@ -1288,6 +1288,114 @@ class _Importer:
     def _op_LeakyRelu(self, node, a, name):
         self._act(node, name, "leaky_relu", negative_slope=float(a.get("alpha", 0.01)))
 
+    def _op_PRelu(self, node, a, name):
+        """A constant slope shared by all entries or one per channel (axis 1): a leaky_relu
+        with learnable slopes, as the PyTorch frontend reads ``nn.PReLU``."""
+        if not self.is_const(node.input[1]):
+            raise _Unsupported("slope is not constant")
+        slope = np.asarray(self.const(node.input[1]))
+        rank = self._rank(node.input[0])
+        if rank is None or slope.ndim > rank:
+            raise _Unsupported("slope rank unknown or larger than the input's")
+        shape = (1,) * (rank - slope.ndim) + slope.shape
+        if slope.size == 1 or np.all(slope == slope.reshape(-1)[0]):
+            weight = slope.reshape(-1)[:1]
+        elif rank >= 2 and all(d == 1 for i, d in enumerate(shape) if i != 1):
+            weight = slope.reshape(-1)
+        else:
+            raise _Unsupported("slopes vary along an axis other than the channels")
+        self.add(name, "activation", [self.signal(node.input[0])],
+                 {"name": "leaky_relu",
+                  "negative_slope": float(np.mean(weight, dtype=np.float64)),
+                  "learnable_slope": True},
+                 {"weight": weight}, outputs=node.output, source=node.name)
+
+    # ----------------------------------------------------------------- resampling
+    def _op_Resize(self, node, a, name):
+        """Resize in PyTorch's terms (the canonical ``resize``): the attribute combinations
+        torch's interpolate modes export to; any other (a TensorFlow converter's
+        round_prefer_floor, tf_crop_and_resize, another cubic coefficient...) stays opaque."""
+        if a.get("axes") is not None or a.get("keep_aspect_ratio_policy", "stretch") != "stretch":
+            raise _Unsupported("axes / keep_aspect_ratio_policy")
+        if self.opset < 11:  # Resize-10: (X, scales), asymmetric coordinates
+            if a.get("mode", "nearest") != "nearest":
+                raise _Unsupported("linear resize with asymmetric coordinates")
+            self._resize(node, name, {"mode": "nearest"}, 1, None, upsampling_only=True)
+            return
+        ctm, scales_at, sizes_at = a.get("coordinate_transformation_mode", "half_pixel"), 2, 3
+        mode = a.get("mode", "nearest")
+        half_pixel = ctm in ("half_pixel", "pytorch_half_pixel")
+        if a.get("antialias", 0):
+            # onnxruntime's antialias filter is not torch's (measured: 0.07 apart on a
+            # bilinear 0.4x resize of N(0, 1) data): no torch twin
+            raise _Unsupported("antialias")
+        if mode == "nearest":
+            nearest_mode = a.get("nearest_mode", "round_prefer_floor")
+            if (ctm, nearest_mode) == ("asymmetric", "floor"):
+                attrs = {"mode": "nearest"}
+            elif half_pixel and nearest_mode == "round_prefer_ceil":
+                attrs = {"mode": "nearest-exact"}
+            else:
+                raise _Unsupported(f"nearest with {ctm} / {nearest_mode}")
+        elif mode in ("linear", "cubic") and (half_pixel or ctm == "align_corners"):
+            attrs = {"mode": mode, "align_corners": ctm == "align_corners", "antialias": False}
+            if mode == "cubic" and (float(a.get("cubic_coeff_a", -0.75)),
+                                    int(a.get("exclude_outside", 0))) != (-0.75, 0):
+                raise _Unsupported("cubic coefficients other than torch's")
+        else:
+            raise _Unsupported(f"{mode} with {ctm}")
+        self._resize(node, name, attrs, scales_at, sizes_at,
+                     pytorch_half_pixel=ctm == "pytorch_half_pixel")
+
+    def _op_Upsample(self, node, a, name):
+        """Upsample (opset 9): asymmetric coordinates; only nearest has a torch twin."""
+        if a.get("mode", "nearest") != "nearest":
+            raise _Unsupported("linear upsampling with asymmetric coordinates")
+        self._resize(node, name, {"mode": "nearest"}, 1, None, upsampling_only=True)
+
+    def _resize(self, node, name, attrs, scales_at, sizes_at, pytorch_half_pixel=False,
+                upsampling_only=False):
+        """``upsampling_only``: Upsample-9 and Resize-10 have no nearest_mode; upsampling,
+        onnxruntime rounds down as torch's nearest does, but not downsampling (Resize-10
+        at scales 0.5, 0.6 measured 2.9 apart from torch on N(0, 1) data)."""
+        x = node.input[0]
+        in_shape = self.info(x).shape
+        out_shape = self.info(node.output[0]).shape
+        rank = self._rank(x)
+        if rank is None or rank < 3:
+            raise _Unsupported("input rank unknown or below 3")
+        dims = rank - 2
+        scales = self._const_input(node, scales_at)
+        if scales is not None and np.asarray(scales).size == 0:
+            scales = None  # opset 11-12 write an empty scales beside sizes
+        sizes = None
+        if scales is None and sizes_at is not None and len(node.input) > sizes_at \
+                and node.input[sizes_at]:
+            sizes = self._partial(node.input[sizes_at])
+            if sizes is None or len(sizes) != rank or any(d is None for d in sizes[2:]):
+                raise _Unsupported("sizes not known")
+            if in_shape is None or any(s is not None and s != d  # (a symbolic d too)
+                                       for s, d in zip(sizes[:2], in_shape[:2])):
+                raise _Unsupported("resizes the batch or channel axis")
+            attrs["sizes"] = tuple(int(d) for d in sizes[2:])
+        elif scales is not None:
+            scales = np.asarray(scales, np.float64).reshape(-1)
+            if scales.size != rank or np.any(scales[:2] != 1.0):
+                raise _Unsupported("scales the batch or channel axis")
+            if upsampling_only and np.any(scales[2:] < 1.0):
+                raise _Unsupported("nearest downsampling before opset 11")
+            attrs["scales"] = tuple(float(np.float32(s)) for s in scales[2:])
+        else:
+            raise _Unsupported("neither scales nor sizes")
+        if pytorch_half_pixel and attrs["mode"] != "nearest-exact" and (
+                out_shape is None or any(not isinstance(d, int) or d == 1
+                                         for d in out_shape[2:])):
+            # pytorch_half_pixel reads entry 0 where an output axis has one entry; torch
+            # (and half_pixel) its centre
+            raise _Unsupported("pytorch_half_pixel with an output axis of size 1 (or unknown)")
+        self.add(name, "resize", [self.signal(x)], {"dims": dims, **attrs},
+                 outputs=node.output, source=node.name)
+
     def _op_Elu(self, node, a, name):
         self._act(node, name, "elu", alpha=float(a.get("alpha", 1.0)))
 

@@ -808,6 +808,36 @@ def _act(ld, fx_node, name, x=None, **attrs):
     _emit(ld, fx_node, "activation", [_input(ld, fx_node, x)], {"name": name, **attrs})
 
 
+def _prelu(ld, fx_node, x, weight: np.ndarray, transform: dict | None = None,
+           module_path: str | None = None):
+    """A PReLU (``nn.PReLU``, ``F.prelu``, graphshape's ``TransformedPReLU``) as a
+    leaky_relu whose slopes are learnable: ``learnable_slope`` set, the slopes in
+    ``params["weight"]`` (one shared or one per channel), ``negative_slope`` their mean
+    (what the kernel rule reads)."""
+    weight = np.asarray(weight)
+    if weight.ndim > 1 or weight.size == 0:
+        raise _Unmapped("prelu weight is not a vector")
+    weight = weight.reshape(-1)
+    attrs = {"name": "leaky_relu", "negative_slope": float(np.mean(weight, dtype=np.float64)),
+             "learnable_slope": True}
+    if transform:
+        attrs["transform"] = dict(transform)
+    _emit(ld, fx_node, "activation", [_input(ld, fx_node, x)], attrs, {"weight": weight},
+          module_path=module_path)
+
+
+def _m_prelu(ld, fx_node, mod):
+    if len(fx_node.args) != 1 or fx_node.kwargs:
+        raise _Unmapped("extra arguments")
+    _prelu(ld, fx_node, fx_node.args[0], _to_numpy(mod.weight), module_path=fx_node.target)
+
+
+def _f_prelu(ld, fx_node):
+    a = _bind(fx_node, ["input", "weight"], {})
+    _prelu(ld, fx_node, a["input"], _param(ld, a["weight"], "prelu weight"),
+           module_path=_owner_path(a["weight"]))
+
+
 def _act_spec(mod) -> tuple[str, dict]:
     """(registry name, attributes) of an activation module; KeyError if not one."""
     t = type(mod)
@@ -932,6 +962,84 @@ def _adaptive(ld, fx_node, x, output_size, dims, op):
     _emit(ld, fx_node, op, [_input(ld, fx_node, x)], {"dims": dims, "output_size": size})
 
 
+#: torch interpolate modes -> (canonical resize mode, the spatial dims the torch mode takes)
+_RESIZE_MODES = {"nearest": ("nearest", None), "nearest-exact": ("nearest-exact", None),
+                 "linear": ("linear", 1), "bilinear": ("linear", 2), "trilinear": ("linear", 3),
+                 "bicubic": ("cubic", 2)}
+
+
+def _resize(ld, fx_node, x, size, scale_factor, mode, align_corners,
+            recompute_scale_factor=None, antialias=False):
+    """``F.interpolate`` / ``nn.Upsample`` as a ``resize`` node. ``size`` may be computed
+    at run time (``x.shape[-2:]``, as segmentation heads do): its fx values become extra
+    inputs, as a dynamic reshape's, so the emitted network still follows its input's size."""
+    if mode not in _RESIZE_MODES or not isinstance(antialias, bool):
+        raise _Unmapped(f"interpolate mode {mode!r}")  # "area" is adaptive pooling
+    canonical, dims = _RESIZE_MODES[mode]
+    rank = ld.rank(x)
+    if rank is None or rank < 3 or (dims is not None and rank - 2 != dims):
+        raise _Unmapped("input rank")
+    dims = rank - 2
+    attrs = {"dims": dims, "mode": canonical}
+    if canonical in ("linear", "cubic"):
+        attrs["align_corners"] = bool(align_corners)
+        attrs["antialias"] = antialias
+    elif align_corners or antialias:
+        raise _Unmapped("align_corners / antialias with nearest")
+    out = ld.info(fx_node)
+    dynamic: list[Ref] = []
+    if size is not None:
+        if isinstance(size, torch.fx.Node):  # a whole torch.Size (x.shape[2:])
+            if ld.is_tensor(size) and ld.has_shapes:
+                raise _Unmapped("tensor-valued size")
+            dynamic.append(ld.ref(size))
+            sizes = dynamic[0]
+        else:
+            sizes = []
+            for s in _tuple(size, dims):
+                if isinstance(s, torch.fx.Node):
+                    dynamic.append(ld.ref(s))
+                    sizes.append(dynamic[-1])
+                elif isinstance(s, int):
+                    sizes.append(int(s))
+                else:
+                    raise _Unmapped("size entry")
+            sizes = tuple(sizes)
+        attrs["sizes"] = sizes
+    elif scale_factor is not None and not _has_node(scale_factor):
+        scales = tuple(float(f) for f in _tuple(scale_factor, dims))
+        if recompute_scale_factor:
+            # the coordinates then follow the output size, not the factor
+            if out.shape is None:
+                raise _Unmapped("recompute_scale_factor without shapes")
+            attrs["sizes"] = tuple(int(d) for d in out.shape[2:])
+        else:
+            attrs["scales"] = scales
+    else:
+        raise _Unmapped("no static size or scale factor")
+    if dynamic and out.shape is not None:
+        attrs["static_sizes"] = tuple(int(d) for d in out.shape[2:])  # for ONNX
+    _emit(ld, fx_node, "resize", [_input(ld, fx_node, x), *dynamic], attrs)
+
+
+def _m_upsample(ld, fx_node, mod):
+    if len(fx_node.args) != 1 or fx_node.kwargs:
+        raise _Unmapped("extra arguments")
+    _resize(ld, fx_node, fx_node.args[0], mod.size, mod.scale_factor, mod.mode,
+            mod.align_corners, getattr(mod, "recompute_scale_factor", None))
+
+
+def _f_interpolate(ld, fx_node):
+    a = _bind(fx_node, ["input", "size", "scale_factor", "mode", "align_corners",
+                        "recompute_scale_factor", "antialias"],
+              {"size": None, "scale_factor": None, "mode": "nearest", "align_corners": None,
+               "recompute_scale_factor": None, "antialias": False})
+    if _has_node([a["mode"], a["align_corners"], a["recompute_scale_factor"], a["antialias"]]):
+        raise _Unmapped("dynamic flags")
+    _resize(ld, fx_node, a["input"], a["size"], a["scale_factor"], a["mode"], a["align_corners"],
+            a["recompute_scale_factor"], a["antialias"])
+
+
 def _m_adaptive_avg(ld, fx_node, mod):
     _adaptive(ld, fx_node, fx_node.args[0], mod.output_size, _POOL_DIMS[type(mod)],
               "adaptive_avg_pool")
@@ -965,6 +1073,8 @@ MODULE_OPS: list[tuple[type, Callable]] = [
     (nn.LocalResponseNorm, _m_lrn),
     *[(c, _m_activation) for c in (nn.LeakyReLU, nn.ReLU6, nn.Hardtanh, nn.ELU, nn.GELU,
                                    nn.Softplus, *_SIMPLE_ACT_MODULES)],
+    (nn.PReLU, _m_prelu),
+    *[(c, _m_upsample) for c in (nn.Upsample, nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d)],
     (nn.Softmax, _m_softmax), (nn.LogSoftmax, _m_softmax),
     *[(c, _m_dropout) for c in (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d,
                                 nn.AlphaDropout)],
@@ -985,6 +1095,11 @@ MODULE_OPS: list[tuple[type, Callable]] = [
 # exports like the original rather than as opaque addcmul/threshold calls
 def _m_gs_transformed_activation(ld, fx_node, mod):
     _act(ld, fx_node, mod.name, **mod.attrs, transform=dict(mod.transform))
+
+
+def _m_gs_transformed_prelu(ld, fx_node, mod):
+    _prelu(ld, fx_node, fx_node.args[0], _to_numpy(mod.weight), transform=mod.transform,
+           module_path=fx_node.target)
 
 
 def _m_gs_activation(ld, fx_node, mod):
@@ -1025,6 +1140,7 @@ def _m_gs_lrn(ld, fx_node, mod):
 _GRAPHSHAPE_MODULE_OPS = [
     (_tm.TransformedActivation, _m_gs_transformed_activation),
     (_tm.Activation, _m_gs_activation),
+    (_tm.TransformedPReLU, _m_gs_transformed_prelu),
     (_tm.WeightedSum, _m_gs_weighted_sum),
     (_tm.Affine, _m_gs_affine),
     (_tm.LocalResponseNorm, _m_gs_lrn),
@@ -1658,6 +1774,7 @@ FUNCTION_OPS: dict[Any, Callable] = {
     torch.atan: _f_act("atan"), torch.arctan: _f_act("atan"),
     torch.asinh: _f_act("asinh"), torch.arcsinh: _f_act("asinh"),
     torch.square: _f_act("square"),
+    F.prelu: _f_prelu, torch.prelu: _f_prelu,
     # softmax
     F.softmax: _f_softmax("softmax"), torch.softmax: _f_softmax("softmax"),
     F.log_softmax: _f_softmax("log_softmax"), torch.log_softmax: _f_softmax("log_softmax"),
@@ -1676,7 +1793,8 @@ FUNCTION_OPS: dict[Any, Callable] = {
     torch.transpose: _f_transpose, torch.swapaxes: _f_transpose, torch.swapdims: _f_transpose,
     torch.squeeze: _f_squeeze, torch.unsqueeze: _f_unsqueeze,
     torch.chunk: _f_split(True), torch.split: _f_split(False),
-    operator.getitem: _f_getitem, F.pad: _f_pad,
+    operator.getitem: _f_getitem, F.pad: _f_pad, F.interpolate: _f_interpolate,
+    F.upsample: _f_interpolate,
     F.dropout: _f_dropout(None), F.dropout1d: _f_dropout("Dropout1d"),
     F.dropout2d: _f_dropout("Dropout2d"), F.dropout3d: _f_dropout("Dropout3d"),
     F.alpha_dropout: _f_dropout("AlphaDropout"),

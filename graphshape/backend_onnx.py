@@ -310,6 +310,18 @@ def _act_core(ctx: _Ctx, node: Node, x: str, out: list[str] | int) -> str:
               "softsign": "Softsign", "erf": "Erf", "atan": "Atan", "asinh": "Asinh"}
     if name in simple:
         return ctx.add_node(simple[name], [x], out, name=nm)[0]
+    if name == "leaky_relu" and a.get("learnable_slope"):
+        # PRelu's slope broadcasts from the right: one per channel is (C, 1, ..., 1)
+        slope = np.asarray(node.params["weight"]).reshape(-1)
+        rank = ctx.rank(like)
+        if slope.size > 1:
+            if rank is None or rank < 2:
+                raise GraphshapeError("a PReLU with one slope per channel needs its input's "
+                                      "rank (>= 2) to lay the slopes along axis 1",
+                                      node=node.name, op=node.op)
+            slope = slope.reshape((slope.size,) + (1,) * (rank - 2))
+        w = ctx.const(slope.astype(ctx.dtype(like)), f"{nm}.weight")
+        return ctx.add_node("PRelu", [x, w], out, name=nm)[0]
     if name == "leaky_relu":
         return ctx.add_node("LeakyRelu", [x], out, name=nm,
                             alpha=float(a.get("negative_slope", 0.01)))[0]
@@ -701,6 +713,63 @@ def _emit_pad(ctx, node):
               out=[ctx.out_name(node)])
 
 
+def _emit_resize(ctx, node):
+    """Resize with the ONNX attributes torch's interpolate modes export to (the canonical
+    ``resize`` is in PyTorch's terms). A size computed at run time is written as the size
+    traced for the example inputs (``static_sizes``), as a dynamic reshape is."""
+    a = node.attrs
+    mode = a.get("mode")
+    if ctx.opset < 11:
+        raise GraphshapeError(f"resize needs opset 11 or newer (got {ctx.opset}): pass "
+                              "opset=17", node=node.name, op=node.op)
+    attrs: dict[str, Any] = {}
+    if mode == "nearest":
+        attrs = {"mode": "nearest", "coordinate_transformation_mode": "asymmetric",
+                 "nearest_mode": "floor"}
+    elif mode == "nearest-exact":
+        attrs = {"mode": "nearest", "coordinate_transformation_mode": "half_pixel",
+                 "nearest_mode": "round_prefer_ceil"}
+    elif mode in ("linear", "cubic"):
+        attrs = {"mode": mode, "coordinate_transformation_mode":
+                 "align_corners" if a.get("align_corners") else "half_pixel"}
+        if a.get("antialias"):
+            raise GraphshapeError(
+                "antialiased interpolation has no exact ONNX form: onnxruntime's antialias "
+                "filter is not torch's (measured 0.07 apart on a 0.4x bilinear resize). "
+                "Use antialias=False in the model, or export the torch module itself",
+                node=node.name, op=node.op)
+        if mode == "cubic":  # torch's coefficient
+            attrs["cubic_coeff_a"] = -0.75
+    else:
+        raise GraphshapeError(f"unknown resize mode {mode!r}", node=node.name, op=node.op)
+    x = _input(ctx, node)
+    # roi: required (empty) before opset 13, an empty optional input after
+    roi = ctx.const(np.zeros(0, np.float32), f"{HELPER_PREFIX}roi") if ctx.opset < 13 else ""
+    sizes = a.get("sizes")
+    if sizes is None:
+        scales = np.asarray([1.0, 1.0, *a["scales"]], np.float32)
+        ctx.emit1(node, "Resize", [x, roi, ctx.const(scales, f"{HELPER_PREFIX}scales")], **attrs)
+        return
+    if isinstance(sizes, Ref) or any(isinstance(s, Ref) for s in sizes):
+        sizes = a.get("static_sizes")
+        if sizes is None:
+            raise GraphshapeError("resize to a size computed at run time, with no traced size "
+                                  "to write: load the model with example inputs",
+                                  node=node.name, op=node.op)
+    out_shape = node.outputs[0].shape
+    lead = None if out_shape is None else out_shape[:2]
+    if lead is not None and all(isinstance(d, int) for d in lead):
+        full = ctx.ints([*lead, *sizes], "sizes")
+    else:  # a dynamic batch: the input's first two dims, then the spatial sizes
+        shape = ctx.add_node("Shape", [x], 1, name=f"{node.name}.shape")[0]
+        lead = ctx.add_node("Slice", [shape, ctx.ints([0], "zero"), ctx.ints([2], "two")], 1,
+                            name=f"{node.name}.lead")[0]
+        full = ctx.add_node("Concat", [lead, ctx.ints(sizes, "sizes")], 1,
+                            name=f"{node.name}.sizes", axis=0)[0]
+    empty = ctx.const(np.zeros(0, np.float32), f"{HELPER_PREFIX}scales") if ctx.opset < 13 else ""
+    ctx.emit1(node, "Resize", [x, roi, empty, full], **attrs)
+
+
 def _emit_dropout(ctx, node):
     p = float(node.attrs.get("p", 0.5))
     if ctx.opset < 12:
@@ -851,6 +920,7 @@ ONNX_EMITTERS: dict[str, Callable[[_Ctx, Node], Any]] = {
     "pad": _emit_pad,
     "dropout": _emit_dropout,
     "identity": _emit_identity,
+    "resize": _emit_resize,
     "softmax": _emit_softmax("Softmax"),
     "log_softmax": _emit_softmax("LogSoftmax"),
     "reduce": _emit_reduce,
@@ -892,9 +962,13 @@ def _static_shape_arithmetic(graph: Graph) -> set[str]:
 
 
 def _static_reshape_shape_use(user, name: str) -> bool:
-    """Whether ``user`` is a reshape with a fully static output shape that reads ``name``
-    only as a shape entry (not as the data input)."""
+    """Whether ``user`` is a reshape (or resize) with a fully static output shape that reads
+    ``name`` only as a shape entry (not as the data input)."""
     shape = user.outputs[0].shape if user.outputs else None
+    if user.op == "resize":
+        # written with its traced static_sizes (and the batch and channels from Shape)
+        return user.attrs.get("static_sizes") is not None and bool(user.inputs) \
+            and user.inputs[0].node != name
     return (user.op == "reshape" and shape is not None
             and all(isinstance(d, int) for d in shape)
             and bool(user.inputs) and user.inputs[0].node != name)

@@ -390,6 +390,8 @@ def _e_activation(ctx, node, xs):
     a = dict(node.attrs)
     name = a.pop("name", None)
     transform = a.pop("transform", None)
+    if a.pop("learnable_slope", False):
+        return _e_prelu(ctx, node, xs, transform)
     a = tm.plain_attrs(a)
     if name not in tm.ACTIVATION_FUNCTIONS:
         raise GraphshapeError(f"activation {name!r} has no torch implementation; known: "
@@ -421,6 +423,16 @@ def _e_activation(ctx, node, xs):
     else:
         mod = tm.Activation(name, **a)
     return ctx.module(node, mod, (xs[0],), )
+
+
+def _e_prelu(ctx, node, xs, transform):
+    """A leaky_relu with learnable slopes: ``nn.PReLU``, or graphshape's
+    ``TransformedPReLU`` under a transform; the slopes are ``params["weight"]``."""
+    weight = ctx.tensor(node, "weight").reshape(-1)
+    mod = (tm.TransformedPReLU(weight.numel(), transform) if transform
+           else nn.PReLU(weight.numel()))
+    mod.weight = nn.Parameter(weight, requires_grad=True)
+    return ctx.module(node, mod, (xs[0],))
 
 
 def _channel_norm(ctx, node, xs, classes):
@@ -676,6 +688,35 @@ def _e_opaque(ctx, node, xs):
     raise GraphshapeError(f"unknown fx op {fx_op!r}", node=node.name, op=node.op)
 
 
+#: canonical resize mode -> torch interpolate mode by spatial dims (None: any)
+_INTERPOLATE_MODES = {"nearest": {None: "nearest"}, "nearest-exact": {None: "nearest-exact"},
+                      "linear": {1: "linear", 2: "bilinear", 3: "trilinear"},
+                      "cubic": {2: "bicubic"}}
+
+
+def _e_resize(ctx, node, xs):
+    a = node.attrs
+    dims = _dims(ctx, node, 2)
+    by_dims = _INTERPOLATE_MODES.get(a.get("mode"), {})
+    mode = by_dims.get(None) or by_dims.get(dims)
+    if mode is None:
+        raise GraphshapeError(f"torch has no {dims}-d {a.get('mode')!r} interpolation",
+                              node=node.name, op=node.op)
+    kwargs = {"mode": mode}
+    if a.get("mode") in ("linear", "cubic"):
+        kwargs["align_corners"] = bool(a.get("align_corners", False))
+        if a.get("antialias"):
+            kwargs["antialias"] = True
+    sizes = a.get("sizes")
+    if sizes is not None:
+        kwargs["size"] = (ctx.template(sizes) if isinstance(sizes, Ref)
+                          else tuple(ctx.template(s) if isinstance(s, Ref) else int(s)
+                                     for s in sizes))
+    else:
+        kwargs["scale_factor"] = tuple(float(f) for f in a["scales"])
+    return ctx.function(node, F.interpolate, (xs[0],), kwargs)
+
+
 #: canonical op -> emitter ``fn(ctx, node, xs)``
 TORCH_EMITTERS: dict[str, Callable] = {
     "input": _e_input, "output": _e_output, "constant": _e_constant,
@@ -691,7 +732,7 @@ TORCH_EMITTERS: dict[str, Callable] = {
     "adaptive_avg_pool": _adaptive(True), "adaptive_max_pool": _adaptive(False),
     "flatten": _e_flatten, "reshape": _e_reshape, "transpose": _e_transpose,
     "squeeze": _e_squeeze, "unsqueeze": _e_unsqueeze, "slice": _e_slice, "split": _e_split,
-    "pad": _e_pad, "dropout": _e_dropout, "identity": _e_identity,
+    "pad": _e_pad, "dropout": _e_dropout, "identity": _e_identity, "resize": _e_resize,
     "softmax": _e_softmax(False), "log_softmax": _e_softmax(True), "reduce": _e_reduce,
     "opaque": _e_opaque,
 }

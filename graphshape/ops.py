@@ -106,7 +106,11 @@ _SPECS = [
            {"name": "registry name", "negative_slope": "leaky_relu only",
             "min_val": "hardtanh only", "max_val": "hardtanh only",
             "transform": "optional dict: input_scale, input_shift, output_shift, output_scale",
-            "inplace": "bool (torch)"}),
+            "learnable_slope": "bool, leaky_relu only: a PReLU (nn.PReLU, ONNX PRelu); its "
+                               "slopes are params['weight'], negative_slope their mean",
+            "inplace": "bool (torch)"},
+           {"weight": "PReLU slopes, (1,) or (channels,) along axis 1; only with "
+                      "learnable_slope"}),
     OpSpec("batch_norm", "norm", "norm", "Batch normalization (1/2/3d).",
            {"num_features": "int", "eps": "float", "momentum": "float or None",
             "affine": "bool", "track_running_stats": "bool"},
@@ -135,6 +139,20 @@ _SPECS = [
            {"dims": "int", "output_size": "tuple (None entries keep the input size)"}),
     OpSpec("adaptive_max_pool", "pool", "approx_identity", "Adaptive max pooling.",
            {"dims": "int", "output_size": "tuple"}),
+    OpSpec("resize", "pool", "approx_identity",
+           "Spatial resampling (F.interpolate, nn.Upsample, ONNX Resize / Upsample), in "
+           "PyTorch's terms; the identity on q and c, exact for nearest upsampling by "
+           "integer factors (each entry copied equally often).",
+           {"dims": "number of spatial dims",
+            "mode": "'nearest' (ONNX asymmetric + floor) | 'nearest-exact' (half_pixel + "
+                    "round_prefer_ceil) | 'linear' | 'cubic' (coefficient -0.75)",
+            "align_corners": "bool, linear / cubic: ONNX align_corners, else half_pixel",
+            "antialias": "bool, linear / cubic (ONNX opset 18)",
+            "scales": "tuple of floats per spatial dim (output = floor(input * scale)), or",
+            "sizes": "the output's spatial sizes: ints, or Refs to run-time values (which "
+                     "are then extra inputs), or one Ref to a whole size tuple",
+            "static_sizes": "the spatial sizes traced for the example inputs, where `sizes` "
+                            "is dynamic (for backends that need static ones)"}),
     OpSpec("flatten", "shape", "identity", "Flatten dims start_dim..end_dim (torch semantics).",
            {"start_dim": "int", "end_dim": "int"}),
     OpSpec("reshape", "shape", "identity",

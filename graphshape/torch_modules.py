@@ -306,6 +306,53 @@ class TransformedActivation(nn.Module):
         return f"{self.name!r}{extra}, {t}{over}"
 
 
+class TransformedPReLU(nn.PReLU):
+    """``output_scale * (prelu(input_scale * x + input_shift) + output_shift)``: an
+    ``nn.PReLU`` (a leaky ReLU whose negative slopes are parameters, one shared or one per
+    channel) under a DKS/TAT transform. Its ``weight`` is nn.PReLU's, under the same name
+    and shape, so the model's state_dict keys stay and the slopes keep training.
+
+    prelu is positively homogeneous whatever its slopes, so for ``output_scale > 0`` the
+    output scale moves into the input map (``g prelu(a x + b) = prelu(g a x + g b)``): one
+    ``addcmul`` pass, ``F.prelu``, and the output shift (if any) one more pass. The constants
+    are 0-dim buffers in the default float dtype, as in :class:`TransformedActivation`.
+    """
+
+    def __init__(self, num_parameters: int = 1, transform: dict | None = None,
+                 init: float = 0.25):
+        super().__init__(num_parameters, init)
+        transform = dict(transform or {})
+        unknown = set(transform) - set(_TRANSFORM_KEYS)
+        if unknown:
+            raise GraphshapeError(f"transform of a PReLU has unknown keys {sorted(unknown)}; "
+                                  f"expected {list(_TRANSFORM_KEYS)}")
+        self.transform = {k: float(transform.get(k, 1.0 if k.endswith("scale") else 0.0))
+                          for k in _TRANSFORM_KEYS}
+        a, b = self.transform["input_scale"], self.transform["input_shift"]
+        d, g = self.transform["output_shift"], self.transform["output_scale"]
+        if g > 0:
+            pre, post = (g * a, g * b), (1.0, g * d)
+        else:
+            pre, post = (a, b), (g, g * d)
+        self.pre = pre != (1.0, 0.0)
+        self.post = post != (1.0, 0.0)
+        for key, v in (("pre_scale", pre[0]), ("pre_shift", pre[1]),
+                       ("post_scale", post[0]), ("post_shift", post[1])):
+            self.register_buffer(key, torch.tensor(v, dtype=torch.get_default_dtype()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.pre:
+            x = torch.addcmul(self.pre_shift, x, self.pre_scale)
+        y = F.prelu(x, self.weight)
+        if self.post:
+            y = torch.addcmul(self.post_shift, y, self.post_scale)
+        return y
+
+    def extra_repr(self) -> str:
+        t = ", ".join(f"{k}={v:.6g}" for k, v in self.transform.items())
+        return f"num_parameters={self.num_parameters}, {t}"
+
+
 class WeightedSum(nn.Module):
     """``sum_i weights[i] * xs[i]`` (``weights`` None: plain sum) with one fresh buffer:
     the first term is written into it (or over ``xs[overwrite_input]`` when the torch

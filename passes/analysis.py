@@ -240,6 +240,18 @@ def rule_approx_identity(ctx: RuleContext) -> Kernel:
     return _only_signal(ctx)
 
 
+def rule_resize(ctx: RuleContext) -> Kernel:
+    a = ctx.node.attrs
+    scales = a.get("scales")
+    # nearest upsampling by integer factors copies every entry equally often: q and c exact
+    exact = (a.get("mode") == "nearest" and scales is not None
+             and all(float(s) >= 1.0 and float(s).is_integer() for s in scales))
+    if not exact:
+        ctx.flag(FLAG_APPROX, "resize taken as the identity on q and c (exact for nearest "
+                              "upsampling by integer factors)")
+    return _only_signal(ctx)
+
+
 def rule_unknown(ctx: RuleContext) -> Kernel:
     what = ctx.node.attrs.get("description") if ctx.node.op == "opaque" else None
     raise UnknownKernel(f"no kernel rule for {ctx.node.op}" + (f" ({what})" if what else ""))
@@ -360,6 +372,9 @@ def rule_matmul(ctx: RuleContext) -> Kernel:
 def rule_activation(ctx: RuleContext) -> Kernel:
     k = _only_signal(ctx)
     name, transform, attrs = _act_attrs(ctx.node)
+    slopes = ctx.node.params.get("weight") if ctx.node.attrs.get("learnable_slope") else None
+    if slopes is not None and np.ptp(np.asarray(slopes, dtype=np.float64)) > 0:
+        ctx.flag(FLAG_APPROX, "PReLU slopes differ across channels: the kernel of their mean")
     lm = _maps(name, transform, attrs)
     b = k.q.shape[0]
     uq_in = k.unit_q
@@ -619,6 +634,7 @@ KERNEL_RULES: dict[str, Callable[[RuleContext], Kernel]] = {
     "slice": rule_approx_identity,
     "split": rule_approx_identity,
     "pad": rule_approx_identity,
+    "resize": rule_resize,
     "dropout": rule_identity,
     "identity": rule_identity,
     "softmax": rule_unknown,

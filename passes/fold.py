@@ -47,7 +47,8 @@ _LINEAR = ("conv", "conv_transpose", "linear")
 #: ops with op(c x) = c op(x) for c > 0, reading the signal in input 0 (pad: see _commutes)
 _COMMUTING = ("avg_pool", "max_pool", "global_avg_pool", "global_max_pool",
               "adaptive_avg_pool", "adaptive_max_pool", "flatten", "reshape", "squeeze",
-              "unsqueeze", "transpose", "identity", "dropout", "slice", "split", "pad")
+              "unsqueeze", "transpose", "identity", "dropout", "slice", "split", "pad",
+              "resize")
 
 
 def homogeneous_scale(node: Node) -> float | None:

@@ -149,8 +149,8 @@ def commutes_with_max_pool(node) -> bool:
     so that ``max_pool(act(x)) = act(max_pool(x))``."""
     from graphshape.activations import get
 
-    if node.op != "activation":
-        return False
+    if node.op != "activation" or node.attrs.get("learnable_slope"):
+        return False  # (a PReLU's slopes train, and may turn negative)
     t = node.attrs.get("transform") or {}
     if float(t.get("input_scale", 1.0)) * float(t.get("output_scale", 1.0)) <= 0.0:
         return False

@@ -325,6 +325,7 @@ def substitute_activations(graph: Graph, activation: str | None,
         if old == activation:
             continue
         node.attrs = _activation_attrs_for(activation, node.attrs)
+        node.params = {}  # a PReLU's slopes go with its function
         rewritten.append({"node": node.name, "op": "activation",
                           "what": f"{old} replaced by {activation}"})
     return g, {"removed": [], "rewritten": rewritten}
@@ -386,6 +387,10 @@ def inject_transforms(graph: Graph, params: dict[str, dict[str, float]], *,
             node.attrs["transform"] = transform
         if "negative_slope" in p:
             node.attrs["negative_slope"] = float(p["negative_slope"])
+            if node.attrs.get("learnable_slope"):
+                # a PReLU starts from the solved slope in every channel (and learns on)
+                node.params["weight"] = np.full_like(node.params["weight"],
+                                                     float(p["negative_slope"]))
         rewritten.append({"node": node.name, "op": "activation",
                           "what": f"transformed {node.attrs['name']}", "params": dict(p)})
     return g, {"removed": [], "rewritten": rewritten}

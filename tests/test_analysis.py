@@ -19,9 +19,14 @@ def test_every_canonical_op_has_a_kernel_rule():
     by_kind = {"affine": analysis.rule_affine, "activation": analysis.rule_activation,
                "concat": analysis.rule_concat, "norm": analysis.rule_norm,
                "approx_identity": analysis.rule_approx_identity}
+    # (resize: the identity too, but unflagged where it is exact, nearest upsampling by
+    # integer factors)
+    refined = {"affine": None, "resize": analysis.rule_resize}
     for name, spec in OPS.items():
-        if spec.kernel in by_kind and name != "affine":
+        if spec.kernel in by_kind and name not in refined:
             assert KERNEL_RULES[name] is by_kind[spec.kernel], name
+    assert OPS["resize"].kernel == "approx_identity"
+    assert KERNEL_RULES["resize"] is refined["resize"]
 
 
 def _relu_c(c):

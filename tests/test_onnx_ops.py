@@ -121,6 +121,31 @@ def test_activation_ops(op_type, attrs, opset, act):
         assert node.attrs["negative_slope"] == pytest.approx(0.2)
 
 
+@pytest.mark.parametrize("slope,weight", [
+    (np.float32([0.25]), [0.25]),                                   # one shared slope
+    (np.full((1, 1, 5), 0.3, np.float32), [0.3]),                   # equal slopes, any shape
+    (np.float32([0.1, -0.2, 0.3]).reshape(3, 1, 1), [0.1, -0.2, 0.3]),   # one per channel
+    (np.float32([0.1, 0.2, 0.3]).reshape(1, 3, 1, 1), [0.1, 0.2, 0.3]),
+])
+def test_prelu_is_a_leaky_relu_with_learnable_slopes(slope, weight):
+    m = _model([helper.make_node("PRelu", ["x", "slope"], ["y"])], [("x", (2, 3, 4, 5))],
+               [("y", None)], [_init("slope", slope)])
+    g, out = _roundtrip(m, {"x": X4}, ["activation"])
+    (node,) = [n for n in g if n.op == "activation"]
+    assert node.attrs["name"] == "leaky_relu" and node.attrs["learnable_slope"]
+    np.testing.assert_allclose(node.params["weight"], weight)
+    assert node.attrs["negative_slope"] == pytest.approx(np.mean(weight))
+    assert [n.op_type for n in out.graph.node] == ["PRelu"]
+
+
+def test_prelu_with_slopes_along_another_axis_stays_opaque():
+    slope = _init("slope", np.float32([0.1, 0.2, 0.3, 0.4, 0.5]))  # along the width
+    m = _model([helper.make_node("PRelu", ["x", "slope"], ["y"])], [("x", (2, 3, 4, 5))],
+               [("y", None)], [slope])
+    g, _ = _roundtrip(m, {"x": X4}, ["opaque"])
+    assert "activation" not in g.count_ops()
+
+
 @pytest.mark.parametrize("opset,lo,hi,act", [(9, 0.0, 6.0, "relu6"), (13, 0.0, 6.0, "relu6"),
                                              (13, -1.0, 2.0, "hardtanh"), (11, 0.0, None, "relu")])
 def test_clip_forms(opset, lo, hi, act):

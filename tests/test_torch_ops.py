@@ -122,6 +122,28 @@ CASES = {
     "F.pad_reflect": (Fn(lambda s, x: F.pad(x, (1, 1, 2, 0), mode="reflect")), [X4], "pad",
                       {"mode": "reflect"}),
     "ZeroPad2d": (M(nn.ZeroPad2d((1, 0, 0, 1))), [X4], "pad", {"mode": "constant"}),
+    "interpolate_nearest": (Fn(lambda s, x: F.interpolate(x, scale_factor=(2, 3))), [X4],
+                            "resize", {"mode": "nearest", "scales": (2.0, 3.0)}),
+    "interpolate_bilinear_size": (
+        Fn(lambda s, x: F.interpolate(x, size=(5, 9), mode="bilinear", align_corners=True)),
+        [X4], "resize", {"mode": "linear", "align_corners": True, "sizes": (5, 9)}),
+    "interpolate_bicubic": (Fn(lambda s, x: F.interpolate(x, scale_factor=1.5, mode="bicubic")),
+                            [X4], "resize", {"mode": "cubic", "align_corners": False}),
+    "interpolate_nearest_exact_3d": (
+        Fn(lambda s, x: F.interpolate(x, size=(3, 5, 2), mode="nearest-exact")),
+        [(1, 2, 4, 4, 4)], "resize", {"dims": 3, "mode": "nearest-exact"}),
+    "interpolate_recompute_scale": (
+        Fn(lambda s, x: F.interpolate(x, scale_factor=1.7, mode="linear",
+                                      recompute_scale_factor=True)),
+        [(2, 3, 7)], "resize", {"sizes": (11,)}),
+    # a size read from another tensor at run time (segmentation heads): an extra input
+    "interpolate_dynamic_size": (Fn2(lambda s, x, y: F.interpolate(x, size=y.shape[-2:],
+                                                                   mode="bilinear")),
+                                 [X4, (1, 1, 9, 11)], "resize", {"static_sizes": (9, 11)}),
+    "Upsample": (M(nn.Upsample(scale_factor=2, mode="bilinear")), [X4], "resize",
+                 {"mode": "linear", "scales": (2.0, 2.0)}),
+    "UpsamplingNearest2d": (M(nn.UpsamplingNearest2d(size=(7, 7))), [X4], "resize",
+                            {"mode": "nearest", "sizes": (7, 7)}),
     "dropout": (M(nn.Dropout(0.3)), [X4], "dropout", {"p": 0.3}),
     "F.dropout_eval": (Fn(lambda s, x: F.dropout(x, 0.5, s.training)), [X4], "identity", {}),
     "identity": (M(nn.Identity()), [X4], "identity", {}),
@@ -152,6 +174,10 @@ ACTIVATIONS = {  # id -> (module or function, registry name, attrs)
     "Softplus": (nn.Softplus(), "softplus", {}), "Softsign": (nn.Softsign(), "softsign", {}),
     "erf": (torch.erf, "erf", {}), "atan": (torch.atan, "atan", {}),
     "asinh": (torch.asinh, "asinh", {}), "square": (torch.square, "square", {}),
+    # PReLU: a leaky_relu whose slopes are parameters (params["weight"])
+    "PReLU": (nn.PReLU(), "leaky_relu", {"negative_slope": 0.25, "learnable_slope": True}),
+    "PReLU_channels": (nn.PReLU(4, init=0.1), "leaky_relu",
+                       {"negative_slope": pytest.approx(0.1), "learnable_slope": True}),
 }
 
 
