@@ -6,7 +6,9 @@ What it does, in order:
 
 1. reads the file (external data included; locations outside the model's folder are
    refused) and checks it with ``onnx.checker``; a corrupt or truncated file is a
-   :class:`GraphshapeError`;
+   :class:`GraphshapeError`. A model below opset 9 (the ONNX model zoo's classic files) is
+   converted to opset 13 with ``onnx.version_converter`` first (``graph.meta
+   ["converted_from_opset"]``; shaping reports it);
 2. runs ``onnx.shape_inference`` (with data propagation) on a copy of the model whose
    large initializers are replaced by typed inputs, so that big models are not copied;
 3. walks the nodes in order. Initializers, ``Constant`` nodes, and every node whose
@@ -87,10 +89,42 @@ def load_onnx(model: Any, *, cache_weight_norms: bool = True) -> Graph:
     else:
         raise GraphshapeError(
             f"load_onnx expects a file path or onnx.ModelProto, not {type(model).__name__}")
+    proto, old_opset = _convert_old_opset(proto)
     graph = _Importer(proto).run()
+    if old_opset is not None:
+        graph.meta["converted_from_opset"] = old_opset
     if cache_weight_norms:
         cache_weight_tap_norms(graph)
     return graph
+
+
+#: the opset older models are converted to (onnx.version_converter has adapters up to it
+#: from every opset since 1, and every runtime of the last years runs it)
+CONVERT_TO_OPSET = 13
+
+
+def _convert_old_opset(proto):
+    """``(proto, None)``, or for a model below opset 9 (the ONNX model zoo's classic
+    ResNet, VGG, SqueezeNet, GoogLeNet files are opset 3-8) ``(converted copy, old
+    opset)``: onnx.version_converter rewrites it to :data:`CONVERT_TO_OPSET` (BatchNorm's
+    ``spatial``, Upsample's scales attribute, Dropout's ``is_test``...). The caller's model
+    is not changed."""
+    import onnx
+    from onnx import version_converter
+
+    opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0)
+    if not opset or opset >= 9:
+        return proto, None
+    try:
+        converted = version_converter.convert_version(proto, CONVERT_TO_OPSET)
+        onnx.checker.check_model(converted)
+    except Exception as e:  # the converter's own errors name the op it has no adapter for
+        raise GraphshapeError(
+            f"the model uses ONNX opset {opset}; graphshape reads opset 9 and newer, and "
+            f"onnx.version_converter could not convert it to opset {CONVERT_TO_OPSET} "
+            f"({type(e).__name__}: {str(e).strip()[:300]}). Re-export the model at a newer "
+            "opset") from None
+    return converted, opset
 
 
 # --------------------------------------------------------------------------- reading
@@ -470,7 +504,7 @@ class _Importer:
         self.opset_imports = {(o.domain if o.domain != "ai.onnx" else ""): o.version
                               for o in proto.opset_import}
         self.opset = self.opset_imports.get("", 0)
-        if self.opset and self.opset < 9:
+        if self.opset and self.opset < 9:  # (load_onnx converts such models first)
             raise GraphshapeError(
                 f"the model uses ONNX opset {self.opset}; graphshape reads opset 9 and newer. "
                 "Convert it first: onnx.version_converter.convert_version(model, 13)")
@@ -1320,7 +1354,7 @@ class _Importer:
         if self.opset < 11:  # Resize-10: (X, scales), asymmetric coordinates
             if a.get("mode", "nearest") != "nearest":
                 raise _Unsupported("linear resize with asymmetric coordinates")
-            self._resize(node, name, {"mode": "nearest"}, 1, None, upsampling_only=True)
+            self._resize(node, name, {"mode": "nearest"}, 1, None, need="upsampling")
             return
         ctm, scales_at, sizes_at = a.get("coordinate_transformation_mode", "half_pixel"), 2, 3
         mode = a.get("mode", "nearest")
@@ -1331,10 +1365,16 @@ class _Importer:
             raise _Unsupported("antialias")
         if mode == "nearest":
             nearest_mode = a.get("nearest_mode", "round_prefer_floor")
+            need = None
             if (ctm, nearest_mode) == ("asymmetric", "floor"):
                 attrs = {"mode": "nearest"}
             elif half_pixel and nearest_mode == "round_prefer_ceil":
                 attrs = {"mode": "nearest-exact"}
+            elif half_pixel and nearest_mode == "round_prefer_floor":
+                # upsampling by an integer k, (x + 0.5) / k - 0.5 lies within 1/2 of
+                # floor(x / k): rounding picks torch's nearest pixel (the form
+                # onnx.version_converter gives an old Upsample)
+                attrs, need = {"mode": "nearest"}, "integer upsampling"
             else:
                 raise _Unsupported(f"nearest with {ctm} / {nearest_mode}")
         elif mode in ("linear", "cubic") and (half_pixel or ctm == "align_corners"):
@@ -1345,19 +1385,21 @@ class _Importer:
         else:
             raise _Unsupported(f"{mode} with {ctm}")
         self._resize(node, name, attrs, scales_at, sizes_at,
-                     pytorch_half_pixel=ctm == "pytorch_half_pixel")
+                     pytorch_half_pixel=ctm == "pytorch_half_pixel",
+                     need=need if mode == "nearest" else None)
 
     def _op_Upsample(self, node, a, name):
         """Upsample (opset 9): asymmetric coordinates; only nearest has a torch twin."""
         if a.get("mode", "nearest") != "nearest":
             raise _Unsupported("linear upsampling with asymmetric coordinates")
-        self._resize(node, name, {"mode": "nearest"}, 1, None, upsampling_only=True)
+        self._resize(node, name, {"mode": "nearest"}, 1, None, need="upsampling")
 
     def _resize(self, node, name, attrs, scales_at, sizes_at, pytorch_half_pixel=False,
-                upsampling_only=False):
-        """``upsampling_only``: Upsample-9 and Resize-10 have no nearest_mode; upsampling,
-        onnxruntime rounds down as torch's nearest does, but not downsampling (Resize-10
-        at scales 0.5, 0.6 measured 2.9 apart from torch on N(0, 1) data)."""
+                need=None):
+        """``need``: "upsampling" (Upsample-9 and Resize-10 have no nearest_mode;
+        upsampling, onnxruntime rounds down as torch's nearest does, but not downsampling:
+        Resize-10 at scales 0.5, 0.6 measured 2.9 apart from torch on N(0, 1) data), or
+        "integer upsampling" (every spatial factor a whole number >= 1)."""
         x = node.input[0]
         in_shape = self.info(x).shape
         out_shape = self.info(node.output[0]).shape
@@ -1378,16 +1420,23 @@ class _Importer:
                                        for s, d in zip(sizes[:2], in_shape[:2])):
                 raise _Unsupported("resizes the batch or channel axis")
             attrs["sizes"] = tuple(int(d) for d in sizes[2:])
+            factors = [s / d if isinstance(d, int) and d > 0 else math.nan
+                       for s, d in zip(attrs["sizes"], in_shape[2:])]
         elif scales is not None:
             scales = np.asarray(scales, np.float64).reshape(-1)
             if scales.size != rank or np.any(scales[:2] != 1.0):
                 raise _Unsupported("scales the batch or channel axis")
-            if upsampling_only and np.any(scales[2:] < 1.0):
-                raise _Unsupported("nearest downsampling before opset 11")
+            factors = scales[2:]
             attrs["scales"] = tuple(float(np.float32(s)) for s in scales[2:])
         else:
             raise _Unsupported("neither scales nor sizes")
-        if pytorch_half_pixel and attrs["mode"] != "nearest-exact" and (
+        factors = np.asarray(factors, np.float64)
+        if need == "upsampling" and not np.all(factors >= 1.0):
+            raise _Unsupported("nearest downsampling before opset 11")
+        if need == "integer upsampling" and not np.all((factors >= 1.0)
+                                                       & (factors == np.round(factors))):
+            raise _Unsupported("half_pixel nearest other than integer upsampling")
+        if pytorch_half_pixel and attrs["mode"] != "nearest" and (
                 out_shape is None or any(not isinstance(d, int) or d == 1
                                          for d in out_shape[2:])):
             # pytorch_half_pixel reads entry 0 where an output axis has one entry; torch

@@ -547,6 +547,11 @@ def shape_graph(graph: Graph, *, method: str = "TAT", activation: str | None = N
         "preactivation_shortcuts": bool(preactivation_shortcuts), "seed": seed,
         "fold_scales": fold_scales})
     graph.validate()
+    if graph.meta.get("converted_from_opset"):
+        report.warnings.append(
+            f"the model's ONNX opset {graph.meta['converted_from_opset']} was converted to "
+            f"{graph.meta.get('opset')} (onnx.version_converter) to be read; an ONNX output is "
+            f"written at opset {graph.meta.get('opset')}")
     for node in graph:
         if node.op == "activation":
             name = node.attrs.get("name", "?")

@@ -12,6 +12,7 @@ import os
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
@@ -132,9 +133,32 @@ def test_op_missing_from_the_models_opset():
     assert e.node == "act" and "opset 13" in str(e) and "re-export" in str(e)
 
 
-def test_old_opset():
-    e = error_of(graphshape.load, tiny_mlp(opset=7))
-    assert "opset 7" in str(e) and "convert_version" in str(e)
+def test_old_opset_is_converted_and_said_so(tmp_path):
+    old = tiny_mlp(opset=7)  # (the model zoo's classic files are opset 3-8)
+    old.graph.initializer.append(numpy_helper.from_array(np.zeros(3, np.float32), "b2"))
+    old.graph.node[2].input.append("b2")  # Gemm-7 needs its C
+    before = old.SerializeToString()
+    graph = graphshape.load(old)
+    assert graph.meta["converted_from_opset"] == 7 and graph.meta["opset"] == 13
+    assert old.SerializeToString() == before  # the caller's model is not changed
+    x = {"x": np.random.default_rng(1).normal(size=(2, 4)).astype(np.float32)}
+    run = lambda m: ort.InferenceSession(m.SerializeToString()).run(None, x)[0]  # noqa: E731
+    np.testing.assert_allclose(run(graphshape.to_onnx(graph)), run(old), rtol=1e-6)
+    out = tmp_path / "mlp_dks.onnx"
+    report = graphshape.shape_onnx(write(tmp_path, "mlp7.onnx", old), str(out), method="DKS")
+    assert any("opset 7 was converted to 13" in w for w in report.warnings)
+    assert onnx.load(str(out)).opset_import[0].version == 13
+
+
+def test_old_opset_the_converter_cannot_convert():
+    scan = helper.make_node("Scan", ["x"], ["y"], num_scan_inputs=1,
+                            body=helper.make_graph([], "body", [], []))
+    model = helper.make_model(
+        helper.make_graph([scan], "t", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])]),
+        opset_imports=[helper.make_opsetid("", 8)], ir_version=3)
+    e = error_of(graphshape.load, model)
+    assert "opset 8" in str(e) and "version_converter could not convert" in str(e)
 
 
 def test_custom_domain_op_is_carried_opaque_and_reported(tmp_path):

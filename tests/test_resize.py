@@ -78,6 +78,11 @@ def _resize_model(attrs, *, opset=13, scales=None, sizes=None, op_type="Resize",
      [2, 3, 9, 4], "linear"),
     ({"mode": "cubic", "coordinate_transformation_mode": "half_pixel"}, 13, [1, 1, 2, 1.5], None,
      "cubic"),
+    # half_pixel nearest by integer factors: rounding picks torch's pixel (what
+    # onnx.version_converter makes of an opset 7 Upsample)
+    ({"mode": "nearest"}, 13, [1, 1, 3, 2], None, "nearest"),
+    ({"mode": "nearest", "coordinate_transformation_mode": "pytorch_half_pixel",
+      "nearest_mode": "round_prefer_floor"}, 13, None, [2, 3, 12, 5], "nearest"),
 ])
 def test_onnx_resize_forms_load_as_resize_and_run_alike(attrs, opset, scales, sizes, mode):
     model = _resize_model(attrs, opset=opset, scales=scales, sizes=sizes)
@@ -113,6 +118,8 @@ def test_nearest_before_opset_11_is_a_resize_when_it_upsamples(op_type, opset):
     {"mode": "nearest", "coordinate_transformation_mode": "asymmetric"},
     {"mode": "linear", "coordinate_transformation_mode": "tf_half_pixel_for_nn"},
     {"mode": "cubic", "coordinate_transformation_mode": "half_pixel", "cubic_coeff_a": -0.5},
+    {"mode": "nearest", "coordinate_transformation_mode": "half_pixel"},  # not by integers
+    {"mode": "nearest", "coordinate_transformation_mode": "half_pixel", "nearest_mode": "ceil"},
     # onnxruntime's antialias filter is not torch's
     {"mode": "linear", "coordinate_transformation_mode": "half_pixel", "antialias": 1},
 ])
