@@ -137,9 +137,14 @@ def constant_path_activations(graph: Graph, signals: set[str] | None = None) -> 
 
 
 def _main_path_activations(graph: Graph, signals: set[str] | None = None) -> list:
-    """The activation nodes that read a signal (gates included)."""
+    """The activation nodes that read a signal (gates included), output links
+    (:func:`graphshape.passes.subnetworks.find_output_links`) excepted."""
+    from graphshape.passes.subnetworks import find_output_links
+
     signals = _signals(graph) if signals is None else signals
-    return [n for n in graph if n.op == "activation" and n.name in signals]
+    links = set(find_output_links(graph))
+    return [n for n in graph
+            if n.op == "activation" and n.name in signals and n.name not in links]
 
 
 def find_gates(graph: Graph) -> list[tuple[str, str]]:
@@ -607,6 +612,16 @@ def shape_graph(graph: Graph, *, method: str = "TAT", activation: str | None = N
             f"{', ...' if len(products) > 3 else ''}) left as they are: q is not controlled "
             "through them")
     signals = _signals(g)
+    from graphshape.passes.subnetworks import find_output_links
+
+    links = find_output_links(g)
+    if links and method != "untransformed":
+        report.warnings.append(
+            f"{len(links)} output activation(s) left as they are ("
+            + ", ".join(f"{n!r} ({g[n].attrs['name']})" for n in links[:3])
+            + (", ..." if len(links) > 3 else "") + "): a bounded activation that ends the "
+            "network links its output to the loss (a probability, an image in [-1, 1]), as a "
+            "softmax does; DKS/TAT shape the network before it")
     constant_acts = constant_path_activations(g, signals)
     if constant_acts:
         report.warnings.append(

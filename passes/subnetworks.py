@@ -80,6 +80,37 @@ def signal_nodes(graph: Graph) -> set[str]:
     return found
 
 
+#: bounded activations that, as a network's last op, link its output to the loss (a
+#: probability, a bounded image) rather than form a hidden layer
+OUTPUT_LINKS = ("sigmoid", "tanh", "hardsigmoid", "hardtanh", "softsign")
+
+
+def find_output_links(graph: Graph) -> list[str]:
+    """Activation nodes of :data:`OUTPUT_LINKS` whose value reaches the model's outputs
+    through data movement only (reshapes, squeezes, dropout...): a GAN discriminator's
+    final sigmoid, a generator's final tanh. Like a classifier's softmax, they belong to the
+    output, not to the network whose kernel DKS/TAT shape: the maximizing function skips
+    them and shaping leaves them as they are (a transformed sigmoid is no probability)."""
+    found = []
+    for node in graph:
+        if node.op != "activation" or node.attrs.get("name") not in OUTPUT_LINKS:
+            continue
+        frontier, seen, reaches_output = [node.name], set(), False
+        while frontier:
+            users = graph.users(frontier.pop())
+            if any(u.op != "output" and spec(u.op).category != "shape" for u in users):
+                break
+            for u in users:
+                reaches_output |= u.op == "output"
+                if u.op != "output" and u.name not in seen:
+                    seen.add(u.name)
+                    frontier.append(u.name)
+        else:
+            if reaches_output:
+                found.append(node.name)
+    return found
+
+
 def is_join(graph: Graph, name: str, signals: set[str] | None = None) -> bool:
     """Whether node ``name`` joins two or more signals (see the module docstring)."""
     node = graph[name]
@@ -320,8 +351,9 @@ def join_kernel_weights(graph: Graph, join: Join, *, weights: Mapping | None = N
 
 def _compile(graph: Graph, nodes: Sequence[str], sources: Sequence[str], out: str,
              join_weights: Mapping[str, list[float]], joins_by_node: Mapping[str, Join],
-             signals: set[str], mixing: set[str]) -> tuple:
-    """``mixing``: :func:`mixing_weights` of ``graph``."""
+             signals: set[str], mixing: set[str], links: set[str] = frozenset()) -> tuple:
+    """``mixing``: :func:`mixing_weights` of ``graph``; ``links``: its
+    :func:`find_output_links`, passed through as part of the output."""
     reg: dict[str, int] = {s: 0 for s in sources}
     prog: list[tuple] = []
     for name in nodes:
@@ -329,7 +361,7 @@ def _compile(graph: Graph, nodes: Sequence[str], sources: Sequence[str], out: st
         refs = [r for r in node.inputs if r.node in reg]
         if not refs:
             continue
-        if node.op == "activation":
+        if node.op == "activation" and name not in links:
             prog.append(("r", reg[refs[0].node]))
             reg[name] = len(prog)
         elif name in joins_by_node:
@@ -447,6 +479,7 @@ def subnet_max_func(graph: Graph, weights: Mapping[str, Sequence[float]] | None 
     """
     info = _analyse(graph)
     mixing = mixing_weights(graph)  # one pass for every subnetwork's program
+    links = set(find_output_links(graph))
     if not graph.inputs:
         raise GraphshapeError("the graph has no input nodes: nothing to analyse")
     joins_by_node = {j.node: j for j in info.joins}
@@ -476,7 +509,7 @@ def subnet_max_func(graph: Graph, weights: Mapping[str, Sequence[float]] | None 
         raise GraphshapeError("no model output depends on a model input: nothing to analyse")
     for o in outs:
         add(_compile(graph, signal_order, graph.inputs, o, join_w, joins_by_node, info.signals,
-                     mixing),
+                     mixing, links),
             "network", always=True)
 
     done: set[tuple[str | None, str]] = set()
@@ -488,6 +521,6 @@ def subnet_max_func(graph: Graph, weights: Mapping[str, Sequence[float]] | None 
             done.add(key)
             sources = [j.fork] if j.fork is not None else list(graph.inputs)
             add(_compile(graph, branch, sources, ref.node, join_w, joins_by_node, info.signals,
-                         mixing),
+                         mixing, links),
                 f"branch {j.fork or 'inputs'} -> {j.node}[{ref!r}]")
     return SubnetMaxFunc(programs, descriptions, info.joins, flags)

@@ -73,10 +73,11 @@ def test_tat_with_relu_beside_another_activation_names_the_relu_node():
         def __init__(self):
             super().__init__()
             self.conv1, self.conv2 = nn.Conv2d(3, 8, 3), nn.Conv2d(8, 8, 3)
+            self.conv3 = nn.Conv2d(8, 8, 3)
             self.relu, self.tanh = nn.ReLU(), nn.Tanh()
 
-        def forward(self, x):
-            return self.conv2(self.relu(self.conv1(x))).tanh()
+        def forward(self, x):  # (a final tanh would be the output's link, not shaped)
+            return self.conv3(self.conv2(self.relu(self.conv1(x))).tanh())
 
     with pytest.raises(GraphshapeError, match="activation='leaky_relu'") as err:
         graphshape.shape(Mixed(), torch.randn(2, 3, 12, 12), method="TAT")

@@ -400,3 +400,46 @@ def test_activations_made_equal_by_removing_norms_are_merged(tmp_path, method):
                type(m).__name__ for m in shaped.modules())
     assert acts == 4  # per block: the shared one and the residual path's
     assert torch.isfinite(shaped(x)).all()
+
+
+def _discriminator(link: bool, depth: int = 12):
+    """A DCGAN-style discriminator: conv + BN + LeakyReLU(0.2), then a 1-channel conv and
+    (``link``) the sigmoid that makes it a probability."""
+    nn = torch.nn
+    layers = [nn.Conv2d(3, 8, 3, padding=1)]
+    for _ in range(depth):
+        layers += [nn.BatchNorm2d(8), nn.LeakyReLU(0.2), nn.Conv2d(8, 8, 3, padding=1)]
+    layers += [nn.LeakyReLU(0.2), nn.Conv2d(8, 1, 8), nn.Flatten()]
+    return nn.Sequential(*layers, *([nn.Sigmoid(), nn.Flatten(0)] if link else []))
+
+
+@pytest.mark.parametrize("method", ["DKS", "TAT"])
+def test_a_final_bounded_activation_is_left_as_the_output_link(method):
+    # A transformed sigmoid is no probability: before, DKS transformed it (a DCGAN
+    # discriminator's outputs then fell in [-2.0, 0.7]), and TAT refused such networks
+    # ("leaky_relu needs to be the only activation").
+    x = torch.randn(6, 3, 8, 8)
+    torch.manual_seed(0)
+    shaped = graphshape.shape(_discriminator(link=True), x, method=method, seed=0)
+    torch.manual_seed(0)
+    logits = graphshape.shape(_discriminator(link=False), x, method=method, seed=0)
+    report = shaped.meta["graphshape"]
+    assert set(report.activation_params) == {"leaky_relu"}
+    # the same maximizing function as the network without its sigmoid, and the same logits
+    assert report.activation_params == logits.meta["graphshape"].activation_params
+    assert any("output activation(s) left as they are" in w and "sigmoid" in w
+               for w in report.warnings)
+    torch.testing.assert_close(shaped(x), torch.sigmoid(logits(x)).reshape(-1))
+    y = shaped(x)
+    assert y.shape == (6,) and bool(((y > 0) & (y < 1)).all())
+
+
+def test_a_bounded_activation_a_layer_reads_is_no_output_link():
+    from graphshape.passes.subnetworks import find_output_links
+
+    nn = torch.nn
+    hidden = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 4))
+    final = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 4), nn.Tanh())
+    x = torch.randn(3, 4)
+    assert find_output_links(graphshape.load(hidden, x)) == []
+    assert find_output_links(graphshape.load(final, x)) == ["_3"]
