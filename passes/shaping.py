@@ -576,9 +576,18 @@ def shape_graph(graph: Graph, *, method: str = "TAT", activation: str | None = N
     _merge(report, rec)
     g, rec = merge_duplicate_activations(g, copy=False)
     _merge(report, rec)
+    from graphshape.passes.subnetworks import ends_the_network
+
     for node in g:
-        if (node.op == "opaque" and "norm" in str(node.attrs.get("description", "")).lower()
-                and not _feeds_only_attention_logits(g, node)):
+        if node.op != "opaque" or "norm" not in str(node.attrs.get("description", "")).lower():
+            continue
+        if ends_the_network(g, node.name):
+            # an embedding's final F.normalize (metric learning, CLIP-style heads) belongs
+            # to the output, as a classifier's softmax does
+            report.warnings.append(
+                f"{node.attrs.get('description')!r} ({node.name!r}) ends the network: kept as "
+                "part of the output (a normalized embedding), not shaped")
+        elif not _feeds_only_attention_logits(g, node):
             raise GraphshapeError(
                 f"{node.attrs.get('description')!r} looks like a normalization layer that "
                 "graphshape could not map to a known norm op, so it cannot remove it",
@@ -658,9 +667,10 @@ def shape_graph(graph: Graph, *, method: str = "TAT", activation: str | None = N
     max_pools, opaque = [], []
     for node in g:
         if node.op == "opaque" and (holds_tensors(node)
-                                    or not all(o.dtype == "object" for o in node.outputs)):
+                                    or not all(o.dtype == "object" for o in node.outputs)) \
+                and not ends_the_network(g, node.name):
             # (opaque nodes computing Python values -- x.size(), getitem on a shape -- carry
-            # no signal and need no kernel rule)
+            # no signal and need no kernel rule; nor does one that only shapes the output)
             opaque.append(f"{node.name!r} ({node.attrs.get('description', '?')})")
         elif node.op in MAX_POOL_OPS:
             max_pools.append(node.name)

@@ -91,24 +91,25 @@ def find_output_links(graph: Graph) -> list[str]:
     final sigmoid, a generator's final tanh. Like a classifier's softmax, they belong to the
     output, not to the network whose kernel DKS/TAT shape: the maximizing function skips
     them and shaping leaves them as they are (a transformed sigmoid is no probability)."""
-    found = []
-    for node in graph:
-        if node.op != "activation" or node.attrs.get("name") not in OUTPUT_LINKS:
-            continue
-        frontier, seen, reaches_output = [node.name], set(), False
-        while frontier:
-            users = graph.users(frontier.pop())
-            if any(u.op != "output" and spec(u.op).category != "shape" for u in users):
-                break
-            for u in users:
-                reaches_output |= u.op == "output"
-                if u.op != "output" and u.name not in seen:
-                    seen.add(u.name)
-                    frontier.append(u.name)
-        else:
-            if reaches_output:
-                found.append(node.name)
-    return found
+    return [node.name for node in graph
+            if node.op == "activation" and node.attrs.get("name") in OUTPUT_LINKS
+            and ends_the_network(graph, node.name)]
+
+
+def ends_the_network(graph: Graph, name: str) -> bool:
+    """Whether node ``name``'s value reaches the model's outputs, and nothing else, through
+    data movement only (reshapes, squeezes, dropout...)."""
+    frontier, seen, reaches_output = [name], set(), False
+    while frontier:
+        for user in graph.users(frontier.pop()):
+            if user.op == "output":
+                reaches_output = True
+            elif spec(user.op).category != "shape":
+                return False
+            elif user.name not in seen:
+                seen.add(user.name)
+                frontier.append(user.name)
+    return reaches_output
 
 
 def is_join(graph: Graph, name: str, signals: set[str] | None = None) -> bool:

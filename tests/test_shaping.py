@@ -443,3 +443,35 @@ def test_a_bounded_activation_a_layer_reads_is_no_output_link():
     x = torch.randn(3, 4)
     assert find_output_links(graphshape.load(hidden, x)) == []
     assert find_output_links(graphshape.load(final, x)) == ["_3"]
+
+
+class _Embedder(torch.nn.Module):
+    """conv + BN + ReLU stack, pooled, projected, and L2-normalized (``final``) as metric
+    learning and CLIP-style heads do; or normalized mid-network (``final=False``)."""
+
+    def __init__(self, final: bool):
+        super().__init__()
+        nn = torch.nn
+        layers = [nn.Conv2d(3, 16, 3, padding=1)]
+        for _ in range(8):
+            layers += [nn.BatchNorm2d(16), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1)]
+        self.body = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.proj, self.head = nn.Linear(16, 8), nn.Linear(8, 8)
+        self.final = final
+
+    def forward(self, x):
+        z = torch.nn.functional.normalize(self.proj(self.body(x)), dim=1)
+        return z if self.final else self.head(z)
+
+
+def test_a_final_l2_normalization_is_kept_as_part_of_the_output():
+    x = torch.randn(4, 3, 12, 12)
+    shaped = graphshape.shape(_Embedder(final=True), x, method="DKS", seed=0)
+    report = shaped.meta["graphshape"]
+    assert any("ends the network: kept" in w for w in report.warnings)
+    assert not any("without a kernel rule" in w for w in report.warnings)
+    torch.testing.assert_close(shaped(x).norm(dim=1), torch.ones(4))
+    # mid-network, it is a normalization graphshape cannot remove: refused, named
+    with pytest.raises(GraphshapeError, match="cannot remove it") as err:
+        graphshape.shape(_Embedder(final=False), x, method="DKS")
+    assert err.value.node == "normalize"
