@@ -54,16 +54,43 @@ class _SmallNet(torch.nn.Module):
         return self.fc(torch.flatten(torch.nn.functional.adaptive_avg_pool2d(h, 1), 1))
 
 
-@pytest.fixture(scope="module")
-def models():
-    torch.manual_seed(0)
+class _UpsamplingNet(torch.nn.Module):
+    """PReLU, a bilinear resize to a size read from a tensor, a nearest 2x upsampling, a
+    concat, and a final sigmoid."""
+
+    def __init__(self):
+        super().__init__()
+        nn = torch.nn
+        self.c1, self.bn, self.act = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.PReLU(4)
+        self.c2, self.c3 = nn.Conv2d(4, 4, 3, padding=1), nn.Conv2d(8, 4, 1)
+        self.up, self.fc = nn.Upsample(scale_factor=2), nn.Linear(4, 3)
+
+    def forward(self, x):
+        h = self.act(self.bn(self.c1(x)))
+        d = torch.nn.functional.max_pool2d(self.c2(h), 2)
+        u = torch.nn.functional.interpolate(d, size=h.shape[-2:], mode="bilinear")
+        h = torch.relu(self.c3(torch.cat([u, self.up(d)], 1)))
+        return torch.sigmoid(self.fc(h.mean((2, 3))))
+
+
+def _export(module) -> onnx.ModelProto:
     buf = io.BytesIO()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(_SmallNet().eval(), (torch.randn(1, 3, 8, 8),), buf, opset_version=13,
+        torch.onnx.export(module.eval(), (torch.randn(1, 3, 8, 8),), buf, opset_version=13,
                           dynamo=False)
+    return onnx.load_from_string(buf.getvalue())
+
+
+@pytest.fixture(scope="module")
+def models():
+    torch.manual_seed(0)
+    old = tiny_mlp(opset=7)  # read through onnx.version_converter
+    old.graph.initializer.append(numpy_helper.from_array(np.zeros(3, np.float32), "b2"))
+    old.graph.node[2].input.append("b2")
     return {"mlp": tiny_mlp(), "caffe2_resnet": caffe2_style_resnet(blocks=(1, 1), width=4, size=8),
-            "torch_export": onnx.load_from_string(buf.getvalue())}
+            "torch_export": _export(_SmallNet()), "upsampling": _export(_UpsamplingNet()),
+            "mlp_opset7": old}
 
 
 # --------------------------------------------------------------------------- mutations
