@@ -1347,8 +1347,10 @@ class _Importer:
     # ----------------------------------------------------------------- resampling
     def _op_Resize(self, node, a, name):
         """Resize in PyTorch's terms (the canonical ``resize``): the attribute combinations
-        torch's interpolate modes export to; any other (a TensorFlow converter's
-        round_prefer_floor, tf_crop_and_resize, another cubic coefficient...) stays opaque."""
+        torch's interpolate modes export to, and half_pixel nearest by integer factors; any
+        other (a TensorFlow converter's asymmetric round_prefer_floor or
+        tf_half_pixel_for_nn, tf_crop_and_resize, another cubic coefficient...) stays
+        opaque."""
         if a.get("axes") is not None or a.get("keep_aspect_ratio_policy", "stretch") != "stretch":
             raise _Unsupported("axes / keep_aspect_ratio_policy")
         if self.opset < 11:  # Resize-10: (X, scales), asymmetric coordinates
@@ -1363,9 +1365,9 @@ class _Importer:
             # onnxruntime's antialias filter is not torch's (measured: 0.07 apart on a
             # bilinear 0.4x resize of N(0, 1) data): no torch twin
             raise _Unsupported("antialias")
+        need = None
         if mode == "nearest":
             nearest_mode = a.get("nearest_mode", "round_prefer_floor")
-            need = None
             if (ctm, nearest_mode) == ("asymmetric", "floor"):
                 attrs = {"mode": "nearest"}
             elif half_pixel and nearest_mode == "round_prefer_ceil":
@@ -1385,8 +1387,7 @@ class _Importer:
         else:
             raise _Unsupported(f"{mode} with {ctm}")
         self._resize(node, name, attrs, scales_at, sizes_at,
-                     pytorch_half_pixel=ctm == "pytorch_half_pixel",
-                     need=need if mode == "nearest" else None)
+                     pytorch_half_pixel=ctm == "pytorch_half_pixel", need=need)
 
     def _op_Upsample(self, node, a, name):
         """Upsample (opset 9): asymmetric coordinates; only nearest has a torch twin."""
