@@ -99,8 +99,42 @@ def _std_conv_classes() -> tuple:
                  if isinstance(getattr(std_conv, n, None), type))
 
 
+#: torch.nn containers traced through rather than kept as one opaque call: their layers
+#: (linear, activation, layer norm, residual adds) are what shaping rewrites; their
+#: attention stays one nn.MultiheadAttention call
+_TRACED_THROUGH = (nn.TransformerEncoder, nn.TransformerEncoderLayer, nn.TransformerDecoder,
+                   nn.TransformerDecoderLayer)
+
+
+@contextlib.contextmanager
+def _plain_transformer_path():
+    """While tracing, let :data:`_TRACED_THROUGH` take their plain path of torch.nn layers:
+    their fused fast path is chosen by Python tests on tensor properties (off here), and
+    ``nn.TransformerEncoder`` asks ``_get_seq_len`` for ``src.is_nested``, which a traced
+    value cannot answer. Its only use is to detect a causal mask, so without a mask
+    "unknown" (None) is the same answer; with one, tracing fails as before."""
+    from torch.nn.modules import transformer
+
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    original = getattr(transformer, "_get_seq_len", None)
+
+    def seq_len(src, batch_first):
+        return None if isinstance(src, torch.fx.Proxy) else original(src, batch_first)
+
+    try:
+        torch.backends.mha.set_fastpath_enabled(False)
+        if original is not None:
+            transformer._get_seq_len = seq_len
+        yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
+        if original is not None:
+            transformer._get_seq_len = original
+
+
 class _Tracer(torch.fx.Tracer):
-    """fx's default tracer plus extra leaf module classes."""
+    """fx's default tracer plus extra leaf module classes, tracing through
+    :data:`_TRACED_THROUGH`."""
 
     def __init__(self, leaf_classes: tuple):
         super().__init__()
@@ -109,6 +143,8 @@ class _Tracer(torch.fx.Tracer):
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if self.leaf_classes and isinstance(m, self.leaf_classes):
             return True
+        if type(m) in _TRACED_THROUGH:
+            return False
         return super().is_leaf_module(m, module_qualified_name)
 
 
@@ -118,7 +154,8 @@ def _trace(module: nn.Module, leaf_modules) -> torch.fx.GraphModule:
                                      *leaf_modules) if c is not None)
     tracer = _Tracer(leaf_classes)
     try:
-        graph = tracer.trace(module)
+        with _plain_transformer_path():
+            graph = tracer.trace(module)
     except Exception as exc:  # fx raises TraceError, TypeError, RuntimeError, ...
         msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         control_flow = ("control flow" in str(exc) or "iterate" in str(exc)

@@ -257,6 +257,19 @@ def mixing_weights(graph: Graph) -> set[str]:
     return found
 
 
+def attention_values(node) -> Ref | None:
+    """The value argument of an opaque attention call: ``nn.MultiheadAttention(q, k, v)``,
+    ``F.scaled_dot_product_attention(q, k, v)`` (the third argument, or ``value=``). Its
+    output averages the values' tokens, so that is the input whose kernel it carries on
+    (a decoder's cross-attention reads its query from the decoder, its values from the
+    encoder). None for other nodes, or when the values are not a graph value."""
+    if node.op != "opaque" or "attention" not in str(node.attrs.get("description", "")).lower():
+        return None
+    args, kwargs = node.attrs.get("args") or (), node.attrs.get("kwargs") or {}
+    value = args[2] if isinstance(args, (tuple, list)) and len(args) > 2 else kwargs.get("value")
+    return value if isinstance(value, Ref) else None
+
+
 def _is_signal_product(node, signals: set[str]) -> bool:
     """A ``mul`` / ``div`` / ``matmul`` of two signals (not a scaling by a constant)."""
     return node.op in _PRODUCT_OPS and sum(r.node in signals for r in node.inputs) >= 2
@@ -386,7 +399,9 @@ def _compile(graph: Graph, nodes: Sequence[str], sources: Sequence[str], out: st
                 prog.append(("prod", tuple(reg[r.node] for r in refs)))
                 reg[name] = len(prog)
         else:
-            reg[name] = reg[refs[0].node]
+            values = attention_values(node)
+            reg[name] = reg[(values if values is not None and values.node in reg
+                             else refs[0]).node]
     if out not in reg:
         return ()
     return _prune(prog, reg[out])
