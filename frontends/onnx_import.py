@@ -41,6 +41,7 @@ import numpy as np
 
 from graphshape.errors import GraphshapeError
 from graphshape.ir import TENSOR_CONTAINER, Graph, Node, Ref, TensorInfo, cache_weight_tap_norms
+from graphshape.ops import prelu_activation
 
 # Initializers larger than this many bytes are replaced by typed graph inputs in the copy
 # that shape inference sees (shape inference only reads small constants' values).
@@ -103,6 +104,11 @@ def load_onnx(model: Any, *, cache_weight_norms: bool = True) -> Graph:
 CONVERT_TO_OPSET = 13
 
 
+def _opset_imports(proto) -> dict[str, int]:
+    """Domain -> version of the model's opset imports ("ai.onnx" read as "")."""
+    return {(o.domain if o.domain != "ai.onnx" else ""): o.version for o in proto.opset_import}
+
+
 def _convert_old_opset(proto):
     """``(proto, None)``, or for a model below opset 9 (the ONNX model zoo's classic
     ResNet, VGG, SqueezeNet, GoogLeNet files are opset 3-8) ``(converted copy, old
@@ -112,7 +118,7 @@ def _convert_old_opset(proto):
     import onnx
     from onnx import version_converter
 
-    opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0)
+    opset = _opset_imports(proto).get("", 0)
     if not opset or opset >= 9:
         return proto, None
     try:
@@ -501,8 +507,7 @@ class _Importer:
 
         self.onnx = onnx
         self.proto = proto
-        self.opset_imports = {(o.domain if o.domain != "ai.onnx" else ""): o.version
-                              for o in proto.opset_import}
+        self.opset_imports = _opset_imports(proto)
         self.opset = self.opset_imports.get("", 0)
         if self.opset and self.opset < 9:  # (load_onnx converts such models first)
             raise GraphshapeError(
@@ -1338,11 +1343,9 @@ class _Importer:
             weight = slope.reshape(-1)
         else:
             raise _Unsupported("slopes vary along an axis other than the channels")
-        self.add(name, "activation", [self.signal(node.input[0])],
-                 {"name": "leaky_relu",
-                  "negative_slope": float(np.mean(weight, dtype=np.float64)),
-                  "learnable_slope": True},
-                 {"weight": weight}, outputs=node.output, source=node.name)
+        attrs, params = prelu_activation(weight)
+        self.add(name, "activation", [self.signal(node.input[0])], attrs, params,
+                 outputs=node.output, source=node.name)
 
     # ----------------------------------------------------------------- resampling
     def _op_Resize(self, node, a, name):
@@ -1411,7 +1414,6 @@ class _Importer:
         scales = self._const_input(node, scales_at)
         if scales is not None and np.asarray(scales).size == 0:
             scales = None  # opset 11-12 write an empty scales beside sizes
-        sizes = None
         if scales is None and sizes_at is not None and len(node.input) > sizes_at \
                 and node.input[sizes_at]:
             sizes = self._partial(node.input[sizes_at])

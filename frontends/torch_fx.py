@@ -55,6 +55,7 @@ from graphshape import torch_modules as _tm
 from graphshape.errors import GraphshapeError
 from graphshape.ir import (TENSOR_CONTAINER, Graph, Node, Ref, TensorInfo, cache_weight_tap_norms,
                            map_template)
+from graphshape.ops import prelu_activation
 
 __all__ = ["load_module", "MODULE_OPS", "FUNCTION_OPS", "METHOD_OPS"]
 
@@ -850,16 +851,14 @@ def _prelu(ld, fx_node, x, weight: np.ndarray, transform: dict | None = None,
     """A PReLU (``nn.PReLU``, ``F.prelu``, graphshape's ``TransformedPReLU``) as a
     leaky_relu whose slopes are learnable: ``learnable_slope`` set, the slopes in
     ``params["weight"]`` (one shared or one per channel), ``negative_slope`` their mean
-    (what the kernel rule reads)."""
+    (:func:`graphshape.ops.prelu_activation`)."""
     weight = np.asarray(weight)
     if weight.ndim > 1 or weight.size == 0:
         raise _Unmapped("prelu weight is not a vector")
-    weight = weight.reshape(-1)
-    attrs = {"name": "leaky_relu", "negative_slope": float(np.mean(weight, dtype=np.float64)),
-             "learnable_slope": True}
+    attrs, params = prelu_activation(weight)
     if transform:
         attrs["transform"] = dict(transform)
-    _emit(ld, fx_node, "activation", [_input(ld, fx_node, x)], attrs, {"weight": weight},
+    _emit(ld, fx_node, "activation", [_input(ld, fx_node, x)], attrs, params,
           module_path=module_path)
 
 
@@ -1044,14 +1043,13 @@ def _resize(ld, fx_node, x, size, scale_factor, mode, align_corners,
             sizes = tuple(sizes)
         attrs["sizes"] = sizes
     elif scale_factor is not None and not _has_node(scale_factor):
-        scales = tuple(float(f) for f in _tuple(scale_factor, dims))
         if recompute_scale_factor:
             # the coordinates then follow the output size, not the factor
             if out.shape is None:
                 raise _Unmapped("recompute_scale_factor without shapes")
             attrs["sizes"] = tuple(int(d) for d in out.shape[2:])
         else:
-            attrs["scales"] = scales
+            attrs["scales"] = tuple(float(f) for f in _tuple(scale_factor, dims))
     else:
         raise _Unmapped("no static size or scale factor")
     if dynamic and out.shape is not None:

@@ -192,3 +192,15 @@ def spec(op: str) -> OpSpec:
         return OPS[op]
     except KeyError:
         raise GraphshapeError(f"unknown canonical op {op!r}; known: {', '.join(OPS)}") from None
+
+
+def prelu_activation(slopes) -> tuple[dict, dict]:
+    """``(attrs, params)`` of the activation node of a PReLU (``nn.PReLU``, ``F.prelu``,
+    ONNX ``PRelu``), as every frontend writes it: a ``leaky_relu`` with
+    ``learnable_slope``, its slopes (one shared, or one per channel) as ``params["weight"]``,
+    and ``negative_slope`` their mean (what the kernel rule reads)."""
+    import numpy as np
+
+    weight = np.asarray(slopes).reshape(-1)
+    return ({"name": "leaky_relu", "negative_slope": float(np.mean(weight, dtype=np.float64)),
+             "learnable_slope": True}, {"weight": weight})

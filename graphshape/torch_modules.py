@@ -58,6 +58,27 @@ ACTIVATION_FUNCTIONS: dict[str, Callable[..., torch.Tensor]] = {
 _TRANSFORM_KEYS = ("input_scale", "input_shift", "output_shift", "output_scale")
 
 
+def _full_transform(transform: dict, what: str) -> dict[str, float]:
+    """``transform`` with every key of :data:`_TRANSFORM_KEYS` (missing ones the identity),
+    as floats; GraphshapeError naming ``what`` for an unknown key."""
+    unknown = set(transform) - set(_TRANSFORM_KEYS)
+    if unknown:
+        raise GraphshapeError(f"transform of {what} has unknown keys {sorted(unknown)}; "
+                              f"expected {list(_TRANSFORM_KEYS)}")
+    return {k: float(transform.get(k, 1.0 if k.endswith("scale") else 0.0))
+            for k in _TRANSFORM_KEYS}
+
+
+def _register_affine_buffers(module: nn.Module, pre: tuple, post: tuple) -> None:
+    """``pre_scale``, ``pre_shift``, ``post_scale``, ``post_shift`` as 0-d buffers in the
+    default float dtype, so they follow .to(device) and .to(dtype)/.half() with the
+    parameters: addcmul then reads them without a conversion. (float64 buffers cost one
+    _to_copy per call and pass -- ~250 tiny copies per ResNet-50 training step.)"""
+    for key, v in (("pre_scale", pre[0]), ("pre_shift", pre[1]),
+                   ("post_scale", post[0]), ("post_shift", post[1])):
+        module.register_buffer(key, torch.tensor(v, dtype=torch.get_default_dtype()))
+
+
 def plain_attrs(attrs: dict) -> dict:
     """Attributes as plain Python values (numpy scalars -> int/float)."""
     return {k: (v.item() if hasattr(v, "item") and not isinstance(v, torch.Tensor) else v)
@@ -224,15 +245,9 @@ class TransformedActivation(nn.Module):
 
     def __init__(self, name: str, transform: dict, *, overwrite_input: bool = False, **attrs):
         super().__init__()
-        unknown = set(transform) - set(_TRANSFORM_KEYS)
-        if unknown:
-            raise GraphshapeError(
-                f"transform of activation {name!r} has unknown keys {sorted(unknown)}; "
-                f"expected {list(_TRANSFORM_KEYS)}")
         self.name = name
         self.attrs = plain_attrs(attrs)
-        self.transform = {k: float(transform.get(k, 1.0 if k.endswith("scale") else 0.0))
-                          for k in _TRANSFORM_KEYS}
+        self.transform = _full_transform(transform, f"activation {name!r}")
         self.fn = activation_function(name)
         self.overwrite_input = bool(overwrite_input)
         a, b = self.transform["input_scale"], self.transform["input_shift"]
@@ -258,13 +273,8 @@ class TransformedActivation(nn.Module):
               and float(self.attrs.get("negative_slope", 0.01)) >= 0):
             self._fused = ("leaky_relu", float(self.attrs.get("negative_slope", 0.01)))
         self._has_shift = pre_shift != 0.0
-        # 0-d buffers in the default float dtype, so they follow .to(device) and
-        # .to(dtype)/.half() with the parameters: addcmul then reads them without a
-        # conversion. (float64 buffers cost one _to_copy per call and pass -- ~250 tiny
-        # copies per ResNet-50 training step.) The exact values stay in self.transform.
-        for key, v in (("pre_scale", pre_scale), ("pre_shift", pre_shift),
-                       ("post_scale", post_scale), ("post_shift", post_shift)):
-            self.register_buffer(key, torch.tensor(v, dtype=torch.get_default_dtype()))
+        # (the exact values stay in self.transform)
+        _register_affine_buffers(self, (pre_scale, pre_shift), (post_scale, post_shift))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         scale = self.pre_scale
@@ -321,13 +331,7 @@ class TransformedPReLU(nn.PReLU):
     def __init__(self, num_parameters: int = 1, transform: dict | None = None,
                  init: float = 0.25):
         super().__init__(num_parameters, init)
-        transform = dict(transform or {})
-        unknown = set(transform) - set(_TRANSFORM_KEYS)
-        if unknown:
-            raise GraphshapeError(f"transform of a PReLU has unknown keys {sorted(unknown)}; "
-                                  f"expected {list(_TRANSFORM_KEYS)}")
-        self.transform = {k: float(transform.get(k, 1.0 if k.endswith("scale") else 0.0))
-                          for k in _TRANSFORM_KEYS}
+        self.transform = _full_transform(transform or {}, "a PReLU")
         a, b = self.transform["input_scale"], self.transform["input_shift"]
         d, g = self.transform["output_shift"], self.transform["output_scale"]
         if g > 0:
@@ -336,9 +340,7 @@ class TransformedPReLU(nn.PReLU):
             pre, post = (a, b), (g, g * d)
         self.pre = pre != (1.0, 0.0)
         self.post = post != (1.0, 0.0)
-        for key, v in (("pre_scale", pre[0]), ("pre_shift", pre[1]),
-                       ("post_scale", post[0]), ("post_shift", post[1])):
-            self.register_buffer(key, torch.tensor(v, dtype=torch.get_default_dtype()))
+        _register_affine_buffers(self, pre, post)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.pre:

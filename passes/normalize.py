@@ -189,8 +189,9 @@ def remove_normalization(graph: Graph, *, copy: bool = True) -> tuple[Graph, dic
 
 def merge_duplicate_activations(graph: Graph, *, copy: bool = True) -> tuple[Graph, dict]:
     """Merge activation nodes that read the same value with the same attributes: they
-    compute the same output, always (an activation holds no parameters, and shaping gives
-    every activation of a name the same transform).
+    compute the same output, always (shaping gives every activation of a name the same
+    transform). Activations with parameters (a PReLU's slopes, which train apart) are
+    left alone.
 
     Removing normalization exposes them: DPN's dual-path blocks normalize one input twice
     (``bn_a(x)``, ``bn_b(x)``, each followed by a ReLU); once the norms are gone both ReLUs

@@ -405,13 +405,13 @@ def _attention_nodes(graph: Graph) -> list[str]:
     """Softmax nodes whose weights average a signal (``softmax(q kᵀ) v``) and opaque
     attention calls (``nn.MultiheadAttention``, ``F.scaled_dot_product_attention``, ONNX
     ``Attention``)."""
-    from graphshape.passes.subnetworks import mixing_weights
+    from graphshape.passes.subnetworks import is_attention_call, mixing_weights
 
     mixing = mixing_weights(graph)
     found = []
     for node in graph:
         if node.op == "opaque":
-            if "attention" in str(node.attrs.get("description", "")).lower():
+            if is_attention_call(node):
                 found.append(node.name)
         elif node.op in ("matmul", "mul") and any(r.node in mixing for r in node.inputs):
             found.append(node.name)
@@ -576,7 +576,7 @@ def shape_graph(graph: Graph, *, method: str = "TAT", activation: str | None = N
     _merge(report, rec)
     g, rec = merge_duplicate_activations(g, copy=False)
     _merge(report, rec)
-    from graphshape.passes.subnetworks import ends_the_network
+    from graphshape.passes.subnetworks import ends_the_network, find_output_links
 
     for node in g:
         if node.op != "opaque" or "norm" not in str(node.attrs.get("description", "")).lower():
@@ -621,8 +621,6 @@ def shape_graph(graph: Graph, *, method: str = "TAT", activation: str | None = N
             f"{', ...' if len(products) > 3 else ''}) left as they are: q is not controlled "
             "through them")
     signals = _signals(g)
-    from graphshape.passes.subnetworks import find_output_links
-
     links = find_output_links(g)
     if links and method != "untransformed":
         report.warnings.append(

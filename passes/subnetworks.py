@@ -257,13 +257,19 @@ def mixing_weights(graph: Graph) -> set[str]:
     return found
 
 
+def is_attention_call(node) -> bool:
+    """An opaque call of attention (``nn.MultiheadAttention``,
+    ``F.scaled_dot_product_attention``, swin's attention function, ONNX ``Attention``)."""
+    return node.op == "opaque" and "attention" in str(node.attrs.get("description", "")).lower()
+
+
 def attention_values(node) -> Ref | None:
     """The value argument of an opaque attention call: ``nn.MultiheadAttention(q, k, v)``,
     ``F.scaled_dot_product_attention(q, k, v)`` (the third argument, or ``value=``). Its
     output averages the values' tokens, so that is the input whose kernel it carries on
     (a decoder's cross-attention reads its query from the decoder, its values from the
     encoder). None for other nodes, or when the values are not a graph value."""
-    if node.op != "opaque" or "attention" not in str(node.attrs.get("description", "")).lower():
+    if not is_attention_call(node):
         return None
     args, kwargs = node.attrs.get("args") or (), node.attrs.get("kwargs") or {}
     value = args[2] if isinstance(args, (tuple, list)) and len(args) > 2 else kwargs.get("value")
