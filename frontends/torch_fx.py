@@ -423,11 +423,14 @@ class _Loader:
             _propagate_shapes(self.gm, self.example_inputs)
         self.graph = Graph({"source": "torch", "model_class": type(module).__name__,
                             "has_shapes": self.has_shapes,
-                            "training": module.training})
+                            "training": module.training, **_placement_meta(module)})
         self.env: dict[torch.fx.Node, Any] = {}   # fx node -> Ref | _Lazy | _Multi
         self.nontensor: set[torch.fx.Node] = set()
         self._materialized: list = []  # lazy constants turned into nodes by the current call
         self.order = {n: i for i, n in enumerate(self.gm.graph.nodes)}
+        # qualified names of modules with forward hooks, in the order their calls are
+        # mapped (the root and modules traced through are added by run)
+        self._hooked: list[str] = []
 
     # ----------------------------------------------------------------- values
     def info(self, fx_node: torch.fx.Node) -> TensorInfo:
@@ -565,6 +568,11 @@ class _Loader:
                 self._call(fx_node)
         self._outputs(out_template)
         self.graph.validate()
+        called = {n.target for n in self.gm.graph.nodes if n.op == "call_module"}
+        hooked = [name or "(the model)" for name, m in self.module.named_modules()
+                  if name not in called and _has_hooks(m)] + self._hooked
+        if hooked:
+            self.graph.meta["dropped_hooks"] = hooked
         return self.graph
 
     def _placeholder(self, fx_node):
@@ -598,6 +606,7 @@ class _Loader:
                 outputs=[TensorInfo(None, "object")])
 
     def _call(self, fx_node):
+        weight_norm = None
         if fx_node.op == "call_module":
             mod = self.gm.get_submodule(fx_node.target)
             handler = _MODULE_HANDLERS.get(type(mod))
@@ -605,6 +614,11 @@ class _Loader:
                 handler = _m_norm_act
             if handler is None and type(mod) in _std_conv_classes():
                 handler = _m_std_conv
+            weight_norm = _weight_normalization(mod)
+            if weight_norm is not None:
+                handler = _MODULE_HANDLERS.get(weight_norm[0])  # None: stays opaque
+                if handler is not None:
+                    mod = _WithWeight(mod, weight_norm[3])
             args = (mod,)
         elif fx_node.op == "call_function":
             handler = _FUNCTION_HANDLERS.get(_key(fx_node.target))
@@ -617,6 +631,11 @@ class _Loader:
             self._materialized.clear()
             try:
                 handler(self, fx_node, *args)
+                if weight_norm is not None:
+                    self.graph[self.env[fx_node].node].meta["weight_normalization"] = (
+                        weight_norm[1], weight_norm[2])
+                if args and _has_hooks(self.gm.get_submodule(fx_node.target)):
+                    self._hooked.append(fx_node.target)
                 if args and getattr(args[0], "inplace", False) is True and fx_node.args:
                     # nn.ReLU(inplace=True) etc.: later readers of the input see the result
                     _inplace_result(self, fx_node, fx_node.args[0])
@@ -696,6 +715,44 @@ class _Multi:
         self.name, self.count = name, count
 
 
+def _wrapped_module(module: nn.Module) -> nn.Module | None:
+    """The model inside a wrapper that adds no computation of its own: ``torch.compile``'s
+    OptimizedModule, ``nn.DataParallel``, ``DistributedDataParallel``; None otherwise."""
+    optimized = getattr(getattr(torch, "_dynamo", None), "eval_frame", None)
+    optimized = getattr(optimized, "OptimizedModule", None)
+    if optimized is not None and isinstance(module, optimized):
+        return module._orig_mod
+    if isinstance(module, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+        return module.module
+    return None
+
+
+def _unwrap(module: nn.Module) -> tuple[nn.Module, list[str]]:
+    """``module`` without its wrappers (:func:`_wrapped_module`), and their class names,
+    outermost first: torch.fx cannot trace them (a compiled module has no ``forward`` of
+    its own; DataParallel scatters over devices), and what they wrap is the network."""
+    wrappers = []
+    while (inner := _wrapped_module(module)) is not None:
+        wrappers.append(type(module).__name__)
+        module = inner
+    return module, wrappers
+
+
+def _placement_meta(module: nn.Module) -> dict:
+    """``torch_dtype`` / ``torch_device``: the one floating dtype and the one device of the
+    module's parameters and buffers, where they agree (the IR keeps numpy arrays on the CPU,
+    bfloat16 as float32; the torch backend puts the emitted module back there)."""
+    tensors = list(module.parameters()) + list(module.buffers())
+    dtypes = {t.dtype for t in tensors if t.is_floating_point()}
+    devices = {t.device for t in tensors}
+    meta = {}
+    if len(dtypes) == 1:
+        meta["torch_dtype"] = str(dtypes.pop()).removeprefix("torch.")
+    if len(devices) == 1:
+        meta["torch_device"] = str(devices.pop())
+    return meta
+
+
 def _dtype_meta(t: torch.Tensor) -> dict:
     return {"torch_dtype": "bfloat16"} if t.dtype == torch.bfloat16 else {}
 
@@ -766,7 +823,7 @@ def _m_conv(ld, fx_node, mod, params=None):
 def _m_std_conv(ld, fx_node, mod):
     """timm's StdConv2d / ScaledStdConv2d (see :func:`_std_conv_classes`): a conv with the
     weight its forward computes (standardized per output channel, times ``gain * scale``
-    for the scaled variant). The node's ``meta["weight_standardization"]`` names the class;
+    for the scaled variant). The node's ``meta["weight_normalization"]`` names the class;
     shaping removes the standardization with the other normalization (the conv is then
     re-initialized). Without shaping the emitted conv computes the same function, but
     trains without the standardization, as the model's ONNX export would."""
@@ -780,7 +837,87 @@ def _m_std_conv(ld, fx_node, mod):
             training=True, momentum=0.0, eps=mod.eps).reshape_as(mod.weight)
     params = {"weight": _to_numpy(weight), **_module_params(mod, ["bias"])}
     _m_conv(ld, fx_node, mod, params)
-    ld.graph[ld.env[fx_node].node].meta["weight_standardization"] = type(mod).__name__
+    ld.graph[ld.env[fx_node].node].meta["weight_normalization"] = (
+        "weight standardization", type(mod).__name__)
+
+
+#: layers whose weight torch.nn.utils' weight_norm / spectral_norm may reparametrize
+_WEIGHT_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d,
+                  nn.ConvTranspose3d, nn.Linear)
+
+
+def _weight_normalization(mod: nn.Module):
+    """``(layer class, kind, source, weight)`` for a conv / linear layer whose weight is
+    computed by weight normalization or spectral normalization (``torch.nn.utils``'
+    parametrizations, or their older forward pre-hooks): the plain layer's class, "weight
+    normalization" / "spectral normalization", what did it, and the weight it computes now
+    (spectral norm: from its current singular-vector estimates, as in eval mode: no power
+    iteration, so the model is not changed). The class is None where the module must stay
+    an opaque call (hooks on another tensor or several of them), and so is the whole answer
+    for any other module (another parametrization or a parametrized bias: an opaque call
+    as well, being a ``Parametrized*`` class)."""
+    from torch.nn.utils import parametrize
+    from torch.nn.utils.spectral_norm import SpectralNorm
+    from torch.nn.utils.weight_norm import WeightNorm
+
+    if parametrize.is_parametrized(mod):
+        layer_class = type(mod).__bases__[0]
+        found = dict(mod.parametrizations.items())
+        if layer_class not in _WEIGHT_LAYERS or set(found) != {"weight"}:
+            return None
+        chain = found["weight"]
+        names = [type(p).__name__ for p in chain]
+        kinds = {"_WeightNorm": "weight normalization", "_SpectralNorm": "spectral normalization"}
+        if len(chain) != 1 or names[0] not in kinds:
+            return None
+        modes = [(m, m.training) for m in chain.modules()]
+        try:
+            chain.eval()
+            with torch.no_grad():
+                weight = mod.weight
+        finally:
+            for m, training in modes:
+                m.training = training
+        kind = kinds[names[0]]
+        return layer_class, kind, f"{kind.split()[0]}_norm parametrization", weight
+    if type(mod) not in _WEIGHT_LAYERS:
+        return None
+    hooks = [h for h in mod._forward_pre_hooks.values()
+             if isinstance(h, (WeightNorm, SpectralNorm))]
+    if not hooks:
+        return None
+    if len(hooks) != 1 or hooks[0].name != "weight":  # its own attribute would be stale
+        return None, None, None, None
+    hook = hooks[0]
+    with torch.no_grad():
+        if isinstance(hook, SpectralNorm):
+            kind, weight = "spectral normalization", hook.compute_weight(mod, do_power_iteration=False)
+        else:
+            kind, weight = "weight normalization", hook.compute_weight(mod)
+    return type(mod), kind, f"{kind.split()[0]}_norm hook", weight
+
+
+class _WithWeight:
+    """A layer as its handler reads it, with ``weight`` the weight its forward computes
+    (see :func:`_weight_normalization`); every other attribute is the layer's."""
+
+    def __init__(self, mod: nn.Module, weight: torch.Tensor):
+        self._mod, self.weight = mod, weight
+
+    def __getattr__(self, name):
+        return getattr(self._mod, name)
+
+
+def _has_hooks(mod: nn.Module) -> bool:
+    """Whether ``mod`` has forward hooks or pre-hooks (other than weight / spectral
+    normalization's, see :func:`_weight_normalization`). Neither a module torch.fx traces
+    through nor a layer graphshape maps to its own op runs them in the emitted model: fx
+    records what the module computes, not its hooks."""
+    from torch.nn.utils.spectral_norm import SpectralNorm
+    from torch.nn.utils.weight_norm import WeightNorm
+
+    return bool(mod._forward_hooks) or any(
+        not isinstance(h, (WeightNorm, SpectralNorm)) for h in mod._forward_pre_hooks.values())
 
 
 def _m_conv_transpose(ld, fx_node, mod):
@@ -1948,7 +2085,10 @@ def load_module(module: nn.Module, example_inputs=None, *, leaf_modules=(),
     """
     if not isinstance(module, nn.Module):
         raise GraphshapeError(f"load_module needs a torch.nn.Module, got {type(module).__name__}")
+    module, wrappers = _unwrap(module)
     graph = _Loader(module, example_inputs, tuple(leaf_modules)).run()
+    if wrappers:
+        graph.meta["unwrapped_from"] = wrappers
     if cache_weight_norms:
         cache_weight_tap_norms(graph)
     return graph

@@ -777,7 +777,23 @@ def emit(graph: Graph, *, copy_params: bool = True) -> torch.fx.GraphModule:
     gm = torch.fx.GraphModule(ctx.attrs, ctx.fx, class_name=class_name)
     gm.meta["graphshape_nodes"] = dict(ctx.names)
     gm.train(bool(graph.meta.get("training", True)))
+    _restore_placement(gm, graph)
     return gm
+
+
+def _restore_placement(gm: torch.fx.GraphModule, graph: Graph) -> None:
+    """Put the module where the source model was (``graph.meta["torch_dtype"]`` /
+    ``["torch_device"]``, set by the torch frontend when all of the source's floating
+    tensors share one dtype and all its tensors one device): as ``model.to(dtype)`` /
+    ``.to(device)`` would. The IR holds float32 numpy arrays for bfloat16, layers that
+    passes add (a bias, a transform's constants) are made in the default dtype, and
+    everything is emitted on the CPU; a half-precision or CUDA model comes back as one."""
+    dtype = graph.meta.get("torch_dtype")
+    if dtype is not None:
+        gm.to(getattr(torch, dtype))
+    device = graph.meta.get("torch_device")
+    if device is not None and device != "cpu":
+        gm.to(torch.device(device))
 
 
 _SCALAR_USERS = ("add", "sub", "mul", "div")

@@ -177,13 +177,15 @@ def remove_normalization(graph: Graph, *, copy: bool = True) -> tuple[Graph, dic
         for name in g.remove_dead():
             removed.append({"node": name, "op": ops[name],
                             "what": "unused after removing normalization"})
-    # weight standardization (timm's StdConv2d / ScaledStdConv2d, loaded as a conv holding
-    # the standardized weight): the conv becomes a plain one
+    # weight standardization (timm's StdConv2d / ScaledStdConv2d), spectral and weight
+    # normalization (torch.nn.utils' hooks and parametrizations), loaded as a layer holding
+    # the weight they compute: the layer becomes a plain one
     for node in g:
-        kind = node.meta.pop("weight_standardization", None)
-        if kind is not None:
+        found = node.meta.pop("weight_normalization", None)
+        if found is not None:
+            kind, source = found
             rewritten.append({"node": node.name, "op": node.op,
-                              "what": f"weight standardization removed (was a {kind})"})
+                              "what": f"{kind} removed (was a {source})"})
     return g, {"removed": removed, "rewritten": rewritten}
 
 

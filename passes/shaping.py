@@ -557,6 +557,20 @@ def shape_graph(graph: Graph, *, method: str = "TAT", activation: str | None = N
             f"the model's ONNX opset {graph.meta['converted_from_opset']} was converted to "
             f"{graph.meta.get('opset')} (onnx.version_converter) to be read; an ONNX output is "
             f"written at opset {graph.meta.get('opset')}")
+    if graph.meta.get("unwrapped_from"):
+        report.warnings.append(
+            f"the model was wrapped, "
+            f"{'('.join(graph.meta['unwrapped_from'])}({graph.meta.get('model_class')}"
+            f"{')' * len(graph.meta['unwrapped_from'])}: "
+            "graphshape shaped the module inside, and returns it unwrapped; wrap the result "
+            "again (torch.compile, DataParallel, DistributedDataParallel) to train it that way")
+    if graph.meta.get("dropped_hooks"):
+        hooked = graph.meta["dropped_hooks"]
+        report.warnings.append(
+            f"{len(hooked)} module(s) had forward hooks ({', '.join(map(repr, hooked[:3]))}"
+            f"{' ...' if len(hooked) > 3 else ''}): the shaped model's layers do not run them "
+            "(torch.fx records what a module computes, not its hooks); register them again on "
+            "the result if you need them")
     for node in graph:
         if node.op == "activation":
             name = node.attrs.get("name", "?")

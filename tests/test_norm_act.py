@@ -86,7 +86,7 @@ def test_weight_standardized_convs_load_as_convs_with_their_standardized_weights
     g = graphshape.load(model, x)
     convs = [n for n in g if n.op == "conv"]
     assert len(convs) == 3 and "opaque" not in g.count_ops()
-    assert [n.meta["weight_standardization"] for n in convs] == [
+    assert [n.meta["weight_normalization"][1] for n in convs] == [
         "ScaledStdConv2d", "StdConv2d", "ScaledStdConv2d"]
     w = convs[1].params["weight"].reshape(8, -1)  # standardized per output channel
     assert abs(w.mean(1)).max() < 1e-5 and abs(w.std(1) - 1).max() < 1e-3
