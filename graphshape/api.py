@@ -167,6 +167,7 @@ def analyze(model_or_path_or_graph: Any, example_inputs: Any = None, *, empirica
     from graphshape.passes.analysis import analyze as _analyze
 
     graph = load(model_or_path_or_graph, example_inputs)
+    _shaping_api.check_not_quantized(graph, "analyse")
     check_example_inputs(graph, example_inputs)
     return _analyze(graph, example_inputs, empirical=empirical)
 

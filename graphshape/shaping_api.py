@@ -70,15 +70,62 @@ def _release_memory() -> None:
         pass
 
 
+#: ONNX ops of quantized models (onnxruntime.quantization's QDQ and QOperator formats,
+#: dynamic quantization), besides every ``QLinear*`` op
+_QUANTIZED_ONNX_OPS = frozenset({
+    "QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "ConvInteger",
+    "MatMulInteger", "MatMulIntegerToFloat", "DynamicQuantizeMatMul", "QGemm", "QAttention",
+    "QEmbedLayerNormalization", "QOrderedMatMul"})
+
+
+def _quantized_op(node) -> str | None:
+    """What quantizes, for an opaque node of a quantized model: an ONNX quantization op, a
+    ``torch.ao`` quantized / fake-quantized module or a torch quantize function."""
+    if node.op != "opaque":
+        return None
+    a = node.attrs
+    if a.get("framework") == "onnx":
+        op_type = str(a.get("op_type"))
+        quantized = op_type in _QUANTIZED_ONNX_OPS or op_type.startswith("QLinear")
+    else:
+        # torch.ao's quantized, QAT and fake-quantize modules, and the quantize functions
+        # (not every "quantize": a VQ-VAE's VectorQuantizer is a float model)
+        description = str(a.get("description", ""))
+        quantized = "torch.ao." in description or any(
+            f in description for f in ("quantize_per_tensor", "quantize_per_channel",
+                                       "fake_quantize", "dequantize"))
+    return str(a.get("description")) if quantized else None
+
+
+def check_not_quantized(graph, what: str) -> None:
+    """GraphshapeError for a quantized model: its integer layers have no kernel rule, and
+    DKS/TAT describe a float network at initialization; ``what`` is "shape" or
+    "analyse"."""
+    found: dict[str, int] = {}
+    for node in graph:
+        op = _quantized_op(node)
+        if op is not None:
+            found[op] = found.get(op, 0) + 1
+    if found:
+        ops = ", ".join(f"{n} {op}" for op, n in sorted(found.items(), key=lambda kv: -kv[1])[:4])
+        raise GraphshapeError(
+            f"the model is quantized ({ops}): graphshape cannot {what} it, because DKS and TAT "
+            "describe a floating-point network at initialization. Use the float model "
+            "(before quantization), and quantize the shaped one afterwards "
+            "(onnxruntime.quantization, torch.ao.quantization)")
+
+
 def check_shapeable(graph, method: str) -> None:
     """Raise GraphshapeError, saying what to do, for a graph that shaping cannot help: no
-    outputs, no floating-point computation, or (for DKS and TAT) not a single activation."""
+    outputs, no floating-point computation, a quantized model, or (for DKS and TAT) not a
+    single activation."""
     from graphshape.passes.shaping import canonical_method
 
     method = canonical_method(method)
     if not graph.output_nodes:
         raise GraphshapeError("the model has no outputs (an empty graph): nothing to shape; "
                               "export the model again")
+    check_not_quantized(graph, "shape")
     floating = any(graph[n].outputs and str(graph[n].outputs[0].dtype or "float").startswith(
         ("float", "bfloat")) for n in graph.inputs)
     floating = floating or any(

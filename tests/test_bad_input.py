@@ -249,6 +249,54 @@ def test_non_float_model(tmp_path):
     assert "floating-point" in str(e) and "int64" in str(e) and "float32" in str(e)
 
 
+def _qdq(m):
+    """tiny_mlp in onnxruntime.quantization's QDQ form: activations through
+    QuantizeLinear / DequantizeLinear, fc1's weight stored as int8."""
+    w1 = numpy_helper.to_array(m.graph.initializer[0])
+    scale = float(np.abs(w1).max() / 127)
+    m.graph.initializer[0].CopyFrom(numpy_helper.from_array(
+        np.round(w1 / scale).astype(np.int8), "w1_q"))
+    m.graph.initializer.extend([numpy_helper.from_array(np.float32(scale), "w1_s"),
+                                numpy_helper.from_array(np.float32(0.05), "a_s"),
+                                numpy_helper.from_array(np.int8(0), "a_z")])
+    nodes = list(m.graph.node)
+    del m.graph.node[:]
+    m.graph.node.extend([
+        helper.make_node("DequantizeLinear", ["w1_q", "w1_s"], ["w1"], name="w1_dq"),
+        helper.make_node("QuantizeLinear", ["x", "a_s", "a_z"], ["xq"], name="x_q"),
+        helper.make_node("DequantizeLinear", ["xq", "a_s", "a_z"], ["xdq"], name="x_dq")])
+    nodes[0].input[0] = "xdq"
+    m.graph.node.extend(nodes)
+
+
+def test_quantized_onnx_model_is_refused_by_name(tmp_path):
+    src = write(tmp_path, "q.onnx", mutated(_qdq))
+    assert ort_run(src, np.ones((2, 4), np.float32)).shape == (2, 3)  # a valid model
+    e = error_of(graphshape.shape_onnx, src, tmp_path / "o.onnx", method="DKS")
+    # (the weight's DequantizeLinear reads constants only: computed at import)
+    assert "quantized (1 ONNX QuantizeLinear, 1 ONNX DequantizeLinear)" in str(e)
+    assert "float model" in str(e)
+    assert not (tmp_path / "o.onnx").exists()
+    e = error_of(graphshape.analyze, src)
+    assert "cannot analyse it" in str(e)
+
+    def weights_only(m):  # int8 weights dequantized into a float network: shaped
+        _qdq(m)
+        del m.graph.node[1:3]
+        m.graph.node[1].input[0] = "x"
+    report = graphshape.shape_onnx(mutated(weights_only), tmp_path / "w.onnx", method="DKS")
+    assert report.initialized == 2 and (tmp_path / "w.onnx").exists()
+
+
+def test_quantized_torch_model_is_refused_by_name():
+    from torch.ao.quantization import quantize_dynamic
+
+    model = quantize_dynamic(_torch_mlp(), {torch.nn.Linear}, dtype=torch.qint8)
+    for fn in (graphshape.shape, graphshape.analyze):
+        e = error_of(fn, model, torch.randn(2, 3))
+        assert "quantized (2 module torch.ao.nn.quantized" in str(e)
+
+
 # --------------------------------------------------------------------------- PyTorch
 class _DataDependent(torch.nn.Module):
     def forward(self, x):
