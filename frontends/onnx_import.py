@@ -40,6 +40,7 @@ from typing import Any
 import numpy as np
 
 from graphshape.errors import GraphshapeError
+from graphshape.passes.elementwise import fuse_activation_decompositions
 from graphshape.ir import TENSOR_CONTAINER, Graph, Node, Ref, TensorInfo, cache_weight_tap_norms
 from graphshape.ops import prelu_activation
 
@@ -92,6 +93,9 @@ def load_onnx(model: Any, *, cache_weight_norms: bool = True) -> Graph:
             f"load_onnx expects a file path or onnx.ModelProto, not {type(model).__name__}")
     proto, old_opset = _convert_old_opset(proto)
     graph = _Importer(proto).run()
+    # what the exporter spelled out and the import's own patterns left (mish before
+    # opset 18, the tanh GELU before opset 20, hand-written forms): one activation each
+    fuse_activation_decompositions(graph, copy=False)
     if old_opset is not None:
         graph.meta["converted_from_opset"] = old_opset
     if cache_weight_norms:

@@ -56,6 +56,7 @@ from graphshape.errors import GraphshapeError
 from graphshape.ir import (TENSOR_CONTAINER, Graph, Node, Ref, TensorInfo, cache_weight_tap_norms,
                            map_template)
 from graphshape.ops import prelu_activation
+from graphshape.passes.elementwise import fuse_activation_decompositions
 
 __all__ = ["load_module", "MODULE_OPS", "FUNCTION_OPS", "METHOD_OPS"]
 
@@ -1630,6 +1631,33 @@ def _softplus_name(a):
     return "softplus"
 
 
+def _f_clamp(names):
+    """``torch.clamp`` / ``clip`` / ``clamp_min`` (and their Tensor methods, whose tensor
+    argument binds as ``input`` too) with constant bounds that make an activation:
+    ``clamp(min=0)`` is relu, ``clamp(0, 6)`` relu6, ``clamp(a, b)`` hardtanh(a, b). Other
+    bounds (``clamp(min=eps)`` before a sqrt) stay opaque."""
+    def h(ld, fx_node):
+        a = _bind(fx_node, list(names), {"min": None, "max": None})
+        lo, hi = a["min"], a.get("max")
+        if not all(v is None or isinstance(v, (int, float)) for v in (lo, hi)):
+            raise _Unmapped("bounds are not constants")
+        dtype = ld.info(a["input"]).dtype if ld.is_tensor(a["input"]) else None
+        if dtype is not None and not dtype.startswith(("float", "bfloat")):
+            raise _Unmapped("not a floating-point tensor")
+        if lo == 0 and hi is None:
+            name, attrs = "relu", {}
+        elif lo == 0 and hi == 6:
+            name, attrs = "relu6", {}
+        elif lo is not None and hi is not None and lo < hi:
+            name, attrs = "hardtanh", {"min_val": float(lo), "max_val": float(hi)}
+        else:
+            raise _Unmapped("bounds make no activation")
+        _act(ld, fx_node, name, a["input"], **attrs)
+        if str(getattr(fx_node.target, "__name__", fx_node.target)).endswith("_"):
+            _inplace_result(ld, fx_node, a["input"])
+    return h
+
+
 def _f_softmax(op):
     def h(ld, fx_node):
         a = _bind(fx_node, ["input", "dim", "_stacklevel", "dtype"],
@@ -1947,6 +1975,8 @@ FUNCTION_OPS: dict[Any, Callable] = {
     torch.asinh: _f_act("asinh"), torch.arcsinh: _f_act("asinh"),
     torch.square: _f_act("square"),
     F.prelu: _f_prelu, torch.prelu: _f_prelu,
+    torch.clamp: _f_clamp(("input", "min", "max")), torch.clip: _f_clamp(("input", "min", "max")),
+    torch.clamp_min: _f_clamp(("input", "min")),
     # softmax
     F.softmax: _f_softmax("softmax"), torch.softmax: _f_softmax("softmax"),
     F.log_softmax: _f_softmax("log_softmax"), torch.log_softmax: _f_softmax("log_softmax"),
@@ -2053,6 +2083,8 @@ METHOD_OPS: dict[str, Callable] = {
     "tanh": _m_method_act("tanh"), "tanh_": _m_method_act("tanh"),
     "erf": _m_method_act("erf"), "atan": _m_method_act("atan"), "asinh": _m_method_act("asinh"),
     "square": _m_method_act("square"),
+    **{m: _f_clamp(("input", "min", "max")) for m in ("clamp", "clip", "clamp_", "clip_")},
+    **{m: _f_clamp(("input", "min")) for m in ("clamp_min", "clamp_min_")},
     "add": _m_method_binary("add"), "sub": _m_method_binary("sub"),
     "mul": _m_method_binary("mul"), "div": _m_method_binary("div"),
     "add_": _m_method_binary("add"), "sub_": _m_method_binary("sub"),
@@ -2087,6 +2119,7 @@ def load_module(module: nn.Module, example_inputs=None, *, leaf_modules=(),
         raise GraphshapeError(f"load_module needs a torch.nn.Module, got {type(module).__name__}")
     module, wrappers = _unwrap(module)
     graph = _Loader(module, example_inputs, tuple(leaf_modules)).run()
+    fuse_activation_decompositions(graph, copy=False)  # x * sigmoid(x) -> silu, ...
     if wrappers:
         graph.meta["unwrapped_from"] = wrappers
     if cache_weight_norms:

@@ -1,0 +1,274 @@
+"""Hand-written activations read as one activation node.
+
+Models and exporters often spell an activation out: ``x * torch.sigmoid(x)`` (SiLU),
+``0.5 * x * (1 + torch.erf(x / math.sqrt(2)))`` (GELU), ``x * torch.tanh(F.softplus(x))``
+(Mish), ``x * F.relu6(x + 3) / 6`` (hard swish), the GPT-2 tanh GELU with ``x ** 3``,
+ONNX exports below the opset that has the op. Left as they are, the arithmetic reads as
+a gate (a nonlinearity multiplying another signal) or a product of two signals, which
+DKS/TAT refuse, and none of it is an activation the maximizing function knows.
+
+:func:`fuse_activation_decompositions` finds every *single-input elementwise region*: ops
+that act value by value (add, sub, mul, div, activations, and the opaque elementwise
+functions in :data:`TORCH_ELEMENTWISE` / :data:`ONNX_ELEMENTWISE`) whose inputs are one
+value ``x``, each other, and scalar constants, with one value ``y`` leaving the region.
+``y`` is then a scalar function ``f(x)``. It is evaluated on a grid of points and compared
+with the activations of :data:`FUSABLE` (at their default attributes; a leaky ReLU's slope
+and an ELU's alpha are read off ``f``); a match within :data:`TOLERANCE` replaces the
+region by one activation node named as ``y`` was. Matching the values, not the spelling,
+covers every association order and constant form (``/ sqrt(2)`` or ``* 0.7071...``).
+Regions of one node are left alone (they are already what they are), and so is anything
+that matches no listed activation.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from typing import Any
+
+import numpy as np
+
+from graphshape import activations
+from graphshape.ir import Graph, Node, Ref, map_template
+
+#: activations a region may be read as: the ones models spell out. Not ``square`` or
+#: ``erf``: ``(x - mean) ** 2`` in a hand-written norm is not a main-path activation.
+FUSABLE = ("relu", "silu", "gelu_exact", "gelu", "mish", "hardswish", "hardsigmoid",
+           "sigmoid", "tanh", "softplus", "selu", "elu", "relu6", "leaky_relu", "softsign")
+
+#: largest |f - activation| / max(1, |activation|) on the grid for a match: room for
+#: float32 constants (1.0507 * elu(x) with the scale rounded is 6e-8 off, relatively),
+#: where the closest two candidates (tanh-approximated and exact GELU) differ by 2e-4
+TOLERANCE = 1e-6
+
+#: points where f is compared: dense over [-8, 8] (every kink of the candidates is in
+#: [-3, 6]), and a few far out, where tails tell softplus from relu
+GRID = np.concatenate([np.linspace(-8.0, 8.0, 1601), [-30.0, -15.0, 15.0, 30.0]])
+
+#: the most nodes one region may hold (decompositions have < 15)
+MAX_REGION = 24
+
+_ARITHMETIC = {"add", "sub", "mul", "div"}
+
+#: torch functions (fx call_function targets) and Tensor methods that act elementwise and
+#: may appear in a spelled-out activation, evaluated by calling them
+TORCH_ELEMENTWISE = {
+    operator.pow, operator.neg, "torch.pow", "torch.neg", "torch.exp", "torch.log",
+    "torch.log1p", "torch.expm1", "torch.abs", "torch.sqrt", "torch.rsqrt",
+    "torch.reciprocal", "torch.clamp", "torch.clip", "torch.clamp_min", "torch.clamp_max",
+}
+TORCH_ELEMENTWISE_METHODS = {"pow", "neg", "exp", "log", "log1p", "expm1", "abs", "sqrt",
+                             "rsqrt", "reciprocal", "clamp", "clip", "clamp_min", "clamp_max"}
+
+#: ONNX ops (opaque in the IR) that act elementwise, as numpy functions of their first
+#: input and the scalar values of the others
+ONNX_ELEMENTWISE = {
+    "Pow": lambda x, e: np.power(x, e), "Neg": np.negative, "Exp": np.exp, "Log": np.log,
+    "Abs": np.abs, "Sqrt": np.sqrt, "Reciprocal": np.reciprocal,
+}
+
+
+def _torch_name(target) -> Any:
+    """``operator.pow`` / ``operator.neg`` themselves, ``"torch.exp"`` for torch's own
+    functions, None for anything else."""
+    if target in (operator.pow, operator.neg):
+        return target
+    if getattr(target, "__module__", None) == "torch":
+        return f"torch.{getattr(target, '__name__', '')}"
+    return None
+
+
+def _scalar(graph: Graph, ref: Ref) -> float | None:
+    node = graph[ref.node]
+    value = node.params.get("value") if node.op == "constant" else None
+    if isinstance(value, np.ndarray) and value.size == 1 and value.dtype.kind in "biuf":
+        return float(value.reshape(-1)[0])
+    return None
+
+
+def _is_elementwise(graph: Graph, node: Node) -> bool:
+    """Whether ``node`` acts value by value on its non-scalar inputs (scalar constants
+    aside), so that a region of such nodes is a scalar function."""
+    a = node.attrs
+    if node.op in _ARITHMETIC:
+        return True
+    if node.op == "identity":
+        return True
+    if node.op == "activation":
+        return not (a.get("transform") or a.get("learnable_slope") or node.params)
+    if node.op != "opaque":
+        return False
+    if a.get("framework") == "torch":
+        if a.get("fx_op") == "call_function":
+            return _torch_name(a.get("target")) in TORCH_ELEMENTWISE
+        return a.get("fx_op") == "call_method" and a.get("target") in TORCH_ELEMENTWISE_METHODS
+    if a.get("framework") == "onnx":
+        return (a.get("op_type") in ONNX_ELEMENTWISE and a.get("domain") in ("", "ai.onnx")
+                and all(_scalar(graph, r) is not None for r in node.inputs[1:]))
+    return False
+
+
+def _signal_inputs(graph: Graph, node: Node) -> list[Ref]:
+    return [r for r in node.inputs if _scalar(graph, r) is None]
+
+
+def _evaluate(graph: Graph, node: Node, values: dict[Ref, np.ndarray]) -> np.ndarray:
+    """``node``'s output on the grid, its inputs read from ``values`` (or scalars)."""
+    def arg(ref):
+        return values[ref] if ref in values else _scalar(graph, ref)
+
+    a = node.attrs
+    if node.op in _ARITHMETIC:
+        x, y = (arg(r) for r in node.inputs)
+        if node.op == "add":
+            return x + a.get("alpha", 1.0) * y
+        return {"sub": np.subtract, "mul": np.multiply, "div": np.divide}[node.op](x, y)
+    if node.op == "identity":
+        return arg(node.inputs[0])
+    if node.op == "activation":
+        act = activations.get(a["name"])
+        attrs = {k: a[k] for k in act.defaults if a.get(k) is not None}
+        return np.asarray(act.fn(arg(node.inputs[0]), **attrs), dtype=float)
+    if a.get("framework") == "onnx":
+        return ONNX_ELEMENTWISE[a["op_type"]](*(arg(r) for r in node.inputs))
+    import torch
+
+    def leaf(v):
+        return torch.from_numpy(np.asarray(arg(v), dtype=np.float64)) if isinstance(v, Ref) else v
+
+    args = map_template(a.get("args", ()), leaf)
+    kwargs = map_template(a.get("kwargs", {}), leaf)
+    with torch.no_grad():
+        if a["fx_op"] == "call_method":
+            out = getattr(args[0], a["target"])(*args[1:], **kwargs)
+        else:
+            out = a["target"](*args, **kwargs)
+    return np.asarray(out, dtype=float)
+
+
+def _region(graph: Graph, x: Ref, rank: dict[str, int]) -> list[Node]:
+    """The elementwise nodes computed from ``x`` alone (and scalar constants), in
+    topological order: grown user by user while every signal input is ``x`` or inside."""
+    inside: set[Ref] = {x}
+    region: list[Node] = []
+    pending = sorted({u.name for u in graph.users(x.node)}, key=rank.get)
+    seen: set[str] = set()
+    while pending and len(region) < MAX_REGION:
+        name = pending.pop(0)
+        if name in seen:
+            continue
+        seen.add(name)
+        node = graph[name]
+        signals = _signal_inputs(graph, node)
+        if (not signals or not _is_elementwise(graph, node) or len(node.outputs) != 1
+                or not all(r in inside for r in signals)):
+            continue
+        region.append(node)
+        inside.add(node.out)
+        pending = sorted(set(pending) | {u.name for u in graph.users(name)}, key=rank.get)
+    return region
+
+
+def _closed_subregion(graph: Graph, region: list[Node], y: Node) -> list[Node] | None:
+    """The nodes of ``region`` that ``y`` depends on, if none of them but ``y`` is read
+    outside them or is a model output; else None."""
+    by_name = {n.name: n for n in region}
+    chosen, stack = {y.name}, [y]
+    while stack:
+        for ref in stack.pop().inputs:
+            if ref.node in by_name and ref.node not in chosen:
+                chosen.add(ref.node)
+                stack.append(by_name[ref.node])
+    for name in chosen - {y.name}:
+        if graph.is_output(name) or any(u.name not in chosen for u in graph.users(name)):
+            return None
+    return [n for n in region if n.name in chosen]
+
+
+def _short(value: float) -> float:
+    return float(str(np.float32(value)))
+
+
+def _match(f: np.ndarray) -> tuple[str, dict] | None:
+    """The first activation of FUSABLE equal to ``f`` on GRID, with its attributes."""
+    if not np.all(np.isfinite(f)):
+        return None
+    for name in FUSABLE:
+        act = activations.get(name)
+        attrs: dict = {}
+        # a slope / alpha read off f, as the shortest decimal of its float32 value (the
+        # model's constants are float32 mostly: 0.2, not 0.20000000298)
+        if name == "leaky_relu":  # f(x) = slope x for x < 0
+            attrs = {"negative_slope": _short(f[GRID == -8.0][0] / -8.0)}
+        elif name == "elu":  # f(x) = alpha (e^x - 1) for x < 0
+            attrs = {"alpha": _short(f[GRID == -30.0][0] / (math.exp(-30.0) - 1.0))}
+        with np.errstate(all="ignore"):
+            g = np.asarray(act.fn(GRID, **attrs), dtype=float)
+        if np.max(np.abs(f - g) / np.maximum(1.0, np.abs(g))) <= TOLERANCE:
+            # (a slope or alpha of 0 is relu, listed first)
+            if name == "leaky_relu" and not 0.0 < attrs["negative_slope"] < 1.0:
+                continue
+            if name == "elu" and not attrs["alpha"] > 0.0:
+                continue
+            if name == "elu" and attrs["alpha"] == 1.0:
+                attrs = {}
+            return name, attrs
+    return None
+
+
+def fuse_activation_decompositions(graph: Graph, *, copy: bool = True) -> tuple[Graph, dict]:
+    """Replace every spelled-out activation (see the module docstring) by one activation
+    node. Returns the graph (a copy unless ``copy=False``) and ``{"fused": [{"node",
+    "activation", "attrs", "replaced"}, ...]}``."""
+    g = graph.copy() if copy else graph
+    fused: list[dict] = []
+    rank = {name: i for i, name in enumerate(g.topo_order())}
+    for x_name in list(rank):
+        if x_name not in g or g[x_name].op == "constant":
+            continue
+        for index in range(len(g[x_name].outputs)):
+            x = Ref(x_name, index)
+            region = _region(g, x, rank)
+            if len(region) < 2:
+                continue
+            for y in reversed(region):
+                sub = _closed_subregion(g, region, y)
+                if sub is None or len(sub) < 2:
+                    continue
+                values: dict[Ref, np.ndarray] = {x: GRID.copy()}
+                try:
+                    with np.errstate(all="ignore"):
+                        for node in sub:
+                            values[node.out] = np.broadcast_to(
+                                _evaluate(g, node, values), GRID.shape).astype(float)
+                except Exception:  # noqa: BLE001 - an op that does not evaluate: no match
+                    break
+                found = _match(values[y.out])
+                if found is None:
+                    continue
+                if y.op == "activation" and {"name": found[0], **found[1]} == {
+                        k: v for k, v in y.attrs.items() if k != "inplace"}:
+                    break  # y is that activation already: the rest is identities, kept
+                _replace(g, x, sub, y, *found)
+                fused.append({"node": y.name, "activation": found[0], "attrs": found[1],
+                              "replaced": [n.name for n in sub]})
+                break
+    return g, {"fused": fused}
+
+
+def _replace(g: Graph, x: Ref, sub: list[Node], y: Node, name: str, attrs: dict) -> None:
+    """``y`` becomes the activation ``name`` of ``x`` (its name, output and users kept);
+    the rest of ``sub`` and the scalar constants only ``sub`` read are dropped."""
+    names = {n.name for n in sub}
+    constants = {r.node for n in sub for r in n.inputs
+                 if r.node not in names and g[r.node].op == "constant"}
+    y.meta = {"flags": list(y.meta.get("flags", [])), "fused_from": [n.name for n in sub],
+              **{k: y.meta[k] for k in ("source_name", "module_path") if k in y.meta}}
+    y.op, y.attrs, y.params = "activation", {"name": name, **attrs}, {}
+    g.set_inputs(y.name, [x])
+    for node in reversed(sub):
+        if node.name != y.name:
+            g.remove(node.name)
+    for c in constants:
+        if not g.users(c) and not g.is_output(c):
+            g.remove(c)

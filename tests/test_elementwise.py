@@ -1,0 +1,173 @@
+"""Spelled-out activations (``x * torch.sigmoid(x)``, the erf and tanh GELUs, ...) load as
+one activation node, from PyTorch and from ONNX; what is not an activation stays as it is."""
+
+import math
+
+import onnx
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import graphshape
+from graphshape import GraphshapeError
+from graphshape.passes.elementwise import fuse_activation_decompositions
+
+SQRT2 = math.sqrt(2.0)
+
+#: case -> (function of x, activation name, attrs)
+SPELLED = {
+    "x*sigmoid(x)": (lambda x: x * torch.sigmoid(x), "silu", {}),
+    "sigmoid(x)*x method": (lambda x: x.sigmoid() * x, "silu", {}),
+    "mish": (lambda x: x * torch.tanh(F.softplus(x)), "mish", {}),
+    "hardswish x*relu6(x+3)/6": (lambda x: x * F.relu6(x + 3) / 6, "hardswish", {}),
+    "hardswish x*(relu6(x+3)/6)": (lambda x: x * (F.relu6(x + 3.0) / 6.0), "hardswish", {}),
+    "hardsigmoid": (lambda x: F.relu6(x + 3) / 6, "hardsigmoid", {}),
+    "gelu erf": (lambda x: 0.5 * x * (1 + torch.erf(x / SQRT2)), "gelu_exact", {}),
+    "gelu erf other order": (lambda x: x * (torch.erf(x * (1 / SQRT2)) + 1.0) * 0.5,
+                             "gelu_exact", {}),
+    "gelu tanh pow": (lambda x: 0.5 * x * (1 + torch.tanh(math.sqrt(2 / math.pi)
+                                                          * (x + 0.044715 * torch.pow(x, 3)))),
+                      "gelu", {}),
+    "gelu tanh x**3": (lambda x: 0.5 * x * (1.0 + torch.tanh(0.7978845608
+                                                             * (x + 0.044715 * x ** 3))),
+                       "gelu", {}),
+    "selu": (lambda x: 1.0507009873554805 * F.elu(x, 1.6732632423543772), "selu", {}),
+    "sigmoid 1/(1+exp(-x))": (lambda x: 1 / (1 + torch.exp(-x)), "sigmoid", {}),
+    "softplus log1p(exp)": (lambda x: torch.log1p(torch.exp(x)), "softplus", {}),
+    "leaky relu(x)-0.2relu(-x)": (lambda x: F.relu(x) - 0.2 * F.relu(-x), "leaky_relu",
+                                  {"negative_slope": 0.2}),
+    "tanh 2sigmoid(2x)-1": (lambda x: 2 * torch.sigmoid(2 * x) - 1, "tanh", {}),
+    "elu alpha 0.5 spelled": (lambda x: F.relu(x) + 0.5 * (torch.exp(-F.relu(-x)) - 1),
+                              "elu", {"alpha": 0.5}),
+    "clamp(min=0)": (lambda x: x.clamp(min=0), "relu", {}),
+    "torch.clamp_min": (lambda x: torch.clamp_min(x, 0.0), "relu", {}),
+    "clamp(0, 6)": (lambda x: torch.clamp(x, 0, 6), "relu6", {}),
+    "clip(-2, 2)": (lambda x: x.clip(-2.0, 2.0), "hardtanh", {"min_val": -2.0, "max_val": 2.0}),
+}
+
+
+class Deep(nn.Module):
+    """Four conv layers, each followed by ``act``, then a linear head."""
+
+    def __init__(self, act):
+        super().__init__()
+        self.act = act
+        self.convs = nn.ModuleList(nn.Conv2d(3 if i == 0 else 8, 8, 3, padding=1)
+                                   for i in range(4))
+        self.head = nn.Linear(8, 5)
+
+    def forward(self, x):
+        for conv in self.convs:
+            x = self.act(conv(x))
+        return self.head(x.mean((2, 3)))
+
+
+X = torch.randn(2, 3, 8, 8)
+
+
+def _activations(graph):
+    return [(n.attrs["name"], {k: v for k, v in n.attrs.items() if k not in ("name", "inplace")})
+            for n in graph if n.op == "activation"]
+
+
+@pytest.mark.parametrize("case", list(SPELLED))
+def test_spelled_out_activation_loads_as_one_node(case):
+    fn, name, attrs = SPELLED[case]
+    torch.manual_seed(0)
+    model = Deep(fn).eval()
+    graph = graphshape.load(model, X)
+    assert _activations(graph) == [(name, attrs)] * 4, graph.table()
+    # nothing of the spelled-out form is left: conv -> activation -> conv ...
+    assert {n.op for n in graph} <= {"input", "conv", "activation", "reduce", "linear",
+                                     "output"}, graph.table()
+    with torch.no_grad():
+        torch.testing.assert_close(graphshape.to_torch(graph)(X), model(X),
+                                   rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("case", ["x*sigmoid(x)", "mish", "gelu tanh pow"])
+def test_spelled_out_activation_shapes_like_the_module(case):
+    fn, name, _ = SPELLED[case]
+    module = {"silu": nn.SiLU(), "mish": nn.Mish(), "gelu": nn.GELU(approximate="tanh")}[name]
+    spelled = graphshape.shape(Deep(fn), X, method="DKS", seed=0)
+    plain = graphshape.shape(Deep(module), X, method="DKS", seed=0)
+    assert spelled.meta["graphshape"].activation_params == plain.meta["graphshape"].activation_params
+    torch.testing.assert_close(spelled(X), plain(X), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("fn, kept", [
+    (lambda x: 1.7159 * torch.tanh(x), {"tanh", "mul"}),               # LeCun's tanh
+    (lambda x: x * torch.sigmoid(1.702 * x), {"sigmoid", "mul"}),      # GELU, sigmoid approx
+    (lambda x: torch.clamp(x, min=1e-3), {"opaque"}),                  # clamp(min=eps)
+], ids=["scaled tanh", "sigmoid gelu approximation", "clamp eps"])
+def test_what_is_no_listed_activation_stays(fn, kept):
+    graph = graphshape.load(Deep(fn).eval(), X)
+    assert kept <= set(graph.count_ops()) | {n.attrs.get("name") for n in graph}
+
+
+def test_a_value_read_outside_the_region_is_not_fused():
+    # s = sigmoid(x) is also added to the output: x * s is not a closed region
+    def act(x):
+        s = torch.sigmoid(x)
+        return x * s + s
+
+    graph = graphshape.load(Deep(act).eval(), X)
+    assert "silu" not in {n.attrs.get("name") for n in graph}
+    assert graph.count_ops()["mul"] == 4
+
+
+def test_a_gate_on_another_value_is_still_refused():
+    model = Deep(lambda x: x * torch.sigmoid(x.mean(1, keepdim=True)))
+    with pytest.raises(GraphshapeError, match="gates another signal"):
+        graphshape.shape(model, X, method="DKS")
+
+
+class _HandNorm(nn.Module):
+    def forward(self, x):
+        u = x.mean(1, keepdim=True)
+        var = (x - u).pow(2).mean(1, keepdim=True)
+        return (x - u) / torch.sqrt(var + 1e-5)
+
+
+def test_a_hand_written_norms_square_is_not_read_as_an_activation():
+    graph = graphshape.load(nn.Sequential(nn.Conv2d(3, 8, 3), _HandNorm(), nn.ReLU()), X)
+    assert [n.attrs["name"] for n in graph if n.op == "activation"] == ["relu"]
+
+
+@pytest.mark.parametrize("case", ["mish", "gelu tanh pow", "hardswish x*relu6(x+3)/6",
+                                  "x*sigmoid(x)", "gelu erf"])
+def test_onnx_exports_of_spelled_out_activations_read_the_same(case, tmp_path):
+    # TorchScript export at opset 17 keeps every spelled-out form (and has no Mish op below
+    # 18, no tanh Gelu below 20): the ONNX path fuses them as the PyTorch path does
+    fn, name, attrs = SPELLED[case]
+    torch.manual_seed(0)
+    model = Deep(fn).eval()
+    path = tmp_path / "m.onnx"
+    torch.onnx.export(model, (X,), path, dynamo=False, opset_version=17)
+    assert not any(n.op_type in ("Mish", "Gelu", "HardSwish") for n in onnx.load(path).graph.node)
+    graph = graphshape.load(str(path))
+    assert _activations(graph) == [(name, attrs)] * 4, graph.table()
+    report = graphshape.shape_onnx(path, tmp_path / "s.onnx", method="DKS")
+    want = graphshape.shape(Deep(fn), X, method="DKS").meta["graphshape"].activation_params
+    assert report.activation_params.keys() == want.keys() == {name}
+    assert report.activation_params[name] == pytest.approx(want[name])
+
+
+def test_the_pass_reports_what_it_fused_and_leaves_its_input_alone():
+    from graphshape.ir import Graph, Node, TensorInfo
+
+    graph = Graph({"source": "torch"})
+    info = [TensorInfo((2, 8), "float32")]
+    graph.add(Node("x", "input", attrs={"name": "x"}, outputs=info))
+    graph.add(Node("sig", "activation", [graph["x"].out], {"name": "sigmoid"}, outputs=info))
+    graph.add(Node("mul", "mul", [graph["x"].out, graph["sig"].out], outputs=info))
+    graph.add(Node("out", "output", [graph["mul"].out], outputs=info))
+    fused, record = fuse_activation_decompositions(graph)
+    assert record == {"fused": [{"node": "mul", "activation": "silu", "attrs": {},
+                                 "replaced": ["sig", "mul"]}]}
+    assert [(n.name, n.op) for n in fused] == [("x", "input"), ("mul", "activation"),
+                                                ("out", "output")]
+    assert fused["mul"].meta["fused_from"] == ["sig", "mul"]
+    assert [n.op for n in graph] == ["input", "activation", "mul", "output"]  # a copy
+    assert fuse_activation_decompositions(fused)[1] == {"fused": []}
