@@ -21,10 +21,10 @@ What it does, in order:
    carries ``op_type``, ``domain`` and the original ``AttributeProto`` objects so that
    :mod:`graphshape.backend_onnx` writes it back unchanged.
 
-Also: exporters' decompositions are read back as one op (x * sigmoid(x) -> silu,
-x * hardsigmoid(x) -> hardswish, the opset<17 LayerNorm chain -> layer_norm, the opset<20
-erf GELU -> gelu_exact, x ** 2 -> square), so that opset 13 and 17 exports of a model give
-the same IR; and shape vectors computed from a partly known shape (a dynamic batch) are
+Also: exporters' decompositions are read back as one op (the opset<17 LayerNorm chain ->
+layer_norm, x ** 2 -> square; spelled-out activations such as x * sigmoid(x) or the
+opset<20 erf GELU, by :mod:`graphshape.passes.elementwise` at the end), so that opset 13
+and 17 exports of a model give the same IR; and shape vectors computed from a partly known shape (a dynamic batch) are
 evaluated as far as they are known, so that ``x.view(x.size(0), ...)`` becomes a reshape
 with -1 for the batch and shape inference continues past it.
 
@@ -822,7 +822,7 @@ class _Importer:
             self.refs[inp.name] = Ref(name)
             self.g.meta["input_names"].append(inp.name)
 
-        nodes = _fuse_gelus(_fuse_layer_norms(list(graph.node), self), self)
+        nodes = _fuse_layer_norms(list(graph.node), self)
         names = _readable_names(nodes)
         for node, readable in zip(nodes, names):
             self._convert(node, readable)
@@ -1284,18 +1284,6 @@ class _Importer:
         self._binary(node, name, "div")
 
     def _op_Mul(self, node, a, name):
-        # x * sigmoid(x) -> silu; x * hardsigmoid(x) -> hardswish (exporters' decompositions)
-        for gate_name, other in ((node.input[1], node.input[0]), (node.input[0], node.input[1])):
-            if gate_name in self.refs and other in self.refs and self.uses.get(gate_name) == 1:
-                gate = self.g[self.refs[gate_name].node]
-                if (gate.op == "activation" and gate.inputs == [self.refs[other]]
-                        and gate.attrs.get("name") in ("sigmoid", "hardsigmoid")
-                        and "transform" not in gate.attrs):
-                    new_name = "silu" if gate.attrs["name"] == "sigmoid" else "hardswish"
-                    self.g.remove(gate.name)
-                    self.add(name, "activation", [self.refs[other]], {"name": new_name},
-                             outputs=node.output, source=node.name)
-                    return
         self._binary(node, name, "mul")
 
     def _op_Pow(self, node, a, name):
@@ -2031,14 +2019,14 @@ def _fuse_layer_norms(nodes, imp: "_Importer"):
     return out
 
 
-def _common_scope(chain, op_type: str = "LayerNormalization") -> str:
-    """The shared scope of the fused nodes' names ("/features/features.1/LayerNorm")."""
+def _common_scope(chain) -> str:
+    """The shared scope of the fused nodes' names ("/features/features.1/LayerNormalization")."""
     names = [n.name for n in chain if n.name]
     if not names:
         return ""
     prefix = os.path.commonprefix(names)
     prefix = prefix[: prefix.rfind("/") + 1] if "/" in prefix else prefix
-    return (prefix + op_type) if prefix.startswith("/") else (prefix or names[-1])
+    return (prefix + "LayerNormalization") if prefix.startswith("/") else (prefix or names[-1])
 
 
 def _pre_consts(nodes, imp: "_Importer") -> dict:
@@ -2055,71 +2043,3 @@ def _pre_consts(nodes, imp: "_Importer") -> dict:
     return consts
 
 
-def _fuse_gelus(nodes, imp: "_Importer"):
-    """Replace the exact-GELU decomposition exporters write before opset 20,
-    ``(x * (1 + Erf(x / sqrt(2)))) * 0.5`` (also with ``x * (1/sqrt(2))`` and the 0.5
-    applied to x first), by one ``Gelu`` node read as activation ``gelu_exact``."""
-    import onnx
-
-    if not any(n.op_type == "Erf" for n in nodes):
-        return nodes
-    producer = {out: n for n in nodes for out in n.output if out}
-    consts = _pre_consts(nodes, imp)
-    consumers: dict[str, list] = {}
-    for n in nodes:
-        for name in n.input:
-            consumers.setdefault(name, []).append(n)
-
-    def scalar(name):
-        v = consts.get(name)
-        return None if v is None or v.size != 1 else float(v.reshape(-1)[0])
-
-    def only_user(name, op_type):
-        users = consumers.get(name, [])
-        if imp.uses.get(name, 0) == 1 and len(users) == 1 and users[0].op_type == op_type:
-            return users[0]
-        return None
-
-    def other_input(node, name):
-        return node.input[1] if node.input[0] == name else node.input[0]
-
-    replace, drop = {}, set()
-    for erf in nodes:
-        if erf.op_type != "Erf" or erf.domain not in ("", "ai.onnx"):
-            continue
-        scale = producer.get(erf.input[0])
-        if scale is None or not imp.uses.get(erf.input[0], 0) == 1:
-            continue
-        x = scale.input[0]
-        c = scalar(scale.input[1])
-        if c is None or not ((scale.op_type == "Div" and abs(c - math.sqrt(2)) < 1e-6) or
-                             (scale.op_type == "Mul" and abs(c - 1 / math.sqrt(2)) < 1e-6)):
-            continue
-        add = only_user(erf.output[0], "Add")
-        if add is None or scalar(other_input(add, erf.output[0])) != 1.0:
-            continue
-        mul1 = only_user(add.output[0], "Mul")
-        if mul1 is None:
-            continue
-        half_first = None
-        other = other_input(mul1, add.output[0])
-        if other == x:  # x * (1 + erf) then * 0.5
-            mul2 = only_user(mul1.output[0], "Mul")
-            if mul2 is None or scalar(other_input(mul2, mul1.output[0])) != 0.5:
-                continue
-            chain, out_name = [scale, erf, add, mul1, mul2], mul2.output[0]
-        else:  # (x * 0.5) * (1 + erf)
-            half_first = producer.get(other)
-            if (half_first is None or half_first.op_type != "Mul" or x not in half_first.input
-                    or scalar(other_input(half_first, x)) != 0.5
-                    or imp.uses.get(other, 0) != 1):
-                continue
-            chain, out_name = [half_first, scale, erf, add, mul1], mul1.output[0]
-        fused = onnx.helper.make_node("Gelu", [x], [out_name],
-                                      name=_common_scope(chain, "Gelu"))
-        last = max(chain, key=lambda n: nodes.index(n))
-        replace[id(last)] = fused
-        drop |= {id(n) for n in chain if n is not last}
-    if not replace:
-        return nodes
-    return [replace.get(id(n), n) for n in nodes if id(n) not in drop]

@@ -22,6 +22,7 @@ that matches no listed activation.
 
 from __future__ import annotations
 
+import functools
 import math
 import operator
 from typing import Any
@@ -53,25 +54,31 @@ _ARITHMETIC = {"add", "sub", "mul", "div"}
 #: torch functions (fx call_function targets) and Tensor methods that act elementwise and
 #: may appear in a spelled-out activation, evaluated by calling them
 TORCH_ELEMENTWISE = {
-    operator.pow, operator.neg, "torch.pow", "torch.neg", "torch.exp", "torch.log",
-    "torch.log1p", "torch.expm1", "torch.abs", "torch.sqrt", "torch.rsqrt",
-    "torch.reciprocal", "torch.clamp", "torch.clip", "torch.clamp_min", "torch.clamp_max",
+    operator.pow, operator.neg, operator.gt, operator.ge, operator.lt, operator.le,
+    "torch.pow", "torch.neg", "torch.exp", "torch.log", "torch.log1p", "torch.expm1",
+    "torch.abs", "torch.sqrt", "torch.rsqrt", "torch.reciprocal", "torch.clamp", "torch.clip",
+    "torch.clamp_min", "torch.clamp_max", "torch.maximum", "torch.minimum", "torch.where",
+    "torch.zeros_like", "torch.ones_like",
 }
 TORCH_ELEMENTWISE_METHODS = {"pow", "neg", "exp", "log", "log1p", "expm1", "abs", "sqrt",
-                             "rsqrt", "reciprocal", "clamp", "clip", "clamp_min", "clamp_max"}
+                             "rsqrt", "reciprocal", "clamp", "clip", "clamp_min", "clamp_max",
+                             "maximum", "minimum", "gt", "ge", "lt", "le"}
 
-#: ONNX ops (opaque in the IR) that act elementwise, as numpy functions of their first
-#: input and the scalar values of the others
+#: ONNX ops (opaque in the IR) that act elementwise, as numpy functions of their inputs
 ONNX_ELEMENTWISE = {
-    "Pow": lambda x, e: np.power(x, e), "Neg": np.negative, "Exp": np.exp, "Log": np.log,
-    "Abs": np.abs, "Sqrt": np.sqrt, "Reciprocal": np.reciprocal,
+    "Pow": np.power, "Neg": np.negative, "Exp": np.exp, "Log": np.log, "Abs": np.abs,
+    "Sqrt": np.sqrt, "Reciprocal": np.reciprocal, "Where": np.where,
+    "Max": lambda *xs: functools.reduce(np.maximum, xs),
+    "Min": lambda *xs: functools.reduce(np.minimum, xs),
+    "Greater": np.greater, "GreaterOrEqual": np.greater_equal, "Less": np.less,
+    "LessOrEqual": np.less_equal,
 }
 
 
 def _torch_name(target) -> Any:
-    """``operator.pow`` / ``operator.neg`` themselves, ``"torch.exp"`` for torch's own
-    functions, None for anything else."""
-    if target in (operator.pow, operator.neg):
+    """An ``operator`` function itself, ``"torch.exp"`` for torch's own functions, None
+    for anything else."""
+    if getattr(target, "__module__", None) in ("_operator", "operator"):
         return target
     if getattr(target, "__module__", None) == "torch":
         return f"torch.{getattr(target, '__name__', '')}"
@@ -103,8 +110,7 @@ def _is_elementwise(graph: Graph, node: Node) -> bool:
             return _torch_name(a.get("target")) in TORCH_ELEMENTWISE
         return a.get("fx_op") == "call_method" and a.get("target") in TORCH_ELEMENTWISE_METHODS
     if a.get("framework") == "onnx":
-        return (a.get("op_type") in ONNX_ELEMENTWISE and a.get("domain") in ("", "ai.onnx")
-                and all(_scalar(graph, r) is not None for r in node.inputs[1:]))
+        return a.get("op_type") in ONNX_ELEMENTWISE and a.get("domain") in ("", "ai.onnx")
     return False
 
 
@@ -129,12 +135,16 @@ def _evaluate(graph: Graph, node: Node, values: dict[Ref, np.ndarray]) -> np.nda
         act = activations.get(a["name"])
         attrs = {k: a[k] for k in act.defaults if a.get(k) is not None}
         return np.asarray(act.fn(arg(node.inputs[0]), **attrs), dtype=float)
+    # below: comparisons give bool arrays, kept as they are for a where() to read
     if a.get("framework") == "onnx":
         return ONNX_ELEMENTWISE[a["op_type"]](*(arg(r) for r in node.inputs))
     import torch
 
     def leaf(v):
-        return torch.from_numpy(np.asarray(arg(v), dtype=np.float64)) if isinstance(v, Ref) else v
+        if not isinstance(v, Ref):
+            return v
+        value = np.asarray(arg(v))
+        return torch.from_numpy(value if value.dtype == bool else value.astype(np.float64))
 
     args = map_template(a.get("args", ()), leaf)
     kwargs = map_template(a.get("kwargs", {}), leaf)
@@ -143,7 +153,7 @@ def _evaluate(graph: Graph, node: Node, values: dict[Ref, np.ndarray]) -> np.nda
             out = getattr(args[0], a["target"])(*args[1:], **kwargs)
         else:
             out = a["target"](*args, **kwargs)
-    return np.asarray(out, dtype=float)
+    return np.asarray(out)
 
 
 def _region(graph: Graph, x: Ref, rank: dict[str, int]) -> list[Node]:
@@ -191,7 +201,7 @@ def _short(value: float) -> float:
 
 def _match(f: np.ndarray) -> tuple[str, dict] | None:
     """The first activation of FUSABLE equal to ``f`` on GRID, with its attributes."""
-    if not np.all(np.isfinite(f)):
+    if f.dtype.kind != "f" or not np.all(np.isfinite(f)):
         return None
     for name in FUSABLE:
         act = activations.get(name)
@@ -226,7 +236,9 @@ def fuse_activation_decompositions(graph: Graph, *, copy: bool = True) -> tuple[
     for x_name in list(rank):
         if x_name not in g or g[x_name].op == "constant":
             continue
-        for index in range(len(g[x_name].outputs)):
+        for index, info in enumerate(g[x_name].outputs):
+            if info.dtype is not None and not info.dtype.startswith(("float", "bfloat")):
+                continue  # sizes, indices, masks: no activation acts on them
             x = Ref(x_name, index)
             region = _region(g, x, rank)
             if len(region) < 2:
@@ -240,7 +252,7 @@ def fuse_activation_decompositions(graph: Graph, *, copy: bool = True) -> tuple[
                     with np.errstate(all="ignore"):
                         for node in sub:
                             values[node.out] = np.broadcast_to(
-                                _evaluate(g, node, values), GRID.shape).astype(float)
+                                _evaluate(g, node, values), GRID.shape)
                 except Exception:  # noqa: BLE001 - an op that does not evaluate: no match
                     break
                 found = _match(values[y.out])

@@ -40,6 +40,11 @@ SPELLED = {
     "tanh 2sigmoid(2x)-1": (lambda x: 2 * torch.sigmoid(2 * x) - 1, "tanh", {}),
     "elu alpha 0.5 spelled": (lambda x: F.relu(x) + 0.5 * (torch.exp(-F.relu(-x)) - 1),
                               "elu", {"alpha": 0.5}),
+    "leaky where(x>0, x, 0.2x)": (lambda x: torch.where(x > 0, x, 0.2 * x), "leaky_relu",
+                                  {"negative_slope": 0.2}),
+    "leaky maximum(x, 0.1x)": (lambda x: torch.maximum(x, 0.1 * x), "leaky_relu",
+                               {"negative_slope": 0.1}),
+    "relu maximum(x, zeros_like)": (lambda x: torch.maximum(x, torch.zeros_like(x)), "relu", {}),
     "clamp(min=0)": (lambda x: x.clamp(min=0), "relu", {}),
     "torch.clamp_min": (lambda x: torch.clamp_min(x, 0.0), "relu", {}),
     "clamp(0, 6)": (lambda x: torch.clamp(x, 0, 6), "relu6", {}),
@@ -136,7 +141,8 @@ def test_a_hand_written_norms_square_is_not_read_as_an_activation():
 
 
 @pytest.mark.parametrize("case", ["mish", "gelu tanh pow", "hardswish x*relu6(x+3)/6",
-                                  "x*sigmoid(x)", "gelu erf"])
+                                  "x*sigmoid(x)", "gelu erf", "leaky where(x>0, x, 0.2x)",
+                                  "leaky maximum(x, 0.1x)"])
 def test_onnx_exports_of_spelled_out_activations_read_the_same(case, tmp_path):
     # TorchScript export at opset 17 keeps every spelled-out form (and has no Mish op below
     # 18, no tanh Gelu below 20): the ONNX path fuses them as the PyTorch path does
