@@ -86,8 +86,13 @@ def _torch_name(target) -> Any:
 
 
 def _scalar(graph: Graph, ref: Ref) -> float | None:
+    """The value of a fixed one-element constant; None for anything else. A trainable one
+    (Swish's learnable beta in ``x * sigmoid(beta * x)``) is not fixed: the region it
+    enters is not one activation once it trains, and fusing would drop the parameter. (A
+    0-d buffer is fixed: the torch backend writes it as a number too.)"""
     node = graph[ref.node]
-    value = node.params.get("value") if node.op == "constant" else None
+    fixed = node.op == "constant" and not node.attrs.get("trainable")
+    value = node.params.get("value") if fixed else None
     if isinstance(value, np.ndarray) and value.size == 1 and value.dtype.kind in "biuf":
         return float(value.reshape(-1)[0])
     return None

@@ -111,6 +111,22 @@ def test_what_is_no_listed_activation_stays(fn, kept):
     assert kept <= set(graph.count_ops()) | {n.attrs.get("name") for n in graph}
 
 
+class _LearnableSwish(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.beta = nn.Parameter(torch.ones(()))  # silu at initialization, then trained
+
+    def forward(self, x):
+        return x * torch.sigmoid(self.beta * x)
+
+
+def test_a_region_reading_a_parameter_is_not_fused():
+    model = Deep(_LearnableSwish()).eval()
+    graph = graphshape.load(model, X)
+    assert "silu" not in {n.attrs.get("name") for n in graph}
+    assert "act.beta" in graphshape.to_torch(graph).state_dict()
+
+
 def test_a_value_read_outside_the_region_is_not_fused():
     # s = sigmoid(x) is also added to the output: x * s is not a closed region
     def act(x):
