@@ -852,6 +852,8 @@ class _Importer:
         if domain == "" and op in _PARTIAL_OPS:
             self._track_partial(node, attrs)
         handler = getattr(self, f"_op_{op}", None) if domain == "" else None
+        if domain == "com.microsoft":
+            handler = getattr(self, f"_ms_{op}", None)
         if handler is None and domain == "" and op in _SIMPLE_ACTIVATIONS:
             handler = self._simple_activation
         if handler is not None:
@@ -1543,6 +1545,53 @@ class _Importer:
                           else np.ascontiguousarray(np.broadcast_to(bias, normalized)))
         self.add(name, "layer_norm", [self.signal(node.input[0])],
                  {"normalized_shape": normalized, "eps": float(a.get("epsilon", 1e-5))},
+                 params, node.output[:1], node.name)
+
+    # --------------------------------------------- onnxruntime's contrib ops (com.microsoft)
+    # written by onnxruntime.transformers' optimizer and Hugging Face Optimum: fused forms of
+    # standard ops, read as those ops (and written back as standard ONNX)
+    def _ms_Gelu(self, node, a, name):
+        self._act(node, name, "gelu_exact")
+
+    def _ms_FastGelu(self, node, a, name):  # the tanh approximation, optional bias first
+        self._biased_activation(node, name, "gelu")
+
+    def _ms_BiasGelu(self, node, a, name):
+        self._biased_activation(node, name, "gelu_exact")
+
+    def _biased_activation(self, node, name, act_name):
+        x = self.signal(node.input[0])
+        if len(node.input) > 1 and node.input[1]:
+            x = self.add(f"{name}_bias", "add", [x, self.signal(node.input[1])],
+                         infos=[self.info(node.output[0])], source=node.name).out
+        self.add(name, "activation", [x], {"name": act_name}, outputs=node.output,
+                 source=node.name)
+
+    def _ms_LayerNormalization(self, node, a, name):  # the contrib op before opset 17's
+        self._op_LayerNormalization(node, a, name)
+
+    def _ms_SkipLayerNormalization(self, node, a, name):
+        """``LayerNorm(input + skip + bias) * gamma + beta`` over the last dim: the residual
+        add (a join, output 3 when used) and a layer_norm (output 0)."""
+        if any(len(node.output) > i and node.output[i] and self.uses.get(node.output[i], 0)
+               for i in (1, 2)):
+            raise _Unsupported("mean / inverse std outputs are used")
+        gamma = self._const_input(node, 2)
+        beta = self._const_input(node, 3)
+        bias = len(node.input) > 4 and node.input[4]
+        if gamma is None or gamma.ndim != 1:
+            raise _Unsupported("gamma is not a constant vector")
+        summed = [node.output[3] if len(node.output) > 3 and node.output[3] else ""]
+        info = [self.info(node.output[0])]
+        total = self.add(f"{name}_skip", "add", [self.signal(node.input[0]),
+                                                 self.signal(node.input[1])],
+                         outputs=None if bias else summed, infos=info, source=node.name)
+        if bias:
+            total = self.add(f"{name}_skip_bias", "add", [total.out, self.signal(node.input[4])],
+                             outputs=summed, infos=info, source=node.name)
+        params = {"weight": gamma, "bias": np.zeros_like(gamma) if beta is None else beta}
+        self.add(name, "layer_norm", [total.out],
+                 {"normalized_shape": tuple(gamma.shape), "eps": float(a.get("epsilon", 1e-12))},
                  params, node.output[:1], node.name)
 
     def _op_GroupNormalization(self, node, a, name):
