@@ -33,6 +33,7 @@ Constants are materialized as ``constant`` IR nodes only where a signal op consu
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 from typing import Any
@@ -52,6 +53,12 @@ _SHAPE_INFERENCE_INLINE_BYTES = 4096
 _NEVER_FOLD = {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike",
                "Multinomial", "Bernoulli", "If", "Loop", "Scan", "SequenceConstruct",
                "SequenceEmpty", "Optional"}
+
+#: ops that onnxruntime defines in the default ONNX domain although ONNX does not (its
+#: transformer optimizer writes them there): LayerNormalization before opset 17, and the
+#: RMS norm SimplifiedLayerNormalization. Read as the standard ops; not checked against
+#: the ONNX schemas.
+_ORT_DEFAULT_DOMAIN_OPS = frozenset({"LayerNormalization", "SimplifiedLayerNormalization"})
 
 # ONNX activation ops with a direct registry name (graphshape.activations).
 _SIMPLE_ACTIVATIONS = {
@@ -561,7 +568,9 @@ class _Importer:
         labels = [n.name or f"#{i} ({n.op_type})" for i, n in enumerate(graph.node)]
         for i, node in enumerate(graph.node):
             domain = node.domain if node.domain != "ai.onnx" else ""
-            if domain == "":
+            if domain == "" and node.op_type in _ORT_DEFAULT_DOMAIN_OPS:
+                pass  # onnxruntime's own ops in the default domain: read as their fused ops
+            elif domain == "":
                 if not onnx.defs.has(node.op_type):
                     raise GraphshapeError(
                         f"{node.op_type!r} is not an ONNX op: the file is corrupt, or a custom "
@@ -632,6 +641,26 @@ class _Importer:
         proto.graph.node.extend(sorted_nodes)
         self.proto = proto
 
+    def _ort_ops_aside(self, nodes):
+        """``nodes`` and the opset imports for checking and shape inference, with copies of
+        onnxruntime's default-domain ops that ONNX does not define at this opset
+        (:data:`_ORT_DEFAULT_DOMAIN_OPS`) moved to a domain of their own, which the checker
+        and shape inference leave alone (the model itself is not changed)."""
+        onnx = self.onnx
+        out, moved = [], False
+        for node in nodes:
+            if node.op_type in _ORT_DEFAULT_DOMAIN_OPS and node.domain in ("", "ai.onnx"):
+                try:
+                    onnx.defs.get_schema(node.op_type, self.opset or 1, "")
+                except onnx.defs.SchemaError:
+                    node = copy.deepcopy(node)
+                    node.domain, moved = "com.microsoft", True
+            out.append(node)
+        imports = list(self.proto.opset_import)
+        if moved and not any(o.domain == "com.microsoft" for o in imports):
+            imports.append(onnx.helper.make_opsetid("com.microsoft", 1))
+        return out, imports
+
     def _infer_shapes(self) -> None:
         self._check_structure()
         onnx = self.onnx
@@ -647,9 +676,10 @@ class _Importer:
                 small.append(init)
         init_names = {i.name for i in graph.initializer}
         inputs = [i for i in graph.input if i.name not in init_names] + typed_inputs
+        nodes, opset_imports = self._ort_ops_aside(graph.node)
         light_graph = onnx.helper.make_graph(
-            graph.node, graph.name, inputs, graph.output, small, value_info=graph.value_info)
-        light = onnx.helper.make_model(light_graph, opset_imports=self.proto.opset_import,
+            nodes, graph.name, inputs, graph.output, small, value_info=graph.value_info)
+        light = onnx.helper.make_model(light_graph, opset_imports=opset_imports,
                                        ir_version=max(self.proto.ir_version, 4))
         light.functions.extend(self.proto.functions)
         try:
@@ -1515,9 +1545,18 @@ class _Importer:
                  {"weight": scale, "bias": bias}, node.output, node.name)
 
     def _op_LayerNormalization(self, node, a, name):
+        self._trailing_norm(node, a, name, "layer_norm")
+
+    def _op_RMSNormalization(self, node, a, name):
+        self._trailing_norm(node, a, name, "rms_norm")
+
+    def _trailing_norm(self, node, a, name, op):
+        """LayerNormalization / RMSNormalization (and their contrib forms) over the dims
+        from ``axis`` on: ``layer_norm`` / ``rms_norm`` with the scale (and a layer norm's
+        bias) broadcast to the normalized shape."""
         self._only_first_output_used(node)
         scale = self._const_input(node, 1)
-        bias = self._const_input(node, 2)
+        bias = self._const_input(node, 2) if op == "layer_norm" else None
         if scale is None:
             raise _Unsupported("non-constant scale")
         rank = self._rank(node.input[0])
@@ -1539,11 +1578,11 @@ class _Importer:
                 normalized = tuple(int(s) for s in scale.shape)
         if normalized is None or not _static(normalized):
             raise _Unsupported("normalized shape unknown")
-        weight = np.ascontiguousarray(np.broadcast_to(scale, normalized))
-        params = {"weight": weight}
-        params["bias"] = (np.zeros(normalized, scale.dtype) if bias is None
-                          else np.ascontiguousarray(np.broadcast_to(bias, normalized)))
-        self.add(name, "layer_norm", [self.signal(node.input[0])],
+        params = {"weight": np.ascontiguousarray(np.broadcast_to(scale, normalized))}
+        if op == "layer_norm":
+            params["bias"] = (np.zeros(normalized, scale.dtype) if bias is None
+                              else np.ascontiguousarray(np.broadcast_to(bias, normalized)))
+        self.add(name, op, [self.signal(node.input[0])],
                  {"normalized_shape": normalized, "eps": float(a.get("epsilon", 1e-5))},
                  params, node.output[:1], node.name)
 
@@ -1568,17 +1607,29 @@ class _Importer:
                  source=node.name)
 
     def _ms_LayerNormalization(self, node, a, name):  # the contrib op before opset 17's
-        self._op_LayerNormalization(node, a, name)
+        self._trailing_norm(node, a, name, "layer_norm")
+
+    def _op_SimplifiedLayerNormalization(self, node, a, name):
+        """onnxruntime's RMS norm, in the default domain (:data:`_ORT_DEFAULT_DOMAIN_OPS`)."""
+        self._trailing_norm(node, a, name, "rms_norm")
 
     def _ms_SkipLayerNormalization(self, node, a, name):
-        """``LayerNorm(input + skip + bias) * gamma + beta`` over the last dim: the residual
-        add (a join, output 3 when used) and a layer_norm (output 0)."""
+        self._skip_norm(node, a, name, "layer_norm")
+
+    def _ms_SkipSimplifiedLayerNormalization(self, node, a, name):
+        self._skip_norm(node, a, name, "rms_norm")
+
+    def _skip_norm(self, node, a, name, op):
+        """``Norm(input + skip + bias) * gamma (+ beta)`` over the last dim: the residual add
+        (a join, output 3 when used) and a layer_norm / rms_norm (output 0). Inputs: input,
+        skip, gamma, then beta and bias (layer norm) or bias (RMS norm)."""
         if any(len(node.output) > i and node.output[i] and self.uses.get(node.output[i], 0)
                for i in (1, 2)):
             raise _Unsupported("mean / inverse std outputs are used")
         gamma = self._const_input(node, 2)
-        beta = self._const_input(node, 3)
-        bias = len(node.input) > 4 and node.input[4]
+        beta = self._const_input(node, 3) if op == "layer_norm" else None
+        bias_at = 4 if op == "layer_norm" else 3
+        bias = len(node.input) > bias_at and node.input[bias_at]
         if gamma is None or gamma.ndim != 1:
             raise _Unsupported("gamma is not a constant vector")
         summed = [node.output[3] if len(node.output) > 3 and node.output[3] else ""]
@@ -1587,10 +1638,13 @@ class _Importer:
                                                  self.signal(node.input[1])],
                          outputs=None if bias else summed, infos=info, source=node.name)
         if bias:
-            total = self.add(f"{name}_skip_bias", "add", [total.out, self.signal(node.input[4])],
+            total = self.add(f"{name}_skip_bias", "add",
+                             [total.out, self.signal(node.input[bias_at])],
                              outputs=summed, infos=info, source=node.name)
-        params = {"weight": gamma, "bias": np.zeros_like(gamma) if beta is None else beta}
-        self.add(name, "layer_norm", [total.out],
+        params = {"weight": gamma}
+        if op == "layer_norm":
+            params["bias"] = np.zeros_like(gamma) if beta is None else beta
+        self.add(name, op, [total.out],
                  {"normalized_shape": tuple(gamma.shape), "eps": float(a.get("epsilon", 1e-12))},
                  params, node.output[:1], node.name)
 
@@ -1792,17 +1846,22 @@ class _Importer:
             raise _Unsupported("not a select from a signal")
         shape = self.info(data).shape
         rank = self._rank(data)
+        axis, i = int(a.get("axis", 0)), int(self.const(index))
         if rank is None or shape is None:
-            raise _Unsupported("unknown rank")
-        axis = self._norm_axes([int(a.get("axis", 0))], rank)[0]
-        dim = shape[axis]
-        i = int(self.const(index))
-        if i < 0:
-            if not isinstance(dim, int):
-                raise _Unsupported("negative index into an unknown dim")
-            i += dim
+            # (a shape computed at run time, as in the TorchScript export of attention's
+            # q, k, v split): a select along a non-negative axis needs no rank
+            if axis < 0 or i < 0:
+                raise _Unsupported("negative axis or index, unknown rank")
+            sliced = None
+        else:
+            axis = self._norm_axes([axis], rank)[0]
+            dim = shape[axis]
+            if i < 0:
+                if not isinstance(dim, int):
+                    raise _Unsupported("negative index into an unknown dim")
+                i += dim
+            sliced = tuple(1 if k == axis else d for k, d in enumerate(shape))
         dtype = self.info(data).dtype or "float32"
-        sliced = tuple(1 if k == axis else d for k, d in enumerate(shape))
         picked = self.add(f"{name}.slice", "slice", [self.signal(data)],
                           {"axes": (axis,), "starts": (i,), "ends": (i + 1,), "steps": (1,)},
                           infos=[TensorInfo(sliced, dtype)])

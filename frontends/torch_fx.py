@@ -966,6 +966,13 @@ def _m_layer_norm(ld, fx_node, mod):
           _module_params(mod, ["weight", "bias"]))
 
 
+def _m_rms_norm(ld, fx_node, mod):
+    _emit(ld, fx_node, "rms_norm", [_input(ld, fx_node)],
+          {"normalized_shape": tuple(mod.normalized_shape),
+           "eps": None if mod.eps is None else float(mod.eps)},
+          _module_params(mod, ["weight"]))
+
+
 def _m_group_norm(ld, fx_node, mod):
     _emit(ld, fx_node, "group_norm", [_input(ld, fx_node)],
           {"num_groups": mod.num_groups, "num_channels": mod.num_channels, "eps": mod.eps},
@@ -1243,6 +1250,7 @@ MODULE_OPS: list[tuple[type, Callable]] = [
     *[(c, _m_batch_norm) for c in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)],
     *[(c, _m_instance_norm) for c in (nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)],
     (nn.LayerNorm, _m_layer_norm), (nn.GroupNorm, _m_group_norm),
+    *([(nn.RMSNorm, _m_rms_norm)] if hasattr(nn, "RMSNorm") else []),  # torch >= 2.4
     (nn.LocalResponseNorm, _m_lrn),
     *[(c, _m_activation) for c in (nn.LeakyReLU, nn.ReLU6, nn.Hardtanh, nn.ELU, nn.GELU,
                                    nn.Softplus, *_SIMPLE_ACT_MODULES)],
@@ -1562,6 +1570,16 @@ def _f_layer_norm(ld, fx_node):
     _emit(ld, fx_node, "layer_norm", [_input(ld, fx_node, a["input"])],
           {"normalized_shape": tuple(int(s) for s in _tuple(a["normalized_shape"])),
            "eps": float(a["eps"])}, params, _owner_path(a["weight"]))
+
+
+def _f_rms_norm(ld, fx_node):
+    a = _bind(fx_node, ["input", "normalized_shape", "weight", "eps"],
+              {"weight": None, "eps": None})
+    params = {"weight": w} if (w := _param(ld, a["weight"], "weight")) is not None else {}
+    _emit(ld, fx_node, "rms_norm", [_input(ld, fx_node, a["input"])],
+          {"normalized_shape": tuple(int(s) for s in _tuple(a["normalized_shape"])),
+           "eps": None if a["eps"] is None else float(a["eps"])}, params,
+          _owner_path(a["weight"]))
 
 
 def _f_batch_norm(ld, fx_node):
@@ -1945,6 +1963,7 @@ FUNCTION_OPS: dict[Any, Callable] = {
     F.conv1d: _f_conv(1), F.conv2d: _f_conv(2), F.conv3d: _f_conv(3),
     torch.conv1d: _f_conv(1), torch.conv2d: _f_conv(2), torch.conv3d: _f_conv(3),
     F.linear: _f_linear, F.layer_norm: _f_layer_norm, F.group_norm: _f_group_norm,
+    **({F.rms_norm: _f_rms_norm} if hasattr(F, "rms_norm") else {}),
     F.batch_norm: _f_batch_norm,
     # activations
     F.relu: _f_act("relu", ("input", "inplace"), _INPLACE), torch.relu: _f_act("relu"),

@@ -479,6 +479,34 @@ def _emit_layer_norm(ctx, node):
                          name=f"{nm}.{op_type.lower()}")[0]
 
 
+def _emit_rms_norm(ctx, node):
+    a = node.attrs
+    shape = tuple(a["normalized_shape"])
+    x = _input(ctx, node)
+    dtype = ctx.dtype(node.inputs[0])
+    eps = a.get("eps")
+    if eps is None:  # torch's default: the input dtype's machine epsilon
+        eps = float(np.finfo(dtype if dtype in ("float16", "float64") else "float32").eps)
+    weight = node.params.get("weight")
+    nm = node.name
+    if ctx.opset >= 23:
+        w = ctx.const(weight if weight is not None else np.ones(shape, dtype), f"{nm}.weight")
+        ctx.emit1(node, "RMSNormalization", [x, w], axis=-len(shape), epsilon=float(eps))
+        return
+    # before opset 23: x / sqrt(mean(x^2) + eps) * w over the trailing dims
+    ms = _reduce_mean(ctx, ctx.add_node("Mul", [x, x], 1, name=f"{nm}.sq")[0],
+                      list(range(-len(shape), 0)), 1, f"{nm}.mean_square")
+    rms = ctx.add_node("Sqrt", [ctx.add_node("Add", [ms, ctx.scalar(float(eps), dtype, "eps")], 1,
+                                             name=f"{nm}.mean_square_eps")[0]], 1,
+                       name=f"{nm}.rms")[0]
+    if weight is None:
+        ctx.add_node("Div", [x, rms], [ctx.out_name(node)], name=f"{nm}.normalize")
+        return
+    y = ctx.add_node("Div", [x, rms], 1, name=f"{nm}.normalize")[0]
+    ctx.add_node("Mul", [y, ctx.const(weight, f"{nm}.weight")], [ctx.out_name(node)],
+                 name=f"{nm}.mul")
+
+
 def _channel_shape(rank: int | None, c: int, axis: int = 1):
     if rank is None:
         raise GraphshapeError("per-channel parameters need the input's rank")
@@ -900,6 +928,7 @@ ONNX_EMITTERS: dict[str, Callable[[_Ctx, Node], Any]] = {
     "activation": _emit_activation,
     "batch_norm": _emit_batch_norm,
     "layer_norm": _emit_layer_norm,
+    "rms_norm": _emit_rms_norm,
     "group_norm": _emit_group_norm,
     "instance_norm": _emit_instance_norm,
     "lrn": _emit_lrn,

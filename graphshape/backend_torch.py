@@ -466,6 +466,13 @@ def _e_layer_norm(ctx, node, xs):
     return ctx.module(node, mod, (xs[0],))
 
 
+def _e_rms_norm(ctx, node, xs):
+    a = node.attrs
+    mod = _build(ctx, node, nn.RMSNorm, normalized_shape=tuple(a["normalized_shape"]),
+                 eps=a.get("eps"), elementwise_affine="weight" in node.params)
+    return ctx.module(node, mod, (xs[0],))
+
+
 def _e_group_norm(ctx, node, xs):
     a = node.attrs
     mod = _build(ctx, node, nn.GroupNorm, num_groups=int(a["num_groups"]),
@@ -725,7 +732,8 @@ TORCH_EMITTERS: dict[str, Callable] = {
     "add": _binary(operator.add), "sub": _binary(operator.sub), "mul": _binary(operator.mul),
     "div": _binary(operator.truediv), "sum": _e_sum, "concat": _e_concat,
     "activation": _e_activation,
-    "batch_norm": _e_batch_norm, "layer_norm": _e_layer_norm, "group_norm": _e_group_norm,
+    "batch_norm": _e_batch_norm, "layer_norm": _e_layer_norm, "rms_norm": _e_rms_norm,
+    "group_norm": _e_group_norm,
     "instance_norm": _e_instance_norm, "lrn": _e_lrn, "affine": _e_affine,
     "avg_pool": _e_avg_pool, "max_pool": _e_max_pool,
     "global_avg_pool": _global(True), "global_max_pool": _global(False),

@@ -118,6 +118,12 @@ _SPECS = [
     OpSpec("layer_norm", "norm", "norm", "Layer normalization over the trailing dims.",
            {"normalized_shape": "tuple", "eps": "float"},
            {"weight": "normalized_shape", "bias": "normalized_shape"}),
+    OpSpec("rms_norm", "norm", "norm",
+           "RMS normalization over the trailing dims, x / sqrt(mean(x^2) + eps) * weight "
+           "(nn.RMSNorm, F.rms_norm, ONNX RMSNormalization, onnxruntime's "
+           "SimplifiedLayerNormalization).",
+           {"normalized_shape": "tuple", "eps": "float, or None: the input dtype's epsilon"},
+           {"weight": "normalized_shape (optional)"}),
     OpSpec("group_norm", "norm", "norm", "Group normalization.",
            {"num_groups": "int", "num_channels": "int", "eps": "float"},
            {"weight": "(C,)", "bias": "(C,)"}),

@@ -617,6 +617,7 @@ KERNEL_RULES: dict[str, Callable[[RuleContext], Kernel]] = {
     "activation": rule_activation,
     "batch_norm": rule_norm,
     "layer_norm": rule_norm,
+    "rms_norm": rule_norm,
     "group_norm": rule_norm,
     "instance_norm": rule_norm,
     "lrn": rule_norm,

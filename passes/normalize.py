@@ -16,7 +16,7 @@ import numpy as np
 from graphshape.errors import GraphshapeError
 from graphshape.ir import Graph, Node
 
-NORM_OPS = ("batch_norm", "layer_norm", "group_norm", "instance_norm", "lrn")
+NORM_OPS = ("batch_norm", "layer_norm", "rms_norm", "group_norm", "instance_norm", "lrn")
 _AFFINE_OPS = ("conv", "conv_transpose", "linear")
 
 

@@ -113,3 +113,19 @@ def test_skip_layer_norm_statistics_outputs_stay_opaque():
     model.graph.output.append(helper.make_tensor_value_info("mean", TensorProto.FLOAT, None))
     graph = graphshape.load(model)
     assert graph.count_ops().get("opaque") == 1 and graph.count_ops()["layer_norm"] == 1
+
+
+def test_onnxruntimes_default_domain_layer_norm_before_opset_17():
+    # onnxruntime registers LayerNormalization in the default domain for any opset, and its
+    # optimizer writes it into opset 13/14 files, where ONNX has none
+    graph = helper.make_graph(
+        [helper.make_node("LayerNormalization", ["x", "g", "b"], ["y"], axis=-1, epsilon=1e-5)],
+        "ln", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 5, HIDDEN])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 5, HIDDEN])],
+        [_init("g", 1 + 0.1 * RNG.normal(size=HIDDEN)), _init("b", RNG.normal(size=HIDDEN))])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=7)
+    g = graphshape.load(model)
+    assert g.count_ops().get("layer_norm") == 1
+    x = RNG.normal(size=(2, 5, HIDDEN)).astype(np.float32)
+    out = graphshape.to_onnx(g)  # opset 13: written as the decomposition
+    np.testing.assert_allclose(_run(out, x), _run(model, x), rtol=1e-4, atol=1e-5)

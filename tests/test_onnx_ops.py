@@ -366,6 +366,28 @@ def test_gather_of_one_index_from_a_signal_is_a_select(axis, index):
     assert g.count_ops().get("opaque", 0) == 0
 
 
+@pytest.mark.parametrize("axis, index, mapped", [(0, 1, True), (1, 0, True), (-1, 0, False),
+                                                 (0, -1, False)])
+def test_gather_select_of_unknown_rank(axis, index, mapped):
+    # the TorchScript export of attention splits q, k, v behind shapes computed at run
+    # time, so shape inference loses the rank: a select on a non-negative axis needs none
+    # (here: a Reshape to a shape fed at run time; a constant Reshape restores the output's)
+    out_shape = np.take(np.zeros((3, 2, 4, 5)), index, axis=axis).shape
+    graph = helper.make_graph(
+        [helper.make_node("Reshape", ["x", "shape"], ["h"]),
+         helper.make_node("Relu", ["h"], ["r"]),
+         helper.make_node("Gather", ["r", "i"], ["g"], axis=axis),
+         helper.make_node("Reshape", ["g", "out_shape"], ["y"])], "t",
+        [helper.make_tensor_value_info("x", F, (3, 2, 4, 5)),
+         helper.make_tensor_value_info("shape", onnx.TensorProto.INT64, [4])],
+        [helper.make_tensor_value_info("y", F, out_shape)],
+        [_init("i", np.array(index)), _init("out_shape", np.array(out_shape))])
+    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
+    feeds = {"x": _rand(3, 2, 4, 5), "shape": np.array([3, 2, 4, 5])}
+    g, _ = _roundtrip(m, feeds, ["slice", "squeeze"] if mapped else [])
+    assert any(n.attrs.get("op_type") == "Gather" for n in g if n.op == "opaque") != mapped
+
+
 def test_gather_of_several_indices_stays_opaque():
     several = _model([helper.make_node("Gather", ["x", "i"], ["y"], axis=1)],
                      [("x", (2, 4))], [("y", None)], [_init("i", np.array([0, 2]))])

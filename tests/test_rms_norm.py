@@ -1,0 +1,112 @@
+"""RMS normalization (nn.RMSNorm, F.rms_norm, ONNX RMSNormalization, onnxruntime's
+SimplifiedLayerNormalization and its Skip form) is the canonical ``rms_norm``: it round-trips
+on both backends, the analysis sets q to 1, and shaping removes it like a layer norm."""
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+import torch.nn.functional as F
+from onnx import TensorProto, helper, numpy_helper
+from torch import nn
+
+import graphshape
+
+
+class _FunctionalRMS(nn.Module):
+    def __init__(self, width):
+        super().__init__()
+        self.weight = nn.Parameter(1 + 0.1 * torch.randn(width))
+
+    def forward(self, x):
+        return F.rms_norm(x, (16,), self.weight, 1e-6)
+
+
+def _mlp(norm):
+    torch.manual_seed(0)
+    return nn.Sequential(*[nn.Sequential(nn.Linear(16, 16), norm(), nn.GELU())
+                           for _ in range(4)], nn.Linear(16, 3)).eval()
+
+
+NORMS = {
+    "RMSNorm": lambda: nn.RMSNorm(16),
+    "RMSNorm eps, no affine": lambda: nn.RMSNorm(16, eps=1e-3, elementwise_affine=False),
+    "F.rms_norm": lambda: _FunctionalRMS(16),
+}
+X = torch.randn(5, 16) * 3
+
+
+def _ort(model, x):
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return sess.run(None, {sess.get_inputs()[0].name: x})[0]
+
+
+@pytest.mark.parametrize("norm", list(NORMS))
+def test_torch_rms_norm_round_trips_on_both_backends(norm):
+    model = _mlp(NORMS[norm])
+    graph = graphshape.load(model, X)
+    assert graph.count_ops()["rms_norm"] == 4 and "opaque" not in graph.count_ops()
+    with torch.no_grad():
+        want = model(X)
+        torch.testing.assert_close(graphshape.to_torch(graph)(X), want, rtol=0, atol=0)
+    for opset in (17, 23):  # decomposed before opset 23, RMSNormalization from it
+        out = graphshape.to_onnx(graph, opset=opset)
+        onnx.checker.check_model(out)
+        assert any(n.op_type == "RMSNormalization" for n in out.graph.node) == (opset >= 23)
+        np.testing.assert_allclose(_ort(out, X.numpy()), want.numpy(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["DKS", "untransformed"])
+def test_shaping_removes_rms_norm_and_analysis_predicts_it(method):
+    model = _mlp(NORMS["RMSNorm"])
+    rows = graphshape.analyze(model, X).rows
+    norms = [r for r in rows if r["op"] == "rms_norm"]
+    assert len(norms) == 4 and all(r["q_pred"] == pytest.approx(1.0) for r in norms)
+    shaped = graphshape.shape(model, X, method=method)
+    report = shaped.meta["graphshape"]
+    assert [r["op"] for r in report.removed].count("rms_norm") == 4
+    assert not any(isinstance(m, nn.RMSNorm) for m in shaped.modules())
+    assert torch.isfinite(shaped(X)).all()
+
+
+def _onnx_model(nodes, inits, opsets):
+    graph = helper.make_graph(
+        nodes, "rms", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 5, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 5, 8])],
+        [numpy_helper.from_array(np.asarray(v, np.float32), k) for k, v in inits.items()])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid(d, v) for d, v in opsets],
+                             ir_version=10)
+
+
+RNG = np.random.default_rng(0)
+GAMMA = 1 + 0.1 * RNG.normal(size=8)
+SKIP_BIAS = 0.1 * RNG.normal(size=8)
+
+ONNX_FORMS = {
+    "RMSNormalization": _onnx_model(
+        [helper.make_node("RMSNormalization", ["x", "g"], ["y"], axis=-1, epsilon=1e-5)],
+        {"g": GAMMA}, [("", 23)]),
+    # onnxruntime defines it in the default domain, where ONNX has no such op
+    "SimplifiedLayerNormalization": _onnx_model(
+        [helper.make_node("SimplifiedLayerNormalization", ["x", "g"], ["y"], axis=-1,
+                          epsilon=1e-5)],
+        {"g": GAMMA}, [("", 17)]),
+    "SkipSimplifiedLayerNormalization": _onnx_model(
+        [helper.make_node("Relu", ["x"], ["r"]),
+         helper.make_node("SkipSimplifiedLayerNormalization", ["r", "x", "g", "sb"], ["y"],
+                          epsilon=1e-5, domain="com.microsoft")],
+        {"g": GAMMA, "sb": SKIP_BIAS}, [("", 17), ("com.microsoft", 1)]),
+}
+
+
+@pytest.mark.parametrize("form", list(ONNX_FORMS))
+def test_onnx_rms_norm_forms_read_as_rms_norm(form):
+    model = ONNX_FORMS[form]
+    graph = graphshape.load(model)
+    assert graph.count_ops()["rms_norm"] == 1 and "opaque" not in graph.count_ops()
+    x = RNG.normal(size=(2, 5, 8)).astype(np.float32)
+    for opset in (17, 23):
+        out = graphshape.to_onnx(graph, opset=opset)
+        assert not any(n.domain == "com.microsoft" for n in out.graph.node)
+        np.testing.assert_allclose(_ort(out, x), _ort(model, x), rtol=1e-5, atol=1e-5)
