@@ -41,7 +41,8 @@ from typing import Any
 import numpy as np
 
 from graphshape.errors import GraphshapeError
-from graphshape.passes.elementwise import fuse_activation_decompositions
+from graphshape.passes.elementwise import (fuse_activation_decompositions,
+                                           fuse_norm_decompositions)
 from graphshape.ir import TENSOR_CONTAINER, Graph, Node, Ref, TensorInfo, cache_weight_tap_norms
 from graphshape.ops import prelu_activation
 
@@ -102,6 +103,7 @@ def load_onnx(model: Any, *, cache_weight_norms: bool = True) -> Graph:
     graph = _Importer(proto).run()
     # what the exporter spelled out and the import's own patterns left (mish before
     # opset 18, the tanh GELU before opset 20, hand-written forms): one activation each
+    fuse_norm_decompositions(graph, copy=False)  # the RMS norm chain, hand-written norms
     fuse_activation_decompositions(graph, copy=False)
     if old_opset is not None:
         graph.meta["converted_from_opset"] = old_opset

@@ -56,7 +56,8 @@ from graphshape.errors import GraphshapeError
 from graphshape.ir import (TENSOR_CONTAINER, Graph, Node, Ref, TensorInfo, cache_weight_tap_norms,
                            map_template)
 from graphshape.ops import prelu_activation
-from graphshape.passes.elementwise import fuse_activation_decompositions
+from graphshape.passes.elementwise import (fuse_activation_decompositions,
+                                           fuse_norm_decompositions)
 
 __all__ = ["load_module", "MODULE_OPS", "FUNCTION_OPS", "METHOD_OPS"]
 
@@ -2138,7 +2139,10 @@ def load_module(module: nn.Module, example_inputs=None, *, leaf_modules=(),
         raise GraphshapeError(f"load_module needs a torch.nn.Module, got {type(module).__name__}")
     module, wrappers = _unwrap(module)
     graph = _Loader(module, example_inputs, tuple(leaf_modules)).run()
-    fuse_activation_decompositions(graph, copy=False)  # x * sigmoid(x) -> silu, ...
+    # hand-written norms and activations: (x - mean) / sqrt(var + eps) -> layer_norm,
+    # x * sigmoid(x) -> silu, ...
+    fuse_norm_decompositions(graph, copy=False)
+    fuse_activation_decompositions(graph, copy=False)
     if wrappers:
         graph.meta["unwrapped_from"] = wrappers
     if cache_weight_norms:

@@ -1,4 +1,4 @@
-"""Hand-written activations read as one activation node.
+"""Hand-written activations (and norms) read as one node.
 
 Models and exporters often spell an activation out: ``x * torch.sigmoid(x)`` (SiLU),
 ``0.5 * x * (1 + torch.erf(x / math.sqrt(2)))`` (GELU), ``x * torch.tanh(F.softplus(x))``
@@ -136,6 +136,8 @@ def _evaluate(graph: Graph, node: Node, values: dict[Ref, np.ndarray]) -> np.nda
         return {"sub": np.subtract, "mul": np.multiply, "div": np.divide}[node.op](x, y)
     if node.op == "identity":
         return arg(node.inputs[0])
+    if node.op == "reduce":  # a trailing mean (see _trailing_mean_axes)
+        return np.mean(arg(node.inputs[0]), axis=tuple(a["axes"]), keepdims=True)
     if node.op == "activation":
         act = activations.get(a["name"])
         attrs = {k: a[k] for k in act.defaults if a.get(k) is not None}
@@ -161,9 +163,23 @@ def _evaluate(graph: Graph, node: Node, values: dict[Ref, np.ndarray]) -> np.nda
     return np.asarray(out)
 
 
-def _region(graph: Graph, x: Ref, rank: dict[str, int]) -> list[Node]:
+def _trailing_mean_axes(node: Node, rank: int | None) -> tuple[int, ...] | None:
+    """The axes of a ``mean(..., keepdim=True)`` over the last dims of a rank-``rank``
+    value, as non-negative ints; None for any other node."""
+    a = node.attrs
+    if (node.op != "reduce" or a.get("kind") != "mean" or not a.get("keepdims")
+            or rank is None or not a.get("axes")):
+        return None
+    axes = tuple(sorted(int(ax) % rank for ax in a["axes"]))
+    return axes if axes == tuple(range(rank - len(axes), rank)) else None
+
+
+def _region(graph: Graph, x: Ref, rank: dict[str, int],
+            mean_axes: tuple[int, ...] | None = None) -> list[Node]:
     """The elementwise nodes computed from ``x`` alone (and scalar constants), in
-    topological order: grown user by user while every signal input is ``x`` or inside."""
+    topological order: grown user by user while every signal input is ``x`` or inside.
+    ``mean_axes``: trailing-dim means over exactly these axes may be inside too (a norm)."""
+    x_rank = graph.info(x).rank if mean_axes is not None else None
     inside: set[Ref] = {x}
     region: list[Node] = []
     pending = sorted({u.name for u in graph.users(x.node)}, key=rank.get)
@@ -175,7 +191,9 @@ def _region(graph: Graph, x: Ref, rank: dict[str, int]) -> list[Node]:
         seen.add(name)
         node = graph[name]
         signals = _signal_inputs(graph, node)
-        if (not signals or not _is_elementwise(graph, node) or len(node.outputs) != 1
+        acts = _is_elementwise(graph, node) or (
+            mean_axes is not None and _trailing_mean_axes(node, x_rank) == mean_axes)
+        if (not signals or not acts or len(node.outputs) != 1
                 or not all(r in inside for r in signals)):
             continue
         region.append(node)
@@ -273,15 +291,17 @@ def fuse_activation_decompositions(graph: Graph, *, copy: bool = True) -> tuple[
     return g, {"fused": fused}
 
 
-def _replace(g: Graph, x: Ref, sub: list[Node], y: Node, name: str, attrs: dict) -> None:
-    """``y`` becomes the activation ``name`` of ``x`` (its name, output and users kept);
-    the rest of ``sub`` and the scalar constants only ``sub`` read are dropped."""
+def _replace(g: Graph, x: Ref, sub: list[Node], y: Node, name: str, attrs: dict,
+             op: str = "activation") -> None:
+    """``y`` becomes the activation ``name`` of ``x`` (or the node ``op`` with ``attrs``
+    alone when ``name`` is None), its name, output and users kept; the rest of ``sub``
+    and the scalar constants only ``sub`` read are dropped."""
     names = {n.name for n in sub}
     constants = {r.node for n in sub for r in n.inputs
                  if r.node not in names and g[r.node].op == "constant"}
     y.meta = {"flags": list(y.meta.get("flags", [])), "fused_from": [n.name for n in sub],
               **{k: y.meta[k] for k in ("source_name", "module_path") if k in y.meta}}
-    y.op, y.attrs, y.params = "activation", {"name": name, **attrs}, {}
+    y.op, y.attrs, y.params = op, ({"name": name} if name else {}) | attrs, {}
     g.set_inputs(y.name, [x])
     for node in reversed(sub):
         if node.name != y.name:
@@ -289,3 +309,89 @@ def _replace(g: Graph, x: Ref, sub: list[Node], y: Node, name: str, attrs: dict)
     for c in constants:
         if not g.users(c) and not g.is_output(c):
             g.remove(c)
+
+
+#: largest relative difference to a norm on random data for a match (float32 constants)
+NORM_TOLERANCE = 1e-5
+
+
+def fuse_norm_decompositions(graph: Graph, *, copy: bool = True) -> tuple[Graph, dict]:
+    """Replace hand-written norms over the trailing dims by ``layer_norm`` / ``rms_norm``
+    nodes: ``(x - mean) / sqrt(var + eps)`` (BERT-era LayerNorm modules) and
+    ``x * rsqrt(mean(x ** 2) + eps)`` (LLaMA's and T5's RMSNorm), in any spelling. Left as
+    they are, the division reads as a product of two signals (refused by DKS/TAT) and the
+    norm is not removed. A region from ``x`` of elementwise ops and means over the same
+    trailing dims (``x``'s shape known) is evaluated on random data and compared with both
+    norms, for every scalar constant of the region as ``eps``. A scale and shift after it
+    (``weight * y + bias``) read parameters, so they are not in the region: they stay
+    nodes of their own, which shaping removes with the norm. Returns the graph and
+    ``{"fused": [{"node", "op", "attrs", "replaced"}, ...]}``."""
+    g = graph.copy() if copy else graph
+    fused: list[dict] = []
+    rank = {name: i for i, name in enumerate(g.topo_order())}
+    rng = np.random.default_rng(0)
+    for mean_name in list(rank):
+        if mean_name not in g:
+            continue
+        reduce = g[mean_name]
+        if reduce.op != "reduce" or not reduce.inputs:
+            continue
+        # the norm's input: the mean's input, or (RMS norm) what that square was made of
+        for x in _norm_input_candidates(g, reduce):
+            info = g.info(x)
+            axes = _trailing_mean_axes(reduce, info.rank)
+            if (axes is None or info.shape is None or not all(isinstance(d, int) and d > 0
+                                                              for d in info.shape)
+                    or (info.dtype or "float32")[:5] not in ("float", "bfloa")):
+                continue
+            region = _region(g, x, rank, mean_axes=axes)
+            if not any(n.op == "reduce" for n in region):
+                continue
+            data = rng.standard_normal(info.shape) * 2.0 + 0.5
+            if _fuse_norm_in(g, x, region, axes, data, fused):
+                break
+    return g, {"fused": fused}
+
+
+def _norm_input_candidates(g: Graph, reduce: Node) -> list[Ref]:
+    src = reduce.inputs[0]
+    out = [src]
+    node = g[src.node]
+    if node.op in ("mul", "opaque", "activation") and node.inputs:
+        out.append(node.inputs[0])  # x ** 2, x * x, square(x): the RMS norm's input
+    return out
+
+
+def _fuse_norm_in(g: Graph, x: Ref, region: list[Node], axes, data, fused) -> bool:
+    shape = tuple(data.shape[a] for a in axes)
+    mean = data.mean(axis=axes, keepdims=True)
+    centered = data - mean
+    for y in reversed(region):
+        sub = _closed_subregion(g, region, y)
+        if sub is None or not any(n.op == "reduce" for n in sub):
+            continue
+        values: dict[Ref, np.ndarray] = {x: data}
+        try:
+            with np.errstate(all="ignore"):
+                for node in sub:
+                    values[node.out] = np.asarray(_evaluate(g, node, values))
+        except Exception:  # noqa: BLE001 - an op that does not evaluate: no match
+            return False
+        f = values[y.out]
+        if f.shape != data.shape or f.dtype.kind != "f":
+            continue
+        eps_candidates = sorted({v for n in sub for r in n.inputs
+                                 if (v := _scalar(g, r)) is not None and 0 < v < 1})
+        for eps in eps_candidates:
+            for op, want in (
+                    ("layer_norm", centered / np.sqrt(np.mean(centered ** 2, axis=axes,
+                                                              keepdims=True) + eps)),
+                    ("rms_norm", data / np.sqrt(np.mean(data ** 2, axis=axes,
+                                                        keepdims=True) + eps))):
+                if np.max(np.abs(f - want) / np.maximum(1.0, np.abs(want))) <= NORM_TOLERANCE:
+                    attrs = {"normalized_shape": shape, "eps": _short(eps)}
+                    _replace(g, x, sub, y, None, attrs, op=op)
+                    fused.append({"node": y.name, "op": op, "attrs": attrs,
+                                  "replaced": [n.name for n in sub]})
+                    return True
+    return False

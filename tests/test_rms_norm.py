@@ -110,3 +110,63 @@ def test_onnx_rms_norm_forms_read_as_rms_norm(form):
         out = graphshape.to_onnx(graph, opset=opset)
         assert not any(n.domain == "com.microsoft" for n in out.graph.node)
         np.testing.assert_allclose(_ort(out, x), _ort(model, x), rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------------------ hand-written norms
+class _LlamaRMSNorm(nn.Module):
+    def __init__(self, width, eps=1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(width))
+        self.eps = eps
+
+    def forward(self, h):
+        variance = h.pow(2).mean(-1, keepdim=True)
+        return self.weight * (h * torch.rsqrt(variance + self.eps))
+
+
+class _BertLayerNorm(nn.Module):
+    def __init__(self, width, eps=1e-12):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(width))
+        self.bias = nn.Parameter(torch.zeros(width))
+        self.eps = eps
+
+    def forward(self, x):
+        u = x.mean(-1, keepdim=True)
+        s = (x - u).pow(2).mean(-1, keepdim=True)
+        return self.weight * ((x - u) / torch.sqrt(s + self.eps)) + self.bias
+
+
+@pytest.mark.parametrize("norm, op, eps, module", [
+    (lambda: _LlamaRMSNorm(16), "rms_norm", 1e-6, lambda: nn.RMSNorm(16, eps=1e-6)),
+    (lambda: _BertLayerNorm(16), "layer_norm", 1e-12, lambda: nn.LayerNorm(16, eps=1e-12)),
+])
+def test_hand_written_norms_read_as_norms(norm, op, eps, module):
+    # the division by the root of the variance read as a product of two signals: DKS
+    # refused the LLaMA-style RMSNorm, and neither norm was removed
+    model = _mlp(norm)
+    graph = graphshape.load(model, X)
+    nodes = [n for n in graph if n.op == op]
+    assert len(nodes) == 4 and all(n.attrs["eps"] == eps for n in nodes), graph.table()
+    assert "opaque" not in graph.count_ops()
+    with torch.no_grad():
+        torch.testing.assert_close(graphshape.to_torch(graph)(X), model(X), rtol=1e-5, atol=1e-5)
+    shaped = graphshape.shape(model, X, method="DKS", seed=0)
+    twin = graphshape.shape(_mlp(module), X, method="DKS", seed=0)
+    assert [r["op"] for r in shaped.meta["graphshape"].removed].count(op) == 4
+    assert shaped.meta["graphshape"].activation_params == twin.meta["graphshape"].activation_params
+
+
+def test_onnx_rms_norm_chain_reads_as_rms_norm():
+    nodes = [helper.make_node("Pow", ["x", "two"], ["sq"]),
+             helper.make_node("ReduceMean", ["sq"], ["ms"], axes=[-1], keepdims=1),
+             helper.make_node("Add", ["ms", "eps"], ["mse"]),
+             helper.make_node("Sqrt", ["mse"], ["rms"]),
+             helper.make_node("Div", ["x", "rms"], ["n"]),
+             helper.make_node("Mul", ["n", "g"], ["y"])]
+    model = _onnx_model(nodes, {"two": 2.0, "eps": 1e-6, "g": GAMMA}, [("", 17)])
+    graph = graphshape.load(model)
+    assert graph.count_ops().get("rms_norm") == 1 and "opaque" not in graph.count_ops()
+    x = RNG.normal(size=(2, 5, 8)).astype(np.float32)
+    np.testing.assert_allclose(_ort(graphshape.to_onnx(graph), x), _ort(model, x),
+                               rtol=1e-5, atol=1e-5)
