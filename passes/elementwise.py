@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from graphshape import activations
-from graphshape.ir import Graph, Node, Ref, map_template
+from graphshape.ir import Graph, Node, Ref, TensorInfo, map_template
 
 #: activations a region may be read as: the ones models spell out. Not ``square`` or
 #: ``erf``: ``(x - mean) ** 2`` in a hand-written norm is not a main-path activation.
@@ -136,7 +136,7 @@ def _evaluate(graph: Graph, node: Node, values: dict[Ref, np.ndarray]) -> np.nda
         return {"sub": np.subtract, "mul": np.multiply, "div": np.divide}[node.op](x, y)
     if node.op == "identity":
         return arg(node.inputs[0])
-    if node.op == "reduce":  # a trailing mean (see _trailing_mean_axes)
+    if node.op == "reduce":  # a mean with keepdim (see _mean_axes)
         return np.mean(arg(node.inputs[0]), axis=tuple(a["axes"]), keepdims=True)
     if node.op == "activation":
         act = activations.get(a["name"])
@@ -163,22 +163,29 @@ def _evaluate(graph: Graph, node: Node, values: dict[Ref, np.ndarray]) -> np.nda
     return np.asarray(out)
 
 
-def _trailing_mean_axes(node: Node, rank: int | None) -> tuple[int, ...] | None:
-    """The axes of a ``mean(..., keepdim=True)`` over the last dims of a rank-``rank``
-    value, as non-negative ints; None for any other node."""
+def _mean_axes(node: Node, rank: int | None) -> tuple[int, ...] | None:
+    """The axes of a ``mean(..., keepdim=True)`` of a rank-``rank`` value, as sorted
+    non-negative ints; None for any other node."""
     a = node.attrs
     if (node.op != "reduce" or a.get("kind") != "mean" or not a.get("keepdims")
             or rank is None or not a.get("axes")):
         return None
-    axes = tuple(sorted(int(ax) % rank for ax in a["axes"]))
-    return axes if axes == tuple(range(rank - len(axes), rank)) else None
+    return tuple(sorted(int(ax) % rank for ax in a["axes"]))
+
+
+def _normalizable_axes(axes: tuple[int, ...] | None, rank: int | None) -> bool:
+    """The last dims (a layer_norm / rms_norm as it is), or one other axis (channels
+    first: read between two transposes)."""
+    if axes is None or rank is None:
+        return False
+    return axes == tuple(range(rank - len(axes), rank)) or len(axes) == 1
 
 
 def _region(graph: Graph, x: Ref, rank: dict[str, int],
             mean_axes: tuple[int, ...] | None = None) -> list[Node]:
     """The elementwise nodes computed from ``x`` alone (and scalar constants), in
     topological order: grown user by user while every signal input is ``x`` or inside.
-    ``mean_axes``: trailing-dim means over exactly these axes may be inside too (a norm)."""
+    ``mean_axes``: means over exactly these axes may be inside too (a norm)."""
     x_rank = graph.info(x).rank if mean_axes is not None else None
     inside: set[Ref] = {x}
     region: list[Node] = []
@@ -192,7 +199,7 @@ def _region(graph: Graph, x: Ref, rank: dict[str, int],
         node = graph[name]
         signals = _signal_inputs(graph, node)
         acts = _is_elementwise(graph, node) or (
-            mean_axes is not None and _trailing_mean_axes(node, x_rank) == mean_axes)
+            mean_axes is not None and _mean_axes(node, x_rank) == mean_axes)
         if (not signals or not acts or len(node.outputs) != 1
                 or not all(r in inside for r in signals)):
             continue
@@ -316,8 +323,8 @@ NORM_TOLERANCE = 1e-5
 
 
 def fuse_norm_decompositions(graph: Graph, *, copy: bool = True) -> tuple[Graph, dict]:
-    """Replace hand-written norms over the trailing dims by ``layer_norm`` / ``rms_norm``
-    nodes: ``(x - mean) / sqrt(var + eps)`` (BERT-era LayerNorm modules) and
+    """Replace hand-written norms over the trailing dims (or one other axis, read between
+    two transposes) by ``layer_norm`` / ``rms_norm`` nodes: ``(x - mean) / sqrt(var + eps)`` (BERT-era LayerNorm modules) and
     ``x * rsqrt(mean(x ** 2) + eps)`` (LLaMA's and T5's RMSNorm), in any spelling. Left as
     they are, the division reads as a product of two signals (refused by DKS/TAT) and the
     norm is not removed. A region from ``x`` of elementwise ops and means over the same
@@ -339,9 +346,9 @@ def fuse_norm_decompositions(graph: Graph, *, copy: bool = True) -> tuple[Graph,
         # the norm's input: the mean's input, or (RMS norm) what that square was made of
         for x in _norm_input_candidates(g, reduce):
             info = g.info(x)
-            axes = _trailing_mean_axes(reduce, info.rank)
-            if (axes is None or info.shape is None or not all(isinstance(d, int) and d > 0
-                                                              for d in info.shape)
+            axes = _mean_axes(reduce, info.rank)
+            if (not _normalizable_axes(axes, info.rank) or info.shape is None
+                    or not all(isinstance(d, int) and d > 0 for d in info.shape)
                     or (info.dtype or "float32")[:5] not in ("float", "bfloa")):
                 continue
             region = _region(g, x, rank, mean_axes=axes)
@@ -390,8 +397,28 @@ def _fuse_norm_in(g: Graph, x: Ref, region: list[Node], axes, data, fused) -> bo
                                                         keepdims=True) + eps))):
                 if np.max(np.abs(f - want) / np.maximum(1.0, np.abs(want))) <= NORM_TOLERANCE:
                     attrs = {"normalized_shape": shape, "eps": _short(eps)}
-                    _replace(g, x, sub, y, None, attrs, op=op)
+                    if axes == tuple(range(data.ndim - len(axes), data.ndim)):
+                        _replace(g, x, sub, y, None, attrs, op=op)
+                    else:
+                        _replace_between_transposes(g, x, sub, y, op, attrs, axes[0])
                     fused.append({"node": y.name, "op": op, "attrs": attrs,
                                   "replaced": [n.name for n in sub]})
                     return True
     return False
+
+
+def _replace_between_transposes(g: Graph, x: Ref, sub: list[Node], y: Node, op: str,
+                                attrs: dict, axis: int) -> None:
+    """A norm over one axis that is not the last (ConvNeXt's hand-written channels-first
+    LayerNorm): ``transpose`` (``axis`` last), the norm over the last dim, and ``y``
+    becomes the transpose back. Shaping removes the norm and then the transpose pair."""
+    info = g.info(x)
+    rank = len(info.shape)
+    perm = tuple(i for i in range(rank) if i != axis) + (axis,)
+    back = tuple(perm.index(i) for i in range(rank))
+    moved = TensorInfo(tuple(info.shape[i] for i in perm), info.dtype)
+    to_last = g.add(Node(g.unique_name(f"{y.name}.to_last"), "transpose", [x],
+                         {"perm": perm}, outputs=[moved], meta={"flags": []}))
+    norm = g.add(Node(g.unique_name(f"{y.name}.norm"), op, [to_last.out], dict(attrs),
+                      outputs=[moved], meta={"flags": [], "fused_from": [n.name for n in sub]}))
+    _replace(g, norm.out, sub, y, None, {"perm": back}, op="transpose")

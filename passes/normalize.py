@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 
 from graphshape.errors import GraphshapeError
-from graphshape.ir import Graph, Node
+from graphshape.ir import Graph, Node, Ref
 
 NORM_OPS = ("batch_norm", "layer_norm", "rms_norm", "group_norm", "instance_norm", "lrn")
 _AFFINE_OPS = ("conv", "conv_transpose", "linear")
@@ -95,6 +95,28 @@ def opaque_norm_input(node: Node):
     return first if isinstance(first, Ref) else None
 
 
+def _cancel_transposes(g: Graph, source: Ref, user: Node, removed: list) -> Ref | None:
+    """Drop a transpose pair that the removed norm stood between: ``source`` made by a
+    transpose read by nothing else, ``user`` the inverse transpose (a norm over a
+    non-trailing axis, read between two transposes: see
+    :func:`graphshape.passes.elementwise.fuse_norm_decompositions`). Returns the value
+    the pair read, or None where there is no such pair."""
+    first = g[source.node]
+    if (first.op != "transpose" or user.op != "transpose" or user.inputs != [source]
+            or len(g.users(first.name)) != 1 or g.is_output(first.name)):
+        return None
+    perm, back = tuple(first.attrs.get("perm") or ()), tuple(user.attrs.get("perm") or ())
+    if not perm or len(perm) != len(back) or tuple(perm[i] for i in back) != tuple(range(len(perm))):
+        return None
+    original = first.inputs[0]
+    g.replace_uses(user.out, original)
+    for node in (user, first):
+        g.remove(node.name)
+        removed.append({"node": node.name, "op": "transpose",
+                        "what": "transpose pair around a removed normalization"})
+    return original
+
+
 def remove_normalization(graph: Graph, *, copy: bool = True) -> tuple[Graph, dict]:
     """Remove normalization nodes (and a per-channel affine right after each).
 
@@ -138,6 +160,7 @@ def remove_normalization(graph: Graph, *, copy: bool = True) -> tuple[Graph, dic
                 cur = user
         # consumers of the chain's last node now read the norm's input
         source = norm.inputs[0]
+        last = _sole_user(g, chain[-1] if chain else norm)
         g.replace_uses((chain[-1] if chain else norm).out, source)
         constants = {r.node for node in chain for r in node.inputs if g[r.node].op == "constant"}
         for node in [*reversed(chain), norm]:
@@ -145,6 +168,8 @@ def remove_normalization(graph: Graph, *, copy: bool = True) -> tuple[Graph, dic
             removed.append({"node": node.name, "op": node.op,
                             "what": "normalization" if node is norm
                             else f"per-channel affine after {norm.name!r}"})
+        if last is not None:  # (the norm's input was one of a pair: what that read)
+            source = _cancel_transposes(g, source, last, removed) or source
         for c in sorted(constants):  # the affine's constants, if nothing else reads them
             if c in g and not any(True for _ in g.nx.successors(c)):
                 g.remove(c)

@@ -170,3 +170,43 @@ def test_onnx_rms_norm_chain_reads_as_rms_norm():
     x = RNG.normal(size=(2, 5, 8)).astype(np.float32)
     np.testing.assert_allclose(_ort(graphshape.to_onnx(graph), x), _ort(model, x),
                                rtol=1e-5, atol=1e-5)
+
+
+class _ChannelsFirstLayerNorm(nn.Module):
+    """ConvNeXt's official hand-written LayerNorm over the channels of NCHW."""
+
+    def __init__(self, channels, eps=1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(channels))
+        self.bias = nn.Parameter(torch.zeros(channels))
+        self.eps = eps
+
+    def forward(self, x):
+        u = x.mean(1, keepdim=True)
+        s = (x - u).pow(2).mean(1, keepdim=True)
+        x = (x - u) / torch.sqrt(s + self.eps)
+        return self.weight[:, None, None] * x + self.bias[:, None, None]
+
+
+def _convnet(norm):
+    torch.manual_seed(0)
+    return nn.Sequential(*[nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), norm(), nn.GELU())
+                           for _ in range(4)]).eval()
+
+
+def test_hand_written_channels_first_layer_norm_reads_between_transposes():
+    # before: kept in the shaped model, its pow and sqrt listed as opaque ops the solved
+    # parameters ignore
+    model, x = _convnet(lambda: _ChannelsFirstLayerNorm(8)), torch.randn(2, 8, 6, 6)
+    graph = graphshape.load(model, x)
+    assert graph.count_ops()["layer_norm"] == 4 and graph.count_ops()["transpose"] == 8
+    assert "opaque" not in graph.count_ops()
+    with torch.no_grad():
+        torch.testing.assert_close(graphshape.to_torch(graph)(x), model(x), rtol=1e-5, atol=1e-5)
+    shaped = graphshape.shape(model, x, method="DKS", seed=0)
+    removed = [r["op"] for r in shaped.meta["graphshape"].removed]
+    assert removed.count("layer_norm") == 4 and removed.count("transpose") == 8
+    assert "permute" not in shaped.code  # the transpose pairs went with the norms
+    plain = graphshape.shape(_convnet(nn.Identity), x, method="DKS", seed=0)
+    assert shaped.meta["graphshape"].activation_params == plain.meta["graphshape"].activation_params
+    torch.testing.assert_close(shaped(x), plain(x), rtol=1e-5, atol=1e-5)
