@@ -124,22 +124,28 @@ class _LlamaRMSNorm(nn.Module):
         return self.weight * (h * torch.rsqrt(variance + self.eps))
 
 
-class _BertLayerNorm(nn.Module):
-    def __init__(self, width, eps=1e-12):
+class _HandLayerNorm(nn.Module):
+    """A hand-written LayerNorm over the last dim (BERT-era code), or over the channels of
+    NCHW (``channels_first``: ConvNeXt's official one)."""
+
+    def __init__(self, width, eps=1e-12, channels_first=False):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(width))
         self.bias = nn.Parameter(torch.zeros(width))
-        self.eps = eps
+        self.eps, self.axis = eps, 1 if channels_first else -1
 
     def forward(self, x):
-        u = x.mean(-1, keepdim=True)
-        s = (x - u).pow(2).mean(-1, keepdim=True)
-        return self.weight * ((x - u) / torch.sqrt(s + self.eps)) + self.bias
+        u = x.mean(self.axis, keepdim=True)
+        s = (x - u).pow(2).mean(self.axis, keepdim=True)
+        x = (x - u) / torch.sqrt(s + self.eps)
+        if self.axis == 1:
+            return self.weight[:, None, None] * x + self.bias[:, None, None]
+        return self.weight * x + self.bias
 
 
 @pytest.mark.parametrize("norm, op, eps, module", [
     (lambda: _LlamaRMSNorm(16), "rms_norm", 1e-6, lambda: nn.RMSNorm(16, eps=1e-6)),
-    (lambda: _BertLayerNorm(16), "layer_norm", 1e-12, lambda: nn.LayerNorm(16, eps=1e-12)),
+    (lambda: _HandLayerNorm(16), "layer_norm", 1e-12, lambda: nn.LayerNorm(16, eps=1e-12)),
 ])
 def test_hand_written_norms_read_as_norms(norm, op, eps, module):
     # the division by the root of the variance read as a product of two signals: DKS
@@ -172,22 +178,6 @@ def test_onnx_rms_norm_chain_reads_as_rms_norm():
                                rtol=1e-5, atol=1e-5)
 
 
-class _ChannelsFirstLayerNorm(nn.Module):
-    """ConvNeXt's official hand-written LayerNorm over the channels of NCHW."""
-
-    def __init__(self, channels, eps=1e-6):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(channels))
-        self.bias = nn.Parameter(torch.zeros(channels))
-        self.eps = eps
-
-    def forward(self, x):
-        u = x.mean(1, keepdim=True)
-        s = (x - u).pow(2).mean(1, keepdim=True)
-        x = (x - u) / torch.sqrt(s + self.eps)
-        return self.weight[:, None, None] * x + self.bias[:, None, None]
-
-
 def _convnet(norm):
     torch.manual_seed(0)
     return nn.Sequential(*[nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), norm(), nn.GELU())
@@ -197,7 +187,8 @@ def _convnet(norm):
 def test_hand_written_channels_first_layer_norm_reads_between_transposes():
     # before: kept in the shaped model, its pow and sqrt listed as opaque ops the solved
     # parameters ignore
-    model, x = _convnet(lambda: _ChannelsFirstLayerNorm(8)), torch.randn(2, 8, 6, 6)
+    model = _convnet(lambda: _HandLayerNorm(8, eps=1e-6, channels_first=True))
+    x = torch.randn(2, 8, 6, 6)
     graph = graphshape.load(model, x)
     assert graph.count_ops()["layer_norm"] == 4 and graph.count_ops()["transpose"] == 8
     assert "opaque" not in graph.count_ops()
