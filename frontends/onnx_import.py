@@ -24,8 +24,8 @@ What it does, in order:
 Also: exporters' decompositions are read back as one op (the opset<17 LayerNorm chain ->
 layer_norm, x ** 2 -> square; spelled-out activations such as x * sigmoid(x) or the
 opset<20 erf GELU, by :mod:`graphshape.passes.elementwise` at the end), so that opset 13
-and 17 exports of a model give the same IR; and shape vectors computed from a partly known shape (a dynamic batch) are
-evaluated as far as they are known, so that ``x.view(x.size(0), ...)`` becomes a reshape
+and 17 exports of a model give the same IR; and shape vectors computed from a partly known
+shape (a dynamic batch) are evaluated as far as they are known, so that ``x.view(x.size(0), ...)`` becomes a reshape
 with -1 for the batch and shape inference continues past it.
 
 Constants are materialized as ``constant`` IR nodes only where a signal op consumes them.
@@ -41,10 +41,9 @@ from typing import Any
 import numpy as np
 
 from graphshape.errors import GraphshapeError
-from graphshape.passes.elementwise import (fuse_activation_decompositions,
-                                           fuse_norm_decompositions)
 from graphshape.ir import TENSOR_CONTAINER, Graph, Node, Ref, TensorInfo, cache_weight_tap_norms
 from graphshape.ops import prelu_activation
+from graphshape.passes.elementwise import fuse_decompositions
 
 # Initializers larger than this many bytes are replaced by typed graph inputs in the copy
 # that shape inference sees (shape inference only reads small constants' values).
@@ -101,10 +100,9 @@ def load_onnx(model: Any, *, cache_weight_norms: bool = True) -> Graph:
             f"load_onnx expects a file path or onnx.ModelProto, not {type(model).__name__}")
     proto, old_opset = _convert_old_opset(proto)
     graph = _Importer(proto).run()
-    # what the exporter spelled out and the import's own patterns left (mish before
-    # opset 18, the tanh GELU before opset 20, hand-written forms): one activation each
-    fuse_norm_decompositions(graph, copy=False)  # the RMS norm chain, hand-written norms
-    fuse_activation_decompositions(graph, copy=False)
+    # what the exporter spelled out and the import's own patterns left (the RMS norm
+    # chain, mish before opset 18, the tanh GELU before opset 20, hand-written forms)
+    fuse_decompositions(graph, copy=False)
     if old_opset is not None:
         graph.meta["converted_from_opset"] = old_opset
     if cache_weight_norms:
@@ -521,11 +519,7 @@ class _Importer:
         self.onnx = onnx
         self.proto = proto
         self.opset_imports = _opset_imports(proto)
-        self.opset = self.opset_imports.get("", 0)
-        if self.opset and self.opset < 9:  # (load_onnx converts such models first)
-            raise GraphshapeError(
-                f"the model uses ONNX opset {self.opset}; graphshape reads opset 9 and newer. "
-                "Convert it first: onnx.version_converter.convert_version(model, 13)")
+        self.opset = self.opset_imports.get("", 0)  # >= 9: load_onnx converts older models
         self.g = Graph({
             "source": "onnx", "opset": self.opset, "opset_imports": dict(self.opset_imports),
             "ir_version": proto.ir_version, "producer_name": proto.producer_name,

@@ -54,10 +54,9 @@ from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 from graphshape import torch_modules as _tm
 from graphshape.errors import GraphshapeError
 from graphshape.ir import (TENSOR_CONTAINER, Graph, Node, Ref, TensorInfo, cache_weight_tap_norms,
-                           map_template)
+                           is_non_float, map_template)
 from graphshape.ops import prelu_activation
-from graphshape.passes.elementwise import (fuse_activation_decompositions,
-                                           fuse_norm_decompositions)
+from graphshape.passes.elementwise import fuse_decompositions
 
 __all__ = ["load_module", "MODULE_OPS", "FUNCTION_OPS", "METHOD_OPS"]
 
@@ -608,7 +607,7 @@ class _Loader:
                 outputs=[TensorInfo(None, "object")])
 
     def _call(self, fx_node):
-        weight_norm = None
+        weight_norm, hooked = None, False
         if fx_node.op == "call_module":
             mod = self.gm.get_submodule(fx_node.target)
             handler = _MODULE_HANDLERS.get(type(mod))
@@ -617,6 +616,7 @@ class _Loader:
             if handler is None and type(mod) in _std_conv_classes():
                 handler = _m_std_conv
             weight_norm = _weight_normalization(mod)
+            hooked = _has_hooks(mod)
             if weight_norm is not None:
                 handler = _MODULE_HANDLERS.get(weight_norm[0])  # None: stays opaque
                 if handler is not None:
@@ -636,7 +636,7 @@ class _Loader:
                 if weight_norm is not None:
                     self.graph[self.env[fx_node].node].meta["weight_normalization"] = (
                         weight_norm[1], weight_norm[2])
-                if args and _has_hooks(self.gm.get_submodule(fx_node.target)):
+                if hooked:
                     self._hooked.append(fx_node.target)
                 if args and getattr(args[0], "inplace", False) is True and fx_node.args:
                     # nn.ReLU(inplace=True) etc.: later readers of the input see the result
@@ -860,7 +860,6 @@ def _weight_normalization(mod: nn.Module):
     as well, being a ``Parametrized*`` class)."""
     from torch.nn.utils import parametrize
     from torch.nn.utils.spectral_norm import SpectralNorm
-    from torch.nn.utils.weight_norm import WeightNorm
 
     if parametrize.is_parametrized(mod):
         layer_class = type(mod).__bases__[0]
@@ -884,8 +883,7 @@ def _weight_normalization(mod: nn.Module):
         return layer_class, kind, f"{kind.split()[0]}_norm parametrization", weight
     if type(mod) not in _WEIGHT_LAYERS:
         return None
-    hooks = [h for h in mod._forward_pre_hooks.values()
-             if isinstance(h, (WeightNorm, SpectralNorm))]
+    hooks = [h for h in mod._forward_pre_hooks.values() if isinstance(h, _weight_norm_hooks())]
     if not hooks:
         return None
     if len(hooks) != 1 or hooks[0].name != "weight":  # its own attribute would be stale
@@ -910,16 +908,21 @@ class _WithWeight:
         return getattr(self._mod, name)
 
 
+def _weight_norm_hooks() -> tuple[type, type]:
+    """The forward pre-hook classes of torch.nn.utils' older weight_norm / spectral_norm."""
+    from torch.nn.utils.spectral_norm import SpectralNorm
+    from torch.nn.utils.weight_norm import WeightNorm
+
+    return WeightNorm, SpectralNorm
+
+
 def _has_hooks(mod: nn.Module) -> bool:
     """Whether ``mod`` has forward hooks or pre-hooks (other than weight / spectral
     normalization's, see :func:`_weight_normalization`). Neither a module torch.fx traces
     through nor a layer graphshape maps to its own op runs them in the emitted model: fx
     records what the module computes, not its hooks."""
-    from torch.nn.utils.spectral_norm import SpectralNorm
-    from torch.nn.utils.weight_norm import WeightNorm
-
     return bool(mod._forward_hooks) or any(
-        not isinstance(h, (WeightNorm, SpectralNorm)) for h in mod._forward_pre_hooks.values())
+        not isinstance(h, _weight_norm_hooks()) for h in mod._forward_pre_hooks.values())
 
 
 def _m_conv_transpose(ld, fx_node, mod):
@@ -1660,8 +1663,7 @@ def _f_clamp(names):
         lo, hi = a["min"], a.get("max")
         if not all(v is None or isinstance(v, (int, float)) for v in (lo, hi)):
             raise _Unmapped("bounds are not constants")
-        dtype = ld.info(a["input"]).dtype if ld.is_tensor(a["input"]) else None
-        if dtype is not None and not dtype.startswith(("float", "bfloat")):
+        if ld.is_tensor(a["input"]) and is_non_float(ld.info(a["input"]).dtype):
             raise _Unmapped("not a floating-point tensor")
         if lo == 0 and hi is None:
             name, attrs = "relu", {}
@@ -2141,8 +2143,7 @@ def load_module(module: nn.Module, example_inputs=None, *, leaf_modules=(),
     graph = _Loader(module, example_inputs, tuple(leaf_modules)).run()
     # hand-written norms and activations: (x - mean) / sqrt(var + eps) -> layer_norm,
     # x * sigmoid(x) -> silu, ...
-    fuse_norm_decompositions(graph, copy=False)
-    fuse_activation_decompositions(graph, copy=False)
+    fuse_decompositions(graph, copy=False)
     if wrappers:
         graph.meta["unwrapped_from"] = wrappers
     if cache_weight_norms:

@@ -444,29 +444,46 @@ def _emit_batch_norm(ctx, node):
 
 
 def _emit_layer_norm(ctx, node):
-    a = node.attrs
-    shape = tuple(a["normalized_shape"])
+    _emit_trailing_norm(ctx, node, "LayerNormalization", 17, float(node.attrs.get("eps", 1e-5)),
+                        centre=True)
+
+
+def _emit_rms_norm(ctx, node):
+    eps = node.attrs.get("eps")
+    if eps is None:  # torch's default: the input dtype's machine epsilon
+        dtype = ctx.dtype(node.inputs[0])
+        eps = np.finfo(dtype if dtype in ("float16", "float64") else "float32").eps
+    _emit_trailing_norm(ctx, node, "RMSNormalization", 23, float(eps), centre=False)
+
+
+def _emit_trailing_norm(ctx, node, op_type: str, since: int, eps: float, centre: bool):
+    """A layer norm (``centre``) or RMS norm over the trailing dims: ``op_type`` from opset
+    ``since`` on; before it, ``(x - mean) / sqrt(var + eps)`` (RMS: ``x / sqrt(mean(x^2) +
+    eps)``), times the weight, plus the bias, each where the node has one."""
+    shape = tuple(node.attrs["normalized_shape"])
     x = _input(ctx, node)
     dtype = ctx.dtype(node.inputs[0])
     weight = node.params.get("weight")
     bias = node.params.get("bias")
-    eps = float(a.get("eps", 1e-5))
-    if ctx.opset >= 17:
-        w = ctx.const(weight if weight is not None else np.ones(shape, dtype), f"{node.name}.weight")
+    nm = node.name
+    if ctx.opset >= since:
+        w = ctx.const(weight if weight is not None else np.ones(shape, dtype), f"{nm}.weight")
         inputs = [x, w]
         if bias is not None:
-            inputs.append(ctx.const(bias, f"{node.name}.bias"))
-        ctx.emit1(node, "LayerNormalization", inputs, axis=-len(shape), epsilon=eps)
+            inputs.append(ctx.const(bias, f"{nm}.bias"))
+        ctx.emit1(node, op_type, inputs, axis=-len(shape), epsilon=eps)
         return
-    # before opset 17: (x - mean) / sqrt(var + eps) * w + b over the trailing dims
-    nm = node.name
     axes = list(range(-len(shape), 0))
-    mean = _reduce_mean(ctx, x, axes, 1, f"{nm}.mean")
-    d = ctx.add_node("Sub", [x, mean], 1, name=f"{nm}.centre")[0]
-    var = _reduce_mean(ctx, ctx.add_node("Mul", [d, d], 1, name=f"{nm}.sq")[0], axes, 1,
-                       f"{nm}.var")
-    std = ctx.add_node("Sqrt", [ctx.add_node("Add", [var, ctx.scalar(eps, dtype, "eps")], 1,
-                                             name=f"{nm}.var_eps")[0]], 1, name=f"{nm}.std")[0]
+    d = x
+    if centre:
+        mean = _reduce_mean(ctx, x, axes, 1, f"{nm}.mean")
+        d = ctx.add_node("Sub", [x, mean], 1, name=f"{nm}.centre")[0]
+    square, root = ("var", "std") if centre else ("mean_square", "rms")
+    ms = _reduce_mean(ctx, ctx.add_node("Mul", [d, d], 1, name=f"{nm}.sq")[0], axes, 1,
+                      f"{nm}.{square}")
+    std = ctx.add_node("Sqrt", [ctx.add_node("Add", [ms, ctx.scalar(eps, dtype, "eps")], 1,
+                                             name=f"{nm}.{square}_eps")[0]], 1,
+                       name=f"{nm}.{root}")[0]
     steps = []
     if weight is not None:
         steps.append(("Mul", ctx.const(weight, f"{nm}.weight")))
@@ -474,37 +491,9 @@ def _emit_layer_norm(ctx, node):
         steps.append(("Add", ctx.const(bias, f"{nm}.bias")))
     y = ctx.add_node("Div", [d, std], [ctx.out_name(node)] if not steps else 1,
                      name=f"{nm}.normalize")[0]
-    for i, (op_type, arg) in enumerate(steps):
-        y = ctx.add_node(op_type, [y, arg], [ctx.out_name(node)] if i == len(steps) - 1 else 1,
-                         name=f"{nm}.{op_type.lower()}")[0]
-
-
-def _emit_rms_norm(ctx, node):
-    a = node.attrs
-    shape = tuple(a["normalized_shape"])
-    x = _input(ctx, node)
-    dtype = ctx.dtype(node.inputs[0])
-    eps = a.get("eps")
-    if eps is None:  # torch's default: the input dtype's machine epsilon
-        eps = float(np.finfo(dtype if dtype in ("float16", "float64") else "float32").eps)
-    weight = node.params.get("weight")
-    nm = node.name
-    if ctx.opset >= 23:
-        w = ctx.const(weight if weight is not None else np.ones(shape, dtype), f"{nm}.weight")
-        ctx.emit1(node, "RMSNormalization", [x, w], axis=-len(shape), epsilon=float(eps))
-        return
-    # before opset 23: x / sqrt(mean(x^2) + eps) * w over the trailing dims
-    ms = _reduce_mean(ctx, ctx.add_node("Mul", [x, x], 1, name=f"{nm}.sq")[0],
-                      list(range(-len(shape), 0)), 1, f"{nm}.mean_square")
-    rms = ctx.add_node("Sqrt", [ctx.add_node("Add", [ms, ctx.scalar(float(eps), dtype, "eps")], 1,
-                                             name=f"{nm}.mean_square_eps")[0]], 1,
-                       name=f"{nm}.rms")[0]
-    if weight is None:
-        ctx.add_node("Div", [x, rms], [ctx.out_name(node)], name=f"{nm}.normalize")
-        return
-    y = ctx.add_node("Div", [x, rms], 1, name=f"{nm}.normalize")[0]
-    ctx.add_node("Mul", [y, ctx.const(weight, f"{nm}.weight")], [ctx.out_name(node)],
-                 name=f"{nm}.mul")
+    for i, (op_type_i, arg) in enumerate(steps):
+        y = ctx.add_node(op_type_i, [y, arg], [ctx.out_name(node)] if i == len(steps) - 1 else 1,
+                         name=f"{nm}.{op_type_i.lower()}")[0]
 
 
 def _channel_shape(rank: int | None, c: int, axis: int = 1):

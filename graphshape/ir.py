@@ -77,11 +77,16 @@ def holds_tensors(node: "Node") -> bool:
 NON_FLOAT_DTYPES = ("int", "uint", "bool", "object")
 
 
+def is_non_float(dtype: str | None) -> bool:
+    """Whether ``dtype`` is known and not floating point (:data:`NON_FLOAT_DTYPES`)."""
+    return (dtype or "").startswith(NON_FLOAT_DTYPES)
+
+
 def may_hold_signal(node: "Node") -> bool:
     """Whether ``node``'s value can carry a signal: a floating-point tensor, a value of
     unknown dtype, or a container of floating-point tensors (:func:`holds_tensors`).
     Integer and object values (``x.size(0)``, argmax indices) cannot."""
-    return not (node.dtype or "").startswith(NON_FLOAT_DTYPES) or holds_tensors(node)
+    return not is_non_float(node.dtype) or holds_tensors(node)
 
 
 @dataclass

@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from graphshape import activations
-from graphshape.ir import Graph, Node, Ref, TensorInfo, map_template
+from graphshape.ir import Graph, Node, Ref, TensorInfo, is_non_float, map_template
 
 #: activations a region may be read as: the ones models spell out. Not ``square`` or
 #: ``erf``: ``(x - mean) ** 2`` in a hand-written norm is not a main-path activation.
@@ -181,6 +181,19 @@ def _normalizable_axes(axes: tuple[int, ...] | None, rank: int | None) -> bool:
     return axes == tuple(range(rank - len(axes), rank)) or len(axes) == 1
 
 
+def _region_value(graph: Graph, x: Ref, sub: list[Node], data: np.ndarray) -> np.ndarray | None:
+    """The value of ``sub``'s last node with ``data`` for ``x``, evaluated node by node;
+    None where an op does not evaluate (then nothing in the region can match)."""
+    values: dict[Ref, np.ndarray] = {x: data}
+    try:
+        with np.errstate(all="ignore"):
+            for node in sub:
+                values[node.out] = np.asarray(_evaluate(graph, node, values))
+    except Exception:  # noqa: BLE001 - an op that does not evaluate: no match
+        return None
+    return values[sub[-1].out]
+
+
 def _region(graph: Graph, x: Ref, rank: dict[str, int],
             mean_axes: tuple[int, ...] | None = None) -> list[Node]:
     """The elementwise nodes computed from ``x`` alone (and scalar constants), in
@@ -267,7 +280,7 @@ def fuse_activation_decompositions(graph: Graph, *, copy: bool = True) -> tuple[
         if x_name not in g or g[x_name].op == "constant":
             continue
         for index, info in enumerate(g[x_name].outputs):
-            if info.dtype is not None and not info.dtype.startswith(("float", "bfloat")):
+            if is_non_float(info.dtype):
                 continue  # sizes, indices, masks: no activation acts on them
             x = Ref(x_name, index)
             region = _region(g, x, rank)
@@ -277,15 +290,10 @@ def fuse_activation_decompositions(graph: Graph, *, copy: bool = True) -> tuple[
                 sub = _closed_subregion(g, region, y)
                 if sub is None or len(sub) < 2:
                     continue
-                values: dict[Ref, np.ndarray] = {x: GRID.copy()}
-                try:
-                    with np.errstate(all="ignore"):
-                        for node in sub:
-                            values[node.out] = np.broadcast_to(
-                                _evaluate(g, node, values), GRID.shape)
-                except Exception:  # noqa: BLE001 - an op that does not evaluate: no match
+                f = _region_value(g, x, sub, GRID.copy())
+                if f is None:
                     break
-                found = _match(values[y.out])
+                found = _match(np.broadcast_to(f, GRID.shape))
                 if found is None:
                     continue
                 if y.op == "activation" and {"name": found[0], **found[1]} == {
@@ -324,11 +332,12 @@ NORM_TOLERANCE = 1e-5
 
 def fuse_norm_decompositions(graph: Graph, *, copy: bool = True) -> tuple[Graph, dict]:
     """Replace hand-written norms over the trailing dims (or one other axis, read between
-    two transposes) by ``layer_norm`` / ``rms_norm`` nodes: ``(x - mean) / sqrt(var + eps)`` (BERT-era LayerNorm modules) and
-    ``x * rsqrt(mean(x ** 2) + eps)`` (LLaMA's and T5's RMSNorm), in any spelling. Left as
+    two transposes) by ``layer_norm`` / ``rms_norm`` nodes: ``(x - mean) / sqrt(var +
+    eps)`` (BERT-era LayerNorm modules) and ``x * rsqrt(mean(x ** 2) + eps)`` (LLaMA's and
+    T5's RMSNorm), in any spelling. Left as
     they are, the division reads as a product of two signals (refused by DKS/TAT) and the
     norm is not removed. A region from ``x`` of elementwise ops and means over the same
-    trailing dims (``x``'s shape known) is evaluated on random data and compared with both
+    dims (``x``'s shape known) is evaluated on random data and compared with both
     norms, for every scalar constant of the region as ``eps``. A scale and shift after it
     (``weight * y + bias``) read parameters, so they are not in the region: they stay
     nodes of their own, which shaping removes with the norm. Returns the graph and
@@ -349,7 +358,7 @@ def fuse_norm_decompositions(graph: Graph, *, copy: bool = True) -> tuple[Graph,
             axes = _mean_axes(reduce, info.rank)
             if (not _normalizable_axes(axes, info.rank) or info.shape is None
                     or not all(isinstance(d, int) and d > 0 for d in info.shape)
-                    or (info.dtype or "float32")[:5] not in ("float", "bfloa")):
+                    or is_non_float(info.dtype)):
                 continue
             region = _region(g, x, rank, mean_axes=axes)
             if not any(n.op == "reduce" for n in region):
@@ -371,30 +380,24 @@ def _norm_input_candidates(g: Graph, reduce: Node) -> list[Ref]:
 
 def _fuse_norm_in(g: Graph, x: Ref, region: list[Node], axes, data, fused) -> bool:
     shape = tuple(data.shape[a] for a in axes)
-    mean = data.mean(axis=axes, keepdims=True)
-    centered = data - mean
+    centered = data - data.mean(axis=axes, keepdims=True)
+    # (what each norm divides, and the mean square it divides by before eps)
+    norms = (("layer_norm", centered, np.mean(centered ** 2, axis=axes, keepdims=True)),
+             ("rms_norm", data, np.mean(data ** 2, axis=axes, keepdims=True)))
     for y in reversed(region):
         sub = _closed_subregion(g, region, y)
         if sub is None or not any(n.op == "reduce" for n in sub):
             continue
-        values: dict[Ref, np.ndarray] = {x: data}
-        try:
-            with np.errstate(all="ignore"):
-                for node in sub:
-                    values[node.out] = np.asarray(_evaluate(g, node, values))
-        except Exception:  # noqa: BLE001 - an op that does not evaluate: no match
+        f = _region_value(g, x, sub, data)
+        if f is None:
             return False
-        f = values[y.out]
         if f.shape != data.shape or f.dtype.kind != "f":
             continue
         eps_candidates = sorted({v for n in sub for r in n.inputs
                                  if (v := _scalar(g, r)) is not None and 0 < v < 1})
         for eps in eps_candidates:
-            for op, want in (
-                    ("layer_norm", centered / np.sqrt(np.mean(centered ** 2, axis=axes,
-                                                              keepdims=True) + eps)),
-                    ("rms_norm", data / np.sqrt(np.mean(data ** 2, axis=axes,
-                                                        keepdims=True) + eps))):
+            for op, divided, mean_square in norms:
+                want = divided / np.sqrt(mean_square + eps)
                 if np.max(np.abs(f - want) / np.maximum(1.0, np.abs(want))) <= NORM_TOLERANCE:
                     attrs = {"normalized_shape": shape, "eps": _short(eps)}
                     if axes == tuple(range(data.ndim - len(axes), data.ndim)):
@@ -422,3 +425,12 @@ def _replace_between_transposes(g: Graph, x: Ref, sub: list[Node], y: Node, op: 
     norm = g.add(Node(g.unique_name(f"{y.name}.norm"), op, [to_last.out], dict(attrs),
                       outputs=[moved], meta={"flags": [], "fused_from": [n.name for n in sub]}))
     _replace(g, norm.out, sub, y, None, {"perm": back}, op="transpose")
+
+
+def fuse_decompositions(graph: Graph, *, copy: bool = True) -> tuple[Graph, dict]:
+    """:func:`fuse_norm_decompositions`, then :func:`fuse_activation_decompositions` (what
+    both frontends run last). Returns the graph and ``{"norms": [...], "activations":
+    [...]}``, their ``fused`` records."""
+    g, norms = fuse_norm_decompositions(graph, copy=copy)
+    g, acts = fuse_activation_decompositions(g, copy=False)
+    return g, {"norms": norms["fused"], "activations": acts["fused"]}

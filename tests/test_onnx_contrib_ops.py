@@ -4,11 +4,11 @@ BiasGelu, SkipLayerNormalization, the contrib LayerNormalization."""
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import graphshape
+from test_onnx_roundtrip import run_ort
 
 RNG = np.random.default_rng(0)
 HIDDEN = 8
@@ -70,11 +70,6 @@ def _block(gelu: str, skip_bias: bool, use_sum: bool, standard: bool = False):
     return helper.make_model(graph, opset_imports=opsets, ir_version=9)
 
 
-def _run(model, x):
-    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    return sess.run(None, {"x": x})[0]
-
-
 CASES = [("Gelu", False, False), ("FastGelu", True, True), ("BiasGelu", True, False),
          ("Gelu", True, True)]
 
@@ -91,7 +86,7 @@ def test_contrib_ops_read_as_standard_ops_and_round_trip(gelu, skip_bias, use_su
     out = graphshape.to_onnx(graph)
     onnx.checker.check_model(out)
     assert not any(n.domain == "com.microsoft" for n in out.graph.node)
-    np.testing.assert_allclose(_run(out, x), _run(model, x), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(run_ort(out, {"x": x})[0], run_ort(model, {"x": x})[0], rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("gelu, skip_bias, use_sum", CASES)
@@ -103,7 +98,7 @@ def test_contrib_model_shapes_as_its_standard_twin(gelu, skip_bias, use_sum, tmp
     assert fused.activation_params == twin.activation_params
     assert len([r for r in fused.removed if r["op"] == "layer_norm"]) == 2
     x = RNG.normal(size=(2, 5, HIDDEN)).astype(np.float32)
-    assert np.isfinite(_run(onnx.load(tmp_path / "f.onnx"), x)).all()
+    assert np.isfinite(run_ort(str(tmp_path / "f.onnx"), {"x": x})[0]).all()
 
 
 def test_skip_layer_norm_statistics_outputs_stay_opaque():
@@ -128,4 +123,4 @@ def test_onnxruntimes_default_domain_layer_norm_before_opset_17():
     assert g.count_ops().get("layer_norm") == 1
     x = RNG.normal(size=(2, 5, HIDDEN)).astype(np.float32)
     out = graphshape.to_onnx(g)  # opset 13: written as the decomposition
-    np.testing.assert_allclose(_run(out, x), _run(model, x), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(run_ort(out, {"x": x})[0], run_ort(model, {"x": x})[0], rtol=1e-4, atol=1e-5)

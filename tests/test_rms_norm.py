@@ -4,7 +4,6 @@ on both backends, the analysis sets q to 1, and shaping removes it like a layer 
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 import torch
 import torch.nn.functional as F
@@ -12,6 +11,7 @@ from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
 import graphshape
+from test_onnx_roundtrip import run_ort
 
 
 class _FunctionalRMS(nn.Module):
@@ -38,8 +38,7 @@ X = torch.randn(5, 16) * 3
 
 
 def _ort(model, x):
-    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    return sess.run(None, {sess.get_inputs()[0].name: x})[0]
+    return run_ort(model, {model.graph.input[0].name: x})[0]
 
 
 @pytest.mark.parametrize("norm", list(NORMS))
