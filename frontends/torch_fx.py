@@ -38,6 +38,7 @@ the node's extra inputs.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import io
 import operator
 import sys
@@ -150,20 +151,62 @@ class _Tracer(torch.fx.Tracer):
         return super().is_leaf_module(m, module_qualified_name)
 
 
-def _trace(module: nn.Module, leaf_modules) -> torch.fx.GraphModule:
+#: defaults that tracing fixes (:func:`_fixed_args`): values torch.fx can check with ``==``
+_FIXABLE_DEFAULTS = (type(None), bool, int, float, str)
+
+
+def _fixed_args(module: nn.Module, n_given: int) -> dict[str, Any]:
+    """``forward``'s parameters that the ``n_given`` positional example inputs leave out and
+    whose default is a plain value (``mask=None``, ``return_features=False``, ``scale=1.0``),
+    by name, with that default. They are traced at the default, as ``torch.jit.trace``,
+    ``torch.export`` and ``torch.onnx.export`` trace ``model(*example_inputs)``: as traced
+    values, ``if mask is not None`` took the branch the call never takes and ``if flag:``
+    could not be traced at all. Parameters without a default, or with a tensor or container
+    default, stay inputs."""
+    try:
+        params = inspect.signature(module.forward).parameters.values()
+    except (TypeError, ValueError):  # no Python signature: fx sees the same
+        return {}
+    fixed, position = {}, 0
+    for p in params:
+        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+            continue
+        given = p.kind is not p.KEYWORD_ONLY and position < n_given
+        position += p.kind is not p.KEYWORD_ONLY
+        if not given and p.default is not p.empty and type(p.default) in _FIXABLE_DEFAULTS:
+            fixed[p.name] = p.default
+    return fixed
+
+
+def _drop_fixed_placeholders(graph: torch.fx.Graph, fixed: dict[str, Any]) -> None:
+    """Remove the placeholders fx made for the ``concrete_args`` ``fixed`` (named
+    ``{name}_1``) and the ``_assert`` nodes checking them: the values are constants in the
+    trace, and the torch backend re-adds the parameters with their check
+    (``graph.meta["fixed_args"]``)."""
+    names = {f"{name}_1" for name in fixed}
+    for ph in [n for n in graph.nodes if n.op == "placeholder" and n.target in names]:
+        for user in list(ph.users):  # operator.eq -> torch._assert, or _assert_is_none
+            for check in list(user.users):
+                graph.erase_node(check)
+            graph.erase_node(user)
+        graph.erase_node(ph)
+
+
+def _trace(module: nn.Module, leaf_modules, fixed: dict[str, Any]) -> torch.fx.GraphModule:
     leaf_classes = tuple(c for c in (_stochastic_depth_class(), *_norm_act_classes(),
                                      *_std_conv_classes(), *_GRAPHSHAPE_MODULES,
                                      *leaf_modules) if c is not None)
     tracer = _Tracer(leaf_classes)
     try:
         with _plain_transformer_path():
-            graph = tracer.trace(module)
+            graph = tracer.trace(module, concrete_args=fixed or None)
     except Exception as exc:  # fx raises TraceError, TypeError, RuntimeError, ...
         msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         control_flow = ("control flow" in str(exc) or "iterate" in str(exc)
                         or isinstance(exc, torch.fx.proxy.TraceError))
         why = ("its forward uses data-dependent Python control flow (an `if`/`for`/`len` on a "
-               "tensor's value), which symbolic tracing cannot record" if control_flow else
+               "tensor's value, or on an argument of forward that has no default), which "
+               "symbolic tracing cannot record" if control_flow else
                "symbolic tracing failed")
         raise GraphshapeError(
             f"torch.fx cannot trace {type(module).__name__}: {why} ({type(exc).__name__}: {msg}). "
@@ -171,6 +214,7 @@ def _trace(module: nn.Module, leaf_modules) -> torch.fx.GraphModule:
             "submodule's class in load_module(..., leaf_modules=[TheClass]) so it is kept as one "
             "opaque call; or export the model with torch.onnx.export and load the ONNX file."
         ) from None
+    _drop_fixed_placeholders(graph, fixed)
     name = module.__class__.__name__
     return torch.fx.GraphModule(tracer.root, graph, name)
 
@@ -418,13 +462,16 @@ class _Loader:
         if example_inputs is not None and not isinstance(example_inputs, (tuple, list)):
             example_inputs = (example_inputs,)
         self.example_inputs = None if example_inputs is None else tuple(example_inputs)
-        self.gm = _trace(module, leaf_modules)
+        fixed = _fixed_args(module, len(self.example_inputs or ()))
+        self.gm = _trace(module, leaf_modules, fixed)
         self.has_shapes = self.example_inputs is not None
         if self.has_shapes:
             _propagate_shapes(self.gm, self.example_inputs)
         self.graph = Graph({"source": "torch", "model_class": type(module).__name__,
                             "has_shapes": self.has_shapes,
                             "training": module.training, **_placement_meta(module)})
+        if fixed:  # forward's parameters traced at their defaults: the backend re-adds them
+            self.graph.meta["fixed_args"] = fixed
         self.env: dict[torch.fx.Node, Any] = {}   # fx node -> Ref | _Lazy | _Multi
         self.nontensor: set[torch.fx.Node] = set()
         self._materialized: list = []  # lazy constants turned into nodes by the current call

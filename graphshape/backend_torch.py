@@ -774,6 +774,7 @@ def emit(graph: Graph, *, copy_params: bool = True) -> torch.fx.GraphModule:
         except Exception as exc:
             raise GraphshapeError(f"emitting {node.op} to torch failed: {type(exc).__name__}: {exc}",
                                   node=node.name, op=node.op) from exc
+    _add_fixed_args(ctx, graph.meta.get("fixed_args"))
     template = graph.meta.get("torch_output")
     if template is not None:
         result = _map_outputs(ctx, template)
@@ -787,6 +788,23 @@ def emit(graph: Graph, *, copy_params: bool = True) -> torch.fx.GraphModule:
     gm.train(bool(graph.meta.get("training", True)))
     _restore_placement(gm, graph)
     return gm
+
+
+def _add_fixed_args(ctx: _Ctx, fixed: dict | None) -> None:
+    """``forward``'s parameters that the torch frontend traced at their defaults
+    (``graph.meta["fixed_args"]``), added back after the inputs with those defaults, so the
+    shaped model takes the source's calls (``model(x)``, ``model(x, mask=None)``); each is
+    checked (:func:`graphshape.torch_modules.check_fixed_arg`), since the graph holds only
+    that case."""
+    if not fixed:
+        return
+    placeholders = [n for n in ctx.fx.nodes if n.op == "placeholder"]
+    anchor = placeholders[-1] if placeholders else None
+    for name, value in fixed.items():
+        with ctx.fx.inserting_after(anchor):
+            arg = ctx.fx.create_node("placeholder", name, (value,), {}, name=ctx._aux_name(name))
+        with ctx.fx.inserting_after(arg):
+            anchor = ctx.fx.call_function(tm.check_fixed_arg, (arg, value, name))
 
 
 def _restore_placement(gm: torch.fx.GraphModule, graph: Graph) -> None:

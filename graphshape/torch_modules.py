@@ -9,7 +9,7 @@ Everything here is device-agnostic (no tensor is created on a fixed device insid
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -135,6 +135,26 @@ def _tracing() -> bool:
     """Whether a compiler or exporter is tracing the module. They get out-of-place ops:
     compilers fuse the elementwise passes and plan memory themselves."""
     return _is_compiling() or _exporting()
+
+
+def check_fixed_arg(value: Any, fixed: Any, name: str) -> None:
+    """Raise when a caller passes ``name=value`` to a shaped model traced with ``name=fixed``
+    (its default, which the example inputs left out): the graph holds that case only."""
+    if torch.overrides.has_torch_function((value,)):
+        # a traced value (torch.fx re-tracing the module, as unpickling does): record the check
+        return torch.overrides.handle_torch_function(check_fixed_arg, (value,), value, fixed, name)
+    if fixed is None:
+        same = value is None
+    else:
+        same = not isinstance(value, torch.Tensor) and value is not None and value == fixed
+    if not same:
+        todo = (f"shape the source model with a tensor for {name} in the example inputs"
+                if fixed is None else
+                f"shape a wrapper module whose forward calls the source model with {name}=...")
+        raise GraphshapeError(
+            f"this model was traced with {name}={fixed!r} (the default of the source's forward, "
+            f"which the example inputs did not give) and computes only that case, not "
+            f"{name}={value!r}: to have it, {todo}")
 
 
 def _affine_into(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor | None,

@@ -564,6 +564,13 @@ def shape_graph(graph: Graph, *, method: str = "TAT", activation: str | None = N
             f"{')' * len(graph.meta['unwrapped_from'])}: "
             "graphshape shaped the module inside, and returns it unwrapped; wrap the result "
             "again (torch.compile, DataParallel, DistributedDataParallel) to train it that way")
+    if graph.meta.get("fixed_args"):
+        fixed = ", ".join(f"{k}={v!r}" for k, v in graph.meta["fixed_args"].items())
+        report.warnings.append(
+            f"forward was traced with {fixed} (the defaults the example inputs leave out, as "
+            "torch.jit.trace and torch.export do): the shaped model computes that case only and "
+            "raises on other values; to keep a tensor argument as an input, give it in the "
+            "example inputs")
     if graph.meta.get("dropped_hooks"):
         hooked = graph.meta["dropped_hooks"]
         report.warnings.append(

@@ -1,0 +1,125 @@
+"""forward's parameters that the example inputs leave out are traced at their defaults
+(frontends.torch_fx._fixed_args), as torch.jit.trace and torch.export trace
+``model(*example_inputs)``; the emitted module takes them back with a check."""
+
+import pytest
+import torch
+from torch import nn
+
+import graphshape
+from graphshape import GraphshapeError
+from graphshape.backend_torch import emit
+from graphshape.frontends.torch_fx import load_module
+
+
+class Flagged(nn.Module):
+    """A user's model: a feature flag, an optional mask and a scale, all with defaults."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(8, 32), nn.BatchNorm1d(32), nn.ReLU(),
+                                  nn.Linear(32, 32), nn.BatchNorm1d(32), nn.ReLU())
+        self.head = nn.Linear(32, 3)
+
+    def forward(self, x, mask=None, scale: float = 2.0, *, return_features: bool = False):
+        y = self.body(x)
+        if return_features:
+            return y
+        y = self.head(y)
+        if mask is not None:
+            y = y * mask
+        return y * scale
+
+
+def _x():
+    return torch.randn(5, 8, generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("example", [None, "x"])
+def test_defaults_are_traced_as_the_call_without_them(example):
+    model = Flagged().eval()
+    graph = load_module(model, None if example is None else _x())
+    assert list(graph.inputs) == ["x"]
+    assert graph.meta["fixed_args"] == {"mask": None, "scale": 2.0, "return_features": False}
+    # `if mask is not None` took the branch model(x) takes: no product with the mask
+    assert sum(n.op == "mul" for n in graph) == 1
+    gm = emit(graph)
+    x = _x()
+    torch.testing.assert_close(gm(x), model(x))
+    # the source's calls with the defaults spelled out still work, by keyword or position
+    torch.testing.assert_close(gm(x, None, 2.0, return_features=False), model(x))
+    torch.testing.assert_close(gm(x, mask=None, scale=2), model(x))
+
+
+@pytest.mark.parametrize("kwargs", [{"mask": torch.ones(5, 3)}, {"scale": 3.0},
+                                    {"return_features": True}])
+def test_other_values_are_refused_by_name(kwargs):
+    gm = emit(load_module(Flagged().eval(), _x()))
+    (name, value), = kwargs.items()
+    with pytest.raises(GraphshapeError, match=f"traced with {name}="):
+        gm(_x(), **kwargs)
+
+
+def test_an_argument_given_in_the_example_inputs_stays_an_input():
+    model = Flagged().eval()
+    x, mask = _x(), torch.rand(5, 3)
+    graph = load_module(model, (x, mask))
+    assert list(graph.inputs) == ["x", "mask"]
+    assert graph.meta["fixed_args"] == {"scale": 2.0, "return_features": False}
+    gm = emit(graph)
+    other = torch.rand(5, 3)
+    torch.testing.assert_close(gm(x, other), model(x, other))
+
+
+def test_a_required_argument_stays_an_input():
+    class TwoInputs(nn.Module):
+        def forward(self, x, y, alpha: float = 0.5):
+            return torch.relu(x) + alpha * y
+
+    graph = load_module(TwoInputs(), (torch.randn(2, 3), torch.randn(2, 3)))
+    assert list(graph.inputs) == ["x", "y"]
+    assert graph.meta["fixed_args"] == {"alpha": 0.5}
+
+
+def test_a_flag_without_default_names_the_argument():
+    class NoDefault(nn.Module):
+        def forward(self, x, flag: bool):
+            return x if flag else -x
+
+    with pytest.raises(GraphshapeError, match="argument of forward that has no default"):
+        load_module(NoDefault(), torch.randn(2))
+
+
+def test_shaping_a_flagged_model_reports_the_fixed_arguments():
+    torch.manual_seed(0)
+    model = Flagged()
+    shaped = graphshape.shape(model, _x(), method="dks")
+    report = shaped.meta["graphshape"]
+    assert any("return_features=False" in w and "mask=None" in w for w in report.warnings)
+    assert not any(isinstance(m, nn.BatchNorm1d) for m in shaped.modules())
+    assert shaped(_x()).shape == (5, 3)
+    with pytest.raises(GraphshapeError, match="return_features"):
+        shaped(_x(), return_features=True)
+    # fx traces the shaped model again (its check does not branch on a traced value), and
+    # graphshape reads it back with the same arguments fixed
+    torch.testing.assert_close(torch.fx.symbolic_trace(shaped)(_x()), shaped(_x()))
+    again = load_module(shaped, _x())
+    assert again.meta["fixed_args"] == {"mask": None, "scale": 2.0, "return_features": False}
+    torch.testing.assert_close(emit(again)(_x()), shaped(_x()))
+
+
+def test_the_check_survives_pickling():
+    """torch.save / torch.load of a GraphModule traces its code again: the check is recorded
+    (not run on the traced value and lost)."""
+    import io
+
+    gm = emit(load_module(Flagged().eval(), _x()))
+    buf = io.BytesIO()
+    torch.save(gm, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    torch.testing.assert_close(loaded(_x()), gm(_x()))
+    with pytest.raises(GraphshapeError, match="wrapper module"):
+        loaded(_x(), return_features=True)
+    with pytest.raises(GraphshapeError, match="a tensor for mask in the example inputs"):
+        loaded(_x(), mask=torch.ones(5, 3))
