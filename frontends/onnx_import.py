@@ -41,7 +41,8 @@ from typing import Any
 import numpy as np
 
 from graphshape.errors import GraphshapeError
-from graphshape.ir import TENSOR_CONTAINER, Graph, Node, Ref, TensorInfo, cache_weight_tap_norms
+from graphshape.ir import (TENSOR_CONTAINER, Graph, Node, Ref, TensorInfo, cache_weight_tap_norms,
+                           is_non_float)
 from graphshape.ops import prelu_activation
 from graphshape.passes.elementwise import fuse_decompositions
 
@@ -1309,6 +1310,9 @@ class _Importer:
         self._binary(node, name, "sub")
 
     def _op_Div(self, node, a, name):
+        if is_non_float(self.info(node.output[0]).dtype):
+            # ONNX divides integers with truncation; the canonical div is x / y
+            raise _Unsupported("integer division")
         self._binary(node, name, "div")
 
     def _op_Mul(self, node, a, name):

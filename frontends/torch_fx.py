@@ -192,6 +192,16 @@ def _drop_fixed_placeholders(graph: torch.fx.Graph, fixed: dict[str, Any]) -> No
         graph.erase_node(ph)
 
 
+class _Untraceable(GraphshapeError):
+    """torch.fx could not trace the module: ``str(e)`` says why. :func:`load_module` then
+    reads the model through its ONNX export (:mod:`graphshape.frontends.torch_onnx`)."""
+
+    #: what the user can do when the export cannot help either
+    WHAT_TO_DO = ("What to do: decorate the offending function with torch.fx.wrap, or pass the "
+                  "submodule's class in load_module(..., leaf_modules=[TheClass]) so it is kept "
+                  "as one opaque call")
+
+
 def _trace(module: nn.Module, leaf_modules, fixed: dict[str, Any]) -> torch.fx.GraphModule:
     leaf_classes = tuple(c for c in (_stochastic_depth_class(), *_norm_act_classes(),
                                      *_std_conv_classes(), *_GRAPHSHAPE_MODULES,
@@ -208,11 +218,8 @@ def _trace(module: nn.Module, leaf_modules, fixed: dict[str, Any]) -> torch.fx.G
                "tensor's value, or on an argument of forward that has no default), which "
                "symbolic tracing cannot record" if control_flow else
                "symbolic tracing failed")
-        raise GraphshapeError(
-            f"torch.fx cannot trace {type(module).__name__}: {why} ({type(exc).__name__}: {msg}). "
-            "What to do: decorate the offending function with torch.fx.wrap, or pass the "
-            "submodule's class in load_module(..., leaf_modules=[TheClass]) so it is kept as one "
-            "opaque call; or export the model with torch.onnx.export and load the ONNX file."
+        raise _Untraceable(
+            f"torch.fx cannot trace {type(module).__name__}: {why} ({type(exc).__name__}: {msg})"
         ) from None
     _drop_fixed_placeholders(graph, fixed)
     name = module.__class__.__name__
@@ -2183,11 +2190,39 @@ def load_module(module: nn.Module, example_inputs=None, *, leaf_modules=(),
     (:func:`graphshape.ir.cache_weight_tap_norms`); False
     where the weights are about to be replaced (shaping re-initializes them): ~20 ms less
     for ResNet-50.
+
+    When torch.fx cannot trace the module (Python control flow on values it does not know)
+    and example inputs are given, the model is read through its in-memory ONNX export
+    instead (:mod:`graphshape.frontends.torch_onnx`; ``graph.meta["traced_with"]`` is then
+    ``"torch.onnx.export"`` and ``graph.meta["fx_error"]`` says why).
     """
     if not isinstance(module, nn.Module):
         raise GraphshapeError(f"load_module needs a torch.nn.Module, got {type(module).__name__}")
     module, wrappers = _unwrap(module)
-    graph = _Loader(module, example_inputs, tuple(leaf_modules)).run()
+    try:
+        graph = _Loader(module, example_inputs, tuple(leaf_modules)).run()
+    except _Untraceable as exc:
+        if example_inputs is None:
+            raise GraphshapeError(
+                f"{exc}. {_Untraceable.WHAT_TO_DO}; or pass example inputs: graphshape then "
+                "reads the model through its ONNX export (torch.onnx.export), which runs "
+                "the forward instead of tracing it") from None
+        from graphshape.frontends.torch_onnx import load_via_onnx
+
+        inputs = example_inputs if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
+        meta = {"model_class": type(module).__name__, "training": module.training,
+                **_placement_meta(module)}
+        fixed = _fixed_args(module, len(inputs))
+        if fixed:
+            meta["fixed_args"] = fixed
+        try:
+            graph = load_via_onnx(module, tuple(inputs), fx_error=str(exc), meta=meta,
+                                  cache_weight_norms=cache_weight_norms)
+        except GraphshapeError as failed:
+            raise GraphshapeError(f"{failed}. {_Untraceable.WHAT_TO_DO}.") from None
+        if wrappers:
+            graph.meta["unwrapped_from"] = wrappers
+        return graph
     # hand-written norms and activations: (x - mean) / sqrt(var + eps) -> layer_norm,
     # x * sigmoid(x) -> silu, ...
     fuse_decompositions(graph, copy=False)

@@ -175,8 +175,9 @@ class _Ctx:
         arr = np.asarray(arr)
         if self.copy_params or not arr.flags.writeable:
             t = torch.from_numpy(np.array(arr, copy=True))
-        else:  # the caller hands the graph's arrays over (see emit)
-            t = torch.from_numpy(np.ascontiguousarray(arr))
+        else:  # the caller hands the graph's arrays over (see emit); np.require keeps a
+            # 0-d array 0-d (np.ascontiguousarray makes it 1-d)
+            t = torch.from_numpy(np.require(arr, requirements="C"))
         if node.meta.get("torch_dtype") == "bfloat16":
             t = t.to(torch.bfloat16)
         return t
@@ -671,8 +672,71 @@ def _e_reduce(ctx, node, xs):
     return ctx.function(node, fn, (xs[0],), {"dim": axes, "keepdim": keepdim})
 
 
+def _onnx_attribute(attr) -> Any:
+    """An ONNX AttributeProto as the Python value graphshape.onnx_functions takes."""
+    import onnx
+    from onnx import numpy_helper
+
+    value = onnx.helper.get_attribute_value(attr)
+    if isinstance(value, bytes):
+        return value.decode()
+    if isinstance(value, onnx.TensorProto):  # ConstantOfShape's value
+        array = numpy_helper.to_array(value)
+        return array.reshape(-1)[0].item() if array.size else 0
+    if attr.name == "to":  # Cast
+        return _onnx_torch_dtype(value)
+    return list(value) if isinstance(value, (list, tuple)) else value
+
+
+def _onnx_torch_dtype(elem_type: int) -> torch.dtype:
+    import onnx
+
+    if elem_type == onnx.TensorProto.BFLOAT16:
+        return torch.bfloat16
+    np_dtype = onnx.helper.tensor_dtype_to_np_dtype(elem_type)
+    return torch.from_numpy(np.zeros(0, np_dtype)).dtype
+
+
+def _e_onnx_function(ctx, node, xs):
+    """An opaque ONNX node as a call to its graphshape.onnx_functions function, or None
+    when there is none for its op type and opset."""
+    import inspect
+
+    from graphshape import onnx_functions
+
+    a = node.attrs
+    entry = onnx_functions.ONNX_FUNCTIONS.get(a.get("op_type")) if not a.get("domain") else None
+    if entry is None or a.get("outer_scope") or a.get("absent_outputs") or len(node.outputs) != 1:
+        return None
+    fn, (first, last) = entry
+    if not first <= int(a.get("source_opset") or first) <= last:
+        return None
+    kwargs = onnx_functions.attribute_keywords(
+        a["op_type"], {k: _onnx_attribute(v) for k, v in (a.get("attributes") or {}).items()})
+    if a["op_type"] == "ConstantOfShape":
+        tensor = (a.get("attributes") or {}).get("value")
+        kwargs["dtype"] = (_onnx_torch_dtype(tensor.t.data_type) if tensor is not None
+                           else torch.float32)
+    positions = a.get("input_positions") or tuple(range(len(xs)))
+    args = [None if p is None else xs[p] for p in positions]
+    while args and args[-1] is None:
+        args.pop()
+    try:
+        inspect.signature(fn).bind(*args, **kwargs)
+    except TypeError:  # an attribute or input the function does not take
+        return None
+    except ValueError:  # a torch builtin (torch.eq, ...): its ONNX op has no attributes
+        if kwargs or None in args:
+            return None
+    return ctx.function(node, fn, tuple(args), kwargs)
+
+
 def _e_opaque(ctx, node, xs):
     a = node.attrs
+    if a.get("framework") == "onnx":
+        emitted = _e_onnx_function(ctx, node, xs)
+        if emitted is not None:
+            return emitted
     if a.get("framework") != "torch":
         desc = a.get("description") or a.get("op_type") or "?"
         raise GraphshapeError(

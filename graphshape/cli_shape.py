@@ -4,7 +4,7 @@
 ``shape SRC -o DST``: SRC is an .onnx file, a ``package.module:factory`` spec (imported: it
 runs code), or a .pt file holding a pickled ``nn.Module`` (read only with ``--trust``: a full
 unpickle runs code; see docs/security.md); DST is .onnx,
-or .pt for a saved ``torch.fx.GraphModule`` (PyTorch sources only; ``torch.load(path,
+or .pt for a saved ``torch.fx.GraphModule`` (from any source; ``torch.load(path,
 weights_only=False)`` reads it back, the report is in its ``graphshape_report`` attribute).
 
 ``batch SRC_DIR -o DST_DIR``: every .onnx file under SRC_DIR (recursively) is shaped into the
@@ -149,11 +149,13 @@ def cmd_shape(args) -> int:
     if is_onnx:
         if not os.path.exists(args.src):
             raise UsageError(f"no such file: {args.src}")
-        if not dst.endswith(".onnx"):
-            raise UsageError("an ONNX source is written as .onnx (-o ...onnx)")
-        from graphshape.shaping_api import shape_onnx
+        if dst.endswith(".pt"):  # ONNX in, PyTorch out
+            shape = parse_shape(args.input_shape) if args.input_shape else None
+            report = _shape_factory(args.src, dst, shape, options)
+        else:
+            from graphshape.shaping_api import shape_onnx
 
-        report = shape_onnx(args.src, dst, **options)
+            report = shape_onnx(args.src, dst, **options)
     else:
         shape = parse_shape(args.input_shape) if args.input_shape else (1, 3, 224, 224)
         report = _shape_factory(args.src, dst, shape, options, trust=args.trust)

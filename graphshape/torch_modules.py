@@ -9,6 +9,7 @@ Everything here is device-agnostic (no tensor is created on a fixed device insid
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, Sequence
 
 import torch
@@ -137,12 +138,26 @@ def _tracing() -> bool:
     return _is_compiling() or _exporting()
 
 
+def recorded_when_traced(fn: Callable) -> Callable:
+    """``fn``, called as usual on values, but recorded as one call when torch.fx traces it
+    (its arguments are Proxies): as unpickling a GraphModule does, which traces its code
+    again. Without this, fx would run ``fn`` on the Proxies, and a function that reads
+    values (a size list, an ``is None`` check) fails there or is lost from the graph.
+    Uses ``__torch_function__`` dispatch, as ``torch._assert`` does."""
+
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        if torch.overrides.has_torch_function(args):
+            return torch.overrides.handle_torch_function(call, args, *args, **kwargs)
+        return fn(*args, **kwargs)
+
+    return call
+
+
+@recorded_when_traced
 def check_fixed_arg(value: Any, fixed: Any, name: str) -> None:
     """Raise when a caller passes ``name=value`` to a shaped model traced with ``name=fixed``
     (its default, which the example inputs left out): the graph holds that case only."""
-    if torch.overrides.has_torch_function((value,)):
-        # a traced value (torch.fx re-tracing the module, as unpickling does): record the check
-        return torch.overrides.handle_torch_function(check_fixed_arg, (value,), value, fixed, name)
     if fixed is None:
         same = value is None
     else:

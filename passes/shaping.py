@@ -37,7 +37,7 @@ import networkx as nx
 import numpy as np
 
 from graphshape.errors import GraphshapeError
-from graphshape.ir import Graph, holds_tensors
+from graphshape.ir import Graph, may_hold_signal
 from graphshape.passes.joins import (MAX_POOL_OPS, commutes_with_max_pool,
                                     move_shortcuts_to_preactivation, normalize_sums,
                                     reset_branch_scales)
@@ -564,6 +564,13 @@ def shape_graph(graph: Graph, *, method: str = "TAT", activation: str | None = N
             f"{')' * len(graph.meta['unwrapped_from'])}: "
             "graphshape shaped the module inside, and returns it unwrapped; wrap the result "
             "again (torch.compile, DataParallel, DistributedDataParallel) to train it that way")
+    if graph.meta.get("traced_with") == "torch.onnx.export":
+        report.warnings.append(
+            f"{graph.meta.get('fx_error')}; graphshape read the model through its ONNX export "
+            "(torch.onnx.export, eval mode, batch axis dynamic) instead: its control flow "
+            "follows the example inputs (another input size may need another path), dropout "
+            "and drop path are not in the shaped model, and names without a matching source "
+            "module or tensor follow the export")
     if graph.meta.get("fixed_args"):
         fixed = ", ".join(f"{k}={v!r}" for k, v in graph.meta["fixed_args"].items())
         report.warnings.append(
@@ -685,11 +692,10 @@ def shape_graph(graph: Graph, *, method: str = "TAT", activation: str | None = N
 
     max_pools, opaque = [], []
     for node in g:
-        if node.op == "opaque" and (holds_tensors(node)
-                                    or not all(o.dtype == "object" for o in node.outputs)) \
+        if node.op == "opaque" and node.outputs and may_hold_signal(node) \
                 and not ends_the_network(g, node.name):
-            # (opaque nodes computing Python values -- x.size(), getitem on a shape -- carry
-            # no signal and need no kernel rule; nor does one that only shapes the output)
+            # (opaque nodes computing Python values or sizes -- x.size(), an ONNX Shape --
+            # carry no signal and need no kernel rule; nor does one that only shapes the output)
             opaque.append(f"{node.name!r} ({node.attrs.get('description', '?')})")
         elif node.op in MAX_POOL_OPS:
             max_pools.append(node.name)

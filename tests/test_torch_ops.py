@@ -346,12 +346,12 @@ def test_wrong_example_inputs_are_a_clear_error():
 def test_onnx_opaque_node_is_an_error_naming_it():
     g = Graph({"source": "onnx"})
     g.add(Node("x", "input", outputs=[TensorInfo((1, 3), "float32")]))
-    g.add(Node("weird", "opaque", [Ref("x")], {"framework": "onnx", "op_type": "Einsum",
-                                               "description": "Einsum"}))
+    g.add(Node("weird", "opaque", [Ref("x")], {"framework": "onnx", "op_type": "NonZero",
+                                               "description": "NonZero"}))
     g.add(Node("y", "output", [Ref("weird")]))
     with pytest.raises(GraphshapeError, match="weird") as info:
         emit(g)
-    assert "Einsum" in str(info.value)
+    assert "NonZero" in str(info.value)
 
 
 # ------------------------------------------------------------------ backend on hand-written IR
@@ -364,6 +364,19 @@ def _graph(*nodes, source="onnx"):
 
 def _inp(name="x", shape=(2, 4, 7, 7)):
     return Node(name, "input", attrs={"name": name}, outputs=[TensorInfo(shape, "float32")])
+
+
+@pytest.mark.parametrize("copy_params", [True, False])
+def test_a_0d_constant_keeps_its_rank(copy_params):
+    """copy_params=False (the shaping API) hands the graph's arrays over; a 0-d one became
+    1-d there (np.ascontiguousarray), and a model exported with a dynamic batch then failed
+    to concatenate its sizes."""
+    g = _graph(_inp("x", (3,)), Node("c", "constant", params={"value": np.array(2.0, np.float32)}),
+               Node("u", "unsqueeze", [Ref("c")], {"axes": (0,)}),
+               Node("cat", "concat", [Ref("x"), Ref("u")], {"axis": 0}),
+               Node("y", "output", [Ref("cat")]))
+    out = emit(g, copy_params=copy_params)(torch.zeros(3))
+    torch.testing.assert_close(out, torch.tensor([0.0, 0.0, 0.0, 2.0]))
 
 
 def test_onnx_style_ops_emit_correctly():

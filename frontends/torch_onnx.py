@@ -1,0 +1,187 @@
+"""The PyTorch frontend's second way in: a model that torch.fx cannot trace, read through
+its ONNX export.
+
+``torch.fx.symbolic_trace`` records a forward without running it, so Python control flow on
+a value it does not know (``if H % window:``, ``for blk in blocks[:depth(x)]``, a ``len`` of
+a tensor) stops it. ``torch.onnx.export`` (the TorchScript exporter) runs the model on the
+example inputs and records the path they take, so many such models (timm's twins, nest,
+mobilevit, mvitv2) export fine. :func:`load_via_onnx` exports the model in memory, with
+the batch axis dynamic, reads the file with :func:`graphshape.frontends.onnx_import.load_onnx`,
+and gives the graph what the torch backend needs to emit a module like the source's: the
+source's parameter names where a layer or tensor of the model matches
+(``node.meta["module_path"]``), its tensors trainable as they were, its output structure
+(dicts, tuples) and dtype / device / training mode.
+
+What the export path records differently (the report says so): control flow follows the
+example inputs (another image size may need another path), eval mode (dropout and drop
+path are not in the graph, batch norm arrives folded into the convolutions), and the
+shaped module's forward takes the example inputs' tensors only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import io
+import warnings
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils import _pytree as pytree
+
+from graphshape.errors import GraphshapeError
+from graphshape.ir import Graph, Ref
+
+#: the opset of the in-memory export (the TorchScript exporter's most tested one)
+EXPORT_OPSET = 17
+
+
+def _input_names(module: nn.Module, count: int) -> list[str]:
+    """``forward``'s first ``count`` positional parameter names (``input_{i}`` past them)."""
+    try:
+        params = [p.name for p in inspect.signature(module.forward).parameters.values()
+                  if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    except (TypeError, ValueError):
+        params = []
+    names = params[:count] + [f"input_{i}" for i in range(len(params), count)]
+    return names
+
+
+def _export(module: nn.Module, inputs: tuple, input_names: list[str]):
+    """(ModelProto, output pytree spec, output count): the eval-mode export with axis 0
+    dynamic on every input and on every output whose axis 0 is the batch."""
+    import onnx
+
+    batch = inputs[0].shape[0] if inputs and inputs[0].dim() else None
+    with torch.no_grad():
+        outputs = module(*inputs)
+    flat, spec = pytree.tree_flatten(outputs)
+    if not flat or not all(isinstance(t, torch.Tensor) for t in flat):
+        raise GraphshapeError("its outputs are not all tensors, so it has no ONNX export")
+    output_names = [f"output_{i}" for i in range(len(flat))]
+    dynamic = {name: {0: "batch"} for name, x in zip(input_names, inputs) if x.dim()}
+    dynamic.update({name: {0: "batch"} for name, y in zip(output_names, flat)
+                    if y.dim() and batch is not None and y.shape[0] == batch})
+    buffer = io.BytesIO()
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        torch.onnx.export(module, inputs, buffer, opset_version=EXPORT_OPSET, dynamo=False,
+                          input_names=input_names, output_names=output_names,
+                          dynamic_axes=dynamic)
+    proto = onnx.load_from_string(buffer.getvalue())
+    _check_export(proto, module, inputs, input_names)
+    return proto, spec, len(flat)
+
+
+def _probes(inputs: tuple) -> list[tuple]:
+    """Inputs unlike the example: its floats negated (a branch on a value such as
+    ``if x.sum() > 0`` flips), and one more example in the batch (the dynamic axis)."""
+    flipped = tuple(-x if x.is_floating_point() else x for x in inputs)
+    generator = torch.Generator().manual_seed(0)
+    grown = tuple(
+        torch.cat([x, (torch.randn(x[:1].shape, generator=generator, dtype=x.dtype)
+                       * x.std() + x.mean()) if x.is_floating_point() else x[:1]])
+        if x.dim() else x for x in inputs)
+    return [flipped, grown]
+
+
+def _check_export(proto, module: nn.Module, inputs: tuple, input_names: list[str]) -> None:
+    """GraphshapeError unless onnxruntime runs the export to the module's outputs on
+    :func:`_probes`: the exporter records the path the example inputs take, so a branch on
+    a tensor's value (not only on its shape) would be frozen into the graph."""
+    import numpy as np
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    try:
+        session = ort.InferenceSession(proto.SerializeToString(), options,
+                                       providers=["CPUExecutionProvider"])
+    except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own types
+        raise GraphshapeError(f"onnxruntime cannot run its ONNX export to check it "
+                              f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from None
+    for probe in _probes(inputs):
+        with torch.no_grad():
+            want = [t.detach().float().cpu().numpy() for t in pytree.tree_leaves(module(*probe))]
+        feeds = {name: x.detach().cpu().numpy() for name, x in zip(input_names, probe)}
+        try:
+            got = session.run(None, feeds)
+        except Exception as exc:  # noqa: BLE001
+            raise GraphshapeError(f"its ONNX export does not run on other inputs "
+                                  f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from None
+        for g, w in zip(got, want):
+            scale = float(np.abs(w).max()) if w.size else 0.0
+            if g.shape != w.shape or not np.allclose(g, w, rtol=1e-3, atol=1e-4 * max(scale, 1e-6)):
+                raise GraphshapeError(
+                    "traced on the example inputs, it computes other outputs than the model "
+                    "on other inputs (its control flow depends on the inputs' values, which a "
+                    "trace freezes)")
+
+
+def _layer_path(name: str, modules: dict[str, nn.Module]) -> str | None:
+    """The source module an imported layer node came from: the importer names nodes after
+    the exporter's scope (``blocks.0.attn.qkv`` or ``blocks.0.attn.qkv.MatMul``)."""
+    for candidate in (name, name.rsplit(".", 1)[0]):
+        module = modules.get(candidate)
+        if module is not None and candidate and any(True for _ in module.parameters(recurse=False)):
+            return candidate
+    return None
+
+
+def _match_source_names(graph: Graph, module: nn.Module) -> None:
+    """Give nodes the source's names (``module_path``: the torch backend's attribute path,
+    so ``state_dict`` keys match), and mark constants that were parameters trainable."""
+    params = dict(module.named_parameters())
+    buffers = dict(module.named_buffers())
+    modules = dict(module.named_modules())
+    claimed: set[str] = set()
+    for node in graph:
+        if node.op == "constant":
+            source = node.meta.get("source_name")
+            if source in params:
+                node.attrs["trainable"] = params[source].requires_grad
+            if (source in params or source in buffers) and source not in claimed:
+                node.meta["module_path"] = source
+                claimed.add(source)
+        elif node.params and node.op not in ("input", "output"):
+            path = _layer_path(node.name, modules)
+            if path is not None and path not in claimed:
+                node.meta["module_path"] = path
+                claimed.add(path)
+
+
+def load_via_onnx(module: nn.Module, example_inputs: tuple, *, fx_error: str,
+                  meta: dict[str, Any], cache_weight_norms: bool = True) -> Graph:
+    """``module`` read through its in-memory ONNX export (see the module docstring);
+    ``fx_error``: why torch.fx could not trace it (kept in ``graph.meta["fx_error"]`` for the
+    report); ``meta``: the torch frontend's graph meta (model class, training mode, dtype,
+    device, fixed arguments). A GraphshapeError with both reasons when the export fails."""
+    from graphshape.frontends.onnx_import import load_onnx
+
+    inputs = tuple(example_inputs)
+    if not inputs or not all(isinstance(x, torch.Tensor) for x in inputs):
+        raise GraphshapeError(f"{fx_error} (the ONNX export that graphshape tries next needs "
+                              "tensor example inputs)")
+    training = module.training
+    module.eval()
+    try:
+        proto, spec, count = _export(module, inputs, _input_names(module, len(inputs)))
+    except GraphshapeError as exc:
+        raise GraphshapeError(f"{fx_error}. Its ONNX export (torch.onnx.export, which "
+                              f"graphshape tries next) cannot stand in for it: {exc}") from None
+    except Exception as exc:  # the exporter raises many types
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise GraphshapeError(
+            f"{fx_error}. Its ONNX export (torch.onnx.export, which graphshape tries next) "
+            f"failed too: {type(exc).__name__}: {first[:300]}") from None
+    finally:
+        module.train(training)
+    graph = load_onnx(proto, cache_weight_norms=cache_weight_norms)
+    _match_source_names(graph, module)
+    outputs = graph.output_nodes
+    if len(outputs) == count:
+        graph.meta["torch_output"] = pytree.tree_unflatten([Ref(n) for n in outputs], spec)
+    graph.meta.update(meta)
+    graph.meta.update(traced_with="torch.onnx.export", fx_error=fx_error)
+    return graph

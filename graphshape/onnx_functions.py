@@ -1,0 +1,304 @@
+"""Torch functions with the semantics of the ONNX ops that graphshape keeps opaque.
+
+The ONNX importer maps the ops that carry the signal to canonical ops, and folds shape
+computations it can evaluate; what remains is opaque, mostly the shape arithmetic of a model
+exported with a dynamic axis (``Shape`` -> ``Gather`` -> ``Concat`` -> ``Reshape`` around the
+batch size, ``Expand`` of a class token, the ``Range`` / ``ScatterND`` of a Swin attention
+mask). The torch backend emits such a node as a call to the function here of the same name,
+so a PyTorch model can be emitted from an ONNX file whatever its dynamic axes.
+
+``ONNX_FUNCTIONS`` maps an op type (default domain) to ``(function, opsets)``: the function
+takes the node's inputs in ONNX order (``None`` for an absent optional input) and its
+attributes as keywords, decoded to Python values (``Cast``'s ``to`` as a ``torch.dtype``);
+``opsets`` is the range of opset versions whose signature it follows. Shape values are int64
+tensors on the input's device, as in ONNX; they become Python ints where torch needs sizes.
+So the emitted module runs eagerly, under ``torch.compile`` (with graph breaks at those
+conversions) and ``torch.jit.trace``; ``torch.export`` refuses sizes read from a tensor.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from graphshape.torch_modules import recorded_when_traced
+
+
+def _ints(value: torch.Tensor | Sequence[int] | None) -> list[int] | None:
+    if value is None:
+        return None
+    if isinstance(value, torch.Tensor):
+        return [int(v) for v in value.reshape(-1).tolist()]
+    return [int(v) for v in value]
+
+
+def _scalar(value):
+    return value.item() if isinstance(value, torch.Tensor) else value
+
+
+@recorded_when_traced
+def shape(data: torch.Tensor, *, start: int = 0, end: int | None = None) -> torch.Tensor:
+    """ONNX Shape: the sizes ``[start:end]`` (Python slicing clamps as ONNX does)."""
+    return torch.tensor(tuple(data.shape)[start:end], dtype=torch.int64, device=data.device)
+
+
+@recorded_when_traced
+def size(data: torch.Tensor) -> torch.Tensor:
+    return torch.tensor(data.numel(), dtype=torch.int64, device=data.device)
+
+
+@recorded_when_traced
+def reshape(data: torch.Tensor, new_shape: torch.Tensor, *, allowzero: int = 0) -> torch.Tensor:
+    """ONNX Reshape: a 0 copies the input's size there unless ``allowzero``."""
+    sizes = _ints(new_shape)
+    if not allowzero:
+        sizes = [data.shape[i] if s == 0 else s for i, s in enumerate(sizes)]
+    return data.reshape(sizes)
+
+
+@recorded_when_traced
+def expand(data: torch.Tensor, new_shape: torch.Tensor) -> torch.Tensor:
+    """ONNX Expand: broadcasting both ways (a 1 in ``new_shape`` keeps the input's size)."""
+    return data.expand(torch.broadcast_shapes(tuple(data.shape), tuple(_ints(new_shape))))
+
+
+@recorded_when_traced
+def cast(data: torch.Tensor, *, to: torch.dtype) -> torch.Tensor:
+    return data.to(to)
+
+
+@recorded_when_traced
+def cast_like(data: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return data.to(target.dtype)
+
+
+@recorded_when_traced
+def constant_of_shape(sizes: torch.Tensor, *, value: float | int | bool = 0.0,
+                      dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    return torch.full(_ints(sizes), value, dtype=dtype, device=sizes.device)
+
+
+@recorded_when_traced
+def range_(start: torch.Tensor, limit: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    return torch.arange(_scalar(start), _scalar(limit), _scalar(delta), dtype=start.dtype,
+                        device=start.device)
+
+
+def _normalized_axes(axes: Sequence[int], rank: int) -> list[int]:
+    return [a + rank if a < 0 else a for a in axes]
+
+
+@recorded_when_traced
+def unsqueeze(data: torch.Tensor, axes: torch.Tensor | None = None, *,
+              attr_axes: Sequence[int] | None = None) -> torch.Tensor:
+    """ONNX Unsqueeze: axes index the output (an input from opset 13, an attribute before)."""
+    axes = _ints(axes) if axes is not None else list(attr_axes)
+    for axis in sorted(_normalized_axes(axes, data.dim() + len(axes))):
+        data = data.unsqueeze(axis)
+    return data
+
+
+@recorded_when_traced
+def squeeze(data: torch.Tensor, axes: torch.Tensor | None = None, *,
+            attr_axes: Sequence[int] | None = None) -> torch.Tensor:
+    axes = _ints(axes) if axes is not None else (None if attr_axes is None else list(attr_axes))
+    if axes is None:
+        return data.squeeze()
+    for axis in sorted(_normalized_axes(axes, data.dim()), reverse=True):
+        data = data.squeeze(axis)
+    return data
+
+
+@recorded_when_traced
+def concat(*inputs: torch.Tensor, axis: int) -> torch.Tensor:
+    return torch.cat(inputs, dim=axis)
+
+
+@recorded_when_traced
+def gather(data: torch.Tensor, indices: torch.Tensor, *, axis: int = 0) -> torch.Tensor:
+    """ONNX Gather: ``data``'s slices along ``axis`` at ``indices`` (any shape; negative
+    indices count from the end)."""
+    axis = axis + data.dim() if axis < 0 else axis
+    index = indices.to(torch.int64)
+    index = torch.where(index < 0, index + data.shape[axis], index)
+    picked = data.index_select(axis, index.reshape(-1))
+    return picked.reshape(tuple(data.shape[:axis]) + tuple(indices.shape)
+                          + tuple(data.shape[axis + 1:]))
+
+
+@recorded_when_traced
+def slice_(data: torch.Tensor, starts=None, ends=None, axes=None, steps=None, *,
+           attr_starts=None, attr_ends=None, attr_axes=None) -> torch.Tensor:
+    """ONNX Slice (inputs from opset 10, attributes before), negative steps included, with
+    ONNX's clamping: to [0, size] for a positive step, to [0, size - 1] (start) and
+    [-1, size - 1] (end) for a negative one."""
+    starts = _ints(starts) if starts is not None else list(attr_starts)
+    ends = _ints(ends) if ends is not None else list(attr_ends)
+    axes = _ints(axes) if axes is not None else (
+        list(attr_axes) if attr_axes is not None else list(range(len(starts))))
+    steps = _ints(steps) if steps is not None else [1] * len(starts)
+    for start, end, axis, step in zip(starts, ends, _normalized_axes(axes, data.dim()), steps):
+        dim = data.shape[axis]
+        start = start + dim if start < 0 else start
+        end = end + dim if end < 0 else end
+        if step > 0:
+            start, end = min(max(start, 0), dim), min(max(end, 0), dim)
+        else:
+            start, end = min(max(start, 0), dim - 1), min(max(end, -1), dim - 1)
+        if step == 1:
+            data = data.narrow(axis, start, max(end - start, 0))
+        else:
+            index = torch.arange(start, end, step, dtype=torch.int64, device=data.device)
+            data = data.index_select(axis, index)
+    return data
+
+
+@recorded_when_traced
+def pad(data: torch.Tensor, pads: torch.Tensor | None = None,
+        constant_value: torch.Tensor | None = None, axes: torch.Tensor | None = None, *,
+        mode: str = "constant", attr_pads: Sequence[int] | None = None,
+        value: float = 0.0) -> torch.Tensor:
+    """ONNX Pad (pads, value and axes as inputs from opset 11 / 18, attributes before);
+    negative pads crop, as in ONNX."""
+    pads = _ints(pads) if pads is not None else list(attr_pads)
+    rank = data.dim()
+    axes = _normalized_axes(_ints(axes), rank) if axes is not None else list(range(rank))
+    n = len(axes)
+    begin, end = [0] * rank, [0] * rank
+    for i, axis in enumerate(axes):
+        begin[axis], end[axis] = pads[i], pads[n + i]
+    torch_pads = []
+    for axis in reversed(range(rank)):  # F.pad: last dim first
+        torch_pads += [begin[axis], end[axis]]
+    while len(torch_pads) > 2 and torch_pads[-2:] == [0, 0]:  # the modes other than
+        del torch_pads[-2:]  # "constant" pad at most the last 3 dims
+    fill = _scalar(constant_value) if constant_value is not None else value
+    modes = {"constant": "constant", "reflect": "reflect", "edge": "replicate", "wrap": "circular"}
+    if mode == "constant":
+        return F.pad(data, torch_pads, mode="constant", value=fill)
+    return F.pad(data, torch_pads, mode=modes[mode])
+
+
+@recorded_when_traced
+def scatter_nd(data: torch.Tensor, indices: torch.Tensor, updates: torch.Tensor, *,
+               reduction: str = "none") -> torch.Tensor:
+    """ONNX ScatterND: a copy of ``data`` with ``updates`` written (or added / multiplied /
+    max / min-ed) at the index tuples in the last axis of ``indices``."""
+    out = data.clone()
+    index = tuple(indices.to(torch.int64).unbind(-1))
+    if reduction == "none":
+        out[index] = updates
+    elif reduction == "add":
+        out.index_put_(index, updates, accumulate=True)
+    else:
+        current = out[index]
+        combine = {"mul": torch.mul, "max": torch.maximum, "min": torch.minimum}[reduction]
+        out[index] = combine(current, updates)
+    return out
+
+
+@recorded_when_traced
+def tile(data: torch.Tensor, repeats: torch.Tensor) -> torch.Tensor:
+    return data.repeat(_ints(repeats))
+
+
+@recorded_when_traced
+def clip(data: torch.Tensor, low: torch.Tensor | None = None, high: torch.Tensor | None = None,
+         *, attr_min: float | None = None, attr_max: float | None = None) -> torch.Tensor:
+    low = _scalar(low) if low is not None else attr_min
+    high = _scalar(high) if high is not None else attr_max
+    return torch.clamp(data, low, high) if (low, high) != (None, None) else data
+
+
+@recorded_when_traced
+def reduce_l2(data: torch.Tensor, axes: torch.Tensor | None = None, *, keepdims: int = 1,
+              noop_with_empty_axes: int = 0, attr_axes: Sequence[int] | None = None) -> torch.Tensor:
+    axes = _ints(axes) if axes is not None else (list(attr_axes) if attr_axes else [])
+    if not axes:
+        if noop_with_empty_axes:
+            return data
+        axes = list(range(data.dim()))
+    return torch.linalg.vector_norm(data, 2, dim=axes, keepdim=bool(keepdims))
+
+
+@recorded_when_traced
+def mod(a: torch.Tensor, b: torch.Tensor, *, fmod: int = 0) -> torch.Tensor:
+    """ONNX Mod: the sign of the divisor (Python's %), or of the dividend with ``fmod``."""
+    return torch.fmod(a, b) if fmod else torch.remainder(a, b)
+
+
+@recorded_when_traced
+def div(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """ONNX Div: integer inputs divide with truncation, as onnxruntime does."""
+    if a.is_floating_point() or b.is_floating_point():
+        return a / b
+    return torch.div(a, b, rounding_mode="trunc")
+
+
+@recorded_when_traced
+def einsum(*inputs: torch.Tensor, equation: str) -> torch.Tensor:
+    return torch.einsum(equation, *inputs)
+
+
+@recorded_when_traced
+def minimum(*inputs: torch.Tensor) -> torch.Tensor:
+    out = inputs[0]
+    for x in inputs[1:]:
+        out = torch.minimum(out, x)
+    return out
+
+
+@recorded_when_traced
+def maximum(*inputs: torch.Tensor) -> torch.Tensor:
+    out = inputs[0]
+    for x in inputs[1:]:
+        out = torch.maximum(out, x)
+    return out
+
+
+@recorded_when_traced
+def identity(data: torch.Tensor) -> torch.Tensor:
+    return data
+
+
+_ANY = (1, 10_000)
+
+#: ONNX op type (default domain) -> (torch function, (first, last) opset it follows)
+ONNX_FUNCTIONS: dict[str, tuple[Callable[..., torch.Tensor], tuple[int, int]]] = {
+    "Shape": (shape, _ANY), "Size": (size, _ANY), "Reshape": (reshape, (5, 10_000)),
+    "Expand": (expand, _ANY), "Cast": (cast, (6, 10_000)), "CastLike": (cast_like, _ANY),
+    "ConstantOfShape": (constant_of_shape, _ANY), "Range": (range_, _ANY),
+    "Unsqueeze": (unsqueeze, _ANY), "Squeeze": (squeeze, _ANY), "Concat": (concat, (4, 10_000)),
+    "Gather": (gather, _ANY), "Slice": (slice_, _ANY), "Pad": (pad, (2, 10_000)),
+    "ScatterND": (scatter_nd, _ANY), "Tile": (tile, (6, 10_000)), "Clip": (clip, (6, 10_000)),
+    "ReduceL2": (reduce_l2, _ANY), "Mod": (mod, _ANY), "Div": (div, (7, 10_000)),
+    "Einsum": (einsum, _ANY), "Min": (minimum, (8, 10_000)), "Max": (maximum, (8, 10_000)),
+    "Identity": (identity, _ANY),
+    "Add": (torch.add, (7, 10_000)), "Sub": (torch.sub, (7, 10_000)),
+    "Mul": (torch.mul, (7, 10_000)), "Neg": (torch.neg, (6, 10_000)),
+    "Equal": (torch.eq, (7, 10_000)), "Less": (torch.lt, (7, 10_000)),
+    "Greater": (torch.gt, (7, 10_000)), "LessOrEqual": (torch.le, _ANY),
+    "GreaterOrEqual": (torch.ge, _ANY), "Not": (torch.logical_not, _ANY),
+    "And": (torch.logical_and, (7, 10_000)), "Or": (torch.logical_or, (7, 10_000)),
+    "Where": (torch.where, _ANY), "Sqrt": (torch.sqrt, (6, 10_000)),
+    "Floor": (torch.floor, (6, 10_000)), "Ceil": (torch.ceil, (6, 10_000)),
+    "Abs": (torch.abs, (6, 10_000)), "Exp": (torch.exp, (6, 10_000)),
+    "Log": (torch.log, (6, 10_000)), "Reciprocal": (torch.reciprocal, (6, 10_000)),
+}
+
+#: attributes that an older opset gives where a newer one takes an input, by op type:
+#: ONNX attribute name -> the function's keyword
+ATTRIBUTE_KEYWORDS: dict[str, dict[str, str]] = {
+    "Unsqueeze": {"axes": "attr_axes"}, "Squeeze": {"axes": "attr_axes"},
+    "Slice": {"starts": "attr_starts", "ends": "attr_ends", "axes": "attr_axes"},
+    "Pad": {"pads": "attr_pads"}, "Clip": {"min": "attr_min", "max": "attr_max"},
+    "ReduceL2": {"axes": "attr_axes"},
+}
+
+
+def attribute_keywords(op_type: str, attributes: dict[str, Any]) -> dict[str, Any]:
+    """The function's keywords for the node's decoded ONNX attributes."""
+    names = ATTRIBUTE_KEYWORDS.get(op_type, {})
+    return {names.get(k, k): v for k, v in attributes.items()}

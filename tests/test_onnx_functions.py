@@ -1,0 +1,186 @@
+"""ONNX ops that graphshape keeps opaque are emitted to PyTorch (graphshape.onnx_functions):
+each equals onnxruntime, and a model exported with a dynamic batch axis (shape arithmetic
+around the batch size) becomes a PyTorch module that runs at any batch size. Before, such a
+model could only be written back as ONNX ("opaque onnx op ONNX Shape cannot be emitted to
+torch")."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import TensorProto, helper
+from torch import nn
+
+import graphshape
+from graphshape.api import load
+from graphshape.backend_torch import emit
+from test_onnx_roundtrip import run_ort
+
+F32, I64 = TensorProto.FLOAT, TensorProto.INT64
+RNG = np.random.default_rng(0)
+
+
+def _model(op_type, inputs, attrs=None, opset=17, out_type=F32, n_extra_nodes=()):
+    """One ``op_type`` node over graph inputs ``inputs`` ([(name, elem_type, shape, value)]);
+    value None: the input is absent (an empty name)."""
+    given = [(n, t, s) for n, t, s, v in inputs if v is not None]
+    names = [n if v is not None else "" for n, t, s, v in inputs]
+    while names and not names[-1]:
+        names.pop()
+    node = helper.make_node(op_type, names, ["y"], **(attrs or {}))
+    graph = helper.make_graph(
+        [node], "g", [helper.make_tensor_value_info(n, t, s) for n, t, s in given],
+        [helper.make_tensor_value_info("y", out_type, None)])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+
+
+def _f(*shape):
+    return RNG.normal(size=shape).astype(np.float32)
+
+
+def _i(*values):
+    return np.array(values, np.int64)
+
+
+# (id, op type, [(name, elem type, shape, value)], attributes, opset, output type)
+CASES = [
+    ("shape", "Shape", [("x", F32, [None, 3, 4], _f(2, 3, 4))], {}, 17, I64),
+    ("shape_start_end", "Shape", [("x", F32, [None, 3, 4], _f(2, 3, 4))],
+     {"start": 1, "end": -1}, 17, I64),
+    ("reshape_zero", "Reshape", [("x", F32, [2, 3, 4], _f(2, 3, 4)), ("s", I64, [3], _i(0, -1, 2))],
+     {}, 17, F32),
+    ("expand_both_ways", "Expand", [("x", F32, [3, 1], _f(3, 1)), ("s", I64, [3], _i(2, 1, 4))],
+     {}, 17, F32),
+    ("cast", "Cast", [("x", F32, [5], np.array([1.7, -2.5, 0.2, 3.9, -0.6], np.float32))],
+     {"to": TensorProto.INT64}, 17, I64),
+    ("constant_of_shape", "ConstantOfShape", [("s", I64, [2], _i(2, 3))],
+     {"value": helper.make_tensor("v", I64, [1], [7])}, 17, I64),
+    ("range", "Range", [("a", I64, [], np.array(2, np.int64)), ("b", I64, [], np.array(11, np.int64)),
+                        ("d", I64, [], np.array(3, np.int64))], {}, 17, I64),
+    ("unsqueeze", "Unsqueeze", [("x", F32, [2, 3], _f(2, 3)), ("a", I64, [2], _i(-1, 0))], {}, 17, F32),
+    ("unsqueeze_attr", "Unsqueeze", [("x", F32, [2, 3], _f(2, 3))], {"axes": [1, 3]}, 11, F32),
+    ("squeeze", "Squeeze", [("x", F32, [2, 1, 3, 1], _f(2, 1, 3, 1)), ("a", I64, [1], _i(-1))],
+     {}, 17, F32),
+    ("gather_2d_negative", "Gather", [("x", F32, [4, 5], _f(4, 5)),
+                                      ("i", I64, [2, 2], np.array([[0, -1], [2, 3]], np.int64))],
+     {"axis": 1}, 17, F32),
+    ("slice_negative_step", "Slice", [("x", F32, [6, 5], _f(6, 5)), ("s", I64, [2], _i(-1, 1)),
+                                      ("e", I64, [2], _i(-100, 100)), ("a", I64, [2], _i(0, 1)),
+                                      ("t", I64, [2], _i(-2, 2))], {}, 17, F32),
+    ("slice_attr", "Slice", [("x", F32, [6, 5], _f(6, 5))],
+     {"starts": [1], "ends": [1000], "axes": [1]}, 9, F32),
+    ("pad_crop", "Pad", [("x", F32, [3, 4], _f(3, 4)), ("p", I64, [4], _i(1, -1, 2, 1)),
+                         ("v", F32, [], np.array(0.5, np.float32))], {}, 17, F32),
+    ("pad_reflect_axes", "Pad", [("x", F32, [3, 4], _f(3, 4)), ("p", I64, [2], _i(1, 2)),
+                                 ("v", F32, [], None), ("a", I64, [1], _i(-1))],
+     {"mode": "reflect"}, 18, F32),
+    ("scatter_nd", "ScatterND", [("x", F32, [4, 3], _f(4, 3)), ("i", I64, [2, 1], _i(3, 0).reshape(2, 1)),
+                                 ("u", F32, [2, 3], _f(2, 3))], {}, 17, F32),
+    ("scatter_nd_add", "ScatterND", [("x", F32, [4, 3], _f(4, 3)),
+                                     ("i", I64, [2, 2], np.array([[1, 2], [1, 2]], np.int64)),
+                                     ("u", F32, [2], _f(2))], {"reduction": "add"}, 17, F32),
+    ("tile", "Tile", [("x", F32, [2, 3], _f(2, 3)), ("r", I64, [2], _i(2, 3))], {}, 17, F32),
+    ("clip_max_only", "Clip", [("x", F32, [6], _f(6)), ("lo", F32, [], None),
+                               ("hi", F32, [], np.array(0.3, np.float32))], {}, 17, F32),
+    ("reduce_l2", "ReduceL2", [("x", F32, [2, 3, 4], _f(2, 3, 4))],
+     {"axes": [1], "keepdims": 0}, 17, F32),
+    ("mod", "Mod", [("a", I64, [4], _i(7, -7, 7, -7)), ("b", I64, [4], _i(3, 3, -3, -3))],
+     {}, 17, I64),
+    ("fmod", "Mod", [("a", F32, [3], np.array([5.5, -5.5, 2.0], np.float32)),
+                     ("b", F32, [3], np.array([2.0, 2.0, -1.5], np.float32))], {"fmod": 1}, 17, F32),
+    ("div_int", "Div", [("a", I64, [3], _i(7, -7, 9)), ("b", I64, [3], _i(2, 2, 3))], {}, 17, I64),
+    ("einsum", "Einsum", [("a", F32, [2, 3, 4], _f(2, 3, 4)), ("b", F32, [2, 4, 5], _f(2, 4, 5))],
+     {"equation": "bij,bjk->bik"}, 17, F32),
+    ("max_3", "Max", [("a", F32, [3], _f(3)), ("b", F32, [3], _f(3)), ("c", F32, [1], _f(1))],
+     {}, 17, F32),
+]
+
+
+@pytest.mark.parametrize("op_type, inputs, attrs, opset, out_type",
+                         [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_op_equals_onnxruntime(op_type, inputs, attrs, opset, out_type):
+    model = _model(op_type, inputs, attrs, opset, out_type)
+    feeds = {n: v for n, t, s, v in inputs if v is not None}
+    want = run_ort(model, feeds)[0]
+    gm = emit(load(model))
+    got = gm(**{n: torch.from_numpy(v) for n, v in feeds.items()})
+    assert got.dtype == torch.from_numpy(want).dtype
+    np.testing.assert_allclose(got.numpy(), want, rtol=1e-6, atol=1e-6)
+
+
+def test_an_op_without_a_torch_function_is_still_refused_by_name():
+    model = _model("NonZero", [("x", F32, [4], np.array([0, 1, 0, 2], np.float32))], out_type=I64)
+    with pytest.raises(graphshape.GraphshapeError, match="NonZero cannot be emitted to torch"):
+        emit(load(model))
+
+
+class TinyViT(nn.Module):
+    """A class token expanded to the batch and attention heads split with the batch size read
+    at run time: what a dynamic-batch export turns into Shape / Gather / Concat / Expand."""
+
+    def __init__(self, dim=16, heads=2):
+        super().__init__()
+        self.heads = heads
+        self.embed = nn.Conv2d(3, dim, 4, 4)
+        self.cls = nn.Parameter(torch.randn(1, 1, dim))
+        self.norm = nn.LayerNorm(dim)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
+        self.head = nn.Linear(dim, 5)
+
+    def forward(self, x):
+        x = self.embed(x).flatten(2).transpose(1, 2)
+        b, n, c = x.shape
+        x = torch.cat([self.cls.expand(b, -1, -1), x], dim=1)
+        q, k, v = self.qkv(self.norm(x)).reshape(b, n + 1, 3, self.heads, c // self.heads) \
+            .permute(2, 0, 3, 1, 4)
+        att = (q @ k.transpose(-2, -1) * (c // self.heads) ** -0.5).softmax(-1)
+        x = x + self.proj((att @ v).transpose(1, 2).reshape(b, n + 1, c))
+        x = x + self.mlp(x)
+        return self.head(x[:, 0])
+
+
+@pytest.fixture(scope="module")
+def tiny_vit_onnx(tmp_path_factory):
+    torch.manual_seed(0)
+    model = TinyViT().eval()
+    path = str(tmp_path_factory.mktemp("dyn") / "tiny_vit.onnx")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (torch.randn(2, 3, 16, 16),), path, opset_version=17,
+                          dynamo=False, input_names=["x"], output_names=["y"],
+                          dynamic_axes={"x": {0: "batch"}, "y": {0: "batch"}})
+    return path
+
+
+def test_dynamic_batch_export_runs_in_torch_at_any_batch(tiny_vit_onnx):
+    graph = load(tiny_vit_onnx)
+    assert {"Shape", "Expand"} <= {n.attrs.get("op_type") for n in graph if n.op == "opaque"}
+    gm = graphshape.to_torch(tiny_vit_onnx)
+    for batch in (1, 3, 7):
+        x = np.random.default_rng(batch).normal(size=(batch, 3, 16, 16)).astype(np.float32)
+        want = run_ort(tiny_vit_onnx, {"x": x})[0]
+        got = gm(torch.from_numpy(x)).detach().numpy()
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_shaped_dynamic_batch_export_trains_in_torch(tiny_vit_onnx, tmp_path):
+    """``graphshape shape model.onnx -o model.pt``: the shaped export as a PyTorch module,
+    trained at a batch size other than the export's."""
+    from graphshape.cli import main
+
+    out = str(tmp_path / "tiny_vit_dks.pt")
+    assert main(["shape", tiny_vit_onnx, "-o", out, "--method", "DKS"]) == 0
+    shaped = torch.load(out, weights_only=False)
+    assert not any(isinstance(m, nn.LayerNorm) for m in shaped.modules())
+    shaped.train()
+    x = torch.randn(5, 3, 16, 16)  # not the export's batch of 2
+    loss = nn.functional.cross_entropy(shaped(x), torch.tensor([0, 1, 2, 3, 4]))
+    loss.backward()
+    grads = [p.grad for p in shaped.parameters() if p.requires_grad]
+    assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)

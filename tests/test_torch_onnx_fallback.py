@@ -1,0 +1,117 @@
+"""A model torch.fx cannot trace is read through its ONNX export
+(graphshape.frontends.torch_onnx) when example inputs are given: it loads, emits a module
+equal to the source at any batch size with the source's names and outputs, and shapes.
+Before, it was refused ("torch.fx cannot trace ...")."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import graphshape
+from graphshape import GraphshapeError
+from graphshape.backend_torch import emit
+from graphshape.frontends.torch_fx import load_module
+
+
+class PadsOddSizes(nn.Module):
+    """Pads odd feature maps (`if x.shape[-1] % 2:`, which torch.fx cannot trace), adds a
+    learned offset and returns a dict, as timm's windowed-attention models do."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.offset = nn.Parameter(torch.randn(1, 8, 1, 1))
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.bn2 = nn.BatchNorm2d(8)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        x = torch.relu(self.bn1(self.conv1(x)))
+        if x.shape[-1] % 2:
+            x = F.pad(x, (0, 1, 0, 1))
+        x = x + self.offset
+        x = torch.relu(self.bn2(self.conv2(x)))
+        return {"logits": self.fc(x.mean((2, 3))), "features": x}
+
+
+def _model():
+    torch.manual_seed(0)
+    return PadsOddSizes().eval()
+
+
+def _x(batch=2):
+    return torch.randn(batch, 3, 9, 9, generator=torch.Generator().manual_seed(batch))
+
+
+def test_without_example_inputs_the_error_says_to_pass_them():
+    with pytest.raises(GraphshapeError, match="torch.fx cannot trace PadsOddSizes.*pass example "
+                                              "inputs"):
+        load_module(_model())
+
+
+def test_read_through_the_export_with_the_source_names_and_outputs():
+    model = _model()
+    graph = load_module(model, _x())
+    assert graph.meta["traced_with"] == "torch.onnx.export"
+    assert "control flow" in graph.meta["fx_error"]
+    assert model.training is False  # the export's eval mode is undone (here: it was eval)
+    gm = emit(graph)
+    names = dict(gm.named_parameters())
+    assert {"conv1.weight", "conv2.weight", "fc.weight", "fc.bias", "offset"} <= set(names)
+    assert names["offset"].requires_grad
+    for batch in (1, 5):  # the export's batch axis is dynamic
+        got, want = gm(_x(batch)), model(_x(batch))
+        assert set(got) == {"logits", "features"}
+        for key in want:
+            torch.testing.assert_close(got[key], want[key], rtol=1e-5, atol=1e-5)
+
+
+def test_training_mode_is_restored_and_kept():
+    model = _model().train()
+    graph = load_module(model, _x())
+    assert model.training and graph.meta["training"] is True
+    assert emit(graph).training
+
+
+def test_shapes_and_trains():
+    model = _model()
+    shaped = graphshape.shape(model, _x(), method="DKS")
+    report = shaped.meta["graphshape"]
+    assert any("ONNX export" in w for w in report.warnings)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in shaped.modules())
+    shaped.train()
+    out = shaped(_x(3))
+    loss = F.cross_entropy(out["logits"], torch.tensor([0, 1, 2]))
+    loss.backward()
+    offset = dict(shaped.named_parameters())["offset"]
+    assert offset.grad is not None and torch.isfinite(offset.grad).all()
+
+
+def test_when_the_export_fails_too_both_reasons_are_given():
+    class ReturnsText(PadsOddSizes):
+        def forward(self, x):
+            return super().forward(x)["logits"], "label"
+
+    with pytest.raises(GraphshapeError) as info:
+        load_module(ReturnsText().eval(), _x())
+    message = str(info.value)
+    assert "torch.fx cannot trace ReturnsText" in message
+    assert "not all tensors" in message and "torch.fx.wrap" in message
+
+
+def test_a_branch_on_a_value_is_not_frozen_into_an_export():
+    """The exporter records the branch the example takes; graphshape checks the export on
+    other inputs (the negated example, a larger batch) and refuses it here."""
+    class SignDependent(nn.Module):
+        def forward(self, x):
+            if x.sum() > 0:
+                return torch.relu(x)
+            return -x
+
+    x = torch.ones(2, 3)
+    with pytest.raises(GraphshapeError, match="depends on the inputs' values"):
+        load_module(SignDependent(), x)
