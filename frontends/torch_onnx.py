@@ -37,6 +37,33 @@ from graphshape.ir import Graph, Ref
 EXPORT_OPSET = 17
 
 
+@contextlib.contextmanager
+def quiet_output():
+    """Python's and the process's stdout / stderr discarded: the TorchScript exporter prints
+    warnings, and the whole TorchScript graph from C++ when it fails."""
+    import os
+    import sys
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 1)
+            os.dup2(null.fileno(), 2)
+            with contextlib.redirect_stdout(io.StringIO()), \
+                    contextlib.redirect_stderr(io.StringIO()), warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                yield
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        for fd in saved:
+            os.close(fd)
+
+
 def _input_names(module: nn.Module, count: int) -> list[str]:
     """``forward``'s first ``count`` positional parameter names (``input_{i}`` past them)."""
     try:
@@ -44,8 +71,7 @@ def _input_names(module: nn.Module, count: int) -> list[str]:
                   if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
     except (TypeError, ValueError):
         params = []
-    names = params[:count] + [f"input_{i}" for i in range(len(params), count)]
-    return names
+    return params[:count] + [f"input_{i}" for i in range(len(params), count)]
 
 
 def _export(module: nn.Module, inputs: tuple, input_names: list[str]):
@@ -64,8 +90,7 @@ def _export(module: nn.Module, inputs: tuple, input_names: list[str]):
     dynamic.update({name: {0: "batch"} for name, y in zip(output_names, flat)
                     if y.dim() and batch is not None and y.shape[0] == batch})
     buffer = io.BytesIO()
-    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-        warnings.simplefilter("ignore")
+    with quiet_output():
         torch.onnx.export(module, inputs, buffer, opset_version=EXPORT_OPSET, dynamo=False,
                           input_names=input_names, output_names=output_names,
                           dynamic_axes=dynamic)
@@ -80,7 +105,7 @@ def _probes(inputs: tuple) -> list[tuple]:
     flipped = tuple(-x if x.is_floating_point() else x for x in inputs)
     generator = torch.Generator().manual_seed(0)
     grown = tuple(
-        torch.cat([x, (torch.randn(x[:1].shape, generator=generator, dtype=x.dtype)
+        torch.cat([x, (torch.randn(x[:1].shape, generator=generator).to(x)
                        * x.std() + x.mean()) if x.is_floating_point() else x[:1]])
         if x.dim() else x for x in inputs)
     return [flipped, grown]
@@ -102,13 +127,14 @@ def _check_export(proto, module: nn.Module, inputs: tuple, input_names: list[str
         raise GraphshapeError(f"onnxruntime cannot run its ONNX export to check it "
                               f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from None
     for probe in _probes(inputs):
-        with torch.no_grad():
-            want = [t.detach().float().cpu().numpy() for t in pytree.tree_leaves(module(*probe))]
-        feeds = {name: x.detach().cpu().numpy() for name, x in zip(input_names, probe)}
         try:
-            got = session.run(None, feeds)
-        except Exception as exc:  # noqa: BLE001
-            raise GraphshapeError(f"its ONNX export does not run on other inputs "
+            with torch.no_grad():
+                want = [t.detach().float().cpu().numpy()
+                        for t in pytree.tree_leaves(module(*probe))]
+            got = session.run(None, {name: x.detach().cpu().numpy()
+                                     for name, x in zip(input_names, probe)})
+        except Exception as exc:  # noqa: BLE001 - the model's, numpy's or onnxruntime's
+            raise GraphshapeError(f"its ONNX export could not be checked on other inputs "
                                   f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from None
         for g, w in zip(got, want):
             scale = float(np.abs(w).max()) if w.size else 0.0

@@ -175,6 +175,8 @@ def cmd_inspect(args) -> int:
         print(stats.to_json())
     else:
         print(stats.table())
+    for warning in stats.meta.get("warnings", ()):
+        print(f"warning: {warning}", file=sys.stderr)
     if args.plot:
         atomic_write(args.plot, stats.plot)
         print(f"plot written to {args.plot}", file=sys.stderr)

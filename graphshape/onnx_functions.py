@@ -238,6 +238,21 @@ def div(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 @recorded_when_traced
+def cumsum(data: torch.Tensor, axis: torch.Tensor, *, exclusive: int = 0,
+           reverse: int = 0) -> torch.Tensor:
+    """ONNX CumSum: ``exclusive`` leaves each element out of its own sum (shifts by one),
+    ``reverse`` sums from the end."""
+    dim = int(_scalar(axis.reshape(-1)[0]) if isinstance(axis, torch.Tensor) else axis)
+    dim = dim + data.dim() if dim < 0 else dim
+    x = data.flip(dim) if reverse else data
+    out = torch.cumsum(x, dim)
+    if exclusive:
+        out = torch.cat([torch.zeros_like(out.narrow(dim, 0, 1)),
+                         out.narrow(dim, 0, out.shape[dim] - 1)], dim)
+    return out.flip(dim) if reverse else out
+
+
+@recorded_when_traced
 def einsum(*inputs: torch.Tensor, equation: str) -> torch.Tensor:
     return torch.einsum(equation, *inputs)
 
@@ -274,7 +289,7 @@ ONNX_FUNCTIONS: dict[str, tuple[Callable[..., torch.Tensor], tuple[int, int]]] =
     "Gather": (gather, _ANY), "Slice": (slice_, _ANY), "Pad": (pad, (2, 10_000)),
     "ScatterND": (scatter_nd, _ANY), "Tile": (tile, (6, 10_000)), "Clip": (clip, (6, 10_000)),
     "ReduceL2": (reduce_l2, _ANY), "Mod": (mod, _ANY), "Div": (div, (7, 10_000)),
-    "Einsum": (einsum, _ANY), "Min": (minimum, (8, 10_000)), "Max": (maximum, (8, 10_000)),
+    "Einsum": (einsum, _ANY), "CumSum": (cumsum, _ANY), "Min": (minimum, (8, 10_000)), "Max": (maximum, (8, 10_000)),
     "Identity": (identity, _ANY),
     "Add": (torch.add, (7, 10_000)), "Sub": (torch.sub, (7, 10_000)),
     "Mul": (torch.mul, (7, 10_000)), "Neg": (torch.neg, (6, 10_000)),
@@ -286,6 +301,9 @@ ONNX_FUNCTIONS: dict[str, tuple[Callable[..., torch.Tensor], tuple[int, int]]] =
     "Floor": (torch.floor, (6, 10_000)), "Ceil": (torch.ceil, (6, 10_000)),
     "Abs": (torch.abs, (6, 10_000)), "Exp": (torch.exp, (6, 10_000)),
     "Log": (torch.log, (6, 10_000)), "Reciprocal": (torch.reciprocal, (6, 10_000)),
+    "Sin": (torch.sin, _ANY), "Cos": (torch.cos, _ANY), "Tan": (torch.tan, _ANY),
+    "Atan": (torch.atan, _ANY), "Pow": (torch.pow, (7, 10_000)), "Sign": (torch.sign, _ANY),
+    "Round": (torch.round, _ANY),  # both round half to even
 }
 
 #: attributes that an older opset gives where a newer one takes an input, by op type:

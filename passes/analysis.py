@@ -806,8 +806,14 @@ def analyze(graph: Graph, example_inputs=None, *, empirical: bool = False, modul
             pair["q_emp"], pair["c_emp"] = m.q, m.c
         if pair:
             per_node[node.name] = pair
-    return KernelStats(rows, kernels=per_node, meta={
-        "inputs": source, "batch": batch, "empirical": empirical, "nodes": len(graph)})
+    meta = {"inputs": source, "batch": batch, "empirical": empirical, "nodes": len(graph)}
+    if graph.meta.get("traced_with") == "torch.onnx.export":
+        meta["traced_with"] = "torch.onnx.export"
+        meta["warnings"] = [
+            f"{graph.meta.get('fx_error')}; these are the statistics of its eval-mode ONNX "
+            "export (frontends/torch_onnx.py): batch norm arrives folded into the "
+            "convolutions with its running statistics, and dropout is left out"]
+    return KernelStats(rows, kernels=per_node, meta=meta)
 
 
 def _no_nan(row: dict) -> None:

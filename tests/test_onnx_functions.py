@@ -95,6 +95,13 @@ CASES = [
     ("div_int", "Div", [("a", I64, [3], _i(7, -7, 9)), ("b", I64, [3], _i(2, 2, 3))], {}, 17, I64),
     ("einsum", "Einsum", [("a", F32, [2, 3, 4], _f(2, 3, 4)), ("b", F32, [2, 4, 5], _f(2, 4, 5))],
      {"equation": "bij,bjk->bik"}, 17, F32),
+    ("cumsum_exclusive_reverse", "CumSum", [("x", F32, [2, 4], _f(2, 4)),
+                                            ("a", I64, [], np.array(-1, np.int64))],
+     {"exclusive": 1, "reverse": 1}, 17, F32),
+    ("pow_tensor_exponent", "Pow", [("a", F32, [3], np.array([0.5, 2.0, 3.0], np.float32)),
+                                    ("b", F32, [3], np.array([1.5, -1.0, 0.5], np.float32))],
+     {}, 17, F32),
+    ("sin", "Sin", [("x", F32, [4], _f(4))], {}, 17, F32),
     ("max_3", "Max", [("a", F32, [3], _f(3)), ("b", F32, [3], _f(3)), ("c", F32, [1], _f(1))],
      {}, 17, F32),
 ]

@@ -91,6 +91,13 @@ def test_shapes_and_trains():
     assert offset.grad is not None and torch.isfinite(offset.grad).all()
 
 
+def test_analysis_says_it_describes_the_eval_mode_export():
+    stats = graphshape.analyze(_model().train(), _x(4), empirical=True)
+    assert stats.meta["traced_with"] == "torch.onnx.export"
+    assert any("eval-mode ONNX export" in w for w in stats.meta["warnings"])
+    assert stats["fc"]["q_emp"] is not None  # measured on the emitted module
+
+
 def test_when_the_export_fails_too_both_reasons_are_given():
     class ReturnsText(PadsOddSizes):
         def forward(self, x):
