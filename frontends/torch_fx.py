@@ -476,7 +476,8 @@ class _Loader:
             _propagate_shapes(self.gm, self.example_inputs)
         self.graph = Graph({"source": "torch", "model_class": type(module).__name__,
                             "has_shapes": self.has_shapes,
-                            "training": module.training, **_placement_meta(module)})
+                            "training": module.training, **_placement_meta(module),
+                            **_frozen_meta(module)})
         if fixed:  # forward's parameters traced at their defaults: the backend re-adds them
             self.graph.meta["fixed_args"] = fixed
         self.env: dict[torch.fx.Node, Any] = {}   # fx node -> Ref | _Lazy | _Multi
@@ -807,6 +808,13 @@ def _placement_meta(module: nn.Module) -> dict:
     if len(devices) == 1:
         meta["torch_device"] = str(devices.pop())
     return meta
+
+
+def _frozen_meta(module: nn.Module) -> dict:
+    """``frozen_params``: the qualified names of the parameters with ``requires_grad=False``
+    (the torch backend freezes the emitted module's parameters of those names)."""
+    frozen = [name for name, p in module.named_parameters() if not p.requires_grad]
+    return {"frozen_params": frozen} if frozen else {}
 
 
 def _dtype_meta(t: torch.Tensor) -> dict:
@@ -2211,7 +2219,7 @@ def load_module(module: nn.Module, example_inputs=None, *, leaf_modules=(),
 
         inputs = example_inputs if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
         meta = {"model_class": type(module).__name__, "training": module.training,
-                **_placement_meta(module)}
+                **_placement_meta(module), **_frozen_meta(module)}
         fixed = _fixed_args(module, len(inputs))
         if fixed:
             meta["fixed_args"] = fixed

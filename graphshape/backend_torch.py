@@ -851,6 +851,10 @@ def emit(graph: Graph, *, copy_params: bool = True) -> torch.fx.GraphModule:
     gm.meta["graphshape_nodes"] = dict(ctx.names)
     gm.train(bool(graph.meta.get("training", True)))
     _restore_placement(gm, graph)
+    frozen = set(graph.meta.get("frozen_params") or ())
+    for name, param in gm.named_parameters():
+        if name in frozen:  # requires_grad=False in the source, by the same name
+            param.requires_grad_(False)
     return gm
 
 

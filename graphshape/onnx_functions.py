@@ -18,6 +18,7 @@ conversions) and ``torch.jit.trace``; ``torch.export`` refuses sizes read from a
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, Sequence
 
 import torch
@@ -259,18 +260,12 @@ def einsum(*inputs: torch.Tensor, equation: str) -> torch.Tensor:
 
 @recorded_when_traced
 def minimum(*inputs: torch.Tensor) -> torch.Tensor:
-    out = inputs[0]
-    for x in inputs[1:]:
-        out = torch.minimum(out, x)
-    return out
+    return functools.reduce(torch.minimum, inputs)
 
 
 @recorded_when_traced
 def maximum(*inputs: torch.Tensor) -> torch.Tensor:
-    out = inputs[0]
-    for x in inputs[1:]:
-        out = torch.maximum(out, x)
-    return out
+    return functools.reduce(torch.maximum, inputs)
 
 
 @recorded_when_traced

@@ -571,6 +571,13 @@ def shape_graph(graph: Graph, *, method: str = "TAT", activation: str | None = N
             "follows the example inputs (another input size may need another path), dropout "
             "and drop path are not in the shaped model, and names without a matching source "
             "module or tensor follow the export")
+    if graph.meta.get("frozen_params"):
+        frozen = graph.meta["frozen_params"]
+        report.warnings.append(
+            f"{len(frozen)} parameter(s) were frozen (requires_grad=False: "
+            f"{', '.join(map(repr, frozen[:3]))}{' ...' if len(frozen) > 3 else ''}) and stay "
+            "frozen in the shaped model under the same names, although shaping re-initializes "
+            "the layers it rewrites: unfreeze them (requires_grad_(True)) to train those")
     if graph.meta.get("fixed_args"):
         fixed = ", ".join(f"{k}={v!r}" for k, v in graph.meta["fixed_args"].items())
         report.warnings.append(

@@ -107,3 +107,21 @@ def test_cuda_model_comes_back_on_cuda():
     assert {t.device.type for t in list(shaped.parameters()) + list(shaped.buffers())} == {"cuda"}
     y = shaped(torch.randn(2, 3, 32, 32, device="cuda"))
     assert y.device.type == "cuda" and torch.isfinite(y).all()
+
+
+def test_frozen_parameters_stay_frozen():
+    """A user who froze the stem (requires_grad=False) gets it back frozen, by name, and
+    the report says shaping re-initialized it; the round trip without shaping keeps the
+    flags too. Before, every parameter came back trainable."""
+    model = _resnet()
+    for p in list(model.conv1.parameters()) + list(model.layer1.parameters()):
+        p.requires_grad_(False)
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    shaped = graphshape.shape(model, method="DKS", seed=0)
+    still = {n for n, p in shaped.named_parameters() if not p.requires_grad}
+    assert "conv1.weight" in still and "layer1.0.conv1.weight" in still
+    assert still <= frozen  # the removed BatchNorms' parameters are gone, nothing else froze
+    assert any("frozen" in w for w in shaped.meta["graphshape"].warnings)
+    assert shaped.fc.weight.requires_grad
+    emitted = graphshape.to_torch(load_module(model, torch.randn(2, 3, 32, 32)))
+    assert {n for n, p in emitted.named_parameters() if not p.requires_grad} == frozen
