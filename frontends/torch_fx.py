@@ -810,6 +810,15 @@ def _placement_meta(module: nn.Module) -> dict:
     return meta
 
 
+def _is_aten_graph(module: nn.Module) -> bool:
+    """Whether ``module`` is a GraphModule calling ATen operator overloads
+    (``torch.ops.aten.convolution.default``): what ``torch.export`` produces."""
+    overload = getattr(torch._ops, "OpOverload", None)
+    return (overload is not None and isinstance(module, torch.fx.GraphModule)
+            and any(n.op == "call_function" and isinstance(n.target, overload)
+                    for n in module.graph.nodes))
+
+
 def _frozen_meta(module: nn.Module) -> dict:
     """``frozen_params``: the qualified names of the parameters with ``requires_grad=False``
     (the torch backend freezes the emitted module's parameters of those names)."""
@@ -2208,6 +2217,10 @@ def load_module(module: nn.Module, example_inputs=None, *, leaf_modules=(),
         raise GraphshapeError(f"load_module needs a torch.nn.Module, got {type(module).__name__}")
     module, wrappers = _unwrap(module)
     try:
+        if _is_aten_graph(module):
+            raise _Untraceable(
+                f"{type(module).__name__} is a graph of ATen operators (torch.export's "
+                "ExportedProgram.module()), which graphshape does not map op by op")
         graph = _Loader(module, example_inputs, tuple(leaf_modules)).run()
     except _Untraceable as exc:
         if example_inputs is None:
@@ -2218,7 +2231,10 @@ def load_module(module: nn.Module, example_inputs=None, *, leaf_modules=(),
         from graphshape.frontends.torch_onnx import load_via_onnx
 
         inputs = example_inputs if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
-        meta = {"model_class": type(module).__name__, "training": module.training,
+        # an ExportedProgram's module has no mode (its ops were fixed at export, batch norm
+        # included): the emitted module computes them in eval mode
+        training = module.training and not _is_aten_graph(module)
+        meta = {"model_class": type(module).__name__, "training": training,
                 **_placement_meta(module), **_frozen_meta(module)}
         fixed = _fixed_args(module, len(inputs))
         if fixed:

@@ -5,7 +5,8 @@ its ONNX export.
 a value it does not know (``if H % window:``, ``for blk in blocks[:depth(x)]``, a ``len`` of
 a tensor) stops it. ``torch.onnx.export`` (the TorchScript exporter) runs the model on the
 example inputs and records the path they take, so many such models (timm's twins, nest,
-mobilevit, mvitv2) export fine. :func:`load_via_onnx` exports the model in memory, with
+mobilevit, mvitv2) export fine. ``torch.export``'s programs come this way too: their module
+is a graph of ATen operators, which the fx frontend does not map op by op. :func:`load_via_onnx` exports the model in memory, with
 the batch axis dynamic, reads the file with :func:`graphshape.frontends.onnx_import.load_onnx`,
 and gives the graph what the torch backend needs to emit a module like the source's: the
 source's parameter names where a layer or tensor of the model matches
@@ -91,9 +92,10 @@ def _export(module: nn.Module, inputs: tuple, input_names: list[str]):
                     if y.dim() and batch is not None and y.shape[0] == batch})
     buffer = io.BytesIO()
     with quiet_output():
+        # PRESERVE: the caller has put the module in eval mode where it has a mode
         torch.onnx.export(module, inputs, buffer, opset_version=EXPORT_OPSET, dynamo=False,
                           input_names=input_names, output_names=output_names,
-                          dynamic_axes=dynamic)
+                          dynamic_axes=dynamic, training=torch.onnx.TrainingMode.PRESERVE)
     proto = onnx.load_from_string(buffer.getvalue())
     _check_export(proto, module, inputs, input_names)
     return proto, spec, len(flat)
@@ -129,8 +131,11 @@ def _check_export(proto, module: nn.Module, inputs: tuple, input_names: list[str
     for probe in _probes(inputs):
         try:
             with torch.no_grad():
-                want = [t.detach().float().cpu().numpy()
-                        for t in pytree.tree_leaves(module(*probe))]
+                outputs = module(*probe)
+        except Exception:  # noqa: BLE001 - the model does not take this input (an
+            continue  # ExportedProgram's module guards its batch size): nothing to compare
+        try:
+            want = [t.detach().float().cpu().numpy() for t in pytree.tree_leaves(outputs)]
             got = session.run(None, {name: x.detach().cpu().numpy()
                                      for name, x in zip(input_names, probe)})
         except Exception as exc:  # noqa: BLE001 - the model's, numpy's or onnxruntime's
@@ -177,6 +182,15 @@ def _match_source_names(graph: Graph, module: nn.Module) -> None:
                 claimed.add(path)
 
 
+def _set_training(module: nn.Module, mode: bool) -> None:
+    """``module.train(mode)``, where the module has a mode: ``torch.export``'s
+    ``ExportedProgram.module()`` raises NotImplementedError (its mode is fixed at export)."""
+    try:
+        module.train(mode)
+    except NotImplementedError:
+        pass
+
+
 def load_via_onnx(module: nn.Module, example_inputs: tuple, *, fx_error: str,
                   meta: dict[str, Any], cache_weight_norms: bool = True) -> Graph:
     """``module`` read through its in-memory ONNX export (see the module docstring);
@@ -190,7 +204,7 @@ def load_via_onnx(module: nn.Module, example_inputs: tuple, *, fx_error: str,
         raise GraphshapeError(f"{fx_error} (the ONNX export that graphshape tries next needs "
                               "tensor example inputs)")
     training = module.training
-    module.eval()
+    _set_training(module, False)
     try:
         proto, spec, count = _export(module, inputs, _input_names(module, len(inputs)))
     except GraphshapeError as exc:
@@ -202,7 +216,7 @@ def load_via_onnx(module: nn.Module, example_inputs: tuple, *, fx_error: str,
             f"{fx_error}. Its ONNX export (torch.onnx.export, which graphshape tries next) "
             f"failed too: {type(exc).__name__}: {first[:300]}") from None
     finally:
-        module.train(training)
+        _set_training(module, training)
     graph = load_onnx(proto, cache_weight_norms=cache_weight_norms)
     _match_source_names(graph, module)
     outputs = graph.output_nodes

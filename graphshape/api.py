@@ -101,9 +101,10 @@ def load(model: Any, example_inputs: Any = None, *, trust: bool = False,
     """Read a model into graphshape's IR.
 
     ``model``: a ``torch.nn.Module`` (traced with torch.fx; ``example_inputs``, a tensor
-    or tuple of tensors, gives the shapes), an ONNX file path, a ``.pt`` / ``.pth`` file
-    (see :func:`load_pt`; ``trust=True`` allows a full unpickle), or an
-    ``onnx.ModelProto``. A :class:`Graph` is returned unchanged.
+    or tuple of tensors, gives the shapes), a ``torch.export.ExportedProgram`` (read
+    through its ONNX export, with its own example inputs by default), an ONNX file path, a
+    ``.pt`` / ``.pth`` file (see :func:`load_pt`; ``trust=True`` allows a full unpickle),
+    or an ``onnx.ModelProto``. A :class:`Graph` is returned unchanged.
     ``cache_weight_norms=False``: the conv/linear weights are not read for the analysis
     at load time (for callers that replace them, such as shaping).
     """
@@ -128,13 +129,20 @@ def load(model: Any, example_inputs: Any = None, *, trust: bool = False,
         import torch
     except ImportError:  # pragma: no cover
         torch = None
+    exported = getattr(getattr(torch, "export", None), "ExportedProgram", None)
+    if exported is not None and isinstance(model, exported):
+        # torch.export's program: its module is a graph of ATen operators, which the torch
+        # frontend reads through its ONNX export; the program keeps its example inputs
+        if example_inputs is None and model.example_inputs is not None:
+            example_inputs = tuple(model.example_inputs[0])
+        model = model.module()
     if torch is not None and isinstance(model, torch.nn.Module):
         from graphshape.frontends.torch_fx import load_module
 
         return load_module(model, example_inputs, cache_weight_norms=cache_weight_norms)
     raise GraphshapeError(
-        f"cannot load a {type(model).__name__}: pass a torch.nn.Module, an ONNX file path "
-        "or an onnx.ModelProto")
+        f"cannot load a {type(model).__name__}: pass a torch.nn.Module, a "
+        "torch.export.ExportedProgram, an ONNX file path or an onnx.ModelProto")
 
 
 @_boundary("emitting the PyTorch module")

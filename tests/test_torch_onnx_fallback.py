@@ -122,3 +122,36 @@ def test_a_branch_on_a_value_is_not_frozen_into_an_export():
     x = torch.ones(2, 3)
     with pytest.raises(GraphshapeError, match="depends on the inputs' values"):
         load_module(SignDependent(), x)
+
+
+class SmallResNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.block = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                                   nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8))
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = torch.relu(x + self.block(x))
+        return self.head(x.mean((2, 3)))
+
+
+def test_a_torch_export_program_is_read_through_its_onnx_export():
+    """``torch.export``'s program (and its ``.module()``, a graph of ATen operators) shapes
+    to the same parameters as the source module; the program's own example inputs serve
+    when none are given. Before: "cannot load a ExportedProgram", and its module was "no
+    activation function" (every ATen call opaque)."""
+    torch.manual_seed(0)
+    model = SmallResNet().eval()
+    x = torch.randn(2, 3, 8, 8)
+    program = torch.export.export(model, (x,))
+    for options in ({"method": "DKS"}, {"method": "TAT", "eta": 0.5}):  # a shallow net
+        direct = graphshape.shape(model, x, **options).meta["graphshape"]
+        via = graphshape.shape(program, **options).meta["graphshape"]
+        assert via.activation_params == direct.activation_params
+        assert any("ATen operators" in w for w in via.warnings)
+    torch.testing.assert_close(graphshape.to_torch(graphshape.load(program))(x), model(x))
+    with pytest.raises(GraphshapeError, match="ATen operators.*pass example inputs"):
+        load_module(program.module())
