@@ -4,7 +4,8 @@ DKS/TAT keep q near 1 where the theory applies (ResNets, ConvNeXt with its layer
 to 1); attention is outside it and averages over tokens, which shrinks q.
 
 Run:  python benchmarks/residual_q.py [--models resnet50,convnext_tiny,vit_b_16,swin_t]
-Models are torchvision builders (weights=None) shaped with graphshape.shape (seed 0) on
+Models are torchvision builders (weights=None; other names are timm models, input 224 px
+where the name ends in 224) shaped with graphshape.shape (seed 0) on
 i.i.d. Gaussian pixels, then measured on those and on smooth images (bilinear upsampling of
 an 8x8 Gaussian image, unit mean square), 2 examples each.
 """
@@ -56,8 +57,13 @@ def main():
     print("| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for name in args.models.split(","):
         torch.manual_seed(0)
-        model = torchvision.models.get_model(name, weights=None).eval()
-        size = SIZES.get(name, 64)
+        if name in torchvision.models.list_models():
+            model = torchvision.models.get_model(name, weights=None).eval()
+        else:  # a timm model
+            import timm
+
+            model = timm.create_model(name, pretrained=False).eval()
+        size = SIZES.get(name, 224 if name.endswith("224") else 64)
         iid = torch.randn(2, 3, size, size)
         smooth = F.interpolate(torch.randn(2, 3, 8, 8), size=(size, size), mode="bilinear",
                                align_corners=False)

@@ -1969,6 +1969,31 @@ def _f_binary(op, names=("input", "other")):
     return h
 
 
+def _f_addcmul(ld, fx_node):
+    """``torch.addcmul(input, t1, t2, value=v)`` = ``input + v * t1 * t2`` (timm's ResMLP
+    affine, ``addcmul(beta, alpha, x)``): a mul node, then an add with alpha ``v``."""
+    a = _bind(fx_node, ["input", "tensor1", "tensor2", "value"], {"value": 1})
+    operands = (a["input"], a["tensor1"], a["tensor2"])
+    if (not all(ld.is_tensor(v) for v in operands) or isinstance(a["value"], torch.fx.Node)
+            or (ld.has_shapes and not ld.is_tensor(fx_node))):
+        raise _Unmapped("addcmul operands")
+    first, second = ld.info(a["tensor1"]), ld.info(a["tensor2"])
+    shape = None
+    if first.shape is not None and second.shape is not None:
+        shape = tuple(np.broadcast_shapes(first.shape, second.shape))
+    product = ld.add(fx_node, "mul", [ld.ref(a["tensor1"]), ld.ref(a["tensor2"])],
+                     outputs=[TensorInfo(shape, ld.info(fx_node).dtype)],
+                     name=ld.graph.unique_name(f"{fx_node.name}_mul"))
+    value = float(a["value"])
+    _emit(ld, fx_node, "add", [ld.ref(a["input"]), product],
+          {"alpha": value} if value != 1 else {})
+
+
+def _f_neg(ld, fx_node):
+    """``-x``: a mul by the constant -1 (rotary embeddings' ``rotate_half``)."""
+    _binary(ld, fx_node, "mul", fx_node.args[0], -1.0)
+
+
 def _f_matmul(ld, fx_node):
     a, b = fx_node.args[:2]
     if fx_node.kwargs or not (ld.is_tensor(a) and ld.is_tensor(b)):
@@ -2082,6 +2107,7 @@ FUNCTION_OPS: dict[Any, Callable] = {
     torch.mul: _f_binary("mul"), torch.multiply: _f_binary("mul"),
     torch.div: _f_binary("div"), torch.divide: _f_binary("div"), torch.true_divide: _f_binary("div"),
     torch.matmul: _f_matmul, operator.matmul: _f_matmul, torch.mm: _f_matmul, torch.bmm: _f_matmul,
+    torch.addcmul: _f_addcmul, operator.neg: _f_neg, torch.neg: _f_neg, torch.negative: _f_neg,
     # joins and shapes
     torch.cat: _f_cat, torch.concat: _f_cat, torch.stack: _f_stack, torch.concatenate: _f_cat,
     torch.flatten: _f_flatten, torch.reshape: _f_reshape, torch.permute: _f_permute,
@@ -2179,6 +2205,7 @@ METHOD_OPS: dict[str, Callable] = {
     **{m: _f_clamp(("input", "min", "max")) for m in ("clamp", "clip", "clamp_", "clip_")},
     **{m: _f_clamp(("input", "min")) for m in ("clamp_min", "clamp_min_")},
     "add": _m_method_binary("add"), "sub": _m_method_binary("sub"),
+    "addcmul": _f_addcmul, "neg": _f_neg, "negative": _f_neg,
     "mul": _m_method_binary("mul"), "div": _m_method_binary("div"),
     "add_": _m_method_binary("add"), "sub_": _m_method_binary("sub"),
     "mul_": _m_method_binary("mul"), "div_": _m_method_binary("div"),

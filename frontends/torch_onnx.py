@@ -14,9 +14,11 @@ source's parameter names where a layer or tensor of the model matches
 (dicts, tuples) and dtype / device / training mode.
 
 What the export path records differently (the report says so): control flow follows the
-example inputs (another image size may need another path), eval mode (dropout and drop
-path are not in the graph, batch norm arrives folded into the convolutions), and the
-shaped module's forward takes the example inputs' tensors only.
+example inputs (another image size may need another path); the trace runs in eval mode,
+so dropout and drop path are not in the graph (batch norm is: ``TrainingMode.PRESERVE``
+keeps it as a BatchNormalization node instead of folding it into the convolution, and the
+emitted ``nn.BatchNorm2d`` follows the emitted module's mode); and the shaped module's
+forward takes the example inputs' tensors only.
 """
 
 from __future__ import annotations
@@ -92,7 +94,8 @@ def _export(module: nn.Module, inputs: tuple, input_names: list[str]):
                     if y.dim() and batch is not None and y.shape[0] == batch})
     buffer = io.BytesIO()
     with quiet_output():
-        # PRESERVE: the caller has put the module in eval mode where it has a mode
+        # PRESERVE: the caller has put the module in eval mode where it has a mode (and
+        # unlike EVAL, batch norm is not folded into the convolutions)
         torch.onnx.export(module, inputs, buffer, opset_version=EXPORT_OPSET, dynamo=False,
                           input_names=input_names, output_names=output_names,
                           dynamic_axes=dynamic, training=torch.onnx.TrainingMode.PRESERVE)

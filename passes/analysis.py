@@ -810,9 +810,9 @@ def analyze(graph: Graph, example_inputs=None, *, empirical: bool = False, modul
     if graph.meta.get("traced_with") == "torch.onnx.export":
         meta["traced_with"] = "torch.onnx.export"
         meta["warnings"] = [
-            f"{graph.meta.get('fx_error')}; these are the statistics of its eval-mode ONNX "
-            "export (frontends/torch_onnx.py): batch norm arrives folded into the "
-            "convolutions with its running statistics, and dropout is left out"]
+            f"{graph.meta.get('fx_error')}; these are the statistics of its ONNX export "
+            "(frontends/torch_onnx.py), traced in eval mode: dropout and drop path are left "
+            "out"]
     return KernelStats(rows, kernels=per_node, meta=meta)
 
 

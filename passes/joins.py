@@ -105,9 +105,17 @@ def reset_branch_scales(graph: Graph, *, copy: bool = True) -> tuple[Graph, dict
     rewritten: list[dict] = []
     signals = signal_nodes(g)  # resetting a constant's value does not change which are signals
     for join in find_joins(g):
-        if join.shortcut is None or g[join.node].op not in ("add", "sub", "sum"):
+        if g[join.node].op not in ("add", "sub", "sum") or len(join.inputs) != 2:
             continue
-        node = g[join.inputs[1 - join.shortcut].node]
+        shortcut = join.shortcut
+        if shortcut is None:
+            # a branch without a nonlinearity (ResMLP's token mixing: x + ls * W x^T) has
+            # no "shortcut" for the maximizing function, but the empty path is the skip
+            empty = [i for i, branch in enumerate(join.branches) if not branch]
+            if len(empty) != 1:
+                continue
+            shortcut = empty[0]
+        node = g[join.inputs[1 - shortcut].node]
         while node.op in _BRANCH_PASS and len(node.inputs) >= 1:
             node = g[node.inputs[0].node]
         if node.op != "mul" or len(node.inputs) != 2:

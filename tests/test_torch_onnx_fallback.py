@@ -91,10 +91,14 @@ def test_shapes_and_trains():
     assert offset.grad is not None and torch.isfinite(offset.grad).all()
 
 
-def test_analysis_says_it_describes_the_eval_mode_export():
+def test_analysis_of_a_training_model_normalizes_with_batch_statistics():
+    """The export keeps batch norm (not folded into the convolution), and the emitted
+    module runs it in the source's mode: in training mode it normalizes the batch, q = 1."""
     stats = graphshape.analyze(_model().train(), _x(4), empirical=True)
     assert stats.meta["traced_with"] == "torch.onnx.export"
-    assert any("eval-mode ONNX export" in w for w in stats.meta["warnings"])
+    assert any("traced in eval mode" in w for w in stats.meta["warnings"])
+    assert stats["bn1"]["op"] == "batch_norm"
+    assert stats["bn1"]["q_emp"] == pytest.approx(1.0, rel=1e-3)
     assert stats["fc"]["q_emp"] is not None  # measured on the emitted module
 
 

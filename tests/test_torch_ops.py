@@ -157,6 +157,12 @@ CASES = {
              {"kind": "mean", "axes": (2, 3), "keepdims": True}),
     "sum": (Fn(lambda s, x: torch.sum(x, 1)), [X4], "reduce", {"kind": "sum", "keepdims": False}),
     "amax": (Fn(lambda s, x: torch.amax(x, -1)), [X4], "reduce", {"kind": "max", "axes": (3,)}),
+    # timm's ResMLP affine: beta + alpha * x; rotary embeddings' -x
+    "addcmul": (Fn(lambda s, x: torch.addcmul(s.beta, s.alpha, x, value=0.5),
+                   alpha=P(4, 1, 1), beta=P(4, 1, 1)), [X4], "add", {"alpha": 0.5}),
+    "addcmul_method": (Fn(lambda s, x: s.beta.addcmul(x, x), beta=P(4, 1, 1)), [X4], "add", {}),
+    "neg": (Fn(lambda s, x: -x), [X4], "mul", {}),
+    "torch.neg": (Fn(lambda s, x: torch.neg(x)), [X4], "mul", {}),
 }
 
 ACTIVATIONS = {  # id -> (module or function, registry name, attrs)
