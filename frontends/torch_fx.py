@@ -522,7 +522,7 @@ class _Loader:
                 return v
             entry = self.env[v]
             if isinstance(entry, _Multi):
-                return tuple(Ref(entry.name, i) for i in range(entry.count))
+                return tuple(entry.refs)
             return self.ref(v)
 
         return map_template(value, leaf)
@@ -766,10 +766,12 @@ class _Lazy:
 
 
 class _Multi:
-    """A mapped node with several outputs (split); getitem(i) reads Ref(name, i)."""
+    """A tuple of mapped values: a node with several outputs (split), whose getitem(i)
+    reads Ref(name, i), or the given ``refs`` (unbind: a squeeze of each split output)."""
 
-    def __init__(self, name: str, count: int):
+    def __init__(self, name: str, count: int, refs: list[Ref] | None = None):
         self.name, self.count = name, count
+        self.refs = refs if refs is not None else [Ref(name, i) for i in range(count)]
 
 
 def _wrapped_module(module: nn.Module) -> nn.Module | None:
@@ -1553,6 +1555,35 @@ def _split(ld, fx_node, x, sizes_or_chunks, dim, chunk: bool):
     ld.env[fx_node] = _Multi(ref.node, len(sizes))
 
 
+#: the most pieces an unbind is mapped into (one squeeze node each); more stay one call
+_MAX_UNBIND = 64
+
+
+def _f_unbind(ld, fx_node):
+    """``x.unbind(dim)`` (timm attention's ``q, k, v = qkv.unbind(0)``): a split into size-1
+    pieces and a squeeze of each, as the ONNX exporters write it; opaque, it ended the
+    analysis' view of q, k and v."""
+    a = _bind(fx_node, ["input", "dim"], {"dim": 0})
+    x, dim = a["input"], a["dim"]
+    info = ld.info(x) if isinstance(x, torch.fx.Node) else None
+    metas = fx_node.meta.get("tensor_meta")
+    if (info is None or info.shape is None or not isinstance(dim, int)
+            or not isinstance(metas, (list, tuple))):
+        raise _Unmapped("unbind needs known shapes")
+    dim %= len(info.shape)
+    count = info.shape[dim]
+    if not isinstance(count, int) or not 0 < count <= _MAX_UNBIND or len(metas) != count:
+        raise _Unmapped("unbind size")
+    piece = TensorInfo((*info.shape[:dim], 1, *info.shape[dim + 1:]), info.dtype)
+    split = ld.add(fx_node, "split", [_input(ld, fx_node, x)],
+                   {"axis": dim, "sizes": (1,) * count}, outputs=[piece] * count,
+                   name=ld.graph.unique_name(f"{fx_node.name}_split"))
+    refs = [ld.add(fx_node, "squeeze", [Ref(split.node, i)], {"axes": (dim,)},
+                   outputs=[_info(metas[i])], name=ld.graph.unique_name(f"{fx_node.name}_{i}"))
+            for i in range(count)]
+    ld.env[fx_node] = _Multi(split.node, count, refs)
+
+
 def _reduce(ld, fx_node, kind, x, dim, keepdim, dtype=None):
     if dtype is not None:
         raise _Unmapped("dtype")
@@ -1770,7 +1801,7 @@ def _f_cat(ld, fx_node):
         entry = ld.env[tensors]
         if not isinstance(entry, _Multi):
             raise _Unmapped("traced list")
-        refs = [Ref(entry.name, i) for i in range(entry.count)]
+        refs = list(entry.refs)
         first = None
     else:
         refs = []
@@ -1825,7 +1856,7 @@ def _f_getitem(ld, fx_node):
     if isinstance(entry, _Multi):
         if not isinstance(idx, int):
             raise _Unmapped("slice of a tuple")
-        ld.env[fx_node] = Ref(entry.name, idx % entry.count)
+        ld.env[fx_node] = entry.refs[idx % entry.count]
         return
     if not ld.is_tensor(src) or _has_node(idx):
         raise _Unmapped("not a static tensor slice")
@@ -2113,7 +2144,7 @@ FUNCTION_OPS: dict[Any, Callable] = {
     torch.flatten: _f_flatten, torch.reshape: _f_reshape, torch.permute: _f_permute,
     torch.transpose: _f_transpose, torch.swapaxes: _f_transpose, torch.swapdims: _f_transpose,
     torch.squeeze: _f_squeeze, torch.unsqueeze: _f_unsqueeze,
-    torch.chunk: _f_split(True), torch.split: _f_split(False),
+    torch.chunk: _f_split(True), torch.split: _f_split(False), torch.unbind: _f_unbind,
     operator.getitem: _f_getitem, F.pad: _f_pad, F.interpolate: _f_interpolate,
     F.upsample: _f_interpolate,
     F.dropout: _f_dropout(None), F.dropout1d: _f_dropout("Dropout1d"),
@@ -2205,7 +2236,7 @@ METHOD_OPS: dict[str, Callable] = {
     **{m: _f_clamp(("input", "min", "max")) for m in ("clamp", "clip", "clamp_", "clip_")},
     **{m: _f_clamp(("input", "min")) for m in ("clamp_min", "clamp_min_")},
     "add": _m_method_binary("add"), "sub": _m_method_binary("sub"),
-    "addcmul": _f_addcmul, "neg": _f_neg, "negative": _f_neg,
+    "addcmul": _f_addcmul, "neg": _f_neg, "negative": _f_neg, "unbind": _f_unbind,
     "mul": _m_method_binary("mul"), "div": _m_method_binary("div"),
     "add_": _m_method_binary("add"), "sub_": _m_method_binary("sub"),
     "mul_": _m_method_binary("mul"), "div_": _m_method_binary("div"),

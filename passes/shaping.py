@@ -697,12 +697,15 @@ def shape_graph(graph: Graph, *, method: str = "TAT", activation: str | None = N
         g, rec = move_shortcuts_to_preactivation(g, copy=False)
         _merge(report, rec)
 
-    max_pools, opaque = [], []
+    from graphshape.passes.subnetworks import is_attention_call
+
+    max_pools, opaque, signals = [], [], _signals(g)
     for node in g:
-        if node.op == "opaque" and node.outputs and may_hold_signal(node) \
-                and not ends_the_network(g, node.name):
+        if node.op == "opaque" and node.name in signals and may_hold_signal(node) \
+                and not is_attention_call(node) and not ends_the_network(g, node.name):
             # (opaque nodes computing Python values or sizes -- x.size(), an ONNX Shape --
-            # carry no signal and need no kernel rule; nor does one that only shapes the output)
+            # or constants carry no signal and need no kernel rule; nor does one that only
+            # shapes the output; attention calls get their own warning below)
             opaque.append(f"{node.name!r} ({node.attrs.get('description', '?')})")
         elif node.op in MAX_POOL_OPS:
             max_pools.append(node.name)

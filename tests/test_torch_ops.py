@@ -162,6 +162,9 @@ CASES = {
                    alpha=P(4, 1, 1), beta=P(4, 1, 1)), [X4], "add", {"alpha": 0.5}),
     "addcmul_method": (Fn(lambda s, x: s.beta.addcmul(x, x), beta=P(4, 1, 1)), [X4], "add", {}),
     "neg": (Fn(lambda s, x: -x), [X4], "mul", {}),
+    # timm attention: q, k, v = qkv.unbind(0) (a split into size-1 pieces, squeezed)
+    "unbind": (Fn(lambda s, x: (lambda t: t[0] * t[3] + t[1])(x.unbind(1))), [X4], "add", {}),
+    "torch.unbind": (Fn(lambda s, x: torch.unbind(x, -1)[2]), [X4], "squeeze", {"axes": (3,)}),
     "torch.neg": (Fn(lambda s, x: torch.neg(x)), [X4], "mul", {}),
 }
 
