@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import networkx as nx
 import numpy as np
@@ -401,6 +401,51 @@ def inject_transforms(graph: Graph, params: dict[str, dict[str, float]], *,
     return g, {"removed": [], "rewritten": rewritten}
 
 
+#: what the frontends recorded about how the model was read (``graph.meta`` key) -> the
+#: report's warning about it, from that value and the whole meta
+_SOURCE_WARNINGS: dict[str, Callable[[Any, dict], str]] = {
+    "converted_from_opset": lambda old, meta: (
+        f"the model's ONNX opset {old} was converted to {meta.get('opset')} "
+        "(onnx.version_converter) to be read; an ONNX output is written at opset "
+        f"{meta.get('opset')}"),
+    "unwrapped_from": lambda wrappers, meta: (
+        f"the model was wrapped, {'('.join(wrappers)}({meta.get('model_class')}"
+        f"{')' * len(wrappers)}: graphshape shaped the module inside, and returns it "
+        "unwrapped; wrap the result again (torch.compile, DataParallel, "
+        "DistributedDataParallel) to train it that way"),
+    "traced_with": lambda tracer, meta: (
+        f"{meta.get('fx_error')}; graphshape read the model through its ONNX export "
+        "(torch.onnx.export, eval mode, batch axis dynamic) instead: its control flow "
+        "follows the example inputs (another input size may need another path), dropout "
+        "and drop path are not in the shaped model, and names without a matching source "
+        "module or tensor follow the export"),
+    "frozen_params": lambda frozen, meta: (
+        f"{len(frozen)} parameter(s) were frozen (requires_grad=False: {_some(frozen)}) and "
+        "stay frozen in the shaped model under the same names, although shaping "
+        "re-initializes the layers it rewrites: unfreeze them (requires_grad_(True)) to "
+        "train those"),
+    "fixed_args": lambda fixed, meta: (
+        "forward was traced with " + ", ".join(f"{k}={v!r}" for k, v in fixed.items())
+        + " (the defaults the example inputs leave out, as torch.jit.trace and torch.export "
+        "do): the shaped model computes that case only and raises on other values; to keep "
+        "a tensor argument as an input, give it in the example inputs"),
+    "dropped_hooks": lambda hooked, meta: (
+        f"{len(hooked)} module(s) had forward hooks ({_some(hooked)}): the shaped model's "
+        "layers do not run them (torch.fx records what a module computes, not its hooks); "
+        "register them again on the result if you need them"),
+}
+
+
+def source_warnings(meta: dict) -> list[str]:
+    """The report's warnings about how the model was read (``graph.meta``)."""
+    return [warn(meta[key], meta) for key, warn in _SOURCE_WARNINGS.items() if meta.get(key)]
+
+
+def _some(names: list[str], shown: int = 3) -> str:
+    """The first ``shown`` names, quoted, and "..." when there are more."""
+    return ", ".join(map(repr, names[:shown])) + (" ..." if len(names) > shown else "")
+
+
 def _attention_nodes(graph: Graph) -> list[str]:
     """Softmax nodes whose weights average a signal (``softmax(q kᵀ) v``) and opaque
     attention calls (``nn.MultiheadAttention``, ``F.scaled_dot_product_attention``, ONNX
@@ -552,46 +597,7 @@ def shape_graph(graph: Graph, *, method: str = "TAT", activation: str | None = N
         "preactivation_shortcuts": bool(preactivation_shortcuts), "seed": seed,
         "fold_scales": fold_scales})
     graph.validate()
-    if graph.meta.get("converted_from_opset"):
-        report.warnings.append(
-            f"the model's ONNX opset {graph.meta['converted_from_opset']} was converted to "
-            f"{graph.meta.get('opset')} (onnx.version_converter) to be read; an ONNX output is "
-            f"written at opset {graph.meta.get('opset')}")
-    if graph.meta.get("unwrapped_from"):
-        report.warnings.append(
-            f"the model was wrapped, "
-            f"{'('.join(graph.meta['unwrapped_from'])}({graph.meta.get('model_class')}"
-            f"{')' * len(graph.meta['unwrapped_from'])}: "
-            "graphshape shaped the module inside, and returns it unwrapped; wrap the result "
-            "again (torch.compile, DataParallel, DistributedDataParallel) to train it that way")
-    if graph.meta.get("traced_with") == "torch.onnx.export":
-        report.warnings.append(
-            f"{graph.meta.get('fx_error')}; graphshape read the model through its ONNX export "
-            "(torch.onnx.export, eval mode, batch axis dynamic) instead: its control flow "
-            "follows the example inputs (another input size may need another path), dropout "
-            "and drop path are not in the shaped model, and names without a matching source "
-            "module or tensor follow the export")
-    if graph.meta.get("frozen_params"):
-        frozen = graph.meta["frozen_params"]
-        report.warnings.append(
-            f"{len(frozen)} parameter(s) were frozen (requires_grad=False: "
-            f"{', '.join(map(repr, frozen[:3]))}{' ...' if len(frozen) > 3 else ''}) and stay "
-            "frozen in the shaped model under the same names, although shaping re-initializes "
-            "the layers it rewrites: unfreeze them (requires_grad_(True)) to train those")
-    if graph.meta.get("fixed_args"):
-        fixed = ", ".join(f"{k}={v!r}" for k, v in graph.meta["fixed_args"].items())
-        report.warnings.append(
-            f"forward was traced with {fixed} (the defaults the example inputs leave out, as "
-            "torch.jit.trace and torch.export do): the shaped model computes that case only and "
-            "raises on other values; to keep a tensor argument as an input, give it in the "
-            "example inputs")
-    if graph.meta.get("dropped_hooks"):
-        hooked = graph.meta["dropped_hooks"]
-        report.warnings.append(
-            f"{len(hooked)} module(s) had forward hooks ({', '.join(map(repr, hooked[:3]))}"
-            f"{' ...' if len(hooked) > 3 else ''}): the shaped model's layers do not run them "
-            "(torch.fx records what a module computes, not its hooks); register them again on "
-            "the result if you need them")
+    report.warnings.extend(source_warnings(graph.meta))
     for node in graph:
         if node.op == "activation":
             name = node.attrs.get("name", "?")
