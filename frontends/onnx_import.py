@@ -1930,6 +1930,17 @@ class _Importer:
         self.add(name, "dropout", [self.signal(node.input[0])], {"p": p},
                  outputs=node.output[:1], source=node.name)
 
+    def _op_Cast(self, node, a, name):
+        # between floating types: the canonical cast (the identity on the kernel); integer
+        # casts (sizes, indices) stay ONNX ops
+        floats = {1: "float32", 10: "float16", 11: "float64", 16: "bfloat16"}
+        source = self.info(node.input[0]).dtype
+        target = floats.get(int(a.get("to", 0)))
+        if target is None or source not in floats.values():
+            raise _Unsupported("not a cast between floating types")
+        self.add(name, "cast", [self.signal(node.input[0])], {"dtype": target},
+                 outputs=node.output, source=node.name)
+
     def _op_Identity(self, node, a, name):
         self.add(name, "identity", [self.signal(node.input[0])], {}, outputs=node.output,
                  source=node.name)

@@ -1555,6 +1555,63 @@ def _split(ld, fx_node, x, sizes_or_chunks, dim, chunk: bool):
     ld.env[fx_node] = _Multi(ref.node, len(sizes))
 
 
+#: torch's floating dtypes -> the canonical cast's names
+_FLOAT_DTYPES = {torch.float16: "float16", torch.bfloat16: "bfloat16",
+                 torch.float32: "float32", torch.float64: "float64"}
+
+
+def _dtype_arg(v) -> torch.dtype | None:
+    """A dtype argument: a ``torch.dtype``, or ``y.dtype`` (fx ``getattr(y, "dtype")``)
+    where ShapeProp recorded ``y``'s dtype (LlamaRMSNorm's ``.to(input_dtype)``)."""
+    if isinstance(v, torch.dtype):
+        return v
+    if (isinstance(v, torch.fx.Node) and v.op == "call_function" and v.target is getattr
+            and v.args[1:] == ("dtype",) and isinstance(v.args[0], torch.fx.Node)):
+        meta = v.args[0].meta.get("tensor_meta")
+        return meta.dtype if isinstance(meta, TensorMetadata) else None
+    return None
+
+
+def _cast(ld, fx_node, x, dtype) -> None:
+    """A conversion between floating dtypes (``x.to(torch.float32)``, ``x.float()``,
+    ``x.type_as(y)``): the canonical cast. Other conversions stay calls."""
+    target = _FLOAT_DTYPES.get(dtype)
+    if target is None or not ld.is_tensor(x) or is_non_float(ld.info(x).dtype):
+        raise _Unmapped("not a cast between floating dtypes")
+    _emit(ld, fx_node, "cast", [_input(ld, fx_node, x)], {"dtype": target})
+
+
+def _m_to(ld, fx_node):
+    """``x.to(dtype)``, ``x.to(dtype=...)``, ``x.to(y.dtype)``; a device, a tensor or
+    ``copy=True`` stays a call."""
+    args, kwargs = list(fx_node.args[1:]), dict(fx_node.kwargs)
+    dtype = kwargs.pop("dtype", None)
+    if dtype is None and len(args) == 1:
+        dtype = args.pop()
+    if args or set(kwargs) - {"non_blocking", "copy"} or kwargs.get("copy"):
+        raise _Unmapped("to() with a device or copy")
+    _cast(ld, fx_node, fx_node.args[0], _dtype_arg(dtype))
+    if isinstance(dtype, torch.fx.Node) and len(dtype.users) == 1:
+        # the y.dtype call read only for this cast: no longer needed
+        entry = ld.env.get(dtype)
+        if isinstance(entry, Ref) and not ld.graph.users(entry.node):
+            ld.graph.remove(entry.node)
+
+
+def _m_cast_to(dtype):
+    def h(ld, fx_node):
+        if len(fx_node.args) != 1 or fx_node.kwargs:
+            raise _Unmapped("arguments")
+        _cast(ld, fx_node, fx_node.args[0], dtype)
+    return h
+
+
+def _m_type_as(ld, fx_node):
+    x, other = fx_node.args[:2]
+    meta = other.meta.get("tensor_meta") if isinstance(other, torch.fx.Node) else None
+    _cast(ld, fx_node, x, meta.dtype if isinstance(meta, TensorMetadata) else None)
+
+
 #: the most pieces an unbind is mapped into (one squeeze node each); more stay one call
 _MAX_UNBIND = 64
 
@@ -2237,6 +2294,9 @@ METHOD_OPS: dict[str, Callable] = {
     **{m: _f_clamp(("input", "min")) for m in ("clamp_min", "clamp_min_")},
     "add": _m_method_binary("add"), "sub": _m_method_binary("sub"),
     "addcmul": _f_addcmul, "neg": _f_neg, "negative": _f_neg, "unbind": _f_unbind,
+    "to": _m_to, "type_as": _m_type_as, "float": _m_cast_to(torch.float32),
+    "double": _m_cast_to(torch.float64), "half": _m_cast_to(torch.float16),
+    "bfloat16": _m_cast_to(torch.bfloat16),
     "mul": _m_method_binary("mul"), "div": _m_method_binary("div"),
     "add_": _m_method_binary("add"), "sub_": _m_method_binary("sub"),
     "mul_": _m_method_binary("mul"), "div_": _m_method_binary("div"),

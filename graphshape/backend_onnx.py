@@ -799,6 +799,14 @@ def _emit_identity(ctx, node):
     ctx.emit1(node, "Identity", [_input(ctx, node)])
 
 
+#: the canonical cast's dtypes -> ONNX TensorProto element types
+_ONNX_FLOAT_TYPES = {"float16": 10, "float32": 1, "float64": 11, "bfloat16": 16}
+
+
+def _emit_cast(ctx, node):
+    ctx.emit1(node, "Cast", [_input(ctx, node)], to=_ONNX_FLOAT_TYPES[node.attrs["dtype"]])
+
+
 def _emit_softmax(op_type):
     def emit(ctx, node):
         axis = int(node.attrs.get("axis", -1))
@@ -937,7 +945,7 @@ ONNX_EMITTERS: dict[str, Callable[[_Ctx, Node], Any]] = {
     "split": _emit_split,
     "pad": _emit_pad,
     "dropout": _emit_dropout,
-    "identity": _emit_identity,
+    "identity": _emit_identity, "cast": _emit_cast,
     "resize": _emit_resize,
     "softmax": _emit_softmax("Softmax"),
     "log_softmax": _emit_softmax("LogSoftmax"),

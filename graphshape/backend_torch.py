@@ -649,6 +649,10 @@ def _e_identity(ctx, node, xs):
     return ctx.module(node, nn.Identity(), (xs[0],))
 
 
+def _e_cast(ctx, node, xs):
+    return ctx.method(node, "to", (xs[0], getattr(torch, node.attrs["dtype"])))
+
+
 def _e_softmax(log: bool):
     def e(ctx, node, xs):
         mod = (nn.LogSoftmax if log else nn.Softmax)(dim=int(node.attrs.get("axis", -1)))
@@ -804,7 +808,7 @@ TORCH_EMITTERS: dict[str, Callable] = {
     "adaptive_avg_pool": _adaptive(True), "adaptive_max_pool": _adaptive(False),
     "flatten": _e_flatten, "reshape": _e_reshape, "transpose": _e_transpose,
     "squeeze": _e_squeeze, "unsqueeze": _e_unsqueeze, "slice": _e_slice, "split": _e_split,
-    "pad": _e_pad, "dropout": _e_dropout, "identity": _e_identity, "resize": _e_resize,
+    "pad": _e_pad, "dropout": _e_dropout, "identity": _e_identity, "cast": _e_cast, "resize": _e_resize,
     "softmax": _e_softmax(False), "log_softmax": _e_softmax(True), "reduce": _e_reduce,
     "opaque": _e_opaque,
 }

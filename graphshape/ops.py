@@ -177,6 +177,10 @@ _SPECS = [
     OpSpec("dropout", "shape", "identity", "Dropout (identity at initialization / in eval).",
            {"p": "float"}),
     OpSpec("identity", "shape", "identity", "Identity."),
+    OpSpec("cast", "shape", "identity",
+           "Convert a floating tensor to another floating dtype (x.to(torch.float32), "
+           "x.float(), x.type_as(y), ONNX Cast between floating types): the identity on "
+           "the kernel.", {"dtype": "'float16' | 'bfloat16' | 'float32' | 'float64'"}),
     OpSpec("softmax", "reduce", "unknown", "Softmax along an axis.", {"axis": "int"}),
     OpSpec("log_softmax", "reduce", "unknown", "Log-softmax along an axis.", {"axis": "int"}),
     OpSpec("reduce", "reduce", "unknown", "Reduction (mean, sum, max, min, prod) over axes.",

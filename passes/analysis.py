@@ -638,6 +638,7 @@ KERNEL_RULES: dict[str, Callable[[RuleContext], Kernel]] = {
     "resize": rule_resize,
     "dropout": rule_identity,
     "identity": rule_identity,
+    "cast": rule_identity,
     "softmax": rule_unknown,
     "log_softmax": rule_unknown,
     "reduce": rule_reduce,

@@ -191,3 +191,25 @@ def test_shaped_dynamic_batch_export_trains_in_torch(tiny_vit_onnx, tmp_path):
     loss.backward()
     grads = [p.grad for p in shaped.parameters() if p.requires_grad]
     assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)
+
+
+def test_a_cast_between_floating_types_is_the_canonical_cast():
+    """ONNX Cast float32 -> float16 -> float32 (mixed-precision exports) is read as the
+    canonical cast (the identity on the kernel; it was opaque, and an opaque call on a signal
+    counts as a nonlinear layer), and both backends write it back; an integer Cast stays
+    the ONNX op."""
+    nodes = [helper.make_node("Cast", ["x"], ["h"], to=TensorProto.FLOAT16),
+             helper.make_node("Cast", ["h"], ["f"], to=TensorProto.FLOAT),
+             helper.make_node("Relu", ["f"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", F32, [2, 3])],
+                              [helper.make_tensor_value_info("y", F32, [2, 3])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    x = _f(2, 3)
+    want = run_ort(model, {"x": x})[0]
+    loaded = load(model)
+    assert [n.attrs["dtype"] for n in loaded if n.op == "cast"] == ["float16", "float32"]
+    np.testing.assert_array_equal(emit(loaded)(torch.from_numpy(x)).numpy(), want)
+    np.testing.assert_array_equal(run_ort(graphshape.to_onnx(loaded), {"x": x})[0], want)
+    integer = _model("Cast", [("x", F32, [3], np.array([1.5, -2.5, 3.0], np.float32))],
+                     {"to": TensorProto.INT64}, out_type=I64)
+    assert [n.op for n in load(integer) if n.op not in ("input", "output")] == ["opaque"]

@@ -165,6 +165,12 @@ CASES = {
     # timm attention: q, k, v = qkv.unbind(0) (a split into size-1 pieces, squeezed)
     "unbind": (Fn(lambda s, x: (lambda t: t[0] * t[3] + t[1])(x.unbind(1))), [X4], "add", {}),
     "torch.unbind": (Fn(lambda s, x: torch.unbind(x, -1)[2]), [X4], "squeeze", {"axes": (3,)}),
+    # casts between floating dtypes: LlamaRMSNorm's .to(torch.float32) ... .to(input_dtype)
+    "to_float64": (Fn(lambda s, x: x.to(torch.float64) * 2.0), [X4], "mul", {}),
+    "to_dtype_of": (Fn(lambda s, x: (x.double() + 1.0).to(x.dtype)), [X4], "cast",
+                    {"dtype": "float32"}),
+    "to_kwarg": (Fn(lambda s, x: x.to(dtype=torch.float16)), [X4], "cast", {"dtype": "float16"}),
+    "type_as": (Fn(lambda s, x: x.half().type_as(x)), [X4], "cast", {"dtype": "float32"}),
     "torch.neg": (Fn(lambda s, x: torch.neg(x)), [X4], "mul", {}),
 }
 
@@ -274,6 +280,17 @@ def test_train_mode_batch_norm_and_dropout_stay_train_mode():
     yb = gm(x)
     torch.testing.assert_close(yb, ya)  # same dropout mask, same batch statistics
     torch.testing.assert_close(gm.state_dict()["1.running_var"], module.state_dict()["1.running_var"])
+
+
+def test_a_cast_to_another_tensors_dtype_leaves_no_dtype_call():
+    """LlamaRMSNorm's ``x.to(torch.float32)`` ... ``.to(input_dtype)``, with ``input_dtype =
+    x.dtype``: two casts, and the ``x.dtype`` call, read only for the cast, is gone."""
+    def f(s, x):
+        input_dtype = x.dtype
+        return (x.to(torch.float32) * 2.0).to(input_dtype)
+
+    graph, _ = _roundtrip(Fn(f).eval(), [X4])
+    assert [n.op for n in graph] == ["input", "cast", "constant", "mul", "cast", "output"]
 
 
 def test_inputs_with_defaults_keep_them():
