@@ -185,11 +185,11 @@ def _match_source_names(graph: Graph, module: nn.Module) -> None:
                 claimed.add(path)
 
 
-def _set_training(module: nn.Module, mode: bool) -> None:
-    """``module.train(mode)``, where the module has a mode: ``torch.export``'s
+def _eval(module: nn.Module) -> None:
+    """``module.eval()``, where the module has a mode: ``torch.export``'s
     ``ExportedProgram.module()`` raises NotImplementedError (its mode is fixed at export)."""
     try:
-        module.train(mode)
+        module.eval()
     except NotImplementedError:
         pass
 
@@ -206,8 +206,10 @@ def load_via_onnx(module: nn.Module, example_inputs: tuple, *, fx_error: str,
     if not inputs or not all(isinstance(x, torch.Tensor) for x in inputs):
         raise GraphshapeError(f"{fx_error} (the ONNX export that graphshape tries next needs "
                               "tensor example inputs)")
-    training = module.training
-    _set_training(module, False)
+    # each submodule's own mode, put back as it was (a frozen batch norm in eval mode
+    # inside a training model stays so; module.train(True) would not keep it)
+    modes = [(m, m.training) for m in module.modules()]
+    _eval(module)
     try:
         proto, spec, count = _export(module, inputs, _input_names(module, len(inputs)))
     except GraphshapeError as exc:
@@ -219,7 +221,8 @@ def load_via_onnx(module: nn.Module, example_inputs: tuple, *, fx_error: str,
             f"{fx_error}. Its ONNX export (torch.onnx.export, which graphshape tries next) "
             f"failed too: {type(exc).__name__}: {first[:300]}") from None
     finally:
-        _set_training(module, training)
+        for submodule, mode in modes:
+            submodule.training = mode
     graph = load_onnx(proto, cache_weight_norms=cache_weight_norms)
     _match_source_names(graph, module)
     outputs = graph.output_nodes
