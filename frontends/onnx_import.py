@@ -41,8 +41,8 @@ from typing import Any
 import numpy as np
 
 from graphshape.errors import GraphshapeError
-from graphshape.ir import (TENSOR_CONTAINER, Graph, Node, Ref, TensorInfo, cache_weight_tap_norms,
-                           is_non_float)
+from graphshape.ir import (FLOAT_DTYPES, TENSOR_CONTAINER, Graph, Node, Ref, TensorInfo,
+                           cache_weight_tap_norms, is_non_float)
 from graphshape.ops import prelu_activation
 from graphshape.passes.elementwise import fuse_decompositions
 
@@ -229,18 +229,23 @@ def _holds_float_tensors(type_proto) -> bool:
     return False
 
 
+def _dtype_name(elem_type: int) -> str:
+    """An ONNX element type as the IR's dtype name ("float32", "int64", "bfloat16")."""
+    import onnx
+
+    try:
+        return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(elem_type)).name
+    except Exception:  # a type numpy does not have
+        return onnx.TensorProto.DataType.Name(elem_type).lower()
+
+
 def _tensor_info(type_proto) -> TensorInfo:
     import onnx
 
     if not type_proto.HasField("tensor_type"):
         return TensorInfo(None, "object")
     tt = type_proto.tensor_type
-    dtype = None
-    if tt.elem_type:
-        try:
-            dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type)).name
-        except Exception:
-            dtype = onnx.TensorProto.DataType.Name(tt.elem_type).lower()
+    dtype = _dtype_name(tt.elem_type) if tt.elem_type else None
     if not tt.HasField("shape"):
         return TensorInfo(None, dtype)
     dims = []
@@ -1933,10 +1938,9 @@ class _Importer:
     def _op_Cast(self, node, a, name):
         # between floating types: the canonical cast (the identity on the kernel); integer
         # casts (sizes, indices) stay ONNX ops
-        floats = {1: "float32", 10: "float16", 11: "float64", 16: "bfloat16"}
         source = self.info(node.input[0]).dtype
-        target = floats.get(int(a.get("to", 0)))
-        if target is None or source not in floats.values():
+        target = _dtype_name(int(a.get("to", 0)))
+        if target not in FLOAT_DTYPES or source not in FLOAT_DTYPES:
             raise _Unsupported("not a cast between floating types")
         self.add(name, "cast", [self.signal(node.input[0])], {"dtype": target},
                  outputs=node.output, source=node.name)

@@ -54,8 +54,8 @@ from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 
 from graphshape import torch_modules as _tm
 from graphshape.errors import GraphshapeError
-from graphshape.ir import (TENSOR_CONTAINER, Graph, Node, Ref, TensorInfo, cache_weight_tap_norms,
-                           is_non_float, map_template)
+from graphshape.ir import (FLOAT_DTYPES, TENSOR_CONTAINER, Graph, Node, Ref, TensorInfo,
+                           cache_weight_tap_norms, is_non_float, map_template)
 from graphshape.ops import prelu_activation
 from graphshape.passes.elementwise import fuse_decompositions
 
@@ -464,22 +464,16 @@ def _conv_pads(padding, kernel, dilation, dims: int) -> tuple:
 
 # ----------------------------------------------------------------------------- loader
 class _Loader:
-    def __init__(self, module: nn.Module, example_inputs, leaf_modules):
+    def __init__(self, module: nn.Module, example_inputs: tuple | None, leaf_modules):
         self.module = module
-        if example_inputs is not None and not isinstance(example_inputs, (tuple, list)):
-            example_inputs = (example_inputs,)
-        self.example_inputs = None if example_inputs is None else tuple(example_inputs)
-        fixed = _fixed_args(module, len(self.example_inputs or ()))
+        self.example_inputs = example_inputs
+        fixed = _fixed_args(module, len(example_inputs or ()))
         self.gm = _trace(module, leaf_modules, fixed)
-        self.has_shapes = self.example_inputs is not None
+        self.has_shapes = example_inputs is not None
         if self.has_shapes:
-            _propagate_shapes(self.gm, self.example_inputs)
-        self.graph = Graph({"source": "torch", "model_class": type(module).__name__,
-                            "has_shapes": self.has_shapes,
-                            "training": module.training, **_placement_meta(module),
-                            **_frozen_meta(module)})
-        if fixed:  # forward's parameters traced at their defaults: the backend re-adds them
-            self.graph.meta["fixed_args"] = fixed
+            _propagate_shapes(self.gm, example_inputs)
+        self.graph = Graph({"source": "torch", "has_shapes": self.has_shapes,
+                            **_module_meta(module, fixed)})
         self.env: dict[torch.fx.Node, Any] = {}   # fx node -> Ref | _Lazy | _Multi
         self.nontensor: set[torch.fx.Node] = set()
         self._materialized: list = []  # lazy constants turned into nodes by the current call
@@ -821,11 +815,20 @@ def _is_aten_graph(module: nn.Module) -> bool:
                     for n in module.graph.nodes))
 
 
-def _frozen_meta(module: nn.Module) -> dict:
-    """``frozen_params``: the qualified names of the parameters with ``requires_grad=False``
-    (the torch backend freezes the emitted module's parameters of those names)."""
+def _module_meta(module: nn.Module, fixed: dict[str, Any]) -> dict:
+    """What the torch backend needs to emit a module like the source, whichever way it was
+    read: ``model_class``, ``training``, the placement (:func:`_placement_meta`),
+    ``frozen_params`` (the qualified names of the parameters with ``requires_grad=False``;
+    the backend freezes the emitted parameters of those names) and ``fixed_args``
+    (``forward``'s parameters traced at their defaults; the backend re-adds them)."""
+    meta = {"model_class": type(module).__name__, "training": module.training,
+            **_placement_meta(module)}
     frozen = [name for name, p in module.named_parameters() if not p.requires_grad]
-    return {"frozen_params": frozen} if frozen else {}
+    if frozen:
+        meta["frozen_params"] = frozen
+    if fixed:
+        meta["fixed_args"] = fixed
+    return meta
 
 
 def _dtype_meta(t: torch.Tensor) -> dict:
@@ -1556,8 +1559,7 @@ def _split(ld, fx_node, x, sizes_or_chunks, dim, chunk: bool):
 
 
 #: torch's floating dtypes -> the canonical cast's names
-_FLOAT_DTYPES = {torch.float16: "float16", torch.bfloat16: "bfloat16",
-                 torch.float32: "float32", torch.float64: "float64"}
+_FLOAT_DTYPES = {getattr(torch, name): name for name in FLOAT_DTYPES}
 
 
 def _dtype_arg(v) -> torch.dtype | None:
@@ -2334,42 +2336,47 @@ def load_module(module: nn.Module, example_inputs=None, *, leaf_modules=(),
     if not isinstance(module, nn.Module):
         raise GraphshapeError(f"load_module needs a torch.nn.Module, got {type(module).__name__}")
     module, wrappers = _unwrap(module)
+    if example_inputs is not None and not isinstance(example_inputs, (tuple, list)):
+        example_inputs = (example_inputs,)
+    inputs = None if example_inputs is None else tuple(example_inputs)
+    aten = _is_aten_graph(module)
     try:
-        if _is_aten_graph(module):
+        if aten:
             raise _Untraceable(
                 f"{type(module).__name__} is a graph of ATen operators (torch.export's "
                 "ExportedProgram.module()), which graphshape does not map op by op")
-        graph = _Loader(module, example_inputs, tuple(leaf_modules)).run()
+        graph = _Loader(module, inputs, tuple(leaf_modules)).run()
     except _Untraceable as exc:
-        if example_inputs is None:
-            raise GraphshapeError(
-                f"{exc}. {_Untraceable.WHAT_TO_DO}; or pass example inputs: graphshape then "
-                "reads the model through its ONNX export (torch.onnx.export), which runs "
-                "the forward instead of tracing it") from None
-        from graphshape.frontends.torch_onnx import load_via_onnx
-
-        inputs = example_inputs if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
-        # an ExportedProgram's module has no mode (its ops were fixed at export, batch norm
-        # included): the emitted module computes them in eval mode
-        training = module.training and not _is_aten_graph(module)
-        meta = {"model_class": type(module).__name__, "training": training,
-                **_placement_meta(module), **_frozen_meta(module)}
-        fixed = _fixed_args(module, len(inputs))
-        if fixed:
-            meta["fixed_args"] = fixed
-        try:
-            graph = load_via_onnx(module, tuple(inputs), fx_error=str(exc), meta=meta,
-                                  cache_weight_norms=cache_weight_norms)
-        except GraphshapeError as failed:
-            raise GraphshapeError(f"{failed}. {_Untraceable.WHAT_TO_DO}.") from None
-        if wrappers:
-            graph.meta["unwrapped_from"] = wrappers
-        return graph
-    # hand-written norms and activations: (x - mean) / sqrt(var + eps) -> layer_norm,
-    # x * sigmoid(x) -> silu, ...
-    fuse_decompositions(graph, copy=False)
+        graph = _load_untraceable(module, inputs, str(exc), aten, cache_weight_norms)
+    else:
+        # hand-written norms and activations: (x - mean) / sqrt(var + eps) -> layer_norm,
+        # x * sigmoid(x) -> silu, ... (load_onnx does the same for the other way in)
+        fuse_decompositions(graph, copy=False)
+        if cache_weight_norms:
+            cache_weight_tap_norms(graph)
     if wrappers:
         graph.meta["unwrapped_from"] = wrappers
-    if cache_weight_norms:
-        cache_weight_tap_norms(graph)
     return graph
+
+
+def _load_untraceable(module: nn.Module, inputs: tuple | None, fx_error: str, aten: bool,
+                      cache_weight_norms: bool) -> Graph:
+    """A module torch.fx cannot trace, read through its ONNX export
+    (:mod:`graphshape.frontends.torch_onnx`); a GraphshapeError saying what to do when
+    there are no example inputs or the export cannot stand in for the model."""
+    if inputs is None:
+        raise GraphshapeError(
+            f"{fx_error}. {_Untraceable.WHAT_TO_DO}; or pass example inputs: graphshape then "
+            "reads the model through its ONNX export (torch.onnx.export), which runs "
+            "the forward instead of tracing it") from None
+    from graphshape.frontends.torch_onnx import load_via_onnx
+
+    meta = _module_meta(module, _fixed_args(module, len(inputs)))
+    # an ExportedProgram's module has no mode (its ops were fixed at export, batch norm
+    # included): the emitted module computes them in eval mode
+    meta["training"] = module.training and not aten
+    try:
+        return load_via_onnx(module, inputs, fx_error=fx_error, meta=meta,
+                             cache_weight_norms=cache_weight_norms)
+    except GraphshapeError as failed:
+        raise GraphshapeError(f"{failed}. {_Untraceable.WHAT_TO_DO}.") from None

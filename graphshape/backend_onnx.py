@@ -799,12 +799,12 @@ def _emit_identity(ctx, node):
     ctx.emit1(node, "Identity", [_input(ctx, node)])
 
 
-#: the canonical cast's dtypes -> ONNX TensorProto element types
-_ONNX_FLOAT_TYPES = {"float16": 10, "float32": 1, "float64": 11, "bfloat16": 16}
-
-
 def _emit_cast(ctx, node):
-    ctx.emit1(node, "Cast", [_input(ctx, node)], to=_ONNX_FLOAT_TYPES[node.attrs["dtype"]])
+    import onnx
+
+    to = {"float16": onnx.TensorProto.FLOAT16, "bfloat16": onnx.TensorProto.BFLOAT16,
+          "float32": onnx.TensorProto.FLOAT, "float64": onnx.TensorProto.DOUBLE}
+    ctx.emit1(node, "Cast", [_input(ctx, node)], to=to[node.attrs["dtype"]])
 
 
 def _emit_softmax(op_type):

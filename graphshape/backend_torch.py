@@ -808,7 +808,8 @@ TORCH_EMITTERS: dict[str, Callable] = {
     "adaptive_avg_pool": _adaptive(True), "adaptive_max_pool": _adaptive(False),
     "flatten": _e_flatten, "reshape": _e_reshape, "transpose": _e_transpose,
     "squeeze": _e_squeeze, "unsqueeze": _e_unsqueeze, "slice": _e_slice, "split": _e_split,
-    "pad": _e_pad, "dropout": _e_dropout, "identity": _e_identity, "cast": _e_cast, "resize": _e_resize,
+    "pad": _e_pad, "dropout": _e_dropout, "identity": _e_identity, "cast": _e_cast,
+    "resize": _e_resize,
     "softmax": _e_softmax(False), "log_softmax": _e_softmax(True), "reduce": _e_reduce,
     "opaque": _e_opaque,
 }

@@ -75,6 +75,8 @@ def holds_tensors(node: "Node") -> bool:
 
 #: dtype prefixes of values that are never signals (sizes, indices, masks, Python objects)
 NON_FLOAT_DTYPES = ("int", "uint", "bool", "object")
+#: the floating dtypes a ``cast`` node converts between
+FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
 
 
 def is_non_float(dtype: str | None) -> bool:

@@ -24,7 +24,7 @@ F32, I64 = TensorProto.FLOAT, TensorProto.INT64
 RNG = np.random.default_rng(0)
 
 
-def _model(op_type, inputs, attrs=None, opset=17, out_type=F32, n_extra_nodes=()):
+def _model(op_type, inputs, attrs=None, opset=17, out_type=F32):
     """One ``op_type`` node over graph inputs ``inputs`` ([(name, elem_type, shape, value)]);
     value None: the input is absent (an empty name)."""
     given = [(n, t, s) for n, t, s, v in inputs if v is not None]
