@@ -61,6 +61,16 @@ _NEVER_FOLD = {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUnifo
 #: the ONNX schemas.
 _ORT_DEFAULT_DOMAIN_OPS = frozenset({"LayerNormalization", "SimplifiedLayerNormalization"})
 
+#: onnxruntime contrib ops (com.microsoft) -> (standard op with the same output shape, how
+#: many inputs it takes, the attributes it keeps): what shape inference sees in their place
+_ORT_SHAPE_STAND_INS = {
+    "FusedConv": ("Conv", 3, {"auto_pad", "dilations", "group", "kernel_shape", "pads",
+                              "strides"}),
+    "FusedGemm": ("Gemm", 3, {"alpha", "beta", "transA", "transB"}),
+    "QuickGelu": ("Identity", 1, set()), "Gelu": ("Identity", 1, set()),
+    "BiasGelu": ("Add", 2, set()), "FastGelu": ("Add", 2, set()),
+}
+
 # ONNX activation ops with a direct registry name (graphshape.activations).
 _SIMPLE_ACTIVATIONS = {
     "Relu": "relu", "Sigmoid": "sigmoid", "Tanh": "tanh", "Softplus": "softplus",
@@ -411,7 +421,10 @@ def _readable_names(nodes) -> list[str]:
             keep = [p for i, p in enumerate(parts)
                     if not (i + 1 < len(parts) and parts[i + 1].startswith(p + "."))]
             long_name = ".".join(keep)
-            short = ".".join(keep[:-1]) if len(keep) > 1 and keep[-1].split("_")[0] == node.op_type else None
+            # (onnxruntime keeps the name of the Conv it fused into a FusedConv)
+            op_types = (node.op_type, node.op_type.removeprefix("Fused"))
+            short = ".".join(keep[:-1]) if len(keep) > 1 and keep[-1].split("_")[0] in op_types \
+                else None
         else:
             long_name, short = raw, None
         long_names.append(long_name)
@@ -570,6 +583,13 @@ class _Importer:
         labels = [n.name or f"#{i} ({n.op_type})" for i, n in enumerate(graph.node)]
         for i, node in enumerate(graph.node):
             domain = node.domain if node.domain != "ai.onnx" else ""
+            if domain == "com.microsoft.nchwc":
+                raise GraphshapeError(
+                    "this file was saved by onnxruntime at optimization level ORT_ENABLE_ALL: "
+                    "its com.microsoft.nchwc ops hold convolutions in one CPU's blocked memory "
+                    "layout, which graphshape cannot read; shape the model as exported, or one "
+                    "saved at ORT_ENABLE_EXTENDED or lower (SessionOptions."
+                    "graph_optimization_level)", node=labels[i], op=node.op_type)
             if domain == "" and node.op_type in _ORT_DEFAULT_DOMAIN_OPS:
                 pass  # onnxruntime's own ops in the default domain: read as their fused ops
             elif domain == "":
@@ -647,11 +667,24 @@ class _Importer:
         """``nodes`` and the opset imports for checking and shape inference, with copies of
         onnxruntime's default-domain ops that ONNX does not define at this opset
         (:data:`_ORT_DEFAULT_DOMAIN_OPS`) moved to a domain of their own, which the checker
-        and shape inference leave alone (the model itself is not changed)."""
+        and shape inference leave alone, and standard stand-ins for the contrib ops in
+        :data:`_ORT_SHAPE_STAND_INS` (the model itself is not changed)."""
         onnx = self.onnx
         out, moved = [], False
         for node in nodes:
-            if node.op_type in _ORT_DEFAULT_DOMAIN_OPS and node.domain in ("", "ai.onnx"):
+            stand_in = _ORT_SHAPE_STAND_INS.get(node.op_type) \
+                if node.domain == "com.microsoft" else None
+            if stand_in is not None:
+                # a standard op with the output shape of the contrib op, so that shape
+                # inference goes on past it (ONNX has no schemas for onnxruntime's ops)
+                op_type, count, keep = stand_in
+                inputs = [i for i in node.input[:count] if i]
+                if op_type == "Add" and len(inputs) < 2:  # FastGelu without its bias
+                    op_type = "Identity"
+                attrs = [a for a in node.attribute if a.name in keep]
+                node = onnx.helper.make_node(op_type, inputs, node.output[:1], name=node.name)
+                node.attribute.extend(attrs)
+            elif node.op_type in _ORT_DEFAULT_DOMAIN_OPS and node.domain in ("", "ai.onnx"):
                 try:
                     onnx.defs.get_schema(node.op_type, self.opset or 1, "")
                 except onnx.defs.SchemaError:
@@ -883,11 +916,7 @@ class _Importer:
             return
         if domain == "" and op in _PARTIAL_OPS:
             self._track_partial(node, attrs)
-        handler = getattr(self, f"_op_{op}", None) if domain == "" else None
-        if domain == "com.microsoft":
-            handler = getattr(self, f"_ms_{op}", None)
-        if handler is None and domain == "" and op in _SIMPLE_ACTIVATIONS:
-            handler = self._simple_activation
+        handler = self._handler(domain, op)
         if handler is not None:
             self._journal.clear()
             mark = 0
@@ -915,6 +944,17 @@ class _Importer:
                         self.refs.pop(key, None)
                 del self._journal[mark:]
         self._opaque(node, readable)
+
+    def _handler(self, domain: str, op: str):
+        """The method that reads op ``op`` of ``domain``, or None (the node stays opaque)."""
+        if domain == "com.microsoft":
+            return getattr(self, f"_ms_{op}", None)
+        if domain != "":
+            return None
+        handler = getattr(self, f"_op_{op}", None)
+        if handler is None and op in _SIMPLE_ACTIVATIONS:
+            handler = self._simple_activation
+        return handler
 
     def _try_fold(self, node, attrs) -> bool:
         op = node.op_type
@@ -1527,12 +1567,20 @@ class _Importer:
 
     def _op_BatchNormalization(self, node, a, name):
         self._only_first_output_used(node)
-        if a.get("training_mode", 0):
-            raise _Unsupported("training mode")
         scale, bias, mean, var = (self._const_input(node, i) for i in (1, 2, 3, 4))
         if any(v is None for v in (scale, bias, mean, var)):
             raise _Unsupported("non-constant statistics")
         momentum = a.get("momentum", 0.9)
+        if a.get("training_mode", 0):
+            # a training-mode export: normalized by the batch's statistics, and the updated
+            # running statistics (outputs 1, 2) unused, as torch writes it: a batch norm
+            # that keeps none (PyTorch's track_running_stats=False)
+            self.add(name, "batch_norm", [self.signal(node.input[0])],
+                     {"num_features": int(scale.shape[0]), "eps": float(a.get("epsilon", 1e-5)),
+                      "momentum": round(1.0 - float(momentum), 12), "affine": True,
+                      "track_running_stats": False},
+                     {"weight": scale, "bias": bias}, node.output[:1], node.name)
+            return
         self.add(name, "batch_norm", [self.signal(node.input[0])],
                  {"num_features": int(scale.shape[0]), "eps": float(a.get("epsilon", 1e-5)),
                   "momentum": round(1.0 - float(momentum), 12), "affine": True,
@@ -1610,6 +1658,74 @@ class _Importer:
                          infos=[self.info(node.output[0])], source=node.name).out
         self.add(name, "activation", [x], {"name": act_name}, outputs=node.output,
                  source=node.name)
+
+    def _ms_QuickGelu(self, node, a, name):
+        """``x * sigmoid(alpha x)`` (onnxruntime fuses SiLU into it with alpha = 1):
+        ``silu(alpha x) / alpha``."""
+        alpha = float(a.get("alpha", 1.702))
+        if not alpha > 0:
+            raise _Unsupported("alpha <= 0")
+        if alpha == 1.0:
+            self._act(node, name, "silu")
+        else:
+            self._act(node, name, "silu",
+                      transform={"input_scale": alpha, "output_scale": 1.0 / alpha})
+
+    def _ms_FusedConv(self, node, a, name):
+        """onnxruntime's Conv (+ Z, its optional 4th input, added) + activation."""
+        conv = {k: v for k, v in a.items() if k not in ("activation", "activation_params")}
+        self._read_fused(node, name, ("Conv", node.input[:3], conv),
+                         node.input[3] if len(node.input) > 3 else "",
+                         a.get("activation", ""), list(a.get("activation_params", [])))
+
+    def _ms_FusedGemm(self, node, a, name):
+        """onnxruntime's Gemm + activation (``activation_alpha`` / ``_beta``: its params)."""
+        gemm = {k: a[k] for k in ("alpha", "beta", "transA", "transB") if k in a}
+        params = [a[k] for k in ("activation_alpha", "activation_beta") if k in a]
+        self._read_fused(node, name, ("Gemm", node.input, gemm), "",
+                         a.get("activation", ""), params)
+
+    def _read_fused(self, node, name, layer, addend: str, activation: str, params) -> None:
+        """Read a fused contrib op as the standard nodes it fuses, each by its own reader:
+        ``layer`` (op type, inputs, attributes of a Conv / Gemm), then ``+ addend`` when given, then
+        ``activation`` (one of onnxruntime's fusable activations, with its parameters).
+        The parts between write values named after the fused node's output."""
+        out = node.output[0]
+        info = self.info(out)
+        parts, x = [], None
+
+        def part(op_type, inputs, **attrs):
+            nonlocal x
+            y = f"{out}::{op_type}"
+            self.infos[y], self.uses[y] = info, 1
+            parts.append(self.onnx.helper.make_node(op_type, inputs, [y], **attrs))
+            x = y
+
+        layer_type, layer_inputs, layer_attrs = layer
+        part(layer_type, list(layer_inputs), **layer_attrs)
+        if addend:
+            part("Add", [x, addend])
+        if activation in ("Relu", "Tanh", "Sigmoid"):
+            part(activation, [x])
+        elif activation == "LeakyRelu" and len(params) == 1:
+            part(activation, [x], alpha=float(params[0]))
+        elif activation == "HardSigmoid" and len(params) == 2:
+            part(activation, [x], alpha=float(params[0]), beta=float(params[1]))
+        elif activation == "Clip" and len(params) == 2:
+            if self.opset < 11:
+                part(activation, [x], min=float(params[0]), max=float(params[1]))
+            else:
+                bounds = []
+                for label, value in zip(("min", "max"), params):
+                    bounds.append(f"{out}::Clip.{label}")
+                    self.consts[bounds[-1]] = np.asarray(value, np.float32)
+                part(activation, [x, *bounds])
+        elif activation:
+            raise _Unsupported(f"fused activation {activation!r}")
+        parts[-1].output[0] = out
+        for i, p in enumerate(parts):
+            handler = self._handler("", p.op_type)
+            handler(p, _attr_dict(p), name if i == 0 else f"{name}_{p.op_type.lower()}")
 
     def _ms_LayerNormalization(self, node, a, name):  # the contrib op before opset 17's
         self._trailing_norm(node, a, name, "layer_norm")

@@ -424,22 +424,30 @@ def _emit_activation(ctx, node):
 # ---- normalization -------------------------------------------------------------------
 def _emit_batch_norm(ctx, node):
     a = node.attrs
-    c = int(a.get("num_features") or len(node.params["running_mean"]))
-    if node.params.get("running_mean") is None or node.params.get("running_var") is None:
-        raise GraphshapeError(
-            "batch norm without running statistics (track_running_stats=False) normalizes by "
-            "batch statistics, which ONNX BatchNormalization (inference) does not do",
-            node=node.name, op=node.op)
-    dtype = node.params["running_mean"].dtype
     weight = node.params.get("weight")
     bias = node.params.get("bias")
+    mean, var = node.params.get("running_mean"), node.params.get("running_var")
+    eps = float(a.get("eps", 1e-5))
+    if mean is None or var is None:
+        # no running statistics (PyTorch's track_running_stats=False, an ONNX training-mode
+        # export): normalized by the batch's own, written out rather than as
+        # BatchNormalization(training_mode=1), whose running-statistics outputs
+        # onnxruntime writes over initializers that its optimizer shares (zeros, ones)
+        rank = ctx.rank(node.inputs[0])
+        cs = _channel_shape(rank, -1)
+        _normalize(ctx, node, _input(ctx, node), [0, *range(2, rank)], eps, True,
+                   None if weight is None else weight.reshape(cs),
+                   None if bias is None else bias.reshape(cs))
+        return
+    c = int(a.get("num_features") or len(mean))
+    dtype = mean.dtype
     inputs = [_input(ctx, node),
               ctx.const(weight if weight is not None else np.ones(c, dtype), f"{node.name}.weight"),
               ctx.const(bias if bias is not None else np.zeros(c, dtype), f"{node.name}.bias"),
-              ctx.const(node.params["running_mean"], f"{node.name}.running_mean"),
-              ctx.const(node.params["running_var"], f"{node.name}.running_var")]
+              ctx.const(mean, f"{node.name}.running_mean"),
+              ctx.const(var, f"{node.name}.running_var")]
     momentum = a.get("momentum")
-    ctx.emit1(node, "BatchNormalization", inputs, epsilon=float(a.get("eps", 1e-5)),
+    ctx.emit1(node, "BatchNormalization", inputs, epsilon=eps,
               momentum=None if momentum is None else float(1.0 - momentum))
 
 
@@ -473,7 +481,15 @@ def _emit_trailing_norm(ctx, node, op_type: str, since: int, eps: float, centre:
             inputs.append(ctx.const(bias, f"{nm}.bias"))
         ctx.emit1(node, op_type, inputs, axis=-len(shape), epsilon=eps)
         return
-    axes = list(range(-len(shape), 0))
+    _normalize(ctx, node, x, list(range(-len(shape), 0)), eps, centre, weight, bias)
+
+
+def _normalize(ctx, node, x: str, axes, eps: float, centre: bool, weight, bias) -> None:
+    """Node ``node``'s output from primitives: ``(x - mean) / sqrt(var + eps)`` over ``axes``
+    (not ``centre``: ``x / sqrt(mean(x^2) + eps)``), times ``weight``, plus ``bias`` (arrays
+    broadcasting against ``x``; either may be None)."""
+    dtype = ctx.dtype(node.inputs[0])
+    nm = node.name
     d = x
     if centre:
         mean = _reduce_mean(ctx, x, axes, 1, f"{nm}.mean")

@@ -1,6 +1,8 @@
 """onnxruntime's contrib ops (com.microsoft), as onnxruntime.transformers' optimizer and
 Hugging Face Optimum write them, read as the standard ops they fuse: Gelu, FastGelu,
-BiasGelu, SkipLayerNormalization, the contrib LayerNormalization."""
+BiasGelu, SkipLayerNormalization, the contrib LayerNormalization; and those of a file
+onnxruntime saved optimized (``SessionOptions.optimized_model_filepath``): FusedConv,
+FusedGemm, QuickGelu."""
 
 import numpy as np
 import onnx
@@ -124,3 +126,135 @@ def test_onnxruntimes_default_domain_layer_norm_before_opset_17():
     x = RNG.normal(size=(2, 5, HIDDEN)).astype(np.float32)
     out = graphshape.to_onnx(g)  # opset 13: written as the decomposition
     np.testing.assert_allclose(run_ort(out, {"x": x})[0], run_ort(model, {"x": x})[0], rtol=1e-4, atol=1e-5)
+
+
+# ------------------------------------------------- files onnxruntime saved after optimizing
+def _ort_optimized(model, tmp_path, level="ORT_ENABLE_EXTENDED"):
+    """``model`` as onnxruntime writes it after its graph optimizations at ``level``."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = getattr(ort.GraphOptimizationLevel, level)
+    opts.optimized_model_filepath = str(tmp_path / f"{level}.onnx")
+    ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    return onnx.load(opts.optimized_model_filepath)
+
+
+def _cnn_export(tmp_path, activation):
+    import torch
+    from torch import nn
+
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), activation(), nn.Conv2d(8, 8, 3, padding=1), activation(),
+        nn.Conv2d(8, 8, 3, stride=2), activation(), nn.Flatten(), nn.Linear(8 * 7 * 7, 16),
+        activation(), nn.Linear(16, 4)).eval()
+    path = tmp_path / "cnn.onnx"
+    torch.onnx.export(model, torch.randn(2, 3, 16, 16), str(path), opset_version=17,
+                      dynamo=False, input_names=["x"], dynamic_axes={"x": {0: "batch"}})
+    return onnx.load(str(path))
+
+
+@pytest.mark.parametrize("activation, fused", [
+    ("ReLU", "FusedConv"), ("SiLU", "QuickGelu"), ("Tanh", "FusedConv"),
+    ("Sigmoid", "FusedConv"), ("Hardtanh", "FusedConv")])
+def test_onnxruntime_optimized_file_reads_as_its_export(activation, fused, tmp_path):
+    from torch import nn
+
+    export = _cnn_export(tmp_path, getattr(nn, activation))
+    optimized = _ort_optimized(export, tmp_path)
+    assert fused in {n.op_type for n in optimized.graph.node if n.domain == "com.microsoft"}
+    graph = graphshape.load(optimized)
+    assert "opaque" not in graph.count_ops(), graph.table()
+    source = graphshape.load(export)
+    assert graph.count_ops()["activation"] == source.count_ops()["activation"] == 4
+    # a FusedConv keeps the name of the Conv it fused (the layer's, parameter names follow)
+    assert [n.name for n in graph if n.op == "conv"] == [n.name for n in source if n.op == "conv"]
+    assert graph.count_ops()["conv"] == 3 and graph.count_ops()["linear"] == 2
+    # the shapes of the values after the fused ops are known (shape inference's stand-ins)
+    assert all(graph.info(n.inputs[0]).shape is not None for n in graph if n.op == "linear")
+    x = RNG.normal(size=(3, 3, 16, 16)).astype(np.float32)
+    want_y = run_ort(export, {"x": x})[0]
+    np.testing.assert_allclose(run_ort(graphshape.to_onnx(graph), {"x": x})[0], want_y,
+                               rtol=1e-4, atol=1e-5)
+    got = graphshape.to_torch(optimized)(__import__("torch").from_numpy(x)).detach().numpy()
+    np.testing.assert_allclose(got, want_y, rtol=1e-4, atol=1e-5)
+    # the same DKS parameters (hardtanh: the same refusal, it has none)
+    assert _dks(optimized, tmp_path / "a.onnx") == _dks(export, tmp_path / "b.onnx")
+
+
+def _dks(model, out):
+    try:
+        return graphshape.shape_onnx(model, out, method="DKS").activation_params
+    except graphshape.GraphshapeError as e:
+        return str(e)
+
+
+def _single_node_model(node, x_shape, inits, opset=17):
+    graph = helper.make_graph(
+        [node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(x_shape))],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset),
+                                                   helper.make_opsetid("com.microsoft", 1)],
+                             ir_version=8)
+
+
+@pytest.mark.parametrize("activation, params, op", [
+    ("LeakyRelu", [0.2], "leaky_relu"), ("HardSigmoid", [0.3, 0.4], "hardsigmoid"),
+    ("Clip", [-0.5, 0.7], "hardtanh"), ("", [], None)])
+@pytest.mark.parametrize("with_sum", [False, True])
+def test_fused_conv_with_activation_and_sum(activation, params, op, with_sum):
+    inits = [_init("w", RNG.normal(size=(4, 3, 3, 3)) / 3), _init("b", RNG.normal(size=4))]
+    inputs = ["x", "w", "b"]
+    if with_sum:  # Z, added to the convolution before the activation
+        inits.append(_init("z", RNG.normal(size=(2, 4, 5, 5))))
+        inputs.append("z")
+    attrs = {"activation": activation, "activation_params": params} if activation else {}
+    node = helper.make_node("FusedConv", inputs, ["y"], domain="com.microsoft",
+                            kernel_shape=[3, 3], pads=[1, 1, 1, 1], **attrs)
+    model = _single_node_model(node, (2, 3, 5, 5), inits)
+    graph = graphshape.load(model)
+    ops = graph.count_ops()
+    assert "opaque" not in ops and ops["conv"] == 1 and ops.get("add", 0) == int(with_sum)
+    assert [n.attrs["name"] for n in graph if n.op == "activation"] == ([op] if op else [])
+    x = RNG.normal(size=(2, 3, 5, 5)).astype(np.float32)
+    np.testing.assert_allclose(run_ort(graphshape.to_onnx(graph), {"x": x})[0],
+                               run_ort(model, {"x": x})[0], rtol=1e-4, atol=1e-5)
+
+
+def test_fused_gemm_and_quick_gelu():
+    inits = [_init("w", RNG.normal(size=(6, 4)) / 2), _init("c", RNG.normal(size=6))]
+    gemm = helper.make_node("FusedGemm", ["x", "w", "c"], ["h"], domain="com.microsoft",
+                            transB=1, alpha=0.5, activation="LeakyRelu", activation_alpha=0.1)
+    gelu = helper.make_node("QuickGelu", ["h"], ["y"], domain="com.microsoft", alpha=1.702)
+    graph = helper.make_graph(
+        [gemm, gelu], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
+                                                    helper.make_opsetid("com.microsoft", 1)],
+                              ir_version=8)
+    g = graphshape.load(model)
+    assert "opaque" not in g.count_ops() and g.count_ops()["linear"] == 1
+    acts = {n.attrs["name"]: n.attrs for n in g if n.op == "activation"}
+    assert acts["leaky_relu"]["negative_slope"] == pytest.approx(0.1)
+    assert acts["silu"]["transform"]["input_scale"] == pytest.approx(1.702)
+    x = RNG.normal(size=(3, 4)).astype(np.float32)
+    np.testing.assert_allclose(run_ort(graphshape.to_onnx(g), {"x": x})[0],
+                               run_ort(model, {"x": x})[0], rtol=1e-4, atol=1e-5)
+
+
+def test_a_fused_activation_graphshape_cannot_read_stays_opaque():
+    inits = [_init("w", RNG.normal(size=(4, 3, 1, 1)))]
+    node = helper.make_node("FusedConv", ["x", "w"], ["y"], domain="com.microsoft",
+                            activation="Softsign")
+    graph = graphshape.load(_single_node_model(node, (2, 3, 5, 5), inits))
+    assert graph.count_ops().get("opaque") == 1 and "conv" not in graph.count_ops()
+
+
+def test_a_file_in_onnxruntimes_blocked_layout_is_refused_with_the_way_out():
+    inits = [_init("w", RNG.normal(size=(8, 8, 1, 1)))]
+    node = helper.make_node("Conv", ["x", "w"], ["y"], domain="com.microsoft.nchwc")
+    model = _single_node_model(node, (1, 8, 4, 4), inits)
+    model.opset_import.append(helper.make_opsetid("com.microsoft.nchwc", 1))
+    with pytest.raises(graphshape.GraphshapeError, match="ORT_ENABLE_ALL.*ORT_ENABLE_EXTENDED"):
+        graphshape.load(model)

@@ -412,6 +412,53 @@ def test_batch_norm_instance_norm_lrn():
     assert (lrn.attrs["size"], lrn.attrs["k"]) == (3, 2.0)
 
 
+def _training_mode_batch_norm(graph_outputs=("y",)):
+    """As torch writes it: three outputs (onnxruntime crashes on fewer in training mode),
+    ``graph_outputs`` of them read."""
+    c = 3
+    return _model([helper.make_node("BatchNormalization", ["x", "s", "b", "m", "v"],
+                                    ["y", "mean", "var"], epsilon=1e-3, momentum=0.8,
+                                    training_mode=1)],
+                  [("x", (2, 3, 4, 5))], [(o, None) for o in graph_outputs],
+                  [_init("s", _rand(c) + 1), _init("b", _rand(c)), _init("m", _rand(c)),
+                   _init("v", np.abs(_rand(c)) + 0.5)], opset=15)
+
+
+def test_training_mode_batch_norm_normalizes_by_the_batch():
+    # what torch.onnx.export(..., training=TrainingMode.TRAINING) writes: the batch's
+    # statistics, the updated running statistics unused; written back as the computation
+    model = _training_mode_batch_norm()
+    g, out = _roundtrip(model, {"x": X4}, ["batch_norm"])
+    bn = next(n for n in g if n.op == "batch_norm")
+    assert bn.attrs["track_running_stats"] is False and "running_mean" not in bn.params
+    assert "BatchNormalization" not in {n.op_type for n in out.graph.node}
+    x = _rand(2, 3, 4, 5, scale=3.0) + 2.0  # another batch: other statistics
+    _assert_same(_run(out, {"x": x}), _run(model, {"x": x}))
+
+
+def test_training_mode_batch_norm_whose_running_statistics_are_read_stays_opaque():
+    g = load_onnx(_training_mode_batch_norm(("y", "mean")))
+    assert g.count_ops().get("opaque") == 1 and "batch_norm" not in g.count_ops()
+
+
+@pytest.mark.parametrize("affine", [True, False])
+def test_torch_batch_norm_without_running_statistics_to_onnx(affine):
+    torch = pytest.importorskip("torch")
+    import graphshape
+
+    torch.manual_seed(0)
+    # default init (weight 1, bias 0): onnxruntime's BatchNormalization(training_mode=1)
+    # gets these wrong once its optimizer shares them with the zeros / ones it is given
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3),
+                                torch.nn.BatchNorm2d(4, affine=affine, track_running_stats=False),
+                                torch.nn.ReLU()).eval()
+    x = torch.randn(3, 3, 7, 7)
+    for opset in (11, 18):
+        out = graphshape.to_onnx(graphshape.load(model, x), opset=opset)
+        np.testing.assert_allclose(_run(out, {out.graph.input[0].name: x.numpy()})[0],
+                                   model(x).detach().numpy(), rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("axis", [-1, 2])
 def test_layer_norm(axis):
     shape = (2, 3, 4, 5)
