@@ -745,7 +745,20 @@ def shape_graph(graph: Graph, *, method: str = "TAT", activation: str | None = N
     if not act_names:
         report.warnings.append("the model has no activation nodes: nothing to transform")
 
-    params, smf = solve_activation_params(g, method, zeta=zeta, eta=eta, tau=tau)
+    try:
+        params, smf = solve_activation_params(g, method, zeta=zeta, eta=eta, tau=tau)
+    except GraphshapeError as e:
+        if not opaque:
+            raise
+        # the solve counts each opaque node as a layer of unknown effect: say so beside the
+        # solver's own advice, which assumes it read the whole network
+        raise GraphshapeError(
+            f"{e} -- note: {len(opaque)} opaque node(s) on the signal path "
+            f"({', '.join(opaque[:3])}{' ...' if len(opaque) > 3 else ''}) have no kernel "
+            "rule, so the network solved for is not the whole model; if one of them is a "
+            "layer or an activation (a custom op, a runtime's fused op), shape the model in "
+            "a form written with standard ops (as exported, before a runtime optimized it)",
+            node=e.node, op=e.op) from None
     report.subnetworks = list(getattr(smf, "subnetworks", []))
     report.activation_params = params
     if params:

@@ -258,3 +258,21 @@ def test_a_file_in_onnxruntimes_blocked_layout_is_refused_with_the_way_out():
     model.opset_import.append(helper.make_opsetid("com.microsoft.nchwc", 1))
     with pytest.raises(graphshape.GraphshapeError, match="ORT_ENABLE_ALL.*ORT_ENABLE_EXTENDED"):
         graphshape.load(model)
+
+
+def test_a_failed_solve_names_the_opaque_layers_it_could_not_count(tmp_path):
+    from torch import nn
+
+    export = _cnn_export(tmp_path, nn.ReLU)
+    custom = _ort_optimized(export, tmp_path)
+    for node in custom.graph.node:  # layers graphshape cannot read
+        if node.op_type == "FusedConv":
+            node.op_type, node.domain = "MyConv", "com.example"
+    custom.opset_import.append(helper.make_opsetid("com.example", 1))
+    # five layers: too shallow for TAT's eta = 0.9 either way (the solver's own error)
+    with pytest.raises(graphshape.GraphshapeError) as plain:
+        graphshape.shape_onnx(export, tmp_path / "a.onnx", method="TAT")
+    assert "opaque" not in str(plain.value)
+    with pytest.raises(graphshape.GraphshapeError,
+                       match=r"\d opaque node\(s\) on the signal path .*com\.example::MyConv"):
+        graphshape.shape_onnx(custom, tmp_path / "b.onnx", method="TAT")
