@@ -100,11 +100,7 @@ def load_source(src: str, input_shape: tuple[int, ...] | None, *, seed: int = 0,
         if input_shape is not None:
             inputs = _random_inputs(input_shape, seed)
         return graph, inputs
-    if ":" not in src:
-        raise UsageError(f"SRC must be an .onnx file or package.module:factory, got {src!r}")
-    module_name, _, factory_name = src.partition(":")
-    if not module_name or not factory_name:
-        raise UsageError(f"SRC must be an .onnx file or package.module:factory, got {src!r}")
+    module_name, factory_name, args, kwargs = parse_factory_spec(src)
     try:
         module = importlib.import_module(module_name)
     except ImportError as e:
@@ -116,11 +112,45 @@ def load_source(src: str, input_shape: tuple[int, ...] | None, *, seed: int = 0,
     if not callable(factory):
         raise UsageError(f"{module_name!r} has no callable {factory_name!r}")
     try:
-        model = factory()
+        model = factory(*args, **kwargs)
     except Exception as e:
-        raise GraphshapeError(f"{src}() failed: {type(e).__name__}: {e}") from None
+        call = src if "(" in src else f"{src}()"
+        raise GraphshapeError(f"{call} failed: {type(e).__name__}: {e}") from None
     inputs = _random_inputs(input_shape or default_shape, seed)
     return graphshape.load(model, inputs, cache_weight_norms=cache_weight_norms), inputs
+
+
+def parse_factory_spec(src: str) -> tuple[str, str, tuple, dict]:
+    """``package.module:factory`` or ``package.module:factory(arguments)`` -> (module name,
+    factory name, positional arguments, keyword arguments). The arguments must be Python
+    literals (numbers, strings, booleans, None, tuples, lists, dicts), as in
+    ``torchvision.models:resnet50(num_classes=10)`` or
+    ``timm:create_model('resnet50', num_classes=10)``: they are read, never evaluated."""
+    import ast
+
+    usage = (f"SRC must be an .onnx file or package.module:factory (optionally with literal "
+             f"arguments: package.module:factory(num_classes=10)), got {src!r}")
+    module_name, colon, call = src.partition(":")
+    if not colon or not module_name or not call:
+        raise UsageError(usage)
+    try:
+        tree = ast.parse(call.strip(), mode="eval").body
+    except SyntaxError:
+        raise UsageError(usage) from None
+    if isinstance(tree, ast.Name):
+        return module_name, tree.id, (), {}
+    if not (isinstance(tree, ast.Call) and isinstance(tree.func, ast.Name)):
+        raise UsageError(usage)
+    if any(k.arg is None for k in tree.keywords) or any(isinstance(a, ast.Starred)
+                                                         for a in tree.args):
+        raise UsageError(f"{src!r}: *args / **kwargs are not accepted, only literal arguments")
+    try:
+        args = tuple(ast.literal_eval(a) for a in tree.args)
+        kwargs = {k.arg: ast.literal_eval(k.value) for k in tree.keywords}
+    except ValueError:
+        raise UsageError(f"the arguments in {src!r} must be Python literals (numbers, strings, "
+                         "True/False/None, tuples, lists, dicts): they are read, not run") from None
+    return module_name, tree.func.id, args, kwargs
 
 
 def _random_inputs(shape, seed):
@@ -138,7 +168,9 @@ def add_inspect_parser(sub) -> None:
                     "per node, predicted (and with --empirical measured) q and c, C_f(0), "
                     "C_f'(1), C_f''(1) and flags.")
     p.add_argument("src", metavar="SRC", help="an .onnx file or package.module:factory "
-                                             "(e.g. torchvision.models:resnet50)")
+                                             "(e.g. torchvision.models:resnet50, or with "
+                                             "literal arguments 'torchvision.models:"
+                                             "resnet50(num_classes=10)')")
     p.add_argument("--input-shape", metavar="N,C,H,W",
                    help="shape of the random normal example batch (default for factories: "
                         "2,3,224,224; for ONNX files without it: two unit-q uncorrelated "

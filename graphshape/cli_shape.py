@@ -118,7 +118,9 @@ def add_shape_parser(sub) -> None:
     p.add_argument("src", metavar="SRC", help="an .onnx file, a .pt file holding an "
                                              "nn.Module (needs --trust), or "
                                              "package.module:factory (imports and runs it; "
-                                             "e.g. torchvision.models:resnet50)")
+                                             "e.g. torchvision.models:resnet50), optionally "
+                                             "with literal arguments: 'timm:create_model("
+                                             "\"resnet50\", num_classes=10)'")
     _add_shaping_options(p)
     p.add_argument("--input-shape", metavar="N,C,H,W",
                    help="example input shape for tracing a factory's or .pt file's model "

@@ -412,6 +412,12 @@ def _cli(args, capsys):
     (["shape", "m.onnx", "-o", "m.onnx"], "never overwrites"),
     (["shape", "m.onnx", "-o", "nofolder/x.onnx"], "does not exist"),
     (["shape", "justaword", "-o", "x.onnx"], "package.module:factory"),
+    (["shape", "torchvision.models:resnet18(", "-o", "x.onnx"], "literal arguments"),
+    # arguments are read with ast.literal_eval, never run
+    (["shape", "torchvision.models:resnet18(num_classes=__import__('os').getpid())", "-o",
+      "x.onnx"], "must be Python literals"),
+    (["shape", "torchvision.models:resnet18(**{'num_classes': 3})", "-o", "x.onnx"],
+     "*args / **kwargs"),
     (["batch", "m.onnx", "-o", "out"], "is not a folder"),
     (["inspect", "m.onnx", "--input-shape", "1,x"], "--input-shape"),
 ])

@@ -172,6 +172,14 @@ def test_cli_shape_factory_to_pt(tmp_path):
     assert out.shape == (2, 1000) and torch.isfinite(out).all()
 
 
+def test_cli_shape_factory_with_literal_arguments(tmp_path):
+    dst = tmp_path / "r18.pt"
+    assert cli_main(["shape", "timm:create_model('resnet18', num_classes=10)", "-o", str(dst),
+                     "--input-shape", "1,3,32,32"]) == 0
+    gm = torch.load(str(dst), weights_only=False)
+    assert gm(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+
+
 def test_cli_batch(caffe2_path, resnet18_path, tmp_path, capsys):
     """A folder with two good models (one in a subfolder) and a corrupt one: the good ones
     are shaped in parallel, the bad one is reported, and the exit status is 1."""
