@@ -554,6 +554,7 @@ class _Importer:
             for o in f.opset_import:
                 self.g.meta["opset_imports"].setdefault(o.domain, o.version)
         self.consts: dict[str, np.ndarray] = {}
+        self.initializer_names: set[str] = set()  # the file's stored weights (run() fills it)
         # shape vectors with some entries unknown (see _track_partial)
         self.partials: dict[str, list] = {}
         # Reshape output -> target resolved from a partly known shape (-1 = the unknown)
@@ -827,9 +828,12 @@ class _Importer:
         if name in self.consts:
             value = self.consts[name]
             node_name = self.g.unique_name(name or "const")
+            # a float weight the file stores (an initializer) stays in the torch backend's
+            # state_dict; a Constant node's or a folded value, or integers (shapes), not
+            persistent = name in self.initializer_names and value.dtype.kind == "f"
             self.g.add(Node(node_name, "constant", [], {"trainable": False}, {"value": value},
                             [TensorInfo(tuple(value.shape), value.dtype.name)],
-                            {"source_name": name, "flags": []}))
+                            {"source_name": name, "flags": [], "persistent": persistent}))
             self.refs[name] = Ref(node_name)
             self._journal += [("node", node_name), ("ref", name)]
             return self.refs[name]
@@ -860,6 +864,8 @@ class _Importer:
         self._infer_shapes()  # (may replace self.proto by a topologically sorted copy)
         graph = self.proto.graph
         self._count_uses()
+        self.initializer_names = {init.name for init in graph.initializer} | {
+            sparse.values.name for sparse in graph.sparse_initializer}
         for init in graph.initializer:
             try:
                 self.consts[init.name] = numpy_helper.to_array(init)

@@ -528,6 +528,7 @@ class _Loader:
                     params={"value": _to_numpy(tensor)},
                     outputs=[TensorInfo(tuple(tensor.shape), _np_dtype(tensor.dtype))],
                     meta={"source_name": fx_node.name, "module_path": fx_node.target,
+                          "persistent": in_state_dict(self.module, fx_node.target),
                           "flags": [], **_dtype_meta(tensor)})
         self.graph.add(node)
         self.env[fx_node] = node.out
@@ -750,6 +751,19 @@ class _Loader:
             return Ref(names[v][k])
 
         self.graph.meta["torch_output"] = map_template(template, to_ref)
+
+
+def in_state_dict(module: nn.Module, target: str) -> bool:
+    """Whether ``module.state_dict()`` holds the tensor at attribute path ``target``: a
+    parameter or a persistent buffer (not a ``persistent=False`` buffer, nor a plain tensor
+    attribute, such as the constants torch.fx makes of tensors built in ``forward``)."""
+    owner_path, _, name = target.rpartition(".")
+    try:
+        owner = module.get_submodule(owner_path)
+    except AttributeError:
+        return False
+    return name in owner._parameters or (
+        name in owner._buffers and name not in owner._non_persistent_buffers_set)
 
 
 class _Lazy:

@@ -166,6 +166,8 @@ def _layer_path(name: str, modules: dict[str, nn.Module]) -> str | None:
 def _match_source_names(graph: Graph, module: nn.Module) -> None:
     """Give nodes the source's names (``module_path``: the torch backend's attribute path,
     so ``state_dict`` keys match), and mark constants that were parameters trainable."""
+    from graphshape.frontends.torch_fx import in_state_dict
+
     params = dict(module.named_parameters())
     buffers = dict(module.named_buffers())
     modules = dict(module.named_modules())
@@ -173,10 +175,12 @@ def _match_source_names(graph: Graph, module: nn.Module) -> None:
     for node in graph:
         if node.op == "constant":
             source = node.meta.get("source_name")
+            node.meta["persistent"] = False  # the export's own constants: not the source's
             if source in params:
                 node.attrs["trainable"] = params[source].requires_grad
             if (source in params or source in buffers) and source not in claimed:
                 node.meta["module_path"] = source
+                node.meta["persistent"] = in_state_dict(module, source)
                 claimed.add(source)
         elif node.params and node.op not in ("input", "output"):
             path = _layer_path(node.name, modules)

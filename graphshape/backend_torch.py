@@ -78,6 +78,7 @@ class _Ctx:
         self.copy_params = copy_params
         self.fx = torch.fx.Graph()
         self.attrs: dict[str, Any] = {}        # target -> module / tensor
+        self.non_persistent: list[str] = []    # buffer targets the state_dict leaves out
         self.used_targets: set[str] = set()
         self.target_prefixes: set[str] = set()
         self.values: dict[str, Any] = {}       # IR name -> fx node (or list for split)
@@ -260,6 +261,10 @@ def _e_constant(ctx, node, xs):
         t = nn.Parameter(t, requires_grad=True)
     target = ctx.target_for(node)
     ctx.attrs[target] = t
+    if not node.attrs.get("trainable") and not node.meta.get("persistent"):
+        # a buffer the state_dict leaves out, unless the source's state_dict held it: an
+        # ONNX file's shape integers and folded constants, a tensor built in forward
+        ctx.non_persistent.append(target)
     return ctx._record(node, ctx.fx.create_node("get_attr", target, (), {}, name=fx_name(node.name)))
 
 
@@ -853,6 +858,10 @@ def emit(graph: Graph, *, copy_params: bool = True) -> torch.fx.GraphModule:
     ctx.fx.output(result)
     class_name = str(graph.meta.get("model_class") or "GraphModule")
     gm = torch.fx.GraphModule(ctx.attrs, ctx.fx, class_name=class_name)
+    for target in ctx.non_persistent:
+        owner_path, _, name = target.rpartition(".")
+        owner = gm.get_submodule(owner_path)
+        owner.register_buffer(name, owner._buffers[name], persistent=False)
     gm.meta["graphshape_nodes"] = dict(ctx.names)
     gm.train(bool(graph.meta.get("training", True)))
     _restore_placement(gm, graph)
