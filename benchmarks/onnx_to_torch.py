@@ -7,15 +7,20 @@ larger (float32 noise), else MISMATCH, "no torch" (a GraphshapeError from the em
 Also prints how many opaque ONNX nodes the emission wrote as ``graphshape.onnx_functions``
 calls (the shape arithmetic around the batch size).
 
-Run:  nice python benchmarks/onnx_to_torch.py [--models a,b] [--timm]
+Run:  nice python benchmarks/onnx_to_torch.py [--models a,b] [--timm] [--ort-optimized]
 Default models: the torchvision classification builders up to 100M parameters at 224x224
 (``--timm``: the timm models of ``benchmarks/shape_timm.py --set wide`` instead).
+``--ort-optimized``: check the file onnxruntime saves after optimizing the export
+(``ORT_ENABLE_EXTENDED``: FusedConv, FusedGemm, FusedMatMul, QuickGelu, BiasGelu, ...)
+instead, count its com.microsoft nodes and compare the DKS parameters it shapes to with the
+plain export's ("dks same", or the two answers).
 """
 
 from __future__ import annotations
 
 import argparse
 import io
+import re
 import time
 
 
@@ -31,6 +36,36 @@ def _export(model, x):
                           input_names=["x"], output_names=["y"],
                           dynamic_axes={"x": {0: "batch"}, "y": {0: "batch"}})
     return onnx.load_from_string(buf.getvalue())
+
+
+def _ort_optimized(proto):
+    import os
+    import tempfile
+
+    import onnx
+    import onnxruntime as ort
+
+    with tempfile.TemporaryDirectory() as tmp:
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+        opts.optimized_model_filepath = os.path.join(tmp, "optimized.onnx")
+        ort.InferenceSession(proto.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+        return onnx.load(opts.optimized_model_filepath)
+
+
+def _dks(proto):
+    import os
+    import tempfile
+
+    import graphshape
+
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            return graphshape.shape_onnx(proto, os.path.join(tmp, "shaped.onnx"),
+                                         method="DKS").activation_params
+        except graphshape.GraphshapeError as e:
+            # the reason, without the node names (a fused node has its own)
+            return "refused: " + re.sub(r"'[^']*'", "'...'", str(e).split("] ")[-1])[:60]
 
 
 def _check(proto, shape, model):
@@ -73,6 +108,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--models", default=None)
     ap.add_argument("--timm", action="store_true")
+    ap.add_argument("--ort-optimized", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(1)
     if args.timm:
@@ -103,7 +139,14 @@ def main():
             except Exception as e:  # noqa: BLE001 - the exporter's failure, not ours
                 status, opaque, detail = "no export", 0, f"{type(e).__name__}"
             else:
+                if args.ort_optimized:
+                    plain, proto = proto, _ort_optimized(proto)
                 status, opaque, detail = _check(proto, shape, model)
+                if args.ort_optimized:
+                    contrib = sum(n.domain == "com.microsoft" for n in proto.graph.node)
+                    mine, theirs = _dks(proto), _dks(plain)
+                    detail += f"; {contrib} com.microsoft nodes; " + (
+                        "dks same" if mine == theirs else f"DKS DIFFERS: {mine} vs {theirs}")
         except Exception as e:  # noqa: BLE001 - a sweep must survive one model
             status, opaque, detail = "CRASH", 0, f"{type(e).__name__}: {str(e)[:160]}"
         counts[status] = counts.get(status, 0) + 1

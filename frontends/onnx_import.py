@@ -85,6 +85,39 @@ _REDUCE_KINDS = {"ReduceMean": "mean", "ReduceSum": "sum", "ReduceMax": "max",
                  "ReduceMin": "min", "ReduceProd": "prod"}
 
 
+class _FusedParts:
+    """The standard nodes a fused contrib op (``node``) stands for, built one by one, then
+    read by their own readers (:meth:`read`). The values between them are named after
+    ``node``'s output; the last part writes that output."""
+
+    def __init__(self, reader, node):
+        self.reader, self.node, self.nodes = reader, node, []
+
+    def add(self, op_type: str, inputs, info: TensorInfo | None = None, **attrs) -> str:
+        """A part; its output's info is ``info`` (default: the fused node's output's)."""
+        out = self.node.output[0]
+        value = f"{out}::{len(self.nodes)}.{op_type}"
+        self.reader.infos[value] = info if info is not None else self.reader.info(out)
+        self.reader.uses[value] = 1
+        self.nodes.append(self.reader.onnx.helper.make_node(op_type, list(inputs), [value],
+                                                            **attrs))
+        return value
+
+    def const(self, label: str, value: np.ndarray) -> str:
+        name = f"{self.node.output[0]}::{label}"
+        self.reader.consts[name] = value
+        return name
+
+    def read(self, name: str) -> None:
+        """Read the parts: the layer (Conv, Gemm, MatMul) takes IR name ``name``, the others
+        ``name`` and their op type."""
+        self.nodes[-1].output[0] = self.node.output[0]
+        for part in self.nodes:
+            handler = self.reader._handler("", part.op_type)
+            layer = part.op_type in ("Conv", "Gemm", "MatMul")
+            handler(part, _attr_dict(part), name if layer else f"{name}_{part.op_type.lower()}")
+
+
 class _Unsupported(Exception):
     """Raised by an op handler when this instance cannot be mapped: becomes opaque."""
 
@@ -418,6 +451,8 @@ def _readable_names(nodes) -> list[str]:
         raw = node.name or (node.output[0] if node.output else node.op_type)
         if raw.startswith("/"):
             parts = [p for p in raw.split("/") if p]
+            if len(parts) > 1 and parts[-1].endswith("Fusion"):
+                parts.pop()  # onnxruntime names a fused node <its first node's>/<fusion>/
             keep = [p for i, p in enumerate(parts)
                     if not (i + 1 < len(parts) and parts[i + 1].startswith(p + "."))]
             long_name = ".".join(keep)
@@ -672,10 +707,24 @@ class _Importer:
         :data:`_ORT_SHAPE_STAND_INS` (the model itself is not changed)."""
         onnx = self.onnx
         out, moved = [], False
+        init_ranks = {i.name: len(i.dims) for i in self.proto.graph.initializer}
         for node in nodes:
             stand_in = _ORT_SHAPE_STAND_INS.get(node.op_type) \
                 if node.domain == "com.microsoft" else None
-            if stand_in is not None:
+            if node.domain == "com.microsoft" and node.op_type == "FusedMatMul":
+                a = _attr_dict(node)
+                if not (a.get("transBatchA", 0) or a.get("transBatchB", 0)):
+                    # MatMul with the last two axes of A and/or B swapped, any rank
+                    # (an operand stored as a 2-d initializer gets no ellipsis: Einsum's
+                    # shape inference does not broadcast ellipses of different ranks)
+                    lhs = "ji" if a.get("transA", 0) else "ij"
+                    rhs = "kj" if a.get("transB", 0) else "jk"
+                    lhs, rhs = (t if init_ranks.get(v) == 2 else "..." + t
+                                for t, v in zip((lhs, rhs), node.input))
+                    node = onnx.helper.make_node("Einsum", list(node.input[:2]),
+                                                 node.output[:1], name=node.name,
+                                                 equation=f"{lhs},{rhs}->...ik")
+            elif stand_in is not None:
                 # a standard op with the output shape of the contrib op, so that shape
                 # inference goes on past it (ONNX has no schemas for onnxruntime's ops)
                 op_type, count, keep = stand_in
@@ -1692,46 +1741,59 @@ class _Importer:
                          a.get("activation", ""), params)
 
     def _read_fused(self, node, name, layer, addend: str, activation: str, params) -> None:
-        """Read a fused contrib op as the standard nodes it fuses, each by its own reader:
-        ``layer`` (op type, inputs, attributes of a Conv / Gemm), then ``+ addend`` when given, then
-        ``activation`` (one of onnxruntime's fusable activations, with its parameters).
-        The parts between write values named after the fused node's output."""
-        out = node.output[0]
-        info = self.info(out)
-        parts, x = [], None
-
-        def part(op_type, inputs, **attrs):
-            nonlocal x
-            y = f"{out}::{op_type}"
-            self.infos[y], self.uses[y] = info, 1
-            parts.append(self.onnx.helper.make_node(op_type, inputs, [y], **attrs))
-            x = y
-
+        """Read a fused contrib op as ``layer`` (op type, inputs, attributes of a Conv /
+        Gemm), then ``+ addend`` when given, then ``activation`` (one of onnxruntime's
+        fusable activations, with its parameters)."""
+        parts = _FusedParts(self, node)
         layer_type, layer_inputs, layer_attrs = layer
-        part(layer_type, list(layer_inputs), **layer_attrs)
+        x = parts.add(layer_type, list(layer_inputs), **layer_attrs)
         if addend:
-            part("Add", [x, addend])
+            x = parts.add("Add", [x, addend])
         if activation in ("Relu", "Tanh", "Sigmoid"):
-            part(activation, [x])
+            parts.add(activation, [x])
         elif activation == "LeakyRelu" and len(params) == 1:
-            part(activation, [x], alpha=float(params[0]))
+            parts.add(activation, [x], alpha=float(params[0]))
         elif activation == "HardSigmoid" and len(params) == 2:
-            part(activation, [x], alpha=float(params[0]), beta=float(params[1]))
+            parts.add(activation, [x], alpha=float(params[0]), beta=float(params[1]))
         elif activation == "Clip" and len(params) == 2:
             if self.opset < 11:
-                part(activation, [x], min=float(params[0]), max=float(params[1]))
+                parts.add(activation, [x], min=float(params[0]), max=float(params[1]))
             else:
-                bounds = []
-                for label, value in zip(("min", "max"), params):
-                    bounds.append(f"{out}::Clip.{label}")
-                    self.consts[bounds[-1]] = np.asarray(value, np.float32)
-                part(activation, [x, *bounds])
+                bounds = [parts.const(label, np.asarray(value, np.float32))
+                          for label, value in zip(("min", "max"), params)]
+                parts.add(activation, [x, *bounds])
         elif activation:
             raise _Unsupported(f"fused activation {activation!r}")
-        parts[-1].output[0] = out
-        for i, p in enumerate(parts):
-            handler = self._handler("", p.op_type)
-            handler(p, _attr_dict(p), name if i == 0 else f"{name}_{p.op_type.lower()}")
+        parts.read(name)
+
+    def _ms_FusedMatMul(self, node, a, name):
+        """onnxruntime's ``alpha * MatMul(A or Aᵀ, B or Bᵀ)`` (ᵀ: the last two axes
+        swapped); ``transBatchA`` / ``transBatchB`` (batch axes moved) stay opaque."""
+        if a.get("transBatchA", 0) or a.get("transBatchB", 0):
+            raise _Unsupported("transBatch")
+        parts = _FusedParts(self, node)
+        operands = []
+        for i, flag in enumerate(("transA", "transB")):
+            value = node.input[i]
+            if a.get(flag, 0):
+                if self.is_const(value):  # a weight: stored transposed, read as a linear
+                    value = parts.const(flag, np.swapaxes(self.const(value), -1, -2))
+                else:
+                    shape = self.info(value).shape
+                    if shape is None or len(shape) < 2:
+                        raise _Unsupported("rank unknown")
+                    perm = [*range(len(shape) - 2), len(shape) - 1, len(shape) - 2]
+                    value = parts.add("Transpose", [value], perm=perm,
+                                      info=TensorInfo(tuple(shape[p] for p in perm),
+                                                      self.info(value).dtype))
+            operands.append(value)
+        x = parts.add("MatMul", operands)
+        alpha = float(a.get("alpha", 1.0))
+        if alpha != 1.0:
+            dtype = self.info(node.output[0]).dtype
+            parts.add("Mul", [x, parts.const("alpha", np.asarray(
+                alpha, dtype if dtype in FLOAT_DTYPES and dtype != "bfloat16" else "float32"))])
+        parts.read(name)
 
     def _ms_LayerNormalization(self, node, a, name):  # the contrib op before opset 17's
         self._trailing_norm(node, a, name, "layer_norm")

@@ -2,7 +2,7 @@
 Hugging Face Optimum write them, read as the standard ops they fuse: Gelu, FastGelu,
 BiasGelu, SkipLayerNormalization, the contrib LayerNormalization; and those of a file
 onnxruntime saved optimized (``SessionOptions.optimized_model_filepath``): FusedConv,
-FusedGemm, QuickGelu."""
+FusedGemm, FusedMatMul, QuickGelu."""
 
 import numpy as np
 import onnx
@@ -241,6 +241,40 @@ def test_fused_gemm_and_quick_gelu():
     x = RNG.normal(size=(3, 4)).astype(np.float32)
     np.testing.assert_allclose(run_ort(graphshape.to_onnx(g), {"x": x})[0],
                                run_ort(model, {"x": x})[0], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("trans_a, trans_b, alpha", [(0, 1, 1.0), (1, 0, 0.125), (1, 1, 2.0)])
+@pytest.mark.parametrize("weight", [True, False])
+def test_fused_matmul(trans_a, trans_b, alpha, weight):
+    """onnxruntime's MatMul with transposes and a scale (MLP-Mixer's token mixing, attention
+    scores): a linear when B is a weight, a matmul of two signals otherwise."""
+    x_shape = (2, 5, 3) if trans_a else (2, 3, 5)  # A (or Aᵀ) is [2, 3, 5]
+    b_shape = (4, 5) if trans_b else (5, 4)
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(x_shape))]
+    inits = []
+    if weight:
+        inits.append(_init("b", RNG.normal(size=b_shape)))
+    else:
+        b_shape = (2, *b_shape)
+        inputs.append(helper.make_tensor_value_info("b", TensorProto.FLOAT, list(b_shape)))
+    nodes = [helper.make_node("FusedMatMul", ["x", "b"], ["h"], domain="com.microsoft",
+                              transA=trans_a, transB=trans_b, alpha=alpha),
+             helper.make_node("Relu", ["h"], ["y"])]
+    graph = helper.make_graph(nodes, "g", inputs,
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
+                                                    helper.make_opsetid("com.microsoft", 1)],
+                              ir_version=8)
+    g = graphshape.load(model)
+    ops = g.count_ops()
+    assert "opaque" not in ops and ops.get("linear" if weight else "matmul") == 1, g.table()
+    relu = next(n for n in g if n.op == "activation")
+    assert g.info(relu.inputs[0]).shape == (2, 3, 4)  # shape inference went on past it
+    feeds = {"x": RNG.normal(size=x_shape).astype(np.float32)}
+    if not weight:
+        feeds["b"] = RNG.normal(size=b_shape).astype(np.float32)
+    np.testing.assert_allclose(run_ort(graphshape.to_onnx(g), feeds)[0],
+                               run_ort(model, feeds)[0], rtol=1e-4, atol=1e-5)
 
 
 def test_a_fused_activation_graphshape_cannot_read_stays_opaque():
