@@ -715,7 +715,9 @@ def _e_onnx_function(ctx, node, xs):
 
     a = node.attrs
     entry = onnx_functions.ONNX_FUNCTIONS.get(a.get("op_type")) if not a.get("domain") else None
-    if entry is None or a.get("outer_scope") or a.get("absent_outputs") or len(node.outputs) != 1:
+    multi = a.get("op_type") in onnx_functions.MULTI_OUTPUT
+    if entry is None or a.get("outer_scope") or (
+            not multi and (a.get("absent_outputs") or len(node.outputs) != 1)):
         return None
     fn, (first, last) = entry
     if not first <= int(a.get("source_opset") or first) <= last:
@@ -737,7 +739,8 @@ def _e_onnx_function(ctx, node, xs):
     except ValueError:  # a torch builtin (torch.eq, ...): its ONNX op has no attributes
         if kwargs or None in args:
             return None
-    return ctx.function(node, fn, tuple(args), kwargs)
+    called = ctx.function(node, fn, tuple(args), kwargs)
+    return [called] if multi else called  # a tuple: its outputs are read by getitem
 
 
 def _e_opaque(ctx, node, xs):

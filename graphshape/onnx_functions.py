@@ -5,7 +5,10 @@ computations it can evaluate; what remains is opaque, mostly the shape arithmeti
 exported with a dynamic axis (``Shape`` -> ``Gather`` -> ``Concat`` -> ``Reshape`` around the
 batch size, ``Expand`` of a class token, the ``Range`` / ``ScatterND`` of a Swin attention
 mask). The torch backend emits such a node as a call to the function here of the same name,
-so a PyTorch model can be emitted from an ONNX file whatever its dynamic axes.
+so a PyTorch model can be emitted from an ONNX file whatever its dynamic axes. ONNX's
+recurrent layers (RNN, GRU, LSTM), which have no canonical op either, are here too: a loop
+over the time steps with ONNX's gate order and options, returning the op's outputs as a
+tuple (``MULTI_OUTPUT``).
 
 ``ONNX_FUNCTIONS`` maps an op type (default domain) to ``(function, opsets)``: the function
 takes the node's inputs in ONNX order (``None`` for an absent optional input) and its
@@ -273,6 +276,166 @@ def identity(data: torch.Tensor) -> torch.Tensor:
     return data
 
 
+# ---------------------------------------------------------------- recurrent layers
+#: ONNX's recurrent activations: name -> f(x, alpha, beta) (alpha / beta: the op's
+#: activation_alpha / activation_beta entries, None where the list gives none)
+_RNN_ACTIVATIONS: dict[str, Callable] = {
+    "Sigmoid": lambda x, a, b: torch.sigmoid(x), "Tanh": lambda x, a, b: torch.tanh(x),
+    "Relu": lambda x, a, b: torch.relu(x), "Softsign": lambda x, a, b: F.softsign(x),
+    "Softplus": lambda x, a, b: F.softplus(x),
+    "LeakyRelu": lambda x, a, b: F.leaky_relu(x, 0.01 if a is None else a),
+    "ThresholdedRelu": lambda x, a, b: x * (x > (1.0 if a is None else a)),
+    "Elu": lambda x, a, b: F.elu(x, 1.0 if a is None else a),
+    "Affine": lambda x, a, b: (1.0 if a is None else a) * x + (0.0 if b is None else b),
+    "ScaledTanh": lambda x, a, b: (1.0 if a is None else a) * torch.tanh(
+        (1.0 if b is None else b) * x),
+    "HardSigmoid": lambda x, a, b: torch.clamp((0.2 if a is None else a) * x
+                                               + (0.5 if b is None else b), 0.0, 1.0),
+}
+
+
+def _rnn_activations(names, alphas, betas, defaults: list[str], directions: int):
+    """Per direction, the ``len(defaults)`` activation functions (ONNX lists them for all
+    directions in one list; ``alphas`` / ``betas`` are consumed in the order of the
+    activations that take them, as onnxruntime reads them)."""
+    names = [n.decode() if isinstance(n, bytes) else n for n in names] if names \
+        else defaults * directions
+    if len(names) != len(defaults) * directions:
+        raise ValueError(f"{len(names)} activations for {directions} direction(s)")
+    alphas, betas = list(alphas or ()), list(betas or ())
+    takes_alpha = {"LeakyRelu", "ThresholdedRelu", "Elu", "Affine", "ScaledTanh", "HardSigmoid"}
+    takes_beta = {"Affine", "ScaledTanh", "HardSigmoid"}
+    fns = []
+    for name in names:
+        if name not in _RNN_ACTIVATIONS:
+            raise ValueError(f"unknown recurrent activation {name!r}")
+        a = alphas.pop(0) if name in takes_alpha and alphas else None
+        b = betas.pop(0) if name in takes_beta and betas else None
+        fns.append(functools.partial(_RNN_ACTIVATIONS[name], a=a, b=b))
+    return [fns[d * len(defaults):(d + 1) * len(defaults)] for d in range(directions)]
+
+
+def _recurrent(op_type, X, W, R, B, sequence_lens, initial_h, initial_c, P, hidden_size,
+               direction, activations, activation_alpha, activation_beta, clip, layout,
+               cell):
+    """The loop that ONNX RNN / GRU / LSTM share: per direction, per time step, ``cell(x_t
+    W^T + Wb, h, c, R, Rb, P, fs)`` -> (h, c); outputs (Y, Y_h[, Y_c])."""
+    if layout:  # [batch, seq, ...] -> [seq, batch, ...]
+        X = X.transpose(0, 1)
+        initial_h = None if initial_h is None else initial_h.transpose(0, 1)
+        initial_c = None if initial_c is None else initial_c.transpose(0, 1)
+    steps, batch = X.shape[0], X.shape[1]
+    directions = 2 if direction == "bidirectional" else 1
+    gates = W.shape[1] // hidden_size
+    fs = _rnn_activations(activations, activation_alpha, activation_beta,
+                          {"RNN": ["Tanh"], "GRU": ["Sigmoid", "Tanh"],
+                           "LSTM": ["Sigmoid", "Tanh", "Tanh"]}[op_type], directions)
+    if clip is not None:
+        # clips the input of the gates' activations (f, g), as onnxruntime does: not that
+        # of LSTM's h, which reads the cell state
+        fs = [[functools.partial(lambda x, f, c: f(torch.clamp(x, -c, c)), f=f, c=float(clip))
+               if k < 2 else f for k, f in enumerate(d)] for d in fs]
+    zeros = X.new_zeros(directions, batch, hidden_size)
+    h0 = zeros if initial_h is None else initial_h
+    c0 = zeros if initial_c is None else initial_c
+    lens = None if sequence_lens is None else sequence_lens.to(X.device).reshape(-1, 1)
+    ys, hs, cs = [], [], []
+    for d in range(directions):
+        reverse = direction == "reverse" or d == 1
+        wb = B[d, :gates * hidden_size] if B is not None else 0.0
+        rb = B[d, gates * hidden_size:] if B is not None else None
+        inputs = torch.matmul(X, W[d].t()) + wb  # all time steps at once
+        peep = None if P is None else P[d]
+        h, c = h0[d], c0[d]
+        out = [None] * steps
+        for t in (range(steps - 1, -1, -1) if reverse else range(steps)):
+            h_new, c_new = cell(inputs[t], h, c, R[d], rb, peep, fs[d])
+            if lens is not None:  # steps past a sequence's length: no update, zero output
+                valid = t < lens
+                h_new = torch.where(valid, h_new, h)
+                c_new = torch.where(valid, c_new, c)
+                out[t] = torch.where(valid, h_new, torch.zeros_like(h_new))
+            else:
+                out[t] = h_new
+            h, c = h_new, c_new
+        ys.append(torch.stack(out))
+        hs.append(h)
+        cs.append(c)
+    Y = torch.stack(ys, 1)  # [seq, directions, batch, hidden]
+    Y_h, Y_c = torch.stack(hs), torch.stack(cs)
+    if layout:
+        Y, Y_h, Y_c = Y.permute(2, 0, 1, 3), Y_h.transpose(0, 1), Y_c.transpose(0, 1)
+    return (Y, Y_h, Y_c) if op_type == "LSTM" else (Y, Y_h)
+
+
+def _rnn_cell(x, h, c, r, rb, peep, fs):
+    pre = x + h @ r.t() + (0.0 if rb is None else rb)
+    return fs[0](pre), c
+
+
+def _gru_cell(x, h, c, r, rb, peep, fs, linear_before_reset=0):
+    n = h.shape[-1]
+    rb = torch.zeros(3 * n, dtype=x.dtype, device=x.device) if rb is None else rb
+    xz, xr, xh = x.split(n, -1)
+    rz, rr, rh = r.split(n)
+    bz, br, bh = rb.split(n)
+    z = fs[0](xz + h @ rz.t() + bz)
+    reset = fs[0](xr + h @ rr.t() + br)
+    if linear_before_reset:
+        candidate = fs[1](xh + reset * (h @ rh.t() + bh))
+    else:
+        candidate = fs[1](xh + (reset * h) @ rh.t() + bh)
+    return (1 - z) * candidate + z * h, c
+
+
+def _lstm_cell(x, h, c, r, rb, peep, fs, input_forget=0):
+    n = h.shape[-1]
+    pre = x + h @ r.t() + (0.0 if rb is None else rb)
+    gi, go, gf, gc = pre.split(n, -1)  # ONNX's gate order: input, output, forget, cell
+    pi, po, pf = (None, None, None) if peep is None else peep.split(n)
+    i = fs[0](gi if pi is None else gi + pi * c)
+    f = 1 - i if input_forget else fs[0](gf if pf is None else gf + pf * c)
+    c_new = f * c + i * fs[1](gc)
+    o = fs[0](go if po is None else go + po * c_new)
+    return o * fs[2](c_new), c_new
+
+
+@recorded_when_traced
+def rnn(X, W, R, B=None, sequence_lens=None, initial_h=None, *, hidden_size: int,
+        direction: str = "forward", activations=None, activation_alpha=None,
+        activation_beta=None, clip=None, layout: int = 0):
+    """ONNX RNN: ``H_t = f(X_t W^T + H_{t-1} R^T + Wb + Rb)``; returns (Y, Y_h)."""
+    return _recurrent("RNN", X, W, R, B, sequence_lens, initial_h, None, None, hidden_size,
+                      direction, activations, activation_alpha, activation_beta, clip, layout,
+                      _rnn_cell)
+
+
+@recorded_when_traced
+def gru(X, W, R, B=None, sequence_lens=None, initial_h=None, *, hidden_size: int,
+        direction: str = "forward", activations=None, activation_alpha=None,
+        activation_beta=None, clip=None, layout: int = 0, linear_before_reset: int = 0):
+    """ONNX GRU (gates z, r, h; ``linear_before_reset`` applies the reset gate after the
+    recurrent product, as PyTorch's GRU does); returns (Y, Y_h)."""
+    return _recurrent("GRU", X, W, R, B, sequence_lens, initial_h, None, None, hidden_size,
+                      direction, activations, activation_alpha, activation_beta, clip, layout,
+                      functools.partial(_gru_cell, linear_before_reset=linear_before_reset))
+
+
+@recorded_when_traced
+def lstm(X, W, R, B=None, sequence_lens=None, initial_h=None, initial_c=None, P=None, *,
+         hidden_size: int, direction: str = "forward", activations=None,
+         activation_alpha=None, activation_beta=None, clip=None, layout: int = 0,
+         input_forget: int = 0):
+    """ONNX LSTM (gates in ONNX's order i, o, f, c; peepholes ``P``; ``input_forget``
+    couples the forget gate to ``1 - i``); returns (Y, Y_h, Y_c)."""
+    return _recurrent("LSTM", X, W, R, B, sequence_lens, initial_h, initial_c, P, hidden_size,
+                      direction, activations, activation_alpha, activation_beta, clip, layout,
+                      functools.partial(_lstm_cell, input_forget=input_forget))
+
+
+#: op types whose function returns a tuple, one entry per ONNX output
+MULTI_OUTPUT = frozenset({"RNN", "GRU", "LSTM"})
+
 _ANY = (1, 10_000)
 
 #: ONNX op type (default domain) -> (torch function, (first, last) opset it follows)
@@ -299,6 +462,8 @@ ONNX_FUNCTIONS: dict[str, tuple[Callable[..., torch.Tensor], tuple[int, int]]] =
     "Sin": (torch.sin, _ANY), "Cos": (torch.cos, _ANY), "Tan": (torch.tan, _ANY),
     "Atan": (torch.atan, _ANY), "Pow": (torch.pow, (7, 10_000)), "Sign": (torch.sign, _ANY),
     "Round": (torch.round, _ANY),  # both round half to even
+    # layout (batch first) is an attribute from opset 14; before it, its default
+    "RNN": (rnn, (7, 10_000)), "GRU": (gru, (7, 10_000)), "LSTM": (lstm, (7, 10_000)),
 }
 
 #: attributes that an older opset gives where a newer one takes an input, by op type:

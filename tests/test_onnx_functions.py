@@ -213,3 +213,118 @@ def test_a_cast_between_floating_types_is_the_canonical_cast():
     integer = _model("Cast", [("x", F32, [3], np.array([1.5, -2.5, 3.0], np.float32))],
                      {"to": TensorProto.INT64}, out_type=I64)
     assert [n.op for n in load(integer) if n.op not in ("input", "output")] == ["opaque"]
+
+
+# ---------------------------------------------------------------- recurrent layers
+def _recurrent_model(op_type, directions, hidden, attrs, *, lens=False, initial=False,
+                     peepholes=False, layout=0, seq=5, batch=3, size=4, all_outputs=True):
+    """One RNN / GRU / LSTM node with random weights, biases, and optionally sequence lengths,
+    initial states and peepholes as graph inputs; every output a graph output."""
+    gates = {"RNN": 1, "GRU": 3, "LSTM": 4}[op_type]
+    x_shape = [batch, seq, size] if layout else [seq, batch, size]
+    state = [batch, directions, hidden] if layout else [directions, batch, hidden]
+    feeds = {"x": _f(*x_shape), "w": _f(directions, gates * hidden, size) / 2,
+             "r": _f(directions, gates * hidden, hidden) / 2,
+             "b": _f(directions, 2 * gates * hidden) / 4}
+    names = ["x", "w", "r", "b", "", ""]
+    types = {"x": F32, "w": F32, "r": F32, "b": F32}
+    if lens:
+        feeds["lens"] = np.array([seq, 2, 4][:batch], np.int32)
+        names[4], types["lens"] = "lens", TensorProto.INT32
+    if initial:
+        feeds["h0"] = _f(*state)
+        names[5], types["h0"] = "h0", F32
+        if op_type == "LSTM":
+            feeds["c0"] = _f(*state)
+            names.append("c0")
+            types["c0"] = F32
+    if peepholes:
+        names += [""] * (7 - len(names)) + ["p"]
+        feeds["p"] = _f(directions, 3 * hidden) / 2
+        types["p"] = F32
+    while not names[-1]:
+        names.pop()
+    outputs = ["y", "y_h", "y_c"][:3 if op_type == "LSTM" else 2]
+    if not all_outputs:
+        outputs = ["", "y_h"]  # Y absent: only the last state, as classifiers read it
+    node = helper.make_node(op_type, names, outputs, hidden_size=hidden, layout=layout,
+                            direction={1: "forward", 2: "bidirectional"}[directions]
+                            if "direction" not in attrs else attrs.pop("direction"), **attrs)
+    graph = helper.make_graph(
+        [node], "g", [helper.make_tensor_value_info(n, types[n], list(feeds[n].shape))
+                      for n in feeds],
+        [helper.make_tensor_value_info(o, F32, None) for o in outputs if o])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 14)]), feeds
+
+
+RECURRENT = [
+    ("rnn", "RNN", 1, {}, {}),
+    ("rnn_relu_bidirectional_lens", "RNN", 2, {"activations": ["Relu", "Tanh"]}, {"lens": True}),
+    ("rnn_leaky_alpha_reverse", "RNN", 1,
+     {"activations": ["LeakyRelu"], "activation_alpha": [0.3], "direction": "reverse"}, {}),
+    ("gru", "GRU", 1, {}, {}),
+    ("gru_linear_before_reset_bidirectional", "GRU", 2, {"linear_before_reset": 1},
+     {"initial": True}),
+    ("gru_lens_batch_first", "GRU", 1, {}, {"lens": True, "layout": 1}),
+    ("lstm", "LSTM", 1, {}, {}),
+    ("lstm_bidirectional_lens_initial", "LSTM", 2, {}, {"lens": True, "initial": True}),
+    ("lstm_peepholes_clip", "LSTM", 1, {"clip": 0.5}, {"peepholes": True}),
+    ("lstm_input_forget_reverse", "LSTM", 1, {"input_forget": 1, "direction": "reverse"},
+     {"initial": True}),
+    ("lstm_batch_first_last_state_only", "LSTM", 2, {},
+     {"layout": 1, "all_outputs": False}),
+]
+
+
+@pytest.mark.parametrize("op_type, directions, attrs, options", [c[1:] for c in RECURRENT],
+                         ids=[c[0] for c in RECURRENT])
+def test_recurrent_layer_equals_onnxruntime(op_type, directions, attrs, options):
+    model, feeds = _recurrent_model(op_type, directions, 6, dict(attrs), **options)
+    if options.get("layout"):
+        # onnxruntime's CPU kernels refuse batch-first layouts: run the time-first twin
+        twin = onnx.ModelProto()
+        twin.CopyFrom(model)
+        next(a for a in twin.graph.node[0].attribute if a.name == "layout").i = 0
+        del twin.graph.input[:]
+        swapped = {n: (v.swapaxes(0, 1) if n in ("x", "h0", "c0") else v)
+                   for n, v in feeds.items()}
+        twin.graph.input.extend(helper.make_tensor_value_info(
+            n, TensorProto.INT32 if n == "lens" else F32, list(v.shape))
+            for n, v in swapped.items())
+        want = [w.transpose(2, 0, 1, 3) if w.ndim == 4 else w.swapaxes(0, 1)
+                for w in run_ort(twin, swapped)]
+    else:
+        want = run_ort(model, feeds)
+    gm = emit(load(model))
+    got = gm(**{n: torch.from_numpy(v) for n, v in feeds.items()})
+    got = got if isinstance(got, tuple) else (got,)
+    assert len(got) == len(want)
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g.detach().numpy(), w, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("cls", [nn.LSTM, nn.GRU])
+def test_exported_torch_recurrent_model_comes_back_to_torch(cls, tmp_path):
+    """nn.LSTM / nn.GRU (two layers, bidirectional, batch first) through ONNX and back."""
+
+    class Tagger(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rnn = cls(8, 6, num_layers=2, bidirectional=True, batch_first=True)
+            self.head = nn.Linear(12, 3)
+
+        def forward(self, x):
+            return self.head(torch.relu(self.rnn(x)[0]))
+
+    torch.manual_seed(0)
+    model = Tagger().eval()
+    path = str(tmp_path / "tagger.onnx")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (torch.randn(2, 7, 8),), path, opset_version=17, dynamo=False,
+                          input_names=["x"], dynamic_axes={"x": {0: "batch", 1: "time"}})
+    assert cls.__name__.upper() in {n.op_type for n in onnx.load(path).graph.node}
+    gm = graphshape.to_torch(path)
+    for shape in ((2, 7, 8), (4, 3, 8)):  # other batch sizes and lengths
+        x = torch.randn(*shape)
+        torch.testing.assert_close(gm(x), model(x), rtol=1e-5, atol=1e-5)
