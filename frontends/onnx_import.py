@@ -977,6 +977,7 @@ class _Importer:
             mark = 0
             try:
                 handler(node, attrs, readable)
+                self._note_param_sources(node)
                 return
             except (ValueError, IndexError, KeyError, TypeError, AttributeError) as e:
                 # a malformed node that passed the checks above (wrong initializer rank,
@@ -999,6 +1000,23 @@ class _Importer:
                         self.refs.pop(key, None)
                 del self._journal[mark:]
         self._opaque(node, readable)
+
+    def _note_param_sources(self, node) -> None:
+        """``meta["param_sources"]``: for the IR nodes just read from ONNX ``node``, the
+        initializer each parameter is (or is a view of, such as a MatMul weight's
+        transpose), by parameter key: the names an exporter gave the source's tensors
+        (``conv1.weight``), by which the torch frontend finds the source's layers."""
+        inputs = {id(self.consts[n]): n for n in node.input if n in self.initializer_names}
+        if not inputs:
+            return
+        for kind, key in self._journal:
+            if kind != "node" or key not in self.g:
+                continue
+            found = {k: inputs.get(id(v), inputs.get(id(getattr(v, "base", None))))
+                     for k, v in self.g[key].params.items()}
+            found = {k: v for k, v in found.items() if v is not None}
+            if found:
+                self.g[key].meta["param_sources"] = found
 
     def _handler(self, domain: str, op: str):
         """The method that reads op ``op`` of ``domain``, or None (the node stays opaque)."""

@@ -153,9 +153,16 @@ def _check_export(proto, module: nn.Module, inputs: tuple, input_names: list[str
                     "trace freezes)")
 
 
-def _layer_path(name: str, modules: dict[str, nn.Module]) -> str | None:
-    """The source module an imported layer node came from: the importer names nodes after
-    the exporter's scope (``blocks.0.attn.qkv`` or ``blocks.0.attn.qkv.MatMul``)."""
+def _layer_path(node, modules: dict[str, nn.Module]) -> str | None:
+    """The source module an imported layer node came from: the owner of the tensors the
+    export named its parameters after (``conv1.weight``, ``meta["param_sources"]``), or the
+    exporter's scope, after which the importer names nodes (``blocks.0.attn.qkv`` or
+    ``blocks.0.attn.qkv.MatMul``; a ``torch.export`` program's scopes are ATen op names)."""
+    for key, source in (node.meta.get("param_sources") or {}).items():
+        owner, _, name = source.rpartition(".")
+        if name == key and owner in modules:
+            return owner
+    name = node.name
     for candidate in (name, name.rsplit(".", 1)[0]):
         module = modules.get(candidate)
         if module is not None and candidate and any(True for _ in module.parameters(recurse=False)):
@@ -183,7 +190,7 @@ def _match_source_names(graph: Graph, module: nn.Module) -> None:
                 node.meta["persistent"] = in_state_dict(module, source)
                 claimed.add(source)
         elif node.params and node.op not in ("input", "output"):
-            path = _layer_path(node.name, modules)
+            path = _layer_path(node, modules)
             if path is not None and path not in claimed:
                 node.meta["module_path"] = path
                 claimed.add(path)

@@ -158,6 +158,11 @@ def test_a_torch_export_program_is_read_through_its_onnx_export():
         via = graphshape.shape(program, **options).meta["graphshape"]
         assert via.activation_params == direct.activation_params
         assert any("ATen operators" in w for w in via.warnings)
-    torch.testing.assert_close(graphshape.to_torch(graphshape.load(program))(x), model(x))
+    converted = graphshape.to_torch(graphshape.load(program))
+    torch.testing.assert_close(converted(x), model(x))
+    # the source's names, found from the tensors the export is named after (its scopes
+    # are ATen op names): a source checkpoint loads strictly
+    assert set(converted.state_dict()) == set(model.state_dict())
+    converted.load_state_dict(model.state_dict(), strict=True)
     with pytest.raises(GraphshapeError, match="ATen operators.*pass example inputs"):
         load_module(program.module())
