@@ -441,6 +441,12 @@ def source_warnings(meta: dict) -> list[str]:
     return [warn(meta[key], meta) for key, warn in _SOURCE_WARNINGS.items() if meta.get(key)]
 
 
+def _holds_weights(node) -> bool:
+    """An opaque call of a PyTorch module with parameters (a ``ParametrizedLinear``...)."""
+    parameters = getattr(node.attrs.get("module"), "parameters", None)
+    return callable(parameters) and any(True for _ in parameters())
+
+
 def _some(names: list[str], shown: int = 3) -> str:
     """The first ``shown`` names, quoted, and "..." when there are more."""
     return ", ".join(map(repr, names[:shown])) + (" ..." if len(names) > shown else "")
@@ -705,20 +711,30 @@ def shape_graph(graph: Graph, *, method: str = "TAT", activation: str | None = N
 
     from graphshape.passes.subnetworks import is_attention_call
 
-    max_pools, opaque, signals = [], [], _signals(g)
+    max_pools, opaque, weighted, signals = [], [], [], _signals(g)
     for node in g:
         if node.op == "opaque" and node.name in signals and may_hold_signal(node) \
-                and not is_attention_call(node) and not ends_the_network(g, node.name):
+                and not is_attention_call(node) and (
+                    _holds_weights(node) or not ends_the_network(g, node.name)):
             # (opaque nodes computing Python values or sizes -- x.size(), an ONNX Shape --
             # or constants carry no signal and need no kernel rule; nor does one that only
-            # shapes the output; attention calls get their own warning below)
+            # shapes the output, unless it is a layer with weights, which shaping leaves
+            # as they are; attention calls get their own warning below)
             opaque.append(f"{node.name!r} ({node.attrs.get('description', '?')})")
+            if _holds_weights(node):
+                weighted.append(node.name)
         elif node.op in MAX_POOL_OPS:
             max_pools.append(node.name)
     if opaque:
         report.warnings.append(
             f"{len(opaque)} opaque node(s) without a kernel rule ({', '.join(opaque[:3])}"
-            f"{' ...' if len(opaque) > 3 else ''}): the solved parameters ignore what they do")
+            f"{' ...' if len(opaque) > 3 else ''}): the solved parameters ignore what they do"
+            + (f"; {len(weighted)} of them ({_some(weighted)}) hold weights, which shaping "
+               "leaves as they are (not re-initialized)" if weighted else "")
+            + ("; a torch.nn.utils.parametrize parametrization other than weight_norm / "
+               "spectral_norm keeps its layer opaque: remove_parametrizations(layer, "
+               "'weight') to shape it" if any("Parametrized" in str(g[n].attrs.get(
+                   "description")) for n in weighted) else ""))
     scaled = _constant_scales(g)
     if scaled:
         shown = ", ".join(f"{n!r} (rms {rms:.2g})" for n, rms in scaled[:3])

@@ -475,3 +475,21 @@ def test_a_final_l2_normalization_is_kept_as_part_of_the_output():
     with pytest.raises(GraphshapeError, match="cannot remove it") as err:
         graphshape.shape(_Embedder(final=False), x, method="DKS")
     assert err.value.node == "normalize"
+
+
+def test_an_opaque_layer_with_weights_is_named_even_when_it_ends_the_network():
+    """A parametrized last layer (orthogonal, not a norm graphshape reads) stays an opaque
+    call: the report says shaping left its weights as they are. Before, an opaque node that
+    ends the network went unmentioned, as if it only shaped the output."""
+    from torch.nn.utils import parametrizations
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(),
+                                torch.nn.Conv2d(8, 8, 3, padding=1), torch.nn.ReLU(),
+                                torch.nn.Flatten(), torch.nn.Linear(8 * 8 * 8, 4))
+    parametrizations.orthogonal(model[5])
+    warnings = graphshape.shape(model.eval(), torch.randn(2, 3, 8, 8),
+                                method="DKS").meta["graphshape"].warnings
+    opaque = [w for w in warnings if "opaque node" in w]
+    assert len(opaque) == 1 and "ParametrizedLinear" in opaque[0]
+    assert "hold weights" in opaque[0] and "remove_parametrizations" in opaque[0]
