@@ -175,8 +175,9 @@ def test_onnxruntime_optimized_file_reads_as_its_export(activation, fused, tmp_p
     assert all(graph.info(n.inputs[0]).shape is not None for n in graph if n.op == "linear")
     x = RNG.normal(size=(3, 3, 16, 16)).astype(np.float32)
     want_y = run_ort(export, {"x": x})[0]
-    np.testing.assert_allclose(run_ort(graphshape.to_onnx(graph), {"x": x})[0], want_y,
-                               rtol=1e-4, atol=1e-5)
+    written = graphshape.to_onnx(graph)
+    assert not any(n.domain for n in written.graph.node)  # written back as standard ONNX
+    np.testing.assert_allclose(run_ort(written, {"x": x})[0], want_y, rtol=1e-4, atol=1e-5)
     got = graphshape.to_torch(optimized)(__import__("torch").from_numpy(x)).detach().numpy()
     np.testing.assert_allclose(got, want_y, rtol=1e-4, atol=1e-5)
     # the same DKS parameters (hardtanh: the same refusal, it has none)
@@ -275,6 +276,14 @@ def test_fused_matmul(trans_a, trans_b, alpha, weight):
         feeds["b"] = RNG.normal(size=b_shape).astype(np.float32)
     np.testing.assert_allclose(run_ort(graphshape.to_onnx(g), feeds)[0],
                                run_ort(model, feeds)[0], rtol=1e-4, atol=1e-5)
+
+
+def test_a_fused_matmul_that_moves_batch_axes_stays_opaque():
+    node = helper.make_node("FusedMatMul", ["x", "b"], ["y"], domain="com.microsoft",
+                            transBatchA=1)
+    graph = graphshape.load(_single_node_model(node, (2, 3, 4),
+                                               [_init("b", RNG.normal(size=(4, 5)))]))
+    assert graph.count_ops().get("opaque") == 1
 
 
 def test_a_fused_activation_graphshape_cannot_read_stays_opaque():
