@@ -69,6 +69,11 @@ _ORT_SHAPE_STAND_INS = {
     "FusedGemm": ("Gemm", 3, {"alpha", "beta", "transA", "transB"}),
     "QuickGelu": ("Identity", 1, set()), "Gelu": ("Identity", 1, set()),
     "BiasGelu": ("Add", 2, set()), "FastGelu": ("Add", 2, set()),
+    # norms: output 0 (and a skip norm's output 3, the sum) has the shape of input + skip
+    "LayerNormalization": ("Identity", 1, set()),
+    "SimplifiedLayerNormalization": ("Identity", 1, set()),
+    "SkipLayerNormalization": ("Add", 2, set()),
+    "SkipSimplifiedLayerNormalization": ("Add", 2, set()),
 }
 
 # ONNX activation ops with a direct registry name (graphshape.activations).
@@ -732,6 +737,8 @@ class _Importer:
                 if op_type == "Add" and len(inputs) < 2:  # FastGelu without its bias
                     op_type = "Identity"
                 attrs = [a for a in node.attribute if a.name in keep]
+                if node.op_type.startswith("Skip") and len(node.output) > 3 and node.output[3]:
+                    out.append(onnx.helper.make_node(op_type, inputs, node.output[3:4]))
                 node = onnx.helper.make_node(op_type, inputs, node.output[:1], name=node.name)
                 node.attribute.extend(attrs)
             elif node.op_type in _ORT_DEFAULT_DOMAIN_OPS and node.domain in ("", "ai.onnx"):
