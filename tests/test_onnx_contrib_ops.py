@@ -244,8 +244,11 @@ def test_fused_gemm_and_quick_gelu():
     assert acts["leaky_relu"]["negative_slope"] == pytest.approx(0.1)
     assert acts["silu"]["transform"]["input_scale"] == pytest.approx(1.702)
     x = RNG.normal(size=(3, 4)).astype(np.float32)
-    np.testing.assert_allclose(run_ort(graphshape.to_onnx(g), {"x": x})[0],
-                               run_ort(model, {"x": x})[0], rtol=1e-4, atol=1e-5)
+    want = run_ort(model, {"x": x})[0]
+    np.testing.assert_allclose(run_ort(graphshape.to_onnx(g), {"x": x})[0], want,
+                               rtol=1e-4, atol=1e-5)
+    got = graphshape.to_torch(g)(__import__("torch").from_numpy(x)).detach().numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("trans_a, trans_b, alpha", [(0, 1, 1.0), (1, 0, 0.125), (1, 1, 2.0)])
