@@ -339,11 +339,12 @@ def _recurrent(op_type, X, W, R, B, sequence_lens, initial_h, initial_c, P, hidd
     h0 = zeros if initial_h is None else initial_h
     c0 = zeros if initial_c is None else initial_c
     lens = None if sequence_lens is None else sequence_lens.to(X.device).reshape(-1, 1)
+    # no B: zero biases, made once rather than in every step's cell
+    biases = B if B is not None else X.new_zeros(directions, 2 * gates * hidden_size)
     ys, hs, cs = [], [], []
     for d in range(directions):
         reverse = direction == "reverse" or d == 1
-        wb = B[d, :gates * hidden_size] if B is not None else 0.0
-        rb = B[d, gates * hidden_size:] if B is not None else None
+        wb, rb = biases[d, :gates * hidden_size], biases[d, gates * hidden_size:]
         inputs = torch.matmul(X, W[d].t()) + wb  # all time steps at once
         peep = None if P is None else P[d]
         h, c = h0[d], c0[d]
@@ -369,13 +370,11 @@ def _recurrent(op_type, X, W, R, B, sequence_lens, initial_h, initial_c, P, hidd
 
 
 def _rnn_cell(x, h, c, r, rb, peep, fs):
-    pre = x + h @ r.t() + (0.0 if rb is None else rb)
-    return fs[0](pre), c
+    return fs[0](x + h @ r.t() + rb), c
 
 
 def _gru_cell(x, h, c, r, rb, peep, fs, linear_before_reset=0):
     n = h.shape[-1]
-    rb = torch.zeros(3 * n, dtype=x.dtype, device=x.device) if rb is None else rb
     xz, xr, xh = x.split(n, -1)
     rz, rr, rh = r.split(n)
     bz, br, bh = rb.split(n)
@@ -390,7 +389,7 @@ def _gru_cell(x, h, c, r, rb, peep, fs, linear_before_reset=0):
 
 def _lstm_cell(x, h, c, r, rb, peep, fs, input_forget=0):
     n = h.shape[-1]
-    pre = x + h @ r.t() + (0.0 if rb is None else rb)
+    pre = x + h @ r.t() + rb
     gi, go, gf, gc = pre.split(n, -1)  # ONNX's gate order: input, output, forget, cell
     pi, po, pf = (None, None, None) if peep is None else peep.split(n)
     i = fs[0](gi if pi is None else gi + pi * c)

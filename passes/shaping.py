@@ -714,27 +714,29 @@ def shape_graph(graph: Graph, *, method: str = "TAT", activation: str | None = N
     max_pools, opaque, weighted, signals = [], [], [], _signals(g)
     for node in g:
         if node.op == "opaque" and node.name in signals and may_hold_signal(node) \
-                and not is_attention_call(node) and (
-                    _holds_weights(node) or not ends_the_network(g, node.name)):
+                and not is_attention_call(node):
             # (opaque nodes computing Python values or sizes -- x.size(), an ONNX Shape --
             # or constants carry no signal and need no kernel rule; nor does one that only
             # shapes the output, unless it is a layer with weights, which shaping leaves
             # as they are; attention calls get their own warning below)
-            opaque.append(f"{node.name!r} ({node.attrs.get('description', '?')})")
-            if _holds_weights(node):
-                weighted.append(node.name)
+            weights = _holds_weights(node)
+            if weights or not ends_the_network(g, node.name):
+                opaque.append(f"{node.name!r} ({node.attrs.get('description', '?')})")
+            if weights:
+                weighted.append(node)
         elif node.op in MAX_POOL_OPS:
             max_pools.append(node.name)
+    shown_opaque = ", ".join(opaque[:3]) + (" ..." if len(opaque) > 3 else "")
     if opaque:
         report.warnings.append(
-            f"{len(opaque)} opaque node(s) without a kernel rule ({', '.join(opaque[:3])}"
-            f"{' ...' if len(opaque) > 3 else ''}): the solved parameters ignore what they do"
-            + (f"; {len(weighted)} of them ({_some(weighted)}) hold weights, which shaping "
-               "leaves as they are (not re-initialized)" if weighted else "")
+            f"{len(opaque)} opaque node(s) without a kernel rule ({shown_opaque}): the "
+            "solved parameters ignore what they do"
+            + (f"; {len(weighted)} of them ({_some([n.name for n in weighted])}) hold weights, "
+               "which shaping leaves as they are (not re-initialized)" if weighted else "")
             + ("; a torch.nn.utils.parametrize parametrization other than weight_norm / "
                "spectral_norm keeps its layer opaque: remove_parametrizations(layer, "
-               "'weight') to shape it" if any("Parametrized" in str(g[n].attrs.get(
-                   "description")) for n in weighted) else ""))
+               "'weight') to shape it" if any("Parametrized" in str(n.attrs.get("description"))
+                                             for n in weighted) else ""))
     scaled = _constant_scales(g)
     if scaled:
         shown = ", ".join(f"{n!r} (rms {rms:.2g})" for n, rms in scaled[:3])
@@ -770,10 +772,10 @@ def shape_graph(graph: Graph, *, method: str = "TAT", activation: str | None = N
         # solver's own advice, which assumes it read the whole network
         raise GraphshapeError(
             f"{e} -- note: {len(opaque)} opaque node(s) on the signal path "
-            f"({', '.join(opaque[:3])}{' ...' if len(opaque) > 3 else ''}) have no kernel "
-            "rule, so the network solved for is not the whole model; if one of them is a "
-            "layer or an activation (a custom op, a runtime's fused op), shape the model in "
-            "a form written with standard ops (as exported, before a runtime optimized it)",
+            f"({shown_opaque}) have no kernel rule, so the network solved for is not the "
+            "whole model; if one of them is a layer or an activation (a custom op, a "
+            "runtime's fused op), shape the model in a form written with standard ops (as "
+            "exported, before a runtime optimized it)",
             node=e.node, op=e.op) from None
     report.subnetworks = list(getattr(smf, "subnetworks", []))
     report.activation_params = params

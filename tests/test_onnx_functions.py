@@ -217,7 +217,8 @@ def test_a_cast_between_floating_types_is_the_canonical_cast():
 
 # ---------------------------------------------------------------- recurrent layers
 def _recurrent_model(op_type, directions, hidden, attrs, *, lens=False, initial=False,
-                     peepholes=False, layout=0, seq=5, batch=3, size=4, all_outputs=True):
+                     peepholes=False, layout=0, seq=5, batch=3, size=4, all_outputs=True,
+                     bias=True):
     """One RNN / GRU / LSTM node with random weights, biases, and optionally sequence lengths,
     initial states and peepholes as graph inputs; every output a graph output."""
     gates = {"RNN": 1, "GRU": 3, "LSTM": 4}[op_type]
@@ -228,6 +229,9 @@ def _recurrent_model(op_type, directions, hidden, attrs, *, lens=False, initial=
              "b": _f(directions, 2 * gates * hidden) / 4}
     names = ["x", "w", "r", "b", "", ""]
     types = {"x": F32, "w": F32, "r": F32, "b": F32}
+    if not bias:  # B absent: zero biases
+        del feeds["b"]
+        names[3] = ""
     if lens:
         feeds["lens"] = np.array([seq, 2, 4][:batch], np.int32)
         names[4], types["lens"] = "lens", TensorProto.INT32
@@ -273,6 +277,9 @@ RECURRENT = [
      {"initial": True}),
     ("lstm_batch_first_last_state_only", "LSTM", 2, {},
      {"layout": 1, "all_outputs": False}),
+    ("rnn_without_bias", "RNN", 1, {}, {"bias": False}),
+    ("gru_without_bias_bidirectional", "GRU", 2, {}, {"bias": False}),
+    ("lstm_without_bias_lens", "LSTM", 1, {}, {"bias": False, "lens": True}),
 ]
 
 
