@@ -183,6 +183,7 @@ def _convert_old_opset(proto):
         return proto, None
     try:
         converted = version_converter.convert_version(proto, CONVERT_TO_OPSET)
+        _declare_initializers_as_inputs(converted)
         onnx.checker.check_model(converted)
     except Exception as e:  # the converter's own errors name the op it has no adapter for
         raise GraphshapeError(
@@ -191,6 +192,21 @@ def _convert_old_opset(proto):
             f"({type(e).__name__}: {str(e).strip()[:300]}). Re-export the model at a newer "
             "opset") from None
     return converted, opset
+
+
+def _declare_initializers_as_inputs(proto) -> None:
+    """Below IR version 4 every initializer must also be a graph input; the converter's
+    adapters add initializers (Pad-11's pads, Upsample's scales...) without declaring them,
+    and the checker then refuses the converted model."""
+    from onnx import helper
+
+    if proto.ir_version >= 4:
+        return
+    declared = {i.name for i in proto.graph.input}
+    for init in proto.graph.initializer:
+        if init.name not in declared:
+            proto.graph.input.append(
+                helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
 
 
 # --------------------------------------------------------------------------- reading

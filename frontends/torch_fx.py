@@ -619,11 +619,17 @@ class _Loader:
                 self._call(fx_node)
         self._outputs(out_template)
         self.graph.validate()
+        # fx calls the root's forward, not the root: its hooks are not in the trace; a module
+        # fx traced through ran its hooks once, on proxies: what they return is in the trace,
+        # what else they do (store the output) happened at trace time only
         called = {n.target for n in self.gm.graph.nodes if n.op == "call_module"}
-        hooked = [name or "(the model)" for name, m in self.module.named_modules()
-                  if name not in called and _has_hooks(m)] + self._hooked
-        if hooked:
-            self.graph.meta["dropped_hooks"] = hooked
+        traced = [name for name, m in self.module.named_modules()
+                  if name and name not in called and _has_hooks(m)]
+        dropped = ["(the model)"] * _has_hooks(self.module) + self._hooked
+        if dropped:
+            self.graph.meta["dropped_hooks"] = dropped
+        if traced:
+            self.graph.meta["traced_hooks"] = traced
         return self.graph
 
     def _placeholder(self, fx_node):

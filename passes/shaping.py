@@ -433,6 +433,11 @@ _SOURCE_WARNINGS: dict[str, Callable[[Any, dict], str]] = {
         f"{len(hooked)} module(s) had forward hooks ({_some(hooked)}): the shaped model's "
         "layers do not run them (torch.fx records what a module computes, not its hooks); "
         "register them again on the result if you need them"),
+    "traced_hooks": lambda hooked, meta: (
+        f"{len(hooked)} module(s) that torch.fx traced through had forward hooks "
+        f"({_some(hooked)}): they ran once, while tracing; an output they return is part of "
+        "the shaped model, but what else they do (store or print the output) does not "
+        "happen in it"),
 }
 
 

@@ -150,6 +150,28 @@ def test_old_opset_is_converted_and_said_so(tmp_path):
     assert onnx.load(str(out)).opset_import[0].version == 13
 
 
+def test_old_ir_version_with_a_pad_is_converted():
+    # IR version 3 wants every initializer declared as an input too; the converter's Pad-11
+    # adapter adds the pads as an undeclared initializer (a torch opset 7 DenseNet export)
+    rng = np.random.default_rng(0)
+    w = numpy_helper.from_array(rng.normal(size=(4, 2, 3, 3)).astype(np.float32), "w")
+    nodes = [helper.make_node("Pad", ["x"], ["p"], pads=[0, 0, 1, 1, 0, 0, 1, 1]),
+             helper.make_node("Conv", ["p", "w"], ["c"]),
+             helper.make_node("Relu", ["c"], ["y"])]
+    x_info = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, 5, 5])
+    model = helper.make_model(
+        helper.make_graph(nodes, "t", [x_info, helper.make_tensor_value_info(
+            "w", TensorProto.FLOAT, [4, 2, 3, 3])],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 5, 5])], [w]),
+        opset_imports=[helper.make_opsetid("", 7)], ir_version=3)
+    onnx.checker.check_model(model)
+    graph = graphshape.load(model)
+    assert graph.meta["converted_from_opset"] == 7 and graph.count_ops().get("opaque") is None
+    x = {"x": rng.normal(size=(1, 2, 5, 5)).astype(np.float32)}
+    run = lambda m: ort.InferenceSession(m.SerializeToString()).run(None, x)[0]  # noqa: E731
+    np.testing.assert_allclose(run(graphshape.to_onnx(graph)), run(model), rtol=1e-5, atol=1e-6)
+
+
 def test_old_opset_the_converter_cannot_convert():
     scan = helper.make_node("Scan", ["x"], ["y"], num_scan_inputs=1,
                             body=helper.make_graph([], "body", [], []))

@@ -99,6 +99,29 @@ def test_dropped_forward_hooks_are_reported():
     assert all(name in warning for name in ("'(the model)'", "'0'", "'7'"))
 
 
+def test_hooks_of_traced_through_modules_are_in_the_trace_and_reported_as_such():
+    # fx calls a module it traces through with its hooks: an output the hook returns is
+    # traced in (so the shaped model computes it), a side effect happens once, at trace time
+    class Outer(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body, self.head = _net()[:7], nn.Flatten()
+
+        def forward(self, x):
+            return self.head(self.body(x))
+
+    model, seen = Outer(), []
+    model.body.register_forward_hook(lambda mod, args, out: seen.append(out) or -out)
+    x = torch.randn(2, 3, 8, 8)
+    g = graphshape.load(model, x)
+    assert g.meta["traced_hooks"] == ["body"] and "dropped_hooks" not in g.meta
+    with torch.no_grad():
+        torch.testing.assert_close(graphshape.to_torch(g)(x), model(x))
+    (warning,) = [w for w in graphshape.shape(model, x, method="DKS").meta["graphshape"].warnings
+                  if "hooks" in w]
+    assert warning.startswith("1 module(s) that torch.fx traced through had forward hooks ('body')")
+
+
 def test_a_hook_normalizing_another_tensor_keeps_the_layer_opaque():
     # the layer's own `bias` attribute is what the hook last computed: reading it as a
     # plain layer could be stale, so the layer stays the user's module
