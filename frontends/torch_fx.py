@@ -386,8 +386,24 @@ def _np_dtype(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")
 
 
+#: while a model is read (:meth:`_Loader.run`): id(tensor) -> (tensor, its array), so that
+#: a tensor read twice (a weight two layers share, a module called twice) is one array,
+#: which :func:`_note_shared_params` finds; the tensor is kept so that its id stays its own
+_ARRAYS: dict[int, tuple[torch.Tensor, np.ndarray]] | None = None
+
+
 def _to_numpy(t: torch.Tensor) -> np.ndarray:
-    """The tensor's data as numpy, sharing memory where possible."""
+    """The tensor's data as numpy, sharing memory where possible (the same array for the
+    same tensor while a model is read)."""
+    if _ARRAYS is not None and id(t) in _ARRAYS:
+        return _ARRAYS[id(t)][1]
+    arr = _tensor_to_numpy(t)
+    if _ARRAYS is not None:
+        _ARRAYS[id(t)] = (t, arr)
+    return arr
+
+
+def _tensor_to_numpy(t: torch.Tensor) -> np.ndarray:
     t = t.detach()
     if t.is_meta:
         raise GraphshapeError(
@@ -607,6 +623,16 @@ class _Loader:
 
     # ----------------------------------------------------------------- main loop
     def run(self) -> Graph:
+        global _ARRAYS
+        outer, _ARRAYS = _ARRAYS, {}
+        try:
+            graph = self._run()
+            _note_shared_params(graph, self.module, _ARRAYS)
+        finally:
+            _ARRAYS = outer
+        return graph
+
+    def _run(self) -> Graph:
         out_template = None
         for fx_node in self.gm.graph.nodes:
             if fx_node.op == "placeholder":
@@ -757,6 +783,35 @@ class _Loader:
             return Ref(names[v][k])
 
         self.graph.meta["torch_output"] = map_template(template, to_ref)
+
+
+def _note_shared_params(graph: Graph, module: nn.Module, arrays: dict) -> None:
+    """``meta["shared_params"]`` (param key, or an opaque module's parameter path -> the
+    tensor's first qualified name in ``module``) on every node holding a tensor that is
+    used in more than one place: a weight two layers share (``head.weight =
+    emb.weight``), a module called twice (a siamese encoder, a recurrent block). The
+    backends keep such a tensor one tensor (the torch backend: one ``nn.Parameter``)."""
+    tensor_of = {id(arr): t for t, arr in arrays.values()}
+    names: dict[int, str] = {}
+    for name, t in [*module.named_parameters(remove_duplicate=False),
+                    *module.named_buffers(remove_duplicate=False)]:
+        names.setdefault(id(t), name)
+    uses: dict[int, list[tuple[Node, str]]] = {}
+    for node in graph:
+        if node.op == "opaque" and isinstance(node.attrs.get("module"), nn.Module):
+            held = [*node.attrs["module"].named_parameters(remove_duplicate=False),
+                    *node.attrs["module"].named_buffers(remove_duplicate=False)]
+            for path, t in held:
+                uses.setdefault(id(t), []).append((node, path))
+            continue
+        for key, arr in node.params.items():
+            t = tensor_of.get(id(arr))
+            if t is not None and id(t) in names:
+                uses.setdefault(id(t), []).append((node, key))
+    for tid, places in uses.items():
+        if len(places) > 1 and tid in names:
+            for node, key in places:
+                node.meta.setdefault("shared_params", {})[key] = names[tid]
 
 
 def in_state_dict(module: nn.Module, target: str) -> bool:

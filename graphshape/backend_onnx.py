@@ -50,6 +50,8 @@ class _Ctx:
         self.names: dict[Ref, str] = {}
         self.used: set[str] = set()
         self._const_cache: dict[tuple, str] = {}
+        # id(parameter array) -> (its initializer's name, the array, kept so the id stays its own)
+        self.param_names: dict[int, tuple[str, np.ndarray]] = {}
 
     # ----------------------------------------------------------------- names
     def fresh(self, base: str) -> str:
@@ -145,6 +147,14 @@ def _param_or_input(ctx: _Ctx, node: Node, pname: str, slot: int, transform=None
             value = np.multiply(value, scale, dtype=value.dtype)
         if transform is not None:
             value = transform(value)
+        elif scale == 1.0 and isinstance(value, np.ndarray):
+            # one array that several nodes hold (one initializer two Gemms read, a weight
+            # two layers share in the source) is written once
+            written = ctx.param_names.get(id(value))
+            if written is None:
+                written = ctx.param_names[id(value)] = (
+                    ctx.const(value, f"{node.name}.{pname}"), value)
+            return written[0]
         return ctx.const(value, f"{node.name}.{pname}")
     if len(node.inputs) > slot:
         if transform is not None:

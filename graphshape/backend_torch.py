@@ -85,6 +85,12 @@ class _Ctx:
         self.getitems: dict[Ref, torch.fx.Node] = {}
         self.names: dict[str, str] = {}        # IR name -> fx name
         self.reserved = {fx_name(n) for n in graph.nx.nodes}
+        # a tensor several places share in the source (node.meta["shared_params"]): its
+        # name -> (the first place's array, or None for an opaque module's, its tensor)
+        self.shared: dict[str, tuple[Any, torch.Tensor]] = {}
+        # one deepcopy memo for every opaque module: a module called twice is one copy,
+        # and opaque modules sharing a parameter still share it
+        self.copy_memo: dict[int, Any] = {}
 
     # ------------------------------------------------------------- naming
     def _aux_name(self, base: str) -> str:
@@ -132,11 +138,39 @@ class _Ctx:
 
     # ------------------------------------------------------------- building fx nodes
     def module(self, node: Node, mod: nn.Module, args, kwargs=None) -> torch.fx.Node:
-        target = self.target_for(node)
-        self.attrs[target] = mod
+        target = self._same_module_target(node, mod)
+        if target is None:
+            target = self.target_for(node)
+            self.attrs[target] = mod
         fx_node = self.fx.create_node("call_module", target, tuple(args), kwargs or {},
                                       name=self._main_name(node))
         return self._record(node, fx_node)
+
+    def _same_module_target(self, node: Node, mod: nn.Module) -> str | None:
+        """The target of the module already emitted for the same source module when
+        ``mod`` is that module again (a module the source calls twice: same class, same
+        settings, the same tensors), so that it stays one module, called twice."""
+        path = node.meta.get("module_path")
+        prev = self.attrs.get(path) if isinstance(path, str) else None
+        if prev is mod:
+            return path
+        if not isinstance(prev, nn.Module) or type(prev) is not type(mod):
+            return None
+        if prev._modules or mod._modules:  # a container: compared by identity only
+            return None
+        settings = lambda m: {k: v for k, v in vars(m).items() if not k.startswith("_")}  # noqa: E731
+        try:
+            if settings(prev) != settings(mod):
+                return None
+        except Exception:  # settings that do not compare with == (tensors)
+            return None
+        for a, b in ((prev._parameters, mod._parameters), (prev._buffers, mod._buffers)):
+            if a.keys() != b.keys() or any(
+                    (a[k] is None) != (b[k] is None)
+                    or (a[k] is not None and _storage_key(a[k]) != _storage_key(b[k]))
+                    for k in a):
+                return None
+        return path
 
     def function(self, node: Node, fn: Callable, args, kwargs=None) -> torch.fx.Node:
         fx_node = self.fx.create_node("call_function", fn, tuple(args), kwargs or {},
@@ -173,6 +207,12 @@ class _Ctx:
         arr = node.params.get(name)
         if arr is None:
             raise GraphshapeError(f"missing parameter {name!r}", node=node.name, op=node.op)
+        tied = (node.meta.get("shared_params") or {}).get(name)
+        if tied is not None and tied in self.shared:
+            t = self._shared_tensor(tied, arr)
+            if t is not None:
+                return t
+            tied = None
         arr = np.asarray(arr)
         if self.copy_params or not arr.flags.writeable:
             t = torch.from_numpy(np.array(arr, copy=True))
@@ -181,7 +221,39 @@ class _Ctx:
             t = torch.from_numpy(np.require(arr, requirements="C"))
         if node.meta.get("torch_dtype") == "bfloat16":
             t = t.to(torch.bfloat16)
+        if tied is not None:
+            self.shared[tied] = (arr, t)
         return t
+
+    def _shared_tensor(self, tied: str, arr: np.ndarray) -> torch.Tensor | None:
+        """The tensor already emitted for shared tensor ``tied`` when ``arr`` still holds its
+        value (a pass that re-initialized or scaled one place but not the other made them
+        two tensors: None)."""
+        first, t = self.shared[tied]
+        if first is arr:
+            return t
+        if tuple(np.shape(arr)) != tuple(t.shape):
+            return None
+        return t if np.array_equal(np.asarray(arr), t.detach().float().cpu().numpy()) else None
+
+    def share_opaque_tensors(self, node: Node, mod: nn.Module) -> None:
+        """Let an opaque module's copy hold the shared tensors (``meta["shared_params"]``:
+        parameter path -> source name) that emitted layers also use."""
+        for path, tied in (node.meta.get("shared_params") or {}).items():
+            owner_path, _, attr = path.rpartition(".")
+            owner = mod.get_submodule(owner_path)
+            store = owner._parameters if attr in owner._parameters else owner._buffers
+            t = store.get(attr)
+            if t is None:
+                continue
+            if tied not in self.shared:
+                self.shared[tied] = (None, t.detach())
+                continue
+            first = self.shared[tied][1]
+            if first.shape == t.shape and torch.equal(first.detach().cpu().to(t.dtype),
+                                                      t.detach().cpu()):
+                store[attr] = (nn.Parameter(first, requires_grad=t.requires_grad)
+                               if isinstance(t, nn.Parameter) else first)
 
     def rank(self, node: Node, slot: int = 0) -> int | None:
         info = self.g.info(node.inputs[slot])
@@ -759,7 +831,9 @@ def _e_opaque(ctx, node, xs):
     kwargs = ctx.template(a.get("kwargs", {}))
     fx_op = a["fx_op"]
     if fx_op == "call_module":
-        return ctx.module(node, copy.deepcopy(a["module"]), args, kwargs)
+        mod = copy.deepcopy(a["module"], ctx.copy_memo)
+        ctx.share_opaque_tensors(node, mod)
+        return ctx.module(node, mod, args, kwargs)
     if fx_op == "call_function":
         return ctx.function(node, a["target"], args, kwargs)
     if fx_op == "call_method":
@@ -867,12 +941,37 @@ def emit(graph: Graph, *, copy_params: bool = True) -> torch.fx.GraphModule:
         owner.register_buffer(name, owner._buffers[name], persistent=False)
     gm.meta["graphshape_nodes"] = dict(ctx.names)
     gm.train(bool(graph.meta.get("training", True)))
+    _tie_shared(gm, ctx)
     _restore_placement(gm, graph)
     frozen = set(graph.meta.get("frozen_params") or ())
     for name, param in gm.named_parameters():
         if name in frozen:  # requires_grad=False in the source, by the same name
             param.requires_grad_(False)
     return gm
+
+
+def _storage_key(t: torch.Tensor) -> tuple:
+    """What makes two tensors the same data: storage, offset, shape, strides, dtype."""
+    return (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(),
+            t.dtype, t.device)
+
+
+def _tie_shared(gm: torch.fx.GraphModule, ctx: _Ctx) -> None:
+    """Make every parameter (buffer) built on a shared tensor's data the same
+    ``nn.Parameter`` (tensor) object, as in the source: ``head.weight is emb.weight``, one
+    gradient, one optimizer entry. Done before the module moves to its device and dtype,
+    which keeps shared objects shared."""
+    keys = {_storage_key(t) for _, t in ctx.shared.values()}
+    if not keys:
+        return
+    first: dict[tuple, torch.Tensor] = {}
+    for mod in gm.modules():
+        for store in (mod._parameters, mod._buffers):
+            for attr, t in store.items():
+                if t is None or _storage_key(t) not in keys:
+                    continue
+                kept = first.setdefault((_storage_key(t), isinstance(t, nn.Parameter)), t)
+                store[attr] = kept
 
 
 def _add_fixed_args(ctx: _Ctx, fixed: dict | None) -> None:

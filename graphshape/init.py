@@ -322,9 +322,26 @@ class InitReport:
 
     seed: int | None
     records: list[dict[str, Any]] = field(default_factory=list)
+    #: layers left as they are because their weight is a tensor they share with a place
+    #: that is not re-initialized (an opaque module, a functional use): ``node``, ``tensor``
+    kept_shared: list[dict[str, str]] = field(default_factory=list)
 
     def to_dict(self) -> dict:
-        return {"seed": self.seed, "records": list(self.records)}
+        return {"seed": self.seed, "records": list(self.records),
+                "kept_shared": list(self.kept_shared)}
+
+
+_LAYER_OPS = ("conv", "conv_transpose", "linear")
+
+
+def _shared_places(graph) -> dict[str, list]:
+    """Source tensor name -> the ``(node, key)`` places that hold it (the frontend's
+    ``meta["shared_params"]``: a weight two layers share, a module called twice)."""
+    places: dict[str, list] = {}
+    for node in graph:
+        for key, tensor in (node.meta.get("shared_params") or {}).items():
+            places.setdefault(tensor, []).append((node, key))
+    return places
 
 
 def initialize(graph, seed: int | None = None, *, copy: bool = True, skip=()):
@@ -339,8 +356,13 @@ def initialize(graph, seed: int | None = None, *, copy: bool = True, skip=()):
     # collect requests first so that all matrices of one shape come from one QR call
     requests = []  # (node, plan or None, n_mats, rows, cols)
     skip = set(skip)
+    # a weight several layers share is drawn once, for the first, and stays shared; one
+    # that another kind of place also holds (an opaque module) is left as it is
+    places = _shared_places(out)
+    first_of: dict[str, int] = {}  # shared tensor -> index of its request
+    followers = []  # (node, shared tensor)
     for node in out:
-        if node.op not in ("conv", "conv_transpose", "linear") or node.name in skip:
+        if node.op not in _LAYER_OPS or node.name in skip:
             continue
         weight = node.params.get("weight")
         if weight is None:
@@ -348,6 +370,16 @@ def initialize(graph, seed: int | None = None, *, copy: bool = True, skip=()):
                 "this affine node has no constant weight parameter (a weight computed at run "
                 "time), so it cannot be initialized; make the weight a parameter",
                 node=node.name, op=node.op)
+        tied = (node.meta.get("shared_params") or {}).get("weight")
+        if tied is not None:
+            if not all(n.op in _LAYER_OPS and k == "weight" and n.name not in skip
+                       for n, k in places[tied]):
+                report.kept_shared.append({"node": node.name, "tensor": tied})
+                continue
+            if tied in first_of:
+                followers.append((node, tied))
+                continue
+            first_of[tied] = len(requests)
         shape = tuple(np.shape(weight))
         if node.op == "linear":
             if len(shape) != 2:
@@ -403,6 +435,11 @@ def initialize(graph, seed: int | None = None, *, copy: bool = True, skip=()):
     new_weights = {}
     for weights in _map_on_threads(draw_and_assemble, order):
         new_weights.update(weights)
+    for node, tied in followers:
+        first = first_of[tied]
+        requests.append((node, *requests[first][1:]))
+        new_weights[len(requests) - 1] = new_weights[first]  # the same array: one tensor
+    zero_biases: dict[str, np.ndarray] = {}  # shared bias tensor -> its one zero array
     for i, (node, plan, n, rows, cols) in enumerate(requests):
         old_shape = list(np.shape(node.params["weight"]))
         node.params["weight"] = new_weights[i]
@@ -412,7 +449,9 @@ def initialize(graph, seed: int | None = None, *, copy: bool = True, skip=()):
         node.attrs.pop("bias_scale", None)
         bias_zeroed = node.params.get("bias") is not None
         if bias_zeroed:
-            node.params["bias"] = np.zeros_like(node.params["bias"])
+            zeros = np.zeros_like(node.params["bias"])
+            tied = (node.meta.get("shared_params") or {}).get("bias")
+            node.params["bias"] = zeros if tied is None else zero_biases.setdefault(tied, zeros)
         scheme, groups = ("suo", 1) if plan is None else (plan.scheme, plan.groups)
         report.records.append({
             "node": node.name, "op": node.op, "scheme": scheme,

@@ -81,29 +81,30 @@ def _commutes(node: Node) -> bool:
 
 
 def _param_counts(g: Graph) -> Counter:
-    """id(array) -> number of (node, key) slots holding it: tied parameters are not folded
-    (scaling one copy would untie them or scale the other layer too)."""
+    """id(array) -> number of (node, key) slots holding it: a tied parameter (a weight two
+    layers share, a module called twice) is not scaled in place, which would untie it or
+    scale the other layer too; the scale goes on the layer (:func:`scale_layer`)."""
     return Counter(id(v) for node in g for v in node.params.values() if isinstance(v, np.ndarray))
 
 
-def _owns_float_param(node: Node, key: str, counts: Counter) -> bool:
+def _float_param(node: Node, key: str) -> bool:
     v = node.params.get(key)
-    return isinstance(v, np.ndarray) and v.dtype.kind == "f" and counts[id(v)] == 1
+    return isinstance(v, np.ndarray) and v.dtype.kind == "f"
 
 
-def _foldable(node: Node, counts: Counter) -> bool:
-    """A conv/linear that reads one signal and owns its (float) weight and bias."""
+def _foldable(node: Node) -> bool:
+    """A conv/linear that reads one signal and has a (float) weight and bias."""
     if node.op not in _LINEAR or len(node.inputs) != 1:
         return False
-    if not _owns_float_param(node, "weight", counts):
+    if not _float_param(node, "weight"):
         return False
-    return node.params.get("bias") is None or _owns_float_param(node, "bias", counts)
+    return node.params.get("bias") is None or _float_param(node, "bias")
 
 
-def _linear_readers(g: Graph, ref: Ref, counts: Counter) -> list[Node] | None:
+def _linear_readers(g: Graph, ref: Ref) -> list[Node] | None:
     """The conv/linear nodes that read ``ref``, directly or through ops commuting with a
     positive scale; None when any path reaches something else (a sum, an activation, a
-    model output, an opaque node, a concat, a tied weight...)."""
+    model output, an opaque node, a concat...)."""
     readers: dict[str, Node] = {}
     stack, seen = [Ref(*ref)], set()
     while stack:
@@ -112,7 +113,7 @@ def _linear_readers(g: Graph, ref: Ref, counts: Counter) -> list[Node] | None:
             continue
         seen.add(r)
         for user, slot in g.uses(r):
-            if slot == 0 and _foldable(user, counts):
+            if slot == 0 and _foldable(user):
                 readers[user.name] = user
             elif slot == 0 and user.op in _COMMUTING and _commutes(user):
                 stack.extend(Ref(user.name, i) for i in range(len(user.outputs)))
@@ -147,10 +148,12 @@ def canonical_fold_mode(value) -> str:
                           f"into the stored parameters) or 'none' (or False), got {value!r}")
 
 
-def scale_layer(layer: Node, key: str, scale: float, mode: str) -> None:
+def scale_layer(layer: Node, key: str, scale: float, mode: str, shared: bool = False) -> None:
     """Make ``layer`` compute with ``scale`` times its parameter ``key`` ("weight" or "bias"):
-    the ``{key}_scale`` attribute in mode "weights", the stored array in mode "parameters"."""
-    if mode == "weights":
+    the ``{key}_scale`` attribute in mode "weights", the stored array in mode "parameters"
+    unless other nodes hold that array too (``shared``: it keeps its value, and the scale
+    goes on this layer only)."""
+    if mode == "weights" or shared:
         total = float(layer.attrs.get(f"{key}_scale", 1.0)) * scale
         layer.attrs[f"{key}_scale"] = total
     else:
@@ -180,11 +183,11 @@ def fold_scales(graph: Graph, *, mode: str = "parameters",
         c = homogeneous_scale(node)
         if c is None:
             continue
-        readers = _linear_readers(g, node.out, counts)
+        readers = _linear_readers(g, node.out)
         if not readers:
             continue
         for layer in readers:
-            scale_layer(layer, "weight", c, mode)
+            scale_layer(layer, "weight", c, mode, counts[id(layer.params["weight"])] > 1)
         node.attrs = {k: v for k, v in node.attrs.items() if k != "transform"}
         node.meta.setdefault("flags", []).append(f"scale {c:.6g} folded into the next layers")
         rewritten.append({"node": node.name, "op": "activation",
@@ -202,14 +205,14 @@ def fold_scales(graph: Graph, *, mode: str = "parameters",
         for slot, ref in enumerate(node.inputs):
             w = float(weights[slot])
             producer = g[ref.node]
-            if w in (0.0, 1.0) or not _foldable(producer, counts) or len(producer.outputs) != 1:
+            if w in (0.0, 1.0) or not _foldable(producer) or len(producer.outputs) != 1:
                 continue
             use = g.sole_use(ref)
             if use is None or (use[0].name, use[1]) != (node.name, slot):
                 continue  # another reader needs the unscaled value
             for key in ("weight", "bias"):
                 if producer.params.get(key) is not None:
-                    scale_layer(producer, key, w, mode)
+                    scale_layer(producer, key, w, mode, counts[id(producer.params[key])] > 1)
             weights[slot] = 1.0
             into.append((producer.name, w))
         if into:

@@ -812,13 +812,21 @@ def shape_graph(graph: Graph, *, method: str = "TAT", activation: str | None = N
         g, init_report = init_pass(g, seed, copy=False,
                                    skip=[n.name for n in g if n.name not in signals])
         report.initialized = len(init_report.records)
+        if init_report.kept_shared:
+            kept = init_report.kept_shared
+            report.warnings.append(
+                f"{len(kept)} layer(s) share their weight with a module or function that "
+                f"shaping does not re-initialize ({_some([k['node'] for k in kept])}: "
+                f"{_some(sorted({k['tensor'] for k in kept}))}): their weights are left as they "
+                "are, still shared, and the kernel rules assume them re-initialized")
     # copy what is still shared: with copy=True a weight tied to another node's parameter
     # that init did not replace; with copy=False every parameter no pass replaced
     shared_ids = {id(a) for a in shared}
+    copies: dict[int, np.ndarray] = {}  # one copy of an array several nodes hold
     for node in g:
         for key, value in node.params.items():
             if id(value) in shared_ids:
-                node.params[key] = np.array(value, copy=True)
+                node.params[key] = copies.setdefault(id(value), np.array(value, copy=True))
     if fold_scales != "none":
         from graphshape.passes.fold import fold_scales as fold_pass
 

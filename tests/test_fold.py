@@ -246,7 +246,7 @@ def test_folds_through_pooling_and_reshapes_into_a_linear_and_keeps_biases():
     assert fold_scales(g)[1]["rewritten"] == []
 
 
-@pytest.mark.parametrize("case", ["sum", "output", "activation", "concat", "tied", "shifts",
+@pytest.mark.parametrize("case", ["sum", "output", "activation", "concat", "shifts",
                                   "negative_scales", "negative_slope", "relu6"])
 def test_leaves_alone_what_it_cannot_fold(case):
     rng = np.random.default_rng(1)
@@ -272,14 +272,27 @@ def test_leaves_alone_what_it_cannot_fold(case):
     elif case == "concat":
         nodes += [Node("cat", "concat", [Ref("a"), Ref("c1")], {"axis": 1})]
         out = ["c2", "cat"]
-    elif case == "tied":  # c3 shares c2's weight array and reads another value
-        nodes += [_conv("c3", "c1", rng, weight=w)]
-        out = ["c2", "c3"]
     g = _graph(*nodes, out=out)
     folded, rec = fold_scales(g)
     assert [r for r in rec["rewritten"] if r["op"] == "activation"] == []
     assert folded["a"].attrs == g["a"].attrs
     np.testing.assert_array_equal(folded["c2"].params["weight"], w)
+    _check_same_function(g, folded)
+
+
+@pytest.mark.parametrize("mode", ["parameters", "weights"])
+def test_a_tied_weight_is_folded_on_the_layer_and_stays_tied(mode):
+    # c3 shares c2's weight array and reads another value: scaling the array would scale
+    # c3 too (or, copied, untie them), so the scale goes on c2 as its weight_scale
+    rng = np.random.default_rng(1)
+    w = (rng.standard_normal((4, 4, 3, 3)) / 6).astype(np.float32)
+    g = _graph(_conv("c1", "x", rng), _act("a", "c1"), _conv("c2", "a", rng, weight=w),
+               _conv("c3", "c1", rng, weight=w), out=["c2", "c3"])
+    folded, rec = fold_scales(g, mode=mode)
+    assert [r["into"] for r in rec["rewritten"] if r["op"] == "activation"] == [["c2"]]
+    assert folded["c2"].params["weight"] is folded["c3"].params["weight"]
+    np.testing.assert_array_equal(folded["c2"].params["weight"], w)
+    assert folded["c2"].attrs["weight_scale"] != 1.0 and "weight_scale" not in folded["c3"].attrs
     _check_same_function(g, folded)
 
 
