@@ -896,7 +896,10 @@ def _module_meta(module: nn.Module, fixed: dict[str, Any]) -> dict:
     ``frozen_params`` (the qualified names of the parameters with ``requires_grad=False``;
     the backend freezes the emitted parameters of those names) and ``fixed_args``
     (``forward``'s parameters traced at their defaults; the backend re-adds them)."""
-    meta = {"model_class": type(module).__name__, "training": module.training,
+    # a TorchScript module's class is RecursiveScriptModule; its original_name is the source's
+    name = (module.original_name if isinstance(module, torch.jit.ScriptModule)
+            else type(module).__name__)
+    meta = {"model_class": name, "training": module.training,
             **_placement_meta(module)}
     frozen = [name for name, p in module.named_parameters() if not p.requires_grad]
     if frozen:

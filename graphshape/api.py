@@ -61,7 +61,10 @@ def load_pt(path: str | os.PathLike, *, trust: bool = False):
     Returns what it holds when that is an ``nn.Module``. A pickled module (a saved
     ``GraphModule``, a ``torch.save(model)``) needs a full unpickle, which can run arbitrary
     code: it is only done with ``trust=True`` (the CLI's ``--trust``). A state dict holds
-    no model: build the model in Python and load the state into it.
+    no model: build the model in Python and load the state into it. A TorchScript archive
+    (``torch.jit.save``) or a torch.export archive (``torch.export.save``, ``.pt2``) is read
+    with ``torch.jit.load`` / ``torch.export.load``, also only with ``trust=True``: the
+    first is read through its ONNX export, which runs its code; the second may unpickle.
     """
     import pickle
 
@@ -70,6 +73,9 @@ def load_pt(path: str | os.PathLike, *, trust: bool = False):
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise GraphshapeError(f"no such file: {path!r}")
+    kind = _archive_kind(path)
+    if kind is not None:
+        return _load_archive(path, kind, trust)
     try:
         obj = torch.load(path, map_location="cpu", weights_only=not trust)
     except pickle.UnpicklingError as e:
@@ -95,6 +101,60 @@ def load_pt(path: str | os.PathLike, *, trust: bool = False):
     raise GraphshapeError(f"{path!r} holds a {type(obj).__name__}, not an nn.Module")
 
 
+#: archive kind -> (what it is, how it is read, why that needs trust)
+_ARCHIVES = {
+    "torchscript": ("a TorchScript archive (torch.jit.save)", "torch.jit.load",
+                    "graphshape reads it through its ONNX export, which runs the archive's "
+                    "code"),
+    "export": ("a torch.export archive (torch.export.save)", "torch.export.load",
+               "torch.export.load unpickles the tensors the archive marks as pickled, "
+               "which can run arbitrary code"),
+}
+
+
+def _archive_kind(path: str) -> str | None:
+    """"torchscript" or "export" for the zip archives torch.jit.save / torch.export.save
+    write (told apart by their members: TorchScript's ``code/`` and ``constants.pkl``,
+    torch.export's ``archive_format``), None for anything else."""
+    import zipfile
+
+    if not zipfile.is_zipfile(path):
+        return None
+    try:
+        with zipfile.ZipFile(path) as archive:
+            members = [name.partition("/")[2] for name in archive.namelist()]
+    except (zipfile.BadZipFile, OSError):
+        return None
+    if "archive_format" in members or any(m.startswith("models/") for m in members):
+        return "export"
+    if "constants.pkl" in members or any(m.startswith("code/") for m in members):
+        return "torchscript"
+    return None
+
+
+def _load_archive(path: str, kind: str, trust: bool):
+    """A TorchScript module or an ``ExportedProgram`` from ``path`` (``trust`` needed)."""
+    import torch
+
+    what, reader, why = _ARCHIVES[kind]
+    if not trust:
+        raise GraphshapeError(
+            f"{path!r} is {what}: {why}. If you trust the file, pass --trust (CLI) or "
+            "trust=True (API)")
+    try:
+        if kind == "torchscript":
+            import warnings
+
+            with warnings.catch_warnings():  # "torch.jit.load is deprecated": we know
+                warnings.simplefilter("ignore", FutureWarning)
+                return torch.jit.load(path, map_location="cpu")
+        return torch.export.load(path)
+    except Exception as e:  # noqa: BLE001 - the readers' own errors on a damaged archive
+        raise GraphshapeError(f"{path!r} is {what} that {reader} cannot read "
+                              f"({type(e).__name__}: {str(e).strip()[:200]}); it is corrupt, "
+                              "truncated or from a newer PyTorch: save it again") from None
+
+
 @_boundary("loading the model")
 def load(model: Any, example_inputs: Any = None, *, trust: bool = False,
          cache_weight_norms: bool = True) -> Graph:
@@ -103,7 +163,8 @@ def load(model: Any, example_inputs: Any = None, *, trust: bool = False,
     ``model``: a ``torch.nn.Module`` (traced with torch.fx; ``example_inputs``, a tensor
     or tuple of tensors, gives the shapes), a ``torch.export.ExportedProgram`` (read
     through its ONNX export, with its own example inputs by default), an ONNX file path, a
-    ``.pt`` / ``.pth`` file (see :func:`load_pt`; ``trust=True`` allows a full unpickle),
+    ``.pt`` / ``.pth`` / ``.pt2`` file (see :func:`load_pt`; ``trust=True`` allows a full
+    unpickle, a TorchScript or a torch.export archive),
     or an ``onnx.ModelProto``. A :class:`Graph` is returned unchanged.
     ``cache_weight_norms=False``: the conv/linear weights are not read for the analysis
     at load time (for callers that replace them, such as shaping).
@@ -114,7 +175,7 @@ def load(model: Any, example_inputs: Any = None, *, trust: bool = False,
         path = os.fspath(model)
         if not os.path.exists(path):
             raise GraphshapeError(f"no such file: {path!r}")
-        if path.endswith(".onnx") or not path.endswith((".pt", ".pth")):
+        if path.endswith(".onnx") or not path.endswith((".pt", ".pth", ".pt2")):
             from graphshape.frontends.onnx_import import load_onnx
 
             return load_onnx(path, cache_weight_norms=cache_weight_norms)

@@ -76,19 +76,28 @@ def load_source(src: str, input_shape: tuple[int, ...] | None, *, seed: int = 0,
 
     Returns (graph, example_inputs): a batch of standard normal inputs of ``input_shape``
     (for a factory or .pt file, ``default_shape`` when not given; for an ONNX file, None
-    when not given). A ``.pt`` file is read with ``torch.load(weights_only=True)``; a pickled
-    module needs ``trust=True`` (``--trust``). A factory spec imports (runs) its module.
+    when not given; for a torch.export ``.pt2`` archive, its own example inputs when not
+    given). A ``.pt`` file is read with ``torch.load(weights_only=True)``; a pickled module,
+    a TorchScript archive and a ``.pt2`` archive need ``trust=True`` (``--trust``). A factory
+    spec imports (runs) its module.
     ``cache_weight_norms``: as :func:`graphshape.load` (False when shaping: the weights
     are about to be replaced).
     """
     import graphshape
 
-    if src.endswith((".pt", ".pth")):
+    if src.endswith((".pt", ".pth", ".pt2")):
         if not os.path.exists(src):
             raise UsageError(f"no such file: {src}")
         from graphshape.api import load_pt
 
+        import torch
+
         module = load_pt(src, trust=trust)
+        if not isinstance(module, torch.nn.Module) and input_shape is None:
+            # a torch.export program: traced with its own example inputs (its shapes may
+            # be static, which a default shape would not match)
+            graph = graphshape.load(module, cache_weight_norms=cache_weight_norms)
+            return graph, None
         inputs = _random_inputs(input_shape or default_shape, seed)
         return graphshape.load(module, inputs, cache_weight_norms=cache_weight_norms), inputs
 
@@ -186,7 +195,8 @@ def add_inspect_parser(sub) -> None:
 
 def add_trust_option(p) -> None:
     p.add_argument("--trust", action="store_true",
-                   help="allow a .pt SRC that holds a pickled module (a full unpickle can run "
+                   help="allow a .pt SRC that holds a pickled module or a TorchScript "
+                        "archive, or a torch.export .pt2 SRC (reading them can run "
                         "arbitrary code: only for files you trust); see docs/security.md")
 
 

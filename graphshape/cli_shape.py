@@ -2,8 +2,9 @@
 :mod:`graphshape.cli`).
 
 ``shape SRC -o DST``: SRC is an .onnx file, a ``package.module:factory`` spec (imported: it
-runs code), or a .pt file holding a pickled ``nn.Module`` (read only with ``--trust``: a full
-unpickle runs code; see docs/security.md); DST is .onnx,
+runs code), or a .pt file holding a pickled ``nn.Module``, a TorchScript archive or a
+torch.export ``.pt2`` archive (each read only with ``--trust``: reading them can run code;
+see docs/security.md); DST is .onnx,
 or .pt for a saved ``torch.fx.GraphModule`` (from any source; ``torch.load(path,
 weights_only=False)`` reads it back, the report is in its ``graphshape_report`` attribute).
 
@@ -116,7 +117,9 @@ def add_shape_parser(sub) -> None:
         description="Remove normalization, normalize the sums, transform the activations "
                     "(DKS or TAT) and re-initialize the weights; write the shaped model.")
     p.add_argument("src", metavar="SRC", help="an .onnx file, a .pt file holding an "
-                                             "nn.Module (needs --trust), or "
+                                             "nn.Module or a TorchScript archive, a "
+                                             "torch.export .pt2 archive (these need "
+                                             "--trust), or "
                                              "package.module:factory (imports and runs it; "
                                              "e.g. torchvision.models:resnet50), optionally "
                                              "with literal arguments: 'timm:create_model("
@@ -124,7 +127,7 @@ def add_shape_parser(sub) -> None:
     _add_shaping_options(p)
     p.add_argument("--input-shape", metavar="N,C,H,W",
                    help="example input shape for tracing a factory's or .pt file's model "
-                        "(default 1,3,224,224)")
+                        "(default 1,3,224,224; a .pt2 program's own example inputs)")
     p.add_argument("--report", metavar="REPORT.json", help="also write the report as JSON")
     from graphshape.cli import add_trust_option
 
@@ -147,7 +150,7 @@ def cmd_shape(args) -> int:
         check_not_input(args.src, args.report)
     options = _options(args)
     is_onnx = args.src.endswith(".onnx") or (
-        os.path.isfile(args.src) and not args.src.endswith((".pt", ".pth")))
+        os.path.isfile(args.src) and not args.src.endswith((".pt", ".pth", ".pt2")))
     if is_onnx:
         if not os.path.exists(args.src):
             raise UsageError(f"no such file: {args.src}")
@@ -159,7 +162,8 @@ def cmd_shape(args) -> int:
 
             report = shape_onnx(args.src, dst, **options)
     else:
-        shape = parse_shape(args.input_shape) if args.input_shape else (1, 3, 224, 224)
+        shape = (parse_shape(args.input_shape) if args.input_shape
+                 else None if args.src.endswith(".pt2") else (1, 3, 224, 224))
         report = _shape_factory(args.src, dst, shape, options, trust=args.trust)
     if args.report:
         write_text(args.report, json.dumps(report.to_dict(), indent=1))

@@ -496,6 +496,45 @@ def test_cli_pt_source_needs_trust(tmp_path, capsys):
     assert shaped(torch.randn(4, 3)).shape == (4, 2)
 
 
+def _deep_mlp():
+    torch.manual_seed(0)
+    layers = [m for _ in range(8) for m in (torch.nn.Linear(8, 8), torch.nn.ReLU())]
+    return torch.nn.Sequential(*layers, torch.nn.Linear(8, 2)).eval()
+
+
+def test_torchscript_and_export_archives_need_trust_and_then_load(tmp_path):
+    model, x = _deep_mlp(), torch.randn(4, 8)
+    torch.jit.save(torch.jit.trace(model, x), str(tmp_path / "scripted.pt"))
+    torch.export.save(torch.export.export(model, (x,)), str(tmp_path / "program.pt2"))
+    for name, what in (("scripted.pt", "TorchScript archive"), ("program.pt2", "torch.export")):
+        e = error_of(graphshape.load, str(tmp_path / name), x)
+        assert what in str(e) and "trust=True" in str(e)
+        graph = graphshape.load(str(tmp_path / name), x, trust=True)
+        assert sum(graph[n].op == "linear" for n in graph.topo_order()) == 9
+        if name == "scripted.pt":  # (not RecursiveScriptModule)
+            assert graph.meta["model_class"] == "Sequential"
+        with torch.no_grad():
+            torch.testing.assert_close(graphshape.to_torch(graph)(x), model(x))
+    # a truncated archive is a corrupt file, said as such
+    data = (tmp_path / "program.pt2").read_bytes()
+    (tmp_path / "broken.pt2").write_bytes(data[:len(data) // 2])
+    e = error_of(graphshape.load, str(tmp_path / "broken.pt2"), x, trust=True)
+    assert "corrupt" in str(e)
+
+
+def test_cli_shapes_a_pt2_program_with_its_own_example_inputs(tmp_path, capsys):
+    model, x = _deep_mlp(), torch.randn(4, 8)
+    torch.export.save(torch.export.export(model, (x,)), str(tmp_path / "program.pt2"))
+    dst = str(tmp_path / "shaped.onnx")
+    code, err = _cli(["shape", str(tmp_path / "program.pt2"), "-o", dst], capsys)
+    assert code == 1 and "--trust" in err and not os.path.exists(dst)
+    code, err = _cli(["shape", str(tmp_path / "program.pt2"), "-o", dst, "--trust",
+                      "--method", "dks"], capsys)
+    assert code == 0, err
+    session = ort.InferenceSession(dst)
+    assert session.run(None, {session.get_inputs()[0].name: x.numpy()})[0].shape == (4, 2)
+
+
 # --------------------------------------------------------------------------- atomic writes
 def test_cli_pt_write_is_atomic(tmp_path, monkeypatch, capsys):
     torch.save(_torch_mlp(), tmp_path / "m.pt")
