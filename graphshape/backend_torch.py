@@ -250,6 +250,8 @@ class _Ctx:
                 self.shared[tied] = (None, t.detach())
                 continue
             first = self.shared[tied][1]
+            if _storage_key(first) == _storage_key(t):  # this very copy (a module called twice)
+                continue
             if first.shape == t.shape and torch.equal(first.detach().cpu().to(t.dtype),
                                                       t.detach().cpu()):
                 store[attr] = (nn.Parameter(first, requires_grad=t.requires_grad)

@@ -145,3 +145,31 @@ def test_onnx_writes_a_shared_weight_once(tmp_path):
     shaped, _ = shape_graph(graph, method="DKS", fold_scales="none")
     proto = graphshape.to_onnx(shaped)
     assert len([i for i in proto.graph.initializer if tuple(i.dims) == (16, 16)]) == 1
+
+
+class TwoTowers(nn.Module):
+    """One embedding table (an opaque module) read by two inputs, and a layer tied to it."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = nn.Embedding(50, 16)
+        self.mix = nn.Linear(16, 50, bias=False)
+        self.mix.weight = self.emb.weight
+
+    def forward(self, a, b):
+        return self.mix(torch.tanh(self.emb(a) + self.emb(b)))
+
+
+def test_an_opaque_module_called_twice_is_one_copy_tied_to_the_layer():
+    model = TwoTowers()
+    a, b = torch.randint(0, 50, (3, 5)), torch.randint(0, 50, (3, 5))
+    graph = graphshape.load(model, (a, b))
+    assert [graph[n].op for n in graph.topo_order()].count("opaque") == 2
+    out = graphshape.to_torch(graph)
+    assert _count(out) == _count(model)
+    assert out.mix.weight is out.emb.weight
+    assert [n.target for n in out.graph.nodes if n.op == "call_module"].count("emb") == 2
+    with torch.no_grad():
+        torch.testing.assert_close(out(a, b), model(a, b))
+    assert model.emb.weight is not out.emb.weight  # a copy: the source stays the source's
