@@ -611,6 +611,14 @@ class _Loader:
             attrs["description"] = f"method Tensor.{fx_node.target}"
         ref = self.add(fx_node, "opaque", refs, attrs)
         flags = self.graph[ref.node].meta["flags"]
+        entry = self._input_entry(fx_node)
+        if entry is not None:
+            # batch["image"]: the model's input is a dict (list, tuple) of tensors and this
+            # is one of them; the analysis takes its kernel from the example input
+            self.graph[ref.node].meta["input_entry"] = entry
+            flags.append("input entry")
+            self.env[fx_node] = ref
+            return
         flags.append("opaque")
         if self.graph[ref.node].outputs[0].dtype == "object":
             if _holds_float_tensor(fx_node.meta.get("tensor_meta")):
@@ -620,6 +628,25 @@ class _Loader:
                 # sizes and Python arithmetic on them: not on any signal path
                 flags.append("shape_computation")
         self.env[fx_node] = ref
+
+    def _input_entry(self, fx_node) -> tuple[str, Any] | None:
+        """``(input name, key)`` when ``fx_node`` is ``x[key]`` of a model input that is a
+        container (``forward(self, batch)`` called with a dict), ``key`` a constant, and
+        the entry a floating-point tensor; None otherwise."""
+        if fx_node.op != "call_function" or fx_node.target is not operator.getitem:
+            return None
+        if len(fx_node.args) != 2 or not isinstance(fx_node.args[1], (str, int)):
+            return None
+        source = fx_node.args[0]
+        if not isinstance(source, torch.fx.Node) or source.op != "placeholder":
+            return None
+        ref = self.env.get(source)
+        if not isinstance(ref, Ref) or self.graph[ref.node].outputs[0].dtype != "object":
+            return None
+        meta = fx_node.meta.get("tensor_meta")
+        if not isinstance(meta, TensorMetadata) or not meta.dtype.is_floating_point:
+            return None
+        return (ref.node, fx_node.args[1])
 
     # ----------------------------------------------------------------- main loop
     def run(self) -> Graph:

@@ -254,7 +254,23 @@ def check_example_inputs(graph: Graph, example_inputs: Any) -> None:
         raise GraphshapeError(f"the model has {len(graph.inputs)} input(s) "
                               f"{list(graph.inputs)}, but {len(items)} example input(s) were "
                               "given: pass one tensor per model input, as a tuple")
+    checks = []  # (name, example, the node reading it)
     for name, item in zip(graph.inputs, items):
+        if isinstance(item, (dict, list, tuple)) and graph[name].outputs[0].dtype == "object":
+            # a container input (a dict of tensors): check the entries the model reads
+            for node in graph:
+                entry = node.meta.get("input_entry")
+                if entry is None or entry[0] != name:
+                    continue
+                try:
+                    checks.append((f"{name}[{entry[1]!r}]", item[entry[1]], node.name))
+                except (KeyError, IndexError, TypeError):
+                    raise GraphshapeError(f"the example input for {name!r} has no entry "
+                                          f"{entry[1]!r}, which the model reads",
+                                          node=node.name) from None
+        else:
+            checks.append((name, item, name))
+    for name, item, node_name in checks:
         if hasattr(item, "detach") and hasattr(item, "numpy"):  # a torch tensor
             shape = tuple(item.shape)
             floating = item.is_floating_point()
@@ -265,17 +281,18 @@ def check_example_inputs(graph: Graph, example_inputs: Any) -> None:
             finite = bool(np.isfinite(item).all()) if floating else True
         else:
             raise GraphshapeError(f"example input for {name!r} is a {type(item).__name__}: "
-                                  "pass a torch.Tensor or numpy array", node=name)
+                                  "pass a torch.Tensor or numpy array (or, for a model that "
+                                  "takes a dict, list or tuple, one of tensors)", node=node_name)
         if not finite:
             raise GraphshapeError(f"example input for {name!r} holds NaN or infinite values: "
-                                  "pass finite example inputs", node=name)
-        declared = graph[name].outputs[0].shape if graph[name].outputs else None
+                                  "pass finite example inputs", node=node_name)
+        declared = graph[node_name].outputs[0].shape if graph[node_name].outputs else None
         if declared is None:
             continue
         if len(declared) != len(shape):
             raise GraphshapeError(
                 f"example input for {name!r} has shape {shape}, but the model's input has "
-                f"rank {len(declared)} ({declared}): pass an example of that rank", node=name)
+                f"rank {len(declared)} ({declared}): pass an example of that rank", node=node_name)
         for axis, (want, got) in enumerate(zip(declared, shape)):
             # axis 0 is the batch: any size; symbolic dims (strings) and None match anything
             if axis > 0 and isinstance(want, int) and want > 0 and want != got:
@@ -283,7 +300,7 @@ def check_example_inputs(graph: Graph, example_inputs: Any) -> None:
                     f"example input for {name!r} has shape {shape}, but the model's input "
                     f"is {tuple(declared)} (axis {axis}: {got} instead of {want}): pass an "
                     "example of the model's input shape (the batch size may differ)",
-                    node=name)
+                    node=node_name)
 
 
 @functools.wraps(_shaping_api.shape)  # the real signature and docstring for help() and IDEs

@@ -684,7 +684,20 @@ def example_kernels(graph: Graph, example_inputs) -> tuple[dict[str, Kernel | No
             f"{len(example_inputs)} example inputs were given")
     result: dict[str, Kernel | None] = {}
     batch = None
-    for name, x in zip(graph.inputs, example_inputs):
+    # a model input that is a container (a dict of tensors): its entries' kernels, by the
+    # name of the node reading each one (meta["input_entry"], from the torch frontend)
+    by_input = dict(zip(graph.inputs, example_inputs))
+    values = [(name, x) for name, x in by_input.items()
+              if not isinstance(x, (dict, list, tuple))]
+    for node in graph:
+        entry = node.meta.get("input_entry")
+        if entry is not None and isinstance(by_input.get(entry[0]), (dict, list, tuple)):
+            try:
+                values.append((node.name, by_input[entry[0]][entry[1]]))
+            except (KeyError, IndexError, TypeError):
+                raise GraphshapeError(f"the example input for {entry[0]!r} has no entry "
+                                      f"{entry[1]!r}, which the model reads", node=node.name) from None
+    for name, x in values:
         arr = _to_numpy(x)
         if arr is None or arr.dtype.kind != "f" or arr.ndim == 0:
             result[name] = None
@@ -717,7 +730,7 @@ def propagate(graph: Graph, input_kernels: dict[str, Kernel | None]):
     notes: dict[str, list[str]] = {}
     for node in graph:
         node_flags = list(node.meta.get("flags", []))
-        if node.op == "input":
+        if node.op == "input" or node.meta.get("input_entry") is not None:
             kernels[node.out] = input_kernels.get(node.name)
             flags[node.name], notes[node.name] = node_flags, []
             continue

@@ -46,7 +46,9 @@ def measure(graph: Graph, example_inputs, *, module=None) -> dict:
     if not isinstance(example_inputs, (tuple, list)):
         example_inputs = (example_inputs,)
     args = [torch.as_tensor(x) if isinstance(x, np.ndarray) else x for x in example_inputs]
-    batch = next((a.shape[0] for a in args if torch.is_tensor(a) and a.dim() > 0), None)
+    # (the leaves of a container input too: forward(self, batch) called with a dict)
+    leaves = torch.utils._pytree.tree_leaves(args)
+    batch = next((a.shape[0] for a in leaves if torch.is_tensor(a) and a.dim() > 0), None)
 
     result: dict = {}
 

@@ -719,7 +719,7 @@ def shape_graph(graph: Graph, *, method: str = "TAT", activation: str | None = N
     max_pools, opaque, weighted, signals = [], [], [], _signals(g)
     for node in g:
         if node.op == "opaque" and node.name in signals and may_hold_signal(node) \
-                and not is_attention_call(node):
+                and not is_attention_call(node) and node.meta.get("input_entry") is None:
             # (opaque nodes computing Python values or sizes -- x.size(), an ONNX Shape --
             # or constants carry no signal and need no kernel rule; nor does one that only
             # shapes the output, unless it is a layer with weights, which shaping leaves

@@ -240,6 +240,8 @@ def _is_nonlinear_layer(node, signals: set[str]) -> bool:
     function). Without the last three, a pre-norm transformer's attention sublayer
     (``x + attn(norm(x))``) had no nonlinear branch: its join got equal weights and
     ``shortcut_weight=0`` kept its skip."""
+    if node.meta.get("input_entry") is not None:  # batch["image"]: the model's input
+        return False
     return (node.op in ("activation", "softmax", "log_softmax", "opaque")
             or _is_signal_product(node, signals))
 

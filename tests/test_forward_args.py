@@ -123,3 +123,52 @@ def test_the_check_survives_pickling():
         loaded(_x(), return_features=True)
     with pytest.raises(GraphshapeError, match="a tensor for mask in the example inputs"):
         loaded(_x(), mask=torch.ones(5, 3))
+
+
+# --------------------------------------------------------------------------- container inputs
+class _Body(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.body = nn.Sequential(*[m for _ in range(16) for m in (nn.Linear(16, 16), nn.ReLU())])
+        self.head = nn.Linear(16, 3)
+
+
+class DictIn(_Body):
+    """forward(self, batch) called with a dict, returning a dict (a trainer's convention)."""
+
+    def forward(self, batch):
+        return {"logits": self.head(self.body(batch["image"]))}
+
+
+class TensorIn(_Body):
+    def forward(self, x):
+        return self.head(self.body(x))
+
+
+def test_a_dict_input_entry_is_read_as_an_input():
+    x = torch.randn(6, 16) * 1.7
+    model, batch = DictIn(), ({"image": x, "label": torch.zeros(6, dtype=torch.long)},)
+    stats = graphshape.analyze(model, batch, empirical=True)
+    twin = graphshape.analyze(TensorIn(), (x,))
+    entry = next(r for r in stats.rows if "input entry" in r["flags"])
+    assert entry["q_pred"] == pytest.approx(float((x.double() ** 2).mean()), rel=1e-6)
+    assert entry["q_emp"] == pytest.approx(entry["q_pred"], rel=1e-6)
+    # every layer after it: the same prediction as the same network taking the tensor
+    last = lambda s: next(r for r in reversed(s.rows) if r["op"] == "linear")  # noqa: E731
+    assert last(stats)["q_pred"] == pytest.approx(last(twin)["q_pred"], rel=1e-9)
+    assert last(stats)["q_emp"] is not None
+    shaped = graphshape.shape(model, batch, eta=0.85)
+    assert not any("opaque" in w for w in shaped.meta["graphshape"].warnings)
+    assert shaped.meta["graphshape"].activation_params == \
+        graphshape.shape(TensorIn(), (x,), eta=0.85).meta["graphshape"].activation_params
+    assert shaped(batch[0])["logits"].shape == (6, 3)
+
+
+def test_a_dict_example_input_missing_an_entry_the_model_reads():
+    model = DictIn()
+    graph = graphshape.load(model, ({"image": torch.randn(2, 16)},))
+    with pytest.raises(GraphshapeError, match="no entry 'image'"):
+        graphshape.analyze(graph, ({"picture": torch.randn(2, 16)},))
+    with pytest.raises(GraphshapeError, match=r"batch\['image'\].*rank"):
+        graphshape.analyze(graph, ({"image": torch.randn(2, 4, 16)},))
