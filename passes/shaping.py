@@ -136,6 +136,26 @@ def constant_path_activations(graph: Graph, signals: set[str] | None = None) -> 
     return [n.name for n in graph if n.op == "activation" and n.name not in signals]
 
 
+def _integer_input_paths(graph: Graph, names: list[str]) -> dict[str, list[str]]:
+    """For each of ``names`` (nodes that are not signals) that nevertheless depends on the
+    values of model inputs, through integer tensors: those inputs, by node name. Sizes
+    (``x.size(0)``, flagged shape_computation) are not values."""
+    inputs = set(graph.inputs)
+    found: dict[str, list[str]] = {}
+    for name in names:
+        reached, stack = set(), [name]  # walk back through value-carrying nodes only
+        while stack:
+            for ref in graph[stack.pop()].inputs:
+                prev = graph[ref.node]
+                if ref.node in reached or "shape_computation" in prev.meta.get("flags", ()):
+                    continue
+                reached.add(ref.node)
+                stack.append(ref.node)
+        if reached & inputs:
+            found[name] = sorted(reached & inputs)
+    return found
+
+
 def _main_path_activations(graph: Graph, signals: set[str] | None = None) -> list:
     """The activation nodes that read a signal (gates included), output links
     (:func:`graphshape.passes.subnetworks.find_output_links`) excepted."""
@@ -682,11 +702,23 @@ def shape_graph(graph: Graph, *, method: str = "TAT", activation: str | None = N
             "network links its output to the loss (a probability, an image in [-1, 1]), as a "
             "softmax does; DKS/TAT shape the network before it")
     constant_acts = constant_path_activations(g, signals)
+    # those that do read a model input, through integer values only: t[:, None].float()
+    # -> sin/cos -> MLP (a diffusion model's timestep embedding), a label lookup
+    through_ints = _integer_input_paths(g, constant_acts)
+    constant_acts = [a for a in constant_acts if a not in through_ints]
     if constant_acts:
         report.warnings.append(
             f"{len(constant_acts)} activation(s) read no model input (first "
             f"{constant_acts[0]!r}: a computed constant, e.g. a position-bias MLP): left as "
             "they are, with the layers that compute them")
+    if through_ints:
+        first, inputs = next(iter(through_ints.items()))
+        report.warnings.append(
+            f"{len(through_ints)} activation(s) read model input(s) only through integer "
+            f"values (first {first!r}, from {_some(inputs)}: e.g. a timestep, label or "
+            "token-id embedding): graphshape has no kernel rule for integer inputs, so they "
+            "are left as they are, with the layers that compute them, and the analysis "
+            "cannot follow the signal past the nodes where they join it")
     if method == "TAT" and activation is None:
         gate_nodes = {a for a, _ in gates}
         main = [n for n in _main_path_activations(g, signals) if n.name not in gate_nodes]

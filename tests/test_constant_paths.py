@@ -68,6 +68,37 @@ def test_constant_path_activations_and_layers_are_left_as_they_are(method):
     assert torch.isfinite(out).all()
 
 
+class TimestepNet(PosBiasNet):
+    """The same layers with the bias computed from an integer model input instead (a
+    diffusion model's timestep embedding: ``t[:, None].float()`` -> sin / cos -> MLP)."""
+
+    def __init__(self):
+        super().__init__()
+        self.cpb = nn.Sequential(nn.Linear(2, 32), nn.ReLU(), nn.Linear(32, 16))
+
+    def forward(self, x, t):
+        phase = t[:, None].float() / 100.0
+        emb = self.cpb(torch.cat([torch.sin(phase), torch.cos(phase)], 1))
+        h = self.act1(self.bn1(self.conv1(x))) + emb[:, :, None, None]
+        h = self.act2(self.bn2(self.conv2(h)))
+        return self.head(h.mean((2, 3)))
+
+
+def test_activations_reading_an_integer_input_are_said_to_and_left_as_they_are():
+    # the warning said they read no model input ("a computed constant"): they read t
+    torch.manual_seed(0)
+    model = TimestepNet()
+    x, t = torch.randn(4, 3, 8, 8), torch.randint(0, 1000, (4,))
+    report = graphshape.shape(model, (x, t), method="DKS", seed=0).meta["graphshape"]
+    assert not any("read no model input" in w for w in report.warnings)
+    (warning,) = [w for w in report.warnings if "integer values" in w]
+    assert warning.startswith("1 activation(s) read model input(s) only through integer "
+                              "values (first 'cpb_1', from 't'")
+    # the constant MLP of the other model is still a constant
+    report = graphshape.shape(PosBiasNet(), x, method="DKS", seed=0).meta["graphshape"]
+    assert not any("integer values" in w for w in report.warnings)
+
+
 def test_tat_with_relu_beside_another_activation_names_the_relu_node():
     class Mixed(nn.Module):
         def __init__(self):
