@@ -1386,9 +1386,12 @@ class _Importer:
         if has_c:
             if c is not None and c.size in (1, out_f) and c.ndim <= 2 and (
                     c.ndim == 0 or c.shape[-1] in (1, out_f)) and (c.ndim < 2 or c.shape[0] == 1):
-                bias = np.broadcast_to(c.reshape(-1), (out_f,)).astype(weight.dtype)
-                params["bias"] = np.ascontiguousarray(bias * np.asarray(beta, bias.dtype)
-                                                      if beta != 1.0 else bias)
+                if c.shape == (out_f,) and c.dtype == weight.dtype and beta == 1.0:
+                    params["bias"] = c  # the initializer itself: param_sources name it
+                else:
+                    bias = np.broadcast_to(c.reshape(-1), (out_f,)).astype(weight.dtype)
+                    params["bias"] = np.ascontiguousarray(bias * np.asarray(beta, bias.dtype)
+                                                          if beta != 1.0 else bias)
             else:
                 extra_add = node.input[2]
         outputs = list(node.output) if extra_add is None else []

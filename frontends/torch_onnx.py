@@ -153,15 +153,21 @@ def _check_export(proto, module: nn.Module, inputs: tuple, input_names: list[str
                     "trace freezes)")
 
 
-def _layer_path(node, modules: dict[str, nn.Module]) -> str | None:
+def _layer_path(node, modules: dict[str, nn.Module], claimed=frozenset()) -> str | None:
     """The source module an imported layer node came from: the owner of the tensors the
-    export named its parameters after (``conv1.weight``, ``meta["param_sources"]``), or the
-    exporter's scope, after which the importer names nodes (``blocks.0.attn.qkv`` or
-    ``blocks.0.attn.qkv.MatMul``; a ``torch.export`` program's scopes are ATen op names)."""
+    export named its parameters after (``conv1.weight``, ``meta["param_sources"]``; one
+    not ``claimed`` by another node first: ``fc2`` whose weight is ``fc1.weight`` has its
+    own ``fc2.bias``), or the exporter's scope, after which the importer names nodes
+    (``blocks.0.attn.qkv`` or ``blocks.0.attn.qkv.MatMul``; a ``torch.export`` program's
+    scopes are ATen op names)."""
+    owners = []
     for key, source in (node.meta.get("param_sources") or {}).items():
         owner, _, name = source.rpartition(".")
         if name == key and owner in modules:
-            return owner
+            owners.append(owner)
+    owners.sort(key=lambda owner: owner in claimed)
+    if owners:
+        return owners[0]
     name = node.name
     for candidate in (name, name.rsplit(".", 1)[0]):
         module = modules.get(candidate)
@@ -179,6 +185,7 @@ def _match_source_names(graph: Graph, module: nn.Module) -> None:
     buffers = dict(module.named_buffers())
     modules = dict(module.named_modules())
     claimed: set[str] = set()
+    _note_shared_params(graph, module)
     for node in graph:
         if node.op == "constant":
             source = node.meta.get("source_name")
@@ -190,10 +197,37 @@ def _match_source_names(graph: Graph, module: nn.Module) -> None:
                 node.meta["persistent"] = in_state_dict(module, source)
                 claimed.add(source)
         elif node.params and node.op not in ("input", "output"):
-            path = _layer_path(node, modules)
-            if path is not None and path not in claimed:
+            path = _layer_path(node, modules, claimed)
+            shared = node.meta.get("shared_params") or {}
+            if path is not None and (path not in claimed or shared.keys() >= node.params.keys()):
+                # (a claimed path again: the same layer called again, which the torch
+                # backend emits as that one module when it is)
                 node.meta["module_path"] = path
                 claimed.add(path)
+
+
+def _note_shared_params(graph: Graph, module: nn.Module) -> None:
+    """``meta["shared_params"]`` on the imported nodes that hold one source parameter
+    between them (an initializer two layers read: tied weights, a module called twice), as
+    the torch frontend marks them (see docs/CONTRACTS.md): the export names an initializer
+    after the source's tensor, so here an initializer shared by two nodes is a source
+    tensor shared, not an optimizer's merge of equal constants."""
+    names: dict[int, str] = {}
+    canonical: dict[str, str] = {}
+    for name, t in module.named_parameters(remove_duplicate=False):
+        canonical[name] = names.setdefault(id(t), name)
+    places: dict[str, list] = {}
+    for node in graph:
+        sources = dict(node.meta.get("param_sources") or {})
+        if node.op == "constant" and node.meta.get("source_name") in canonical:
+            sources = {"value": node.meta["source_name"]}
+        for key, source in sources.items():
+            if source in canonical:
+                places.setdefault(canonical[source], []).append((node, key))
+    for name, held in places.items():
+        if len(held) > 1:
+            for node, key in held:
+                node.meta.setdefault("shared_params", {})[key] = name
 
 
 def _eval(module: nn.Module) -> None:

@@ -5,6 +5,7 @@ use became its own copy: the round trip had more parameters than the source, a s
 checkpoint did not load, and training updated the copies apart."""
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 import torch
@@ -173,3 +174,39 @@ def test_an_opaque_module_called_twice_is_one_copy_tied_to_the_layer():
     with torch.no_grad():
         torch.testing.assert_close(out(a, b), model(a, b))
     assert model.emb.weight is not out.emb.weight  # a copy: the source stays the source's
+
+
+class UntraceableSiamese(Siamese):
+    """Siamese, with a Python condition on a size that torch.fx cannot trace: read through
+    the model's ONNX export, where the block's tensors are one initializer each."""
+
+    def forward(self, x, y):
+        if x.shape[-1] > 8:
+            x = self.block(x)
+        return self.out(torch.cat([self.block(x), self.block(y)], 1))
+
+
+def test_the_onnx_export_path_keeps_shared_tensors_shared():
+    model, args = UntraceableSiamese(), (torch.randn(3, 16), torch.randn(3, 16))
+    graph = graphshape.load(model, args)
+    assert graph.meta["traced_with"] == "torch.onnx.export"
+    out = graphshape.to_torch(graph)
+    assert _count(out) == _count(model)
+    assert out.state_dict().keys() == model.state_dict().keys()
+    out.load_state_dict(model.state_dict(), strict=True)
+    with torch.no_grad():
+        torch.testing.assert_close(out(*args), model(*args))
+    shaped = graphshape.shape(model, args, method="DKS")
+    assert _count(shaped) == _count(model)
+
+
+def test_an_onnx_initializer_two_gemms_read_is_written_once(tmp_path):
+    model, x = TiedLayers(), torch.randn(3, 16)
+    model.fc2.bias = model.fc1.bias
+    torch.onnx.export(model.eval(), (x,), str(tmp_path / "tied.onnx"), dynamo=False)
+    source = [i.name for i in onnx.load(str(tmp_path / "tied.onnx")).graph.initializer]
+    proto = graphshape.to_onnx(graphshape.load(str(tmp_path / "tied.onnx")))
+    assert len(proto.graph.initializer) == len(source) == 4  # fc1 weight and bias, fc3's two
+    session = ort.InferenceSession(proto.SerializeToString())
+    got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+    np.testing.assert_allclose(got, model(x).detach().numpy(), rtol=1e-5, atol=1e-6)
