@@ -730,7 +730,9 @@ def propagate(graph: Graph, input_kernels: dict[str, Kernel | None]):
     notes: dict[str, list[str]] = {}
     for node in graph:
         node_flags = list(node.meta.get("flags", []))
-        if node.op == "input" or node.meta.get("input_entry") is not None:
+        if node.op == "input" or node.name in input_kernels:
+            # (also a dict input's entry, and values computed from integer inputs only,
+            # whose kernels were measured: see integer_derived)
             kernels[node.out] = input_kernels.get(node.name)
             flags[node.name], notes[node.name] = node_flags, []
             continue
@@ -757,6 +759,33 @@ def propagate(graph: Graph, input_kernels: dict[str, Kernel | None]):
     return kernels, flags, notes
 
 
+#: flag of the values whose kernel was measured on the example inputs (integer_derived)
+FLAG_FROM_INTEGERS = "from integer inputs: measured"
+
+
+def integer_derived(graph: Graph) -> list[str]:
+    """Floating-point values that depend on the model's inputs only through integer ones:
+    a diffusion model's timestep embedding (``t[:, None].float()`` -> sin / cos -> MLP), a
+    token or label embedding. No kernel rule starts from integers, but at initialization
+    such a value is a fixed function of the example inputs, so its kernel is measured."""
+    float_inputs = {name for name in graph.inputs if may_hold_signal(graph[name])}
+    values: set[str] = set(graph.inputs)       # depends on an input's values
+    from_floats: set[str] = set(float_inputs)  # ... on a floating-point input's
+    found = []
+    for node in graph:
+        if node.op == "input" or "shape_computation" in node.meta.get("flags", ()):
+            continue
+        sources = [r.node for r in node.inputs if r.node in values]
+        if not sources:
+            continue
+        values.add(node.name)
+        if any(s in from_floats for s in sources) or node.meta.get("input_entry") is not None:
+            from_floats.add(node.name)  # (a dict input's entry is an input of its own)
+        elif may_hold_signal(node):
+            found.append(node.name)
+    return found
+
+
 def analyze(graph: Graph, example_inputs=None, *, empirical: bool = False, module=None):
     """Per-node kernel statistics of ``graph`` (see :class:`graphshape.stats.KernelStats`).
 
@@ -771,7 +800,24 @@ def analyze(graph: Graph, example_inputs=None, *, empirical: bool = False, modul
     if not isinstance(graph, Graph):
         raise GraphshapeError(f"analyze() takes a graphshape Graph, got {type(graph).__name__}")
     in_kernels, batch, source = example_kernels(graph, example_inputs)
+    measured = None
+    from_integers = integer_derived(graph) if example_inputs is not None else []
+    if from_integers or (empirical and example_inputs is not None):
+        from graphshape.passes.measure import measure
+
+        try:
+            measured = measure(graph, example_inputs, module=module)
+        except GraphshapeError:
+            if empirical:
+                raise
+            from_integers = []  # (a graph torch cannot run: those values stay unknown)
+    for name in from_integers:
+        if measured.get(name) is not None:
+            in_kernels[name] = measured[name]
     kernels, flags, notes = propagate(graph, in_kernels)
+    for name in from_integers:
+        if name in flags and name in in_kernels:
+            flags[name].append(FLAG_FROM_INTEGERS)
     from graphshape.passes.shaping import find_nongaussian_activations
 
     for name in find_nongaussian_activations(graph):
@@ -780,13 +826,10 @@ def analyze(graph: Graph, example_inputs=None, *, empirical: bool = False, modul
             flags[name].append(FLAG_NONGAUSSIAN)
             notes[name].append("input is a join whose identity shortcut carries a non-zero-mean "
                                "activation output: not Gaussian, q under-predicted")
-    measured = None
-    if empirical:
-        if example_inputs is None:
-            raise GraphshapeError("empirical=True needs example_inputs to run the model on")
-        from graphshape.passes.measure import measure
-
-        measured = measure(graph, example_inputs, module=module)
+    if empirical and example_inputs is None:
+        raise GraphshapeError("empirical=True needs example_inputs to run the model on")
+    if not empirical:
+        measured = None  # (measured above for the integer-derived values only)
     rows = []
     per_node: dict[str, dict] = {}
     for node in graph:

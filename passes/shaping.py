@@ -717,8 +717,8 @@ def shape_graph(graph: Graph, *, method: str = "TAT", activation: str | None = N
             f"{len(through_ints)} activation(s) read model input(s) only through integer "
             f"values (first {first!r}, from {_some(inputs)}: e.g. a timestep, label or "
             "token-id embedding): graphshape has no kernel rule for integer inputs, so they "
-            "are left as they are, with the layers that compute them, and the analysis "
-            "cannot follow the signal past the nodes where they join it")
+            "are left as they are, with the layers that compute them (the analysis measures "
+            "their values on example inputs)")
     if method == "TAT" and activation is None:
         gate_nodes = {a for a, _ in gates}
         main = [n for n in _main_path_activations(g, signals) if n.name not in gate_nodes]

@@ -99,6 +99,22 @@ def test_activations_reading_an_integer_input_are_said_to_and_left_as_they_are()
     assert not any("integer values" in w for w in report.warnings)
 
 
+def test_the_analysis_measures_values_from_integer_inputs_and_goes_on_past_the_join():
+    torch.manual_seed(0)
+    model = TimestepNet()
+    x, t = torch.randn(6, 3, 8, 8), torch.randint(0, 1000, (6,))
+    rows = {r["node"]: r for r in graphshape.analyze(model, (x, t), empirical=True).rows}
+    embedding = rows["cpb_2"]
+    assert "from integer inputs: measured" in embedding["flags"]
+    assert embedding["q_pred"] == pytest.approx(embedding["q_emp"], rel=1e-9)
+    # before: the join and everything after it were "unknown after ..."
+    join = rows["add"]
+    assert join["q_pred"] is not None and not any("unknown" in f for f in join["flags"])
+    assert join["q_pred"] == pytest.approx(rows["act1"]["q_pred"] + embedding["q_pred"], rel=1e-6)
+    assert join["q_emp"] == pytest.approx(join["q_pred"], rel=0.2)
+    assert rows["head"]["q_pred"] is not None
+
+
 def test_tat_with_relu_beside_another_activation_names_the_relu_node():
     class Mixed(nn.Module):
         def __init__(self):
