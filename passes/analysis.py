@@ -721,18 +721,21 @@ def _to_numpy(x) -> np.ndarray | None:
     return None
 
 
-def propagate(graph: Graph, input_kernels: dict[str, Kernel | None]):
+def propagate(graph: Graph, input_kernels: dict[str, Kernel | None],
+              measured: dict[str, Kernel] | None = None):
     """Push kernels through ``graph``. Returns ({Ref: Kernel or None}, {name: flags},
-    {name: notes}); nodes that read constants only (not signals) get no flags entry."""
+    {name: notes}); nodes that read constants only (not signals) get no flags entry.
+    ``measured``: kernels for values computed from integer inputs
+    (:func:`integer_derived`), used where no rule gives one (their first float values, an
+    embedding, a sin of a timestep): the rules start again from there."""
+    measured = measured or {}
     kernels: dict[Ref, Kernel | None] = {}
     unknown_origin: dict[Ref, str] = {}  # values unknown for want of a rule, and why
     flags: dict[str, list[str]] = {}
     notes: dict[str, list[str]] = {}
     for node in graph:
         node_flags = list(node.meta.get("flags", []))
-        if node.op == "input" or node.name in input_kernels:
-            # (also a dict input's entry, and values computed from integer inputs only,
-            # whose kernels were measured: see integer_derived)
+        if node.op == "input" or node.name in input_kernels:  # (also a dict input's entry)
             kernels[node.out] = input_kernels.get(node.name)
             flags[node.name], notes[node.name] = node_flags, []
             continue
@@ -744,9 +747,13 @@ def propagate(graph: Graph, input_kernels: dict[str, Kernel | None]):
         if unknown_in:
             out, f, n = None, [f"unknown after {unknown_in[0]}"], []
         elif not any(k is not None for k in ins):
-            continue  # reads constants (or non-float values) only: not a signal
+            if node.name not in measured:
+                continue  # reads constants (or non-float values) only: not a signal
+            out, f, n = None, [], []
         else:
             out, f, n = apply_rule(graph, node, ins)
+        if out is None and node.name in measured:
+            out, f, n = measured[node.name], [FLAG_FROM_INTEGERS], []
         for i in range(len(node.outputs)):
             ref = Ref(node.name, i)
             kernels[ref] = out
@@ -811,13 +818,9 @@ def analyze(graph: Graph, example_inputs=None, *, empirical: bool = False, modul
             if empirical:
                 raise
             from_integers = []  # (a graph torch cannot run: those values stay unknown)
-    for name in from_integers:
-        if measured.get(name) is not None:
-            in_kernels[name] = measured[name]
-    kernels, flags, notes = propagate(graph, in_kernels)
-    for name in from_integers:
-        if name in flags and name in in_kernels:
-            flags[name].append(FLAG_FROM_INTEGERS)
+    kernels, flags, notes = propagate(
+        graph, in_kernels, {name: measured[name] for name in from_integers
+                            if measured.get(name) is not None})
     from graphshape.passes.shaping import find_nongaussian_activations
 
     for name in find_nongaussian_activations(graph):
