@@ -90,6 +90,28 @@ _REDUCE_KINDS = {"ReduceMean": "mean", "ReduceSum": "sum", "ReduceMax": "max",
                  "ReduceMin": "min", "ReduceProd": "prod"}
 
 
+def _copy_zero_dims(target: list[int], in_shape) -> list[int]:
+    """A constant Reshape target with ONNX's 0 ("copy this input dim") spelled out: the
+    known dims copied; one unknown dim copied (a dynamic batch: GroupNorm's ``[0, G, -1]``)
+    becomes -1, the target's own -1 then computed from the input's other, known dims."""
+    unknown = [i for i, d in enumerate(target) if d == 0 and (
+        in_shape is None or i >= len(in_shape) or not isinstance(in_shape[i], int))]
+    if len(unknown) > 1 or (unknown and not all(
+            isinstance(d, int) for i, d in enumerate(in_shape) if i != unknown[0])):
+        raise _Unsupported("0 copies an unknown dim")
+    target = [in_shape[i] if d == 0 and i not in unknown else d for i, d in enumerate(target)]
+    if unknown:
+        k = unknown[0]
+        if -1 in target:
+            rest = int(np.prod([d for i, d in enumerate(in_shape) if i != k]))
+            known = int(np.prod([d for i, d in enumerate(target) if i != k and d != -1]))
+            if known <= 0 or rest % known:
+                raise _Unsupported("0 copies an unknown dim")
+            target[target.index(-1)] = rest // known
+        target[k] = -1
+    return target
+
+
 class _FusedParts:
     """The standard nodes a fused contrib op (``node``) stands for, built one by one, then
     read by their own readers (:meth:`read`). The values between them are named after
@@ -1996,11 +2018,7 @@ class _Importer:
         target = [int(s) for s in self.const(node.input[1])]
         in_shape = self.info(node.input[0]).shape
         if not a.get("allowzero", 0):
-            for i, s in enumerate(target):
-                if s == 0:
-                    if in_shape is None or not isinstance(in_shape[i], int):
-                        raise _Unsupported("0 copies an unknown dim")
-                    target[i] = in_shape[i]
+            target = _copy_zero_dims(target, in_shape)
         n = self.add(name, "reshape", [self.signal(node.input[0])], {"shape": tuple(target)},
                      outputs=node.output, source=node.name)
         if n.shape is None and _static(in_shape):

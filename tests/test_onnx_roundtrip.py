@@ -147,6 +147,32 @@ def test_dynamic_batch_export_reads_like_the_static_one(exporter, tmp_path):
     assert_outputs_equal(run_ort(model, {"image": x}), run_ort(path, {"image": x}))
 
 
+def test_group_norm_with_a_dynamic_batch_reads_like_the_static_one(tmp_path):
+    """The exporter's GroupNorm reshapes to [0, G, -1], where 0 copies the batch: with a
+    dynamic batch that 0 copied an unknown dim and the Reshape stayed opaque (a diffusion
+    UNet through ONNX: one opaque node per GroupNorm, and shaping warned of them)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.GroupNorm(4, 16), torch.nn.SiLU(),
+        torch.nn.Conv2d(16, 16, 3, padding=1), torch.nn.GroupNorm(4, 16), torch.nn.SiLU()).eval()
+    paths = {}
+    for dynamic in (False, True):
+        paths[dynamic] = str(tmp_path / f"gn_{dynamic}.onnx")
+        extra = {"dynamic_axes": {"x": {0: "n"}}} if dynamic else {}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(model, (torch.randn(2, 3, 8, 8),), paths[dynamic],
+                              opset_version=17, dynamo=False, input_names=["x"], **extra)
+    graph = graphshape.load(paths[True])
+    assert graph.count_ops() == graphshape.load(paths[False]).count_ops()
+    assert "opaque" not in graph.count_ops()
+    x = np.random.default_rng(1).standard_normal((5, 3, 8, 8)).astype(np.float32)
+    assert_outputs_equal(run_ort(graphshape.to_onnx(graph), {"x": x}), run_ort(paths[True], {"x": x}))
+    with torch.no_grad():
+        got = graphshape.to_torch(graph)(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(got, run_ort(paths[True], {"x": x})[0], rtol=1e-4, atol=1e-5)
+
+
 def test_resnet_residual_joins_are_add_nodes(exporter):
     graph = graphshape.load(str(exporter("resnet18", 13)))
     adds = [n for n in graph if n.op == "add"]
