@@ -1692,22 +1692,18 @@ class _Importer:
         if any(v is None for v in (scale, bias, mean, var)):
             raise _Unsupported("non-constant statistics")
         momentum = a.get("momentum", 0.9)
-        if a.get("training_mode", 0):
-            # a training-mode export: normalized by the batch's statistics, and the updated
-            # running statistics (outputs 1, 2) unused, as torch writes it: a batch norm
-            # that keeps none (PyTorch's track_running_stats=False)
-            self.add(name, "batch_norm", [self.signal(node.input[0])],
-                     {"num_features": int(scale.shape[0]), "eps": float(a.get("epsilon", 1e-5)),
-                      "momentum": round(1.0 - float(momentum), 12), "affine": True,
-                      "track_running_stats": False},
-                     {"weight": scale, "bias": bias}, node.output[:1], node.name)
-            return
+        # a training-mode export is normalized by the batch's statistics, and the updated
+        # running statistics (outputs 1, 2) are unused, as torch writes it: a batch norm
+        # that keeps none (PyTorch's track_running_stats=False)
+        tracks = not a.get("training_mode", 0)
+        params = {"weight": scale, "bias": bias}
+        if tracks:
+            params.update(running_mean=mean, running_var=var)
         self.add(name, "batch_norm", [self.signal(node.input[0])],
                  {"num_features": int(scale.shape[0]), "eps": float(a.get("epsilon", 1e-5)),
                   "momentum": round(1.0 - float(momentum), 12), "affine": True,
-                  "track_running_stats": True},
-                 {"weight": scale, "bias": bias, "running_mean": mean, "running_var": var},
-                 node.output[:1], node.name)
+                  "track_running_stats": tracks},
+                 params, node.output[:1], node.name)
 
     def _op_InstanceNormalization(self, node, a, name):
         scale, bias = self._const_input(node, 1), self._const_input(node, 2)

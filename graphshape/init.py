@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 
 from graphshape.errors import GraphshapeError
+from graphshape.ops import AFFINE_LAYERS
 
 # Stacked draws with more entries than this are factorized in float32: ~2.5x faster QR and
 # half the memory, with orthogonality errors |Q^T Q - I| ~ 1e-6 (test_init checks <= 1e-5);
@@ -331,9 +332,6 @@ class InitReport:
                 "kept_shared": list(self.kept_shared)}
 
 
-_LAYER_OPS = ("conv", "conv_transpose", "linear")
-
-
 def _shared_places(graph) -> dict[str, list]:
     """Source tensor name -> the ``(node, key)`` places that hold it (the frontend's
     ``meta["shared_params"]``: a weight two layers share, a module called twice)."""
@@ -362,7 +360,7 @@ def initialize(graph, seed: int | None = None, *, copy: bool = True, skip=()):
     first_of: dict[str, int] = {}  # shared tensor -> index of its request
     followers = []  # (node, shared tensor)
     for node in out:
-        if node.op not in _LAYER_OPS or node.name in skip:
+        if node.op not in AFFINE_LAYERS or node.name in skip:
             continue
         weight = node.params.get("weight")
         if weight is None:
@@ -372,7 +370,7 @@ def initialize(graph, seed: int | None = None, *, copy: bool = True, skip=()):
                 node=node.name, op=node.op)
         tied = (node.meta.get("shared_params") or {}).get("weight")
         if tied is not None:
-            if not all(n.op in _LAYER_OPS and k == "weight" and n.name not in skip
+            if not all(n.op in AFFINE_LAYERS and k == "weight" and n.name not in skip
                        for n, k in places[tied]):
                 report.kept_shared.append({"node": node.name, "tensor": tied})
                 continue

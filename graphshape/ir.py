@@ -26,6 +26,7 @@ import networkx as nx
 import numpy as np
 
 from graphshape.errors import GraphshapeError
+from graphshape.ops import AFFINE_LAYERS
 
 
 class Ref(NamedTuple):
@@ -508,7 +509,7 @@ def cache_weight_tap_norms(graph: "Graph") -> None:
     be replaced."""
     for data in graph.nx.nodes.values():  # any order: no topological sort needed
         node = data["node"]
-        if node.op in ("conv", "conv_transpose", "linear"):
+        if node.op in AFFINE_LAYERS:
             w = node.params.get("weight")
             if isinstance(w, np.ndarray) and w.dtype.kind == "f" and w.ndim >= 2:
                 weight_tap_norms(w)

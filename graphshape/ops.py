@@ -194,6 +194,10 @@ _SPECS = [
 #: canonical op name -> OpSpec
 OPS: dict[str, OpSpec] = {spec.name: spec for spec in _SPECS}
 
+#: the ops of category "affine" (conv, conv_transpose, linear): the layers with a weight
+#: matrix, which shaping initializes and folds scales into
+AFFINE_LAYERS: tuple[str, ...] = tuple(name for name, s in OPS.items() if s.category == "affine")
+
 
 def spec(op: str) -> OpSpec:
     from graphshape.errors import GraphshapeError

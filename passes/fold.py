@@ -41,9 +41,8 @@ import numpy as np
 
 from graphshape.activations import POSITIVELY_HOMOGENEOUS
 from graphshape.ir import Graph, Node, Ref
+from graphshape.ops import AFFINE_LAYERS
 
-#: layers whose input scale can move into their weight
-_LINEAR = ("conv", "conv_transpose", "linear")
 #: ops with op(c x) = c op(x) for c > 0, reading the signal in input 0 (pad: see _commutes)
 _COMMUTING = ("avg_pool", "max_pool", "global_avg_pool", "global_max_pool",
               "adaptive_avg_pool", "adaptive_max_pool", "flatten", "reshape", "squeeze",
@@ -94,7 +93,7 @@ def _float_param(node: Node, key: str) -> bool:
 
 def _foldable(node: Node) -> bool:
     """A conv/linear that reads one signal and has a (float) weight and bias."""
-    if node.op not in _LINEAR or len(node.inputs) != 1:
+    if node.op not in AFFINE_LAYERS or len(node.inputs) != 1:
         return False
     if not _float_param(node, "weight"):
         return False

@@ -15,9 +15,9 @@ import numpy as np
 
 from graphshape.errors import GraphshapeError
 from graphshape.ir import Graph, Node, Ref
+from graphshape.ops import AFFINE_LAYERS
 
 NORM_OPS = ("batch_norm", "layer_norm", "rms_norm", "group_norm", "instance_norm", "lrn")
-_AFFINE_OPS = ("conv", "conv_transpose", "linear")
 
 
 def _out_features(node: Node) -> int | None:
@@ -174,7 +174,7 @@ def remove_normalization(graph: Graph, *, copy: bool = True) -> tuple[Graph, dic
             if c in g and not any(True for _ in g.nx.successors(c)):
                 g.remove(c)
         producer = g[source.node]
-        if (supplies_shift and producer.op in _AFFINE_OPS and producer.params.get("bias") is None
+        if (supplies_shift and producer.op in AFFINE_LAYERS and producer.params.get("bias") is None
                 and producer.params.get("weight") is not None):
             n_out = _out_features(producer)
             producer.params["bias"] = np.zeros(n_out, dtype=np.asarray(producer.params["weight"]).dtype)
@@ -190,7 +190,7 @@ def remove_normalization(graph: Graph, *, copy: bool = True) -> tuple[Graph, dic
         removed.append({"node": name, "op": "opaque",
                         "what": f"normalization ({node.attrs.get('description', 'opaque')})"})
         producer = g[source.node]
-        if (producer.op in _AFFINE_OPS and producer.params.get("bias") is None
+        if (producer.op in AFFINE_LAYERS and producer.params.get("bias") is None
                 and producer.params.get("weight") is not None):
             producer.params["bias"] = np.zeros(
                 _out_features(producer), dtype=np.asarray(producer.params["weight"]).dtype)

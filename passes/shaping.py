@@ -38,6 +38,7 @@ import numpy as np
 
 from graphshape.errors import GraphshapeError
 from graphshape.ir import Graph, may_hold_signal
+from graphshape.ops import AFFINE_LAYERS
 from graphshape.passes.joins import (MAX_POOL_OPS, commutes_with_max_pool,
                                     move_shortcuts_to_preactivation, normalize_sums,
                                     reset_branch_scales)
@@ -140,19 +141,14 @@ def _integer_input_paths(graph: Graph, names: list[str]) -> dict[str, list[str]]
     """For each of ``names`` (nodes that are not signals) that nevertheless depends on the
     values of model inputs, through integer tensors: those inputs, by node name. Sizes
     (``x.size(0)``, flagged shape_computation) are not values."""
+    values = graph.nx.subgraph(n for n in graph.nx
+                               if "shape_computation" not in graph[n].meta.get("flags", ()))
     inputs = set(graph.inputs)
     found: dict[str, list[str]] = {}
     for name in names:
-        reached, stack = set(), [name]  # walk back through value-carrying nodes only
-        while stack:
-            for ref in graph[stack.pop()].inputs:
-                prev = graph[ref.node]
-                if ref.node in reached or "shape_computation" in prev.meta.get("flags", ()):
-                    continue
-                reached.add(ref.node)
-                stack.append(ref.node)
-        if reached & inputs:
-            found[name] = sorted(reached & inputs)
+        reached = nx.ancestors(values, name) & inputs
+        if reached:
+            found[name] = sorted(reached)
     return found
 
 
@@ -638,7 +634,7 @@ def shape_graph(graph: Graph, *, method: str = "TAT", activation: str | None = N
     # replaces with new arrays (no pass modifies them in place) are shared, not copied:
     # ResNet-50's 100 MB, twice.
     replaced = [n.params["weight"] for n in graph
-                if initialize and n.op in ("conv", "conv_transpose", "linear")
+                if initialize and n.op in AFFINE_LAYERS
                 and isinstance(n.params.get("weight"), np.ndarray)]
     # arrays that must not stay shared with the source model unless a pass replaces them
     # (held here, so that their ids stay theirs): with copy=True only those the copy shares
@@ -858,7 +854,9 @@ def shape_graph(graph: Graph, *, method: str = "TAT", activation: str | None = N
     for node in g:
         for key, value in node.params.items():
             if id(value) in shared_ids:
-                node.params[key] = copies.setdefault(id(value), np.array(value, copy=True))
+                if id(value) not in copies:
+                    copies[id(value)] = np.array(value, copy=True)
+                node.params[key] = copies[id(value)]
     if fold_scales != "none":
         from graphshape.passes.fold import fold_scales as fold_pass
 
