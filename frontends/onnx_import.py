@@ -367,6 +367,32 @@ def _broadcast(*vectors):
     return [v * n if len(v) == 1 else v for v in vectors]
 
 
+def _copied_dims(target: list, in_shape) -> list[int] | None:
+    """A Reshape target computed at run time, as a constant for shape inference, or None.
+    Its entries are ints, symbols (dims copied from a symbolic shape) or None (unknown). A
+    symbol at the position where the input has that same symbol copies that dim
+    (``x.flatten(2)`` exported as ``Concat(Shape(x)[:2], [-1])`` with a dynamic batch):
+    ONNX's 0. With one such copy, the target's -1 is computed from the input's other,
+    known dims; otherwise at most one entry may be unknown (written -1)."""
+    copies = [i for i, d in enumerate(target) if isinstance(d, str) and in_shape is not None
+              and i < len(in_shape) and in_shape[i] == d]
+    if len(copies) == 1 and -1 in target and all(
+            isinstance(d, int) for i, d in enumerate(in_shape) if i != copies[0]):
+        k = copies[0]
+        rest = int(np.prod([d for i, d in enumerate(in_shape) if i != k]))
+        known = int(np.prod([d for i, d in enumerate(target) if i != k and d != -1]))
+        if not all(isinstance(d, int) for i, d in enumerate(target) if i != k) or (
+                known <= 0 or rest % known):
+            return None
+        target = [rest // known if d == -1 else d for d in target]
+        target[k] = 0  # ONNX: copy the input's dim
+        return target
+    target = [None if isinstance(d, str) else d for d in target]
+    if 0 in target or sum(d is None or d == -1 for d in target) > 1:
+        return None
+    return [-1 if d is None else d for d in target]
+
+
 def _resolve_dynamic_reshapes(nodes, consts, infos, done):
     """Integer vectors computed at run time from shapes (Shape, Gather, Unsqueeze,
     Squeeze, Concat, Cast, Identity, Slice, integer Add/Sub/Mul/Div, Constant, and the
@@ -376,7 +402,9 @@ def _resolve_dynamic_reshapes(nodes, consts, infos, done):
     ``done``) with at most one unknown entry, given as -1."""
     from onnx import numpy_helper
 
-    known: dict[str, list] = {}  # value -> entries (int or None); scalars as 1-element
+    # value -> entries: an int, a dim's symbol (str, from a Shape of a tensor whose dim is
+    # symbolic: "batch", "unk__0") or None (unknown); scalars as 1-element
+    known: dict[str, list] = {}
     scalars: set[str] = set()
 
     def vec(name):
@@ -404,7 +432,8 @@ def _resolve_dynamic_reshapes(nodes, consts, infos, done):
                 info = infos.get(node.input[0])
                 if info is not None and info.shape is not None:
                     a = _attr_dict(node)
-                    dims = [d if isinstance(d, int) else None for d in info.shape]
+                    dims = [d if isinstance(d, (int, str)) and d != "" else None
+                            for d in info.shape]
                     known[node.output[0]] = dims[a.get("start", 0):a.get("end", None)]
             elif op in ("Cast", "Identity", "Squeeze", "Unsqueeze"):
                 src = vec(node.input[0])
@@ -435,22 +464,22 @@ def _resolve_dynamic_reshapes(nodes, consts, infos, done):
                           "Mul": lambda p, q: p * q,
                           "Div": lambda p, q: int(p / q) if q else None,
                           "Equal": lambda p, q: int(p == q)}[op]
-                    known[node.output[0]] = [None if p is None or q is None else fn(p, q)
-                                             for p, q in zip(*pair)]
+                    known[node.output[0]] = [fn(p, q) if isinstance(p, int) and isinstance(
+                        q, int) else None for p, q in zip(*pair)]
                     if node.input[0] in scalars and node.input[1] in scalars:
                         scalars.add(node.output[0])
             elif op == "Where":
                 parts = [vec(n) for n in node.input[:3]]
                 parts = _broadcast(*parts) if None not in parts else None
                 if parts is not None:
-                    known[node.output[0]] = [None if c is None else (p if c else q)
+                    known[node.output[0]] = [(p if c else q) if isinstance(c, int) else None
                                              for c, p, q in zip(*parts)]
             elif op == "ConstantOfShape":
                 shape = vec(node.input[0])
                 fill = _attr_dict(node).get("value")
                 fill = (np.zeros(1, np.float32) if fill is None
                         else numpy_helper.to_array(fill).reshape(-1))
-                if (shape is not None and len(shape) == 1 and shape[0] is not None
+                if (shape is not None and len(shape) == 1 and isinstance(shape[0], int)
                         and fill.dtype.kind in "iu"):
                     known[node.output[0]] = [int(fill[0])] * shape[0]
             if op not in _CHAIN_OPS:
@@ -460,7 +489,7 @@ def _resolve_dynamic_reshapes(nodes, consts, infos, done):
                     if not name or name in consts or (op == "Reshape" and index == 1):
                         continue
                     values = known.get(name)
-                    if values is not None and None not in values:
+                    if values is not None and all(isinstance(v, int) for v in values):
                         out.append((node, index, values if name not in scalars else values[0]))
             if op == "Reshape" and node.output[0] not in done and node.input[1] not in consts:
                 target = vec(node.input[1])
@@ -468,13 +497,14 @@ def _resolve_dynamic_reshapes(nodes, consts, infos, done):
                 if target is None:
                     continue
                 a = _attr_dict(node)
-                if not a.get("allowzero", 0) and info is not None and info.shape is not None:
-                    target = [info.shape[i] if d == 0 and i < len(info.shape) else d
+                in_shape = None if info is None else info.shape
+                if not a.get("allowzero", 0) and in_shape is not None:
+                    target = [in_shape[i] if d == 0 and i < len(in_shape) else d
                               for i, d in enumerate(target)]
-                    target = [d if isinstance(d, int) else None for d in target]
-                if 0 in target or sum(d is None or d == -1 for d in target) > 1:
+                target = _copied_dims(target, in_shape)
+                if target is None:
                     continue
-                out.append((node, 1, [-1 if d is None else d for d in target]))
+                out.append((node, 1, target))
         except (IndexError, TypeError, ValueError, KeyError):
             continue  # an unexpected form: leave the value unknown
     return out
@@ -1208,6 +1238,9 @@ class _Importer:
         n = self.add(readable, "opaque", inputs, attrs, outputs=list(node.output),
                      source=node.name or node.output[0])
         n.meta["flags"].append(f"opaque ONNX op {node.op_type}")
+        if domain == "" and node.op_type in ("Shape", "Size"):
+            # reads its input's shape, not its values (as the torch frontend's x.size(0))
+            n.meta["flags"].append("shape_computation")
         if any(o in self.tensor_containers for o in node.output):
             n.meta["flags"].append(TENSOR_CONTAINER)
 

@@ -174,10 +174,12 @@ class RuleContext:
     (``None`` for inputs that are not signals: constants, shapes)."""
 
     def __init__(self, graph: Graph, node: Node, inputs: list[Kernel | None],
-                 q_only: bool = False):
+                 q_only: bool = False, constants: dict[str, np.ndarray] | None = None):
         self.graph = graph
         self.node = node
         self.inputs = inputs
+        # values computed from constants alone (computed_constants), by producer name
+        self.constants = constants or {}
         # only q of the output is wanted (q_local): rules may skip covariances and the unit
         # track, leaving them at placeholder values
         self.q_only = q_only
@@ -195,13 +197,16 @@ class RuleContext:
         return [(i, k) for i, k in enumerate(self.inputs) if k is not None]
 
     def constant(self, slot: int) -> np.ndarray | None:
-        """The value of input ``slot`` when it is a constant node, else None."""
+        """The value of input ``slot`` when it is a constant node or a value computed from
+        constants alone (``gamma.reshape(1, -1, 1, 1)``, a class token expanded over the
+        batch: :func:`computed_constants`), else None."""
         if slot >= len(self.node.inputs):
             return None
-        prod = self.graph[self.node.inputs[slot].node]
+        ref = self.node.inputs[slot]
+        prod = self.graph[ref.node]
         if prod.op == "constant" and "value" in prod.params:
             return np.asarray(prod.params["value"], dtype=np.float64)
-        return None
+        return self.constants.get(ref.node) if ref.index == 0 else None
 
 
 class UnknownKernel(Exception):
@@ -512,7 +517,11 @@ def rule_concat(ctx: RuleContext) -> Kernel:
     const_sq = 0.0
     total = 0.0
     for slot, ref in enumerate(node.inputs):
+        k = ctx.inputs[slot]
+        value = ctx.constant(slot) if k is None else None
         shape = ctx.graph.info(ref).shape
+        if value is not None and (shape is None or len(shape) == value.ndim):
+            shape = value.shape  # (an exporter's Expand that shape inference cannot follow)
         try:
             n = shape[axis]
         except (TypeError, IndexError):
@@ -520,9 +529,7 @@ def rule_concat(ctx: RuleContext) -> Kernel:
         if not isinstance(n, (int, np.integer)):
             raise UnknownKernel(f"concat input {ref!r} has an unknown size along axis {axis}")
         total += n
-        k = ctx.inputs[slot]
         if k is None:
-            value = ctx.constant(slot)
             if value is None:
                 raise UnknownKernel(f"concat input {ref!r} is neither a signal nor a constant")
             const_sq += n * float(np.mean(np.square(value)))
@@ -647,11 +654,13 @@ KERNEL_RULES: dict[str, Callable[[RuleContext], Kernel]] = {
 
 
 def apply_rule(graph: Graph, node: Node, inputs: list[Kernel | None], *,
-               q_only: bool = False) -> tuple[Kernel | None, list[str], list[str]]:
+               q_only: bool = False, constants: dict[str, np.ndarray] | None = None,
+               ) -> tuple[Kernel | None, list[str], list[str]]:
     """Apply ``node``'s kernel rule to the kernels of its inputs: (kernel or None, flags,
-    notes). ``q_only``: only the output's q is wanted (its other fields are placeholders)."""
+    notes). ``q_only``: only the output's q is wanted (its other fields are placeholders).
+    ``constants``: values of computed constants (:func:`computed_constants`) by node name."""
     rule = KERNEL_RULES.get(node.op)
-    ctx = RuleContext(graph, node, inputs, q_only)
+    ctx = RuleContext(graph, node, inputs, q_only, constants)
     if rule is None:
         return None, [f"unknown after {node.op}"], [f"no kernel rule for op {node.op!r}"]
     try:
@@ -675,7 +684,9 @@ def example_kernels(graph: Graph, example_inputs) -> tuple[dict[str, Kernel | No
     or, without them, two unit-q uncorrelated examples per input."""
     if example_inputs is None:
         k = Kernel(np.ones(2), np.eye(2))
-        return {name: k for name in graph.inputs}, 2, "two unit-q, uncorrelated examples (no inputs given)"
+        # (integer inputs, token ids, have no kernel: as with example inputs)
+        return ({name: k if may_hold_signal(graph[name]) else None for name in graph.inputs},
+                2, "two unit-q, uncorrelated examples (no inputs given)")
     if not isinstance(example_inputs, (tuple, list)):
         example_inputs = (example_inputs,)
     if len(example_inputs) != len(graph.inputs):
@@ -722,12 +733,15 @@ def _to_numpy(x) -> np.ndarray | None:
 
 
 def propagate(graph: Graph, input_kernels: dict[str, Kernel | None],
-              measured: dict[str, Kernel] | None = None):
+              measured: dict[str, Kernel] | None = None,
+              constants: dict[str, np.ndarray] | None = None):
     """Push kernels through ``graph``. Returns ({Ref: Kernel or None}, {name: flags},
     {name: notes}); nodes that read constants only (not signals) get no flags entry.
     ``measured``: kernels for values computed from integer inputs
     (:func:`integer_derived`), used where no rule gives one (their first float values, an
-    embedding, a sin of a timestep): the rules start again from there."""
+    embedding, a sin of a timestep): the rules start again from there.
+    ``constants``: values of computed constants (:func:`computed_constants`), which the
+    rules read as they read constant nodes."""
     measured = measured or {}
     kernels: dict[Ref, Kernel | None] = {}
     unknown_origin: dict[Ref, str] = {}  # values unknown for want of a rule, and why
@@ -751,7 +765,7 @@ def propagate(graph: Graph, input_kernels: dict[str, Kernel | None],
                 continue  # reads constants (or non-float values) only: not a signal
             out, f, n = None, [], []
         else:
-            out, f, n = apply_rule(graph, node, ins)
+            out, f, n = apply_rule(graph, node, ins, constants=constants)
         if out is None and node.name in measured:
             out, f, n = measured[node.name], [FLAG_FROM_INTEGERS], []
         for i in range(len(node.outputs)):
@@ -770,15 +784,13 @@ def propagate(graph: Graph, input_kernels: dict[str, Kernel | None],
 FLAG_FROM_INTEGERS = "from integer inputs: measured"
 
 
-def integer_derived(graph: Graph) -> list[str]:
-    """Floating-point values that depend on the model's inputs only through integer ones:
-    a diffusion model's timestep embedding (``t[:, None].float()`` -> sin / cos -> MLP), a
-    token or label embedding. No kernel rule starts from integers, but at initialization
-    such a value is a fixed function of the example inputs, so its kernel is measured."""
+def _input_dependent(graph: Graph) -> tuple[set[str], list[str]]:
+    """(nodes whose value depends on a model input's values, not only on its shape; those
+    of them that are floating-point and depend on the inputs only through integer ones)."""
     float_inputs = {name for name in graph.inputs if may_hold_signal(graph[name])}
     values: set[str] = set(graph.inputs)       # depends on an input's values
     from_floats: set[str] = set(float_inputs)  # ... on a floating-point input's
-    found = []
+    from_integers = []
     for node in graph:
         if node.op == "input" or "shape_computation" in node.meta.get("flags", ()):
             continue
@@ -789,8 +801,37 @@ def integer_derived(graph: Graph) -> list[str]:
         if any(s in from_floats for s in sources) or node.meta.get("input_entry") is not None:
             from_floats.add(node.name)  # (a dict input's entry is an input of its own)
         elif may_hold_signal(node):
-            found.append(node.name)
-    return found
+            from_integers.append(node.name)
+    return values, from_integers
+
+
+def integer_derived(graph: Graph) -> list[str]:
+    """Floating-point values that depend on the model's inputs only through integer ones:
+    a diffusion model's timestep embedding (``t[:, None].float()`` -> sin / cos -> MLP), a
+    token or label embedding. No kernel rule starts from integers, but at initialization
+    such a value is a fixed function of the example inputs, so its kernel is measured."""
+    return _input_dependent(graph)[1]
+
+
+def computed_constants(graph: Graph) -> list[str]:
+    """Floating-point values computed from constants alone (and at most the inputs'
+    shapes) that a node on the signal path reads: a layer scale reshaped for broadcasting
+    (``x * self.gamma.reshape(1, -1, 1, 1)``), a class token expanded over the batch
+    (``torch.cat([self.cls_token.expand(n, -1, -1), x], 1)``), a positional encoding built
+    from ``arange``, ``sin`` and ``cos``. The rules read them as constants; their values
+    are those of one run of the model (:func:`analyze`)."""
+    dependent, _ = _input_dependent(graph)
+    found: dict[str, None] = {}
+    for node in graph:
+        if node.name not in dependent:
+            continue
+        for ref in node.inputs:
+            prod = graph[ref.node]
+            if (ref.node not in dependent and ref.index == 0 and prod.op != "constant"
+                    and may_hold_signal(prod) and not holds_tensors(prod)
+                    and "shape_computation" not in prod.meta.get("flags", ())):
+                found[ref.node] = None
+    return list(found)
 
 
 def analyze(graph: Graph, example_inputs=None, *, empirical: bool = False, module=None):
@@ -801,6 +842,10 @@ def analyze(graph: Graph, example_inputs=None, *, empirical: bool = False, modul
     ``empirical=True`` also runs the model on ``example_inputs`` (``module``: a
     ``torch.fx.GraphModule`` emitted from ``graph``; emitted here when not given) and records
     the measured q and c and the one-step prediction ``q_local`` at every node.
+    The model also runs once, without ``empirical``, where the rules need values computed
+    from constants (:func:`computed_constants`; on zeros of the inputs' shapes when no
+    example inputs are given) or kernels of values computed from integer inputs
+    (:func:`integer_derived`).
     """
     from graphshape.stats import KernelStats
 
@@ -809,18 +854,28 @@ def analyze(graph: Graph, example_inputs=None, *, empirical: bool = False, modul
     in_kernels, batch, source = example_kernels(graph, example_inputs)
     measured = None
     from_integers = integer_derived(graph) if example_inputs is not None else []
-    if from_integers or (empirical and example_inputs is not None):
-        from graphshape.passes.measure import measure
+    computed = computed_constants(graph)
+    constants: dict[str, np.ndarray] = {}
+    run_inputs = example_inputs
+    if run_inputs is None and computed:
+        # computed constants depend on the inputs' shapes at most: any inputs of those
+        # shapes give their values
+        run_inputs = _placeholder_inputs(graph)
+    if run_inputs is not None and (from_integers or computed or empirical):
+        from graphshape.passes.measure import measure_with_values
 
         try:
-            measured = measure(graph, example_inputs, module=module)
+            measured, constants = measure_with_values(
+                graph, run_inputs, module=module, values_of=computed,
+                kernels_of=None if empirical else from_integers)
         except GraphshapeError:
-            if empirical:
+            if empirical and example_inputs is not None:
                 raise
-            from_integers = []  # (a graph torch cannot run: those values stay unknown)
+            # (a graph torch cannot run: those values stay unknown)
+            from_integers, measured = [], None
     kernels, flags, notes = propagate(
         graph, in_kernels, {name: measured[name] for name in from_integers
-                            if measured.get(name) is not None})
+                            if measured.get(name) is not None}, constants)
     from graphshape.passes.shaping import find_nongaussian_activations
 
     for name in find_nongaussian_activations(graph):
@@ -833,6 +888,8 @@ def analyze(graph: Graph, example_inputs=None, *, empirical: bool = False, modul
         raise GraphshapeError("empirical=True needs example_inputs to run the model on")
     if not empirical:
         measured = None  # (measured above for the integer-derived values only)
+    elif example_inputs is None:
+        measured = None  # (placeholder inputs, for computed constants only)
     rows = []
     per_node: dict[str, dict] = {}
     for node in graph:
@@ -855,7 +912,7 @@ def analyze(graph: Graph, example_inputs=None, *, empirical: bool = False, modul
             m = measured.get(node.name)
             row["q_emp"] = None if m is None else float(np.mean(m.q))
             row["c_emp"] = None if m is None else _mean_offdiag(m.c)
-            row["q_local"] = _q_local(graph, node, measured, in_kernels)
+            row["q_local"] = _q_local(graph, node, measured, in_kernels, constants)
         _no_nan(row)
         rows.append(row)
         pair = {}
@@ -867,13 +924,44 @@ def analyze(graph: Graph, example_inputs=None, *, empirical: bool = False, modul
         if pair:
             per_node[node.name] = pair
     meta = {"inputs": source, "batch": batch, "empirical": empirical, "nodes": len(graph)}
+    warnings = []
     if graph.meta.get("traced_with") == "torch.onnx.export":
         meta["traced_with"] = "torch.onnx.export"
-        meta["warnings"] = [
+        warnings.append(
             f"{graph.meta.get('fx_error')}; these are the statistics of its ONNX export "
             "(frontends/torch_onnx.py), traced in eval mode: dropout and drop path are left "
-            "out"]
+            "out")
+    if example_inputs is None:
+        integer_inputs = [name for name in graph.inputs if not may_hold_signal(graph[name])]
+        waiting = integer_derived(graph)
+        if integer_inputs and waiting:
+            # (a token model: without example ids nothing after its embedding is known)
+            warnings.append(
+                f"the model reads integer input(s) {', '.join(map(repr, integer_inputs))} "
+                f"(token ids, a timestep, labels): no rule starts from integers, so "
+                f"{len(waiting)} value(s) computed from them (first {waiting[0]!r}) and the "
+                "nodes after them are not shown; pass example inputs to measure them there "
+                "(graphshape.analyze(model, example_inputs))")
+    if warnings:
+        meta["warnings"] = warnings
     return KernelStats(rows, kernels=per_node, meta=meta)
+
+
+def _placeholder_inputs(graph: Graph):
+    """Zeros of each model input's shape and dtype (unknown dims: 2, the batch the analysis
+    assumes without example inputs), or None where an input's shape is unknown."""
+    import torch
+
+    inputs = []
+    for name in graph.inputs:
+        info = graph.info(Ref(name, 0))
+        if info.shape is None or holds_tensors(graph[name]):
+            return None
+        shape = tuple(d if isinstance(d, int) and d >= 0 else 2 for d in info.shape)
+        dtype = getattr(torch, info.dtype or "", None)  # "float32", "int64", "bool", ...
+        inputs.append(torch.zeros(shape, dtype=dtype if isinstance(dtype, torch.dtype)
+                                  else torch.float32))
+    return tuple(inputs)
 
 
 def _no_nan(row: dict) -> None:
@@ -886,7 +974,8 @@ def _no_nan(row: dict) -> None:
         row["flags"] = list(row["flags"]) + [f"not a number: {', '.join(bad)}"]
 
 
-def _q_local(graph: Graph, node: Node, measured: dict, in_kernels) -> float | None:
+def _q_local(graph: Graph, node: Node, measured: dict, in_kernels,
+             constants: dict[str, np.ndarray]) -> float | None:
     """q predicted by the node's rule from the measured kernels of its own inputs."""
     if node.op == "input":
         k = in_kernels.get(node.name)
@@ -897,7 +986,7 @@ def _q_local(graph: Graph, node: Node, measured: dict, in_kernels) -> float | No
         ins.append(m if (m is not None and is_float_value(graph, r)) else None)
     if not any(k is not None for k in ins):
         return None
-    out, _, _ = apply_rule(graph, node, ins, q_only=True)
+    out, _, _ = apply_rule(graph, node, ins, q_only=True, constants=constants)
     return None if out is None else float(np.mean(out.q))
 
 

@@ -23,6 +23,14 @@ from graphshape.ir import Graph
 
 def measure(graph: Graph, example_inputs, *, module=None) -> dict:
     """IR node name -> measured :class:`~graphshape.passes.analysis.Kernel` of its output."""
+    return measure_with_values(graph, example_inputs, module=module)[0]
+
+
+def measure_with_values(graph: Graph, example_inputs, *, module=None, values_of=(),
+                        kernels_of=None) -> tuple[dict, dict]:
+    """:func:`measure` (of the nodes named in ``kernels_of``; None: all), and the output
+    values (float64 arrays) of the IR nodes named in ``values_of``: ({name: Kernel},
+    {name: np.ndarray})."""
     import torch
     import torch.fx
 
@@ -32,7 +40,7 @@ def measure(graph: Graph, example_inputs, *, module=None) -> dict:
     if module is None:
         from graphshape.backend_torch import emit
 
-        module = emit(graph)
+        module = emit(graph, copy_params=False)  # (the deepcopy below copies it once)
     mapping = getattr(module, "meta", {}).get("graphshape_nodes")
     if mapping is None:
         raise GraphshapeError("the module has no meta['graphshape_nodes'] map from IR nodes to "
@@ -51,6 +59,9 @@ def measure(graph: Graph, example_inputs, *, module=None) -> dict:
     batch = next((a.shape[0] for a in leaves if torch.is_tensor(a) and a.dim() > 0), None)
 
     result: dict = {}
+    values: dict = {}
+    values_of = frozenset(values_of)
+    kernels_of = None if kernels_of is None else frozenset(kernels_of)
 
     class _Recorder(PlainArgsMixin, torch.fx.Interpreter):
         def run_node(self, n):
@@ -58,8 +69,11 @@ def measure(graph: Graph, example_inputs, *, module=None) -> dict:
             name = fx_to_ir.get(n.name)
             if name is not None:
                 value = out[0] if isinstance(out, (tuple, list)) and out else out
+                if name in values_of and torch.is_tensor(value) and value.is_floating_point():
+                    values[name] = value.detach().double().cpu().numpy()
                 if (torch.is_tensor(value) and value.is_floating_point() and value.dim() >= 1
-                        and value.shape[0] == batch):
+                        and value.shape[0] == batch
+                        and (kernels_of is None or name in kernels_of)):
                     result[name] = kernel_of(value.detach().double().cpu().numpy())
             return out
 
@@ -69,4 +83,4 @@ def measure(graph: Graph, example_inputs, *, module=None) -> dict:
     except Exception as e:  # the user's model failed on the user's inputs: say where
         raise GraphshapeError(f"running the model on the example inputs failed: "
                               f"{type(e).__name__}: {e}") from e
-    return result
+    return result, values

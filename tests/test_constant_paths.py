@@ -406,3 +406,23 @@ def test_a_token_embedding_is_measured_and_the_layers_after_it_predicted():
     assert lin["flags"] == [] and act["flags"] == []
     assert lin["q_pred"] == pytest.approx(lin["q_emp"], rel=0.2)
     assert act["q_pred"] == pytest.approx(act["q_emp"], rel=0.2)
+
+
+def test_without_example_ids_a_token_model_says_why_nothing_is_shown(tmp_path):
+    """An ONNX token model analyzed without example inputs: its integer input has no kernel
+    (it showed q = 1, c = 0, as a float input would), and a warning says why no row after
+    it has numbers and what to pass (before: a table of the inputs, and nothing else)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(100, 64), nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 8))
+    tokens = torch.randint(0, 100, (8, 5))
+    path = tmp_path / "tokens.onnx"
+    torch.onnx.export(model, (tokens,), str(path), input_names=["ids"], opset_version=17,
+                      dynamo=False)
+    stats = graphshape.analyze(str(path))
+    assert stats.rows[0]["node"] == "ids" and stats.rows[0]["q_pred"] is None
+    assert [r for r in stats.rows if r["q_pred"] is not None] == []
+    (warning,) = stats.meta["warnings"]
+    assert "integer input(s) 'ids'" in warning and "pass example inputs" in warning
+    with_ids = graphshape.analyze(str(path), tokens)
+    assert "warnings" not in with_ids.meta
+    assert sum(r["q_pred"] is not None for r in with_ids.rows) >= 4
