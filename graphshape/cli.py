@@ -69,20 +69,59 @@ def parse_shape(text: str) -> tuple[int, ...]:
     return shape
 
 
-def load_source(src: str, input_shape: tuple[int, ...] | None, *, seed: int = 0,
+#: dtypes an --input-shape may name (":int64")
+INPUT_DTYPES = ("float32", "float64", "float16", "bfloat16", "int64", "int32", "int16",
+                "int8", "uint8", "bool")
+
+
+def parse_input_specs(values) -> list[tuple[tuple[int, ...], str | None]] | None:
+    """``--input-shape`` values (one per model input, in order), each ``N,C,H,W`` or
+    ``N,L:int64`` -> [(shape, dtype or None)]; None when none was given."""
+    if not values:
+        return None
+    if isinstance(values, str):
+        values = [values]
+    specs = []
+    for text in values:
+        shape_text, colon, dtype = text.partition(":")
+        if colon and dtype not in INPUT_DTYPES:
+            raise UsageError(f"--input-shape {text!r}: unknown dtype {dtype!r} (one of "
+                             f"{', '.join(INPUT_DTYPES)})")
+        specs.append((parse_shape(shape_text), dtype or None))
+    return specs
+
+
+def load_source(src: str, input_specs, *, seed: int = 0,
                 default_shape: tuple[int, ...] = (2, 3, 224, 224), trust: bool = False,
                 cache_weight_norms: bool = True):
     """Load SRC (an .onnx file, a .pt/.pth file, or ``package.module:factory``) into a Graph.
 
-    Returns (graph, example_inputs): a batch of standard normal inputs of ``input_shape``
-    (for a factory or .pt file, ``default_shape`` when not given; for an ONNX file, None
-    when not given; for a torch.export ``.pt2`` archive, its own example inputs when not
-    given). A ``.pt`` file is read with ``torch.load(weights_only=True)``; a pickled module,
-    a TorchScript archive and a ``.pt2`` archive need ``trust=True`` (``--trust``). A factory
-    spec imports (runs) its module.
+    ``input_specs``: [(shape, dtype or None)] per model input (:func:`parse_input_specs`),
+    or None. Returns (graph, example_inputs): random inputs of those specs
+    (:func:`random_inputs`; for a factory or .pt file, one standard normal batch of
+    ``default_shape`` when not given; for an ONNX file, None when not given; for a
+    torch.export ``.pt2`` archive, its own example inputs when not given). A ``.pt`` file
+    is read with ``torch.load(weights_only=True)``; a pickled module, a TorchScript archive
+    and a ``.pt2`` archive need ``trust=True`` (``--trust``). A factory spec imports (runs)
+    its module.
     ``cache_weight_norms``: as :func:`graphshape.load` (False when shaping: the weights
     are about to be replaced).
     """
+    if input_specs is not None and not isinstance(input_specs, list):
+        input_specs = [(tuple(input_specs), None)]  # (a bare shape)
+    graph, inputs, used_specs = _load_source(src, input_specs, seed, default_shape, trust,
+                                             cache_weight_norms)
+    if inputs is not None and any(not _is_float_dtype(d) for _, d in used_specs):
+        # integer inputs again, now that the graph says which embedding table each indexes
+        inputs = random_inputs(used_specs, seed, index_bounds(graph))
+    return graph, inputs
+
+
+def _is_float_dtype(dtype: str | None) -> bool:
+    return dtype is None or dtype.startswith(("float", "bfloat"))
+
+
+def _load_source(src, input_specs, seed, default_shape, trust, cache_weight_norms):
     import graphshape
 
     if src.endswith((".pt", ".pth", ".pt2")):
@@ -93,22 +132,33 @@ def load_source(src: str, input_shape: tuple[int, ...] | None, *, seed: int = 0,
         import torch
 
         module = load_pt(src, trust=trust)
-        if not isinstance(module, torch.nn.Module) and input_shape is None:
+        if not isinstance(module, torch.nn.Module) and input_specs is None:
             # a torch.export program: traced with its own example inputs (its shapes may
             # be static, which a default shape would not match)
             graph = graphshape.load(module, cache_weight_norms=cache_weight_norms)
-            return graph, None
-        inputs = _random_inputs(input_shape or default_shape, seed)
-        return graphshape.load(module, inputs, cache_weight_norms=cache_weight_norms), inputs
+            return graph, None, []
+        specs = input_specs or [(default_shape, None)]
+        _check_input_count(module, specs)
+        inputs = random_inputs(specs, seed)
+        graph = graphshape.load(module, inputs, cache_weight_norms=cache_weight_norms)
+        return graph, inputs, specs
 
     if src.endswith(".onnx") or os.path.exists(src):
         if not os.path.exists(src):
             raise UsageError(f"no such file: {src}")
         graph = graphshape.load(src, cache_weight_norms=cache_weight_norms)
         inputs = None
-        if input_shape is not None:
-            inputs = _random_inputs(input_shape, seed)
-        return graph, inputs
+        if input_specs is not None:
+            if len(input_specs) != len(graph.inputs):
+                raise UsageError(
+                    f"{src} has {len(graph.inputs)} input(s) ({', '.join(graph.inputs)}): "
+                    f"give --input-shape once for each, in that order "
+                    f"({len(input_specs)} given)")
+            # an input's dtype, when not given, is the graph's
+            input_specs = [(shape, dtype or graph[name].dtype)
+                           for (shape, dtype), name in zip(input_specs, graph.inputs)]
+            inputs = random_inputs(input_specs, seed)
+        return graph, inputs, input_specs or []
     module_name, factory_name, args, kwargs = parse_factory_spec(src)
     try:
         module = importlib.import_module(module_name)
@@ -125,8 +175,27 @@ def load_source(src: str, input_shape: tuple[int, ...] | None, *, seed: int = 0,
     except Exception as e:
         call = src if "(" in src else f"{src}()"
         raise GraphshapeError(f"{call} failed: {type(e).__name__}: {e}") from None
-    inputs = _random_inputs(input_shape or default_shape, seed)
-    return graphshape.load(model, inputs, cache_weight_norms=cache_weight_norms), inputs
+    specs = input_specs or [(default_shape, None)]
+    _check_input_count(model, specs)
+    inputs = random_inputs(specs, seed)
+    return graphshape.load(model, inputs, cache_weight_norms=cache_weight_norms), inputs, specs
+
+
+def _check_input_count(model, specs) -> None:
+    """A model whose forward needs more tensors than --input-shape gave: say so here (the
+    tracer would fail on the missing argument, naming an fx node)."""
+    import inspect
+
+    try:
+        params = inspect.signature(model.forward).parameters.values()
+    except (TypeError, ValueError, AttributeError):
+        return
+    required = [p.name for p in params if p.default is inspect.Parameter.empty
+                and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    if len(required) > len(specs):
+        raise UsageError(f"{type(model).__name__}.forward takes {len(required)} inputs "
+                         f"({', '.join(required)}): give --input-shape once for each, in that "
+                         f"order ({len(specs)} given)")
 
 
 def parse_factory_spec(src: str) -> tuple[str, str, tuple, dict]:
@@ -162,11 +231,68 @@ def parse_factory_spec(src: str) -> tuple[str, str, tuple, dict]:
     return module_name, tree.func.id, args, kwargs
 
 
-def _random_inputs(shape, seed):
+def random_inputs(specs, seed, bounds=None):
+    """Random example inputs for [(shape, dtype or None)] (one tensor for one spec, else a
+    tuple): floating point standard normal; integers uniform in [0, bound), the bound of
+    the i-th input ``bounds.get(i)`` (the rows of the embedding table it indexes:
+    :func:`index_bounds`) or 2 (a mask, a flag); bool, half of them True."""
     import torch
 
     gen = torch.Generator().manual_seed(seed)
-    return torch.randn(*shape, generator=gen)
+    out = []
+    for i, (shape, dtype) in enumerate(specs):
+        dt = getattr(torch, dtype or "float32", None)
+        if not isinstance(dt, torch.dtype):
+            dt = torch.float32
+        if dt.is_floating_point:
+            out.append(torch.randn(*shape, generator=gen).to(dt))
+        elif dt == torch.bool:
+            out.append(torch.randint(0, 2, shape, generator=gen).bool())
+        else:
+            high = (bounds or {}).get(i, 2)
+            out.append(torch.randint(0, high, shape, generator=gen).to(dt))
+    return out[0] if len(out) == 1 else tuple(out)
+
+
+def index_bounds(graph) -> dict[int, int]:
+    """Model input position -> the number of rows of the smallest embedding table it
+    indexes directly (an ``nn.Embedding``, ``F.embedding``, an ONNX ``Gather`` from an
+    initializer): valid token ids are below it."""
+    from graphshape.ir import is_non_float
+
+    bounds: dict[int, int] = {}
+    position = {name: i for i, name in enumerate(graph.inputs)}
+    for node in graph:
+        if node.op != "opaque":
+            continue
+        for slot, ref in enumerate(node.inputs):
+            i = position.get(ref.node)
+            if i is None or not is_non_float(graph[ref.node].dtype):
+                continue
+            rows = _table_rows(graph, node, slot)
+            if rows:
+                bounds[i] = min(rows, bounds.get(i, rows))
+    return bounds
+
+
+def _table_rows(graph, node, slot) -> int | None:
+    """Rows of the table ``node`` looks up with its input ``slot``, or None."""
+    a = node.attrs
+    module = a.get("module")
+    if module is not None and getattr(module, "num_embeddings", None):
+        return int(module.num_embeddings)
+    if a.get("framework") == "onnx" and a.get("op_type") == "Gather" and slot == 1:
+        table = graph[node.inputs[0].node]
+        attrs = a.get("attributes") or {}
+        axis = attrs["axis"].i if "axis" in attrs else 0
+        if table.op == "constant" and "value" in table.params:
+            return int(table.params["value"].shape[axis])
+    if getattr(a.get("target"), "__name__", "") == "embedding" and slot == 0 and len(
+            node.inputs) > 1:
+        table = graph[node.inputs[1].node]
+        if table.op == "constant" and "value" in table.params:
+            return int(table.params["value"].shape[0])
+    return None
 
 
 # --------------------------------------------------------------------------- inspect
@@ -180,10 +306,13 @@ def add_inspect_parser(sub) -> None:
                                              "(e.g. torchvision.models:resnet50, or with "
                                              "literal arguments 'torchvision.models:"
                                              "resnet50(num_classes=10)')")
-    p.add_argument("--input-shape", metavar="N,C,H,W",
-                   help="shape of the random normal example batch (default for factories: "
-                        "2,3,224,224; for ONNX files without it: two unit-q uncorrelated "
-                        "examples); c needs N >= 2")
+    p.add_argument("--input-shape", metavar="N,C,H,W[:DTYPE]", action="append",
+                   help="shape of a random example batch (standard normal; ':int64' for "
+                        "integer inputs, drawn below the size of the embedding table they "
+                        "index, else 0 or 1); once per model input, in order. Default for "
+                        "factories: 2,3,224,224; for ONNX files without it: two unit-q "
+                        "uncorrelated examples (and for --empirical, random inputs of the "
+                        "graph's input shapes, unknown dims 2); c needs N >= 2")
     p.add_argument("--empirical", action="store_true",
                    help="also run the model and measure q and c at every node")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -203,16 +332,24 @@ def add_trust_option(p) -> None:
 def cmd_inspect(args) -> int:
     from graphshape.passes.analysis import analyze
 
-    shape = parse_shape(args.input_shape) if args.input_shape else None
+    specs = parse_input_specs(args.input_shape)
     if args.plot and not args.plot.lower().endswith(".png"):
         raise UsageError(f"--plot writes a PNG: give a path ending in .png, got {args.plot!r}")
-    graph, inputs = load_source(args.src, shape, seed=args.seed, trust=args.trust)
-    if args.empirical and inputs is None:
-        inputs = _random_inputs(_graph_input_shape(graph), args.seed)
+    graph, inputs = load_source(args.src, specs, seed=args.seed, trust=args.trust)
+    guessed = args.empirical and inputs is None
+    if guessed:
+        inputs = random_inputs(_graph_input_specs(graph), args.seed, index_bounds(graph))
     from graphshape.api import check_example_inputs
 
     check_example_inputs(graph, inputs)
-    stats = analyze(graph, inputs, empirical=args.empirical)
+    try:
+        stats = analyze(graph, inputs, empirical=args.empirical)
+    except GraphshapeError as e:
+        if not guessed:
+            raise
+        raise GraphshapeError(f"{e} -- the example inputs had the graph's input shapes "
+                              "with every unknown dim 2: give --input-shape (once per "
+                              "input) with the sizes the model expects") from None
     if args.json:
         print(stats.to_json())
     else:
@@ -225,15 +362,18 @@ def cmd_inspect(args) -> int:
     return 0
 
 
-def _graph_input_shape(graph):
-    if len(graph.inputs) != 1:
-        raise UsageError("--empirical on a model with several inputs needs example inputs "
-                         "(use the Python API, graphshape.analyze)")
-    shape = graph[graph.inputs[0]].shape
-    if shape is None:
-        raise UsageError("the model's input shape is unknown: pass --input-shape")
-    # symbolic or unknown dims (a dynamic batch, say) become 2
-    return tuple(d if isinstance(d, int) and d > 0 else 2 for d in shape)
+def _graph_input_specs(graph):
+    """[(shape, dtype)] of the graph's inputs; symbolic or unknown dims (a dynamic batch,
+    a sequence length) become 2."""
+    specs = []
+    for name in graph.inputs:
+        shape = graph[name].shape
+        if shape is None:
+            raise UsageError(f"the shape of input {name!r} is unknown: pass --input-shape "
+                             "(once per input)")
+        specs.append((tuple(d if isinstance(d, int) and d > 0 else 2 for d in shape),
+                      graph[name].dtype))
+    return specs
 
 
 # --------------------------------------------------------------------------- main

@@ -125,9 +125,11 @@ def add_shape_parser(sub) -> None:
                                              "with literal arguments: 'timm:create_model("
                                              "\"resnet50\", num_classes=10)'")
     _add_shaping_options(p)
-    p.add_argument("--input-shape", metavar="N,C,H,W",
+    p.add_argument("--input-shape", metavar="N,C,H,W[:DTYPE]", action="append",
                    help="example input shape for tracing a factory's or .pt file's model "
-                        "(default 1,3,224,224; a .pt2 program's own example inputs)")
+                        "(default 1,3,224,224; a .pt2 program's own example inputs); "
+                        "':int64' for integer inputs (token ids: drawn below the size of "
+                        "the embedding table they index); once per model input, in order")
     p.add_argument("--report", metavar="REPORT.json", help="also write the report as JSON")
     from graphshape.cli import add_trust_option
 
@@ -136,7 +138,7 @@ def add_shape_parser(sub) -> None:
 
 
 def cmd_shape(args) -> int:
-    from graphshape.cli import UsageError, check_not_input, parse_shape, write_text
+    from graphshape.cli import UsageError, check_not_input, parse_input_specs, write_text
 
     _check_options(args)
     dst = args.output
@@ -155,16 +157,16 @@ def cmd_shape(args) -> int:
         if not os.path.exists(args.src):
             raise UsageError(f"no such file: {args.src}")
         if dst.endswith(".pt"):  # ONNX in, PyTorch out
-            shape = parse_shape(args.input_shape) if args.input_shape else None
-            report = _shape_factory(args.src, dst, shape, options)
+            report = _shape_factory(args.src, dst, parse_input_specs(args.input_shape),
+                                    options)
         else:
             from graphshape.shaping_api import shape_onnx
 
             report = shape_onnx(args.src, dst, **options)
     else:
-        shape = (parse_shape(args.input_shape) if args.input_shape
-                 else None if args.src.endswith(".pt2") else (1, 3, 224, 224))
-        report = _shape_factory(args.src, dst, shape, options, trust=args.trust)
+        specs = (parse_input_specs(args.input_shape) if args.input_shape
+                 else None if args.src.endswith(".pt2") else [((1, 3, 224, 224), None)])
+        report = _shape_factory(args.src, dst, specs, options, trust=args.trust)
     if args.report:
         write_text(args.report, json.dumps(report.to_dict(), indent=1))
     print(f"{args.src} -> {dst}: {report.summary()}")

@@ -81,6 +81,8 @@ def measure_with_values(graph: Graph, example_inputs, *, module=None, values_of=
         with torch.no_grad():
             _Recorder(module).run(*args)
     except Exception as e:  # the user's model failed on the user's inputs: say where
+        # (the first line: fx appends the whole node and a traceback hint)
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise GraphshapeError(f"running the model on the example inputs failed: "
-                              f"{type(e).__name__}: {e}") from e
+                              f"{type(e).__name__}: {first}") from e
     return result, values
