@@ -25,8 +25,12 @@ Also: exporters' decompositions are read back as one op (the opset<17 LayerNorm 
 layer_norm, x ** 2 -> square; spelled-out activations such as x * sigmoid(x) or the
 opset<20 erf GELU, by :mod:`graphshape.passes.elementwise` at the end), so that opset 13
 and 17 exports of a model give the same IR; and shape vectors computed from a partly known
-shape (a dynamic batch) are evaluated as far as they are known, so that ``x.view(x.size(0), ...)`` becomes a reshape
-with -1 for the batch and shape inference continues past it.
+shape (a dynamic batch) are evaluated as far as they are known, so that
+``x.view(x.size(0), ...)`` becomes a reshape with -1 for the batch and shape inference
+continues past it: a dim copied from the input's symbolic shape stays a copy
+(``x.flatten(2)``: ``Concat(Shape(x)[:2], [-1])``), and the other ops on small int
+tensors (the exporter's ``F.pad`` idiom, a window size's ``Mod``) are evaluated with
+``onnx.reference`` once their inputs are known.
 
 Constants are materialized as ``constant`` IR nodes only where a signal op consumes them.
 """
@@ -393,7 +397,35 @@ def _copied_dims(target: list, in_shape) -> list[int] | None:
     return [-1 if d is None else d for d in target]
 
 
-def _resolve_dynamic_reshapes(nodes, consts, infos, done):
+# ops on small integer tensors that _resolve_dynamic_reshapes evaluates with onnx.reference
+# when all their inputs are known (the exporter's F.pad idiom: Reshape(-1, 2) -> Slice with
+# step -1 -> Transpose -> Reshape(-1); a window size's Mod)
+_EVALUATED_OPS = {"Reshape", "Transpose", "Slice", "Mod", "Range", "Neg", "Abs", "Max", "Min",
+                  "ReduceProd", "ReduceSum", "ReduceMax", "ReduceMin", "Expand", "Tile",
+                  "Flatten", "Less", "Greater", "LessOrEqual", "GreaterOrEqual", "Not", "And",
+                  "Or", "Sign", "Size"}
+_SMALL = 256  # entries: a shape computation's tensors, never a layer's
+
+
+def _evaluate_small(node, inputs, opset, memo):
+    """Outputs of ``node`` on small int arrays (onnx.reference), or None."""
+    key = (node.op_type, tuple(node.input), tuple(node.output),
+           tuple((a.shape, a.tobytes()) if a is not None else None for a in inputs))
+    if key not in memo:
+        from onnx.reference import ReferenceEvaluator
+
+        try:
+            names = [n for n in node.input if n]
+            feeds = {n: a for n, a in zip(node.input, inputs) if n}
+            evaluator = ReferenceEvaluator(node, opsets={"": opset})
+            memo[key] = dict(zip(node.output, evaluator.run(None, feeds))) if names or \
+                node.op_type == "Range" else None
+        except Exception:  # noqa: BLE001 - any failure leaves the value unknown
+            memo[key] = None
+    return memo[key]
+
+
+def _resolve_dynamic_reshapes(nodes, consts, infos, done, opset=17, memo=None):
     """Integer vectors computed at run time from shapes (Shape, Gather, Unsqueeze,
     Squeeze, Concat, Cast, Identity, Slice, integer Add/Sub/Mul/Div, Constant, and the
     ConstantOfShape / Equal / Where that torch's exporter writes for ``expand(n, -1, -1)``),
@@ -406,6 +438,19 @@ def _resolve_dynamic_reshapes(nodes, consts, infos, done):
     # symbolic: "batch", "unk__0") or None (unknown); scalars as 1-element
     known: dict[str, list] = {}
     scalars: set[str] = set()
+    # small int tensors fully known, any rank (the 2-D pads of the F.pad idiom)
+    arrays: dict[str, np.ndarray] = {}
+    memo = {} if memo is None else memo
+
+    def array(name):
+        if name in arrays:
+            return arrays[name]
+        if name in consts and consts[name].dtype.kind in "iub" and consts[name].size <= _SMALL:
+            return consts[name]
+        values = known.get(name)
+        if values is not None and all(isinstance(v, int) for v in values):
+            return np.array(values[0] if name in scalars else values, np.int64)
+        return None
 
     def vec(name):
         if name in known:
@@ -482,6 +527,20 @@ def _resolve_dynamic_reshapes(nodes, consts, infos, done):
                 if (shape is not None and len(shape) == 1 and isinstance(shape[0], int)
                         and fill.dtype.kind in "iu"):
                     known[node.output[0]] = [int(fill[0])] * shape[0]
+            if (op in _EVALUATED_OPS and node.output and node.output[0] not in known
+                    and all(n == "" or array(n) is not None for n in node.input)):
+                outputs = _evaluate_small(node, [array(n) if n else None for n in node.input],
+                                          opset, memo)
+                for name, value in (outputs or {}).items():
+                    value = np.asarray(value)
+                    if value.dtype.kind in "iub" and value.size <= _SMALL:
+                        arrays[name] = value
+                        if value.ndim <= 1:
+                            known[name] = [int(v) for v in value.reshape(-1)]
+                            if value.ndim == 0:
+                                scalars.add(name)
+                if node.output[0] in arrays:
+                    continue  # (a step of a shape computation: nothing to hand over)
             if op not in _CHAIN_OPS:
                 # a fully known int vector computed at run time (Slice starts, Expand
                 # shapes, ...): hand it to shape inference as a constant
@@ -861,9 +920,10 @@ class _Importer:
         # stop shape inference; resolve those whose target has one unknown entry, write
         # the target into the light copy, and infer again (one stage per round)
         small_consts = {i.name: onnx.numpy_helper.to_array(i) for i in small}
+        memo: dict = {}  # (evaluations of small int ops, kept across the rounds)
         for _ in range(256):
             resolved = _resolve_dynamic_reshapes(light.graph.node, small_consts, self.infos,
-                                                 self.reshape_targets)
+                                                 self.reshape_targets, self.opset, memo)
             if not resolved:
                 break
             for node, index, value in resolved:
