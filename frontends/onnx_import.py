@@ -380,17 +380,17 @@ def _copied_dims(target: list, in_shape) -> list[int] | None:
     known dims; otherwise at most one entry may be unknown (written -1)."""
     copies = [i for i, d in enumerate(target) if isinstance(d, str) and in_shape is not None
               and i < len(in_shape) and in_shape[i] == d]
-    if len(copies) == 1 and -1 in target and all(
-            isinstance(d, int) for i, d in enumerate(in_shape) if i != copies[0]):
-        k = copies[0]
-        rest = int(np.prod([d for i, d in enumerate(in_shape) if i != k]))
-        known = int(np.prod([d for i, d in enumerate(target) if i != k and d != -1]))
-        if not all(isinstance(d, int) for i, d in enumerate(target) if i != k) or (
-                known <= 0 or rest % known):
-            return None
-        target = [rest // known if d == -1 else d for d in target]
-        target[k] = 0  # ONNX: copy the input's dim
-        return target
+    others = [d for i, d in enumerate(target) if i not in copies]
+    if copies and all(isinstance(d, int) and d != 0 for d in others):
+        if -1 in others:
+            # the -1 from the input's other dims (all of them known)
+            rest = [d for i, d in enumerate(in_shape) if i not in copies]
+            known = int(np.prod([d for d in others if d != -1]))
+            if not all(isinstance(d, int) for d in rest) or known <= 0 or \
+                    int(np.prod(rest)) % known:
+                return None
+            target = [int(np.prod(rest)) // known if d == -1 else d for d in target]
+        return [0 if i in copies else d for i, d in enumerate(target)]  # ONNX: copy
     target = [None if isinstance(d, str) else d for d in target]
     if 0 in target or sum(d is None or d == -1 for d in target) > 1:
         return None
@@ -2093,6 +2093,17 @@ class _Importer:
             if target is not None and not a.get("allowzero", 0):
                 target = [in_shape[i] if d == 0 and in_shape is not None and i < len(in_shape)
                           and isinstance(in_shape[i], int) else d for i, d in enumerate(target)]
+            copy_dims = tuple(i for i, d in enumerate(target or ()) if d == 0)
+            if (copy_dims and not a.get("allowzero", 0) and len(copy_dims) + (-1 in target) > 1
+                    and all(isinstance(d, int) for d in target)):
+                # several unknown dims copied from the input (a dynamic batch and sequence
+                # length): a reshape that keeps them (ONNX's 0)
+                n = self.add(name, "reshape", [self.signal(node.input[0])],
+                             {"shape": tuple(target), "copy_dims": copy_dims},
+                             outputs=node.output, source=node.name)
+                n.meta["flags"].append("reshape target computed at run time; dims "
+                                       f"{list(copy_dims)} copied from the input")
+                return
             if target is None or 0 in target or sum(d is None or d == -1 for d in target) > 1:
                 out_shape = self.info(node.output[0]).shape  # or from shape inference
                 if out_shape is None or sum(not isinstance(d, int) for d in out_shape) > 1:

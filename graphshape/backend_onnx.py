@@ -696,6 +696,15 @@ def _emit_flatten(ctx, node):
 def _emit_reshape(ctx, node):
     target = node.attrs.get("shape")
     out_shape = node.outputs[0].shape
+    copy_dims = node.attrs.get("copy_dims") or ()
+    if copy_dims and target is not None and len(node.inputs) == 1:
+        # ONNX's own 0 ("copy the input's dim"), allowzero off
+        target = [0 if i in copy_dims else int(d) for i, d in enumerate(target)]
+        if 0 in (d for i, d in enumerate(target) if i not in copy_dims):
+            raise GraphshapeError("a reshape that both copies dims and makes a 0-size one "
+                                  "cannot be written to ONNX", node=node.name, op=node.op)
+        ctx.emit1(node, "Reshape", [_input(ctx, node), ctx.ints(target, "shape")])
+        return
     if target is None or any(not isinstance(d, int) for d in target) or len(node.inputs) > 1:
         if out_shape is not None and all(isinstance(d, int) for d in out_shape):
             target = out_shape

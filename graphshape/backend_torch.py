@@ -652,8 +652,12 @@ def _e_reshape(ctx, node, xs):
     if shape is None:
         raise GraphshapeError("reshape without a static `shape` attribute (a shape computed at run "
                               "time) cannot be emitted to torch", node=node.name, op=node.op)
-    # canonical reshape: -1 is inferred, 0 is a real 0 (frontends resolve ONNX's "copy")
+    # canonical reshape: -1 is inferred, 0 is a real 0 (frontends resolve ONNX's "copy"),
+    # except at copy_dims
     entries = [ctx.template(s) if isinstance(s, Ref) else int(s) for s in shape]
+    copy_dims = tuple(int(i) for i in node.attrs.get("copy_dims") or ())
+    if copy_dims:
+        return ctx.function(node, tm.reshape_copying, (xs[0], tuple(entries), copy_dims))
     return ctx.method(node, "reshape", (xs[0], tuple(entries)))
 
 

@@ -15,8 +15,9 @@ Conventions shared by all ops (frontends convert to these, backends convert from
 
 Per-backend emission rules live beside each backend (``graphshape.backend_torch``,
 ``graphshape.backend_onnx``) in tables keyed by these names, and the analysis' kernel
-rules in ``graphshape.passes.analysis``; ``tests/test_ops_table.py`` checks that every op
-here has an entry in each of them (or is declared not emittable there).
+rules in ``graphshape.passes.analysis``; ``tests/test_analysis.py``,
+``tests/test_torch_ops.py`` and ``tests/test_onnx_ops.py`` check that every op here has an
+entry in each of them.
 """
 
 from __future__ import annotations
@@ -163,7 +164,11 @@ _SPECS = [
            {"start_dim": "int", "end_dim": "int"}),
     OpSpec("reshape", "shape", "identity",
            "Reshape (view/reshape/Reshape). `shape` may hold -1; extra inputs, if any, are "
-           "dynamic dims.", {"shape": "tuple"}),
+           "dynamic dims.",
+           {"shape": "tuple",
+            "copy_dims": "tuple of positions whose size is the input's size there (ONNX's "
+                         "0 in a target computed from a dynamic shape; their `shape` entry "
+                         "is 0), optional"}),
     OpSpec("transpose", "shape", "identity", "Permute dims.", {"perm": "tuple"}),
     OpSpec("squeeze", "shape", "identity", "Remove size-1 dims.", {"axes": "tuple or None (all)"}),
     OpSpec("unsqueeze", "shape", "identity", "Insert size-1 dims.", {"axes": "tuple"}),

@@ -597,6 +597,13 @@ class LocalResponseNorm(nn.Module):
         return x / (div * self.alpha + self.k).pow(self.beta)
 
 
+def reshape_copying(x: torch.Tensor, shape: Sequence[int],
+                    copy_dims: Sequence[int]) -> torch.Tensor:
+    """``x.reshape(shape)`` where the dims at ``copy_dims`` keep ``x``'s size (ONNX
+    Reshape's 0: a target computed from a dynamic batch and sequence length)."""
+    return x.reshape([x.shape[i] if i in copy_dims else d for i, d in enumerate(shape)])
+
+
 def unsqueeze_axes(x: torch.Tensor, axes: Sequence[int]) -> torch.Tensor:
     """Insert size-1 dims at ``axes`` (positions in the output, as ONNX Unsqueeze)."""
     rank = x.dim() + len(axes)

@@ -229,3 +229,45 @@ def test_padded_windows_of_an_onnx_export_are_read_as_standard_ops(tmp_path, dyn
         None, {"x": data})[0]
     got = graphshape.to_torch(graph)(torch.from_numpy(data)).detach().numpy()
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+class Heads(nn.Module):
+    """Split the features into heads keeping batch and sequence length as they are
+    (``x.reshape(n, s, 4, -1)``): exported with both dims dynamic, the target copies two
+    unknown dims."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(16, 32), nn.Linear(8, 8)
+
+    def forward(self, x):
+        n, s, _ = x.shape
+        h = self.fc1(x).reshape(n, s, 4, -1)
+        return self.fc2(torch.tanh(h)).flatten(2)
+
+
+def test_a_reshape_copying_two_dynamic_dims_is_a_reshape(tmp_path):
+    """Before: opaque (a reshape target may have one unknown entry, written -1); timm's
+    nest_tiny exported with a dynamic batch read with 24 such Reshapes, now none."""
+    torch.manual_seed(0)
+    model = Heads().eval()
+    path = tmp_path / "heads.onnx"
+    torch.onnx.export(model, (torch.randn(2, 6, 16),), str(path), input_names=["x"],
+                      output_names=["y"], opset_version=17, dynamo=False,
+                      dynamic_axes={"x": {0: "batch", 1: "seq"}, "y": {0: "batch", 1: "seq"}})
+    graph = graphshape.load(str(path))
+    assert [n.attrs.get("op_type") for n in graph if n.op == "opaque"
+            and n.attrs.get("op_type") == "Reshape"] == []
+    # the split into heads, and the flatten(2) that merges them back
+    assert sorted((n.attrs["shape"], n.attrs.get("copy_dims")) for n in graph
+                  if n.op == "reshape") == [((0, 0, 4, 8), (0, 1)), ((0, 0, 32), (0, 1))]
+    data = np.random.default_rng(0).standard_normal((3, 5, 16)).astype(np.float32)
+    want = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(
+        None, {"x": data})[0]
+    got = graphshape.to_torch(graph)(torch.from_numpy(data)).detach().numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    again = tmp_path / "again.onnx"
+    onnx.save(graphshape.to_onnx(graph), str(again))
+    back = ort.InferenceSession(str(again), providers=["CPUExecutionProvider"]).run(
+        None, {"x": data})[0]
+    np.testing.assert_allclose(back, want, rtol=1e-5, atol=1e-5)
