@@ -88,6 +88,17 @@ def _norm_act_classes() -> tuple:
                  if isinstance(getattr(norm_act, n, None), type))
 
 
+def _drop_path_classes() -> tuple:
+    """timm's ``DropPath`` (stochastic depth), kept as an fx leaf and mapped to a dropout
+    node (torchvision's StochasticDepth, "row" mode: the same computation), so that the
+    shaped model drops paths in training mode only. Traced, its ``if not self.training``
+    was recorded for the module's mode at tracing: from a training-mode model (timm's
+    default), a mask ``x * x.new_empty(...).bernoulli_(keep)`` applied in eval mode too."""
+    drop = sys.modules.get("timm.layers.drop")
+    cls = getattr(drop, "DropPath", None) if drop is not None else None
+    return (cls,) if isinstance(cls, type) else ()
+
+
 def _std_conv_classes() -> tuple:
     """timm's weight-standardized convs (``StdConv2d``, ``ScaledStdConv2d``: NF-ResNets,
     NFNets, BiT ResNetV2s), kept as fx leaves and mapped to a conv holding the standardized
@@ -204,7 +215,8 @@ class _Untraceable(GraphshapeError):
 
 def _trace(module: nn.Module, leaf_modules, fixed: dict[str, Any]) -> torch.fx.GraphModule:
     leaf_classes = tuple(c for c in (_stochastic_depth_class(), *_norm_act_classes(),
-                                     *_std_conv_classes(), *_GRAPHSHAPE_MODULES,
+                                     *_std_conv_classes(), *_drop_path_classes(),
+                                     *_GRAPHSHAPE_MODULES,
                                      *leaf_modules) if c is not None)
     tracer = _Tracer(leaf_classes)
     try:
@@ -620,7 +632,11 @@ class _Loader:
             self.env[fx_node] = ref
             return
         flags.append("opaque")
-        if self.graph[ref.node].outputs[0].dtype == "object":
+        if _reads_metadata_only(fx_node):
+            # x.new_empty(shape), torch.zeros_like(x), torch.rand_like(x): a tensor made from
+            # x's shape and dtype, not its values (drop path's mask in training mode)
+            flags.append("shape_computation")
+        elif self.graph[ref.node].outputs[0].dtype == "object":
             if _holds_float_tensor(fx_node.meta.get("tensor_meta")):
                 # a tuple/list of tensors ((output, weights), unbind): its getitems are signals
                 flags.append(TENSOR_CONTAINER)
@@ -724,6 +740,8 @@ class _Loader:
                 handler = _m_norm_act
             if handler is None and type(mod) in _std_conv_classes():
                 handler = _m_std_conv
+            if handler is None and type(mod) in _drop_path_classes():
+                handler = _m_drop_path
             weight_norm = _weight_normalization(mod)
             hooked = _has_hooks(mod)
             if weight_norm is not None:
@@ -1283,6 +1301,13 @@ def _m_stochastic_depth(ld, fx_node, mod):
           {"p": float(mod.p), "variant": "StochasticDepth", "mode": mod.mode})
 
 
+def _m_drop_path(ld, fx_node, mod):
+    if not getattr(mod, "scale_by_keep", True) and float(mod.drop_prob) > 0:
+        raise _Unmapped("DropPath(scale_by_keep=False)")  # (no StochasticDepth twin)
+    _emit(ld, fx_node, "dropout", [_input(ld, fx_node)],
+          {"p": float(mod.drop_prob), "variant": "StochasticDepth", "mode": "row"})
+
+
 def _m_identity(ld, fx_node, mod):
     _emit(ld, fx_node, "identity", [_input(ld, fx_node)])
 
@@ -1569,6 +1594,21 @@ def _shape_args(args) -> tuple:
     if len(args) == 1 and isinstance(args[0], torch.fx.Node):
         raise _Unmapped("shape is a traced value")
     return tuple(args)
+
+
+#: tensor methods and functions whose output depends on their tensor argument's shape,
+#: dtype and device only
+_METADATA_METHODS = frozenset({"new_empty", "new_zeros", "new_ones", "new_full",
+                               "new_empty_strided"})
+_METADATA_FUNCTIONS = frozenset({torch.empty_like, torch.zeros_like, torch.ones_like,
+                                 torch.full_like, torch.rand_like, torch.randn_like,
+                                 torch.randint_like})
+
+
+def _reads_metadata_only(fx_node) -> bool:
+    if fx_node.op == "call_method":
+        return fx_node.target in _METADATA_METHODS
+    return fx_node.op == "call_function" and fx_node.target in _METADATA_FUNCTIONS
 
 
 def _reshape(ld, fx_node, x, shape):

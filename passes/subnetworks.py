@@ -67,14 +67,15 @@ _PRODUCT_OPS = ("mul", "div", "matmul")
 def signal_nodes(graph: Graph) -> set[str]:
     """Names of the nodes whose outputs depend on a model input: the inputs, and every node
     with a signal input whose output is a floating-point tensor (or of unknown dtype).
-    Integer and object values computed from inputs (``x.size(0)``, argmax indices) are not
-    signals."""
+    Integer and object values computed from inputs (``x.size(0)``, argmax indices) and
+    tensors made from an input's shape alone (``x.new_empty(...)``, ``torch.zeros_like(x)``,
+    flagged shape_computation) are not signals."""
     found: set[str] = set(graph.inputs)
     for node in graph:
         if node.name in found:
             continue
-        if not may_hold_signal(node):
-            continue
+        if not may_hold_signal(node) or "shape_computation" in node.meta.get("flags", ()):
+            continue  # (x.new_empty(...), torch.zeros_like(x): made from x's shape only)
         if any(ref.node in found for ref in node.inputs):
             found.add(node.name)
     return found

@@ -426,3 +426,70 @@ def test_without_example_ids_a_token_model_says_why_nothing_is_shown(tmp_path):
     with_ids = graphshape.analyze(str(path), tokens)
     assert "warnings" not in with_ids.meta
     assert sum(r["q_pred"] is not None for r in with_ids.rows) >= 4
+
+
+class DropPathNet(nn.Module):
+    """Residual MLP blocks with timm's drop path: in training mode, ``x * mask`` with
+    ``mask = x.new_empty((n, 1)).bernoulli_(keep).div_(keep)`` (also torch.zeros_like /
+    rand_like forms): a mask made from x's shape, not its values."""
+
+    def __init__(self, keep=0.8, form="new_empty"):
+        super().__init__()
+        self.keep, self.form = keep, form
+        self.inp = nn.Linear(16, 32)
+        self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(32, 32), nn.GELU(), nn.Linear(32, 32))
+                                    for _ in range(3))
+        self.head = nn.Linear(32, 4)
+
+    def drop_path(self, x):
+        if not self.training:
+            return x
+        if self.form == "new_empty":
+            mask = x.new_empty((x.shape[0], 1)).bernoulli_(self.keep)
+        else:
+            mask = (torch.rand_like(x[:, :1]) < self.keep).to(x.dtype)
+        return x * mask.div_(self.keep)
+
+    def forward(self, x):
+        h = self.inp(x)
+        for block in self.blocks:
+            h = h + self.drop_path(block(h))
+        return self.head(h)
+
+
+@pytest.mark.parametrize("form", ["new_empty", "rand_like"])
+def test_drop_path_in_training_mode_is_not_a_product_of_signals(form):
+    """Before: refused ("mul node ... multiplies two signals"): every timm model with drop
+    path in training mode (swin_tiny_patch4_window7_224 as created, or any model with
+    drop_path_rate > 0). The mask reads x's shape only; shaping in training mode now solves
+    what it solves in eval mode, and the shaped model still drops paths."""
+    x = torch.randn(8, 16)
+    eval_model = graphshape.shape(DropPathNet(form=form).eval(), x, method="DKS", seed=0)
+    torch.manual_seed(0)
+    shaped = graphshape.shape(DropPathNet(form=form).train(), x, method="DKS", seed=0)
+    assert (shaped.meta["graphshape"].activation_params
+            == eval_model.meta["graphshape"].activation_params)
+    outs = [shaped(x) for _ in range(4)]
+    assert any(not torch.equal(outs[0], o) for o in outs[1:])  # a random mask each call
+    # (fx records the ``if not self.training`` branch taken while tracing: a hand-written
+    # drop path traced in training mode drops in eval mode too; timm's DropPath module is
+    # mapped to a dropout node instead, below)
+
+
+def test_timms_drop_path_is_a_dropout_node_that_eval_mode_turns_off():
+    import timm
+
+    torch.manual_seed(0)
+    model = timm.create_model("convnext_atto", drop_path_rate=0.2)  # (training mode)
+    x = torch.randn(2, 3, 64, 64)
+    graph = graphshape.load(model, x)
+    drops = [n for n in graph if n.op == "dropout" and n.attrs.get("variant")]
+    assert len(drops) == 11 and {n.attrs["variant"] for n in drops} == {"StochasticDepth"}
+    shaped = graphshape.shape(model, x, method="DKS", seed=0)
+    eval_params = graphshape.shape(model.eval(), x, method="DKS", seed=0).meta[
+        "graphshape"].activation_params
+    assert shaped.meta["graphshape"].activation_params == eval_params
+    shaped.train()
+    assert not torch.equal(shaped(x), shaped(x))
+    shaped.eval()
+    assert torch.equal(shaped(x), shaped(x))
