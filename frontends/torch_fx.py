@@ -699,6 +699,10 @@ class _Loader:
             self.graph.meta["dropped_hooks"] = dropped
         if traced:
             self.graph.meta["traced_hooks"] = traced
+        if self.module.training:
+            random = [n.name for n in self.graph if n.op == "opaque" and _draws_random(n)]
+            if random:
+                self.graph.meta["random_in_training"] = random
         return self.graph
 
     def _placeholder(self, fx_node):
@@ -1609,6 +1613,22 @@ def _reads_metadata_only(fx_node) -> bool:
     if fx_node.op == "call_method":
         return fx_node.target in _METADATA_METHODS
     return fx_node.op == "call_function" and fx_node.target in _METADATA_FUNCTIONS
+
+
+#: tensor methods and functions that draw random numbers
+_RANDOM_METHODS = frozenset({"bernoulli", "bernoulli_", "uniform_", "normal_", "random_",
+                             "exponential_", "geometric_", "cauchy_", "log_normal_"})
+_RANDOM_FUNCTIONS = frozenset({torch.rand, torch.randn, torch.randint, torch.rand_like,
+                               torch.randn_like, torch.randint_like, torch.bernoulli,
+                               torch.multinomial, torch.normal, torch.randperm})
+
+
+def _draws_random(node) -> bool:
+    """An opaque call that draws random numbers (a hand-written drop path's mask, noise)."""
+    a = node.attrs
+    if a.get("fx_op") == "call_method":
+        return a.get("target") in _RANDOM_METHODS
+    return a.get("fx_op") == "call_function" and a.get("target") in _RANDOM_FUNCTIONS
 
 
 def _reshape(ld, fx_node, x, shape):

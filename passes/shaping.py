@@ -449,6 +449,13 @@ _SOURCE_WARNINGS: dict[str, Callable[[Any, dict], str]] = {
         f"{len(hooked)} module(s) had forward hooks ({_some(hooked)}): the shaped model's "
         "layers do not run them (torch.fx records what a module computes, not its hooks); "
         "register them again on the result if you need them"),
+    "random_in_training": lambda random, meta: (
+        f"the model was traced in training mode, with {len(random)} op(s) drawing random "
+        f"numbers ({_some(random)}): torch.fx records the branch a forward took while "
+        "tracing (`if self.training:`), so the shaped model draws them in eval mode too. If "
+        "they belong to training only (a hand-written drop path, noise), shape the model in "
+        "eval mode (model.eval()) or write them as nn.Dropout modules (or timm's DropPath, "
+        "torchvision's StochasticDepth), which the shaped model keeps as modules"),
     "traced_hooks": lambda hooked, meta: (
         f"{len(hooked)} module(s) that torch.fx traced through had forward hooks "
         f"({_some(hooked)}): they ran once, while tracing; an output they return is part of "

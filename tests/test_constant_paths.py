@@ -471,9 +471,12 @@ def test_drop_path_in_training_mode_is_not_a_product_of_signals(form):
             == eval_model.meta["graphshape"].activation_params)
     outs = [shaped(x) for _ in range(4)]
     assert any(not torch.equal(outs[0], o) for o in outs[1:])  # a random mask each call
-    # (fx records the ``if not self.training`` branch taken while tracing: a hand-written
-    # drop path traced in training mode drops in eval mode too; timm's DropPath module is
-    # mapped to a dropout node instead, below)
+    # fx records the ``if not self.training`` branch taken while tracing: a hand-written
+    # drop path traced in training mode drops in eval mode too, which the report says
+    # (timm's DropPath module is mapped to a dropout node instead, below)
+    (warning,) = [w for w in shaped.meta["graphshape"].warnings if "training mode" in w]
+    assert "3 op(s) drawing random numbers" in warning and "model.eval()" in warning
+    assert not any("training mode" in w for w in eval_model.meta["graphshape"].warnings)
 
 
 def test_timms_drop_path_is_a_dropout_node_that_eval_mode_turns_off():
