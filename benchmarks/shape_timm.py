@@ -2,7 +2,9 @@
 clear GraphshapeError -- never crash.
 
 Run:  nice python benchmarks/shape_timm.py [--method TAT] [--shortcut-weight 0.5] [--set wide]
-      [--onnx [--dynamo]]
+      [--onnx [--dynamo]] [--train]
+The models are shaped in eval mode; ``--train`` shapes them in training mode, as
+``timm.create_model`` returns them (drop path, where a model has it, active).
 Prints one line per model: ok (with parameters and seconds), refused (the message) or
 CRASH (the exception type and message: a bug). ``--onnx`` adds a line per model for its ONNX
 export (``torch.onnx.export(..., dynamo=False)``, opset 17, into a temporary folder removed at
@@ -78,6 +80,8 @@ def main():
     ap.add_argument("--set", choices=("default", "wide"), default="default",
                     help="the 13 families above, or the 44 of WIDE")
     ap.add_argument("--models", default=None, help="comma-separated names (default: the set)")
+    ap.add_argument("--train", action="store_true",
+                    help="shape the models in training mode (as timm.create_model returns them)")
     ap.add_argument("--dynamo", action="store_true",
                     help="with --onnx: export with dynamo=True (torch's default exporter; "
                          "needs onnxscript)")
@@ -97,7 +101,7 @@ def main():
         size = sizes.get(name, MODELS.get(name, WIDE.get(name, 64)))
         t0 = time.time()
         torch.manual_seed(0)
-        model = timm.create_model(name, pretrained=False, num_classes=10).eval()
+        model = timm.create_model(name, pretrained=False, num_classes=10).train(args.train)
         x = torch.randn(2, 3, size, size)
         report = None
         try:
