@@ -54,8 +54,8 @@ from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 
 from graphshape import torch_modules as _tm
 from graphshape.errors import GraphshapeError
-from graphshape.ir import (FLOAT_DTYPES, TENSOR_CONTAINER, Graph, Node, Ref, TensorInfo,
-                           cache_weight_tap_norms, is_non_float, map_template)
+from graphshape.ir import (DATA_MOVEMENT, FLOAT_DTYPES, TENSOR_CONTAINER, Graph, Node, Ref,
+                           TensorInfo, cache_weight_tap_norms, is_non_float, map_template)
 from graphshape.ops import prelu_activation
 from graphshape.passes.elementwise import fuse_decompositions
 
@@ -636,6 +636,10 @@ class _Loader:
             # x.new_empty(shape), torch.zeros_like(x), torch.rand_like(x): a tensor made from
             # x's shape and dtype, not its values (drop path's mask in training mode)
             flags.append("shape_computation")
+        elif _moves_data_only(fx_node):
+            # torch.roll, a crop by computed sizes, F.pad by computed amounts: entries moved,
+            # copied or zero-padded (the analysis' approximate identity, as for slice / pad)
+            flags.append(DATA_MOVEMENT)
         elif self.graph[ref.node].outputs[0].dtype == "object":
             if _holds_float_tensor(fx_node.meta.get("tensor_meta")):
                 # a tuple/list of tensors ((output, weights), unbind): its getitems are signals
@@ -1613,6 +1617,37 @@ def _reads_metadata_only(fx_node) -> bool:
     if fx_node.op == "call_method":
         return fx_node.target in _METADATA_METHODS
     return fx_node.op == "call_function" and fx_node.target in _METADATA_FUNCTIONS
+
+
+_DATA_MOVEMENT_METHODS = frozenset({"roll", "flip", "narrow", "expand", "expand_as"})
+_DATA_MOVEMENT_FUNCTIONS = frozenset({torch.roll, torch.flip, torch.narrow})
+
+
+def _moves_data_only(fx_node) -> bool:
+    """torch.roll / flip / narrow, Tensor.expand, a tensor indexed by slices and ints (a crop
+    whose ends are computed: ``x[:, :H, :W]`` after a pad), ``F.pad`` with zeros (by
+    computed amounts): what stays opaque of them carries its input's entries only."""
+    target = fx_node.target
+    if fx_node.op == "call_method":
+        return target in _DATA_MOVEMENT_METHODS
+    if fx_node.op != "call_function":
+        return False
+    if target in _DATA_MOVEMENT_FUNCTIONS:
+        return True
+    if target is F.pad:
+        mode = fx_node.kwargs.get("mode", fx_node.args[2] if len(fx_node.args) > 2 else "constant")
+        value = fx_node.kwargs.get("value", fx_node.args[3] if len(fx_node.args) > 3 else None)
+        return mode == "constant" and value in (None, 0, 0.0)
+    if target is operator.getitem and len(fx_node.args) == 2:
+        meta = fx_node.args[0].meta.get("tensor_meta") if isinstance(
+            fx_node.args[0], torch.fx.Node) else None
+        index = fx_node.args[1] if isinstance(fx_node.args[1], tuple) else (fx_node.args[1],)
+        return isinstance(meta, TensorMetadata) and all(
+            isinstance(i, (slice, int, torch.fx.Node, type(None), type(Ellipsis)))
+            and not (isinstance(i, torch.fx.Node)
+                     and isinstance(i.meta.get("tensor_meta"), TensorMetadata))
+            for i in index)
+    return False
 
 
 #: tensor methods and functions that draw random numbers

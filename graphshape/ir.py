@@ -67,6 +67,10 @@ class TensorInfo:
 #: ``nn.MultiheadAttention``'s ``(output, weights)``, ``Tensor.unbind``). Its dtype is
 #: "object", but it carries signals to the ``getitem`` nodes that read it.
 TENSOR_CONTAINER = "tensor_container"
+#: flag of opaque nodes that only move, copy or zero-pad their input's entries (torch.roll,
+#: a crop by computed sizes, F.pad by computed amounts): the analysis takes them as the
+#: identity on q and c (approximate, as slice and pad), shaping does not warn of them
+DATA_MOVEMENT = "data movement"
 
 
 def holds_tensors(node: "Node") -> bool:

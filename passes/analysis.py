@@ -40,7 +40,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from graphshape.errors import GraphshapeError
-from graphshape.ir import (_TAP_CACHE, Graph, Node, Ref, holds_tensors,  # noqa: F401
+from graphshape.ir import (_TAP_CACHE, DATA_MOVEMENT, Graph, Node, Ref, holds_tensors,  # noqa: F401
                            may_hold_signal, weight_tap_norms)
 
 FLAG_APPROX = "approximate"
@@ -259,6 +259,11 @@ def rule_resize(ctx: RuleContext) -> Kernel:
 
 def rule_unknown(ctx: RuleContext) -> Kernel:
     what = ctx.node.attrs.get("description") if ctx.node.op == "opaque" else None
+    if ctx.node.op == "opaque" and DATA_MOVEMENT in ctx.node.meta.get("flags", ()) \
+            and len(ctx.signals) == 1:
+        # (torch.roll, a crop by computed sizes, F.pad by computed amounts: as slice / pad)
+        ctx.flag(FLAG_APPROX, f"{what}: moves entries, taken as the identity on q and c")
+        return ctx.signals[0][1]
     raise UnknownKernel(f"no kernel rule for {ctx.node.op}" + (f" ({what})" if what else ""))
 
 

@@ -37,7 +37,7 @@ import networkx as nx
 import numpy as np
 
 from graphshape.errors import GraphshapeError
-from graphshape.ir import Graph, may_hold_signal
+from graphshape.ir import DATA_MOVEMENT, Graph, may_hold_signal
 from graphshape.ops import AFFINE_LAYERS
 from graphshape.passes.joins import (MAX_POOL_OPS, commutes_with_max_pool,
                                     move_shortcuts_to_preactivation, normalize_sums,
@@ -754,7 +754,8 @@ def shape_graph(graph: Graph, *, method: str = "TAT", activation: str | None = N
     max_pools, opaque, weighted, signals = [], [], [], _signals(g)
     for node in g:
         if node.op == "opaque" and node.name in signals and may_hold_signal(node) \
-                and not is_attention_call(node) and node.meta.get("input_entry") is None:
+                and not is_attention_call(node) and node.meta.get("input_entry") is None \
+                and DATA_MOVEMENT not in node.meta.get("flags", ()):
             # (opaque nodes computing Python values or sizes -- x.size(), an ONNX Shape --
             # or constants carry no signal and need no kernel rule; nor does one that only
             # shapes the output, unless it is a layer with weights, which shaping leaves
