@@ -1642,6 +1642,10 @@ def _moves_data_only(fx_node) -> bool:
         meta = fx_node.args[0].meta.get("tensor_meta") if isinstance(
             fx_node.args[0], torch.fx.Node) else None
         index = fx_node.args[1] if isinstance(fx_node.args[1], tuple) else (fx_node.args[1],)
+        # the batch axis kept whole (x[0], x[:2], x[None] would change what the examples are)
+        first = index[0] if index else Ellipsis
+        if not (first is Ellipsis or first == slice(None)):
+            return False
         return isinstance(meta, TensorMetadata) and all(
             isinstance(i, (slice, int, torch.fx.Node, type(None), type(Ellipsis)))
             and not (isinstance(i, torch.fx.Node)

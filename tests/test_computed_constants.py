@@ -315,3 +315,21 @@ def test_roll_and_computed_pads_and_crops_move_entries():
             assert row["q_local"] == pytest.approx(row["q_emp"], rel=1e-9)
     report = graphshape.shape(model, x, method="DKS").meta["graphshape"]
     assert not any("opaque" in w for w in report.warnings), report.warnings
+
+
+def test_only_crops_that_keep_the_batch_are_data_movement():
+    import operator
+
+    from torch.fx.passes.shape_prop import ShapeProp
+
+    from graphshape.frontends.torch_fx import _moves_data_only
+
+    class Crops(nn.Module):
+        def forward(self, x):
+            h = x.shape[2]
+            return x[:, :h], x[..., :h], x[0], x[:h], x[None]
+
+    gm = torch.fx.symbolic_trace(Crops())
+    ShapeProp(gm).propagate(torch.randn(2, 3, 4, 4))
+    crops = [n for n in gm.graph.nodes if n.target is operator.getitem and n.args[0].name == "x"]
+    assert [_moves_data_only(n) for n in crops] == [True, True, False, False, False]
