@@ -183,6 +183,13 @@ def test_flatten_of_a_dynamic_batch_is_a_reshape_not_an_opaque_node(tmp_path):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
+def _pad_to_windows(x, window):
+    """(N, H, W, C) zero-padded to multiples of ``window`` by amounts computed from the shape."""
+    _, h, w, _ = x.shape
+    pad_h, pad_w = (window - h % window) % window, (window - w % window) % window
+    return nn.functional.pad(x, (0, 0, 0, pad_w, 0, pad_h))
+
+
 class PaddedWindows(nn.Module):
     """Swin's window partition: pad H and W up to a multiple of the window by amounts
     computed from the shape (``(w - H % w) % w``), which torch's exporter writes as Mod,
@@ -196,12 +203,8 @@ class PaddedWindows(nn.Module):
         self.fc = nn.Linear(channels, channels)
 
     def forward(self, x):
-        x = self.conv(x).permute(0, 2, 3, 1)
-        n, h, w, c = x.shape
-        pad_h, pad_w = (self.window - h % self.window) % self.window, \
-            (self.window - w % self.window) % self.window
-        x = nn.functional.pad(x, (0, 0, 0, pad_w, 0, pad_h))
-        hp, wp = x.shape[1], x.shape[2]
+        x = _pad_to_windows(self.conv(x).permute(0, 2, 3, 1), self.window)
+        n, hp, wp, c = x.shape
         x = x.view(n, hp // self.window, self.window, wp // self.window, self.window, c)
         x = x.permute(0, 1, 3, 2, 4, 5).reshape(-1, self.window * self.window, c)
         return self.fc(torch.relu(x))
@@ -286,10 +289,7 @@ class ShiftedWindows(nn.Module):
     def forward(self, x):
         x = self.conv(x).permute(0, 2, 3, 1)
         _, h, w, _ = x.shape
-        pad_h, pad_w = (self.window - h % self.window) % self.window, \
-            (self.window - w % self.window) % self.window
-        x = nn.functional.pad(x, (0, 0, 0, pad_w, 0, pad_h))
-        x = torch.roll(x, shifts=(-2, -2), dims=(1, 2))
+        x = torch.roll(_pad_to_windows(x, self.window), shifts=(-2, -2), dims=(1, 2))
         x = torch.relu(self.fc1(x))
         x = torch.roll(x, shifts=(2, 2), dims=(1, 2))[:, :h, :w, :]
         return self.fc2(x)
