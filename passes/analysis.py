@@ -758,8 +758,11 @@ def propagate(graph: Graph, input_kernels: dict[str, Kernel | None],
             kernels[node.out] = input_kernels.get(node.name)
             flags[node.name], notes[node.name] = node_flags, []
             continue
-        if node.op == "constant" or not may_hold_signal(node):
-            continue  # constants and integer values (sizes, indices) are not signals
+        if node.op == "constant" or not may_hold_signal(node) or \
+                "shape_computation" in node.meta.get("flags", ()):
+            # constants, integer values (sizes, indices) and tensors made from a value's
+            # shape alone (torch.zeros_like(x)) are not signals
+            continue
         unknown_in = [unknown_origin[r] for r in node.inputs
                       if r in unknown_origin and is_float_value(graph, r)]
         ins = [kernels.get(r) if is_float_value(graph, r) else None for r in node.inputs]
@@ -832,9 +835,9 @@ def computed_constants(graph: Graph) -> list[str]:
             continue
         for ref in node.inputs:
             prod = graph[ref.node]
+            # (a float "shape computation", torch.zeros_like(x), is one: sizes are not float)
             if (ref.node not in dependent and ref.index == 0 and prod.op != "constant"
-                    and may_hold_signal(prod) and not holds_tensors(prod)
-                    and "shape_computation" not in prod.meta.get("flags", ())):
+                    and may_hold_signal(prod) and not holds_tensors(prod)):
                 found[ref.node] = None
     return list(found)
 

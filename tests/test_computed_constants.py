@@ -333,3 +333,22 @@ def test_only_crops_that_keep_the_batch_are_data_movement():
     ShapeProp(gm).propagate(torch.randn(2, 3, 4, 4))
     crops = [n for n in gm.graph.nodes if n.target is operator.getitem and n.args[0].name == "x"]
     assert [_moves_data_only(n) for n in crops] == [True, True, False, False, False]
+
+
+def test_a_tensor_made_from_a_signals_shape_is_a_constant_not_a_signal():
+    """``h + torch.ones_like(h)``: the ones were a signal node with no rule (unknown after
+    opaque, and everything after it); they are the constant 1."""
+
+    class OnesLike(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.fc2 = nn.Linear(8, 8), nn.Linear(8, 2)
+
+        def forward(self, x):
+            h = self.fc1(x)
+            return self.fc2(torch.tanh(h + torch.ones_like(h)))
+
+    torch.manual_seed(0)
+    stats = graphshape.analyze(OnesLike(), torch.randn(4, 8))
+    assert _unknown(stats) == [] and "ones_like" not in [r["node"] for r in stats.rows]
+    assert _row(stats, "add")["q_pred"] == pytest.approx(_row(stats, "fc1")["q_pred"] + 1)
