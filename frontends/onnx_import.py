@@ -106,14 +106,27 @@ def _copy_zero_dims(target: list[int], in_shape) -> list[int]:
     target = [in_shape[i] if d == 0 and i not in unknown else d for i, d in enumerate(target)]
     if unknown:
         k = unknown[0]
-        if -1 in target:
-            rest = int(np.prod([d for i, d in enumerate(in_shape) if i != k]))
-            known = int(np.prod([d for i, d in enumerate(target) if i != k and d != -1]))
-            if known <= 0 or rest % known:
-                raise _Unsupported("0 copies an unknown dim")
-            target[target.index(-1)] = rest // known
+        target = _fill_minus_one(target, in_shape, {k})
+        if target is None:
+            raise _Unsupported("0 copies an unknown dim")
         target[k] = -1
     return target
+
+
+def _fill_minus_one(target: list, in_shape, copies) -> list | None:
+    """``target`` with its -1 (if any) computed from the input's dims outside ``copies``
+    (the positions where the target copies the input's dim), or None when those dims or
+    the target's other entries are not all known, or do not divide."""
+    if -1 not in target:
+        return list(target)
+    others = [d for i, d in enumerate(target) if i not in copies and d != -1]
+    rest = [d for i, d in enumerate(in_shape) if i not in copies]
+    if not all(isinstance(d, int) for d in others + rest):
+        return None
+    known, total = int(np.prod(others)), int(np.prod(rest))
+    if known <= 0 or total % known:
+        return None
+    return [total // known if d == -1 else d for d in target]
 
 
 class _FusedParts:
@@ -382,14 +395,9 @@ def _copied_dims(target: list, in_shape) -> list[int] | None:
               and i < len(in_shape) and in_shape[i] == d]
     others = [d for i, d in enumerate(target) if i not in copies]
     if copies and all(isinstance(d, int) and d != 0 for d in others):
-        if -1 in others:
-            # the -1 from the input's other dims (all of them known)
-            rest = [d for i, d in enumerate(in_shape) if i not in copies]
-            known = int(np.prod([d for d in others if d != -1]))
-            if not all(isinstance(d, int) for d in rest) or known <= 0 or \
-                    int(np.prod(rest)) % known:
-                return None
-            target = [int(np.prod(rest)) // known if d == -1 else d for d in target]
+        target = _fill_minus_one(target, in_shape, set(copies))
+        if target is None:
+            return None
         return [0 if i in copies else d for i, d in enumerate(target)]  # ONNX: copy
     target = [None if isinstance(d, str) else d for d in target]
     if 0 in target or sum(d is None or d == -1 for d in target) > 1:

@@ -111,8 +111,9 @@ def load_source(src: str, input_specs, *, seed: int = 0,
         input_specs = [(tuple(input_specs), None)]  # (a bare shape)
     graph, inputs, used_specs = _load_source(src, input_specs, seed, default_shape, trust,
                                              cache_weight_norms)
-    if inputs is not None and any(not _is_float_dtype(d) for _, d in used_specs):
-        # integer inputs again, now that the graph says which embedding table each indexes
+    if used_specs and (inputs is None or any(not _is_float_dtype(d) for _, d in used_specs)):
+        # (integer inputs again, now that the graph says which embedding table each indexes;
+        # an ONNX file's inputs for the first time)
         inputs = random_inputs(used_specs, seed, index_bounds(graph))
     return graph, inputs
 
@@ -154,11 +155,11 @@ def _load_source(src, input_specs, seed, default_shape, trust, cache_weight_norm
                     f"{src} has {len(graph.inputs)} input(s) ({', '.join(graph.inputs)}): "
                     f"give --input-shape once for each, in that order "
                     f"({len(input_specs)} given)")
-            # an input's dtype, when not given, is the graph's
+            # an input's dtype, when not given, is the graph's (the inputs are drawn by
+            # load_source, with the embedding tables' sizes)
             input_specs = [(shape, dtype or graph[name].dtype)
                            for (shape, dtype), name in zip(input_specs, graph.inputs)]
-            inputs = random_inputs(input_specs, seed)
-        return graph, inputs, input_specs or []
+        return graph, None, input_specs or []
     module_name, factory_name, args, kwargs = parse_factory_spec(src)
     try:
         module = importlib.import_module(module_name)
@@ -363,16 +364,15 @@ def cmd_inspect(args) -> int:
 
 
 def _graph_input_specs(graph):
-    """[(shape, dtype)] of the graph's inputs; symbolic or unknown dims (a dynamic batch,
-    a sequence length) become 2."""
-    specs = []
-    for name in graph.inputs:
-        shape = graph[name].shape
-        if shape is None:
-            raise UsageError(f"the shape of input {name!r} is unknown: pass --input-shape "
-                             "(once per input)")
-        specs.append((tuple(d if isinstance(d, int) and d > 0 else 2 for d in shape),
-                      graph[name].dtype))
+    """[(shape, dtype)] of the graph's inputs, unknown dims 2 (a usage error where an
+    input's shape is unknown)."""
+    from graphshape.passes.analysis import graph_input_specs
+
+    specs = graph_input_specs(graph)
+    if specs is None:
+        name = next((n for n in graph.inputs if graph[n].shape is None), graph.inputs[0])
+        raise UsageError(f"the shape of input {name!r} is unknown: pass --input-shape "
+                         "(once per input)")
     return specs
 
 

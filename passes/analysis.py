@@ -955,18 +955,30 @@ def analyze(graph: Graph, example_inputs=None, *, empirical: bool = False, modul
     return KernelStats(rows, kernels=per_node, meta=meta)
 
 
-def _placeholder_inputs(graph: Graph):
-    """Zeros of each model input's shape and dtype (unknown dims: 2, the batch the analysis
-    assumes without example inputs), or None where an input's shape is unknown."""
-    import torch
-
-    inputs = []
+def graph_input_specs(graph: Graph) -> list[tuple[tuple[int, ...], str | None]] | None:
+    """[(shape, dtype)] of the model inputs, unknown or symbolic dims (a dynamic batch, a
+    sequence length) as 2, the batch the analysis assumes without example inputs; None
+    where an input's shape is unknown or the input is a container."""
+    specs = []
     for name in graph.inputs:
         info = graph.info(Ref(name, 0))
         if info.shape is None or holds_tensors(graph[name]):
             return None
-        shape = tuple(d if isinstance(d, int) and d >= 0 else 2 for d in info.shape)
-        dtype = getattr(torch, info.dtype or "", None)  # "float32", "int64", "bool", ...
+        specs.append((tuple(d if isinstance(d, int) and d > 0 else 2 for d in info.shape),
+                      info.dtype))
+    return specs
+
+
+def _placeholder_inputs(graph: Graph):
+    """Zeros of each model input's shape and dtype (:func:`graph_input_specs`), or None."""
+    import torch
+
+    specs = graph_input_specs(graph)
+    if specs is None:
+        return None
+    inputs = []
+    for shape, dtype in specs:
+        dtype = getattr(torch, dtype or "", None)  # "float32", "int64", "bool", ...
         inputs.append(torch.zeros(shape, dtype=dtype if isinstance(dtype, torch.dtype)
                                   else torch.float32))
     return tuple(inputs)
