@@ -38,6 +38,7 @@ Constants are materialized as ``constant`` IR nodes only where a signal op consu
 from __future__ import annotations
 
 import copy
+import io
 import math
 import os
 from typing import Any
@@ -167,7 +168,9 @@ class _Unsupported(Exception):
 
 
 def load_onnx(model: Any, *, cache_weight_norms: bool = True) -> Graph:
-    """Read an ONNX file path or ``onnx.ModelProto`` into a :class:`Graph`.
+    """Read an ONNX file path, ``onnx.ModelProto`` or serialized model (bytes, or a binary
+    file object such as the ``BytesIO`` ``torch.onnx.export`` wrote, read from its current
+    position; as ``onnxruntime.InferenceSession`` takes them) into a :class:`Graph`.
 
     ``graph.meta`` gets ``source="onnx"``, ``opset`` (default-domain version),
     ``opset_imports`` (domain -> version), ``ir_version``, ``producer_name``,
@@ -180,12 +183,15 @@ def load_onnx(model: Any, *, cache_weight_norms: bool = True) -> Graph:
 
     if isinstance(model, (str, os.PathLike)):
         proto = _read_file(os.fspath(model))
+    elif is_serialized(model):
+        proto = _parse_bytes(model)
     elif isinstance(model, onnx.ModelProto):
         proto = model
         _check_external_loaded(proto)
     else:
         raise GraphshapeError(
-            f"load_onnx expects a file path or onnx.ModelProto, not {type(model).__name__}")
+            f"load_onnx expects a file path, an onnx.ModelProto or its serialized bytes, not "
+            f"{type(model).__name__}")
     proto, old_opset = _convert_old_opset(proto)
     graph = _Importer(proto).run()
     # what the exporter spelled out and the import's own patterns left (the RMS norm
@@ -196,6 +202,35 @@ def load_onnx(model: Any, *, cache_weight_norms: bool = True) -> Graph:
     if cache_weight_norms:
         cache_weight_tap_norms(graph)
     return graph
+
+
+def is_serialized(model: Any) -> bool:
+    """Bytes, or a binary file object (read / seek): a serialized model, not a path."""
+    return isinstance(model, (bytes, bytearray, memoryview)) or (
+        hasattr(model, "read") and hasattr(model, "seek") and not isinstance(model, str))
+
+
+def _parse_bytes(data):
+    """An ``onnx.ModelProto`` from serialized bytes or a binary file object."""
+    import onnx
+
+    if hasattr(data, "read"):
+        if isinstance(data, io.TextIOBase):
+            raise GraphshapeError("the file object is open in text mode: open the ONNX file "
+                                  "with 'rb', or pass its path")
+        data = data.read()
+    data = bytes(data)
+    try:
+        proto = onnx.load_model_from_string(data)
+    except Exception as e:  # protobuf DecodeError: truncated, or not a model at all
+        raise GraphshapeError(
+            f"the {len(data)} bytes given are not a readable ONNX model ({type(e).__name__}: "
+            f"{e}); they are corrupt or truncated: export the model again") from None
+    if not proto.HasField("graph") or (not proto.graph.node and not proto.graph.output):
+        raise GraphshapeError(f"the {len(data)} bytes given hold no ONNX graph (empty or "
+                              "truncated); export the model again")
+    _check_external_loaded(proto)
+    return proto
 
 
 #: the opset older models are converted to (onnx.version_converter has adapters up to it

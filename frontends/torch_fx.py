@@ -1619,12 +1619,14 @@ def _reads_metadata_only(fx_node) -> bool:
     return fx_node.op == "call_function" and fx_node.target in _METADATA_FUNCTIONS
 
 
-_DATA_MOVEMENT_METHODS = frozenset({"roll", "flip", "narrow", "expand", "expand_as"})
+_DATA_MOVEMENT_METHODS = frozenset({"roll", "flip", "narrow", "expand", "expand_as",
+                                    "reshape_as", "view_as"})
 _DATA_MOVEMENT_FUNCTIONS = frozenset({torch.roll, torch.flip, torch.narrow})
 
 
 def _moves_data_only(fx_node) -> bool:
-    """torch.roll / flip / narrow, Tensor.expand, a tensor indexed by slices and ints (a crop
+    """torch.roll / flip / narrow, Tensor.expand, ``x.reshape_as(y)`` / ``view_as`` (LeViT's
+    ``bn(x.flatten(0, 1)).reshape_as(x)``: y gives a shape only), a tensor indexed by slices and ints (a crop
     whose ends are computed: ``x[:, :H, :W]`` after a pad), ``F.pad`` with zeros (by
     computed amounts): what stays opaque of them carries its input's entries only."""
     target = fx_node.target

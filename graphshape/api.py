@@ -165,7 +165,8 @@ def load(model: Any, example_inputs: Any = None, *, trust: bool = False,
     through its ONNX export, with its own example inputs by default), an ONNX file path, a
     ``.pt`` / ``.pth`` / ``.pt2`` file (see :func:`load_pt`; ``trust=True`` allows a full
     unpickle, a TorchScript or a torch.export archive),
-    or an ``onnx.ModelProto``. A :class:`Graph` is returned unchanged.
+    an ``onnx.ModelProto``, or its serialized bytes (or a binary file object: a ``BytesIO``
+    that ``torch.onnx.export`` wrote). A :class:`Graph` is returned unchanged.
     ``cache_weight_norms=False``: the conv/linear weights are not read for the analysis
     at load time (for callers that replace them, such as shaping).
     """
@@ -181,10 +182,9 @@ def load(model: Any, example_inputs: Any = None, *, trust: bool = False,
             return load_onnx(path, cache_weight_norms=cache_weight_norms)
         return load(load_pt(path, trust=trust), example_inputs,
                     cache_weight_norms=cache_weight_norms)
-    mod = type(model).__module__
-    if mod.startswith("onnx"):
-        from graphshape.frontends.onnx_import import load_onnx
+    from graphshape.frontends.onnx_import import is_serialized, load_onnx
 
+    if type(model).__module__.startswith("onnx") or is_serialized(model):
         return load_onnx(model, cache_weight_norms=cache_weight_norms)
     try:
         import torch

@@ -283,7 +283,8 @@ def shape_onnx(src, dst, *, method: str = "TAT", activation: str | None = None,
                eta: float = 0.9, tau: float = 0.3, pln: bool = False,
                max_pool_to_avg: bool = False, preactivation_shortcuts: bool | None = None,
                seed: int | None = None, fold_scales: bool | str = "weights") -> ShapeReport:
-    """Shape an ONNX model (a path or ``onnx.ModelProto``) and write it to ``dst``.
+    """Shape an ONNX model (a path, an ``onnx.ModelProto`` or its serialized bytes) and
+    write it to ``dst``.
 
     Same options as :func:`shape`. The result is checker-valid in the source's opset, carries
     the report as JSON in ``metadata_props["graphshape"]``, and is written atomically (a

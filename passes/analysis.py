@@ -260,10 +260,12 @@ def rule_resize(ctx: RuleContext) -> Kernel:
 def rule_unknown(ctx: RuleContext) -> Kernel:
     what = ctx.node.attrs.get("description") if ctx.node.op == "opaque" else None
     if ctx.node.op == "opaque" and DATA_MOVEMENT in ctx.node.meta.get("flags", ()) \
-            and len(ctx.signals) == 1:
-        # (torch.roll, a crop by computed sizes, F.pad by computed amounts: as slice / pad)
+            and ctx.inputs and ctx.inputs[0] is not None:
+        # (torch.roll, a crop by computed sizes, F.pad by computed amounts: as slice / pad;
+        # the tensor moved is the first argument, another one gives a shape at most:
+        # x.expand_as(y), x.reshape_as(y))
         ctx.flag(FLAG_APPROX, f"{what}: moves entries, taken as the identity on q and c")
-        return ctx.signals[0][1]
+        return ctx.inputs[0]
     raise UnknownKernel(f"no kernel rule for {ctx.node.op}" + (f" ({what})" if what else ""))
 
 
@@ -595,13 +597,94 @@ def rule_norm(ctx: RuleContext) -> Kernel:
                  gain, bias_sq)
 
 
+#: ops whose output has its input's layout (same axes, same feature axis)
+_SAME_LAYOUT = frozenset((
+    "activation", "add", "sub", "mul", "div", "sum", "concat", "dropout", "identity", "cast",
+    "slice", "pad", "avg_pool", "max_pool", "global_avg_pool", "global_max_pool",
+    "adaptive_avg_pool", "adaptive_max_pool", "resize"))
+#: ops that put the features on axis 1 (channels-first)
+_CHANNELS_FIRST = frozenset((
+    "conv", "conv_transpose", "batch_norm", "group_norm", "instance_norm", "lrn"))
+#: ops that put the features on the last axis
+_FEATURES_LAST = frozenset(("linear", "layer_norm", "rms_norm"))
+
+
+def _rank(graph: Graph, ref: Ref) -> int | None:
+    shape = graph.info(ref).shape
+    return None if shape is None else len(shape)
+
+
+def feature_axis(graph: Graph, ref: Ref, _depth: int = 0) -> int | None:
+    """The axis of ``ref`` that holds the features (non-negative), read from the layer
+    that last set them: a conv or batch / group norm puts them on axis 1, a linear layer
+    or layer / RMS norm on the last axis (tokens, or a channels-last image); elementwise
+    ops, pools, slices and concats keep them where they are, a transpose moves them.
+    None when no such layer is found before a reshape or another op that re-lays the
+    value out."""
+    node = graph[ref.node]
+    rank = _rank(graph, ref)
+    if rank is None or _depth > 256:
+        return None
+    if node.op in _CHANNELS_FIRST:
+        return 1 if rank >= 2 else None
+    if node.op in _FEATURES_LAST:
+        return rank - 1
+    if node.op == "affine":
+        axis = node.attrs.get("axis", 1)
+        return axis % rank if isinstance(axis, int) else None
+    if node.op == "transpose":
+        perm = node.attrs.get("perm")
+        inner = feature_axis(graph, node.inputs[0], _depth + 1) if node.inputs else None
+        if inner is None or perm is None or inner not in perm:
+            return None
+        return list(perm).index(inner)
+    if node.op in ("flatten", "reshape", "squeeze", "unsqueeze") and node.inputs:
+        # the features stay put when every dim up to theirs is kept, or when they are
+        # last and the last dim keeps its size (x.flatten(2) of NCHW; N,H,W,C -> N,HW,C)
+        src = node.inputs[0]
+        inner = feature_axis(graph, src, _depth + 1)
+        shape_in, shape_out = graph.info(src).shape, graph.info(ref).shape
+        if inner is None or shape_in is None:
+            return None
+        if inner == len(shape_in) - 1 and isinstance(shape_in[-1], int) \
+                and shape_in[-1] == shape_out[-1] and shape_in[-1] > 1:
+            return rank - 1
+        if (inner < rank and tuple(shape_in[:inner + 1]) == tuple(shape_out[:inner + 1])
+                and all(isinstance(d, int) for d in shape_in[1:inner + 1])):
+            return inner
+        return None
+    if node.op in _SAME_LAYOUT:
+        for src in node.inputs:
+            if graph[src.node].op == "constant":
+                continue
+            inner = feature_axis(graph, src, _depth + 1)
+            inner_rank = _rank(graph, src)
+            if inner is not None and inner_rank is not None and inner_rank <= rank:
+                return inner + rank - inner_rank  # (broadcasting prepends axes)
+        return None
+    return None
+
+
 def rule_reduce(ctx: RuleContext) -> Kernel:
+    """A mean or max over locations (or tokens) is taken as the identity on q and c, as
+    pooling is; a reduction over the features has no rule. The features' axis is read from
+    the layers before (:func:`feature_axis`: axis 1 after a conv, the last after a linear
+    layer or a layer norm); where it cannot be, a reduction over axes 2 and up counts as
+    one over locations (channels-first)."""
     node = ctx.node
     axes = node.attrs.get("axes")
-    if node.attrs.get("kind") == "mean" and axes is not None and all(
-            isinstance(a, int) and a >= 2 for a in axes):
-        ctx.flag(FLAG_APPROX, "mean over locations taken as the identity on q and c")
-        return _only_signal(ctx)
+    kind = node.attrs.get("kind")
+    if kind in ("mean", "max") and axes is not None and node.inputs \
+            and all(isinstance(a, int) and a >= 0 for a in axes):
+        features = feature_axis(ctx.graph, node.inputs[0])
+        over_locations = (all(a >= 2 for a in axes) if features is None
+                          else features not in axes and 0 not in axes)
+        if over_locations:
+            what = "locations" if features in (None, 1) else "tokens / locations"
+            ctx.flag(FLAG_APPROX, f"{kind} over {what} taken as the identity on q and c")
+            return _only_signal(ctx)
+        if features is not None and features in axes:
+            raise UnknownKernel(f"{kind} over the features (axis {features}): no kernel rule")
     return rule_unknown(ctx)
 
 

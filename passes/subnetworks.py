@@ -18,7 +18,8 @@ the joins inside a branch and their forks are joins and forks of f too: the flat
 joins of f is the same set. Branches without any nonlinear layer (identity and projection
 shortcuts) compose to the identity map; they are left out of S(f), as in dks's hand-written
 functions (a linear subnetwork has nothing to shape). A branch through a softmax, a product
-of two signals or an opaque call (attention) is not a shortcut either.
+of two signals or an opaque call (attention) is not a shortcut either; an opaque call that
+only moves entries (``torch.roll``, ``x.reshape_as(y)``: flagged data movement) is linear.
 
 Composition rules on the scalar ``x`` (an entry of the kernel: a c value, a slope, ...):
 nonlinear layers (``activation`` nodes) apply ``r``; joins average their inputs with kernel
@@ -54,7 +55,7 @@ import networkx as nx
 import numpy as np
 
 from graphshape.errors import GraphshapeError
-from graphshape.ir import Graph, Ref, may_hold_signal
+from graphshape.ir import DATA_MOVEMENT, Graph, Ref, may_hold_signal
 from graphshape.ops import spec
 
 #: key of the virtual root node added to the dataflow graph before computing dominators
@@ -243,6 +244,8 @@ def _is_nonlinear_layer(node, signals: set[str]) -> bool:
     ``shortcut_weight=0`` kept its skip."""
     if node.meta.get("input_entry") is not None:  # batch["image"]: the model's input
         return False
+    if node.op == "opaque" and DATA_MOVEMENT in node.meta.get("flags", ()):
+        return False  # (torch.roll, a crop, x.reshape_as(y): entries moved, a linear map)
     return (node.op in ("activation", "softmax", "log_softmax", "opaque")
             or _is_signal_product(node, signals))
 

@@ -81,6 +81,33 @@ def test_empty_file(tmp_path):
     assert "holds no ONNX graph" in str(e)
 
 
+@pytest.mark.parametrize("data, words", [
+    (tiny_mlp().SerializeToString()[:100], "corrupt or truncated"),
+    (b"\x00\xffnot a model at all", "not a readable ONNX model"),
+    (b"", "hold no ONNX graph"),
+])
+def test_bad_bytes(data, words):
+    assert words in str(error_of(graphshape.load, data))
+
+
+def test_bytes_and_binary_file_objects_load_like_the_file(tmp_path):
+    import io
+
+    path = write(tmp_path, "m.onnx", tiny_mlp())
+    ops = [n.op for n in graphshape.load(path)]
+    data = tiny_mlp().SerializeToString()
+    assert [n.op for n in graphshape.load(data)] == ops
+    assert [n.op for n in graphshape.load(io.BytesIO(data))] == ops
+    with open(path, "rb") as f:
+        assert [n.op for n in graphshape.load(f)] == ops
+    with open(path) as f:  # text mode
+        assert "text mode" in str(error_of(graphshape.load, f))
+    out = tmp_path / "shaped.onnx"
+    graphshape.shape_onnx(data, out)
+    x = np.random.default_rng(0).standard_normal((2, 4)).astype(np.float32)
+    assert np.isfinite(ort_run(out, x)).all()
+
+
 def test_missing_file(tmp_path):
     assert "no such file" in str(error_of(graphshape.load, str(tmp_path / "nope.onnx")))
 

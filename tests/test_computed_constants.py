@@ -335,6 +335,75 @@ def test_only_crops_that_keep_the_batch_are_data_movement():
     assert [_moves_data_only(n) for n in crops] == [True, True, False, False, False]
 
 
+class LinearNorm(nn.Module):
+    """timm LeViT's ``LinearNorm``: a linear layer, a batch norm over the tokens of every
+    example flattened together, and ``reshape_as`` back (the second tensor, a signal, only
+    gives the shape)."""
+
+    def __init__(self, dim=16):
+        super().__init__()
+        self.fc, self.bn = nn.Linear(dim, dim), nn.BatchNorm1d(dim)
+
+    def forward(self, x):
+        x = self.fc(x)
+        return self.bn(x.flatten(0, 1)).reshape_as(x)
+
+
+class ReshapeAs(nn.Module):
+    def __init__(self, dim=16):
+        super().__init__()
+        self.embed, self.mlp1, self.mlp2 = nn.Linear(3, dim), LinearNorm(dim), LinearNorm(dim)
+        self.head = nn.Linear(dim, 4)
+
+    def forward(self, x):
+        x = self.embed(x)
+        x = x + self.mlp2(torch.relu(self.mlp1(x)))
+        return self.head(x.expand_as(x))
+
+
+def test_reshape_as_and_expand_as_move_the_first_tensors_entries():
+    """``x.reshape_as(y)`` was an opaque call without a rule: the analysis stopped at it and
+    shaping warned ("46 opaque node(s) ... 'reshape_as'" for timm's levit_128s)."""
+    torch.manual_seed(0)
+    model, x = ReshapeAs().eval(), torch.randn(3, 5, 3)
+    graph = graphshape.load(model, x)
+    moved = [n for n in graph if "data movement" in n.meta.get("flags", ())]
+    assert sorted(n.attrs["description"] for n in moved) == [
+        "method Tensor.expand_as", "method Tensor.reshape_as", "method Tensor.reshape_as"]
+    stats = graphshape.analyze(graph, x, empirical=True)
+    assert _unknown(stats) == []
+    for node in moved:
+        row = _row(stats, node.name)
+        if "expand_as" in node.attrs["description"]:
+            assert row["q_local"] == pytest.approx(row["q_emp"], rel=1e-9)
+        else:  # (its input merges the batch with the tokens: not measured per example)
+            assert row["q_pred"] == pytest.approx(1.0) and row["q_emp"] == pytest.approx(
+                1.0, abs=1e-3)
+    shaped = graphshape.shape(model, x, method="DKS")
+    assert not any("opaque" in w for w in shaped.meta["graphshape"].warnings)
+    assert shaped(torch.randn(7, 2, 3)).shape == (7, 2, 4)  # y's shape, not the example's
+
+
+def test_a_branch_that_only_moves_entries_is_a_shortcut():
+    """A residual join whose skip is a roll (a permutation of locations) is a shortcut with a
+    linear branch, like ``x + f(x)``: shortcut_weight applies to it."""
+    from graphshape.passes.subnetworks import find_joins
+
+    class RolledSkip(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.fc2 = nn.Linear(8, 8), nn.Linear(8, 8)
+
+        def forward(self, x):
+            h = self.fc1(x)
+            return torch.roll(h, 1, dims=1) + self.fc2(torch.relu(h))
+
+    graph = graphshape.load(RolledSkip(), torch.randn(2, 5, 8))
+    (join,) = find_joins(graph)
+    assert join.shortcut == 0 and join.nonlinear == [False, True]
+    assert graph[join.inputs[0].node].op == "opaque"
+
+
 def test_a_tensor_made_from_a_signals_shape_is_a_constant_not_a_signal():
     """``h + torch.ones_like(h)``: the ones were a signal node with no rule (unknown after
     opaque, and everything after it); they are the constant 1."""
