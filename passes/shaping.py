@@ -44,6 +44,7 @@ from graphshape.passes.joins import (MAX_POOL_OPS, commutes_with_max_pool,
                                     reset_branch_scales)
 from graphshape.passes.normalize import (NORM_OPS, merge_duplicate_activations,
                                          remove_normalization)
+from graphshape.passes.subnetworks import LOGIT_OPS, attention_logits
 
 #: The default residual shortcut weight, chosen by measurement (benchmarks/shortcut_weight.py,
 #: numbers in docs/shaping.md): it is the largest weight (0.05 grid) with which the default
@@ -206,13 +207,14 @@ def find_signal_products(graph: Graph, gates: list[tuple[str, str]] = ()) -> lis
 
     signals = _signals(graph)
     mixing = mixing_weights(graph)
+    logits = attention_logits(graph)
     gated = {prod for _, prod in gates}
     found = []
     for node in graph:
         if (node.op not in ("mul", "matmul") or node.name in gated
                 or not _is_signal_product(node, signals)
                 or any(r.node in mixing for r in node.inputs)
-                or _reaches_softmax(graph, node)):
+                or node.name in logits):
             continue
         found.append(node.name)
     return found
@@ -220,22 +222,7 @@ def find_signal_products(graph: Graph, gates: list[tuple[str, str]] = ()) -> lis
 
 #: ops between a product and the softmax it feeds in attention logits (``q kᵀ * scale +
 #: bias``); opaque: a scale traced from the head size, masked_fill
-_LOGIT_OPS = (*_PASS_THROUGH, "mul", "div", "add", "sub", "sum", "affine", "opaque")
-
-
-def _reaches_softmax(graph: Graph, node) -> bool:
-    """Whether ``node``'s output reaches a softmax through reshapes, scalings, sums, opaque
-    calls and linear layers (attention logits: ``softmax(q kᵀ * scale + bias)``; CaiT's
-    talking heads mix the logits of the heads with a linear layer)."""
-    frontier, seen = [node.name], {node.name}
-    while frontier:
-        for user in graph.users(frontier.pop()):
-            if user.op == "softmax":
-                return True
-            if user.name not in seen and user.op in (*_LOGIT_OPS, "linear"):  # talking heads
-                seen.add(user.name)
-                frontier.append(user.name)
-    return False
+_LOGIT_OPS = tuple(op for op in LOGIT_OPS if op != "linear")
 
 
 def _feeds_only_attention_logits(graph: Graph, node) -> bool:
@@ -498,13 +485,16 @@ def _attention_nodes(graph: Graph) -> list[str]:
 
 
 def _constant_scales(graph: Graph) -> list[tuple[str, float]]:
-    """``mul``/``div`` nodes scaling a signal by a constant whose RMS is off 1 by 10x+."""
+    """``mul``/``div`` nodes scaling a signal by a constant whose RMS is off 1 by 10x+
+    (attention logits' ``q kᵀ * scale`` left out: softmax weights average the values
+    whatever the scale)."""
     import numpy as np
 
     signals = _signals(graph)
+    logits = attention_logits(graph)
     found = []
     for node in graph:
-        if node.op not in ("mul", "div") or len(node.inputs) != 2:
+        if node.op not in ("mul", "div") or len(node.inputs) != 2 or node.name in logits:
             continue
         consts = [graph[r.node] for r in node.inputs if graph[r.node].op == "constant"]
         if len(consts) != 1 or not any(r.node in signals for r in node.inputs):

@@ -189,6 +189,7 @@ def _analyse(graph: Graph) -> _Analysis:
     for n in signals:
         all_signals |= 1 << index[n]
 
+    logits = attention_logits(graph, only=True)
     result = _Analysis(order, index, signals, idom)
     act_bits = 0  # the nodes that make a branch nonlinear (see _is_nonlinear_layer)
     for n in signals:
@@ -211,9 +212,11 @@ def _analyse(graph: Graph) -> _Analysis:
             nonlinear.append(bool(bits & act_bits))
         shortcut = None
         if (node.op in _SUM_LIKE and len(inputs) == 2 and nonlinear.count(False) == 1
-                and not _broadcasts(graph, node, inputs)):
+                and not _broadcasts(graph, node, inputs) and n not in logits):
             # residual join: one identity/projection shortcut (no nonlinear layer between the
-            # fork and the join) and one branch that holds the nonlinear layers
+            # fork and the join) and one branch that holds the nonlinear layers. Not a sum
+            # of attention logits (botnet's q kᵀ * scale + a relative-position term linear
+            # in q): its scale is not a branch's layer scale, nor its terms a skip.
             shortcut = nonlinear.index(False)
         result.joins.append(Join(n, node.op, None if fork == _ROOT else fork, inputs, slots,
                                  branches, nonlinear, shortcut))
@@ -280,6 +283,43 @@ def attention_values(node) -> Ref | None:
     args, kwargs = node.attrs.get("args") or (), node.attrs.get("kwargs") or {}
     value = args[2] if isinstance(args, (tuple, list)) and len(args) > 2 else kwargs.get("value")
     return value if isinstance(value, Ref) else None
+
+
+#: ops between a value and the softmax of the attention logits it feeds (``softmax(q kᵀ *
+#: scale + bias)``: reshapes, scalings, sums, opaque calls such as ``masked_fill``, and
+#: linear layers: CaiT's talking heads mix the logits of the heads)
+LOGIT_OPS = ("reshape", "flatten", "squeeze", "unsqueeze", "transpose", "identity", "dropout",
+             "slice", "mul", "div", "add", "sub", "sum", "affine", "opaque", "linear")
+
+
+def attention_logits(graph: Graph, *, only: bool = False) -> set[str]:
+    """Names of the nodes whose output reaches a softmax through :data:`LOGIT_OPS` only:
+    attention logits and what computes them (``q kᵀ``, a relative-position term added to
+    it). The maximizing function does not see them (softmax weights average their values
+    whatever they are). ``only=True``: those whose every use ends in a softmax that way
+    (not a value that also carries on elsewhere). Shape computations are not uses: a scale
+    computed from ``x.shape`` does not make ``x`` a logit."""
+    def counts(user) -> bool:
+        return may_hold_signal(user) and "shape_computation" not in user.meta.get("flags", ())
+
+    found: set[str] = set()
+    if only:
+        for name in reversed([n.name for n in graph]):  # users before their inputs
+            users = [u for u in graph.users(name) if counts(u)]
+            if users and all(u.op == "softmax" or (u.name in found and u.op in LOGIT_OPS)
+                             for u in users):
+                found.add(name)
+        return found
+    frontier = [n.name for n in graph if n.op == "softmax"]
+    while frontier:
+        for ref in graph[frontier.pop()].inputs:
+            prod = graph[ref.node]
+            if ref.node in found or not counts(prod):
+                continue
+            found.add(ref.node)
+            if prod.op in LOGIT_OPS:
+                frontier.append(ref.node)
+    return found
 
 
 def _is_signal_product(node, signals: set[str]) -> bool:

@@ -404,6 +404,61 @@ def test_a_branch_that_only_moves_entries_is_a_shortcut():
     assert graph[join.inputs[0].node].op == "opaque"
 
 
+class RelativeLogits(nn.Module):
+    """botnet's attention: ``(q kᵀ) * scale + rel(q)``, the relative-position term linear
+    in q (a matmul by a table, then entries moved), softmax, ``@ v``; a residual around it."""
+
+    def __init__(self, dim=16, tokens=6, scale=0.05):
+        super().__init__()
+        self.fc, self.qkv, self.proj = nn.Linear(dim, dim), nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        self.rel = nn.Parameter(torch.randn(dim, tokens) * 0.1)
+        self.scale = scale
+
+    def forward(self, x):
+        x = torch.relu(self.fc(x))
+        q, k, v = self.qkv(x).chunk(3, -1)
+        logits = (q @ k.transpose(1, 2)) * self.scale + torch.roll(q @ self.rel, 1, dims=-1)
+        return x + self.proj(logits.softmax(-1) @ v)
+
+
+def test_a_sum_of_attention_logits_is_not_a_residual_join():
+    """Once a branch through data movement counted as linear, botnet's relative-position
+    term looked like a skip beside ``q kᵀ * scale``: shaping took the scale for a layer
+    scale ending a residual branch and set it to 1 (logits 11x larger)."""
+    from graphshape.passes.subnetworks import find_joins
+
+    x = torch.randn(2, 6, 16)
+    graph = graphshape.load(RelativeLogits(), x)
+    logits_sum, residual = find_joins(graph)
+    assert logits_sum.shortcut is None and residual.shortcut == 0
+    report = graphshape.shape(RelativeLogits(), x, method="DKS").meta["graphshape"]
+    assert not any("far from 1" in w for w in report.warnings), report.warnings
+    assert not any(r["node"] == "mul" for r in report.rewritten), report.rewritten
+
+
+def test_a_residual_join_that_also_feeds_attention_logits_stays_residual():
+    """Attention pooling reads the residual stream both for its logits (a linear score,
+    softmax over tokens) and as the values: the join is still a residual one."""
+    from graphshape.passes.subnetworks import attention_logits, find_joins
+
+    class AttentionPool(nn.Module):
+        def __init__(self, dim=16):
+            super().__init__()
+            self.fc1, self.fc2 = nn.Linear(dim, dim), nn.Linear(dim, dim)
+            self.score, self.head = nn.Linear(dim, 1), nn.Linear(dim, 3)
+
+        def forward(self, x):
+            x = x + self.fc2(torch.relu(self.fc1(x)))
+            weights = self.score(x).softmax(1)
+            return self.head((weights * x).sum(1))
+
+    graph = graphshape.load(AttentionPool(), torch.randn(2, 5, 16))
+    (join,) = find_joins(graph)
+    assert join.shortcut == 0
+    assert join.node in attention_logits(graph)  # it reaches a softmax...
+    assert join.node not in attention_logits(graph, only=True)  # ...and goes on elsewhere
+
+
 def test_a_tensor_made_from_a_signals_shape_is_a_constant_not_a_signal():
     """``h + torch.ones_like(h)``: the ones were a signal node with no rule (unknown after
     opaque, and everything after it); they are the constant 1."""
