@@ -9,10 +9,12 @@ Passes, each ``IR -> (IR, record)`` and none modifying its input graph:
 3. :func:`max_pool_to_avg_pool` (optional): max pooling has no kernel rule beyond the
    "identity" approximation; average pooling's is closer (it is linear);
 4. :func:`substitute_activations` (``activation=NAME`` replaces main-path nonlinearities);
-   gates (a nonlinearity whose output multiplies another signal, as in squeeze-excitation)
-   are refused by :func:`find_gates`, and other products of two signals (gMLP, linear
-   attention; softmax attention excepted) by :func:`find_signal_products`: there is no
-   kernel rule for them;
+   gates (a nonlinearity whose output multiplies another signal, as in squeeze-excitation:
+   :func:`find_gates`) start as the constant 1 where :func:`constant_gates` can make them so
+   (their input layer starts at zero, the gate is divided by its value at 0), and are
+   refused otherwise; other products of two signals (gMLP, linear attention; softmax
+   attention excepted) are refused by :func:`find_signal_products`: there is no kernel
+   rule for them;
 4b. :func:`graphshape.passes.joins.move_shortcuts_to_preactivation` (``preactivation_shortcuts``,
    default on under TAT): V1 identity shortcuts read the residual stream instead of the
    activation after it, so that every activation reads a Gaussian (docs/shaping.md);
@@ -30,6 +32,7 @@ Passes, each ``IR -> (IR, record)`` and none modifying its input graph:
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
@@ -154,14 +157,17 @@ def _integer_input_paths(graph: Graph, names: list[str]) -> dict[str, list[str]]
 
 
 def _main_path_activations(graph: Graph, signals: set[str] | None = None) -> list:
-    """The activation nodes that read a signal (gates included), output links
+    """The activation nodes that read a signal (gates included, except those that start as
+    the constant 1 and the activations that only compute their input:
+    :func:`constant_gates`, :func:`gate_paths`), output links
     (:func:`graphshape.passes.subnetworks.find_output_links`) excepted."""
     from graphshape.passes.subnetworks import find_output_links
 
     signals = _signals(graph) if signals is None else signals
     links = set(find_output_links(graph))
     return [n for n in graph
-            if n.op == "activation" and n.name in signals and n.name not in links]
+            if n.op == "activation" and n.name in signals and n.name not in links
+            and CONSTANT_GATE not in n.meta and GATE_PATH not in n.meta]
 
 
 def find_gates(graph: Graph) -> list[tuple[str, str]]:
@@ -192,6 +198,114 @@ def find_gates(graph: Graph) -> list[tuple[str, str]]:
                            for r in others):
                         gates.append((node.name, user.name))
     return gates
+
+
+#: meta key of a gate activation that starts as the constant 1 (:func:`constant_gates`):
+#: the name of the layer that computes its input
+CONSTANT_GATE = "constant_gate"
+#: meta key of the nodes that only compute such a gate's input (:func:`gate_paths`)
+GATE_PATH = "gate_path"
+
+
+def _value_at_zero(node) -> float | None:
+    """``f(0)`` of activation ``node`` (its attributes included), None when unknown."""
+    from graphshape import activations as registry
+
+    try:
+        act = registry.get(node.attrs.get("name"))
+        attrs = {k: node.attrs[k] for k in act.defaults if k in node.attrs}
+        return float(np.asarray(act.fn(np.zeros(1), **attrs)).reshape(-1)[0])
+    except Exception:  # noqa: BLE001 - a name or attribute the registry does not take
+        return None
+
+
+def constant_gates(graph: Graph, gates: list[tuple[str, str]]
+                   ) -> tuple[dict[str, str], list[tuple[str, str]], dict[str, str]]:
+    """Which ``gates`` (:func:`find_gates`) shaping can start as the constant 1.
+
+    A gate ``g = f(A(...))`` whose input comes from a conv / linear layer ``A`` that nothing
+    else reads (through reshapes), with ``f(0) > 0`` (sigmoid and hard sigmoid: 1/2), is the
+    constant ``f(0)`` for every example once ``A`` starts at zero. Divided by ``f(0)`` (an
+    output scale on the gate), it is exactly 1 at initialization: each gated product
+    ``x * g`` is then the identity, so the kernel rules and the maximizing function (which
+    takes ``g`` for mixing weights: the identity on ``x``'s kernel) hold exactly, and
+    DKS/TAT shape the network around the gates. The gates learn from the first step: the
+    gradient of ``A``'s weight is that of the gate times ``A``'s input, which is not zero.
+    Squeeze-and-excitation (``x * sigmoid(W2 act(W1 pool(x)))``), CBAM's spatial gate and
+    GLU qualify; a gate with ``f(0) = 0`` (SwiGLU's SiLU, GEGLU, tanh) would start as 0 and
+    cut the signal, and one computed without a layer of its own has nothing to start at
+    zero.
+
+    Returns ``({gate activation: its input layer}, [(activation, product) of the other
+    gates], {activation: why not} for those)``."""
+    from graphshape.ops import AFFINE_LAYERS as affine
+
+    starting: dict[str, str] = {}
+    why: dict[str, str] = {}
+    for act in dict.fromkeys(a for a, _ in gates):
+        node = graph[act]
+        f0 = _value_at_zero(node)
+        if node.attrs.get("transform"):
+            why[act] = "it is already transformed"
+            continue
+        if f0 is None or not math.isfinite(f0) or f0 <= 0:
+            why[act] = (f"{node.attrs.get('name')}(0) = {f0:g}: started as 0 it would cut the "
+                        "signal" if f0 is not None else "its value at 0 is unknown")
+            continue
+        src = graph[node.inputs[0].node] if node.inputs else None
+        while src is not None and src.op in _PASS_THROUGH and len(graph.users(src.name)) == 1:
+            src = graph[src.inputs[0].node]
+        if src is None or src.op not in affine or len(graph.users(src.name)) != 1:
+            why[act] = "its input is not a conv / linear layer of its own"
+            continue
+        if (src.meta.get("shared_params") or {}).get("weight") is not None \
+                or not isinstance(src.params.get("weight"), np.ndarray):
+            why[act] = f"its input layer {src.name!r} shares or computes its weight"
+            continue
+        starting[act] = src.name
+    return starting, [(a, p) for a, p in gates if a not in starting], why
+
+
+def gate_paths(graph: Graph, layers) -> set[str]:
+    """The nodes whose every use ends in one of ``layers`` (the input layers of gates that
+    start as the constant 1): squeeze-excitation's pool, first layer and activation. While
+    those layers are zero they do not reach the signal at all, so shaping leaves their
+    activations as they are (not substituted, not transformed: TAT does not refuse a
+    network for the ReLU inside its squeeze-excitation)."""
+    found = set(layers)
+    for node in reversed(list(graph)):  # users before their inputs
+        if node.name in found:
+            continue
+        users = [u for u in graph.users(node.name) if may_hold_signal(u)
+                 and "shape_computation" not in u.meta.get("flags", ())]
+        if users and all(u.name in found for u in users):
+            found.add(node.name)
+    return found - set(layers)
+
+
+def start_gates_at_one(graph: Graph, starting: dict[str, str], *, zero_layers: bool = True
+                       ) -> dict:
+    """Make each gate of ``starting`` (:func:`constant_gates`) start as the constant 1: its
+    input layer's weight and bias set to zero (``zero_layers``), the gate divided by its
+    value at 0 (``attrs["transform"] = {"output_scale": 1 / f(0)}``). In place; returns the
+    record (``rewritten``)."""
+    rewritten = []
+    for act, layer in starting.items():
+        node = graph[act]
+        scale = 1.0 / _value_at_zero(node)
+        node.attrs["transform"] = {"output_scale": scale}
+        rewritten.append({"node": act, "op": "activation",
+                          "what": f"gate divided by {node.attrs.get('name')}(0): output "
+                                  f"scale {scale:g}, 1 at initialization"})
+        if zero_layers:
+            src = graph[layer]
+            for key in ("weight", "bias"):
+                if isinstance(src.params.get(key), np.ndarray):
+                    src.params[key] = np.zeros_like(src.params[key])
+            rewritten.append({"node": layer, "op": src.op,
+                              "what": f"zero-initialized: gate {act!r} starts as the "
+                                      "constant 1"})
+    return {"removed": [], "rewritten": rewritten}
 
 
 def find_signal_products(graph: Graph, gates: list[tuple[str, str]] = ()) -> list[str]:
@@ -259,17 +373,22 @@ def _product_error(graph: Graph, products: list[str]) -> GraphshapeError:
         "initialization only.", node=node.name, op=node.op)
 
 
-def _gate_error(graph: Graph, gates: list[tuple[str, str]]) -> GraphshapeError:
+def _gate_error(graph: Graph, gates: list[tuple[str, str]],
+                why: dict[str, str] | None = None) -> GraphshapeError:
     act, prod = gates[0]
     node = graph[act]
     more = f" (and {len(gates) - 1} more)" if len(gates) > 1 else ""
+    reason = (why or {}).get(act)
     return GraphshapeError(
         f"the {node.attrs.get('name', '?')} activation {act!r} gates another signal through "
-        f"{graph[prod].op} node {prod!r}{more}, as in squeeze-and-excitation or attention. "
-        "A gate is not a main-path nonlinearity, and graphshape has no kernel rule for "
-        "gated products, so DKS/TAT parameters would be wrong for it. Remove the gating "
-        "modules (e.g. build the model without squeeze-excitation) or use "
-        "method='untransformed' to rewrite structure and initialization only.",
+        f"{graph[prod].op} node {prod!r}{more}, as in a gated linear unit or attention. "
+        "A gate is not a main-path nonlinearity: graphshape starts a gate as the constant 1 "
+        "(its input layer at zero, the gate divided by its value at 0, as for "
+        "squeeze-excitation), but not this one"
+        + (f" ({reason})" if reason else "")
+        + ", and it has no kernel rule for other gated products, so DKS/TAT parameters "
+        "would be wrong for it. Remove the gating modules or use method='untransformed' "
+        "to rewrite structure and initialization only.",
         node=act, op="activation")
 
 
@@ -473,7 +592,7 @@ def _attention_nodes(graph: Graph) -> list[str]:
     ``Attention``)."""
     from graphshape.passes.subnetworks import is_attention_call, mixing_weights
 
-    mixing = mixing_weights(graph)
+    mixing = mixing_weights(graph, gates=False)
     found = []
     for node in graph:
         if node.op == "opaque":
@@ -672,9 +791,28 @@ def shape_graph(graph: Graph, *, method: str = "TAT", activation: str | None = N
                 report.warnings.append(f"max_pool {node.name!r} has dilation: kept as max_pool")
 
     gates = find_gates(g)
+    starting: dict[str, str] = {}
     if gates and method != "untransformed":
-        raise _gate_error(g, gates)
-    if gates:
+        starting, others, why = constant_gates(g, gates)
+        if others:
+            raise _gate_error(g, others, why)
+        for act, layer in starting.items():
+            g[act].meta[CONSTANT_GATE] = layer
+        path = gate_paths(g, starting.values())
+        for name in path:
+            g[name].meta[GATE_PATH] = True
+        path_acts = [n for n in path if g[n].op == "activation"]
+        report.warnings.append(
+            f"{len(starting)} gate(s) ({_some(list(starting))}: squeeze-excitation or "
+            "similar) start as the constant 1: the layer(s) computing their input ("
+            f"{_some(list(starting.values()))}) start at zero and each gate is divided by its "
+            "value at 0, so the gated products are the identity at initialization and the "
+            "network is shaped around them; the gates learn from the first step"
+            + (f"; the {len(path_acts)} activation(s) inside them ({_some(path_acts)}) are left "
+               "as they are" if path_acts else "")
+            + ("" if initialize else " (initialize=False: the layers keep their weights, so "
+               "the gates are not constant)"))
+    elif gates:
         report.warnings.append(
             f"{len(gates)} gating activation(s) ({', '.join(a for a, _ in gates)}) left as they are")
     products = find_signal_products(g, gates)
@@ -855,6 +993,8 @@ def shape_graph(graph: Graph, *, method: str = "TAT", activation: str | None = N
                 if id(value) not in copies:
                     copies[id(value)] = np.array(value, copy=True)
                 node.params[key] = copies[id(value)]
+    if starting:  # (after the draws: the gates' input layers start at zero)
+        _merge(report, start_gates_at_one(g, starting, zero_layers=initialize))
     if fold_scales != "none":
         from graphshape.passes.fold import fold_scales as fold_pass
 

@@ -153,12 +153,20 @@ def squeeze_excitation():
     return g
 
 
-def test_gates_are_found_and_refused():
+def test_gates_are_found_and_a_squeeze_excitation_starts_at_one():
     g = squeeze_excitation()
     assert find_gates(g) == [("se_gate", "se_mul")]
     assert find_gates(mini_resnet()) == []
-    with pytest.raises(GraphshapeError, match="se_gate.*se_mul"):
-        shape_graph(g, method="DKS", activation="softplus")
+    new, report = shape_graph(g, method="DKS", activation="tanh", seed=0)
+    assert not new["se_fc2"].params["weight"].any() and not new["se_fc2"].params["bias"].any()
+    assert new["se_gate"].attrs == {"name": "sigmoid", "transform": {"output_scale": 2.0}}
+    assert new["se_relu"].attrs["name"] == "relu"  # inside the excitation: left as it is
+    assert new["relu"].attrs["name"] == "tanh" and "transform" in new["relu"].attrs
+    assert any("1 gate(s) ('se_gate'" in w and "'se_fc2'" in w for w in report.warnings)
+    # a gate that is 0 at 0 (SwiGLU's SiLU) would cut the signal: refused, saying why
+    g["se_gate"].attrs["name"] = "silu"
+    with pytest.raises(GraphshapeError, match=r"se_gate.*se_mul.*silu\(0\) = 0"):
+        shape_graph(g, method="DKS", activation="tanh")
 
 
 def test_substitution_skips_gates_and_drops_foreign_attrs():
