@@ -197,6 +197,9 @@ def find_gates(graph: Graph) -> list[tuple[str, str]]:
                     if any(r.node in signals and not nx.has_path(graph.nx, node.name, r.node)
                            for r in others):
                         gates.append((node.name, user.name))
+                    elif user.op != "matmul" and user.inputs[0].node == cur.name and not any(
+                            r.node in signals for r in others):
+                        frontier.append(user)  # a gate scaled by a constant (2 * sigmoid(z))
     return gates
 
 
@@ -236,22 +239,27 @@ def constant_gates(graph: Graph, gates: list[tuple[str, str]]
     cut the signal, and one computed without a layer of its own has nothing to start at
     zero.
 
-    Returns ``({gate activation: its input layer}, [(activation, product) of the other
-    gates], {activation: why not} for those)``."""
+    Returns ``({gate activation: (its input layer, the gate's value at 0)}, [(activation,
+    product) of the other gates], {activation: why not} for those)``. A gate scaled by a
+    constant on its way to the product (a shaped ONNX file's ``Mul(sigmoid(z), 2)``) counts
+    with that scale; a transform it has (from an earlier shaping) is replaced."""
     from graphshape.ops import AFFINE_LAYERS as affine
 
-    starting: dict[str, str] = {}
+    starting: dict[str, tuple[str, float]] = {}
     why: dict[str, str] = {}
     for act in dict.fromkeys(a for a, _ in gates):
         node = graph[act]
         f0 = _value_at_zero(node)
-        if node.attrs.get("transform"):
-            why[act] = "it is already transformed"
-            continue
         if f0 is None or not math.isfinite(f0) or f0 <= 0:
             why[act] = (f"{node.attrs.get('name')}(0) = {f0:g}: started as 0 it would cut the "
                         "signal" if f0 is not None else "its value at 0 is unknown")
             continue
+        scales = {_gate_scale(graph, act, prod) for a, prod in gates if a == act}
+        if len(scales) != 1 or None in scales or not next(iter(scales)) > 0:
+            why[act] = ("it divides a signal or is scaled by a constant that is not one "
+                        "positive number on its way to the product")
+            continue
+        f0 *= scales.pop()  # (a shaped ONNX file's gate: Mul(sigmoid(z), 2))
         src = graph[node.inputs[0].node] if node.inputs else None
         while src is not None and src.op in _PASS_THROUGH and len(graph.users(src.name)) == 1:
             src = graph[src.inputs[0].node]
@@ -262,8 +270,37 @@ def constant_gates(graph: Graph, gates: list[tuple[str, str]]
                 or not isinstance(src.params.get("weight"), np.ndarray):
             why[act] = f"its input layer {src.name!r} shares or computes its weight"
             continue
-        starting[act] = src.name
+        starting[act] = (src.name, f0)
     return starting, [(a, p) for a, p in gates if a not in starting], why
+
+
+def _gate_scale(graph: Graph, act: str, prod: str) -> float | None:
+    """The constant a gate's value is multiplied by between activation ``act`` and the
+    ``mul`` node ``prod`` it gates (1 through reshapes; a scalar ``mul`` / ``div`` by a
+    constant multiplies it); None for a ``div`` by the gate or a scaling by a non-scalar."""
+    node = graph[prod]
+    if node.op != "mul":
+        return None
+    ref = next((r for r in node.inputs if r.node == act or nx.has_path(graph.nx, act, r.node)),
+               None)
+    scale = 1.0
+    cur = graph[ref.node] if ref is not None else None
+    while cur is not None and cur.name != act:
+        if cur.op in _PASS_THROUGH:
+            cur = graph[cur.inputs[0].node]
+            continue
+        if cur.op not in ("mul", "div") or len(cur.inputs) != 2:
+            return None
+        const = graph[cur.inputs[1].node]
+        value = const.params.get("value") if const.op == "constant" else None
+        if value is None or np.size(value) != 1 or not np.isfinite(value).all():
+            return None
+        value = float(np.asarray(value).reshape(-1)[0])
+        if value == 0:
+            return None
+        scale = scale * value if cur.op == "mul" else scale / value
+        cur = graph[cur.inputs[0].node]
+    return scale if cur is not None else None
 
 
 def gate_paths(graph: Graph, layers) -> set[str]:
@@ -283,20 +320,20 @@ def gate_paths(graph: Graph, layers) -> set[str]:
     return found - set(layers)
 
 
-def start_gates_at_one(graph: Graph, starting: dict[str, str], *, zero_layers: bool = True
-                       ) -> dict:
+def start_gates_at_one(graph: Graph, starting: dict[str, tuple[str, float]], *,
+                       zero_layers: bool = True) -> dict:
     """Make each gate of ``starting`` (:func:`constant_gates`) start as the constant 1: its
     input layer's weight and bias set to zero (``zero_layers``), the gate divided by its
     value at 0 (``attrs["transform"] = {"output_scale": 1 / f(0)}``). In place; returns the
     record (``rewritten``)."""
     rewritten = []
-    for act, layer in starting.items():
+    for act, (layer, value) in starting.items():
         node = graph[act]
-        scale = 1.0 / _value_at_zero(node)
+        scale = 1.0 / value  # (a transform it had, from an earlier shaping, is replaced)
         node.attrs["transform"] = {"output_scale": scale}
         rewritten.append({"node": act, "op": "activation",
-                          "what": f"gate divided by {node.attrs.get('name')}(0): output "
-                                  f"scale {scale:g}, 1 at initialization"})
+                          "what": f"gate divided by its value at 0: output scale {scale:g}, "
+                                  "1 at initialization"})
         if zero_layers:
             src = graph[layer]
             for key in ("weight", "bias"):
@@ -796,16 +833,17 @@ def shape_graph(graph: Graph, *, method: str = "TAT", activation: str | None = N
         starting, others, why = constant_gates(g, gates)
         if others:
             raise _gate_error(g, others, why)
-        for act, layer in starting.items():
+        layers = {act: layer for act, (layer, _) in starting.items()}
+        for act, layer in layers.items():
             g[act].meta[CONSTANT_GATE] = layer
-        path = gate_paths(g, starting.values())
+        path = gate_paths(g, layers.values())
         for name in path:
             g[name].meta[GATE_PATH] = True
         path_acts = [n for n in path if g[n].op == "activation"]
         report.warnings.append(
             f"{len(starting)} gate(s) ({_some(list(starting))}: squeeze-excitation or "
             "similar) start as the constant 1: the layer(s) computing their input ("
-            f"{_some(list(starting.values()))}) start at zero and each gate is divided by its "
+            f"{_some(list(layers.values()))}) start at zero and each gate is divided by its "
             "value at 0, so the gated products are the identity at initialization and the "
             "network is shaped around them; the gates learn from the first step"
             + (f"; the {len(path_acts)} activation(s) inside them ({_some(path_acts)}) are left "

@@ -256,7 +256,8 @@ def _is_nonlinear_layer(node, signals: set[str]) -> bool:
 def mixing_weights(graph: Graph, *, gates: bool = True) -> set[str]:
     """Softmax outputs, possibly reshaped (transposes, reshapes, dropout) or mixed across
     heads by a linear layer (talking heads): attention's and split attention's mixing weights;
-    and the gates that start as the constant 1 (meta ``constant_gate``, set by shaping:
+    scaled by a constant (a shaped ONNX file's ``Mul(sigmoid(z), 2)``); and the gates that
+    start as the constant 1 (meta ``constant_gate``, set by shaping:
     ``passes.shaping.constant_gates``), which are exactly the identity on what they gate
     (``gates=False`` leaves them out).
     A product with one of them averages its other factor over tokens or paths (see the module
@@ -264,7 +265,9 @@ def mixing_weights(graph: Graph, *, gates: bool = True) -> set[str]:
     found: set[str] = set()
     for node in graph:
         if node.op == "softmax" or (gates and "constant_gate" in node.meta) or (
-                (spec(node.op).category == "shape" or node.op == "linear")
+                (spec(node.op).category == "shape" or node.op == "linear"
+                 or (node.op in ("mul", "div") and len(node.inputs) == 2
+                     and graph[node.inputs[1].node].op == "constant"))
                 and node.inputs and node.inputs[0].node in found):
             found.add(node.name)  # linear: CaiT's talking heads mix the weights of the heads
     return found

@@ -99,6 +99,26 @@ def test_the_onnx_export_is_shaped_alike(tmp_path):
     assert np.isfinite(out).all() and out.shape == (4, 5)
 
 
+def test_a_shaped_model_shapes_again_to_the_same_parameters(tmp_path):
+    """A shaped model's gates are transformed (PyTorch) or followed by a Mul by 1/f(0)
+    (ONNX); shaping it again starts them at 1 again: before, the transformed gate was
+    refused, and the ONNX file's scaled gate was a product of two signals in the
+    maximizing function (DKS input_scale 0.080 instead of 0.448)."""
+    torch.manual_seed(0)
+    model = Net(depth=4).eval()
+    once = graphshape.shape(model, X, method="DKS", seed=0)
+    again = graphshape.shape(once, X, method="DKS", seed=1)
+    for name, params in once.meta["graphshape"].activation_params.items():
+        assert again.meta["graphshape"].activation_params[name] == pytest.approx(params)
+    src = tmp_path / "net.onnx"
+    torch.onnx.export(model, (X,), str(src), opset_version=17, dynamo=False)
+    first = graphshape.shape_onnx(src, tmp_path / "once.onnx", method="DKS", seed=0)
+    second = graphshape.shape_onnx(tmp_path / "once.onnx", tmp_path / "twice.onnx",
+                                   method="DKS", seed=0)
+    for name, params in first.activation_params.items():
+        assert second.activation_params[name] == pytest.approx(params, rel=1e-9)
+
+
 class Unowned(nn.Module):
     """A gate computed without a layer of its own: nothing to start at zero."""
 
