@@ -271,7 +271,11 @@ def constant_gates(graph: Graph, gates: list[tuple[str, str]]
             why[act] = f"its input layer {src.name!r} shares or computes its weight"
             continue
         starting[act] = (src.name, f0)
-    return starting, [(a, p) for a, p in gates if a not in starting], why
+    # a product whose other factor starts as 1 gates that activation's output: it is the
+    # gated main path (LR-ASPP's relu(conv(x)) * sigmoid(conv(pool(x)))), not a gate
+    gated = {prod for act, prod in gates if act in starting}
+    others = [(a, p) for a, p in gates if a not in starting and p not in gated]
+    return starting, others, why
 
 
 def _gate_scale(graph: Graph, act: str, prod: str) -> float | None:
@@ -833,6 +837,7 @@ def shape_graph(graph: Graph, *, method: str = "TAT", activation: str | None = N
         starting, others, why = constant_gates(g, gates)
         if others:
             raise _gate_error(g, others, why)
+        gates = [(a, p) for a, p in gates if a in starting]  # (not the paths they gate)
         layers = {act: layer for act, (layer, _) in starting.items()}
         for act, layer in layers.items():
             g[act].meta[CONSTANT_GATE] = layer

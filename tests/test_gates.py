@@ -119,6 +119,29 @@ def test_a_shaped_model_shapes_again_to_the_same_parameters(tmp_path):
         assert second.activation_params[name] == pytest.approx(params, rel=1e-9)
 
 
+class ScaledHead(nn.Module):
+    """LR-ASPP's head: ``relu(conv(x)) * sigmoid(conv(pool(x)))``; the relu's output is the
+    gated path, not a gate of the sigmoid's."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.cbr = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 1)
+        self.scale, self.out = nn.Conv2d(8, 8, 1), nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        x = torch.tanh(self.stem(x))
+        s = torch.sigmoid(self.scale(x.mean((2, 3), keepdim=True)))
+        return self.out(torch.relu(self.cbr(x)) * s)
+
+
+def test_the_path_a_constant_gate_multiplies_is_not_a_gate():
+    shaped = graphshape.shape(ScaledHead(), X, method="DKS", seed=0)
+    graph = graphshape.load(shaped, X)
+    relu = next(n for n in graph if n.op == "activation" and n.attrs["name"] == "relu")
+    assert relu.attrs.get("transform")  # main path: transformed
+    assert set(shaped.meta["graphshape"].activation_params) == {"tanh", "relu"}
+
+
 class Unowned(nn.Module):
     """A gate computed without a layer of its own: nothing to start at zero."""
 
