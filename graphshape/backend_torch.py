@@ -573,7 +573,8 @@ def _e_lrn(ctx, node, xs):
 
 def _e_affine(ctx, node, xs):
     shift = ctx.tensor(node, "shift") if "shift" in node.params else None
-    mod = tm.Affine(ctx.tensor(node, "scale"), shift, int(node.attrs.get("axis", 1)))
+    mod = tm.Affine(ctx.tensor(node, "scale"), shift, int(node.attrs.get("axis", 1)),
+                    rank=ctx.rank(node))
     return ctx.module(node, mod, (xs[0],))
 
 

@@ -556,16 +556,21 @@ SCALED_LAYERS: dict[type, type] = {
 class Affine(nn.Module):
     """Per-channel ``x * scale + shift`` along ``axis`` (trainable)."""
 
-    def __init__(self, scale: torch.Tensor, shift: torch.Tensor | None, axis: int = 1):
+    def __init__(self, scale: torch.Tensor, shift: torch.Tensor | None, axis: int = 1,
+                 rank: int | None = None):
         super().__init__()
         self.axis = axis
+        # the input's rank when known: the view shape is then plain ints, and a user's
+        # torch.fx.symbolic_trace of the model does not meet x.dim() in Python arithmetic
+        self.rank = rank
         self.scale = nn.Parameter(scale)
         self.shift = None if shift is None else nn.Parameter(shift)
 
     def _view(self, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        axis = self.axis % x.dim()
-        shape = [1] * x.dim()
-        shape[axis] = -1
+        rank = getattr(self, "rank", None)  # (None too in a module pickled before it)
+        rank = x.dim() if rank is None else rank
+        shape = [1] * rank
+        shape[self.axis % rank] = -1
         return t.reshape(shape)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -606,8 +611,10 @@ def reshape_copying(x: torch.Tensor, shape: Sequence[int],
 
 def unsqueeze_axes(x: torch.Tensor, axes: Sequence[int]) -> torch.Tensor:
     """Insert size-1 dims at ``axes`` (positions in the output, as ONNX Unsqueeze)."""
-    rank = x.dim() + len(axes)
-    for a in sorted(a % rank for a in axes):
+    if any(a < 0 for a in axes):
+        rank = x.dim() + len(axes)
+        axes = [a % rank for a in axes]
+    for a in sorted(axes):  # (non-negative axes need no rank: fx-traceable)
         x = x.unsqueeze(a)
     return x
 
@@ -616,10 +623,11 @@ def slice_axes(x: torch.Tensor, axes: Sequence[int], starts: Sequence[int],
                ends: Sequence[int], steps: Sequence[int]) -> torch.Tensor:
     """ONNX-style Slice, negative steps included (torch indexing has no negative steps)."""
     for axis, start, end, step in zip(axes, starts, ends, steps):
-        size = x.shape[axis]
         if step > 0:
-            x = x[(slice(None),) * (axis % x.dim()) + (slice(start, end, step),)]
+            lead = axis if axis >= 0 else axis % x.dim()  # (no x.dim() when known: fx)
+            x = x[(slice(None),) * lead + (slice(start, end, step),)]
             continue
+        size = x.shape[axis]
         # walk [start, end) backwards = flip, then a forward slice on the flipped axis
         start = min(max(start + size if start < 0 else start, -1), size - 1)
         end = min(max(end + size if end < 0 else end, -1), size - 1)

@@ -170,6 +170,13 @@ def _main_path_activations(graph: Graph, signals: set[str] | None = None) -> lis
             and CONSTANT_GATE not in n.meta and GATE_PATH not in n.meta]
 
 
+def _moves_first_input(node, source: str) -> bool:
+    """An opaque call that only moves the entries of its first input, ``source``
+    (``g.expand_as(x)``: flagged data movement by the frontend)."""
+    return (node.op == "opaque" and DATA_MOVEMENT in node.meta.get("flags", ())
+            and bool(node.inputs) and node.inputs[0].node == source)
+
+
 def find_gates(graph: Graph) -> list[tuple[str, str]]:
     """(activation node, product node) pairs where an activation's output (possibly after
     reshapes) multiplies or divides another signal that does not descend from it: a gate, as
@@ -188,7 +195,7 @@ def find_gates(graph: Graph) -> list[tuple[str, str]]:
                 if user.name in seen:
                     continue
                 seen.add(user.name)
-                if user.op in _PASS_THROUGH:
+                if user.op in _PASS_THROUGH or _moves_first_input(user, cur.name):
                     frontier.append(user)
                 elif user.op in ("mul", "div", "matmul"):
                     # the other operand must be a signal that does not itself come from
@@ -290,7 +297,7 @@ def _gate_scale(graph: Graph, act: str, prod: str) -> float | None:
     scale = 1.0
     cur = graph[ref.node] if ref is not None else None
     while cur is not None and cur.name != act:
-        if cur.op in _PASS_THROUGH:
+        if cur.op in _PASS_THROUGH or (cur.inputs and _moves_first_input(cur, cur.inputs[0].node)):
             cur = graph[cur.inputs[0].node]
             continue
         if cur.op not in ("mul", "div") or len(cur.inputs) != 2:

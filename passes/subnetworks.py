@@ -266,6 +266,7 @@ def mixing_weights(graph: Graph, *, gates: bool = True) -> set[str]:
     for node in graph:
         if node.op == "softmax" or (gates and "constant_gate" in node.meta) or (
                 (spec(node.op).category == "shape" or node.op == "linear"
+                 or DATA_MOVEMENT in node.meta.get("flags", ())  # (g.expand_as(x))
                  or (node.op in ("mul", "div") and len(node.inputs) == 2
                      and graph[node.inputs[1].node].op == "constant"))
                 and node.inputs and node.inputs[0].node in found):

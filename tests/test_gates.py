@@ -69,6 +69,33 @@ def test_squeeze_excitation_is_the_identity_at_initialization(method, gate):
             assert rows[node.name]["q_emp"] == pytest.approx(rows[x_in]["q_emp"], rel=1e-6)
 
 
+class ExpandedSE(nn.Module):
+    """Squeeze-excitation with linear layers and ``g[:, :, None, None].expand_as(x)``
+    (an opaque call that only moves entries, between the gate and the product)."""
+
+    def __init__(self, channels):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(channels, channels // 2), nn.Linear(channels // 2, channels)
+
+    def forward(self, x):
+        g = torch.sigmoid(self.fc2(torch.relu(self.fc1(x.mean((2, 3))))))
+        return x * g[:, :, None, None].expand_as(x)
+
+
+def test_a_gate_expanded_before_its_product_starts_at_one():
+    """The expand_as between gate and product hid the gate: 'multiplies two signals'."""
+    torch.manual_seed(0)
+    model = Net()
+    model.ses = nn.ModuleList(ExpandedSE(16) for _ in range(3))
+    shaped = graphshape.shape(model, X, method="DKS", seed=0)
+    plain = graphshape.shape(Net(se=False), X, method="DKS", seed=0)
+    assert shaped.meta["graphshape"].activation_params == plain.meta["graphshape"].activation_params
+    gates = [r for r in graphshape.analyze(shaped, X, empirical=True).rows
+             if r["activation"] == "sigmoid"]
+    assert len(gates) == 3 and all(r["q_emp"] == pytest.approx(1.0) for r in gates)
+    torch.fx.symbolic_trace(shaped)  # (its unsqueeze helper takes no branch on x.dim())
+
+
 def test_the_zeroed_layer_learns_and_the_rest_is_reinitialized():
     torch.manual_seed(0)
     shaped = graphshape.shape(Net(), X, method="DKS", seed=0)

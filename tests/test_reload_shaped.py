@@ -183,3 +183,28 @@ def test_users_can_fx_trace_a_shaped_model(folded_resnet18, mode):
     traced = torch.fx.symbolic_trace(net)
     with torch.no_grad():
         torch.testing.assert_close(traced(x), net(x), rtol=1e-5, atol=1e-5)
+
+
+def test_emitted_helpers_are_fx_traceable():
+    """A per-channel affine node and a multi-axis unsqueeze (an ONNX Unsqueeze) emit as
+    graphshape helpers; a user's torch.fx.symbolic_trace of the emitted module met
+    ``x.dim()`` in Python arithmetic (list * Proxy, TraceError) and graphshape's own
+    reload of such a shaped model fell back to the ONNX export."""
+    from graphshape.ir import Graph, Node, Ref, TensorInfo
+
+    rng = np.random.default_rng(0)
+    g = Graph({"source": "test"})
+    g.add(Node("x", "input", outputs=[TensorInfo((2, 4, 5, 5), "float32")]))
+    g.add(Node("aff", "affine", [Ref("x")], {"axis": 1},
+               params={"scale": rng.standard_normal(4).astype(np.float32),
+                       "shift": rng.standard_normal(4).astype(np.float32)},
+               outputs=[TensorInfo((2, 4, 5, 5), "float32")]))
+    g.add(Node("un", "unsqueeze", [Ref("aff")], {"axes": (1, 4)},
+               outputs=[TensorInfo((2, 1, 4, 5, 1, 5), "float32")]))
+    g.add(Node("out", "output", [Ref("un")]))
+    module = graphshape.to_torch(g)
+    assert isinstance(module.get_submodule("aff"), tm.Affine) and "unsqueeze_axes" in module.code
+    x = torch.randn(2, 4, 5, 5)
+    traced = torch.fx.symbolic_trace(module)
+    torch.testing.assert_close(traced(x), module(x))
+    assert module(x).shape == (2, 1, 4, 5, 1, 5)
