@@ -210,6 +210,11 @@ def is_serialized(model: Any) -> bool:
         hasattr(model, "read") and hasattr(model, "seek") and not isinstance(model, str))
 
 
+def _has_graph(proto) -> bool:
+    """Whether a parsed model holds a graph (an empty or truncated file parses to none)."""
+    return proto.HasField("graph") and bool(proto.graph.node or proto.graph.output)
+
+
 def _parse_bytes(data):
     """An ``onnx.ModelProto`` from serialized bytes or a binary file object."""
     import onnx
@@ -226,7 +231,7 @@ def _parse_bytes(data):
         raise GraphshapeError(
             f"the {len(data)} bytes given are not a readable ONNX model ({type(e).__name__}: "
             f"{e}); they are corrupt or truncated: export the model again") from None
-    if not proto.HasField("graph") or (not proto.graph.node and not proto.graph.output):
+    if not _has_graph(proto):
         raise GraphshapeError(f"the {len(data)} bytes given hold no ONNX graph (empty or "
                               "truncated); export the model again")
     _check_external_loaded(proto)
@@ -296,7 +301,7 @@ def _read_file(path: str):
         raise GraphshapeError(
             f"{path!r} is not a readable ONNX model ({type(e).__name__}: {e}); "
             "the file is corrupt or truncated: export or download it again") from None
-    if not proto.HasField("graph") or (not proto.graph.node and not proto.graph.output):
+    if not _has_graph(proto):
         raise GraphshapeError(
             f"{path!r} holds no ONNX graph (empty or truncated file); export it again")
     base_dir = os.path.dirname(os.path.abspath(path))

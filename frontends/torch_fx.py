@@ -1613,10 +1613,16 @@ _METADATA_FUNCTIONS = frozenset({torch.empty_like, torch.zeros_like, torch.ones_
                                  torch.randint_like})
 
 
+def _calls(op: str | None, target, methods: frozenset, functions: frozenset) -> bool:
+    """Whether a call (fx ``op`` and ``target``) is a method of ``methods`` or a function of
+    ``functions``."""
+    if op == "call_method":
+        return target in methods
+    return op == "call_function" and target in functions
+
+
 def _reads_metadata_only(fx_node) -> bool:
-    if fx_node.op == "call_method":
-        return fx_node.target in _METADATA_METHODS
-    return fx_node.op == "call_function" and fx_node.target in _METADATA_FUNCTIONS
+    return _calls(fx_node.op, fx_node.target, _METADATA_METHODS, _METADATA_FUNCTIONS)
 
 
 _DATA_MOVEMENT_METHODS = frozenset({"roll", "flip", "narrow", "expand", "expand_as",
@@ -1625,17 +1631,16 @@ _DATA_MOVEMENT_FUNCTIONS = frozenset({torch.roll, torch.flip, torch.narrow})
 
 
 def _moves_data_only(fx_node) -> bool:
-    """torch.roll / flip / narrow, Tensor.expand, ``x.reshape_as(y)`` / ``view_as`` (LeViT's
-    ``bn(x.flatten(0, 1)).reshape_as(x)``: y gives a shape only), a tensor indexed by slices and ints (a crop
-    whose ends are computed: ``x[:, :H, :W]`` after a pad), ``F.pad`` with zeros (by
-    computed amounts): what stays opaque of them carries its input's entries only."""
+    """torch.roll / flip / narrow, Tensor.expand, ``x.reshape_as(y)`` / ``view_as``
+    (LeViT's ``bn(x.flatten(0, 1)).reshape_as(x)``: y gives a shape only), a tensor indexed
+    by slices and ints (a crop whose ends are computed: ``x[:, :H, :W]`` after a pad),
+    ``F.pad`` with zeros (by computed amounts): what stays opaque of them carries its
+    input's entries only."""
     target = fx_node.target
-    if fx_node.op == "call_method":
-        return target in _DATA_MOVEMENT_METHODS
+    if _calls(fx_node.op, target, _DATA_MOVEMENT_METHODS, _DATA_MOVEMENT_FUNCTIONS):
+        return True
     if fx_node.op != "call_function":
         return False
-    if target in _DATA_MOVEMENT_FUNCTIONS:
-        return True
     if target is F.pad:
         mode = fx_node.kwargs.get("mode", fx_node.args[2] if len(fx_node.args) > 2 else "constant")
         value = fx_node.kwargs.get("value", fx_node.args[3] if len(fx_node.args) > 3 else None)
@@ -1666,10 +1671,8 @@ _RANDOM_FUNCTIONS = frozenset({torch.rand, torch.randn, torch.randint, torch.ran
 
 def _draws_random(node) -> bool:
     """An opaque call that draws random numbers (a hand-written drop path's mask, noise)."""
-    a = node.attrs
-    if a.get("fx_op") == "call_method":
-        return a.get("target") in _RANDOM_METHODS
-    return a.get("fx_op") == "call_function" and a.get("target") in _RANDOM_FUNCTIONS
+    return _calls(node.attrs.get("fx_op"), node.attrs.get("target"), _RANDOM_METHODS,
+                  _RANDOM_FUNCTIONS)
 
 
 def _reshape(ld, fx_node, x, shape):

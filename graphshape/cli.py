@@ -107,19 +107,17 @@ def load_source(src: str, input_specs, *, seed: int = 0,
     ``cache_weight_norms``: as :func:`graphshape.load` (False when shaping: the weights
     are about to be replaced).
     """
+    from graphshape.ir import is_non_float
+
     if input_specs is not None and not isinstance(input_specs, list):
         input_specs = [(tuple(input_specs), None)]  # (a bare shape)
     graph, inputs, used_specs = _load_source(src, input_specs, seed, default_shape, trust,
                                              cache_weight_norms)
-    if used_specs and (inputs is None or any(not _is_float_dtype(d) for _, d in used_specs)):
+    if used_specs and (inputs is None or any(is_non_float(d) for _, d in used_specs)):
         # (integer inputs again, now that the graph says which embedding table each indexes;
         # an ONNX file's inputs for the first time)
         inputs = random_inputs(used_specs, seed, index_bounds(graph))
     return graph, inputs
-
-
-def _is_float_dtype(dtype: str | None) -> bool:
-    return dtype is None or dtype.startswith(("float", "bfloat"))
 
 
 def _load_source(src, input_specs, seed, default_shape, trust, cache_weight_norms):
@@ -138,11 +136,7 @@ def _load_source(src, input_specs, seed, default_shape, trust, cache_weight_norm
             # be static, which a default shape would not match)
             graph = graphshape.load(module, cache_weight_norms=cache_weight_norms)
             return graph, None, []
-        specs = input_specs or [(default_shape, None)]
-        _check_input_count(module, specs)
-        inputs = random_inputs(specs, seed)
-        graph = graphshape.load(module, inputs, cache_weight_norms=cache_weight_norms)
-        return graph, inputs, specs
+        return _load_module(module, input_specs, seed, default_shape, cache_weight_norms)
 
     if src.endswith(".onnx") or os.path.exists(src):
         if not os.path.exists(src):
@@ -176,6 +170,14 @@ def _load_source(src, input_specs, seed, default_shape, trust, cache_weight_norm
     except Exception as e:
         call = src if "(" in src else f"{src}()"
         raise GraphshapeError(f"{call} failed: {type(e).__name__}: {e}") from None
+    return _load_module(model, input_specs, seed, default_shape, cache_weight_norms)
+
+
+def _load_module(model, input_specs, seed, default_shape, cache_weight_norms):
+    """(graph, example inputs, specs) of a module traced on random inputs of
+    ``input_specs`` (one batch of ``default_shape`` when None)."""
+    import graphshape
+
     specs = input_specs or [(default_shape, None)]
     _check_input_count(model, specs)
     inputs = random_inputs(specs, seed)

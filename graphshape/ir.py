@@ -78,6 +78,12 @@ def holds_tensors(node: "Node") -> bool:
     return TENSOR_CONTAINER in node.meta.get("flags", ())
 
 
+def moves_data_only(node: "Node") -> bool:
+    """Whether ``node`` is an opaque call that only moves its first input's entries
+    (:data:`DATA_MOVEMENT`: ``torch.roll``, ``x.expand_as(y)``, ``x.reshape_as(y)``...)."""
+    return node.op == "opaque" and DATA_MOVEMENT in node.meta.get("flags", ())
+
+
 #: dtype prefixes of values that are never signals (sizes, indices, masks, Python objects)
 NON_FLOAT_DTYPES = ("int", "uint", "bool", "object")
 #: the floating dtypes a ``cast`` node converts between

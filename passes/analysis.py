@@ -40,8 +40,8 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from graphshape.errors import GraphshapeError
-from graphshape.ir import (_TAP_CACHE, DATA_MOVEMENT, Graph, Node, Ref, holds_tensors,  # noqa: F401
-                           may_hold_signal, weight_tap_norms)
+from graphshape.ir import (_TAP_CACHE, Graph, Node, Ref, holds_tensors,  # noqa: F401
+                           may_hold_signal, moves_data_only, weight_tap_norms)
 
 FLAG_APPROX = "approximate"
 FLAG_NORM = "normalization at init"
@@ -259,8 +259,7 @@ def rule_resize(ctx: RuleContext) -> Kernel:
 
 def rule_unknown(ctx: RuleContext) -> Kernel:
     what = ctx.node.attrs.get("description") if ctx.node.op == "opaque" else None
-    if ctx.node.op == "opaque" and DATA_MOVEMENT in ctx.node.meta.get("flags", ()) \
-            and ctx.inputs and ctx.inputs[0] is not None:
+    if moves_data_only(ctx.node) and ctx.inputs and ctx.inputs[0] is not None:
         # (torch.roll, a crop by computed sizes, F.pad by computed amounts: as slice / pad;
         # the tensor moved is the first argument, another one gives a shape at most:
         # x.expand_as(y), x.reshape_as(y))

@@ -40,14 +40,14 @@ import networkx as nx
 import numpy as np
 
 from graphshape.errors import GraphshapeError
-from graphshape.ir import DATA_MOVEMENT, Graph, may_hold_signal
+from graphshape.ir import Graph, may_hold_signal, moves_data_only
 from graphshape.ops import AFFINE_LAYERS
 from graphshape.passes.joins import (MAX_POOL_OPS, commutes_with_max_pool,
                                     move_shortcuts_to_preactivation, normalize_sums,
                                     reset_branch_scales)
 from graphshape.passes.normalize import (NORM_OPS, merge_duplicate_activations,
                                          remove_normalization)
-from graphshape.passes.subnetworks import LOGIT_OPS, attention_logits
+from graphshape.passes.subnetworks import LOGIT_OPS, attention_logits, used_only_by
 
 #: The default residual shortcut weight, chosen by measurement (benchmarks/shortcut_weight.py,
 #: numbers in docs/shaping.md): it is the largest weight (0.05 grid) with which the default
@@ -170,13 +170,6 @@ def _main_path_activations(graph: Graph, signals: set[str] | None = None) -> lis
             and CONSTANT_GATE not in n.meta and GATE_PATH not in n.meta]
 
 
-def _moves_first_input(node, source: str) -> bool:
-    """An opaque call that only moves the entries of its first input, ``source``
-    (``g.expand_as(x)``: flagged data movement by the frontend)."""
-    return (node.op == "opaque" and DATA_MOVEMENT in node.meta.get("flags", ())
-            and bool(node.inputs) and node.inputs[0].node == source)
-
-
 def find_gates(graph: Graph) -> list[tuple[str, str]]:
     """(activation node, product node) pairs where an activation's output (possibly after
     reshapes) multiplies or divides another signal that does not descend from it: a gate, as
@@ -195,7 +188,8 @@ def find_gates(graph: Graph) -> list[tuple[str, str]]:
                 if user.name in seen:
                     continue
                 seen.add(user.name)
-                if user.op in _PASS_THROUGH or _moves_first_input(user, cur.name):
+                if user.op in _PASS_THROUGH or (moves_data_only(user)  # (g.expand_as(x))
+                                                and user.inputs[0].node == cur.name):
                     frontier.append(user)
                 elif user.op in ("mul", "div", "matmul"):
                     # the other operand must be a signal that does not itself come from
@@ -218,13 +212,14 @@ GATE_PATH = "gate_path"
 
 
 def _value_at_zero(node) -> float | None:
-    """``f(0)`` of activation ``node`` (its attributes included), None when unknown."""
+    """``f(0)`` of activation ``node`` (its attributes included; its transform not), None
+    when unknown."""
     from graphshape import activations as registry
+    from graphshape.passes.analysis import _act_attrs
 
     try:
-        act = registry.get(node.attrs.get("name"))
-        attrs = {k: node.attrs[k] for k in act.defaults if k in node.attrs}
-        return float(np.asarray(act.fn(np.zeros(1), **attrs)).reshape(-1)[0])
+        name, _, attrs = _act_attrs(node)
+        return float(np.asarray(registry.get(name).fn(np.zeros(1), **attrs)).reshape(-1)[0])
     except Exception:  # noqa: BLE001 - a name or attribute the registry does not take
         return None
 
@@ -250,8 +245,6 @@ def constant_gates(graph: Graph, gates: list[tuple[str, str]]
     product) of the other gates], {activation: why not} for those)``. A gate scaled by a
     constant on its way to the product (a shaped ONNX file's ``Mul(sigmoid(z), 2)``) counts
     with that scale; a transform it has (from an earlier shaping) is replaced."""
-    from graphshape.ops import AFFINE_LAYERS as affine
-
     starting: dict[str, tuple[str, float]] = {}
     why: dict[str, str] = {}
     for act in dict.fromkeys(a for a, _ in gates):
@@ -270,7 +263,7 @@ def constant_gates(graph: Graph, gates: list[tuple[str, str]]
         src = graph[node.inputs[0].node] if node.inputs else None
         while src is not None and src.op in _PASS_THROUGH and len(graph.users(src.name)) == 1:
             src = graph[src.inputs[0].node]
-        if src is None or src.op not in affine or len(graph.users(src.name)) != 1:
+        if src is None or src.op not in AFFINE_LAYERS or len(graph.users(src.name)) != 1:
             why[act] = "its input is not a conv / linear layer of its own"
             continue
         if (src.meta.get("shared_params") or {}).get("weight") is not None \
@@ -297,7 +290,7 @@ def _gate_scale(graph: Graph, act: str, prod: str) -> float | None:
     scale = 1.0
     cur = graph[ref.node] if ref is not None else None
     while cur is not None and cur.name != act:
-        if cur.op in _PASS_THROUGH or (cur.inputs and _moves_first_input(cur, cur.inputs[0].node)):
+        if cur.op in _PASS_THROUGH or moves_data_only(cur):
             cur = graph[cur.inputs[0].node]
             continue
         if cur.op not in ("mul", "div") or len(cur.inputs) != 2:
@@ -320,15 +313,8 @@ def gate_paths(graph: Graph, layers) -> set[str]:
     those layers are zero they do not reach the signal at all, so shaping leaves their
     activations as they are (not substituted, not transformed: TAT does not refuse a
     network for the ReLU inside its squeeze-excitation)."""
-    found = set(layers)
-    for node in reversed(list(graph)):  # users before their inputs
-        if node.name in found:
-            continue
-        users = [u for u in graph.users(node.name) if may_hold_signal(u)
-                 and "shape_computation" not in u.meta.get("flags", ())]
-        if users and all(u.name in found for u in users):
-            found.add(node.name)
-    return found - set(layers)
+    layers = set(layers)
+    return used_only_by(graph, lambda user, found: user.name in found, layers) - layers
 
 
 def start_gates_at_one(graph: Graph, starting: dict[str, tuple[str, float]], *,
@@ -839,7 +825,7 @@ def shape_graph(graph: Graph, *, method: str = "TAT", activation: str | None = N
                 report.warnings.append(f"max_pool {node.name!r} has dilation: kept as max_pool")
 
     gates = find_gates(g)
-    starting: dict[str, str] = {}
+    starting: dict[str, tuple[str, float]] = {}
     if gates and method != "untransformed":
         starting, others, why = constant_gates(g, gates)
         if others:
@@ -933,7 +919,7 @@ def shape_graph(graph: Graph, *, method: str = "TAT", activation: str | None = N
     for node in g:
         if node.op == "opaque" and node.name in signals and may_hold_signal(node) \
                 and not is_attention_call(node) and node.meta.get("input_entry") is None \
-                and DATA_MOVEMENT not in node.meta.get("flags", ()):
+                and not moves_data_only(node):
             # (opaque nodes computing Python values or sizes -- x.size(), an ONNX Shape --
             # or constants carry no signal and need no kernel rule; nor does one that only
             # shapes the output, unless it is a layer with weights, which shaping leaves

@@ -49,13 +49,13 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass, field
-from typing import Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import networkx as nx
 import numpy as np
 
 from graphshape.errors import GraphshapeError
-from graphshape.ir import DATA_MOVEMENT, Graph, Ref, may_hold_signal
+from graphshape.ir import Graph, Ref, may_hold_signal, moves_data_only
 from graphshape.ops import spec
 
 #: key of the virtual root node added to the dataflow graph before computing dominators
@@ -247,7 +247,7 @@ def _is_nonlinear_layer(node, signals: set[str]) -> bool:
     ``shortcut_weight=0`` kept its skip."""
     if node.meta.get("input_entry") is not None:  # batch["image"]: the model's input
         return False
-    if node.op == "opaque" and DATA_MOVEMENT in node.meta.get("flags", ()):
+    if moves_data_only(node):
         return False  # (torch.roll, a crop, x.reshape_as(y): entries moved, a linear map)
     return (node.op in ("activation", "softmax", "log_softmax", "opaque")
             or _is_signal_product(node, signals))
@@ -266,7 +266,7 @@ def mixing_weights(graph: Graph, *, gates: bool = True) -> set[str]:
     for node in graph:
         if node.op == "softmax" or (gates and "constant_gate" in node.meta) or (
                 (spec(node.op).category == "shape" or node.op == "linear"
-                 or DATA_MOVEMENT in node.meta.get("flags", ())  # (g.expand_as(x))
+                 or moves_data_only(node)  # (g.expand_as(x))
                  or (node.op in ("mul", "div") and len(node.inputs) == 2
                      and graph[node.inputs[1].node].op == "constant"))
                 and node.inputs and node.inputs[0].node in found):
@@ -300,29 +300,41 @@ LOGIT_OPS = ("reshape", "flatten", "squeeze", "unsqueeze", "transpose", "identit
              "slice", "mul", "div", "add", "sub", "sum", "affine", "opaque", "linear")
 
 
+def _counts_as_use(user) -> bool:
+    """A use of a value that can carry its signal on (shape computations, ``x.shape``, are
+    not: a scale computed from ``x.shape`` does not make ``x`` a logit)."""
+    return may_hold_signal(user) and "shape_computation" not in user.meta.get("flags", ())
+
+
+def used_only_by(graph: Graph, ends: Callable[[Any, set[str]], bool],
+                 seeds: Sequence[str] = ()) -> set[str]:
+    """``seeds`` and the nodes every use of which ``ends(user, found)`` accepts (``found``:
+    the nodes taken so far; users are visited before their inputs)."""
+    found = set(seeds)
+    for node in reversed(list(graph)):
+        if node.name in found:
+            continue
+        users = [u for u in graph.users(node.name) if _counts_as_use(u)]
+        if users and all(ends(u, found) for u in users):
+            found.add(node.name)
+    return found
+
+
 def attention_logits(graph: Graph, *, only: bool = False) -> set[str]:
     """Names of the nodes whose output reaches a softmax through :data:`LOGIT_OPS` only:
     attention logits and what computes them (``q kᵀ``, a relative-position term added to
     it). The maximizing function does not see them (softmax weights average their values
     whatever they are). ``only=True``: those whose every use ends in a softmax that way
-    (not a value that also carries on elsewhere). Shape computations are not uses: a scale
-    computed from ``x.shape`` does not make ``x`` a logit."""
-    def counts(user) -> bool:
-        return may_hold_signal(user) and "shape_computation" not in user.meta.get("flags", ())
-
-    found: set[str] = set()
+    (not a value that also carries on elsewhere). Shape computations are not uses."""
     if only:
-        for name in reversed([n.name for n in graph]):  # users before their inputs
-            users = [u for u in graph.users(name) if counts(u)]
-            if users and all(u.op == "softmax" or (u.name in found and u.op in LOGIT_OPS)
-                             for u in users):
-                found.add(name)
-        return found
+        return used_only_by(graph, lambda user, found: user.op == "softmax" or (
+            user.name in found and user.op in LOGIT_OPS))
+    found: set[str] = set()
     frontier = [n.name for n in graph if n.op == "softmax"]
     while frontier:
         for ref in graph[frontier.pop()].inputs:
             prod = graph[ref.node]
-            if ref.node in found or not counts(prod):
+            if ref.node in found or not _counts_as_use(prod):
                 continue
             found.add(ref.node)
             if prod.op in LOGIT_OPS:
