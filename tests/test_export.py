@@ -83,6 +83,9 @@ def test_torch_export_of_shaped_resnet50():
         want = shaped(x)
         got = exported.module()(x)
         other = torch.randn(2, 3, 32, 32)
-        torch.testing.assert_close(exported.module()(other), shaped(other), rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        # float32 rounding: the exported program's kernels may sum in another order (on an
+        # AMD EPYC, 1.3e-05 apart at an output of 0.23)
+        tol = {"rtol": 1e-4, "atol": 1e-5 * float(want.abs().max())}
+        torch.testing.assert_close(exported.module()(other), shaped(other), **tol)
+    torch.testing.assert_close(got, want, **tol)
     assert torch.isfinite(got).all()
