@@ -88,6 +88,30 @@ def _norm_act_classes() -> tuple:
                  if isinstance(getattr(norm_act, n, None), type))
 
 
+#: (module, class names) of batch norms with fixed statistics and affine parameters, looked
+#: up only where the model's code has imported that module
+_FROZEN_BATCH_NORMS = (("torchvision.ops.misc", ("FrozenBatchNorm2d",)),
+                       ("timm.layers.norm_act", ("FrozenBatchNorm2d", "FrozenBatchNormAct2d")),
+                       ("detectron2.layers.batch_norm", ("FrozenBatchNorm2d",)))
+
+
+def _frozen_batch_norm_classes() -> tuple:
+    """torchvision's, timm's and detectron2's ``FrozenBatchNorm2d`` (timm's
+    ``FrozenBatchNormAct2d`` too): batch norm with fixed statistics and affine parameters,
+    kept as fx leaves and mapped to a ``batch_norm`` node with ``frozen=True``, which shaping
+    removes like any norm. Traced, they were a multiplication and an addition by computed
+    constants that shaping kept: a pretrained detection backbone's statistics then scaled
+    every channel of the shaped network, and its q was far from 1."""
+    found = []
+    for module_name, names in _FROZEN_BATCH_NORMS:
+        module = sys.modules.get(module_name)
+        for name in names if module is not None else ():
+            cls = getattr(module, name, None)
+            if isinstance(cls, type) and cls not in found:
+                found.append(cls)
+    return tuple(found)
+
+
 def _drop_path_classes() -> tuple:
     """timm's ``DropPath`` (stochastic depth), kept as an fx leaf and mapped to a dropout
     node (torchvision's StochasticDepth, "row" mode: the same computation), so that the
@@ -213,8 +237,21 @@ class _Untraceable(GraphshapeError):
                   "as one opaque call")
 
 
+def _what_to_do(module: nn.Module) -> str:
+    """:attr:`_Untraceable.WHAT_TO_DO`, plus a pointer to the part of a detection or
+    segmentation model that graphshape can shape (torchvision's ``model.backbone`` traces
+    alone; the detection heads loop over images and boxes)."""
+    backbone = getattr(module, "backbone", None)
+    if not isinstance(backbone, nn.Module):
+        return _Untraceable.WHAT_TO_DO
+    return (f"{_Untraceable.WHAT_TO_DO}; or shape its feature extractor alone: "
+            f"model.backbone = graphshape.shape(model.backbone, images) "
+            f"({type(backbone).__name__})")
+
+
 def _trace(module: nn.Module, leaf_modules, fixed: dict[str, Any]) -> torch.fx.GraphModule:
     leaf_classes = tuple(c for c in (_stochastic_depth_class(), *_norm_act_classes(),
+                                     *_frozen_batch_norm_classes(),
                                      *_std_conv_classes(), *_drop_path_classes(),
                                      *_GRAPHSHAPE_MODULES,
                                      *leaf_modules) if c is not None)
@@ -746,6 +783,8 @@ class _Loader:
             handler = _MODULE_HANDLERS.get(type(mod))
             if handler is None and type(mod) in _norm_act_classes():
                 handler = _m_norm_act
+            if handler is None and type(mod) in _frozen_batch_norm_classes():
+                handler = _m_norm_act if hasattr(mod, "act") else _m_frozen_batch_norm
             if handler is None and type(mod) in _std_conv_classes():
                 handler = _m_std_conv
             if handler is None and type(mod) in _drop_path_classes():
@@ -1161,6 +1200,22 @@ def _m_batch_norm(ld, fx_node, mod):
                                "num_batches_tracked"]))
 
 
+def _frozen_batch_norm_attrs(mod) -> dict:
+    """A frozen batch norm's node attributes (see :func:`_frozen_batch_norm_classes`)."""
+    return {"num_features": int(mod.running_mean.numel()), "eps": float(mod.eps),
+            "momentum": None, "affine": True, "track_running_stats": True, "frozen": True}
+
+
+_FROZEN_BATCH_NORM_PARAMS = ["weight", "bias", "running_mean", "running_var"]
+
+
+def _m_frozen_batch_norm(ld, fx_node, mod):
+    if len(fx_node.args) != 1 or fx_node.kwargs:
+        raise _Unmapped("extra arguments")
+    _emit(ld, fx_node, "batch_norm", [_input(ld, fx_node)], _frozen_batch_norm_attrs(mod),
+          _module_params(mod, _FROZEN_BATCH_NORM_PARAMS))
+
+
 def _m_instance_norm(ld, fx_node, mod):
     dims = {nn.InstanceNorm1d: 1, nn.InstanceNorm2d: 2, nn.InstanceNorm3d: 3}[type(mod)]
     attrs = {"dims": dims, "num_features": mod.num_features, "eps": mod.eps,
@@ -1256,9 +1311,10 @@ def _m_activation(ld, fx_node, mod):
 
 
 def _m_norm_act(ld, fx_node, mod):
-    """timm's BatchNormAct2d / GroupNormAct: ``act(drop(norm(x)))`` as a batch_norm or
-    group_norm node (named after the module, so the emitted module keeps its state_dict
-    keys) followed by an activation node; dropout is the identity at inference."""
+    """timm's BatchNormAct2d / GroupNormAct / FrozenBatchNormAct2d: ``act(drop(norm(x)))``
+    as a batch_norm or group_norm node (named after the module, so the emitted module keeps
+    its state_dict keys) followed by an activation node; dropout is the identity at
+    inference."""
     if len(fx_node.args) != 1 or fx_node.kwargs:
         raise _Unmapped("extra arguments")
     if not isinstance(mod.drop, (nn.Identity, nn.Dropout)):
@@ -1274,6 +1330,8 @@ def _m_norm_act(ld, fx_node, mod):
     elif isinstance(mod, nn.GroupNorm):
         attrs = {"num_groups": mod.num_groups, "num_channels": mod.num_channels, "eps": mod.eps}
         op, names = "group_norm", ["weight", "bias"]
+    elif type(mod) in _frozen_batch_norm_classes():  # timm's FrozenBatchNormAct2d
+        op, attrs, names = "batch_norm", _frozen_batch_norm_attrs(mod), _FROZEN_BATCH_NORM_PARAMS
     else:
         raise _Unmapped("unknown norm-act module")
     norm = ld.add(fx_node, op, [x], attrs, _module_params(mod, names))
@@ -1543,6 +1601,7 @@ _GRAPHSHAPE_MODULE_OPS = [
     (_tm.WeightedSum, _m_gs_weighted_sum),
     (_tm.Affine, _m_gs_affine),
     (_tm.LocalResponseNorm, _m_gs_lrn),
+    (_tm.FrozenBatchNorm, _m_frozen_batch_norm),
     (_tm.LeakyReLU, _m_activation),  # a folded TReLU read by other layers too
     *[(c, _m_gs_scaled_layer(_m_conv)) for c in (_tm.ScaledConv1d, _tm.ScaledConv2d,
                                                   _tm.ScaledConv3d)],
@@ -2575,7 +2634,7 @@ def _load_untraceable(module: nn.Module, inputs: tuple | None, fx_error: str, at
     there are no example inputs or the export cannot stand in for the model."""
     if inputs is None:
         raise GraphshapeError(
-            f"{fx_error}. {_Untraceable.WHAT_TO_DO}; or pass example inputs: graphshape then "
+            f"{fx_error}. {_what_to_do(module)}; or pass example inputs: graphshape then "
             "reads the model through its ONNX export (torch.onnx.export), which runs "
             "the forward instead of tracing it") from None
     from graphshape.frontends.torch_onnx import load_via_onnx
@@ -2588,4 +2647,4 @@ def _load_untraceable(module: nn.Module, inputs: tuple | None, fx_error: str, at
         return load_via_onnx(module, inputs, fx_error=fx_error, meta=meta,
                              cache_weight_norms=cache_weight_norms)
     except GraphshapeError as failed:
-        raise GraphshapeError(f"{failed}. {_Untraceable.WHAT_TO_DO}.") from None
+        raise GraphshapeError(f"{failed}. {_what_to_do(module)}.") from None

@@ -124,7 +124,9 @@ def _check_export(proto, module: nn.Module, inputs: tuple, input_names: list[str
     import onnxruntime as ort
 
     options = ort.SessionOptions()
-    options.log_severity_level = 3
+    # 4 = fatal only: a failed run is reported in the GraphshapeError below, and onnxruntime
+    # would also print it to the process's stderr itself
+    options.log_severity_level = 4
     try:
         session = ort.InferenceSession(proto.SerializeToString(), options,
                                        providers=["CPUExecutionProvider"])
@@ -144,6 +146,11 @@ def _check_export(proto, module: nn.Module, inputs: tuple, input_names: list[str
         except Exception as exc:  # noqa: BLE001 - the model's, numpy's or onnxruntime's
             raise GraphshapeError(f"its ONNX export could not be checked on other inputs "
                                   f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from None
+        if len(got) != len(want):  # (a loop over the batch, unrolled for the example's)
+            raise GraphshapeError(
+                f"traced on the example inputs, it returns {len(got)} outputs where the model "
+                f"returns {len(want)} on other inputs (its outputs depend on the inputs' "
+                "sizes or values, which a trace freezes)")
         for g, w in zip(got, want):
             scale = float(np.abs(w).max()) if w.size else 0.0
             if g.shape != w.shape or not np.allclose(g, w, rtol=1e-3, atol=1e-4 * max(scale, 1e-6)):

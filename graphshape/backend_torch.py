@@ -529,6 +529,14 @@ def _channel_norm(ctx, node, xs, classes):
 
 
 def _e_batch_norm(ctx, node, xs):
+    if node.attrs.get("frozen"):
+        mod = tm.FrozenBatchNorm(int(node.attrs.get("num_features") or
+                                     len(node.params["running_mean"])),
+                                 eps=float(node.attrs.get("eps", 1e-5)))
+        for name in ("weight", "bias", "running_mean", "running_var"):
+            if name in node.params:
+                mod._buffers[name] = ctx.tensor(node, name)
+        return ctx.module(node, mod, (xs[0],))
     return _channel_norm(ctx, node, xs, (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d))
 
 

@@ -114,7 +114,10 @@ _SPECS = [
                       "learnable_slope"}),
     OpSpec("batch_norm", "norm", "norm", "Batch normalization (1/2/3d).",
            {"num_features": "int", "eps": "float", "momentum": "float or None",
-            "affine": "bool", "track_running_stats": "bool"},
+            "affine": "bool", "track_running_stats": "bool",
+            "frozen": "bool (default False): the running statistics and the affine "
+                      "parameters are fixed, in training too (torchvision's "
+                      "FrozenBatchNorm2d): a per-channel affine map"},
            {"weight": "(C,)", "bias": "(C,)", "running_mean": "(C,)", "running_var": "(C,)"}),
     OpSpec("layer_norm", "norm", "norm", "Layer normalization over the trailing dims.",
            {"normalized_shape": "tuple", "eps": "float"},

@@ -583,6 +583,29 @@ class Affine(nn.Module):
         return f"channels={self.scale.numel()}, axis={self.axis}"
 
 
+class FrozenBatchNorm(nn.Module):
+    """Batch norm with fixed statistics and fixed affine parameters, in training mode too:
+    ``(x - running_mean) / sqrt(running_var + eps) * weight + bias`` along axis 1, for any
+    rank >= 2. The four tensors are buffers, with the state_dict keys of torchvision's
+    ``FrozenBatchNorm2d`` (which the torch backend emits this for; timm's and detectron2's
+    are the same computation)."""
+
+    def __init__(self, num_features: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = float(eps)
+        self.register_buffer("weight", torch.ones(num_features))
+        self.register_buffer("bias", torch.zeros(num_features))
+        self.register_buffer("running_mean", torch.zeros(num_features))
+        self.register_buffer("running_var", torch.ones(num_features))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
+                            False, 0.0, self.eps)
+
+    def extra_repr(self) -> str:
+        return f"{self.weight.numel()}, eps={self.eps}"
+
+
 class LocalResponseNorm(nn.Module):
     """ONNX LRN: ``x / (k + alpha / size * sum_{window} x^2) ** beta`` with the window
     ``[c - floor((size - 1) / 2), c + ceil((size - 1) / 2)]``. Equals

@@ -563,6 +563,18 @@ def rule_norm(ctx: RuleContext) -> Kernel:
     if node.op == "lrn":
         ctx.flag(FLAG_APPROX, "lrn taken as the identity on q and c")
         return k
+    if node.op == "batch_norm" and node.attrs.get("frozen"):
+        # fixed statistics (FrozenBatchNorm2d): x * scale + shift per channel, as "affine"
+        mean, var = node.params.get("running_mean"), node.params.get("running_var")
+        if mean is None or var is None:
+            raise UnknownKernel("frozen batch norm without running statistics")
+        scale = 1.0 / np.sqrt(np.asarray(var, np.float64) + float(node.attrs.get("eps", 1e-5)))
+        if weight is not None:
+            scale = scale * np.asarray(weight, np.float64)
+        shift = -np.asarray(mean, np.float64) * scale
+        if bias is not None:
+            shift = shift + np.asarray(bias, np.float64)
+        return _gain(k, float(np.mean(np.square(scale))), float(np.mean(np.square(shift))))
     if node.op == "batch_norm":
         # Training-mode batch statistics at init. Per channel, the mean over a large batch
         # and all locations is the part every example shares: for unrelated examples that is

@@ -4,7 +4,9 @@ DKS/TAT networks have no normalization: at initialization the kernel is controll
 activation transforms and the orthogonal init instead. This pass removes every
 ``batch_norm``, ``layer_norm``, ``group_norm``, ``instance_norm`` and ``lrn`` node, and with
 it a per-channel affine map that directly follows one (an ``affine`` node, or ``mul`` then
-``add`` by constants as in caffe2-style ONNX files: BatchNormalization, Mul, Add). Where the
+``add`` by constants as in caffe2-style ONNX files: BatchNormalization, Mul, Add), and a
+``mul`` then ``add`` by per-channel constants right after a conv / linear layer (a frozen
+batch norm as it is exported). Where the
 norm supplied a shift (batch norm's running mean, or a learned bias), the conv / linear layer
 feeding it gains a zero-initialized bias, so the shaped model can still learn that shift.
 """
@@ -117,6 +119,32 @@ def _cancel_transposes(g: Graph, source: Ref, user: Node, removed: list) -> Ref 
     return original
 
 
+def _exported_frozen_norm(g: Graph, layer: Node) -> list[Node] | None:
+    """``[mul, add]`` when the output of conv / linear ``layer`` is read only by a ``mul`` by
+    a per-channel constant, whose output is read only by an ``add`` of one: a frozen batch
+    norm (torchvision's ``FrozenBatchNorm2d``) as ``torch.onnx.export`` writes it, or one
+    folded into constants (caffe-style ``Scale`` after a conv). Its values come from the
+    trained weights that shaping replaces, and kept they scale every channel of the shaped
+    network (a pretrained ResNet's: q ~ 1e4 at the output). A scale alone (a layer scale)
+    or a scalar is not matched."""
+    channels = _out_features(layer)
+    rank = layer.outputs[0].rank if layer.outputs else None
+    if channels is None or channels < 2:
+        return None
+    chain, cur = [], layer
+    for op in ("mul", "add"):
+        user = _sole_user(g, cur)
+        if user is None or user.op != op:
+            return None
+        operand = _constant_operand(g, user)
+        if (operand is None or user.inputs[operand[0]] != cur.out
+                or operand[1].size != channels or not _is_per_channel(operand[1], channels, rank)):
+            return None
+        chain.append(user)
+        cur = user
+    return chain
+
+
 def remove_normalization(graph: Graph, *, copy: bool = True) -> tuple[Graph, dict]:
     """Remove normalization nodes (and a per-channel affine right after each).
 
@@ -180,6 +208,29 @@ def remove_normalization(graph: Graph, *, copy: bool = True) -> tuple[Graph, dic
             producer.params["bias"] = np.zeros(n_out, dtype=np.asarray(producer.params["weight"]).dtype)
             rewritten.append({"node": producer.name, "op": producer.op,
                               "what": f"gained a zero bias (replacing the shift of {norm.name!r})"})
+    # a frozen batch norm as an exporter writes it: x * scale + shift by per-channel
+    # constants right after a layer (see _exported_frozen_norm)
+    for name in [n.name for n in g if n.op in AFFINE_LAYERS]:
+        layer = g[name] if name in g else None
+        chain = None if layer is None else _exported_frozen_norm(g, layer)
+        if chain is None:
+            continue
+        g.replace_uses(chain[-1].out, layer.out)
+        constants = {r.node for node in chain for r in node.inputs if g[r.node].op == "constant"}
+        for node in reversed(chain):
+            g.remove(node.name)
+            removed.append({"node": node.name, "op": node.op,
+                            "what": f"per-channel affine after {name!r} (a frozen batch "
+                                    "norm's x * scale + shift by constants)"})
+        for c in sorted(constants):
+            if c in g and not any(True for _ in g.nx.successors(c)):
+                g.remove(c)
+        if layer.params.get("bias") is None and layer.params.get("weight") is not None:
+            layer.params["bias"] = np.zeros(_out_features(layer),
+                                            dtype=np.asarray(layer.params["weight"]).dtype)
+            rewritten.append({"node": name, "op": layer.op,
+                              "what": "gained a zero bias (replacing the shift of the "
+                                      "per-channel affine after it)"})
     # normalization calls a frontend left opaque (F.batch_norm inside timm's BatchNormAct2d)
     opaque_norms = [n.name for n in g if opaque_norm_input(n) is not None]
     for name in opaque_norms:

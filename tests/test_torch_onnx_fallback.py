@@ -166,3 +166,44 @@ def test_a_torch_export_program_is_read_through_its_onnx_export():
     converted.load_state_dict(model.state_dict(), strict=True)
     with pytest.raises(GraphshapeError, match="ATen operators.*pass example inputs"):
         load_module(program.module())
+
+
+def test_an_export_failing_in_onnxruntime_is_refused_without_its_log(capfd):
+    """onnxruntime logs a failed run to stderr itself (outside Python's sys.stderr): the
+    check of the export keeps it quiet, the GraphshapeError says what failed."""
+    class PerExample(nn.Module):
+        def forward(self, x):
+            return torch.cat([row.unsqueeze(0) * 2 for row in x])  # unrolled for 2 rows
+
+    with pytest.raises(GraphshapeError, match="could not be checked on other inputs"):
+        load_module(PerExample(), torch.randn(2, 3))
+    err = capfd.readouterr().err
+    assert "onnxruntime" not in err and "Non-zero status" not in err, err
+
+
+def test_an_output_count_frozen_by_the_export_is_refused():
+    """A list with one output per example: the export returns as many as the example had,
+    which the check on a larger batch catches (it compared the first ones only)."""
+    class PerRow(nn.Module):
+        def forward(self, x):
+            return [x[i] * 2 for i in range(x.shape[0])]
+
+    with pytest.raises(GraphshapeError, match="returns 2 outputs where the model returns 3"):
+        load_module(PerRow(), torch.randn(2, 3))
+
+
+def test_a_detection_style_model_is_pointed_at_its_backbone():
+    class Detector(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.backbone = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU())
+
+        def forward(self, images):  # per image, as torchvision's detection models
+            return [self.backbone(img[None]).mean((1, 2, 3)) for img in images]
+
+    for inputs in (None, torch.randn(2, 3, 8, 8)):
+        with pytest.raises(GraphshapeError, match=r"model\.backbone = graphshape\.shape\("):
+            load_module(Detector().eval(), inputs)
+    # and the backbone alone is what graphshape shapes
+    shaped = graphshape.shape(Detector().backbone, torch.randn(2, 3, 8, 8), method="DKS")
+    assert not [m for m in shaped.modules() if isinstance(m, nn.BatchNorm2d)]
