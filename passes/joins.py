@@ -116,19 +116,23 @@ def reset_branch_scales(graph: Graph, *, copy: bool = True) -> tuple[Graph, dict
                 continue
             shortcut = empty[0]
         node = g[join.inputs[1 - shortcut].node]
-        while node.op in _BRANCH_PASS and len(node.inputs) >= 1:
-            node = g[node.inputs[0].node]
-        if node.op != "mul" or len(node.inputs) != 2:
-            continue
-        const = _sole_constant(g, node, signals)
-        if const is None:
-            continue
-        value = const.params["value"]
-        const.params["value"] = np.ones_like(value)
-        rewritten.append({"node": const.name, "op": "constant",
-                          "what": f"branch scale before join {join.node!r} set to 1 (was "
-                                  f"{float(np.abs(value).mean()):.3g} on average: a layer "
-                                  "scale)"})
+        # every scale in a row at the branch's end: NF-Nets' out * skipinit_gain * alpha
+        # (skipinit 0: with alpha reset alone, dm_nfnet's branches stayed zero)
+        while True:
+            while node.op in _BRANCH_PASS and len(node.inputs) >= 1:
+                node = g[node.inputs[0].node]
+            if node.op != "mul" or len(node.inputs) != 2:
+                break
+            const = _sole_constant(g, node, signals)
+            if const is None:
+                break
+            value = const.params["value"]
+            const.params["value"] = np.ones_like(value)
+            rewritten.append({"node": const.name, "op": "constant",
+                              "what": f"branch scale before join {join.node!r} set to 1 (was "
+                                      f"{float(np.abs(value).mean()):.3g} on average: a layer "
+                                      "scale)"})
+            node = g[next(r.node for r in node.inputs if r.node in signals)]
     return g, {"removed": [], "rewritten": rewritten}
 
 

@@ -254,12 +254,15 @@ def constant_gates(graph: Graph, gates: list[tuple[str, str]]
             why[act] = (f"{node.attrs.get('name')}(0) = {f0:g}: started as 0 it would cut the "
                         "signal" if f0 is not None else "its value at 0 is unknown")
             continue
-        scales = {_gate_scale(graph, act, prod) for a, prod in gates if a == act}
+        scales = {_gate_scale(graph, act, prod) * _product_scale(graph, prod)
+                  if _gate_scale(graph, act, prod) is not None else None
+                  for a, prod in gates if a == act}
         if len(scales) != 1 or None in scales or not next(iter(scales)) > 0:
             why[act] = ("it divides a signal or is scaled by a constant that is not one "
                         "positive number on its way to the product")
             continue
-        f0 *= scales.pop()  # (a shaped ONNX file's gate: Mul(sigmoid(z), 2))
+        # (a shaped ONNX file's gate: Mul(sigmoid(z), 2); NF-Nets' 2 * (x * sigmoid(z)))
+        f0 *= scales.pop()
         src = graph[node.inputs[0].node] if node.inputs else None
         while src is not None and src.op in _PASS_THROUGH and len(graph.users(src.name)) == 1:
             src = graph[src.inputs[0].node]
@@ -305,6 +308,79 @@ def _gate_scale(graph: Graph, act: str, prod: str) -> float | None:
         scale = scale * value if cur.op == "mul" else scale / value
         cur = graph[cur.inputs[0].node]
     return scale if cur is not None else None
+
+
+def _scalar_operand(graph: Graph, node, ref) -> float | None:
+    """The finite non-zero scalar constant that ``mul`` / ``div`` ``node`` scales ``ref`` by
+    (``c * x``, ``x * c``, ``x / c``), else None."""
+    if node.op not in ("mul", "div") or len(node.inputs) != 2 or ref not in node.inputs:
+        return None
+    other = node.inputs[1 - node.inputs.index(ref)]
+    if node.op == "div" and node.inputs[0] != ref:
+        return None
+    const = graph[other.node]
+    value = const.params.get("value") if const.op == "constant" else None
+    if value is None or np.size(value) != 1 or not np.isfinite(value).all():
+        return None
+    value = float(np.asarray(value).reshape(-1)[0])
+    if value == 0:
+        return None
+    return value if node.op == "mul" else 1.0 / value
+
+
+def _product_scale(graph: Graph, prod: str) -> float:
+    """The scalar constant a gated product is multiplied by before anything else reads it:
+    NF-Nets' ``attn_gain * (x * sigmoid(z))``, whose 2.0 makes up for sigmoid(0) = 1/2.
+    Started as 1 by itself, the gate made such a block's output twice its input (shaped
+    nf_regnet_b0: q ~ 3e9 at the output); counted here, gate and gain together start at 1.
+    1.0 when there is none."""
+    scale, cur = 1.0, graph[prod]
+    while not graph.is_output(cur.out):
+        users = graph.users(cur.name)
+        if len(users) != 1:
+            break
+        user = users[0]
+        if user.op in _PASS_THROUGH or (moves_data_only(user) and user.inputs[0] == cur.out):
+            cur = user
+            continue
+        value = _scalar_operand(graph, user, cur.out)
+        if value is None:
+            break
+        scale *= value
+        cur = user
+    return scale
+
+
+def drop_scales_after_transforms(graph: Graph) -> dict:
+    """Remove the multiplication by a positive scalar constant that alone reads a
+    transformed activation's output: ``phi(x) * c``, NF-Nets' ``act(x) * beta`` (beta =
+    1/sqrt(expected variance) of the un-normalized residual stream) or an exported
+    ``gamma * gelu(x)``. The solved transform ``phi_hat = s * phi(a x + b) + d`` is what the
+    kernel rules and the maximizing function assume the next layer reads; kept, ``c`` scales
+    its q by ``c**2`` (nf_regnet_b0 shaped: q 0.31 at the output). Dropping it equals
+    solving for ``c * phi`` (whose output scale would be ``s / c``). Gates and activations
+    without a transform are left. In place; returns the record (``removed``)."""
+    removed = []
+    for act in [n for n in graph if n.op == "activation"]:
+        if (not act.attrs.get("transform") or act.meta.get(CONSTANT_GATE)
+                or act.meta.get(GATE_PATH) or graph.is_output(act.out)):
+            continue
+        users = graph.users(act.name)
+        if len(users) != 1:
+            continue
+        mul = users[0]
+        value = _scalar_operand(graph, mul, act.out)
+        if value is None or value <= 0 or value == 1.0:
+            continue
+        const = next(graph[r.node] for r in mul.inputs if r != act.out)
+        graph.replace_uses(mul.out, act.out)
+        graph.remove(mul.name)
+        removed.append({"node": mul.name, "op": mul.op,
+                        "what": f"scale {value:.4g} after transformed activation {act.name!r} "
+                                "(its solved output scale takes its place)"})
+        if const.name in graph and not graph.users(const.name):
+            graph.remove(const.name)
+    return {"removed": removed, "rewritten": []}
 
 
 def gate_paths(graph: Graph, layers) -> set[str]:
@@ -987,6 +1063,7 @@ def shape_graph(graph: Graph, *, method: str = "TAT", activation: str | None = N
     if params:
         g, rec = inject_transforms(g, params, copy=False)
         _merge(report, rec)
+        _merge(report, drop_scales_after_transforms(g))
     for node in g:
         if "commuted_with_max_pool" in node.meta and not commutes_with_max_pool(node):
             raise GraphshapeError(
