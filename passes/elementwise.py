@@ -269,6 +269,34 @@ def _match(f: np.ndarray) -> tuple[str, dict] | None:
     return None
 
 
+def _match_scaled(f: np.ndarray) -> tuple[str, dict, float] | None:
+    """``(name, attrs, c)`` when ``f = c * phi`` for an activation ``phi`` of FUSABLE and a
+    positive constant ``c`` other than 1 (NF-Nets' ``gamma * gelu(x)``, as an exporter
+    spells it out), else None. ``c`` is read at x = 8, where every candidate is positive."""
+    if f.dtype.kind != "f" or not np.all(np.isfinite(f)):
+        return None
+    at = int(np.flatnonzero(GRID == 8.0)[0])
+    for name in FUSABLE:
+        with np.errstate(all="ignore"):
+            ref = float(np.asarray(activations.get(name).fn(GRID[at:at + 1]),
+                                   dtype=float).reshape(-1)[0])
+        c = float(f[at]) / ref if ref > 0 else 0.0
+        if not c > 0 or abs(c - 1.0) <= TOLERANCE:
+            continue
+        found = _match(f / c)
+        if found is not None and found[0] == name:
+            return found[0], found[1], _short(c)
+    return None
+
+
+def _split_already(sub: list[Node], y: Node, name: str, attrs: dict) -> bool:
+    """Whether ``sub`` is already ``activation(name) -> y`` (a scale after an activation
+    node): left as it is."""
+    return (len(sub) == 2 and sub[0].op == "activation"
+            and {k: v for k, v in sub[0].attrs.items() if k != "inplace"}
+            == {"name": name, **attrs})
+
+
 def fuse_activation_decompositions(graph: Graph, *, copy: bool = True) -> tuple[Graph, dict]:
     """Replace every spelled-out activation (see the module docstring) by one activation
     node. Returns the graph (a copy unless ``copy=False``) and ``{"fused": [{"node",
@@ -293,9 +321,17 @@ def fuse_activation_decompositions(graph: Graph, *, copy: bool = True) -> tuple[
                 f = _region_value(g, x, sub, GRID.copy())
                 if f is None:
                     break
-                found = _match(np.broadcast_to(f, GRID.shape))
+                f = np.broadcast_to(f, GRID.shape)
+                found = _match(f)
                 if found is None:
-                    continue
+                    scaled = _match_scaled(f)
+                    if scaled is None or _split_already(sub, y, scaled[0], scaled[1]):
+                        continue
+                    _replace_scaled(g, x, sub, y, *scaled)
+                    fused.append({"node": y.name, "activation": scaled[0],
+                                  "attrs": scaled[1], "scale": scaled[2],
+                                  "replaced": [n.name for n in sub]})
+                    break
                 if y.op == "activation" and {"name": found[0], **found[1]} == {
                         k: v for k, v in y.attrs.items() if k != "inplace"}:
                     break  # y is that activation already: the rest is identities, kept
@@ -324,6 +360,22 @@ def _replace(g: Graph, x: Ref, sub: list[Node], y: Node, name: str, attrs: dict,
     for c in constants:
         if not g.users(c) and not g.is_output(c):
             g.remove(c)
+
+
+def _replace_scaled(g: Graph, x: Ref, sub: list[Node], y: Node, name: str, attrs: dict,
+                    scale: float) -> None:
+    """``y`` becomes ``activation(name)(x) * scale``: a new activation node, and ``y`` a
+    ``mul`` by a scalar constant (its name, output and users kept)."""
+    info = y.outputs[0]
+    act = g.add(Node(g.unique_name(f"{y.name}_act"), "activation", [x],
+                     {"name": name, **attrs}, outputs=[TensorInfo(info.shape, info.dtype)]),
+                after=x.node)
+    dtype = info.dtype if info.dtype and not is_non_float(info.dtype) else "float32"
+    const = g.add(Node(g.unique_name(f"{y.name}_scale"), "constant", [], {},
+                       {"value": np.asarray(scale, dtype=np.dtype(dtype))},
+                       outputs=[TensorInfo((), dtype)]), after=x.node)
+    _replace(g, x, sub, y, None, {}, op="mul")
+    g.set_inputs(y.name, [act.out, const.out])
 
 
 #: largest relative difference to a norm on random data for a match (float32 constants)

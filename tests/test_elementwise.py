@@ -193,3 +193,42 @@ def test_the_pass_reports_what_it_fused_and_leaves_its_input_alone():
     assert fused["mul"].meta["fused_from"] == ["sig", "mul"]
     assert [n.op for n in graph] == ["input", "activation", "mul", "output"]  # a copy
     assert fuse_activation_decompositions(fused)[1] == {"fused": []}
+
+
+def _gamma_gelu(x):
+    """NF-Nets' GammaAct(gelu), gamma * gelu(x), as torch.onnx.export writes it (timm's
+    dm_nfnet_f0): the gamma folded into GELU's 0.5, so no part of it is GELU alone."""
+    return x * (0.5 * 1.7015043) * (1 + torch.erf(x / SQRT2))
+
+
+def test_a_scaled_spelled_out_activation_is_the_activation_then_its_scale():
+    torch.manual_seed(0)
+    model = Deep(_gamma_gelu).eval()
+    graph = graphshape.load(model, X)
+    assert _activations(graph) == [("gelu_exact", {})] * 4, graph.table()
+    scales = [n for n in graph if n.op == "mul"]
+    assert len(scales) == 4
+    for mul in scales:
+        (const,) = [graph[r.node] for r in mul.inputs if graph[r.node].op == "constant"]
+        assert float(const.params["value"]) == pytest.approx(1.7015043)
+    with torch.no_grad():
+        torch.testing.assert_close(graphshape.to_torch(graph)(X), model(X),
+                                   rtol=1e-5, atol=1e-5)
+
+
+def test_a_scaled_activation_shapes_like_the_activation(tmp_path):
+    """Shaping drops the scale after the transformed activation: the same parameters and the
+    same network as from nn.GELU, from PyTorch and from the ONNX export (before, the
+    spelled-out erf was transformed as an activation of its own)."""
+    plain = graphshape.shape(Deep(nn.GELU()), X, method="DKS", seed=0)
+    spelled = graphshape.shape(Deep(_gamma_gelu), X, method="DKS", seed=0)
+    report = spelled.meta["graphshape"]
+    assert report.activation_params == plain.meta["graphshape"].activation_params
+    assert len([r for r in report.removed if "after transformed activation" in r["what"]]) == 4
+    torch.testing.assert_close(spelled(X), plain(X), rtol=1e-5, atol=1e-5)
+    path = tmp_path / "m.onnx"
+    torch.onnx.export(Deep(_gamma_gelu).eval(), (X,), path, dynamo=False, opset_version=17)
+    onnx_report = graphshape.shape_onnx(path, tmp_path / "s.onnx", method="DKS", seed=0)
+    assert onnx_report.activation_params.keys() == {"gelu_exact"}
+    assert onnx_report.activation_params["gelu_exact"] == pytest.approx(
+        report.activation_params["gelu_exact"])
