@@ -20,17 +20,20 @@ SIZES = {"vit_b_16": 224, "vit_b_32": 224}
 
 
 def _join_qs(gm, x) -> list[float]:
-    """q at the output of every residual join (the ``add`` / ``sum`` modules graphshape
-    emits), in execution order."""
+    """q at the output of every residual join (the normalized sums graphshape emits,
+    ``graphshape.torch_modules.WeightedSum``, whatever their names: ``add_3`` from PyTorch,
+    ``stages_0_0_Add`` from an ONNX export), in execution order."""
     import torch
     from torch.fx import Interpreter
+
+    from graphshape.torch_modules import WeightedSum
 
     qs = []
 
     class Recorder(Interpreter):
         def run_node(self, n):
             out = super().run_node(n)
-            if (n.op == "call_module" and n.name.startswith(("add", "sum", "sub"))
+            if (n.op == "call_module" and isinstance(gm.get_submodule(n.target), WeightedSum)
                     and torch.is_tensor(out)):
                 qs.append(float(out.float().pow(2).mean()))
             return out
@@ -71,7 +74,7 @@ def main():
         for method in args.methods.split(","):
             gm = graphshape.shape(model, iid, method=method, seed=0)
             for label, x in (("i.i.d.", iid), ("smooth", smooth)):
-                qs = _join_qs(gm, x)
+                qs = _join_qs(gm, x) or [float("nan")]  # (a network without joins)
                 picks = [qs[i] if i < len(qs) else float("nan")
                          for i in (0, 1, 3, 7)] + [qs[len(qs) // 2], qs[-1]]
                 print(f"| {name} | {method} | {label} | {len(qs)} | "

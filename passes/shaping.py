@@ -243,8 +243,9 @@ def constant_gates(graph: Graph, gates: list[tuple[str, str]]
 
     Returns ``({gate activation: (its input layer, the gate's value at 0)}, [(activation,
     product) of the other gates], {activation: why not} for those)``. A gate scaled by a
-    constant on its way to the product (a shaped ONNX file's ``Mul(sigmoid(z), 2)``) counts
-    with that scale; a transform it has (from an earlier shaping) is replaced."""
+    constant on its way to the product (a shaped ONNX file's ``Mul(sigmoid(z), 2)``), or a
+    product scaled right after it (NF-Nets' ``attn_gain * (x * sigmoid(z))``), counts with
+    that scale; a transform it has (from an earlier shaping) is replaced."""
     starting: dict[str, tuple[str, float]] = {}
     why: dict[str, str] = {}
     for act in dict.fromkeys(a for a, _ in gates):
@@ -254,9 +255,10 @@ def constant_gates(graph: Graph, gates: list[tuple[str, str]]
             why[act] = (f"{node.attrs.get('name')}(0) = {f0:g}: started as 0 it would cut the "
                         "signal" if f0 is not None else "its value at 0 is unknown")
             continue
-        scales = {_gate_scale(graph, act, prod) * _product_scale(graph, prod)
-                  if _gate_scale(graph, act, prod) is not None else None
-                  for a, prod in gates if a == act}
+        scales = set()  # the gate's value multiplier on its way to, and after, each product
+        for prod in (p for a, p in gates if a == act):
+            before = _gate_scale(graph, act, prod)
+            scales.add(None if before is None else before * _product_scale(graph, prod))
         if len(scales) != 1 or None in scales or not next(iter(scales)) > 0:
             why[act] = ("it divides a signal or is scaled by a constant that is not one "
                         "positive number on its way to the product")
