@@ -2,12 +2,16 @@
 
     python benchmarks/runtime.py [--batch 8] [--size 128] [--steps 5] [--compile] [--fold-scales]
                                  [--channels-last] [--threads 1] [--device cuda] [--onnx]
+                                 [--bias-floor]
 
 Networks (torchvision resnet50, weights=None):
 
 * ``original``     the BatchNorm network (train mode for the training step, eval for inference);
 * ``bn->identity`` the original with every BatchNorm2d replaced by nn.Identity: the floor a
                    normalizer-free network can reach (no φ̂ cost);
+* ``bn->identity + bias`` (``--bias-floor``) that floor with a zero bias on every conv, as
+                   the shaped networks have (batch norm's shift moves there): what is left
+                   over it is φ̂'s cost and the scaled weights';
 * ``dks``, ``tat`` ``graphshape.shape(method=...)`` (TAT: leaky_relu), as shaped by default:
                    activation scales and sum weights moved onto the conv layers, which
                    compute with scaled weights (``fold_scales="weights"``: the parameters
@@ -36,7 +40,7 @@ import time
 import warnings
 
 
-def _networks(x, fold_scales=False):
+def _networks(x, fold_scales=False, bias_floor=False):
     import torch.nn as nn
     import torchvision
 
@@ -56,9 +60,20 @@ def _networks(x, fold_scales=False):
                     setattr(module, child_name, nn.Identity())
         return model
 
+    def no_bn_with_bias():
+        import torch
+
+        model = no_bn()
+        for module in model.modules():
+            if isinstance(module, nn.Conv2d) and module.bias is None:
+                module.bias = nn.Parameter(torch.zeros(module.out_channels))
+        return model
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         nets = {"original": original(), "bn->identity": no_bn()}
+        if bias_floor:
+            nets["bn->identity + bias"] = no_bn_with_bias()
         modes = {"weights": ""}
         if fold_scales:
             modes.update({"none": " (unfolded)", "parameters": " (folded params)"})
@@ -85,6 +100,8 @@ def main(argv=None) -> dict:
                              "fold_scales='parameters'")
     parser.add_argument("--device", default="cpu",
                         help="torch device for the networks and the batch (cpu, cuda, cuda:1)")
+    parser.add_argument("--bias-floor", action="store_true",
+                        help="also time the bn->identity floor with a zero bias on every conv")
     parser.add_argument("--onnx", action="store_true",
                         help="also export every network (eval mode, opset 17) and time "
                              "onnxruntime inference: CUDAExecutionProvider for a cuda "
@@ -100,7 +117,7 @@ def main(argv=None) -> dict:
         parser.error(f"--device {args.device}: torch sees no CUDA device")
     x = torch.randn(args.batch, 3, args.size, args.size)
     labels = torch.randint(0, 1000, (args.batch,))
-    networks = _networks(x, fold_scales=args.fold_scales)
+    networks = _networks(x, fold_scales=args.fold_scales, bias_floor=args.bias_floor)
     onnx_rows = _onnx_inference(networks, x, device, args.steps) if args.onnx else None
     x, labels = x.to(device), labels.to(device)
     networks = {name: m.to(device) for name, m in networks.items()}
