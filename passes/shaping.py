@@ -283,35 +283,6 @@ def constant_gates(graph: Graph, gates: list[tuple[str, str]]
     return starting, others, why
 
 
-def _gate_scale(graph: Graph, act: str, prod: str) -> float | None:
-    """The constant a gate's value is multiplied by between activation ``act`` and the
-    ``mul`` node ``prod`` it gates (1 through reshapes; a scalar ``mul`` / ``div`` by a
-    constant multiplies it); None for a ``div`` by the gate or a scaling by a non-scalar."""
-    node = graph[prod]
-    if node.op != "mul":
-        return None
-    ref = next((r for r in node.inputs if r.node == act or nx.has_path(graph.nx, act, r.node)),
-               None)
-    scale = 1.0
-    cur = graph[ref.node] if ref is not None else None
-    while cur is not None and cur.name != act:
-        if cur.op in _PASS_THROUGH or moves_data_only(cur):
-            cur = graph[cur.inputs[0].node]
-            continue
-        if cur.op not in ("mul", "div") or len(cur.inputs) != 2:
-            return None
-        const = graph[cur.inputs[1].node]
-        value = const.params.get("value") if const.op == "constant" else None
-        if value is None or np.size(value) != 1 or not np.isfinite(value).all():
-            return None
-        value = float(np.asarray(value).reshape(-1)[0])
-        if value == 0:
-            return None
-        scale = scale * value if cur.op == "mul" else scale / value
-        cur = graph[cur.inputs[0].node]
-    return scale if cur is not None else None
-
-
 def _scalar_operand(graph: Graph, node, ref) -> float | None:
     """The finite non-zero scalar constant that ``mul`` / ``div`` ``node`` scales ``ref`` by
     (``c * x``, ``x * c``, ``x / c``), else None."""
@@ -328,6 +299,32 @@ def _scalar_operand(graph: Graph, node, ref) -> float | None:
     if value == 0:
         return None
     return value if node.op == "mul" else 1.0 / value
+
+
+def _gate_scale(graph: Graph, act: str, prod: str) -> float | None:
+    """The constant a gate's value is multiplied by between activation ``act`` and the
+    ``mul`` node ``prod`` it gates (1 through reshapes; a scalar ``mul`` / ``div`` by a
+    constant multiplies it); None for a ``div`` by the gate or a scaling by a non-scalar."""
+    node = graph[prod]
+    if node.op != "mul":
+        return None
+    ref = next((r for r in node.inputs if r.node == act or nx.has_path(graph.nx, act, r.node)),
+               None)
+    scale = 1.0
+    cur = graph[ref.node] if ref is not None else None
+    while cur is not None and cur.name != act:
+        if cur.op in _PASS_THROUGH or moves_data_only(cur):
+            cur = graph[cur.inputs[0].node]
+            continue
+        # the operand on the way back to the gate, scaled by a constant (2 * g, g / 2)
+        ref = next((r for r in cur.inputs
+                    if r.node == act or nx.has_path(graph.nx, act, r.node)), None)
+        value = None if ref is None else _scalar_operand(graph, cur, ref)
+        if value is None:
+            return None
+        scale *= value
+        cur = graph[ref.node]
+    return scale if cur is not None else None
 
 
 def _product_scale(graph: Graph, prod: str) -> float:
@@ -372,8 +369,8 @@ def drop_scales_after_transforms(graph: Graph) -> dict:
             continue
         mul = users[0]
         value = _scalar_operand(graph, mul, act.out)
-        if value is None or value <= 0 or value == 1.0:
-            continue
+        if value is None or value <= 0 or value == 1.0 or graph.is_output(mul.out):
+            continue  # (one that scales the model's output sets its range: kept)
         const = next(graph[r.node] for r in mul.inputs if r != act.out)
         graph.replace_uses(mul.out, act.out)
         graph.remove(mul.name)

@@ -9,6 +9,7 @@ q ~ 3e9 (DKS) at the output, nf_resnet26 0.86, nfnet_l0 0.44."""
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import graphshape
@@ -126,3 +127,21 @@ def test_a_scale_read_elsewhere_or_untransformed_is_kept():
     assert not [r for r in report.removed if "after transformed activation" in r["what"]]
     report = graphshape.shape(NFNet(depth=2), x, method="untransformed", seed=0).meta["graphshape"]
     assert not [r for r in report.removed if "after transformed activation" in r["what"]]
+
+
+def test_a_scale_that_makes_the_output_is_kept():
+    """A scale whose result is the model's output sets its range (``3 * softplus(...)``):
+    it stays, even after a transformed activation."""
+    class Head(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+            self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
+
+        def forward(self, x):
+            return F.softplus(self.conv2(torch.tanh(self.conv1(x)) * 0.5)) * 3.0
+
+    report = graphshape.shape(Head(), torch.randn(2, 3, 8, 8), method="DKS",
+                              seed=0).meta["graphshape"]
+    dropped = [r["what"] for r in report.removed if "after transformed activation" in r["what"]]
+    assert len(dropped) == 1 and dropped[0].startswith("scale 0.5 ")
