@@ -198,7 +198,8 @@ def find_gates(graph: Graph) -> list[tuple[str, str]]:
                     if any(r.node in signals and not nx.has_path(graph.nx, node.name, r.node)
                            for r in others):
                         gates.append((node.name, user.name))
-                    elif user.op != "matmul" and user.inputs[0].node == cur.name and not any(
+                    elif (user.op == "mul" or (user.op == "div"
+                                               and user.inputs[0].node == cur.name)) and not any(
                             r.node in signals for r in others):
                         frontier.append(user)  # a gate scaled by a constant (2 * sigmoid(z))
     return gates

@@ -206,3 +206,30 @@ def test_untransformed_leaves_the_gates_as_they_are():
     assert all(p.detach().abs().sum() > 0 for n, p in shaped.named_parameters()
                if "fc2.weight" in n)
     assert any("gating activation(s)" in w for w in shaped.meta["graphshape"].warnings)
+
+
+class DoubledSE(nn.Module):
+    """Squeeze-excitation with its gate doubled, the constant written first or last."""
+
+    def __init__(self, channels, constant_first):
+        super().__init__()
+        self.se = SE(channels)
+        self.constant_first = constant_first
+
+    def forward(self, x):
+        se = self.se
+        g = torch.sigmoid(se.fc2(torch.relu(se.fc1(x.mean((2, 3), keepdim=True)))))
+        return x * (2.0 * g if self.constant_first else g * 2.0)
+
+
+@pytest.mark.parametrize("constant_first", [False, True], ids=["g * 2", "2 * g"])
+def test_a_doubled_gate_starts_at_one_whichever_side_its_constant_is(constant_first):
+    """``2 * sigmoid(z)`` was "a product of two signals" (the walk from the gate followed a
+    scaling only with the gate first); both spellings start at 1: sigmoid(0) * 2."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.Tanh(),
+                          DoubledSE(8, constant_first), nn.Conv2d(8, 8, 3, padding=1), nn.Tanh())
+    report = graphshape.shape(model, torch.randn(2, 3, 8, 8), method="DKS",
+                              seed=0).meta["graphshape"]
+    gates = [r["what"] for r in report.rewritten if "gate divided" in r["what"]]
+    assert gates == ["gate divided by its value at 0: output scale 1, 1 at initialization"]
