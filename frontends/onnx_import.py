@@ -47,7 +47,7 @@ import numpy as np
 
 from graphshape.errors import GraphshapeError
 from graphshape.ir import (FLOAT_DTYPES, TENSOR_CONTAINER, Graph, Node, Ref, TensorInfo,
-                           cache_weight_tap_norms, is_non_float)
+                           cache_weight_tap_norms, constant_operand, is_non_float)
 from graphshape.ops import prelu_activation
 from graphshape.passes.elementwise import fuse_decompositions
 
@@ -247,9 +247,7 @@ def fold_written_transforms(graph: Graph) -> list[str]:
                      if graph[r.node].op == "constant"}
         for node in [*reversed(post), *pre]:  # (each read by the next one only)
             graph.remove(node.name)
-        for c in constants:
-            if c in graph and not graph.users(c) and not graph.is_output(c):
-                graph.remove(c)
+        graph.remove_unread(constants)
         act.attrs["transform"] = transform
         folded.append(act.name)
     return folded
@@ -266,13 +264,10 @@ def _named_scalar_op(graph: Graph, node, act: str, key: str, op: str
     base = node.name[:-len(key) - 1]
     if act != base and not (act.startswith(f"{base}_") and act[len(base) + 1:].isdigit()):
         return None
-    consts = [i for i, r in enumerate(node.inputs) if graph[r.node].op == "constant"]
-    if len(consts) != 1:
+    operand = constant_operand(graph, node)
+    if operand is None or operand[1].size != 1:
         return None
-    value = graph[node.inputs[consts[0]].node].params.get("value")
-    if value is None or np.size(value) != 1:
-        return None
-    return node.inputs[1 - consts[0]], float(np.asarray(value).reshape(-1)[0])
+    return node.inputs[operand[0]], float(operand[1].reshape(-1)[0])
 
 
 def is_serialized(model: Any) -> bool:

@@ -95,6 +95,20 @@ def is_non_float(dtype: str | None) -> bool:
     return (dtype or "").startswith(NON_FLOAT_DTYPES)
 
 
+def constant_operand(graph: "Graph", node: "Node") -> tuple[int, np.ndarray] | None:
+    """(slot of the other operand, constant value) if two-input ``node`` has exactly one
+    input that is a ``constant`` node with a value, else None."""
+    if len(node.inputs) != 2:
+        return None
+    kinds = [graph[r.node].op == "constant" for r in node.inputs]
+    if kinds.count(True) != 1:
+        return None
+    value = graph[node.inputs[kinds.index(True)].node].params.get("value")
+    if value is None:
+        return None
+    return kinds.index(False), np.asarray(value)
+
+
 def may_hold_signal(node: "Node") -> bool:
     """Whether ``node``'s value can carry a signal: a floating-point tensor, a value of
     unknown dtype, or a container of floating-point tensors (:func:`holds_tensors`).
@@ -340,6 +354,16 @@ class Graph:
             self.output_nodes.remove(name)
         self._topo_cache = None
         return node
+
+    def remove_unread(self, names: Iterable[str]) -> list[str]:
+        """Remove those of ``names`` still in the graph that nothing reads (the constants a
+        removed node alone used); returns the names removed."""
+        gone = []
+        for name in sorted(set(names)):
+            if name in self.nx and not any(True for _ in self.nx.successors(name)):
+                self.remove(name)
+                gone.append(name)
+        return gone
 
     def bypass(self, name: str, input_slot: int = 0) -> Node:
         """Remove a one-output node, wiring its consumers to its input ``input_slot``."""

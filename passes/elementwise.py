@@ -242,11 +242,11 @@ def _short(value: float) -> float:
     return float(str(np.float32(value)))
 
 
-def _match(f: np.ndarray) -> tuple[str, dict] | None:
-    """The first activation of FUSABLE equal to ``f`` on GRID, with its attributes."""
+def _match(f: np.ndarray, names: tuple[str, ...] = FUSABLE) -> tuple[str, dict] | None:
+    """The first activation of ``names`` equal to ``f`` on GRID, with its attributes."""
     if f.dtype.kind != "f" or not np.all(np.isfinite(f)):
         return None
-    for name in FUSABLE:
+    for name in names:
         act = activations.get(name)
         attrs: dict = {}
         # a slope / alpha read off f, as the shortest decimal of its float32 value (the
@@ -283,8 +283,8 @@ def _match_scaled(f: np.ndarray) -> tuple[str, dict, float] | None:
         c = float(f[at]) / ref if ref > 0 else 0.0
         if not c > 0 or abs(c - 1.0) <= TOLERANCE:
             continue
-        found = _match(f / c)
-        if found is not None and found[0] == name:
+        found = _match(f / c, (name,))
+        if found is not None:
             return found[0], found[1], _short(c)
     return None
 
@@ -360,9 +360,7 @@ def _replace(g: Graph, x: Ref, sub: list[Node], y: Node, name: str, attrs: dict,
     for node in reversed(sub):
         if node.name != y.name:
             g.remove(node.name)
-    for c in constants:
-        if not g.users(c) and not g.is_output(c):
-            g.remove(c)
+    g.remove_unread(constants)
 
 
 def _replace_scaled(g: Graph, x: Ref, sub: list[Node], y: Node, name: str, attrs: dict,

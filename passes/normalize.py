@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 
 from graphshape.errors import GraphshapeError
-from graphshape.ir import Graph, Node, Ref
+from graphshape.ir import Graph, Node, Ref, constant_operand
 from graphshape.ops import AFFINE_LAYERS
 
 NORM_OPS = ("batch_norm", "layer_norm", "rms_norm", "group_norm", "instance_norm", "lrn")
@@ -30,21 +30,6 @@ def _out_features(node: Node) -> int | None:
     if node.op == "conv_transpose":
         return int(shape[1]) * int(node.attrs.get("groups", 1) or 1)
     return int(shape[0])
-
-
-def _constant_operand(graph: Graph, node: Node) -> tuple[int, np.ndarray] | None:
-    """(slot of the signal operand, constant value) if ``node`` has exactly one input that
-    is a ``constant`` node, else None."""
-    if len(node.inputs) != 2:
-        return None
-    kinds = [graph[r.node].op == "constant" for r in node.inputs]
-    if kinds.count(True) != 1:
-        return None
-    const = graph[node.inputs[kinds.index(True)].node]
-    value = const.params.get("value")
-    if value is None:
-        return None
-    return kinds.index(False), np.asarray(value)
 
 
 def _is_per_channel(value: np.ndarray, channels: int | None, rank: int | None) -> bool:
@@ -119,6 +104,38 @@ def _cancel_transposes(g: Graph, source: Ref, user: Node, removed: list) -> Ref 
     return original
 
 
+def _constant_affine_chain(g: Graph, start: Node, channels: int | None,
+                           rank: int | None) -> list[Node]:
+    """The ``mul`` and / or ``add`` by per-channel (or scalar) constants that alone read
+    ``start``'s output, one after the other (scale first, then shift)."""
+    chain: list[Node] = []
+    cur = start
+    for op in ("mul", "add"):
+        user = _sole_user(g, cur)
+        if user is None:
+            break
+        if user.op != op:
+            continue
+        operand = constant_operand(g, user)
+        if (operand is None or user.inputs[operand[0]] != cur.out
+                or not _is_per_channel(operand[1], channels, rank)):
+            break
+        chain.append(user)
+        cur = user
+    return chain
+
+
+def _give_zero_bias(layer: Node, shift_of: str, rewritten: list) -> None:
+    """A zero bias for conv / linear ``layer`` (in place, recorded) where it has a weight and
+    no bias: it takes over the shift of ``shift_of``, which shaping removed."""
+    if (layer.op in AFFINE_LAYERS and layer.params.get("bias") is None
+            and layer.params.get("weight") is not None):
+        layer.params["bias"] = np.zeros(_out_features(layer),
+                                        dtype=np.asarray(layer.params["weight"]).dtype)
+        rewritten.append({"node": layer.name, "op": layer.op,
+                          "what": f"gained a zero bias (replacing the shift of {shift_of})"})
+
+
 def _exported_frozen_norm(g: Graph, layer: Node) -> list[Node] | None:
     """``[mul, add]`` when the output of conv / linear ``layer`` is read only by a ``mul`` by
     a per-channel constant, whose output is read only by an ``add`` of one: a frozen batch
@@ -131,17 +148,10 @@ def _exported_frozen_norm(g: Graph, layer: Node) -> list[Node] | None:
     rank = layer.outputs[0].rank if layer.outputs else None
     if channels is None or channels < 2:
         return None
-    chain, cur = [], layer
-    for op in ("mul", "add"):
-        user = _sole_user(g, cur)
-        if user is None or user.op != op:
-            return None
-        operand = _constant_operand(g, user)
-        if (operand is None or user.inputs[operand[0]] != cur.out
-                or operand[1].size != channels or not _is_per_channel(operand[1], channels, rank)):
-            return None
-        chain.append(user)
-        cur = user
+    chain = _constant_affine_chain(g, layer, channels, rank)
+    if [n.op for n in chain] != ["mul", "add"] or any(
+            constant_operand(g, n)[1].size != channels for n in chain):
+        return None
     return chain
 
 
@@ -166,26 +176,13 @@ def remove_normalization(graph: Graph, *, copy: bool = True) -> tuple[Graph, dic
         supplies_shift = norm.op == "batch_norm" or norm.params.get("bias") is not None
         # the per-channel affine chain right after the norm: affine, or mul and/or add by
         # constants (scale first, then shift)
-        chain: list[Node] = []
         user = _sole_user(g, norm)
         if user is not None and user.op == "affine" and user.inputs[0] == norm.out:
-            chain.append(user)
+            chain = [user]
             supplies_shift |= user.params.get("shift") is not None
         else:
-            cur = norm
-            for op in ("mul", "add"):
-                user = _sole_user(g, cur)
-                if user is None:
-                    break
-                if user.op != op:
-                    continue
-                operand = _constant_operand(g, user)
-                if (operand is None or user.inputs[operand[0]] != cur.out
-                        or not _is_per_channel(operand[1], channels, rank)):
-                    break
-                chain.append(user)
-                supplies_shift |= op == "add"
-                cur = user
+            chain = _constant_affine_chain(g, norm, channels, rank)
+            supplies_shift |= any(node.op == "add" for node in chain)
         # consumers of the chain's last node now read the norm's input
         source = norm.inputs[0]
         last = _sole_user(g, chain[-1] if chain else norm)
@@ -198,21 +195,13 @@ def remove_normalization(graph: Graph, *, copy: bool = True) -> tuple[Graph, dic
                             else f"per-channel affine after {norm.name!r}"})
         if last is not None:  # (the norm's input was one of a pair: what that read)
             source = _cancel_transposes(g, source, last, removed) or source
-        for c in sorted(constants):  # the affine's constants, if nothing else reads them
-            if c in g and not any(True for _ in g.nx.successors(c)):
-                g.remove(c)
-        producer = g[source.node]
-        if (supplies_shift and producer.op in AFFINE_LAYERS and producer.params.get("bias") is None
-                and producer.params.get("weight") is not None):
-            n_out = _out_features(producer)
-            producer.params["bias"] = np.zeros(n_out, dtype=np.asarray(producer.params["weight"]).dtype)
-            rewritten.append({"node": producer.name, "op": producer.op,
-                              "what": f"gained a zero bias (replacing the shift of {norm.name!r})"})
+        g.remove_unread(constants)  # the affine's constants, if nothing else reads them
+        if supplies_shift:
+            _give_zero_bias(g[source.node], repr(norm.name), rewritten)
     # a frozen batch norm as an exporter writes it: x * scale + shift by per-channel
     # constants right after a layer (see _exported_frozen_norm)
-    for name in [n.name for n in g if n.op in AFFINE_LAYERS]:
-        layer = g[name] if name in g else None
-        chain = None if layer is None else _exported_frozen_norm(g, layer)
+    for layer in [n for n in g if n.op in AFFINE_LAYERS]:
+        chain = _exported_frozen_norm(g, layer)
         if chain is None:
             continue
         g.replace_uses(chain[-1].out, layer.out)
@@ -220,17 +209,10 @@ def remove_normalization(graph: Graph, *, copy: bool = True) -> tuple[Graph, dic
         for node in reversed(chain):
             g.remove(node.name)
             removed.append({"node": node.name, "op": node.op,
-                            "what": f"per-channel affine after {name!r} (a frozen batch "
+                            "what": f"per-channel affine after {layer.name!r} (a frozen batch "
                                     "norm's x * scale + shift by constants)"})
-        for c in sorted(constants):
-            if c in g and not any(True for _ in g.nx.successors(c)):
-                g.remove(c)
-        if layer.params.get("bias") is None and layer.params.get("weight") is not None:
-            layer.params["bias"] = np.zeros(_out_features(layer),
-                                            dtype=np.asarray(layer.params["weight"]).dtype)
-            rewritten.append({"node": name, "op": layer.op,
-                              "what": "gained a zero bias (replacing the shift of the "
-                                      "per-channel affine after it)"})
+        g.remove_unread(constants)
+        _give_zero_bias(layer, "the per-channel affine after it", rewritten)
     # normalization calls a frontend left opaque (F.batch_norm inside timm's BatchNormAct2d)
     opaque_norms = [n.name for n in g if opaque_norm_input(n) is not None]
     for name in opaque_norms:
@@ -240,13 +222,7 @@ def remove_normalization(graph: Graph, *, copy: bool = True) -> tuple[Graph, dic
         g.remove(name)
         removed.append({"node": name, "op": "opaque",
                         "what": f"normalization ({node.attrs.get('description', 'opaque')})"})
-        producer = g[source.node]
-        if (producer.op in AFFINE_LAYERS and producer.params.get("bias") is None
-                and producer.params.get("weight") is not None):
-            producer.params["bias"] = np.zeros(
-                _out_features(producer), dtype=np.asarray(producer.params["weight"]).dtype)
-            rewritten.append({"node": producer.name, "op": producer.op,
-                              "what": f"gained a zero bias (replacing the shift of {name!r})"})
+        _give_zero_bias(g[source.node], repr(name), rewritten)
     if opaque_norms:
         # their statistics, shape checks and asserts are now dead code
         ops = {node.name: node.op for node in g}

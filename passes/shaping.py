@@ -40,7 +40,7 @@ import networkx as nx
 import numpy as np
 
 from graphshape.errors import GraphshapeError
-from graphshape.ir import Graph, may_hold_signal, moves_data_only
+from graphshape.ir import Graph, constant_operand, may_hold_signal, moves_data_only
 from graphshape.ops import AFFINE_LAYERS
 from graphshape.passes.joins import (MAX_POOL_OPS, commutes_with_max_pool,
                                     move_shortcuts_to_preactivation, normalize_sums,
@@ -287,17 +287,12 @@ def constant_gates(graph: Graph, gates: list[tuple[str, str]]
 def _scalar_operand(graph: Graph, node, ref) -> float | None:
     """The finite non-zero scalar constant that ``mul`` / ``div`` ``node`` scales ``ref`` by
     (``c * x``, ``x * c``, ``x / c``), else None."""
-    if node.op not in ("mul", "div") or len(node.inputs) != 2 or ref not in node.inputs:
+    operand = constant_operand(graph, node) if node.op in ("mul", "div") else None
+    if (operand is None or node.inputs[operand[0]] != ref or operand[1].size != 1
+            or (node.op == "div" and operand[0] != 0)):
         return None
-    other = node.inputs[1 - node.inputs.index(ref)]
-    if node.op == "div" and node.inputs[0] != ref:
-        return None
-    const = graph[other.node]
-    value = const.params.get("value") if const.op == "constant" else None
-    if value is None or np.size(value) != 1 or not np.isfinite(value).all():
-        return None
-    value = float(np.asarray(value).reshape(-1)[0])
-    if value == 0:
+    value = float(operand[1].reshape(-1)[0])
+    if value == 0 or not math.isfinite(value):
         return None
     return value if node.op == "mul" else 1.0 / value
 
@@ -372,14 +367,13 @@ def drop_scales_after_transforms(graph: Graph) -> dict:
         value = _scalar_operand(graph, mul, act.out)
         if value is None or value <= 0 or value == 1.0 or graph.is_output(mul.out):
             continue  # (one that scales the model's output sets its range: kept)
-        const = next(graph[r.node] for r in mul.inputs if r != act.out)
+        const = next(r.node for r in mul.inputs if r != act.out)
         graph.replace_uses(mul.out, act.out)
         graph.remove(mul.name)
         removed.append({"node": mul.name, "op": mul.op,
                         "what": f"scale {value:.4g} after transformed activation {act.name!r} "
                                 "(its solved output scale takes its place)"})
-        if const.name in graph and not graph.users(const.name):
-            graph.remove(const.name)
+        graph.remove_unread([const])
     return {"removed": removed, "rewritten": []}
 
 
