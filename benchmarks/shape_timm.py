@@ -41,7 +41,7 @@ MODELS = {
     "mobilenetv3_small_050": 64,  # hard-swish, SE with hard-sigmoid gates
 }
 
-#: ``--set wide``: 44 more families (transformers, MLP mixers, attention CNNs, re-param
+#: ``--set wide``: 46 more families (transformers, MLP mixers, attention CNNs, re-param
 #: nets), model name -> input side
 WIDE = {
     **{name: 224 for name in (
@@ -53,6 +53,7 @@ WIDE = {
         "nest_tiny")},
     **{name: 64 for name in (
         "poolformer_s12", "mobilevit_xxs", "nf_resnet26", "resnest14d", "skresnet18",
+        "resnetv2_50d_evos", "resnetv2_50d_frn",
         "res2net50_26w_4s", "dpn68", "ghostnet_100", "rexnet_100", "edgenext_xx_small",
         "fastvit_t8", "hgnetv2_b0", "ese_vovnet19b_dw", "selecsls42b", "inception_next_tiny",
         "mobileone_s0", "densenetblur121d", "tresnet_m", "convmixer_768_32")},

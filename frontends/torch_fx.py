@@ -112,6 +112,78 @@ def _frozen_batch_norm_classes() -> tuple:
     return tuple(found)
 
 
+#: (module, class names) of normalization-activation layers: one expression computes both
+#: the activation and the normalization, so no norm node can be split off them (see
+#: :func:`norm_activation_remainder`); looked up only where the model imported the module
+_NORM_ACTIVATION_LAYERS = (
+    ("timm.layers.evo_norm", ("EvoNorm2dB0", "EvoNorm2dB1", "EvoNorm2dB2", "EvoNorm2dS0",
+                              "EvoNorm2dS0a", "EvoNorm2dS1", "EvoNorm2dS1a", "EvoNorm2dS2",
+                              "EvoNorm2dS2a")),
+    ("timm.layers.filter_response_norm", ("FilterResponseNormTlu2d", "FilterResponseNormAct2d")))
+
+
+def _norm_activation_classes() -> tuple:
+    """timm's EvoNorm and Filter Response Normalization layers, kept as fx leaves (opaque
+    calls carrying :func:`norm_activation_remainder`, which shaping puts in their place).
+    Traced, they were arithmetic that looked like gates and products of two signals
+    (``x * sigmoid(v * x) / group_std(x)``), refused for those reasons."""
+    found = []
+    for module_name, names in _NORM_ACTIVATION_LAYERS:
+        module = sys.modules.get(module_name)
+        for name in names if module is not None else ():
+            cls = getattr(module, name, None)
+            if isinstance(cls, type) and cls not in found:
+                found.append(cls)
+    return tuple(found)
+
+
+def norm_activation_remainder(mod: nn.Module) -> dict:
+    """What is left of a normalization-activation layer without its normalization, as DKS /
+    TAT networks have none: ``{"layer", "formula", "activation"}`` with ``activation`` the
+    node attributes of the activation that remains (``{"name": "silu"}``), or None where
+    only the identity remains (the layer applies no activation); ``{"layer", "formula",
+    "refused"}`` where no activation can be separated from the normalization.
+
+    * EvoNorm S0 / S0a: ``x * sigmoid(v * x) / group_std(x) * weight + bias``: SiLU (``v``
+      starts at 1; shaping re-initializes, so it is dropped with the statistics).
+    * EvoNorm S1 / S1a / S2 / S2a: ``act(x) / group_std(x)`` (or ``group_rms``): ``act``.
+    * FilterResponseNormTlu2d: ``max(x / rms(x) * weight + bias, tau)``: ReLU (``tau``
+      starts at 0); FilterResponseNormAct2d: ``act(x / rms(x) * weight + bias)``: ``act``.
+    * EvoNorm B0 / B1 / B2: ``x / max(batch_std, v * x + instance_std(x))``: the
+      nonlinearity is the normalization's own max, so there is nothing to keep: refused.
+    """
+    cls = type(mod).__name__
+    layer = f"{type(mod).__module__}.{cls}"
+
+    def act_of(act) -> dict | None:
+        if act is None or isinstance(act, nn.Identity):
+            return None
+        name, attrs = _act_spec(act)  # KeyError: an activation graphshape does not know
+        return {"name": name, **attrs}
+
+    if cls.startswith("EvoNorm2dB"):
+        if not getattr(mod, "apply_act", True) or getattr(mod, "v", True) is None:
+            return {"layer": layer, "formula": "x * weight + bias", "activation": None}
+        return {"layer": layer, "formula": "x / max(batch_std(x), v * x + instance_std(x)) "
+                                           "* weight + bias",
+                "refused": "its only nonlinearity is the max inside the normalization's "
+                           "denominator, so removing the normalization leaves no activation "
+                           "to transform"}
+    if cls in ("EvoNorm2dS0", "EvoNorm2dS0a"):
+        applies = getattr(mod, "v", None) is not None
+        return {"layer": layer, "formula": "x * sigmoid(v * x) / group_std(x) * weight + bias",
+                "activation": {"name": "silu"} if applies else None}
+    if cls.startswith("EvoNorm2dS"):
+        return {"layer": layer, "formula": "act(x) / group_std(x) * weight + bias",
+                "activation": act_of(getattr(mod, "act", None))}
+    if cls == "FilterResponseNormTlu2d":
+        applies = getattr(mod, "tau", None) is not None
+        return {"layer": layer, "formula": "max(x / rms(x) * weight + bias, tau)",
+                "activation": {"name": "relu"} if applies else None}
+    return {"layer": layer, "formula": "act(x / rms(x) * weight + bias)",
+            "activation": act_of(getattr(mod, "act", None))}
+
+
 def _drop_path_classes() -> tuple:
     """timm's ``DropPath`` (stochastic depth), kept as an fx leaf and mapped to a dropout
     node (torchvision's StochasticDepth, "row" mode: the same computation), so that the
@@ -252,6 +324,7 @@ def _what_to_do(module: nn.Module) -> str:
 def _trace(module: nn.Module, leaf_modules, fixed: dict[str, Any]) -> torch.fx.GraphModule:
     leaf_classes = tuple(c for c in (_stochastic_depth_class(), *_norm_act_classes(),
                                      *_frozen_batch_norm_classes(),
+                                     *_norm_activation_classes(),
                                      *_std_conv_classes(), *_drop_path_classes(),
                                      *_GRAPHSHAPE_MODULES,
                                      *leaf_modules) if c is not None)
@@ -785,6 +858,8 @@ class _Loader:
                 handler = _m_norm_act
             if handler is None and type(mod) in _frozen_batch_norm_classes():
                 handler = _m_norm_act if hasattr(mod, "act") else _m_frozen_batch_norm
+            if handler is None and type(mod) in _norm_activation_classes():
+                handler = _m_norm_activation
             if handler is None and type(mod) in _std_conv_classes():
                 handler = _m_std_conv
             if handler is None and type(mod) in _drop_path_classes():
@@ -1341,6 +1416,18 @@ def _m_norm_act(ld, fx_node, mod):
         name, act_attrs = act
         ld.env[fx_node] = ld.add(fx_node, "activation", [norm], {"name": name, **act_attrs},
                                  name=ld.graph.unique_name(f"{fx_node.name}_act"))
+
+
+def _m_norm_activation(ld, fx_node, mod):
+    """An EvoNorm / FRN layer (:func:`_norm_activation_classes`): an opaque call (no kernel
+    rule: the analysis cannot follow a normalization applied to an activation's output)
+    holding ``attrs["norm_activation"]``, what shaping leaves in its place."""
+    remainder = norm_activation_remainder(mod)
+    ld.opaque(fx_node)
+    node = ld.graph[ld.env[fx_node].node]
+    node.attrs["norm_activation"] = remainder
+    node.attrs["description"] = (f"normalization-activation layer {remainder['layer']} "
+                                 f"({remainder['formula']})")
 
 
 _SIMPLE_ACT_MODULES = {nn.ReLU: "relu", nn.SELU: "selu", nn.SiLU: "silu", nn.Mish: "mish",

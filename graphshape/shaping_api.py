@@ -137,7 +137,16 @@ def check_shapeable(graph, method: str) -> None:
             f"the model computes without floating-point values (inputs: {', '.join(dtypes) or 'none'}, "
             "no floating-point weights): DKS and TAT shape floating-point networks; "
             "export the model in float32")
-    if method != "untransformed" and not any(node.op == "activation" for node in graph):
+    from graphshape.passes.normalize import norm_activation_refusal
+
+    for node in graph:  # (before "no activation": such a layer may be the only one)
+        refusal = norm_activation_refusal(node)
+        if refusal is not None:
+            raise refusal
+    if method != "untransformed" and not any(
+            node.op == "activation" or (node.attrs.get("norm_activation") or {}).get("activation")
+            for node in graph):
+        # (a normalization-activation layer's activation remains once its norm is removed)
         opaque = sorted({str(n.attrs.get("description")) for n in graph if n.op == "opaque"})
         hint = (f" (its opaque ops, {', '.join(opaque[:5])}, may hide one: graphshape cannot "
                 "read them)" if opaque else "")

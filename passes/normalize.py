@@ -6,7 +6,9 @@ activation transforms and the orthogonal init instead. This pass removes every
 it a per-channel affine map that directly follows one (an ``affine`` node, or ``mul`` then
 ``add`` by constants as in caffe2-style ONNX files: BatchNormalization, Mul, Add), and a
 ``mul`` then ``add`` by per-channel constants right after a conv / linear layer (a frozen
-batch norm as it is exported). Where the
+batch norm as it is exported). A normalization-activation layer (timm's EvoNorm, Filter
+Response Normalization: an opaque call whose ``attrs["norm_activation"]`` the frontend wrote)
+becomes the activation it applies without its normalization. Where the
 norm supplied a shift (batch norm's running mean, or a learned bias), the conv / linear layer
 feeding it gains a zero-initialized bias, so the shaped model can still learn that shift.
 """
@@ -155,6 +157,50 @@ def _exported_frozen_norm(g: Graph, layer: Node) -> list[Node] | None:
     return chain
 
 
+def norm_activation_refusal(node: Node) -> GraphshapeError | None:
+    """The error for a normalization-activation layer whose normalization cannot be removed
+    (EvoNorm B0: see the frontend's ``norm_activation_remainder``), else None."""
+    remainder = node.attrs.get("norm_activation") if node.op == "opaque" else None
+    if not remainder or "refused" not in remainder:
+        return None
+    layer = remainder["layer"].rsplit(".", 1)[-1]
+    return GraphshapeError(
+        f"{layer} is a normalization-activation layer, {remainder['formula']}: "
+        f"{remainder['refused']}. Replace these layers by a norm and an activation module "
+        "(timm: norm_layer=BatchNormAct2d, or the model's BatchNorm variant) before shaping",
+        node=node.name, op=node.op)
+
+
+def _remove_from_norm_activation(g: Graph, node: Node, removed: list, rewritten: list) -> None:
+    """Put what remains of a normalization-activation layer without its normalization in
+    the place of opaque ``node`` (its ``attrs["norm_activation"]``, from the frontend's
+    ``norm_activation_remainder``): an activation node of the same name, or nothing."""
+    refusal = norm_activation_refusal(node)
+    if refusal is not None:
+        raise refusal
+    remainder = node.attrs["norm_activation"]
+    layer = remainder["layer"].rsplit(".", 1)[-1]
+    args = node.attrs.get("args") or ()
+    source = args[0] if args and isinstance(args[0], Ref) else node.inputs[0]
+    activation = remainder["activation"]
+    if activation is None:
+        g.replace_uses(node.out, source)
+        g.remove(node.name)
+        removed.append({"node": node.name, "op": node.op,
+                        "what": f"normalization ({layer}: {remainder['formula']}; it applies "
+                                "no activation)"})
+    else:
+        g.set_inputs(node.name, [source])
+        node.op, node.attrs, node.params = "activation", dict(activation), {}
+        node.meta["flags"] = [f for f in node.meta.get("flags", []) if f != "opaque"]
+        # (reported as removed, as a BatchNormAct2d's norm is: the node stays, as the
+        # activation the layer applied)
+        removed.append({"node": node.name, "op": "opaque",
+                        "what": f"normalization of {layer} ({remainder['formula']}): its "
+                                f"{activation['name']} activation remains, as this node"})
+    _give_zero_bias(g[source.node], repr(node.name), rewritten)
+
+
 def remove_normalization(graph: Graph, *, copy: bool = True) -> tuple[Graph, dict]:
     """Remove normalization nodes (and a per-channel affine right after each).
 
@@ -213,6 +259,8 @@ def remove_normalization(graph: Graph, *, copy: bool = True) -> tuple[Graph, dic
                                     "norm's x * scale + shift by constants)"})
         g.remove_unread(constants)
         _give_zero_bias(layer, "the per-channel affine after it", rewritten)
+    for node in [n for n in g if n.op == "opaque" and n.attrs.get("norm_activation")]:
+        _remove_from_norm_activation(g, node, removed, rewritten)
     # normalization calls a frontend left opaque (F.batch_norm inside timm's BatchNormAct2d)
     opaque_norms = [n.name for n in g if opaque_norm_input(n) is not None]
     for name in opaque_norms:

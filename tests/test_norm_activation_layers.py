@@ -1,0 +1,156 @@
+"""Normalization-activation layers (timm's EvoNorm and Filter Response Normalization): one
+expression computes the normalization and the activation, so no norm node splits off them.
+They load as opaque calls that say what remains without the normalization; shaping puts that
+activation in their place, which gives the network shaped from the same model built with a
+separate norm and that activation (BatchNormAct2d), parameter for parameter."""
+
+import functools
+
+import pytest
+
+torch = pytest.importorskip("torch")
+evo_norm = pytest.importorskip("timm.layers.evo_norm")
+frn = pytest.importorskip("timm.layers.filter_response_norm")
+from timm.layers.norm_act import BatchNormAct2d  # noqa: E402
+
+import graphshape  # noqa: E402
+from graphshape.errors import GraphshapeError  # noqa: E402
+
+nn = torch.nn
+
+#: (norm-activation layer, the activation left without its normalization)
+PAIRS = {
+    "EvoNorm2dS0": (functools.partial(evo_norm.EvoNorm2dS0, groups=4), nn.SiLU),
+    "EvoNorm2dS0a": (functools.partial(evo_norm.EvoNorm2dS0a, groups=4), nn.SiLU),
+    "EvoNorm2dS1-gelu": (functools.partial(evo_norm.EvoNorm2dS1, groups=4, act_layer=nn.GELU),
+                         nn.GELU),
+    "EvoNorm2dS2a": (functools.partial(evo_norm.EvoNorm2dS2a, groups=4), nn.SiLU),
+    "FilterResponseNormTlu2d": (frn.FilterResponseNormTlu2d, nn.ReLU),
+    "FilterResponseNormAct2d-tanh": (functools.partial(frn.FilterResponseNormAct2d,
+                                                       act_layer=nn.Tanh), nn.Tanh),
+}
+
+
+def _net(norm_layer, width=16):
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, width, 3, padding=1, bias=False), norm_layer(width),
+        nn.Conv2d(width, width, 3, padding=1, bias=False), norm_layer(width),
+        nn.Conv2d(width, width, 3, padding=1, bias=False), norm_layer(width),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(width, 5)).eval()
+
+
+def _x(seed=1):
+    return torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(seed))
+
+
+def _assert_same_network(a, b, x):
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sorted(sa) == sorted(sb)
+    for key in sa:
+        torch.testing.assert_close(sa[key], sb[key], rtol=0, atol=0, msg=key)
+    with torch.no_grad():
+        torch.testing.assert_close(a(x), b(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("method", ["DKS", "TAT"])
+@pytest.mark.parametrize("pair", sorted(PAIRS))
+def test_shaping_leaves_the_activation_of_a_norm_activation_layer(pair, method):
+    layer, act = PAIRS[pair]
+    x = _x()
+    # (TAT's default eta = 0.9 is beyond three ReLU layers' reach: C_f(0) <= 0.6)
+    options = {"method": method, "seed": 0, **({"eta": 0.5} if method == "TAT" else {})}
+    shaped = graphshape.shape(_net(layer), x, **options)
+    plain = graphshape.shape(_net(functools.partial(BatchNormAct2d, act_layer=act)), x, **options)
+    report, plain_report = shaped.meta["graphshape"], plain.meta["graphshape"]
+    assert report.activation_params == plain_report.activation_params
+    # the normalization is gone from each of the three, its activation stays
+    layer_name = pair.split("-")[0]
+    gone = [r for r in report.removed if f"normalization of {layer_name} (" in r["what"]]
+    assert len(gone) == 3
+    assert not [m for m in shaped.modules()
+                if type(m).__module__.startswith(("timm.layers.evo_norm",
+                                                  "timm.layers.filter_response_norm"))]
+    _assert_same_network(shaped, plain, x)
+
+
+def test_a_residual_network_with_filter_response_norms_shapes_as_its_batch_norm_twin():
+    """timm's ResNetV2 (resnetv2_50d_frn is this with FilterResponseNormTlu2d, resnetv2_50d
+    with BatchNormAct2d): pre-activation blocks, a deep stem, average-pool shortcuts."""
+    from timm.layers import create_conv2d
+    from timm.models.resnetv2 import ResNetV2
+
+    def net(norm_layer):
+        torch.manual_seed(0)
+        return ResNetV2(layers=[1, 1], channels=(32, 64), stem_chs=16, stem_type="deep",
+                        avg_down=True, conv_layer=create_conv2d, norm_layer=norm_layer,
+                        num_classes=7).eval()
+
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    for options in ({"method": "TAT", "eta": 0.5}, {"method": "DKS"}):
+        shaped = graphshape.shape(net(frn.FilterResponseNormTlu2d), x, seed=0, **options)
+        twin = graphshape.shape(net(BatchNormAct2d), x, seed=0, **options)
+        _assert_same_network(shaped, twin, x)
+        # and it trains
+        shaped.train()
+        loss = torch.nn.functional.cross_entropy(shaped(x), torch.tensor([1, 2]))
+        loss.backward()
+        assert torch.isfinite(loss)
+        assert all(p.grad is not None and torch.isfinite(p.grad).all()
+                   for p in shaped.parameters() if p.requires_grad)
+
+
+def test_without_its_activation_only_the_identity_remains():
+    x = _x(2)
+    layer = functools.partial(evo_norm.EvoNorm2dS0, groups=4, apply_act=False)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), layer(8), nn.SiLU(),
+                          nn.Conv2d(8, 8, 3, padding=1, bias=False), layer(8), nn.SiLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten()).eval()
+    shaped = graphshape.shape(model, x, method="DKS", seed=0)
+    report = shaped.meta["graphshape"]
+    removed = [r for r in report.removed if r["op"] == "opaque"]
+    assert len(removed) == 2 and all("applies no activation" in r["what"] for r in removed)
+    # the convs took over the layers' shift
+    assert [r["node"] for r in report.rewritten if "gained a zero bias" in r["what"]] == ["_0", "_3"]
+
+
+def test_evonorm_b0_is_refused_with_what_it_is():
+    """EvoNorm B0's only nonlinearity is the max in its denominator: nothing stays."""
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), evo_norm.EvoNorm2dB0(8),
+                          nn.Conv2d(8, 8, 3, padding=1), evo_norm.EvoNorm2dB0(8)).eval()
+    with pytest.raises(GraphshapeError) as err:
+        graphshape.shape(model, _x(), method="TAT")
+    msg = str(err.value)
+    assert "EvoNorm2dB0 is a normalization-activation layer" in msg
+    assert "no activation to transform" in msg and "BatchNormAct2d" in msg
+    assert err.value.node == "_1"
+    with pytest.raises(GraphshapeError, match="EvoNorm2dB0 is a normalization-activation"):
+        graphshape.shape(nn.Sequential(*model, nn.ReLU()), _x(), method="DKS")
+    # without its activation (v), B0 is x * weight + bias: the identity remains
+    plain = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), evo_norm.EvoNorm2dB0(8, apply_act=False),
+                          nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1)).eval()
+    shaped = graphshape.shape(plain, _x(), method="DKS", seed=0)
+    assert [r["node"] for r in shaped.meta["graphshape"].removed] == ["_1"]
+
+
+def test_loaded_unshaped_it_is_one_opaque_call_that_runs_as_the_original():
+    model = _net(PAIRS["EvoNorm2dS0"][0])
+    with torch.no_grad():  # trained-looking parameters: v, weight and bias away from init
+        for m in model.modules():
+            if isinstance(m, evo_norm.EvoNorm2dS0):
+                m.v.uniform_(0.5, 2.0), m.weight.uniform_(0.5, 2.0), m.bias.normal_()
+    x = _x(4)
+    graph = graphshape.load(model, x)
+    layers = [n for n in graph if n.op == "opaque"]
+    assert [n.name for n in layers] == ["_1", "_3", "_5"]
+    assert all(n.attrs["norm_activation"]["activation"] == {"name": "silu"} for n in layers)
+    gm = graphshape.to_torch(graph)
+    with torch.no_grad():
+        torch.testing.assert_close(gm(x), model(x), rtol=1e-5, atol=1e-6)
+    # the analysis has no rule for a normalization of an activation's output: known up to
+    # the first such layer, unknown from there on, and it says which layer stopped it
+    rows = {r["node"]: r for r in graphshape.analyze(model, x).rows}
+    assert rows["_0"]["q_pred"] is not None
+    assert rows["_1"]["q_pred"] is None and rows["_2"]["q_pred"] is None
+    assert "normalization-activation layer timm.layers.evo_norm.EvoNorm2dS0 (x * sigmoid(v * x)" \
+        in " ".join(rows["_1"]["notes"])
