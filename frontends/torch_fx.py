@@ -216,6 +216,53 @@ _TRACED_THROUGH = (nn.TransformerEncoder, nn.TransformerEncoderLayer, nn.Transfo
                    nn.TransformerDecoderLayer)
 
 
+_CONTAINERS = (dict, list, set)
+
+
+def _same_contents(now, saved) -> bool:
+    """Whether container ``now`` holds the very objects ``saved`` (a copy of it) held."""
+    if len(now) != len(saved):
+        return False
+    if isinstance(now, dict):
+        return all(k in now and now[k] is v for k, v in saved.items())
+    if isinstance(now, list):
+        return all(a is b for a, b in zip(now, saved))
+    return now == saved
+
+
+@contextlib.contextmanager
+def _python_state_kept(module: nn.Module):
+    """Undo what a symbolic trace leaves in the model's Python attributes. A forward that
+    caches a value on the module (timm's EfficientFormer, LeViT and EfficientViT-MSRA keep
+    ``attention_bias_cache[str(device)]`` in eval mode) stores an fx Proxy there while being
+    traced: the user's model then holds a value of a graph that is gone, and tracing it again
+    failed ("Node add_28 referenced nonexistent value getitem_6"). Every submodule's
+    attributes, and the contents of its dict / list / set attributes, are put back as they
+    were (the same objects); tensors are not touched (tracing does not write them)."""
+    saved = [(mod, dict(vars(mod)),
+              {k: (dict(v) if isinstance(v, dict) else type(v)(v))
+               for k, v in vars(mod).items() if type(v) in _CONTAINERS})
+             for mod in module.modules()]
+    try:
+        yield
+    finally:
+        for mod, attrs, contents in saved:
+            state = vars(mod)
+            for key in [k for k in state if k not in attrs]:
+                del state[key]
+            for key, value in attrs.items():
+                if state.get(key) is not value:
+                    state[key] = value
+            for key, copy in contents.items():
+                container = attrs[key]
+                if not _same_contents(container, copy):
+                    container.clear()
+                    if isinstance(container, list):
+                        container.extend(copy)
+                    else:
+                        container.update(copy)
+
+
 @contextlib.contextmanager
 def _plain_transformer_path():
     """While tracing, let :data:`_TRACED_THROUGH` take their plain path of torch.nn layers:
@@ -329,9 +376,18 @@ def _trace(module: nn.Module, leaf_modules, fixed: dict[str, Any]) -> torch.fx.G
                                      *_GRAPHSHAPE_MODULES,
                                      *leaf_modules) if c is not None)
     tracer = _Tracer(leaf_classes)
+    # (the GraphModule is built before the model's attributes are put back: it copies the
+    # tensor constants fx stored on the root module while tracing, `_tensor_constant0`)
+    with _python_state_kept(module):
+        graph = _symbolic_trace(tracer, module, fixed)
+        _drop_fixed_placeholders(graph, fixed)
+        return torch.fx.GraphModule(tracer.root, graph, module.__class__.__name__)
+
+
+def _symbolic_trace(tracer, module: nn.Module, fixed: dict[str, Any]) -> torch.fx.Graph:
     try:
         with _plain_transformer_path():
-            graph = tracer.trace(module, concrete_args=fixed or None)
+            return tracer.trace(module, concrete_args=fixed or None)
     except Exception as exc:  # fx raises TraceError, TypeError, RuntimeError, ...
         msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         control_flow = ("control flow" in str(exc) or "iterate" in str(exc)
@@ -343,9 +399,6 @@ def _trace(module: nn.Module, leaf_modules, fixed: dict[str, Any]) -> torch.fx.G
         raise _Untraceable(
             f"torch.fx cannot trace {type(module).__name__}: {why} ({type(exc).__name__}: {msg})"
         ) from None
-    _drop_fixed_placeholders(graph, fixed)
-    name = module.__class__.__name__
-    return torch.fx.GraphModule(tracer.root, graph, name)
 
 
 def _mutable(value):
@@ -1377,7 +1430,19 @@ def _act_spec(mod) -> tuple[str, dict]:
         if mod.beta != 1 or mod.threshold != 20:
             raise _Unmapped("softplus with beta != 1")
         return "softplus", {}
+    if t.__module__ == "timm.layers.activations" and t.__name__ in _TIMM_ACT_MODULES:
+        return _TIMM_ACT_MODULES[t.__name__], {}
     return _SIMPLE_ACT_MODULES[t], {}
+
+
+#: timm's own activation modules (``timm.layers.activations``, what ``act_layer="gelu"``
+#: creates), by class name. Traced, they are the torch functions they call; as the ``act``
+#: of a fused norm-activation module (BatchNormAct2d, GroupNormAct), they are read here:
+#: unknown, the whole module stayed one opaque call that shaping could not remove
+#: (efficientformerv2's BatchNormAct2d with timm's GELU).
+_TIMM_ACT_MODULES = {"GELU": "gelu_exact", "GELUTanh": "gelu", "Sigmoid": "sigmoid",
+                     "Tanh": "tanh", "Swish": "silu", "Mish": "mish", "HardSwish": "hardswish",
+                     "HardSigmoid": "hardsigmoid"}
 
 
 def _m_activation(ld, fx_node, mod):

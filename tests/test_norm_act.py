@@ -110,3 +110,25 @@ def test_shape_removes_weight_standardization():
     assert "0.weight" in shaped.state_dict()  # the source's keys
     out = shaped(x)
     assert torch.isfinite(out).all() and out.shape == (2, 4)
+
+
+@pytest.mark.parametrize("act_layer, name", [("gelu", "gelu_exact"), ("gelu_tanh", "gelu"),
+                                             ("sigmoid", "sigmoid"), ("tanh", "tanh")])
+def test_norm_act_with_timm_s_own_activation_modules(act_layer, name):
+    """``act_layer="gelu"`` creates timm's own GELU module (efficientformerv2): unknown to
+    the mapping, the whole BatchNormAct2d stayed opaque and shaping refused it ("looks like
+    a normalization layer that graphshape could not map")."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3, padding=1), norm_act.BatchNormAct2d(8, act_layer=act_layer),
+        torch.nn.Conv2d(8, 8, 3, padding=1), norm_act.BatchNormAct2d(8, act_layer=act_layer),
+        torch.nn.Conv2d(8, 4, 3, padding=1)).eval()
+    assert type(model[1].act).__module__ in ("timm.layers.activations", "torch.nn.modules.activation")
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(3))
+    graph = graphshape.load(model, x)
+    assert "opaque" not in graph.count_ops()
+    assert [n.attrs["name"] for n in graph if n.op == "activation"] == [name, name]
+    with torch.no_grad():
+        torch.testing.assert_close(graphshape.to_torch(graph)(x), model(x), rtol=1e-5, atol=1e-6)
+    shaped = graphshape.shape(model, x, method="DKS", seed=0)
+    assert [r["op"] for r in shaped.meta["graphshape"].removed].count("batch_norm") == 2

@@ -14,6 +14,7 @@ import torch
 import torchvision
 from torch import nn
 
+import graphshape
 from graphshape import GraphshapeError, ir
 from graphshape.frontends import torch_fx
 from graphshape.frontends.torch_fx import load_module
@@ -168,6 +169,44 @@ def test_loading_leaves_the_module_untouched():
     # the IR's parameters are the module's (shared memory), not stand-ins
     conv = graph["conv1"].params["weight"]
     assert np.shares_memory(conv, model.conv1.weight.detach().numpy())
+
+
+class _CachesInEval(nn.Module):
+    """As timm's EfficientFormer / LeViT attention: in eval mode, a value cached on the
+    module per device, ``cache[str(x.device)]`` (a Proxy's str while fx traces it), and a
+    tensor constant, which fx stores on the root module as ``_tensor_constant0``."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+        self.cache = {}
+        self.seen = []
+
+    def forward(self, x):
+        key = str(x.device)
+        if key not in self.cache:
+            self.cache[key] = self.lin.weight * 2
+            self.seen.append(key)
+        return torch.tanh(self.lin(x) @ self.cache[key]) + torch.tensor([1.0, 2.0, 3.0, 4.0])
+
+
+def test_tracing_leaves_no_python_state_on_the_module():
+    """Tracing ran the forward on Proxies: the model kept a Proxy of a graph that is gone
+    in its cache, and loading it again failed ("referenced nonexistent value", timm's
+    efficientformer_l1 shaped a second time); fx's ``_tensor_constant0`` stayed on it."""
+    model = _CachesInEval().eval()
+    x = torch.randn(3, 4)
+    want = model(x)
+    model.cache.clear(), model.seen.clear()
+    attrs = dict(vars(model))
+    for _ in range(2):
+        graph = load_module(model, x)
+        assert vars(model) == attrs  # the same objects, nothing added
+        assert model.cache == {} and model.seen == []
+        torch.testing.assert_close(graphshape.to_torch(graph)(x), want)
+    shaped = graphshape.shape(model, x, method="DKS", seed=0)
+    assert torch.isfinite(shaped(x)).all() and model.cache == {}
+    torch.testing.assert_close(model(x), want)  # the model itself still runs, eagerly
 
 
 def test_cache_weight_norms_is_optional():
