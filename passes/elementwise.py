@@ -410,13 +410,17 @@ def fuse_norm_decompositions(graph: Graph, *, copy: bool = True) -> tuple[Graph,
             info = g.info(x)
             axes = _mean_axes(reduce, info.rank)
             if (not _normalizable_axes(axes, info.rank) or info.shape is None
-                    or not all(isinstance(d, int) and d > 0 for d in info.shape)
+                    or not all(isinstance(info.shape[a], int) and info.shape[a] > 0
+                               for a in axes)
                     or is_non_float(info.dtype)):
                 continue
             region = _region(g, x, rank, mean_axes=axes)
             if not any(n.op == "reduce" for n in region):
                 continue
-            data = rng.standard_normal(info.shape) * 2.0 + 0.5
+            # a dynamic dim outside the normalized ones (an ONNX file's batch axis "N") is
+            # evaluated at 2: the norm's value does not depend on it
+            concrete = tuple(d if isinstance(d, int) and d > 0 else 2 for d in info.shape)
+            data = rng.standard_normal(concrete) * 2.0 + 0.5
             if _fuse_norm_in(g, x, region, axes, data, fused):
                 break
     return g, {"fused": fused}

@@ -200,3 +200,28 @@ def test_hand_written_channels_first_layer_norm_reads_between_transposes():
     plain = graphshape.shape(_convnet(nn.Identity), x, method="DKS", seed=0)
     assert shaped.meta["graphshape"].activation_params == plain.meta["graphshape"].activation_params
     torch.testing.assert_close(shaped(x), plain(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("model, x, dynamic, op", [
+    (lambda: _convnet(lambda: _HandLayerNorm(8, eps=1e-6, channels_first=True)),
+     torch.randn(2, 8, 6, 6), {0: "batch"}, "layer_norm"),
+    (lambda: _mlp(lambda: _LlamaRMSNorm(16)), X, {0: "batch"}, "rms_norm"),
+])
+def test_hand_written_norms_read_as_norms_in_an_export_with_a_dynamic_batch(
+        tmp_path, model, x, dynamic, op):
+    """An export with ``dynamic_axes`` (as users write them) has a symbolic batch dim: the
+    norms were not read (their region was evaluated only at static shapes), so the division
+    by the root of a mean read as a product of two signals and shaping the file was
+    refused; timm's mobilenetv5 (RMS norms over the channels), read through its export."""
+    model = model()
+    path = str(tmp_path / "m.onnx")
+    torch.onnx.export(model, (x,), path, dynamo=False, opset_version=17, input_names=["x"],
+                      output_names=["y"], dynamic_axes={"x": dynamic, "y": {0: "batch"}})
+    graph = graphshape.load(path)
+    assert graph.count_ops().get(op) == 4 and "opaque" not in graph.count_ops(), graph.table()
+    bigger = torch.cat([x, x[:1] * 0.5])  # another batch size than the export's
+    np.testing.assert_allclose(_ort(graphshape.to_onnx(graph), bigger.numpy()),
+                               _ort(onnx.load(path), bigger.numpy()), rtol=1e-5, atol=1e-5)
+    shaped = graphshape.shape_onnx(path, str(tmp_path / "shaped.onnx"), method="DKS", seed=0)
+    from_torch = graphshape.shape(model, x, method="DKS", seed=0)
+    assert shaped.activation_params == from_torch.meta["graphshape"].activation_params
