@@ -15,7 +15,8 @@ identity or projection shortcut, and inputs of its output's shape):
 
 :func:`reset_branch_scales` runs first: a constant scale that ends a residual branch (a
 layer scale, ``x + gamma * f(x)``) is set to 1, since the normalized sum assumes the branch
-carries q ~ 1. :func:`move_shortcuts_to_preactivation` then lets V1 blocks' identity shortcuts
+carries q ~ 1; so is a layer scale far from 1 right after a layer on a path with no
+shortcut around it (nothing else would bring q back once the norms are gone). :func:`move_shortcuts_to_preactivation` then lets V1 blocks' identity shortcuts
 read the residual stream rather than the activation after it (TAT's default; see its
 docstring).
 """
@@ -133,7 +134,61 @@ def reset_branch_scales(graph: Graph, *, copy: bool = True) -> tuple[Graph, dict
                                       f"{float(np.abs(value).mean()):.3g} on average: a layer "
                                       "scale)"})
             node = g[next(r.node for r in node.inputs if r.node in signals)]
+    _reset_lone_layer_scales(g, signals, rewritten)
     return g, {"removed": [], "rewritten": rewritten}
+
+
+#: a lone scale after a layer counts as a layer scale when its RMS is outside this range
+#: (the range of shaping's "constants far from 1" warning)
+LONE_LAYER_SCALE_RANGE = (0.1, 10.0)
+
+
+def _reset_lone_layer_scales(g: Graph, signals: set[str], rewritten: list) -> None:
+    """Set to 1 a layer scale that ends no residual branch: a ``mul`` of a conv / linear
+    layer's output (through data movement, nothing else reading it) by a scalar or
+    per-channel float constant nothing else reads, with an RMS off 1 by 10x or more, that
+    does not end the network. timm's MobileNetV5 keeps its blocks' layer scale (1e-5) in
+    the first block of a stage, which has no shortcut: with its norms removed, each such
+    block scaled the whole signal by 1e-5 (measured q at the residual joins of the shaped
+    mobilenetv5_base fell from ~1 to 7e-4 after the second stage). With the layer, the
+    scale is one affine map, which the orthogonal initialization sets as a whole."""
+    from graphshape.ops import AFFINE_LAYERS
+    from graphshape.passes.normalize import _is_per_channel, _out_features
+    from graphshape.passes.subnetworks import ends_the_network
+
+    low, high = LONE_LAYER_SCALE_RANGE
+    for node in list(g):
+        if node.op != "mul" or len(node.inputs) != 2:
+            continue
+        const = _sole_constant(g, node, signals)
+        if const is None:
+            continue
+        layer = g[next(r.node for r in node.inputs if r.node in signals)]
+        # (through data movement and other such scales: a norm's weight left after the
+        # transposes of a norm over the channels, as mobilenetv5's RmsNorm2d is read)
+        while layer.inputs and len(g.users(layer.name)) == 1:
+            if layer.op in _BRANCH_PASS:
+                layer = g[layer.inputs[0].node]
+            elif layer.op == "mul" and _sole_constant(g, layer, signals) is not None:
+                layer = g[next(r.node for r in layer.inputs if r.node in signals)]
+            else:
+                break
+        if layer.op not in AFFINE_LAYERS or len(g.users(layer.name)) != 1:
+            continue
+        value = const.params["value"]
+        rms = float(np.sqrt(np.mean(np.square(value, dtype=np.float64))))
+        if low <= rms <= high or ends_the_network(g, node.name):
+            continue
+        # (per channel as the mul reads it: gamma.reshape(1, -1, 1, 1) of a (C,) parameter)
+        operand = next(r for r in node.inputs if r.node not in signals)
+        shape = g.info(operand).shape
+        if shape is None or not all(isinstance(d, int) for d in shape) or not _is_per_channel(
+                np.empty(shape, np.float32), _out_features(layer), g.info(node.out).rank):
+            continue
+        const.params["value"] = np.ones_like(value)
+        rewritten.append({"node": const.name, "op": "constant",
+                          "what": f"layer scale after {layer.name!r} set to 1 (was {rms:.3g} "
+                                  "RMS; no shortcut around it)"})
 
 
 def _sole_constant(g: Graph, mul, signals: set[str]):

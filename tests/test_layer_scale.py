@@ -119,3 +119,65 @@ def test_the_layer_scale_of_a_linear_branch_is_set_to_one_too():
     q_in = float(x.pow(2).mean())
     assert rows[-1]["q_pred"] == pytest.approx(q_in, rel=0.01)
     assert rows[-1]["q_emp"] > 0.25 * q_in
+
+
+class DownBlock(nn.Module):
+    """timm MobileNetV5's first block of a stage: conv, norm, layer scale, and no shortcut
+    (it changes the width); ``value`` is the layer scale's initial value."""
+
+    def __init__(self, dim_in, dim_out, value=1e-5, norm=True):
+        super().__init__()
+        self.conv = nn.Conv2d(dim_in, dim_out, 3, padding=1, bias=False)
+        self.norm = nn.BatchNorm2d(dim_out) if norm else nn.Identity()
+        self.gamma = nn.Parameter(torch.full((dim_out,), value))
+        self.act = nn.GELU()
+
+    def forward(self, x):
+        return self.act(self.norm(self.conv(x)) * self.gamma.reshape(1, -1, 1, 1))
+
+
+def _down_net(value=1e-5, **kwargs):
+    torch.manual_seed(0)
+    return nn.Sequential(DownBlock(3, 16, value, **kwargs), DownBlock(16, 32, value, **kwargs),
+                         DownBlock(32, 32, value, **kwargs), nn.Conv2d(32, 8, 1)).eval()
+
+
+def test_a_layer_scale_with_no_shortcut_around_it_is_set_to_one():
+    """Kept, with the norms gone, each such block scaled the whole signal by 1e-5: shaped
+    mobilenetv5_base's residual q fell from ~1 to 7e-4 after its second stage."""
+    x = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    shaped = graphshape.shape(_down_net(), x, method="DKS", seed=0)
+    report = shaped.meta["graphshape"]
+    resets = [r["what"] for r in report.rewritten if r["what"].startswith("layer scale after")]
+    assert len(resets) == 3 and "(was 1e-05 RMS; no shortcut around it)" in resets[0]
+    assert not [w for w in report.warnings if "far from 1" in w]
+    gammas = [p for name, p in shaped.named_parameters() if "gamma" in name]
+    assert len(gammas) == 3 and all(torch.equal(g, torch.ones_like(g)) and g.requires_grad
+                                    for g in gammas)
+    # the network shaped from the same model without the scales, value for value
+    plain = graphshape.shape(_down_net(value=1.0, norm=True), x, method="DKS", seed=0)
+    torch.testing.assert_close(shaped(x), plain(x), rtol=0, atol=0)
+    assert 0.3 < _output_q(shaped, x) < 3.0  # was ~1e-30 with the scales kept
+
+
+def test_lone_scales_near_one_or_ending_the_network_are_kept():
+    from graphshape.passes.joins import reset_branch_scales
+
+    x = torch.randn(2, 3, 8, 8)
+    # RMS 0.5: within the range where a scale may be meant (and is only warned about if far)
+    _, record = reset_branch_scales(graphshape.load(_down_net(value=0.5, norm=False), x))
+    assert record["rewritten"] == []
+    # a scale of the network's output (a temperature) is the user's, not an init
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4 * 36, 3))
+    scaled = nn.Sequential(model, _Scale(1e-3)).eval()
+    _, record = reset_branch_scales(graphshape.load(scaled, x))
+    assert record["rewritten"] == []
+
+
+class _Scale(nn.Module):
+    def __init__(self, value):
+        super().__init__()
+        self.value = nn.Parameter(torch.tensor(value))
+
+    def forward(self, x):
+        return x * self.value
