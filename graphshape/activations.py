@@ -9,7 +9,8 @@ The names and formulas of dks 0.1.2 are kept exactly (``gelu`` is the tanh appro
 ``swish`` = ``silu`` = x * sigmoid(x), ``bentid`` = (sqrt(x^2 + 1) - 1) / 2 + x, ``selu``
 uses the SELU paper's constants, ``leaky_relu`` has ``negative_slope`` 0.01 by default),
 plus PyTorch's ``silu``, ``mish``, ``hardswish``, ``hardsigmoid``, ``relu6`` and
-``hardtanh``.
+``hardtanh``, and ``squared_relu``, max(x, 0)^2 (Primer's; the core of MetaFormer's StarReLU,
+``s * relu(x) ** 2 + b``, which models spell out: the frontends read it back as this).
 
 numpy and scipy only.
 """
@@ -292,6 +293,10 @@ _register(_A("asinh", np.arcsinh, lambda x: 1.0 / np.sqrt(1.0 + x * x),
              lambda x: -x / (1.0 + x * x) ** 1.5, point_symmetry=0.0))
 _register(_A("square", lambda x: x * x, lambda x: 2.0 * x, lambda x: 2.0 + 0.0 * x,
              pieces_fn=lambda: ((-_INF, _INF, 0.0, 0.0, 1.0),)))
+_register(_A("squared_relu", lambda x: np.maximum(x, 0.0) ** 2,
+             lambda x: 2.0 * np.maximum(x, 0.0), lambda x: np.where(x >= 0, 2.0, 0.0),
+             kinks=(0.0,), smooth=False, differentiable=True, d1_jumps_fn=lambda: (0.0,),
+             pieces_fn=lambda: ((-_INF, 0.0, 0.0, 0.0, 0.0), (0.0, _INF, 0.0, 0.0, 1.0))))
 _register(_A("softsign", lambda x: x / (1.0 + np.abs(x)), lambda x: 1.0 / (1.0 + np.abs(x)) ** 2,
              lambda x: -2.0 * np.sign(x) / (1.0 + np.abs(x)) ** 3, kinks=(0.0,), smooth=False,
              differentiable=True, point_symmetry=0.0))

@@ -389,6 +389,9 @@ def _act_core(ctx: _Ctx, node: Node, x: str, out: list[str] | int) -> str:
         return ctx.add_node("Mul", [half, one_plus], out, name=nm)[0]
     if name == "square":
         return ctx.add_node("Mul", [x, x], out, name=nm)[0]
+    if name == "squared_relu":
+        r = ctx.add_node("Relu", [x], 1, name=f"{nm}.relu")[0]
+        return ctx.add_node("Mul", [r, r], out, name=nm)[0]
     if name == "bentid":
         sq = ctx.add_node("Mul", [x, x], 1, name=f"{nm}.sq")[0]
         r = ctx.add_node("Sqrt", [ctx.add_node("Add", [sq, ctx.scalar(1.0, like, "one")], 1,
@@ -403,7 +406,8 @@ def _act_core(ctx: _Ctx, node: Node, x: str, out: list[str] | int) -> str:
 
 _ACTIVATION_NAMES = {"relu", "sigmoid", "tanh", "softplus", "softsign", "erf", "atan", "asinh",
                      "leaky_relu", "elu", "selu", "silu", "swish", "hardsigmoid", "hardswish",
-                     "relu6", "hardtanh", "mish", "gelu", "gelu_exact", "square", "bentid"}
+                     "relu6", "hardtanh", "mish", "gelu", "gelu_exact", "square", "bentid",
+                     "squared_relu"}
 
 
 def _emit_activation(ctx, node):

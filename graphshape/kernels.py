@@ -32,7 +32,7 @@ from graphshape.errors import GraphshapeError
 _TRANSFORM_KEYS = ("input_scale", "input_shift", "output_shift", "output_scale")
 # Activations that are polynomial between their kinks: no soft features to grade around.
 _PIECEWISE_POLYNOMIAL = {"relu", "leaky_relu", "square", "hardtanh", "relu6", "hardsigmoid",
-                         "hardswish"}
+                         "hardswish", "squared_relu"}
 _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
 
 
@@ -544,10 +544,19 @@ def _solve_activation(name, attrs, *, q_slope_target, c0_target, c_slope_1_targe
     wanted = ", ".join(f"{k} = {v:.6g}" for k, v in targets.items() if v is not None)
     extra = (f" ({len(rejected)} roots had input_scale * output_scale >= 2, which TAT rejects"
              " because their Q maps are unstable)" if rejected else "")
+    if name in _QUADRATIC_GROWTH and q_slope_target is not None:
+        extra += (f"; {name} grows like x^2, and no input scale and shift brings the slope "
+                  "of its Q map at q = 1 down to Q'(1) = 1 (dks 0.1.2 finds no parameters "
+                  "for 'square' under either method either)")
     raise GraphshapeError(
         f"no parameters found for activation {name!r} with local {wanted}, Q(1) = 1, from "
         f"{_NUM_TRIES} starting points{extra}. This activation cannot be shaped to these "
-        "targets: try another activation (e.g. tanh, softplus, leaky_relu) or other targets.")
+        "targets: try another activation (e.g. tanh, softplus, leaky_relu; shape(..., "
+        "activation=...) substitutes it) or other targets.")
+
+
+#: activations growing like x^2 (their Q maps' slope at 1 stays above 1)
+_QUADRATIC_GROWTH = ("square", "squared_relu")
 
 
 def _normalize_activations(activations):

@@ -44,6 +44,7 @@ ACTIVATION_FUNCTIONS: dict[str, Callable[..., torch.Tensor]] = {
     "atan": torch.atan,
     "asinh": torch.asinh,
     "square": torch.square,
+    "squared_relu": lambda x: torch.relu(x).square(),
     "softsign": F.softsign,
     "leaky_relu": F.leaky_relu,
     "gelu": _gelu_tanh,

@@ -35,7 +35,8 @@ from graphshape.ir import Graph, Node, Ref, TensorInfo, is_non_float, map_templa
 #: activations a region may be read as: the ones models spell out. Not ``square`` or
 #: ``erf``: ``(x - mean) ** 2`` in a hand-written norm is not a main-path activation.
 FUSABLE = ("relu", "silu", "gelu_exact", "gelu", "mish", "hardswish", "hardsigmoid",
-           "sigmoid", "tanh", "softplus", "selu", "elu", "relu6", "leaky_relu", "softsign")
+           "sigmoid", "tanh", "softplus", "selu", "elu", "relu6", "leaky_relu", "softsign",
+           "squared_relu")
 
 #: largest |f - activation| / max(1, |activation|) on the grid for a match: room for
 #: float32 constants (1.0507 * elu(x) with the scale rounded is 6e-8 off, relatively),
@@ -353,7 +354,9 @@ def _replace(g: Graph, x: Ref, sub: list[Node], y: Node, name: str, attrs: dict,
     names = {n.name for n in sub}
     constants = {r.node for n in sub for r in n.inputs
                  if r.node not in names and g[r.node].op == "constant"}
-    y.meta = {"flags": list(y.meta.get("flags", [])), "fused_from": [n.name for n in sub],
+    # (y may have been an opaque call, the ** of relu(x) ** 2: it is not one any more)
+    flags = [f for f in y.meta.get("flags", []) if f != "opaque"]
+    y.meta = {"flags": flags, "fused_from": [n.name for n in sub],
               **{k: y.meta[k] for k in ("source_name", "module_path") if k in y.meta}}
     y.op, y.attrs, y.params = op, ({"name": name} if name else {}) | attrs, {}
     g.set_inputs(y.name, [x])
