@@ -34,7 +34,7 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 from graphshape.errors import GraphshapeError
-from graphshape.ir import Graph, Ref
+from graphshape.ir import Graph, Node, Ref
 
 #: the opset of the in-memory export (the TorchScript exporter's most tested one)
 EXPORT_OPSET = 17
@@ -160,6 +160,47 @@ def _check_export(proto, module: nn.Module, inputs: tuple, input_names: list[str
                     "trace freezes)")
 
 
+def _fold_transformed_activations(graph: Graph, module: nn.Module) -> list[str]:
+    """Put back each of graphshape's own ``TransformedActivation`` modules that the export
+    spelled out (its scope's Mul / Add nodes and phi, named ``path.Mul``, ``path.Add_2``...)
+    as one activation node with the module's transform, in place; returns their paths. A
+    shaped model torch.fx cannot trace either (timm's dm_nfnet_f0: its "same" padding)
+    is read through its export again by ``graphshape.analyze``; spelled out, the
+    transform's shifts were taken for variance (predicted q 27 at the output, measured
+    0.15). Only a region with one input and one output read outside it folds."""
+    from graphshape.torch_modules import TransformedActivation
+
+    folded = []
+    for path, sub in module.named_modules():
+        if not isinstance(sub, TransformedActivation) or not path:
+            continue
+        region = {n.name for n in graph if n.name.startswith(path + ".") and n.op != "constant"}
+        if not region:
+            continue
+        sources = {r for name in region for r in graph[name].inputs
+                   if r.node not in region and graph[r.node].op != "constant"}
+        ends = [name for name in region
+                if graph.is_output(graph[name].out)
+                or any(u.name not in region for u in graph.users(name))]
+        if len(sources) != 1 or len(ends) != 1:
+            continue
+        end = graph[ends[0]]
+        act = graph.add(Node(graph.unique_name(path), "activation", [next(iter(sources))],
+                             {"name": sub.name, **sub.attrs, "transform": dict(sub.transform)},
+                             outputs=[end.outputs[0]],
+                             meta={"flags": [], "source_name": path, "module_path": path}),
+                        after=end.name)
+        graph.replace_uses(end.out, act.out, exclude=[act.name])
+        constants = {r.node for name in region for r in graph[name].inputs
+                     if graph[r.node].op == "constant"}
+        for name in reversed(graph.topo_order()):
+            if name in region:
+                graph.remove(name)
+        graph.remove_unread(constants)
+        folded.append(path)
+    return folded
+
+
 def _layer_path(node, modules: dict[str, nn.Module], claimed=frozenset()) -> str | None:
     """The source module an imported layer node came from: the owner of the tensors the
     export named its parameters after (``conv1.weight``, ``meta["param_sources"]``; one
@@ -276,6 +317,7 @@ def load_via_onnx(module: nn.Module, example_inputs: tuple, *, fx_error: str,
         for submodule, mode in modes:
             submodule.training = mode
     graph = load_onnx(proto, cache_weight_norms=cache_weight_norms)
+    _fold_transformed_activations(graph, module)
     _match_source_names(graph, module)
     outputs = graph.output_nodes
     if len(outputs) == count:
