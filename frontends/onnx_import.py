@@ -1721,6 +1721,22 @@ class _Importer:
     def _simple_activation(self, node, a, name):
         self._act(node, name, _SIMPLE_ACTIVATIONS[node.op_type])
 
+    def _op_Max(self, node, a, name):
+        """``max(x, 0)`` by a constant of zeros: ReLU (Filter Response Normalization's TLU,
+        ``max(y, tau)``, at its initial threshold tau = 0, as torch exports it). Any other
+        Max stays opaque."""
+        if len(node.input) != 2:
+            raise _Unsupported("not max(x, constant)")
+        consts = [i for i in (0, 1) if self.is_const(node.input[i])]
+        if len(consts) != 1:
+            raise _Unsupported("not max(x, constant)")
+        zeros, x = self.const(node.input[consts[0]]), node.input[1 - consts[0]]
+        x_shape, out_shape = self.info(x).shape, self.info(node.output[0]).shape
+        if zeros.size == 0 or np.any(zeros != 0) or x_shape is None or x_shape != out_shape:
+            raise _Unsupported("not max(x, 0) of x's shape")
+        self.add(name, "activation", [self.signal(x)], {"name": "relu"},
+                 outputs=node.output, source=node.name)
+
     def _op_LeakyRelu(self, node, a, name):
         self._act(node, name, "leaky_relu", negative_slope=float(a.get("alpha", 0.01)))
 

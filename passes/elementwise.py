@@ -105,7 +105,7 @@ def _is_elementwise(graph: Graph, node: Node) -> bool:
     a = node.attrs
     if node.op in _ARITHMETIC:
         return True
-    if node.op == "identity":
+    if node.op in ("identity", "cast"):  # (casts between float dtypes: values as they are)
         return True
     if node.op == "activation":
         return not (a.get("transform") or a.get("learnable_slope") or node.params)
@@ -121,7 +121,42 @@ def _is_elementwise(graph: Graph, node: Node) -> bool:
 
 
 def _signal_inputs(graph: Graph, node: Node) -> list[Ref]:
+    if _is_expand(node):  # (its other input is the target shape)
+        return node.inputs[:1]
     return [r for r in node.inputs if _scalar(graph, r) is None]
+
+
+def _is_expand(node: Node) -> bool:
+    """An ONNX ``Expand`` or torch ``x.expand(...)`` / ``x.expand_as(y)`` call (opaque)."""
+    a = node.attrs
+    if node.op != "opaque" or not node.inputs:
+        return False
+    if a.get("framework") == "onnx":
+        return a.get("op_type") == "Expand" and a.get("domain") in ("", "ai.onnx")
+    return a.get("fx_op") == "call_method" and a.get("target") in ("expand", "expand_as")
+
+
+def _broadcasts_to(graph: Graph, node: Node, x: Ref) -> bool:
+    """An expand (:func:`_is_expand`) of a value to exactly ``x``'s shape, which the
+    region's elementwise ops would broadcast it to anyway (FRN's ``inv_instance_rms(x)
+    .expand(x.shape)``, exported as an ``Expand`` to a shape computed from ``x``)."""
+    src = graph.info(x).shape
+    if not _is_expand(node) or src is None:
+        return False
+
+    def fits(shape) -> bool:  # x's shape, where either is known
+        return shape is not None and len(shape) == len(src) and all(
+            a == b or not isinstance(a, int) for a, b in zip(shape, src))
+
+    def same(shape) -> bool:  # x's static dims, static in shape too
+        return shape is not None and len(shape) == len(src) and all(
+            a == b or not (isinstance(a, int) or isinstance(b, int)) for a, b in zip(shape, src))
+
+    # (the exporter's target shape is computed at run time, so shape inference may not know
+    # the expand's dims: its readers, elementwise ops with x, then tell they are x's)
+    users = graph.users(node.name)
+    return (fits(graph.info(node.out).shape) and bool(users)
+            and all(u.op in _ARITHMETIC and same(graph.info(u.out).shape) for u in users))
 
 
 def _evaluate(graph: Graph, node: Node, values: dict[Ref, np.ndarray]) -> np.ndarray:
@@ -135,7 +170,7 @@ def _evaluate(graph: Graph, node: Node, values: dict[Ref, np.ndarray]) -> np.nda
         if node.op == "add":
             return x + a.get("alpha", 1.0) * y
         return {"sub": np.subtract, "mul": np.multiply, "div": np.divide}[node.op](x, y)
-    if node.op == "identity":
+    if node.op in ("identity", "cast"):
         return arg(node.inputs[0])
     if node.op == "reduce":  # a mean with keepdim (see _mean_axes)
         return np.mean(arg(node.inputs[0]), axis=tuple(a["axes"]), keepdims=True)
@@ -189,6 +224,9 @@ def _region_value(graph: Graph, x: Ref, sub: list[Node], data: np.ndarray) -> np
     try:
         with np.errstate(all="ignore"):
             for node in sub:
+                if _is_expand(node):  # (only to x's shape inside a region: _broadcasts_to)
+                    values[node.out] = np.broadcast_to(values[node.inputs[0]], data.shape)
+                    continue
                 values[node.out] = np.asarray(_evaluate(graph, node, values))
     except Exception:  # noqa: BLE001 - an op that does not evaluate: no match
         return None
@@ -212,7 +250,7 @@ def _region(graph: Graph, x: Ref, rank: dict[str, int],
         seen.add(name)
         node = graph[name]
         signals = _signal_inputs(graph, node)
-        acts = _is_elementwise(graph, node) or (
+        acts = _is_elementwise(graph, node) or _broadcasts_to(graph, node, x) or (
             mean_axes is not None and _mean_axes(node, x_rank) == mean_axes)
         if (not signals or not acts or len(node.outputs) != 1
                 or not all(r in inside for r in signals)):
@@ -354,6 +392,8 @@ def _replace(g: Graph, x: Ref, sub: list[Node], y: Node, name: str, attrs: dict,
     names = {n.name for n in sub}
     constants = {r.node for n in sub for r in n.inputs
                  if r.node not in names and g[r.node].op == "constant"}
+    # an expand's target shape, computed from x at run time (Shape, Gather, Concat...)
+    shapes = {r.node for n in sub if _is_expand(n) for r in n.inputs[1:]}
     # (y may have been an opaque call, the ** of relu(x) ** 2: it is not one any more)
     flags = [f for f in y.meta.get("flags", []) if f != "opaque"]
     y.meta = {"flags": flags, "fused_from": [n.name for n in sub],
@@ -364,6 +404,12 @@ def _replace(g: Graph, x: Ref, sub: list[Node], y: Node, name: str, attrs: dict,
         if node.name != y.name:
             g.remove(node.name)
     g.remove_unread(constants)
+    while shapes:  # now read by nothing: the shape computation, back to what else reads x
+        name = shapes.pop()
+        if name in g and g[name].op not in ("input", "output") and not g.users(name) \
+                and not g.is_output(name):
+            shapes |= {r.node for r in g[name].inputs}
+            g.remove(name)
 
 
 def _replace_scaled(g: Graph, x: Ref, sub: list[Node], y: Node, name: str, attrs: dict,
@@ -433,6 +479,8 @@ def _norm_input_candidates(g: Graph, reduce: Node) -> list[Ref]:
     src = reduce.inputs[0]
     out = [src]
     node = g[src.node]
+    while node.op == "cast" and node.inputs:  # x.square().float().mean(...) (FRN)
+        node = g[node.inputs[0].node]
     if node.op in ("mul", "opaque", "activation") and node.inputs:
         out.append(node.inputs[0])  # x ** 2, x * x, square(x): the RMS norm's input
     return out

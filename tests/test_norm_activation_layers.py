@@ -154,3 +154,51 @@ def test_loaded_unshaped_it_is_one_opaque_call_that_runs_as_the_original():
     assert rows["_1"]["q_pred"] is None and rows["_2"]["q_pred"] is None
     assert "normalization-activation layer timm.layers.evo_norm.EvoNorm2dS0 (x * sigmoid(v * x)" \
         in " ".join(rows["_1"]["notes"])
+
+
+def test_an_exported_filter_response_norm_reads_as_rms_norm_and_relu(tmp_path):
+    """Exported, FRN is ``x * (1 / sqrt(mean(x^2) + eps)).expand(x's shape)`` (the target
+    shape computed at run time) then ``max(y, tau)``: both stayed opaque and the file was
+    refused ("no activation function"), while the PyTorch model shapes."""
+    import numpy as np
+    import onnxruntime as ort
+
+    model = _net(frn.FilterResponseNormTlu2d)
+    x = _x()
+    path = str(tmp_path / "frn.onnx")
+    torch.onnx.export(model, (x,), path, dynamo=False, opset_version=17, input_names=["x"],
+                      output_names=["y"], dynamic_axes={"x": {0: "b"}, "y": {0: "b"}})
+    graph = graphshape.load(path)
+    ops = graph.count_ops()
+    assert ops.get("rms_norm") == 3 and "opaque" not in ops, graph.table()
+    assert [n.attrs["name"] for n in graph if n.op == "activation"] == ["relu"] * 3
+    bigger = torch.cat([x, x[:1]]).numpy()  # another batch size than the export's
+
+    def run(proto):
+        session = ort.InferenceSession(proto.SerializeToString(),
+                                       providers=["CPUExecutionProvider"])
+        return session.run(None, {"x": bigger})[0]
+
+    import onnx
+
+    np.testing.assert_allclose(run(graphshape.to_onnx(graph)), run(onnx.load(path)),
+                               rtol=1e-5, atol=1e-5)
+    for method, options in (("DKS", {}), ("TAT", {"eta": 0.5})):
+        report = graphshape.shape_onnx(path, str(tmp_path / f"{method}.onnx"), method=method,
+                                       seed=0, **options)
+        twin = graphshape.shape(model, x, method=method, seed=0, **options)
+        assert report.activation_params == twin.meta["graphshape"].activation_params
+
+
+def test_a_max_with_a_nonzero_threshold_stays_what_it_is(tmp_path):
+    """Only max(x, 0) is a ReLU: a trained TLU threshold is not read as one."""
+    model = _net(frn.FilterResponseNormTlu2d)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, frn.FilterResponseNormTlu2d):
+                m.tau.fill_(0.25)
+    path = str(tmp_path / "frn.onnx")
+    torch.onnx.export(model, (_x(),), path, dynamo=False, opset_version=17)
+    graph = graphshape.load(path)
+    assert not [n for n in graph if n.op == "activation"]
+    assert graph.count_ops().get("rms_norm") == 3
