@@ -127,6 +127,57 @@ def _constant_affine_chain(g: Graph, start: Node, channels: int | None,
     return chain
 
 
+def _affine_after(g: Graph, first: Node, source: Ref) -> tuple[list[Node], list[str]]:
+    """``([first], ...)`` (and the ``add`` after it, for a ``mul``) when ``first`` scales or
+    shifts ``source`` by a per-channel constant along ``source``'s axis 1 (read through
+    reshapes: ``weight[:, None, None]``), with the nodes that only shape those constants;
+    else ``([], [])``."""
+    info = g.info(source)
+    channels = info.shape[1] if info.shape and len(info.shape) >= 2 else None
+    if not isinstance(channels, int):
+        return [], []
+    chain, shaping = [], []
+    node = first
+    for op in ("mul", "add"):
+        if node is None or node.op != op or len(node.inputs) != 2:
+            continue
+        reads = node.inputs.index(source if not chain else chain[-1].out) \
+            if (source if not chain else chain[-1].out) in node.inputs else None
+        if reads is None:
+            break
+        found = _shaped_constant(g, node.inputs[1 - reads])
+        if found is None or not _is_per_channel(found[0], channels, info.rank):
+            break
+        chain.append(node)
+        shaping += found[1]
+        node = _sole_user(g, node)
+    return chain, shaping
+
+
+#: ops that only give a constant another shape (``weight[:, None, None]``, ``.view``)
+_SHAPE_ONLY = ("reshape", "unsqueeze", "squeeze", "identity", "flatten")
+
+
+def _shaped_constant(g: Graph, ref: Ref) -> tuple[np.ndarray, list[str]] | None:
+    """(value as ``ref`` holds it, the reshaping nodes in between) when ``ref`` is a float
+    constant, or one given another shape by ops that nothing else reads; else None."""
+    shape = g.info(ref).shape
+    node, between = g[ref.node], []
+    while node.op in _SHAPE_ONLY and len(node.inputs) == 1 and len(g.users(node.name)) == 1:
+        between.append(node.name)
+        node = g[node.inputs[0].node]
+    value = node.params.get("value") if node.op == "constant" else None
+    if value is None or np.asarray(value).dtype.kind != "f":
+        return None
+    value = np.asarray(value)
+    if between:
+        if shape is None or not all(isinstance(d, int) for d in shape) \
+                or int(np.prod(shape)) != value.size:
+            return None
+        value = value.reshape(shape)
+    return value, between
+
+
 def _give_zero_bias(layer: Node, shift_of: str, rewritten: list) -> None:
     """A zero bias for conv / linear ``layer`` (in place, recorded) where it has a weight and
     no bias: it takes over the shift of ``shift_of``, which shaping removed."""
@@ -240,7 +291,25 @@ def remove_normalization(graph: Graph, *, copy: bool = True) -> tuple[Graph, dic
                             "what": "normalization" if node is norm
                             else f"per-channel affine after {norm.name!r}"})
         if last is not None:  # (the norm's input was one of a pair: what that read)
-            source = _cancel_transposes(g, source, last, removed) or source
+            after = None if chain else _sole_user(g, last)
+            cancelled = _cancel_transposes(g, source, last, removed)
+            if cancelled is not None:
+                source = cancelled
+                # the affine after the transpose back, in the channels-first layout
+                # (ConvNeXt's hand-written LayerNorm, timm's RmsNorm2d: weight[:, None, None])
+                moved, shaping = _affine_after(g, after, source) if after else ([], [])
+                if moved:
+                    supplies_shift |= any(node.op == "add" for node in moved)
+                    g.replace_uses(moved[-1].out, source)
+                    reads = {r.node for node in moved for r in node.inputs}
+                    for node in reversed(moved):
+                        g.remove(node.name)
+                        removed.append({"node": node.name, "op": node.op,
+                                        "what": f"per-channel affine after {norm.name!r}"})
+                    for name in shaping:  # (each read by the next one only)
+                        constants |= {r.node for r in g[name].inputs}
+                        g.remove(name)
+                    constants |= {n for n in reads if n in g and g[n].op == "constant"}
         g.remove_unread(constants)  # the affine's constants, if nothing else reads them
         if supplies_shift:
             _give_zero_bias(g[source.node], repr(norm.name), rewritten)

@@ -197,8 +197,11 @@ def test_hand_written_channels_first_layer_norm_reads_between_transposes():
     removed = [r["op"] for r in shaped.meta["graphshape"].removed]
     assert removed.count("layer_norm") == 4 and removed.count("transpose") == 8
     assert "permute" not in shaped.code  # the transpose pairs went with the norms
+    # and so did its weight and bias, after the transpose back (as a BatchNorm's affine)
+    assert removed.count("mul") == 4 and removed.count("add") == 4
     plain = graphshape.shape(_convnet(nn.Identity), x, method="DKS", seed=0)
     assert shaped.meta["graphshape"].activation_params == plain.meta["graphshape"].activation_params
+    assert sorted(shaped.state_dict()) == sorted(plain.state_dict())  # no norm weights left
     torch.testing.assert_close(shaped(x), plain(x), rtol=1e-5, atol=1e-5)
 
 
