@@ -102,8 +102,14 @@ def _frozen_batch_norm_classes() -> tuple:
     removes like any norm. Traced, they were a multiplication and an addition by computed
     constants that shaping kept: a pretrained detection backbone's statistics then scaled
     every channel of the shaped network, and its q was far from 1."""
+    return _imported_classes(_FROZEN_BATCH_NORMS)
+
+
+def _imported_classes(table) -> tuple:
+    """The classes of ``table`` ((module, class names), ...) whose module the model's code
+    has imported already (importing timm here would cost ~1 s)."""
     found = []
-    for module_name, names in _FROZEN_BATCH_NORMS:
+    for module_name, names in table:
         module = sys.modules.get(module_name)
         for name in names if module is not None else ():
             cls = getattr(module, name, None)
@@ -127,14 +133,7 @@ def _norm_activation_classes() -> tuple:
     calls carrying :func:`norm_activation_remainder`, which shaping puts in their place).
     Traced, they were arithmetic that looked like gates and products of two signals
     (``x * sigmoid(v * x) / group_std(x)``), refused for those reasons."""
-    found = []
-    for module_name, names in _NORM_ACTIVATION_LAYERS:
-        module = sys.modules.get(module_name)
-        for name in names if module is not None else ():
-            cls = getattr(module, name, None)
-            if isinstance(cls, type) and cls not in found:
-                found.append(cls)
-    return tuple(found)
+    return _imported_classes(_NORM_ACTIVATION_LAYERS)
 
 
 def norm_activation_remainder(mod: nn.Module) -> dict:

@@ -137,9 +137,11 @@ def _is_expand(node: Node) -> bool:
 
 
 def _broadcasts_to(graph: Graph, node: Node, x: Ref) -> bool:
-    """An expand (:func:`_is_expand`) of a value to exactly ``x``'s shape, which the
-    region's elementwise ops would broadcast it to anyway (FRN's ``inv_instance_rms(x)
-    .expand(x.shape)``, exported as an ``Expand`` to a shape computed from ``x``)."""
+    """An expand (:func:`_is_expand`) of a value to ``x``'s shape, which the region's
+    elementwise ops would broadcast it to anyway (FRN's ``inv_instance_rms(x)
+    .expand(x.shape)``, exported as an ``Expand`` to a shape computed from ``x``): its
+    output's known dims are ``x``'s, and every reader is arithmetic whose output has
+    ``x``'s static dims."""
     src = graph.info(x).shape
     if not _is_expand(node) or src is None:
         return False

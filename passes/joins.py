@@ -16,9 +16,9 @@ identity or projection shortcut, and inputs of its output's shape):
 :func:`reset_branch_scales` runs first: a constant scale that ends a residual branch (a
 layer scale, ``x + gamma * f(x)``) is set to 1, since the normalized sum assumes the branch
 carries q ~ 1; so is a layer scale far from 1 right after a layer on a path with no
-shortcut around it (nothing else would bring q back once the norms are gone). :func:`move_shortcuts_to_preactivation` then lets V1 blocks' identity shortcuts
-read the residual stream rather than the activation after it (TAT's default; see its
-docstring).
+shortcut around it (nothing else would bring q back once the norms are gone).
+:func:`move_shortcuts_to_preactivation` then lets V1 blocks' identity shortcuts read the
+residual stream rather than the activation after it (TAT's default; see its docstring).
 """
 
 from __future__ import annotations
@@ -164,8 +164,7 @@ def _reset_lone_layer_scales(g: Graph, signals: set[str], rewritten: list) -> No
         if const is None:
             continue
         layer = g[next(r.node for r in node.inputs if r.node in signals)]
-        # (through data movement and other such scales: a norm's weight left after the
-        # transposes of a norm over the channels, as mobilenetv5's RmsNorm2d is read)
+        # (through data movement and other such scales in a row)
         while layer.inputs and len(g.users(layer.name)) == 1:
             if layer.op in _BRANCH_PASS:
                 layer = g[layer.inputs[0].node]

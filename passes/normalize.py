@@ -137,20 +137,18 @@ def _affine_after(g: Graph, first: Node, source: Ref) -> tuple[list[Node], list[
     if not isinstance(channels, int):
         return [], []
     chain, shaping = [], []
-    node = first
-    for op in ("mul", "add"):
+    node, signal = first, source
+    for op in ("mul", "add"):  # (scale first, then shift; either may be missing)
         if node is None or node.op != op or len(node.inputs) != 2:
             continue
-        reads = node.inputs.index(source if not chain else chain[-1].out) \
-            if (source if not chain else chain[-1].out) in node.inputs else None
-        if reads is None:
+        if signal not in node.inputs:
             break
-        found = _shaped_constant(g, node.inputs[1 - reads])
+        found = _shaped_constant(g, node.inputs[1 - node.inputs.index(signal)])
         if found is None or not _is_per_channel(found[0], channels, info.rank):
             break
         chain.append(node)
         shaping += found[1]
-        node = _sole_user(g, node)
+        signal, node = node.out, _sole_user(g, node)
     return chain, shaping
 
 
