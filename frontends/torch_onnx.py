@@ -83,8 +83,15 @@ def _export(module: nn.Module, inputs: tuple, input_names: list[str]):
     import onnx
 
     batch = inputs[0].shape[0] if inputs and inputs[0].dim() else None
+    # the outputs' structure and batch axes from the check's first probe (the negated
+    # inputs, the example's shapes), whose outputs the check then reuses: one forward of
+    # the model fewer, a large share of reading a big model this way
+    known = {}
     with torch.no_grad():
-        outputs = module(*inputs)
+        try:
+            outputs = known[0] = module(*_probes(inputs)[0])
+        except Exception:  # noqa: BLE001 - the model does not take it: the example's
+            outputs = module(*inputs)
     flat, spec = pytree.tree_flatten(outputs)
     if not flat or not all(isinstance(t, torch.Tensor) for t in flat):
         raise GraphshapeError("its outputs are not all tensors, so it has no ONNX export")
@@ -100,7 +107,7 @@ def _export(module: nn.Module, inputs: tuple, input_names: list[str]):
                           input_names=input_names, output_names=output_names,
                           dynamic_axes=dynamic, training=torch.onnx.TrainingMode.PRESERVE)
     proto = onnx.load_from_string(buffer.getvalue())
-    _check_export(proto, module, inputs, input_names)
+    _check_export(proto, module, inputs, input_names, known)
     return proto, spec, len(flat)
 
 
@@ -116,7 +123,8 @@ def _probes(inputs: tuple) -> list[tuple]:
     return [flipped, grown]
 
 
-def _check_export(proto, module: nn.Module, inputs: tuple, input_names: list[str]) -> None:
+def _check_export(proto, module: nn.Module, inputs: tuple, input_names: list[str],
+                  known: dict | None = None) -> None:
     """GraphshapeError unless onnxruntime runs the export to the module's outputs on
     :func:`_probes`: the exporter records the path the example inputs take, so a branch on
     a tensor's value (not only on its shape) would be frozen into the graph."""
@@ -133,10 +141,10 @@ def _check_export(proto, module: nn.Module, inputs: tuple, input_names: list[str
     except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own types
         raise GraphshapeError(f"onnxruntime cannot run its ONNX export to check it "
                               f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from None
-    for probe in _probes(inputs):
+    for i, probe in enumerate(_probes(inputs)):
         try:
             with torch.no_grad():
-                outputs = module(*probe)
+                outputs = (known or {})[i] if i in (known or {}) else module(*probe)
         except Exception:  # noqa: BLE001 - the model does not take this input (an
             continue  # ExportedProgram's module guards its batch size): nothing to compare
         try:

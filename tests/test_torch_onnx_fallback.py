@@ -261,3 +261,19 @@ def test_a_shaped_model_read_through_its_export_again_keeps_its_transforms():
     # out, the prediction at the output was 2.03 (measured 1.02)
     assert last["q_pred"] == pytest.approx(1.0, rel=0.15)
     assert last["q_emp"] == pytest.approx(last["q_pred"], rel=0.2)
+
+
+def test_reading_through_the_export_runs_the_model_once_less():
+    """The outputs' structure is taken from the check's first probe (the negated example),
+    whose outputs the check reuses: 3 forwards (that probe, the exporter's trace, the grown
+    batch), where it was 4; for a large model nearly all of a fallback load's time."""
+    model = _model()
+    calls = []
+    model.register_forward_hook(lambda *_: calls.append(1))
+    graph = load_module(model, _x())
+    assert graph.meta["traced_with"] == "torch.onnx.export"
+    assert len(calls) <= 3
+    with torch.no_grad():  # and what it read is still the model
+        for batch in (2, 5):
+            got, want = emit(graph)(_x(batch)), model(_x(batch))
+            torch.testing.assert_close(got["logits"], want["logits"], rtol=1e-5, atol=1e-5)
