@@ -268,6 +268,78 @@ def rule_unknown(ctx: RuleContext) -> Kernel:
     raise UnknownKernel(f"no kernel rule for {ctx.node.op}" + (f" ({what})" if what else ""))
 
 
+def rule_opaque(ctx: RuleContext) -> Kernel:
+    """An opaque call: a normalization-activation layer (:func:`rule_norm_activation`), or
+    no rule (:func:`rule_unknown`)."""
+    if ctx.node.attrs.get("norm_activation"):
+        return rule_norm_activation(ctx)
+    return rule_unknown(ctx)
+
+
+def _module_array(module, name: str) -> np.ndarray | None:
+    value = getattr(module, name, None)
+    return None if value is None else value.detach().cpu().double().numpy().reshape(-1)
+
+
+def _as_activation(ctx: RuleContext, attrs: dict, k: Kernel) -> Kernel:
+    """``k`` through the activation node ``attrs`` would be (rule_activation's maps)."""
+    node = Node(ctx.node.name, "activation", list(ctx.node.inputs[:1]), dict(attrs))
+    sub = RuleContext(ctx.graph, node, [k], q_only=ctx.q_only)
+    out = rule_activation(sub)
+    for flag, note in zip(sub.flags, sub.notes + [None] * len(sub.flags)):
+        ctx.flag(flag, note)
+    return out
+
+
+def rule_norm_activation(ctx: RuleContext) -> Kernel:
+    """timm's EvoNorm S* and Filter Response Normalization layers (opaque calls carrying
+    ``attrs["norm_activation"]``: frontends/torch_fx.norm_activation_remainder), at the
+    layer's own parameters. Their statistics are per example, taken as the kernel's q
+    (features assumed zero-mean, as for the other per-example norms):
+
+    * FRN: ``act(x / rms(x) * weight + bias)``: q set to 1 per example, c kept, the affine
+      map, then the activation (the TLU ``max(y, tau)`` is ReLU while tau = 0; no rule else);
+    * EvoNorm S: ``act(x) / std(x) * weight + bias``: the activation on the kernel as it
+      is, then divided by sqrt(q) of its input per example (c unchanged by that), then the
+      affine map. S0's ``x * sigmoid(v x)`` is SiLU at ``v`` = 1 (``silu(v x) / v`` for one
+      ``v`` shared by all channels; no rule for ``v`` that differ)."""
+    remainder = ctx.node.attrs["norm_activation"]
+    if "refused" in remainder:
+        raise UnknownKernel(f"no kernel rule for {remainder['layer']}: {remainder['refused']}")
+    module = ctx.node.attrs.get("module")
+    k = _only_signal(ctx)
+    weight, bias = _module_array(module, "weight"), _module_array(module, "bias")
+    gain = 1.0 if weight is None else float(np.mean(np.square(weight)))
+    bias_sq = 0.0 if bias is None else float(np.mean(np.square(bias)))
+    act = remainder.get("activation")
+    ctx.flag(FLAG_NORM, f"{remainder['layer'].rsplit('.', 1)[-1]}: its statistics per example "
+                        "taken as the kernel's q (features assumed zero-mean)")
+    if type(module).__name__.startswith("FilterResponse") or act is None:
+        k = _gain(Kernel(np.ones_like(k.q), k.c, 1.0, k.unit_c0, k.unit_slope, k.unit_curv),
+                  gain, bias_sq)
+        if act is None:
+            return k
+        tau = _module_array(module, "tau")
+        if tau is not None and np.any(tau != 0.0):
+            raise UnknownKernel("no kernel rule for a TLU max(y, tau) with tau != 0")
+        return _as_activation(ctx, act, k)
+    v = _module_array(module, "v") if act == {"name": "silu"} else None
+    if v is not None and v.size:
+        if np.ptp(v) > 0:
+            raise UnknownKernel("no kernel rule for x * sigmoid(v x) with v differing "
+                                "across channels")
+        if float(v[0]) != 1.0:  # x sigmoid(v x) = silu(v x) / v
+            act = {"name": "silu", "transform": {"input_scale": float(v[0]),
+                                                 "output_scale": 1.0 / float(v[0])}}
+    if np.any(k.q <= 0) or k.unit_q <= 0:
+        raise UnknownKernel("a normalization of an all-zero signal")
+    out = _as_activation(ctx, act, k)
+    root = np.sqrt(k.q)
+    k = Kernel(out.q / k.q, out.cov / np.outer(root, root), out.unit_q / k.unit_q,
+               out.unit_c0, out.unit_slope, out.unit_curv)
+    return _gain(k, gain, bias_sq)
+
+
 def _weight_gain(node: Node, weight: np.ndarray, out_axis: int, groups: int = 1) -> float:
     w = np.asarray(weight)
     n_out = w.shape[out_axis] * (groups if out_axis == 1 else 1)
@@ -748,7 +820,7 @@ KERNEL_RULES: dict[str, Callable[[RuleContext], Kernel]] = {
     "softmax": rule_unknown,
     "log_softmax": rule_unknown,
     "reduce": rule_reduce,
-    "opaque": rule_unknown,
+    "opaque": rule_opaque,
 }
 
 
