@@ -79,13 +79,7 @@ def _norm_act_classes() -> tuple:
     """timm's fused norm-activation modules that graphshape maps itself (kept as fx leaves so
     they become a norm node plus an activation node, rather than being traced into an
     F.batch_norm call and input-rank asserts)."""
-    # only when the model's code has imported timm already (importing it costs ~1 s)
-    norm_act = sys.modules.get("timm.layers.norm_act")
-    if norm_act is None:
-        return ()
-    names = ("BatchNormAct2d", "GroupNormAct")
-    return tuple(getattr(norm_act, n) for n in names
-                 if isinstance(getattr(norm_act, n, None), type))
+    return _imported_classes((("timm.layers.norm_act", ("BatchNormAct2d", "GroupNormAct")),))
 
 
 #: (module, class names) of batch norms with fixed statistics and affine parameters, looked
@@ -189,9 +183,7 @@ def _drop_path_classes() -> tuple:
     shaped model drops paths in training mode only. Traced, its ``if not self.training``
     was recorded for the module's mode at tracing: from a training-mode model (timm's
     default), a mask ``x * x.new_empty(...).bernoulli_(keep)`` applied in eval mode too."""
-    drop = sys.modules.get("timm.layers.drop")
-    cls = getattr(drop, "DropPath", None) if drop is not None else None
-    return (cls,) if isinstance(cls, type) else ()
+    return _imported_classes((("timm.layers.drop", ("DropPath",)),))
 
 
 def _std_conv_classes() -> tuple:
@@ -201,11 +193,7 @@ def _std_conv_classes() -> tuple:
     and ``F.conv2d`` with a computed weight became opaque nodes: no kernel rule, no
     re-initialization, and other DKS/TAT parameters than the model's ONNX export. (The
     ``...Same`` variants pad dynamically and are traced as before.)"""
-    std_conv = sys.modules.get("timm.layers.std_conv")
-    if std_conv is None:
-        return ()
-    return tuple(getattr(std_conv, n) for n in ("StdConv2d", "ScaledStdConv2d")
-                 if isinstance(getattr(std_conv, n, None), type))
+    return _imported_classes((("timm.layers.std_conv", ("StdConv2d", "ScaledStdConv2d")),))
 
 
 #: torch.nn containers traced through rather than kept as one opaque call: their layers
@@ -1483,9 +1471,9 @@ def _m_norm_act(ld, fx_node, mod):
 
 
 def _m_norm_activation(ld, fx_node, mod):
-    """An EvoNorm / FRN layer (:func:`_norm_activation_classes`): an opaque call (no kernel
-    rule: the analysis cannot follow a normalization applied to an activation's output)
-    holding ``attrs["norm_activation"]``, what shaping leaves in its place."""
+    """An EvoNorm / FRN layer (:func:`_norm_activation_classes`): an opaque call holding
+    ``attrs["norm_activation"]``, what shaping leaves in its place (and what the analysis'
+    ``rule_norm_activation`` reads)."""
     remainder = norm_activation_remainder(mod)
     ld.opaque(fx_node)
     node = ld.graph[ld.env[fx_node].node]

@@ -355,14 +355,22 @@ class Graph:
         self._topo_cache = None
         return node
 
-    def remove_unread(self, names: Iterable[str]) -> list[str]:
+    def remove_unread(self, names: Iterable[str], *, upstream: bool = False) -> list[str]:
         """Remove those of ``names`` still in the graph that nothing reads (the constants a
-        removed node alone used); returns the names removed."""
+        removed node alone used); returns the names removed. ``upstream``: then the nodes
+        those read, in turn, where nothing else reads them (a constant's reshapes, a
+        shape computation), never an input or output node."""
         gone = []
-        for name in sorted(set(names)):
-            if name in self.nx and not any(True for _ in self.nx.successors(name)):
+        pending = sorted(set(names))
+        while pending:
+            name = pending.pop(0)
+            if (name in self.nx and not any(True for _ in self.nx.successors(name))
+                    and self[name].op not in ("input", "output")):
+                inputs = [r.node for r in self[name].inputs]
                 self.remove(name)
                 gone.append(name)
+                if upstream:
+                    pending.extend(n for n in inputs if n not in pending)
         return gone
 
     def bypass(self, name: str, input_slot: int = 0) -> Node:

@@ -406,12 +406,8 @@ def _replace(g: Graph, x: Ref, sub: list[Node], y: Node, name: str, attrs: dict,
         if node.name != y.name:
             g.remove(node.name)
     g.remove_unread(constants)
-    while shapes:  # now read by nothing: the shape computation, back to what else reads x
-        name = shapes.pop()
-        if name in g and g[name].op not in ("input", "output") and not g.users(name) \
-                and not g.is_output(name):
-            shapes |= {r.node for r in g[name].inputs}
-            g.remove(name)
+    # now read by nothing: the shape computation, back to what else reads x
+    g.remove_unread(shapes, upstream=True)
 
 
 def _replace_scaled(g: Graph, x: Ref, sub: list[Node], y: Node, name: str, attrs: dict,

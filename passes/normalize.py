@@ -106,25 +106,38 @@ def _cancel_transposes(g: Graph, source: Ref, user: Node, removed: list) -> Ref 
     return original
 
 
+def _affine_walk(g: Graph, first: Node | None, signal: Ref, channels: int | None,
+                 rank: int | None, constant_of) -> tuple[list[Node], list[str]]:
+    """``[mul]``, ``[add]`` or ``[mul, add]`` from ``first`` on, each scaling / shifting the
+    value before it (``signal`` for the first) by a per-channel (or scalar) constant that
+    ``constant_of(g, ref)`` reads as ``(value, the nodes that only shape it)``, each read
+    only by the next; with those shaping nodes."""
+    chain, shaping = [], []
+    node = first
+    for op in ("mul", "add"):  # (scale first, then shift; either may be missing)
+        if node is None or node.op != op or len(node.inputs) != 2:
+            continue
+        if signal not in node.inputs:
+            break
+        found = constant_of(g, node.inputs[1 - node.inputs.index(signal)])
+        if found is None or not _is_per_channel(found[0], channels, rank):
+            break
+        chain.append(node)
+        shaping += found[1]
+        signal, node = node.out, _sole_user(g, node)
+    return chain, shaping
+
+
+def _plain_constant(g: Graph, ref: Ref) -> tuple[np.ndarray, list[str]] | None:
+    value = g[ref.node].params.get("value") if g[ref.node].op == "constant" else None
+    return None if value is None else (np.asarray(value), [])
+
+
 def _constant_affine_chain(g: Graph, start: Node, channels: int | None,
                            rank: int | None) -> list[Node]:
     """The ``mul`` and / or ``add`` by per-channel (or scalar) constants that alone read
     ``start``'s output, one after the other (scale first, then shift)."""
-    chain: list[Node] = []
-    cur = start
-    for op in ("mul", "add"):
-        user = _sole_user(g, cur)
-        if user is None:
-            break
-        if user.op != op:
-            continue
-        operand = constant_operand(g, user)
-        if (operand is None or user.inputs[operand[0]] != cur.out
-                or not _is_per_channel(operand[1], channels, rank)):
-            break
-        chain.append(user)
-        cur = user
-    return chain
+    return _affine_walk(g, _sole_user(g, start), start.out, channels, rank, _plain_constant)[0]
 
 
 def _affine_after(g: Graph, first: Node, source: Ref) -> tuple[list[Node], list[str]]:
@@ -136,20 +149,7 @@ def _affine_after(g: Graph, first: Node, source: Ref) -> tuple[list[Node], list[
     channels = info.shape[1] if info.shape and len(info.shape) >= 2 else None
     if not isinstance(channels, int):
         return [], []
-    chain, shaping = [], []
-    node, signal = first, source
-    for op in ("mul", "add"):  # (scale first, then shift; either may be missing)
-        if node is None or node.op != op or len(node.inputs) != 2:
-            continue
-        if signal not in node.inputs:
-            break
-        found = _shaped_constant(g, node.inputs[1 - node.inputs.index(signal)])
-        if found is None or not _is_per_channel(found[0], channels, info.rank):
-            break
-        chain.append(node)
-        shaping += found[1]
-        signal, node = node.out, _sole_user(g, node)
-    return chain, shaping
+    return _affine_walk(g, first, source, channels, info.rank, _shaped_constant)
 
 
 #: ops that only give a constant another shape (``weight[:, None, None]``, ``.view``)
@@ -174,6 +174,18 @@ def _shaped_constant(g: Graph, ref: Ref) -> tuple[np.ndarray, list[str]] | None:
             return None
         value = value.reshape(shape)
     return value, between
+
+
+def _remove_chain(g: Graph, chain: list[Node], source: Ref, removed: list, what) -> set[str]:
+    """Remove ``chain`` (each node read only by the next), what read its last node reading
+    ``source`` instead; records each as ``what(node)``. Returns the constants it read (for
+    :meth:`Graph.remove_unread`, once nothing else does)."""
+    g.replace_uses(chain[-1].out, source)
+    constants = {r.node for node in chain for r in node.inputs if g[r.node].op == "constant"}
+    for node in reversed(chain):
+        g.remove(node.name)
+        removed.append({"node": node.name, "op": node.op, "what": what(node)})
+    return constants
 
 
 def _give_zero_bias(layer: Node, shift_of: str, rewritten: list) -> None:
@@ -281,13 +293,9 @@ def remove_normalization(graph: Graph, *, copy: bool = True) -> tuple[Graph, dic
         # consumers of the chain's last node now read the norm's input
         source = norm.inputs[0]
         last = _sole_user(g, chain[-1] if chain else norm)
-        g.replace_uses((chain[-1] if chain else norm).out, source)
-        constants = {r.node for node in chain for r in node.inputs if g[r.node].op == "constant"}
-        for node in [*reversed(chain), norm]:
-            g.remove(node.name)
-            removed.append({"node": node.name, "op": node.op,
-                            "what": "normalization" if node is norm
-                            else f"per-channel affine after {norm.name!r}"})
+        affine_after = f"per-channel affine after {norm.name!r}"
+        constants = _remove_chain(g, [norm, *chain], source, removed,
+                                  lambda n: "normalization" if n is norm else affine_after)
         if last is not None:  # (the norm's input was one of a pair: what that read)
             after = None if chain else _sole_user(g, last)
             cancelled = _cancel_transposes(g, source, last, removed)
@@ -298,17 +306,11 @@ def remove_normalization(graph: Graph, *, copy: bool = True) -> tuple[Graph, dic
                 moved, shaping = _affine_after(g, after, source) if after else ([], [])
                 if moved:
                     supplies_shift |= any(node.op == "add" for node in moved)
-                    g.replace_uses(moved[-1].out, source)
-                    reads = {r.node for node in moved for r in node.inputs}
-                    for node in reversed(moved):
-                        g.remove(node.name)
-                        removed.append({"node": node.name, "op": node.op,
-                                        "what": f"per-channel affine after {norm.name!r}"})
-                    for name in shaping:  # (each read by the next one only)
-                        constants |= {r.node for r in g[name].inputs}
-                        g.remove(name)
-                    constants |= {n for n in reads if n in g and g[n].op == "constant"}
-        g.remove_unread(constants)  # the affine's constants, if nothing else reads them
+                    constants |= _remove_chain(g, moved, source, removed,
+                                               lambda n: affine_after)
+                    constants |= set(shaping)  # (their constants go with them: upstream)
+        # the affine's constants (and what only shaped them), if nothing else reads them
+        g.remove_unread(constants, upstream=True)
         if supplies_shift:
             _give_zero_bias(g[source.node], repr(norm.name), rewritten)
     # a frozen batch norm as an exporter writes it: x * scale + shift by per-channel
@@ -317,13 +319,10 @@ def remove_normalization(graph: Graph, *, copy: bool = True) -> tuple[Graph, dic
         chain = _exported_frozen_norm(g, layer)
         if chain is None:
             continue
-        g.replace_uses(chain[-1].out, layer.out)
-        constants = {r.node for node in chain for r in node.inputs if g[r.node].op == "constant"}
-        for node in reversed(chain):
-            g.remove(node.name)
-            removed.append({"node": node.name, "op": node.op,
-                            "what": f"per-channel affine after {layer.name!r} (a frozen batch "
-                                    "norm's x * scale + shift by constants)"})
+        constants = _remove_chain(
+            g, chain, layer.out, removed,
+            lambda n: f"per-channel affine after {layer.name!r} (a frozen batch norm's x * "
+                      "scale + shift by constants)")
         g.remove_unread(constants)
         _give_zero_bias(layer, "the per-channel affine after it", rewritten)
     for node in [n for n in g if n.op == "opaque" and n.attrs.get("norm_activation")]:
