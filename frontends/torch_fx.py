@@ -1733,6 +1733,12 @@ def _m_gs_lrn(ld, fx_node, mod):
           {"size": mod.size, "alpha": mod.alpha, "beta": mod.beta, "k": mod.k})
 
 
+def _m_gs_std_norm(ld, fx_node, mod):
+    _emit(ld, fx_node, "std_norm", [_input(ld, fx_node)],
+          {"normalized_shape": mod.normalized_shape, "eps": mod.eps, "centre": mod.centre,
+           "correction": mod.correction, "eps_added_to": mod.eps_added_to})
+
+
 _GRAPHSHAPE_MODULE_OPS = [
     (_tm.TransformedActivation, _m_gs_transformed_activation),
     (_tm.Activation, _m_gs_activation),
@@ -1740,6 +1746,7 @@ _GRAPHSHAPE_MODULE_OPS = [
     (_tm.WeightedSum, _m_gs_weighted_sum),
     (_tm.Affine, _m_gs_affine),
     (_tm.LocalResponseNorm, _m_gs_lrn),
+    (_tm.StdNorm, _m_gs_std_norm),
     (_tm.FrozenBatchNorm, _m_frozen_batch_norm),
     (_tm.LeakyReLU, _m_activation),  # a folded TReLU read by other layers too
     *[(c, _m_gs_scaled_layer(_m_conv)) for c in (_tm.ScaledConv1d, _tm.ScaledConv2d,

@@ -23,6 +23,7 @@ def _boundary(what: str):
     def decorate(fn):
         @functools.wraps(fn)
         def wrapper(*args, **kwargs):
+            _bind(fn, args, kwargs)  # (a misspelt keyword is the caller's, not a bug)
             try:
                 return fn(*args, **kwargs)
             except GraphshapeError:

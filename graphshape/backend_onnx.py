@@ -478,6 +478,34 @@ def _emit_rms_norm(ctx, node):
     _emit_trailing_norm(ctx, node, "RMSNormalization", 23, float(eps), centre=False)
 
 
+def _emit_std_norm(ctx, node):
+    """``std_norm`` (see graphshape.ops) from primitives: no ONNX op divides by the
+    standard deviation other than LayerNormalization's."""
+    a = node.attrs
+    shape = tuple(a["normalized_shape"])
+    axes = list(range(-len(shape), 0))
+    n, correction = int(np.prod(shape)), int(a.get("correction", 0))
+    x = _input(ctx, node)
+    dtype = ctx.dtype(node.inputs[0])
+    nm = node.name
+    mean = _reduce_mean(ctx, x, axes, 1, f"{nm}.mean")
+    d = ctx.add_node("Sub", [x, mean], 1, name=f"{nm}.centre")[0]
+    var = _reduce_mean(ctx, ctx.add_node("Mul", [d, d], 1, name=f"{nm}.sq")[0], axes, 1,
+                       f"{nm}.var")
+    if correction:  # (the mean square divides by n: the variance by n - correction)
+        var = ctx.add_node("Mul", [var, ctx.scalar(n / (n - correction), dtype, "bessel")], 1,
+                           name=f"{nm}.unbiased")[0]
+    eps = ctx.scalar(float(a["eps"]), dtype, "eps")
+    if a.get("eps_added_to", "variance") == "std":
+        std = ctx.add_node("Sqrt", [var], 1, name=f"{nm}.std")[0]
+        std = ctx.add_node("Add", [std, eps], 1, name=f"{nm}.std_eps")[0]
+    else:
+        var = ctx.add_node("Add", [var, eps], 1, name=f"{nm}.var_eps")[0]
+        std = ctx.add_node("Sqrt", [var], 1, name=f"{nm}.std")[0]
+    ctx.add_node("Div", [d if a.get("centre", True) else x, std], [ctx.out_name(node)],
+                 name=f"{nm}.normalize")
+
+
 def _emit_trailing_norm(ctx, node, op_type: str, since: int, eps: float, centre: bool):
     """A layer norm (``centre``) or RMS norm over the trailing dims: ``op_type`` from opset
     ``since`` on; before it, ``(x - mean) / sqrt(var + eps)`` (RMS: ``x / sqrt(mean(x^2) +
@@ -965,6 +993,7 @@ ONNX_EMITTERS: dict[str, Callable[[_Ctx, Node], Any]] = {
     "batch_norm": _emit_batch_norm,
     "layer_norm": _emit_layer_norm,
     "rms_norm": _emit_rms_norm,
+    "std_norm": _emit_std_norm,
     "group_norm": _emit_group_norm,
     "instance_norm": _emit_instance_norm,
     "lrn": _emit_lrn,

@@ -561,6 +561,13 @@ def _e_rms_norm(ctx, node, xs):
     return ctx.module(node, mod, (xs[0],))
 
 
+def _e_std_norm(ctx, node, xs):
+    a = node.attrs
+    mod = tm.StdNorm(tuple(a["normalized_shape"]), float(a["eps"]), bool(a.get("centre", True)),
+                     int(a.get("correction", 0)), a.get("eps_added_to", "variance"))
+    return ctx.module(node, mod, (xs[0],))
+
+
 def _e_group_norm(ctx, node, xs):
     a = node.attrs
     mod = _build(ctx, node, nn.GroupNorm, num_groups=int(a["num_groups"]),
@@ -898,6 +905,7 @@ TORCH_EMITTERS: dict[str, Callable] = {
     "div": _binary(operator.truediv), "sum": _e_sum, "concat": _e_concat,
     "activation": _e_activation,
     "batch_norm": _e_batch_norm, "layer_norm": _e_layer_norm, "rms_norm": _e_rms_norm,
+    "std_norm": _e_std_norm,
     "group_norm": _e_group_norm,
     "instance_norm": _e_instance_norm, "lrn": _e_lrn, "affine": _e_affine,
     "avg_pool": _e_avg_pool, "max_pool": _e_max_pool,

@@ -607,6 +607,34 @@ class FrozenBatchNorm(nn.Module):
         return f"{self.weight.numel()}, eps={self.eps}"
 
 
+class StdNorm(nn.Module):
+    """The ``std_norm`` op (see graphshape.ops): over the last ``len(normalized_shape)``
+    dims, ``x`` (minus its mean when ``centre``) divided by ``sqrt(var + eps)`` or, with
+    ``eps_added_to="std"``, by ``std + eps``; the variance divides by ``n - correction``."""
+
+    def __init__(self, normalized_shape: Sequence[int], eps: float, centre: bool = True,
+                 correction: int = 0, eps_added_to: str = "variance"):
+        super().__init__()
+        if eps_added_to not in ("variance", "std"):
+            raise ValueError(f"eps_added_to must be 'variance' or 'std', not {eps_added_to!r}")
+        self.normalized_shape = tuple(int(d) for d in normalized_shape)
+        self.eps, self.centre, self.correction = float(eps), bool(centre), int(correction)
+        self.eps_added_to = eps_added_to
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dims = tuple(range(-len(self.normalized_shape), 0))
+        var = torch.var(x, dim=dims, correction=self.correction, keepdim=True)
+        if self.centre:
+            x = x - x.mean(dim=dims, keepdim=True)
+        if self.eps_added_to == "std":
+            return x / (var.sqrt() + self.eps)
+        return x * torch.rsqrt(var + self.eps)
+
+    def extra_repr(self) -> str:
+        return (f"{self.normalized_shape}, eps={self.eps}, centre={self.centre}, "
+                f"correction={self.correction}, eps_added_to={self.eps_added_to!r}")
+
+
 class LocalResponseNorm(nn.Module):
     """ONNX LRN: ``x / (k + alpha / size * sum_{window} x^2) ** beta`` with the window
     ``[c - floor((size - 1) / 2), c + ceil((size - 1) / 2)]``. Equals

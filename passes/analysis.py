@@ -675,8 +675,12 @@ def rule_norm(ctx: RuleContext) -> Kernel:
     if node.op == "instance_norm":
         ctx.flag(FLAG_APPROX, "instance norm normalizes over locations: not defined for "
                               "inputs constant across locations")
-    c = k.c
-    return _gain(Kernel(np.ones_like(k.q), c, 1.0, k.unit_c0, k.unit_slope, k.unit_curv),
+    q = 1.0
+    if node.op == "std_norm" and node.attrs.get("correction"):
+        # a variance that divides by n - correction: the mean square is (n - correction) / n
+        n = int(np.prod(node.attrs["normalized_shape"]))
+        q = (n - int(node.attrs["correction"])) / n
+    return _gain(Kernel(np.full_like(k.q, q), k.c * q, q, k.unit_c0, k.unit_slope, k.unit_curv),
                  gain, bias_sq)
 
 
@@ -689,7 +693,7 @@ _SAME_LAYOUT = frozenset((
 _CHANNELS_FIRST = frozenset((
     "conv", "conv_transpose", "batch_norm", "group_norm", "instance_norm", "lrn"))
 #: ops that put the features on the last axis
-_FEATURES_LAST = frozenset(("linear", "layer_norm", "rms_norm"))
+_FEATURES_LAST = frozenset(("linear", "layer_norm", "rms_norm", "std_norm"))
 
 
 def _rank(graph: Graph, ref: Ref) -> int | None:
@@ -796,6 +800,7 @@ KERNEL_RULES: dict[str, Callable[[RuleContext], Kernel]] = {
     "batch_norm": rule_norm,
     "layer_norm": rule_norm,
     "rms_norm": rule_norm,
+    "std_norm": rule_norm,
     "group_norm": rule_norm,
     "instance_norm": rule_norm,
     "lrn": rule_norm,

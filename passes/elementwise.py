@@ -211,6 +211,58 @@ def _mean_axes(node: Node, rank: int | None) -> tuple[int, ...] | None:
     return tuple(sorted(int(ax) % rank for ax in a["axes"]))
 
 
+#: torch's variance and standard deviation, as functions and Tensor methods: hand-written
+#: norms compute their statistic with them as often as with means (``var_mean`` and
+#: ``std_mean`` return both, read by ``operator.getitem``)
+_MOMENTS = ("var", "std", "var_mean", "std_mean")
+
+
+def _moment_axes(node: Node, rank: int | None) -> tuple[int, ...] | None:
+    """The axes of an opaque ``torch.var`` / ``torch.std`` (function or Tensor method) with
+    ``keepdim=True`` over given dims of a rank-``rank`` value, as sorted non-negative ints;
+    None for any other node."""
+    a = node.attrs
+    if node.op != "opaque" or a.get("framework") != "torch" or rank is None:
+        return None
+    target = a.get("target")
+    if a.get("fx_op") == "call_function":
+        name = _torch_name(target)
+        if name not in tuple(f"torch.{m}" for m in _MOMENTS):
+            return None
+    elif a.get("fx_op") != "call_method" or target not in _MOMENTS:
+        return None
+    args, kwargs = tuple(a.get("args") or ()), dict(a.get("kwargs") or {})
+    # (input, dim, unbiased, keepdim) or (input, dim, *, correction, keepdim); a bool second
+    # argument is the old (input, unbiased): over every dim
+    dim = kwargs.get("dim", args[1] if len(args) > 1 and not isinstance(args[1], bool) else None)
+    keepdim = kwargs.get("keepdim", args[3] if len(args) > 3 else False)
+    if keepdim is not True or dim is None:
+        return None
+    dims = (dim,) if isinstance(dim, int) else tuple(dim)
+    if not dims or not all(isinstance(d, int) and not isinstance(d, bool) for d in dims):
+        return None
+    return tuple(sorted(d % rank for d in dims))
+
+
+def _is_moment_item(graph: Graph, node: Node) -> bool:
+    """``pair[0]`` or ``pair[1]`` of a ``torch.var_mean`` / ``torch.std_mean`` call."""
+    a = node.attrs
+    if (node.op != "opaque" or a.get("fx_op") != "call_function"
+            or a.get("target") is not operator.getitem or len(node.inputs) != 1):
+        return False
+    args = tuple(a.get("args") or ())
+    source = graph[node.inputs[0].node]
+    return (len(args) == 2 and args[1] in (0, 1) and source.op == "opaque"
+            and _torch_name(source.attrs.get("target")) in ("torch.var_mean", "torch.std_mean"))
+
+
+def _statistic_axes(node: Node, rank: int | None) -> tuple[int, ...] | None:
+    """The axes of a mean, variance or standard deviation with keepdim; None for any other
+    node."""
+    axes = _mean_axes(node, rank)
+    return axes if axes is not None else _moment_axes(node, rank)
+
+
 def _normalizable_axes(axes: tuple[int, ...] | None, rank: int | None) -> bool:
     """The last dims (a layer_norm / rms_norm as it is), or one other axis (channels
     first: read between two transposes)."""
@@ -219,10 +271,33 @@ def _normalizable_axes(axes: tuple[int, ...] | None, rank: int | None) -> bool:
     return axes == tuple(range(rank - len(axes), rank)) or len(axes) == 1
 
 
-def _region_value(graph: Graph, x: Ref, sub: list[Node], data: np.ndarray) -> np.ndarray | None:
-    """The value of ``sub``'s last node with ``data`` for ``x``, evaluated node by node;
-    None where an op does not evaluate (then nothing in the region can match)."""
-    values: dict[Ref, np.ndarray] = {x: data}
+def _norm_weight(graph: Graph, node: Node, rank: int | None,
+                 axes: tuple[int, ...] | None) -> Ref | None:
+    """The constant that ``node`` multiplies by when it is a ``mul`` by a (trainable or
+    fixed, non-scalar) constant varying along the trailing normalized ``axes`` only: the
+    weight of a hand-written norm applied before its division (the Annotated
+    Transformer's ``a_2 * (x - mean) / (std + eps)``); else None."""
+    if (node.op != "mul" or len(node.inputs) != 2 or rank is None or not axes
+            or axes != tuple(range(rank - len(axes), rank))):
+        return None
+    for ref in node.inputs:
+        const = graph[ref.node]
+        value = const.params.get("value") if const.op == "constant" else None
+        if value is None or np.asarray(value).dtype.kind != "f" or _scalar(graph, ref) is not None:
+            continue
+        shape = np.shape(value)
+        if len(shape) <= rank and all(d == 1 or rank - len(shape) + i in axes
+                                      for i, d in enumerate(shape)):
+            return ref
+    return None
+
+
+def _region_value(graph: Graph, x: Ref, sub: list[Node], data: np.ndarray,
+                  weights: dict[Ref, np.ndarray] | None = None) -> np.ndarray | None:
+    """The value of ``sub``'s last node with ``data`` for ``x`` (and ``weights`` for those
+    constants), evaluated node by node; None where an op does not evaluate (then nothing
+    in the region can match)."""
+    values: dict[Ref, np.ndarray] = {x: data, **(weights or {})}
     try:
         with np.errstate(all="ignore"):
             for node in sub:
@@ -239,7 +314,8 @@ def _region(graph: Graph, x: Ref, rank: dict[str, int],
             mean_axes: tuple[int, ...] | None = None) -> list[Node]:
     """The elementwise nodes computed from ``x`` alone (and scalar constants), in
     topological order: grown user by user while every signal input is ``x`` or inside.
-    ``mean_axes``: means over exactly these axes may be inside too (a norm)."""
+    ``mean_axes``: means, variances and standard deviations over exactly these axes may be
+    inside too (a norm), and a product by a weight along them (:func:`_norm_weight`)."""
     x_rank = graph.info(x).rank if mean_axes is not None else None
     inside: set[Ref] = {x}
     region: list[Node] = []
@@ -252,8 +328,12 @@ def _region(graph: Graph, x: Ref, rank: dict[str, int],
         seen.add(name)
         node = graph[name]
         signals = _signal_inputs(graph, node)
+        weight = _norm_weight(graph, node, x_rank, mean_axes)
+        if weight is not None:  # (inside a norm: see _fuse_norm_in)
+            signals = [r for r in signals if r != weight]
         acts = _is_elementwise(graph, node) or _broadcasts_to(graph, node, x) or (
-            mean_axes is not None and _mean_axes(node, x_rank) == mean_axes)
+            mean_axes is not None and (_statistic_axes(node, x_rank) == mean_axes
+                                       or _is_moment_item(graph, node)))
         if (not signals or not acts or len(node.outputs) != 1
                 or not all(r in inside for r in signals)):
             continue
@@ -387,13 +467,13 @@ def fuse_activation_decompositions(graph: Graph, *, copy: bool = True) -> tuple[
 
 
 def _replace(g: Graph, x: Ref, sub: list[Node], y: Node, name: str, attrs: dict,
-             op: str = "activation") -> None:
+             op: str = "activation", keep: set[str] = frozenset()) -> None:
     """``y`` becomes the activation ``name`` of ``x`` (or the node ``op`` with ``attrs``
     alone when ``name`` is None), its name, output and users kept; the rest of ``sub``
-    and the scalar constants only ``sub`` read are dropped."""
+    and the scalar constants only ``sub`` read (not those in ``keep``) are dropped."""
     names = {n.name for n in sub}
     constants = {r.node for n in sub for r in n.inputs
-                 if r.node not in names and g[r.node].op == "constant"}
+                 if r.node not in names and g[r.node].op == "constant"} - set(keep)
     # an expand's target shape, computed from x at run time (Shape, Gather, Concat...)
     shapes = {r.node for n in sub if _is_expand(n) for r in n.inputs[1:]}
     # (y may have been an opaque call, the ** of relu(x) ** 2: it is not one any more)
@@ -432,13 +512,17 @@ NORM_TOLERANCE = 1e-5
 
 def fuse_norm_decompositions(graph: Graph, *, copy: bool = True) -> tuple[Graph, dict]:
     """Replace hand-written norms over the trailing dims (or one other axis, read between
-    two transposes) by ``layer_norm`` / ``rms_norm`` nodes: ``(x - mean) / sqrt(var +
-    eps)`` (BERT-era LayerNorm modules) and ``x * rsqrt(mean(x ** 2) + eps)`` (LLaMA's and
-    T5's RMSNorm), in any spelling. Left as
-    they are, the division reads as a product of two signals (refused by DKS/TAT) and the
-    norm is not removed. A region from ``x`` of elementwise ops and means over the same
-    dims (``x``'s shape known) is evaluated on random data and compared with both
-    norms, for every scalar constant of the region as ``eps``. A scale and shift after it
+    two transposes) by ``layer_norm`` / ``rms_norm`` / ``std_norm`` nodes: ``(x - mean) /
+    sqrt(var + eps)`` (BERT-era LayerNorm modules), ``x * rsqrt(mean(x ** 2) + eps)``
+    (LLaMA's and T5's RMSNorm), and the forms with ``torch.var`` / ``torch.std`` that are
+    neither (an unbiased variance, ``x / sqrt(var + eps)`` as timm's SimpleNorm, ``(x -
+    mean) / (std + eps)`` as the Annotated Transformer's LayerNorm), in any spelling. Left
+    as they are, the division reads as a product of two signals (refused by DKS/TAT) and
+    the norm is not removed. A region from ``x`` of elementwise ops and means, variances
+    or standard deviations over the same dims (``x``'s shape known) is evaluated on random
+    data and compared with each norm, for every scalar constant of the region as ``eps``,
+    then again on data whose variance is near that eps (where eps's place matters).
+    A scale and shift after it
     (``weight * y + bias``) read parameters, so they are not in the region: they stay
     nodes of their own, which shaping removes with the norm. Returns the graph and
     ``{"fused": [{"node", "op", "attrs", "replaced"}, ...]}``."""
@@ -450,19 +534,19 @@ def fuse_norm_decompositions(graph: Graph, *, copy: bool = True) -> tuple[Graph,
         if mean_name not in g:
             continue
         reduce = g[mean_name]
-        if reduce.op != "reduce" or not reduce.inputs:
+        if reduce.op not in ("reduce", "opaque") or not reduce.inputs:
             continue
-        # the norm's input: the mean's input, or (RMS norm) what that square was made of
+        # the norm's input: the statistic's input, or (RMS norm) what that square was made of
         for x in _norm_input_candidates(g, reduce):
             info = g.info(x)
-            axes = _mean_axes(reduce, info.rank)
+            axes = _statistic_axes(reduce, info.rank)
             if (not _normalizable_axes(axes, info.rank) or info.shape is None
                     or not all(isinstance(info.shape[a], int) and info.shape[a] > 0
                                for a in axes)
                     or is_non_float(info.dtype)):
                 continue
             region = _region(g, x, rank, mean_axes=axes)
-            if not any(n.op == "reduce" for n in region):
+            if not any(_statistic_axes(n, info.rank) is not None for n in region):
                 continue
             # a dynamic dim outside the normalized ones (an ONNX file's batch axis "N") is
             # evaluated at 2: the norm's value does not depend on it
@@ -484,17 +568,66 @@ def _norm_input_candidates(g: Graph, reduce: Node) -> list[Ref]:
     return out
 
 
+def _norm_forms() -> list[tuple[str, dict, Any]]:
+    """``(op, attrs, value)`` for every norm a region may compute, ``value(data, axes,
+    eps)`` its output: ``layer_norm`` and ``rms_norm`` first, then the ``std_norm`` forms (a
+    variance divided by n - 1, x not centred, eps added to the standard deviation)."""
+    def layer_norm(data, axes, eps):
+        centered = data - data.mean(axis=axes, keepdims=True)
+        return centered / np.sqrt(np.mean(centered ** 2, axis=axes, keepdims=True) + eps)
+
+    def rms_norm(data, axes, eps):
+        return data / np.sqrt(np.mean(data ** 2, axis=axes, keepdims=True) + eps)
+
+    def std_norm(centre: bool, correction: int, added_to: str):
+        def value(data, axes, eps):
+            n = int(np.prod([data.shape[a] for a in axes]))
+            centered = data - data.mean(axis=axes, keepdims=True)
+            var = np.sum(centered ** 2, axis=axes, keepdims=True) / (n - correction)
+            divided = centered if centre else data
+            if added_to == "std":
+                return divided / (np.sqrt(var) + eps)
+            return divided / np.sqrt(var + eps)
+        return value
+
+    forms: list[tuple[str, dict, Any]] = [("layer_norm", {}, layer_norm),
+                                          ("rms_norm", {}, rms_norm)]
+    for centre in (True, False):
+        for correction in (0, 1):
+            for added_to in ("variance", "std"):
+                if centre and not correction and added_to == "variance":
+                    continue  # (that one is layer_norm)
+                forms.append(("std_norm", {"centre": centre, "correction": correction,
+                                           "eps_added_to": added_to},
+                              std_norm(centre, correction, added_to)))
+    return forms
+
+
+def _close(f: np.ndarray, want: np.ndarray) -> bool:
+    with np.errstate(all="ignore"):
+        return bool(f.shape == want.shape and np.all(
+            np.abs(f - want) / np.maximum(1.0, np.abs(want)) <= NORM_TOLERANCE))
+
+
 def _fuse_norm_in(g: Graph, x: Ref, region: list[Node], axes, data, fused) -> bool:
     shape = tuple(data.shape[a] for a in axes)
-    centered = data - data.mean(axis=axes, keepdims=True)
-    # (what each norm divides, and the mean square it divides by before eps)
-    norms = (("layer_norm", centered, np.mean(centered ** 2, axis=axes, keepdims=True)),
-             ("rms_norm", data, np.mean(data ** 2, axis=axes, keepdims=True)))
+    forms = _norm_forms()
+    rng = np.random.default_rng(1)
     for y in reversed(region):
+        if _norm_weight(g, y, data.ndim, axes) is not None:
+            continue  # a weight after the norm stays a node of its own: the norm is before
         sub = _closed_subregion(g, region, y)
-        if sub is None or not any(n.op == "reduce" for n in sub):
+        if sub is None or not any(_statistic_axes(n, data.ndim) is not None for n in sub):
             continue
-        f = _region_value(g, x, sub, data)
+        inner = [w for n in sub if (w := _norm_weight(g, n, data.ndim, axes)) is not None]
+        if len(inner) > 1:
+            continue
+        # a weight applied before the division, evaluated at random values (its own may be
+        # all ones, which would not tell where it acts): the region is weight * norm(x)
+        weights = {w: rng.uniform(0.5, 1.5, np.shape(g[w.node].params["value"]))
+                   for w in inner}
+        gain = weights[inner[0]] if inner else 1.0
+        f = _region_value(g, x, sub, data, weights)
         if f is None:
             return False
         if f.shape != data.shape or f.dtype.kind != "f":
@@ -502,18 +635,45 @@ def _fuse_norm_in(g: Graph, x: Ref, region: list[Node], axes, data, fused) -> bo
         eps_candidates = sorted({v for n in sub for r in n.inputs
                                  if (v := _scalar(g, r)) is not None and 0 < v < 1})
         for eps in eps_candidates:
-            for op, divided, mean_square in norms:
-                want = divided / np.sqrt(mean_square + eps)
-                if np.max(np.abs(f - want) / np.maximum(1.0, np.abs(want))) <= NORM_TOLERANCE:
-                    attrs = {"normalized_shape": shape, "eps": _short(eps)}
-                    if axes == tuple(range(data.ndim - len(axes), data.ndim)):
-                        _replace(g, x, sub, y, None, attrs, op=op)
-                    else:
-                        _replace_between_transposes(g, x, sub, y, op, attrs, axes[0])
-                    fused.append({"node": y.name, "op": op, "attrs": attrs,
-                                  "replaced": [n.name for n in sub]})
-                    return True
+            for op, form, value in forms:
+                if (not _variance_defined(shape, form)
+                        or not _close(f, gain * value(data, axes, eps))):
+                    continue
+                # where eps matters too (a variance near eps): where it is added, and
+                # which of two forms equal on data of unit scale this is
+                small = data * math.sqrt(eps)
+                f_small = _region_value(g, x, sub, small, weights)
+                if f_small is None or not _close(f_small, gain * value(small, axes, eps)):
+                    continue
+                attrs = {"normalized_shape": shape, "eps": _short(eps), **form}
+                if inner:
+                    _replace_weighted(g, x, sub, y, op, attrs, inner[0])
+                elif axes == tuple(range(data.ndim - len(axes), data.ndim)):
+                    _replace(g, x, sub, y, None, attrs, op=op)
+                else:
+                    _replace_between_transposes(g, x, sub, y, op, attrs, axes[0])
+                fused.append({"node": y.name, "op": op, "attrs": attrs,
+                              "replaced": [n.name for n in sub]})
+                return True
     return False
+
+
+def _variance_defined(shape: tuple, form: dict) -> bool:
+    """Whether a variance over ``shape`` divided by n - correction is defined (n > 1 for
+    an unbiased one)."""
+    return int(np.prod(shape)) > form.get("correction", 0)
+
+
+def _replace_weighted(g: Graph, x: Ref, sub: list[Node], y: Node, op: str, attrs: dict,
+                      weight: Ref) -> None:
+    """The norm ``op`` of ``x`` as a new node, and ``y`` (its name, output and users kept)
+    the product of it and ``weight``, which ``sub`` applied before its division."""
+    info = y.outputs[0]
+    norm = g.add(Node(g.unique_name(f"{y.name}.norm"), op, [x], dict(attrs),
+                      outputs=[TensorInfo(info.shape, info.dtype)],
+                      meta={"flags": [], "fused_from": [n.name for n in sub]}), after=x.node)
+    _replace(g, norm.out, sub, y, None, {}, op="mul", keep={weight.node})
+    g.set_inputs(y.name, [norm.out, weight])
 
 
 def _replace_between_transposes(g: Graph, x: Ref, sub: list[Node], y: Node, op: str,

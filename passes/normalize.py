@@ -2,7 +2,8 @@
 
 DKS/TAT networks have no normalization: at initialization the kernel is controlled by the
 activation transforms and the orthogonal init instead. This pass removes every
-``batch_norm``, ``layer_norm``, ``group_norm``, ``instance_norm`` and ``lrn`` node, and with
+``batch_norm``, ``layer_norm``, ``rms_norm``, ``std_norm``, ``group_norm``, ``instance_norm``
+and ``lrn`` node, and with
 it a per-channel affine map that directly follows one (an ``affine`` node, or ``mul`` then
 ``add`` by constants as in caffe2-style ONNX files: BatchNormalization, Mul, Add), and a
 ``mul`` then ``add`` by per-channel constants right after a conv / linear layer (a frozen
@@ -21,7 +22,8 @@ from graphshape.errors import GraphshapeError
 from graphshape.ir import Graph, Node, Ref, constant_operand
 from graphshape.ops import AFFINE_LAYERS
 
-NORM_OPS = ("batch_norm", "layer_norm", "rms_norm", "group_norm", "instance_norm", "lrn")
+NORM_OPS = ("batch_norm", "layer_norm", "rms_norm", "std_norm", "group_norm", "instance_norm",
+            "lrn")
 
 
 def _out_features(node: Node) -> int | None:
@@ -106,12 +108,36 @@ def _cancel_transposes(g: Graph, source: Ref, user: Node, removed: list) -> Ref 
     return original
 
 
-def _affine_walk(g: Graph, first: Node | None, signal: Ref, channels: int | None,
-                 rank: int | None, constant_of) -> tuple[list[Node], list[str]]:
+#: norms over the trailing dims (``normalized_shape``): their affine acts on those dims
+TRAILING_NORMS = ("layer_norm", "rms_norm", "std_norm")
+
+
+def _fits_trailing(value: np.ndarray, normalized_shape: tuple) -> bool:
+    """Whether a constant is a scalar or varies along the trailing ``normalized_shape``
+    dims only (a hand-written LayerNorm's ``weight * y + bias``, of any rank)."""
+    if value.size == 1:
+        return True
+    shape, lead = tuple(value.shape), value.ndim - len(normalized_shape)
+    return bool(normalized_shape) and lead >= 0 and all(d == 1 for d in shape[:lead]) and all(
+        d in (1, n) for d, n in zip(shape[lead:], normalized_shape))
+
+
+def _norm_affine_fits(norm: Node, channels: int | None, rank: int | None):
+    """What a constant of the affine map after ``norm`` may be: along the normalized
+    trailing dims for a layer / RMS / std norm (or channels-first, along axis 1, as it is
+    for the others and for a norm read between two transposes), or a scalar."""
+    if norm.op in TRAILING_NORMS and norm.attrs.get("normalized_shape"):
+        shape = tuple(norm.attrs["normalized_shape"])
+        return lambda value: _fits_trailing(value, shape)
+    return lambda value: _is_per_channel(value, channels, rank)
+
+
+def _affine_walk(g: Graph, first: Node | None, signal: Ref, fits,
+                 constant_of) -> tuple[list[Node], list[str]]:
     """``[mul]``, ``[add]`` or ``[mul, add]`` from ``first`` on, each scaling / shifting the
-    value before it (``signal`` for the first) by a per-channel (or scalar) constant that
-    ``constant_of(g, ref)`` reads as ``(value, the nodes that only shape it)``, each read
-    only by the next; with those shaping nodes."""
+    value before it (``signal`` for the first) by a constant that ``constant_of(g, ref)``
+    reads as ``(value, the nodes that only shape it)`` and ``fits(value)`` accepts (one
+    per channel, or a scalar), each read only by the next; with those shaping nodes."""
     chain, shaping = [], []
     node = first
     for op in ("mul", "add"):  # (scale first, then shift; either may be missing)
@@ -120,7 +146,7 @@ def _affine_walk(g: Graph, first: Node | None, signal: Ref, channels: int | None
         if signal not in node.inputs:
             break
         found = constant_of(g, node.inputs[1 - node.inputs.index(signal)])
-        if found is None or not _is_per_channel(found[0], channels, rank):
+        if found is None or not fits(found[0]):
             break
         chain.append(node)
         shaping += found[1]
@@ -133,11 +159,11 @@ def _plain_constant(g: Graph, ref: Ref) -> tuple[np.ndarray, list[str]] | None:
     return None if value is None else (np.asarray(value), [])
 
 
-def _constant_affine_chain(g: Graph, start: Node, channels: int | None,
-                           rank: int | None) -> list[Node]:
-    """The ``mul`` and / or ``add`` by per-channel (or scalar) constants that alone read
-    ``start``'s output, one after the other (scale first, then shift)."""
-    return _affine_walk(g, _sole_user(g, start), start.out, channels, rank, _plain_constant)[0]
+def _constant_affine_chain(g: Graph, start: Node, fits) -> list[Node]:
+    """The ``mul`` and / or ``add`` by constants that ``fits`` accepts (per channel, or
+    scalars) that alone read ``start``'s output, one after the other (scale first, then
+    shift)."""
+    return _affine_walk(g, _sole_user(g, start), start.out, fits, _plain_constant)[0]
 
 
 def _affine_after(g: Graph, first: Node, source: Ref) -> tuple[list[Node], list[str]]:
@@ -149,7 +175,9 @@ def _affine_after(g: Graph, first: Node, source: Ref) -> tuple[list[Node], list[
     channels = info.shape[1] if info.shape and len(info.shape) >= 2 else None
     if not isinstance(channels, int):
         return [], []
-    return _affine_walk(g, first, source, channels, info.rank, _shaped_constant)
+    return _affine_walk(g, first, source,
+                        lambda value: _is_per_channel(value, channels, info.rank),
+                        _shaped_constant)
 
 
 #: ops that only give a constant another shape (``weight[:, None, None]``, ``.view``)
@@ -211,7 +239,7 @@ def _exported_frozen_norm(g: Graph, layer: Node) -> list[Node] | None:
     rank = layer.outputs[0].rank if layer.outputs else None
     if channels is None or channels < 2:
         return None
-    chain = _constant_affine_chain(g, layer, channels, rank)
+    chain = _constant_affine_chain(g, layer, lambda v: _is_per_channel(v, channels, rank))
     if [n.op for n in chain] != ["mul", "add"] or any(
             constant_operand(g, n)[1].size != channels for n in chain):
         return None
@@ -288,7 +316,7 @@ def remove_normalization(graph: Graph, *, copy: bool = True) -> tuple[Graph, dic
             chain = [user]
             supplies_shift |= user.params.get("shift") is not None
         else:
-            chain = _constant_affine_chain(g, norm, channels, rank)
+            chain = _constant_affine_chain(g, norm, _norm_affine_fits(norm, channels, rank))
             supplies_shift |= any(node.op == "add" for node in chain)
         # consumers of the chain's last node now read the norm's input
         source = norm.inputs[0]

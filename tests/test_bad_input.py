@@ -404,6 +404,19 @@ def test_invalid_shape_options(kwargs, words):
     assert words in str(e)
 
 
+@pytest.mark.parametrize("call", [
+    lambda: graphshape.analyze(_torch_mlp(), torch.randn(2, 3), measure=True),
+    lambda: graphshape.load(_torch_mlp(), torch.randn(2, 3), trace=True),
+    lambda: graphshape.to_torch(),
+    lambda: graphshape.to_onnx(graphshape.load(tiny_mlp()), opst=17),
+])
+def test_a_wrong_argument_is_named_not_called_a_bug(call):
+    # before: "internal error while analysing the model (TypeError: ...); this is a
+    # graphshape bug"
+    e = error_of(call)
+    assert "its arguments are" in str(e) and "bug" not in str(e)
+
+
 def test_invalid_shape_onnx_destinations(tmp_path):
     src = write(tmp_path, "m.onnx", tiny_mlp())
     before = open(src, "rb").read()

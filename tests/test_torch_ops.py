@@ -92,6 +92,12 @@ CASES = {
     "rms_norm": (M(nn.RMSNorm(6)), [X4], "rms_norm", {"normalized_shape": (6,), "eps": None}),
     "F.rms_norm": (Fn(lambda s, x: F.rms_norm(x, (6, 6), s.w, 1e-6), w=P(6, 6)),
                    [X4], "rms_norm", {"eps": 1e-6}),
+    # hand-written with torch.var: timm's SimpleNorm (fused), and graphshape's own module
+    "std_norm": (Fn(lambda s, x: x * torch.rsqrt(torch.var(x, dim=-1, keepdim=True) + 1e-6)),
+                 [X4], "std_norm", {"normalized_shape": (6,), "centre": False, "correction": 1}),
+    "tm.StdNorm": (M(tm.StdNorm((6, 6), 1e-3, eps_added_to="std")), [X4], "std_norm",
+                   {"normalized_shape": (6, 6), "centre": True, "correction": 0,
+                    "eps_added_to": "std"}),
     "group_norm": (M(nn.GroupNorm(2, 4)), [X4], "group_norm", {"num_groups": 2}),
     "F.group_norm": (Fn(lambda s, x: F.group_norm(x, 2, s.w, None), w=P(4)), [X4], "group_norm", {}),
     "instance_norm": (M(nn.InstanceNorm2d(4, affine=True)), [X4], "instance_norm", {"affine": True}),
