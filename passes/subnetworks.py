@@ -253,9 +253,17 @@ def _is_nonlinear_layer(node, signals: set[str]) -> bool:
             or _is_signal_product(node, signals))
 
 
+def mixes_heads(node) -> bool:
+    """A linear layer or a pointwise (1x1) convolution: on attention logits or weights, the
+    talking heads that mix them across heads (CaiT's linear, EfficientFormerV2's conv)."""
+    return node.op == "linear" or (node.op == "conv" and all(
+        k == 1 for k in node.attrs.get("kernel_shape") or (0,)))
+
+
 def mixing_weights(graph: Graph, *, gates: bool = True) -> set[str]:
     """Softmax outputs, possibly reshaped (transposes, reshapes, dropout) or mixed across
-    heads by a linear layer (talking heads): attention's and split attention's mixing weights;
+    heads by a linear layer or 1x1 conv (talking heads): attention's and split attention's
+    mixing weights;
     scaled by a constant (a shaped ONNX file's ``Mul(sigmoid(z), 2)``); and the gates that
     start as the constant 1 (meta ``constant_gate``, set by shaping:
     ``passes.shaping.constant_gates``), which are exactly the identity on what they gate
@@ -265,7 +273,7 @@ def mixing_weights(graph: Graph, *, gates: bool = True) -> set[str]:
     found: set[str] = set()
     for node in graph:
         if node.op == "softmax" or (gates and "constant_gate" in node.meta) or (
-                (spec(node.op).category == "shape" or node.op == "linear"
+                (spec(node.op).category == "shape" or mixes_heads(node)
                  or moves_data_only(node)  # (g.expand_as(x))
                  or (node.op in ("mul", "div") and len(node.inputs) == 2
                      and graph[node.inputs[1].node].op == "constant"))
@@ -295,9 +303,14 @@ def attention_values(node) -> Ref | None:
 
 #: ops between a value and the softmax of the attention logits it feeds (``softmax(q kᵀ *
 #: scale + bias)``: reshapes, scalings, sums, opaque calls such as ``masked_fill``, and
-#: linear layers: CaiT's talking heads mix the logits of the heads)
+#: linear layers: CaiT's talking heads mix the logits of the heads; 1x1 convs do too, as
+#: EfficientFormerV2's: see :func:`_logit_op`)
 LOGIT_OPS = ("reshape", "flatten", "squeeze", "unsqueeze", "transpose", "identity", "dropout",
              "slice", "mul", "div", "add", "sub", "sum", "affine", "opaque", "linear")
+
+
+def _logit_op(node) -> bool:
+    return node.op in LOGIT_OPS or mixes_heads(node)
 
 
 def _counts_as_use(user) -> bool:
@@ -328,7 +341,7 @@ def attention_logits(graph: Graph, *, only: bool = False) -> set[str]:
     (not a value that also carries on elsewhere). Shape computations are not uses."""
     if only:
         return used_only_by(graph, lambda user, found: user.op == "softmax" or (
-            user.name in found and user.op in LOGIT_OPS))
+            user.name in found and _logit_op(user)))
     found: set[str] = set()
     frontier = [n.name for n in graph if n.op == "softmax"]
     while frontier:
@@ -337,7 +350,7 @@ def attention_logits(graph: Graph, *, only: bool = False) -> set[str]:
             if ref.node in found or not _counts_as_use(prod):
                 continue
             found.add(ref.node)
-            if prod.op in LOGIT_OPS:
+            if _logit_op(prod):
                 frontier.append(ref.node)
     return found
 

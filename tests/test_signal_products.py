@@ -102,6 +102,45 @@ def test_talking_heads_attention_is_not_a_product_of_signals():
     assert torch.isfinite(shaped(x)).all()
 
 
+class ConvTalkingHeads(nn.Module):
+    """EfficientFormerV2's attention on a feature map: 1x1 convs over the heads axis mix
+    the logits before the softmax and the weights after it."""
+
+    def __init__(self, dim=16, heads=4):
+        super().__init__()
+        self.heads, self.qkv, self.proj = heads, nn.Conv2d(dim, 3 * dim, 1), nn.Conv2d(dim, dim, 1)
+        self.head1 = nn.Conv2d(heads, heads, 1)
+        self.head2 = nn.Conv2d(heads, heads, 1)
+        self.mlp = nn.Sequential(nn.Conv2d(dim, dim, 1), nn.GELU(), nn.Conv2d(dim, dim, 1))
+
+    def forward(self, x):
+        b, c, h, w = x.shape
+        q, k, v = self.qkv(x).reshape(b, 3, self.heads, c // self.heads, h * w).unbind(1)
+        attn = self.head1((q.transpose(-2, -1) @ k) * 0.5)
+        attn = self.head2(attn.softmax(-1))
+        x = x + self.proj((v @ attn.transpose(-2, -1)).reshape(b, c, h, w))
+        return x + self.mlp(x)
+
+
+def test_pointwise_conv_talking_heads_attention_is_not_a_product_of_signals():
+    # before: "matmul node 'matmul' multiplies two signals", efficientformerv2 refused
+    x = torch.randn(2, 16, 3, 3)
+    model = nn.Sequential(*[ConvTalkingHeads() for _ in range(3)])
+    assert find_signal_products(graphshape.load(model, x)) == []
+    shaped = graphshape.shape(model, x, method="DKS", seed=0)
+    assert any("3 attention node(s)" in w for w in shaped.meta["graphshape"].warnings)
+    assert torch.isfinite(shaped(x)).all()
+
+
+def test_efficientformerv2_attention_is_softmax_attention():
+    timm = pytest.importorskip("timm")
+    x = torch.randn(1, 3, 224, 224)
+    model = timm.create_model("efficientformerv2_s0", num_classes=10).eval()
+    assert find_signal_products(graphshape.load(model, x)) == []
+    shaped = graphshape.shape(model, x, method="TAT", seed=0)
+    assert torch.isfinite(shaped(x)).all()
+
+
 @pytest.mark.parametrize("method, activation", [("DKS", "relu"), ("TAT", "leaky_relu")])
 def test_split_attention_is_an_average_from_pytorch_and_onnx(tmp_path, method, activation):
     # SKNet's selective kernel: two conv paths, summed with softmax weights. The weighted
