@@ -986,10 +986,15 @@ def shape_graph(graph: Graph, *, method: str = "TAT", activation: str | None = N
     from graphshape.passes.subnetworks import is_attention_call
 
     max_pools, opaque, weighted, signals = [], [], [], _signals(g)
+    # (what only computes attention logits -- masked_fill, a scale from the head size --
+    # sets the softmax's weights, which the maximizing function does not see; one holding
+    # weights is still named: shaping leaves them as they are)
+    only_logits = attention_logits(g, only=True)
     for node in g:
         if node.op == "opaque" and node.name in signals and may_hold_signal(node) \
                 and not is_attention_call(node) and node.meta.get("input_entry") is None \
-                and not moves_data_only(node):
+                and not moves_data_only(node) \
+                and (node.name not in only_logits or _holds_weights(node)):
             # (opaque nodes computing Python values or sizes -- x.size(), an ONNX Shape --
             # or constants carry no signal and need no kernel rule; nor does one that only
             # shapes the output, unless it is a layer with weights, which shaping leaves
