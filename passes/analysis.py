@@ -676,8 +676,10 @@ def rule_norm(ctx: RuleContext) -> Kernel:
         ctx.flag(FLAG_APPROX, "instance norm normalizes over locations: not defined for "
                               "inputs constant across locations")
     q = 1.0
-    if node.op == "std_norm" and node.attrs.get("correction"):
-        # a variance that divides by n - correction: the mean square is (n - correction) / n
+    if node.op == "std_norm" and node.attrs.get("correction") and node.attrs.get("centre", True):
+        # x - mean divided by a variance that divides by n - correction: its mean square is
+        # (n - correction) / n. (Not centred, x's own mean adds mean^2 / var, 1 / n on
+        # average for zero-mean features: q = 1 again)
         n = int(np.prod(node.attrs["normalized_shape"]))
         q = (n - int(node.attrs["correction"])) / n
     return _gain(Kernel(np.full_like(k.q, q), k.c * q, q, k.unit_c0, k.unit_slope, k.unit_curv),

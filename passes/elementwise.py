@@ -612,6 +612,7 @@ def _close(f: np.ndarray, want: np.ndarray) -> bool:
 def _fuse_norm_in(g: Graph, x: Ref, region: list[Node], axes, data, fused) -> bool:
     shape = tuple(data.shape[a] for a in axes)
     forms = _norm_forms()
+    expected: dict[tuple[int, float], np.ndarray] = {}
     rng = np.random.default_rng(1)
     for y in reversed(region):
         if _norm_weight(g, y, data.ndim, axes) is not None:
@@ -635,9 +636,12 @@ def _fuse_norm_in(g: Graph, x: Ref, region: list[Node], axes, data, fused) -> bo
         eps_candidates = sorted({v for n in sub for r in n.inputs
                                  if (v := _scalar(g, r)) is not None and 0 < v < 1})
         for eps in eps_candidates:
-            for op, form, value in forms:
-                if (not _variance_defined(shape, form)
-                        or not _close(f, gain * value(data, axes, eps))):
+            for i, (op, form, value) in enumerate(forms):
+                if not _variance_defined(shape, form):
+                    continue
+                if (i, eps) not in expected:  # (the same for every y: computed once)
+                    expected[i, eps] = value(data, axes, eps)
+                if not _close(f, gain * expected[i, eps]):
                     continue
                 # where eps matters too (a variance near eps): where it is added, and
                 # which of two forms equal on data of unit scale this is

@@ -170,14 +170,21 @@ def test_a_weight_inside_the_statistic_is_not_read_as_the_norms():
                                    rtol=1e-5, atol=1e-5)
 
 
-def test_analysis_predicts_through_them():
-    model = _mlp(lambda: _VarNorm("var, unbiased"))
-    rows = graphshape.analyze(model, X, empirical=True).rows
+@pytest.mark.parametrize("form, q, rel", [
+    # x - mean over a variance divided by n - 1: mean square (n - 1) / n, exactly
+    ("var, unbiased", (WIDTH - 1) / WIDTH, 1e-3),
+    # x itself: its mean adds mean^2 / var, 1 / n on average for zero-mean features
+    ("simple norm", 1.0, 0.05),
+])
+def test_analysis_predicts_through_them(form, q, rel):
+    model = _mlp(lambda: _VarNorm(form))
+    x = torch.randn(16, 5, WIDTH)
+    rows = graphshape.analyze(model, x, empirical=True).rows
     norms = [r for r in rows if r["op"] == "std_norm"]
     assert len(norms) == 4
-    for row in norms:  # an unbiased variance: mean square (n - 1) / n
-        assert row["q_pred"] == pytest.approx((WIDTH - 1) / WIDTH)
-        assert row["q_emp"] == pytest.approx(row["q_pred"], rel=1e-3)
+    for row in norms:
+        assert row["q_pred"] == pytest.approx(q)
+        assert row["q_emp"] == pytest.approx(q, rel=rel)
 
 
 def test_an_export_of_them_reads_the_same(tmp_path):
