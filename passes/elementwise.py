@@ -116,7 +116,8 @@ def _is_elementwise(graph: Graph, node: Node) -> bool:
             return _torch_name(a.get("target")) in TORCH_ELEMENTWISE
         return a.get("fx_op") == "call_method" and a.get("target") in TORCH_ELEMENTWISE_METHODS
     if a.get("framework") == "onnx":
-        return a.get("op_type") in ONNX_ELEMENTWISE and a.get("domain") in ("", "ai.onnx")
+        return (a.get("op_type") in ONNX_ELEMENTWISE or a.get("op_type") == "Clip") \
+            and a.get("domain") in ("", "ai.onnx")
     return False
 
 
@@ -182,6 +183,15 @@ def _evaluate(graph: Graph, node: Node, values: dict[Ref, np.ndarray]) -> np.nda
         return np.asarray(act.fn(arg(node.inputs[0]), **attrs), dtype=float)
     # below: comparisons give bool arrays, kept as they are for a where() to read
     if a.get("framework") == "onnx":
+        if a["op_type"] == "ReduceL2":  # (in a norm region: see _onnx_reduce_l2_axes)
+            x = arg(node.inputs[0])
+            axes = _onnx_reduce_l2_axes(graph, node, np.ndim(x))
+            return np.sqrt(np.sum(np.square(x), axis=axes, keepdims=True))
+        if a["op_type"] == "Clip":  # bounds as inputs (opset >= 11) or attributes
+            bounds = [_onnx_input(graph, node, i) for i in (1, 2)]
+            lo, hi = (arg(r) if r is not None else _onnx_attribute(node, k)
+                      for r, k in zip(bounds, ("min", "max")))
+            return np.clip(arg(node.inputs[0]), lo, hi)
         return ONNX_ELEMENTWISE[a["op_type"]](*(arg(r) for r in node.inputs))
     import torch
 
@@ -256,11 +266,68 @@ def _is_moment_item(graph: Graph, node: Node) -> bool:
             and _torch_name(source.attrs.get("target")) in ("torch.var_mean", "torch.std_mean"))
 
 
-def _statistic_axes(node: Node, rank: int | None) -> tuple[int, ...] | None:
-    """The axes of a mean, variance or standard deviation with keepdim; None for any other
-    node."""
+def _l2_normalize(node: Node, rank: int | None) -> tuple[tuple[int], float] | None:
+    """``((axis,), eps)`` for an opaque ``F.normalize(x, p=2, dim=axis, eps=eps)`` of a
+    rank-``rank`` value (``x / max(||x||, eps)`` along the axis); None for any other node."""
+    a = node.attrs
+    target = a.get("target")
+    if (node.op != "opaque" or a.get("framework") != "torch" or rank is None
+            or a.get("fx_op") != "call_function" or getattr(target, "__name__", None) != "normalize"
+            or getattr(target, "__module__", None) != "torch.nn.functional"):
+        return None
+    args, kwargs = tuple(a.get("args") or ()), dict(a.get("kwargs") or {})
+    p = kwargs.get("p", args[1] if len(args) > 1 else 2.0)
+    dim = kwargs.get("dim", args[2] if len(args) > 2 else 1)
+    eps = kwargs.get("eps", args[3] if len(args) > 3 else 1e-12)
+    if p != 2 or not isinstance(dim, int) or isinstance(dim, bool) or not isinstance(
+            eps, (int, float)) or not eps > 0:
+        return None
+    return (dim % rank,), float(eps)
+
+
+def _onnx_attribute(node: Node, name: str, default=None):
+    """The value of an attribute of an opaque ONNX node."""
+    import onnx
+
+    proto = (node.attrs.get("attributes") or {}).get(name)
+    return default if proto is None else onnx.helper.get_attribute_value(proto)
+
+
+def _onnx_input(graph: Graph, node: Node, position: int) -> Ref | None:
+    """The input of an opaque ONNX node at its ONNX position (absent optional inputs are not
+    in ``node.inputs``), or None."""
+    positions = tuple(node.attrs.get("input_positions") or range(len(node.inputs)))
+    return node.inputs[positions[position]] if position < len(positions) \
+        and positions[position] is not None else None
+
+
+def _onnx_reduce_l2_axes(graph: Graph, node: Node, rank: int | None) -> tuple[int, ...] | None:
+    """The axes of an ONNX ``ReduceL2`` with keepdims (``||x||`` along them: an exported
+    ``F.normalize``), as sorted non-negative ints; None for any other node."""
+    a = node.attrs
+    if (node.op != "opaque" or a.get("framework") != "onnx" or a.get("op_type") != "ReduceL2"
+            or a.get("domain") not in ("", "ai.onnx") or rank is None
+            or _onnx_attribute(node, "keepdims", 1) != 1):
+        return None
+    axes = _onnx_attribute(node, "axes")
+    ref = _onnx_input(graph, node, 1)
+    if axes is None and ref is not None and graph[ref.node].op == "constant":
+        axes = np.asarray(graph[ref.node].params.get("value")).reshape(-1).tolist()
+    if not axes:
+        return None
+    return tuple(sorted(int(ax) % rank for ax in axes))
+
+
+def _statistic_axes(graph: Graph, node: Node, rank: int | None) -> tuple[int, ...] | None:
+    """The axes of a mean, variance or standard deviation with keepdim, or of an L2 norm or
+    normalization; None for any other node."""
     axes = _mean_axes(node, rank)
-    return axes if axes is not None else _moment_axes(node, rank)
+    if axes is None:
+        axes = _moment_axes(node, rank)
+    if axes is None:
+        found = _l2_normalize(node, rank)
+        axes = found[0] if found is not None else _onnx_reduce_l2_axes(graph, node, rank)
+    return axes
 
 
 def _normalizable_axes(axes: tuple[int, ...] | None, rank: int | None) -> bool:
@@ -332,7 +399,7 @@ def _region(graph: Graph, x: Ref, rank: dict[str, int],
         if weight is not None:  # (inside a norm: see _fuse_norm_in)
             signals = [r for r in signals if r != weight]
         acts = _is_elementwise(graph, node) or _broadcasts_to(graph, node, x) or (
-            mean_axes is not None and (_statistic_axes(node, x_rank) == mean_axes
+            mean_axes is not None and (_statistic_axes(graph, node, x_rank) == mean_axes
                                        or _is_moment_item(graph, node)))
         if (not signals or not acts or len(node.outputs) != 1
                 or not all(r in inside for r in signals)):
@@ -539,14 +606,14 @@ def fuse_norm_decompositions(graph: Graph, *, copy: bool = True) -> tuple[Graph,
         # the norm's input: the statistic's input, or (RMS norm) what that square was made of
         for x in _norm_input_candidates(g, reduce):
             info = g.info(x)
-            axes = _statistic_axes(reduce, info.rank)
+            axes = _statistic_axes(g, reduce, info.rank)
             if (not _normalizable_axes(axes, info.rank) or info.shape is None
                     or not all(isinstance(info.shape[a], int) and info.shape[a] > 0
                                for a in axes)
                     or is_non_float(info.dtype)):
                 continue
             region = _region(g, x, rank, mean_axes=axes)
-            if not any(_statistic_axes(n, info.rank) is not None for n in region):
+            if not any(_statistic_axes(g, n, info.rank) is not None for n in region):
                 continue
             # a dynamic dim outside the normalized ones (an ONNX file's batch axis "N") is
             # evaluated at 2: the norm's value does not depend on it
@@ -618,7 +685,7 @@ def _fuse_norm_in(g: Graph, x: Ref, region: list[Node], axes, data, fused) -> bo
         if _norm_weight(g, y, data.ndim, axes) is not None:
             continue  # a weight after the norm stays a node of its own: the norm is before
         sub = _closed_subregion(g, region, y)
-        if sub is None or not any(_statistic_axes(n, data.ndim) is not None for n in sub):
+        if sub is None or not any(_statistic_axes(g, n, data.ndim) is not None for n in sub):
             continue
         inner = [w for n in sub if (w := _norm_weight(g, n, data.ndim, axes)) is not None]
         if len(inner) > 1:
@@ -635,9 +702,23 @@ def _fuse_norm_in(g: Graph, x: Ref, region: list[Node], axes, data, fused) -> bo
             continue
         eps_candidates = sorted({v for n in sub for r in n.inputs
                                  if (v := _scalar(g, r)) is not None and 0 < v < 1})
+        clamps = [found[1] for n in sub if (found := _l2_normalize(n, data.ndim)) is not None]
+        if any(_onnx_reduce_l2_axes(g, n, data.ndim) is not None for n in sub):
+            # (its export: ReduceL2, Clip(min=eps), Expand, Div; the bound an attribute
+            # before opset 11)
+            clamps += eps_candidates + [
+                v for n in sub if n.attrs.get("op_type") == "Clip"
+                and isinstance(v := _onnx_attribute(n, "min"), float) and 0 < v < 1]
+        if clamps:
+            # lucidrains' RMSNorm, F.normalize(x) * sqrt(n): x * sqrt(n) / max(||x||, eps) is
+            # an RMS norm with eps^2 / n added to the mean square (the same but where ||x|| is
+            # within a few eps of 0; the check at a variance near eps is skipped for it).
+            # F.normalize without that scale (cosine attention, an embedding) matches nothing
+            n_elems = int(np.prod(shape))
+            eps_candidates = sorted({c * c / n_elems for c in clamps})
         for eps in eps_candidates:
             for i, (op, form, value) in enumerate(forms):
-                if not _variance_defined(shape, form):
+                if not _variance_defined(shape, form) or (clamps and op != "rms_norm"):
                     continue
                 if (i, eps) not in expected:  # (the same for every y: computed once)
                     expected[i, eps] = value(data, axes, eps)
@@ -646,8 +727,9 @@ def _fuse_norm_in(g: Graph, x: Ref, region: list[Node], axes, data, fused) -> bo
                 # where eps matters too (a variance near eps): where it is added, and
                 # which of two forms equal on data of unit scale this is
                 small = data * math.sqrt(eps)
-                f_small = _region_value(g, x, sub, small, weights)
-                if f_small is None or not _close(f_small, gain * value(small, axes, eps)):
+                f_small = None if clamps else _region_value(g, x, sub, small, weights)
+                if not clamps and (f_small is None
+                                   or not _close(f_small, gain * value(small, axes, eps))):
                     continue
                 attrs = {"normalized_shape": shape, "eps": _short(eps), **form}
                 if inner:

@@ -228,3 +228,62 @@ def test_hand_written_norms_read_as_norms_in_an_export_with_a_dynamic_batch(
     shaped = graphshape.shape_onnx(path, str(tmp_path / "shaped.onnx"), method="DKS", seed=0)
     from_torch = graphshape.shape(model, x, method="DKS", seed=0)
     assert shaped.activation_params == from_torch.meta["graphshape"].activation_params
+
+
+# ------------------------------------------------------- F.normalize(x) * sqrt(n) (lucidrains)
+class _L2RMSNorm(nn.Module):
+    """x-transformers' RMSNorm: ``F.normalize(x, dim=-1) * sqrt(n) * gamma``, the RMS norm
+    with its eps as a clamp of the L2 norm."""
+
+    def __init__(self, width):
+        super().__init__()
+        self.scale = width ** 0.5
+        self.gamma = nn.Parameter(1 + 0.1 * torch.randn(width))
+
+    def forward(self, x):
+        return F.normalize(x, dim=-1) * self.scale * self.gamma
+
+
+class _Cosine(nn.Module):
+    def forward(self, x):
+        return F.normalize(x, dim=-1)
+
+
+def test_l2_normalize_times_root_n_reads_as_rms_norm():
+    # before: refused, "'function torch.nn.functional.normalize' looks like a normalization
+    # layer that graphshape could not map to a known norm op"
+    model = _mlp(lambda: _L2RMSNorm(16))
+    x = torch.randn(3, 5, 16)
+    graph = graphshape.load(model, x)
+    assert graph.count_ops()["rms_norm"] == 4 and "opaque" not in graph.count_ops()
+    with torch.no_grad():
+        torch.testing.assert_close(graphshape.to_torch(graph)(x), model(x), rtol=1e-5, atol=1e-6)
+        zeros = torch.zeros(2, 16)  # (a row of zeros: 0 from both, as F.normalize gives)
+        assert torch.equal(graphshape.to_torch(graphshape.load(_L2RMSNorm(16), zeros))(zeros),
+                           zeros)
+    shaped = graphshape.shape(model, x, method="DKS", seed=0)
+    twin = graphshape.shape(_mlp(lambda: nn.RMSNorm(16)), x, method="DKS", seed=0)
+    assert shaped.meta["graphshape"].activation_params == twin.meta["graphshape"].activation_params
+    assert sorted(shaped.state_dict()) == sorted(twin.state_dict())  # gamma went with it
+
+
+@pytest.mark.parametrize("opset", [10, 13, 18])  # Clip's bound an attribute / an input
+def test_an_exported_l2_rms_norm_reads_as_rms_norm(tmp_path, opset):
+    model = _mlp(lambda: _L2RMSNorm(16))
+    path = str(tmp_path / "m.onnx")
+    torch.onnx.export(model, (X,), path, dynamo=False, opset_version=opset)
+    graph = graphshape.load(path)
+    assert graph.count_ops().get("rms_norm") == 4 and "opaque" not in graph.count_ops()
+    np.testing.assert_allclose(_ort(graphshape.to_onnx(graph), X.numpy()),
+                               _ort(onnx.load(path), X.numpy()), rtol=1e-5, atol=1e-5)
+    shaped = graphshape.shape_onnx(path, str(tmp_path / "shaped.onnx"), method="DKS", seed=0)
+    from_torch = graphshape.shape(model, X, method="DKS", seed=0)
+    assert shaped.activation_params == from_torch.meta["graphshape"].activation_params
+
+
+def test_l2_normalize_alone_is_not_an_rms_norm():
+    # (cosine attention's q and k, an embedding's output: not a norm layer to remove)
+    graph = graphshape.load(_mlp(_Cosine), X)
+    assert "rms_norm" not in graph.count_ops() and graph.count_ops()["opaque"] == 4
+    with pytest.raises(graphshape.GraphshapeError, match="looks like a normalization layer"):
+        graphshape.shape(_mlp(_Cosine), X, method="DKS")
