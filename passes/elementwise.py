@@ -583,7 +583,8 @@ def fuse_norm_decompositions(graph: Graph, *, copy: bool = True) -> tuple[Graph,
     sqrt(var + eps)`` (BERT-era LayerNorm modules), ``x * rsqrt(mean(x ** 2) + eps)``
     (LLaMA's and T5's RMSNorm), and the forms with ``torch.var`` / ``torch.std`` that are
     neither (an unbiased variance, ``x / sqrt(var + eps)`` as timm's SimpleNorm, ``(x -
-    mean) / (std + eps)`` as the Annotated Transformer's LayerNorm), in any spelling. Left
+    mean) / (std + eps)`` as the Annotated Transformer's LayerNorm), and x-transformers'
+    ``F.normalize(x) * sqrt(n)`` (see :func:`_eps_candidates`), in any spelling. Left
     as they are, the division reads as a product of two signals (refused by DKS/TAT) and
     the norm is not removed. A region from ``x`` of elementwise ops and means, variances
     or standard deviations over the same dims (``x``'s shape known) is evaluated on random
@@ -670,16 +671,38 @@ def _norm_forms() -> list[tuple[str, dict, Any]]:
     return forms
 
 
-def _close(f: np.ndarray, want: np.ndarray) -> bool:
+def _close(f: np.ndarray | None, want: np.ndarray) -> bool:
     with np.errstate(all="ignore"):
-        return bool(f.shape == want.shape and np.all(
+        return bool(f is not None and f.shape == want.shape and np.all(
             np.abs(f - want) / np.maximum(1.0, np.abs(want)) <= NORM_TOLERANCE))
+
+
+def _eps_candidates(g: Graph, sub: list[Node], rank: int, shape: tuple) -> tuple[list, bool]:
+    """The eps values to try for the norm ``sub`` may compute (its scalar constants in
+    (0, 1)), and whether it clamps an L2 norm instead of adding eps.
+
+    x-transformers' RMSNorm, ``F.normalize(x) * sqrt(n)``: ``x * sqrt(n) / max(||x||,
+    eps)`` is an RMS norm with eps^2 / n added to the mean square (the same but where ||x||
+    is within a few eps of 0). Its export: ReduceL2, Clip(min=eps), Expand, Div, the bound an
+    attribute before opset 11. ``F.normalize`` without that scale (cosine attention, an
+    embedding) matches no norm."""
+    scalars = sorted({v for n in sub for r in n.inputs
+                      if (v := _scalar(g, r)) is not None and 0 < v < 1})
+    clamps = [found[1] for n in sub if (found := _l2_normalize(n, rank)) is not None]
+    if any(_onnx_reduce_l2_axes(g, n, rank) is not None for n in sub):
+        clamps += scalars + [v for n in sub if n.attrs.get("op_type") == "Clip"
+                             and isinstance(v := _onnx_attribute(n, "min"), float)
+                             and 0 < v < 1]
+    if not clamps:
+        return scalars, False
+    n_elems = int(np.prod(shape))
+    return sorted({c * c / n_elems for c in clamps}), True
 
 
 def _fuse_norm_in(g: Graph, x: Ref, region: list[Node], axes, data, fused) -> bool:
     shape = tuple(data.shape[a] for a in axes)
     forms = _norm_forms()
-    expected: dict[tuple[int, float], np.ndarray] = {}
+    expected: dict[tuple[int, float], np.ndarray] = {}  # (the same for every y: computed once)
     rng = np.random.default_rng(1)
     for y in reversed(region):
         if _norm_weight(g, y, data.ndim, axes) is not None:
@@ -700,36 +723,21 @@ def _fuse_norm_in(g: Graph, x: Ref, region: list[Node], axes, data, fused) -> bo
             return False
         if f.shape != data.shape or f.dtype.kind != "f":
             continue
-        eps_candidates = sorted({v for n in sub for r in n.inputs
-                                 if (v := _scalar(g, r)) is not None and 0 < v < 1})
-        clamps = [found[1] for n in sub if (found := _l2_normalize(n, data.ndim)) is not None]
-        if any(_onnx_reduce_l2_axes(g, n, data.ndim) is not None for n in sub):
-            # (its export: ReduceL2, Clip(min=eps), Expand, Div; the bound an attribute
-            # before opset 11)
-            clamps += eps_candidates + [
-                v for n in sub if n.attrs.get("op_type") == "Clip"
-                and isinstance(v := _onnx_attribute(n, "min"), float) and 0 < v < 1]
-        if clamps:
-            # lucidrains' RMSNorm, F.normalize(x) * sqrt(n): x * sqrt(n) / max(||x||, eps) is
-            # an RMS norm with eps^2 / n added to the mean square (the same but where ||x|| is
-            # within a few eps of 0; the check at a variance near eps is skipped for it).
-            # F.normalize without that scale (cosine attention, an embedding) matches nothing
-            n_elems = int(np.prod(shape))
-            eps_candidates = sorted({c * c / n_elems for c in clamps})
+        eps_candidates, clamped = _eps_candidates(g, sub, data.ndim, shape)
         for eps in eps_candidates:
             for i, (op, form, value) in enumerate(forms):
-                if not _variance_defined(shape, form) or (clamps and op != "rms_norm"):
+                if not _variance_defined(shape, form) or (clamped and op != "rms_norm"):
                     continue
-                if (i, eps) not in expected:  # (the same for every y: computed once)
+                if (i, eps) not in expected:
                     expected[i, eps] = value(data, axes, eps)
                 if not _close(f, gain * expected[i, eps]):
                     continue
                 # where eps matters too (a variance near eps): where it is added, and
-                # which of two forms equal on data of unit scale this is
+                # which of two forms equal on data of unit scale this is (not for a clamp,
+                # which differs from an added eps there: see _eps_candidates)
                 small = data * math.sqrt(eps)
-                f_small = None if clamps else _region_value(g, x, sub, small, weights)
-                if not clamps and (f_small is None
-                                   or not _close(f_small, gain * value(small, axes, eps))):
+                if not clamped and not _close(_region_value(g, x, sub, small, weights),
+                                              gain * value(small, axes, eps)):
                     continue
                 attrs = {"normalized_shape": shape, "eps": _short(eps), **form}
                 if inner:
