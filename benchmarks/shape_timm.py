@@ -41,7 +41,7 @@ MODELS = {
     "mobilenetv3_small_050": 64,  # hard-swish, SE with hard-sigmoid gates
 }
 
-#: ``--set wide``: 46 more families (transformers, MLP mixers, attention CNNs, re-param
+#: ``--set wide``: 49 more families (transformers, MLP mixers, attention CNNs, re-param
 #: nets), model name -> input side
 WIDE = {
     **{name: 224 for name in (
@@ -50,10 +50,10 @@ WIDE = {
         "levit_128s", "efficientformer_l1", "gmlp_ti16_224", "sequencer2d_s",
         "coat_lite_tiny", "pit_ti_224", "twins_svt_small", "visformer_tiny", "convit_tiny",
         "pvt_v2_b0", "mvitv2_tiny", "efficientvit_b0", "repvit_m1", "eva02_tiny_patch14_224",
-        "nest_tiny")},
+        "nest_tiny", "efficientformerv2_s0")},
     **{name: 64 for name in (
         "poolformer_s12", "mobilevit_xxs", "nf_resnet26", "resnest14d", "skresnet18",
-        "resnetv2_50d_evos", "resnetv2_50d_frn",
+        "resnetv2_50d_evos", "resnetv2_50d_frn", "convnextv2_atto", "convnext_zepto_rms",
         "res2net50_26w_4s", "dpn68", "ghostnet_100", "rexnet_100", "edgenext_xx_small",
         "fastvit_t8", "hgnetv2_b0", "ese_vovnet19b_dw", "selecsls42b", "inception_next_tiny",
         "mobileone_s0", "densenetblur121d", "tresnet_m", "convmixer_768_32")},
@@ -79,7 +79,7 @@ def main():
     ap.add_argument("--activation", default=None)
     ap.add_argument("--shortcut-weight", type=float, default=0.5)
     ap.add_argument("--set", choices=("default", "wide"), default="default",
-                    help="the 13 families above, or the 44 of WIDE")
+                    help="the 13 families above, or the 49 of WIDE")
     ap.add_argument("--models", default=None, help="comma-separated names (default: the set)")
     ap.add_argument("--train", action="store_true",
                     help="shape the models in training mode (as timm.create_model returns them)")

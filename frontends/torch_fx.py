@@ -119,7 +119,10 @@ _NORM_ACTIVATION_LAYERS = (
     ("timm.layers.evo_norm", ("EvoNorm2dB0", "EvoNorm2dB1", "EvoNorm2dB2", "EvoNorm2dS0",
                               "EvoNorm2dS0a", "EvoNorm2dS1", "EvoNorm2dS1a", "EvoNorm2dS2",
                               "EvoNorm2dS2a")),
-    ("timm.layers.filter_response_norm", ("FilterResponseNormTlu2d", "FilterResponseNormAct2d")))
+    ("timm.layers.filter_response_norm", ("FilterResponseNormTlu2d", "FilterResponseNormAct2d")),
+    # (no activation: a normalization the same mechanism removes; traced, its Tensor.norm
+    # was refused as a norm graphshape could not map, and convnextv2 with it)
+    ("timm.layers.grn", ("GlobalResponseNorm",)))
 
 
 def _norm_activation_classes() -> tuple:
@@ -144,9 +147,16 @@ def norm_activation_remainder(mod: nn.Module) -> dict:
       starts at 0); FilterResponseNormAct2d: ``act(x / rms(x) * weight + bias)``: ``act``.
     * EvoNorm B0 / B1 / B2: ``x / max(batch_std, v * x + instance_std(x))``: the
       nonlinearity is the normalization's own max, so there is nothing to keep: refused.
+    * GlobalResponseNorm (ConvNeXt V2): ``x + gamma * (x * N(x)) + beta`` with ``N(x) =
+      ||x||_spatial / (mean_channels ||x||_spatial + eps)``: the identity remains (it is the
+      identity at its init too, gamma = beta = 0).
     """
     cls = type(mod).__name__
     layer = f"{type(mod).__module__}.{cls}"
+    if cls == "GlobalResponseNorm":
+        return {"layer": layer, "activation": None,
+                "formula": "x + gamma * (x * ||x||_spatial / (mean_channels ||x||_spatial + "
+                           "eps)) + beta"}
 
     def act_of(act) -> dict | None:
         if act is None or isinstance(act, nn.Identity):
@@ -1478,8 +1488,8 @@ def _m_norm_activation(ld, fx_node, mod):
     ld.opaque(fx_node)
     node = ld.graph[ld.env[fx_node].node]
     node.attrs["norm_activation"] = remainder
-    node.attrs["description"] = (f"normalization-activation layer {remainder['layer']} "
-                                 f"({remainder['formula']})")
+    kind = "normalization-activation" if remainder.get("activation") else "normalization"
+    node.attrs["description"] = f"{kind} layer {remainder['layer']} ({remainder['formula']})"
 
 
 _SIMPLE_ACT_MODULES = {nn.ReLU: "relu", nn.SELU: "selu", nn.SiLU: "silu", nn.Mish: "mish",

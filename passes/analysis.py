@@ -302,12 +302,21 @@ def rule_norm_activation(ctx: RuleContext) -> Kernel:
     * EvoNorm S: ``act(x) / std(x) * weight + bias``: the activation on the kernel as it
       is, then divided by sqrt(q) of its input per example (c unchanged by that), then the
       affine map. S0's ``x * sigmoid(v x)`` is SiLU at ``v`` = 1 (``silu(v x) / v`` for one
-      ``v`` shared by all channels; no rule for ``v`` that differ)."""
+      ``v`` shared by all channels; no rule for ``v`` that differ);
+    * GlobalResponseNorm (ConvNeXt V2): the identity while its weight and bias are 0, as at
+      its init (no rule else)."""
     remainder = ctx.node.attrs["norm_activation"]
     if "refused" in remainder:
         raise UnknownKernel(f"no kernel rule for {remainder['layer']}: {remainder['refused']}")
     module = ctx.node.attrs.get("module")
     k = _only_signal(ctx)
+    if type(module).__name__ == "GlobalResponseNorm":
+        # x + gamma * (x * N(x)) + beta: the identity while gamma and beta are 0 (its init)
+        if any(np.any(p != 0.0) for p in (_module_array(module, "weight"),
+                                          _module_array(module, "bias")) if p is not None):
+            raise UnknownKernel("no kernel rule for a GlobalResponseNorm whose weight or "
+                                "bias is not 0 (the identity only at its init)")
+        return k
     weight, bias = _module_array(module, "weight"), _module_array(module, "bias")
     gain = 1.0 if weight is None else float(np.mean(np.square(weight)))
     bias_sq = 0.0 if bias is None else float(np.mean(np.square(bias)))
