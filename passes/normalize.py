@@ -3,13 +3,14 @@
 DKS/TAT networks have no normalization: at initialization the kernel is controlled by the
 activation transforms and the orthogonal init instead. This pass removes every
 ``batch_norm``, ``layer_norm``, ``rms_norm``, ``std_norm``, ``group_norm``, ``instance_norm``
-and ``lrn`` node, and with
-it a per-channel affine map that directly follows one (an ``affine`` node, or ``mul`` then
-``add`` by constants as in caffe2-style ONNX files: BatchNormalization, Mul, Add), and a
+and ``lrn`` node, and with it the affine map that directly follows one (an ``affine`` node,
+or ``mul`` then ``add`` by constants as in caffe2-style ONNX files: BatchNormalization, Mul,
+Add; per channel, or along a layer / RMS / std norm's normalized trailing dims), and a
 ``mul`` then ``add`` by per-channel constants right after a conv / linear layer (a frozen
 batch norm as it is exported). A normalization-activation layer (timm's EvoNorm, Filter
-Response Normalization: an opaque call whose ``attrs["norm_activation"]`` the frontend wrote)
-becomes the activation it applies without its normalization. Where the
+Response Normalization, and ConvNeXt V2's GlobalResponseNorm, which applies none: an opaque
+call whose ``attrs["norm_activation"]`` the frontend wrote) becomes the activation it
+applies without its normalization, or the identity. Where the
 norm supplied a shift (batch norm's running mean, or a learned bias), the conv / linear layer
 feeding it gains a zero-initialized bias, so the shaped model can still learn that shift.
 """
