@@ -247,6 +247,39 @@ def _exported_frozen_norm(g: Graph, layer: Node) -> list[Node] | None:
     return chain
 
 
+def _exported_response_norm(g: Graph, l2: Node) -> tuple[Ref, list[Node]] | None:
+    """``(x, nodes)`` when ``l2`` is the ``ReduceL2`` of a Global Response Normalization as
+    ``torch.onnx.export`` writes ConvNeXt V2's: ``x + (gamma * (x * N) + beta)`` with ``N =
+    ||x|| / (mean(||x||) + eps)``, the norm over the spatial axes and its mean over the
+    channels; ``nodes`` are the layer's, from ``l2`` to the final add (the torch frontend
+    reads the module itself: see ``norm_activation_remainder``)."""
+    from graphshape.passes.elementwise import _onnx_reduce_l2_axes
+
+    if not l2.inputs or _onnx_reduce_l2_axes(g, l2, g.info(l2.inputs[0]).rank) is None:
+        return None
+    x = l2.inputs[0]
+    readers = {u.op: u for u in g.users(l2.name)}
+    mean, div = readers.get("reduce"), readers.get("div")
+    if len(g.users(l2.name)) != 2 or mean is None or div is None or div.inputs[0] != l2.out \
+            or mean.attrs.get("kind") != "mean":
+        return None
+    eps = _sole_user(g, mean)
+    if eps is None or eps.op != "add" or _sole_user(g, eps) is not div \
+            or constant_operand(g, eps) is None:
+        return None
+    product = _sole_user(g, div)
+    if product is None or product.op != "mul" or set(product.inputs) != {x, div.out}:
+        return None
+    chain, node = [], _sole_user(g, product)  # gamma *, (addcmul's value) *, beta +
+    while node is not None and node.op in ("mul", "add") and constant_operand(g, node) is not None:
+        chain.append(node)
+        node = _sole_user(g, node)
+    last = chain[-1] if chain else product
+    if node is None or node.op != "add" or set(node.inputs) != {x, last.out}:
+        return None
+    return x, [l2, mean, eps, div, product, *chain, node]
+
+
 def norm_activation_refusal(node: Node) -> GraphshapeError | None:
     """The error for a normalization-activation layer whose normalization cannot be removed
     (EvoNorm B0: see the frontend's ``norm_activation_remainder``), else None."""
@@ -356,6 +389,17 @@ def remove_normalization(graph: Graph, *, copy: bool = True) -> tuple[Graph, dic
         _give_zero_bias(layer, "the per-channel affine after it", rewritten)
     for node in [n for n in g if n.op == "opaque" and n.attrs.get("norm_activation")]:
         _remove_from_norm_activation(g, node, removed, rewritten)
+    # ConvNeXt V2's GlobalResponseNorm as exported (its module is removed just above)
+    for l2 in [n for n in g if n.op == "opaque" and n.attrs.get("op_type") == "ReduceL2"]:
+        found = _exported_response_norm(g, l2) if l2.name in g else None
+        if found is None:
+            continue
+        source, nodes = found
+        constants = _remove_chain(
+            g, nodes, source, removed,
+            lambda n: "Global Response Normalization (x + gamma * (x * N(x)) + beta, as "
+                      "exported): removed with it")
+        g.remove_unread(constants)
     # normalization calls a frontend left opaque (F.batch_norm inside timm's BatchNormAct2d)
     opaque_norms = [n.name for n in g if opaque_norm_input(n) is not None]
     for name in opaque_norms:

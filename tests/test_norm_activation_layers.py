@@ -295,3 +295,20 @@ def test_convnextv2_shapes():
     shaped = graphshape.shape(model, x, method="TAT", seed=0)
     assert not any(k.endswith(("grn.weight", "grn.bias")) for k in shaped.state_dict())
     assert torch.isfinite(shaped(x)).all()
+
+
+@pytest.mark.parametrize("opset", [13, 18])  # ReduceL2's axes an attribute / an input
+def test_an_exported_global_response_norm_is_removed_too(tmp_path, opset):
+    # before: refused, "mul node '0.grn.Mul' multiplies two signals"
+    x = torch.randn(2, 5, 5, 16, generator=torch.Generator().manual_seed(3))
+    model = _grn_net(True)
+    path = str(tmp_path / "grn.onnx")
+    torch.onnx.export(model, (x,), path, dynamo=False, opset_version=opset)
+    report = graphshape.shape_onnx(path, str(tmp_path / "shaped.onnx"), method="DKS", seed=0)
+    from_torch = graphshape.shape(model, x, method="DKS", seed=0).meta["graphshape"]
+    assert report.activation_params == from_torch.activation_params
+    import onnx
+
+    shaped = onnx.load(str(tmp_path / "shaped.onnx"))
+    assert not any(n.op_type == "ReduceL2" for n in shaped.graph.node)
+    assert sum("Global Response Normalization" in r["what"] for r in report.removed) >= 4
