@@ -126,8 +126,9 @@ _NORM_ACTIVATION_LAYERS = (
 
 
 def _norm_activation_classes() -> tuple:
-    """timm's EvoNorm and Filter Response Normalization layers, kept as fx leaves (opaque
-    calls carrying :func:`norm_activation_remainder`, which shaping puts in their place).
+    """timm's EvoNorm and Filter Response Normalization layers (and GlobalResponseNorm),
+    kept as fx leaves (opaque calls carrying :func:`norm_activation_remainder`, which
+    shaping puts in their place).
     Traced, they were arithmetic that looked like gates and products of two signals
     (``x * sigmoid(v * x) / group_std(x)``), refused for those reasons."""
     return _imported_classes(_NORM_ACTIVATION_LAYERS)
@@ -1481,7 +1482,7 @@ def _m_norm_act(ld, fx_node, mod):
 
 
 def _m_norm_activation(ld, fx_node, mod):
-    """An EvoNorm / FRN layer (:func:`_norm_activation_classes`): an opaque call holding
+    """An EvoNorm / FRN / GRN layer (:func:`_norm_activation_classes`): an opaque call holding
     ``attrs["norm_activation"]``, what shaping leaves in its place (and what the analysis'
     ``rule_norm_activation`` reads)."""
     remainder = norm_activation_remainder(mod)

@@ -179,6 +179,9 @@ def _fold_transformed_activations(graph: Graph, module: nn.Module) -> list[str]:
     from graphshape.torch_modules import TransformedActivation
 
     folded = []
+    # (the graph's order once: folding a region leaves the others' relative order as it
+    # was; a node added since, an earlier fold's, sorts after them)
+    rank = {name: i for i, name in enumerate(graph.topo_order())}
     for path, sub in module.named_modules():
         if not isinstance(sub, TransformedActivation) or not path:
             continue
@@ -201,9 +204,8 @@ def _fold_transformed_activations(graph: Graph, module: nn.Module) -> list[str]:
         graph.replace_uses(end.out, act.out, exclude=[act.name])
         constants = {r.node for name in region for r in graph[name].inputs
                      if graph[r.node].op == "constant"}
-        for name in reversed(graph.topo_order()):
-            if name in region:
-                graph.remove(name)
+        for name in sorted(region, key=lambda n: rank.get(n, len(rank)), reverse=True):
+            graph.remove(name)
         graph.remove_unread(constants)
         folded.append(path)
     return folded

@@ -307,13 +307,11 @@ def check_example_inputs(graph: Graph, example_inputs: Any) -> None:
 @functools.wraps(_shaping_api.shape)  # the real signature and docstring for help() and IDEs
 def shape(*args, **kwargs):
     _shape = _shaping_api.shape
-    _bind(_shape, args, kwargs)
     return _boundary("shaping the model")(_shape)(*args, **kwargs)
 
 
 @functools.wraps(_shaping_api.shape_onnx)
 def shape_onnx(*args, **kwargs):
     _shape_onnx = _shaping_api.shape_onnx
-    _bind(_shape_onnx, args, kwargs)
     return _boundary("shaping the ONNX model")(_shape_onnx)(*args, **kwargs)
 

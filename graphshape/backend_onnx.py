@@ -488,10 +488,7 @@ def _emit_std_norm(ctx, node):
     x = _input(ctx, node)
     dtype = ctx.dtype(node.inputs[0])
     nm = node.name
-    mean = _reduce_mean(ctx, x, axes, 1, f"{nm}.mean")
-    d = ctx.add_node("Sub", [x, mean], 1, name=f"{nm}.centre")[0]
-    var = _reduce_mean(ctx, ctx.add_node("Mul", [d, d], 1, name=f"{nm}.sq")[0], axes, 1,
-                       f"{nm}.var")
+    d, var = _mean_square(ctx, x, axes, nm, centre=True)
     if correction:  # (the mean square divides by n: the variance by n - correction)
         var = ctx.add_node("Mul", [var, ctx.scalar(n / (n - correction), dtype, "bessel")], 1,
                            name=f"{nm}.unbiased")[0]
@@ -526,19 +523,27 @@ def _emit_trailing_norm(ctx, node, op_type: str, since: int, eps: float, centre:
     _normalize(ctx, node, x, list(range(-len(shape), 0)), eps, centre, weight, bias)
 
 
+def _mean_square(ctx, x: str, axes, nm: str, centre: bool) -> tuple[str, str]:
+    """``(d, ms)``: ``x - mean(x)`` and its variance over ``axes`` (``centre``), or ``x``
+    and ``mean(x^2)``, as nodes named after ``nm``."""
+    d = x
+    if centre:
+        mean = _reduce_mean(ctx, x, axes, 1, f"{nm}.mean")
+        d = ctx.add_node("Sub", [x, mean], 1, name=f"{nm}.centre")[0]
+    square = "var" if centre else "mean_square"
+    ms = _reduce_mean(ctx, ctx.add_node("Mul", [d, d], 1, name=f"{nm}.sq")[0], axes, 1,
+                      f"{nm}.{square}")
+    return d, ms
+
+
 def _normalize(ctx, node, x: str, axes, eps: float, centre: bool, weight, bias) -> None:
     """Node ``node``'s output from primitives: ``(x - mean) / sqrt(var + eps)`` over ``axes``
     (not ``centre``: ``x / sqrt(mean(x^2) + eps)``), times ``weight``, plus ``bias`` (arrays
     broadcasting against ``x``; either may be None)."""
     dtype = ctx.dtype(node.inputs[0])
     nm = node.name
-    d = x
-    if centre:
-        mean = _reduce_mean(ctx, x, axes, 1, f"{nm}.mean")
-        d = ctx.add_node("Sub", [x, mean], 1, name=f"{nm}.centre")[0]
+    d, ms = _mean_square(ctx, x, axes, nm, centre)
     square, root = ("var", "std") if centre else ("mean_square", "rms")
-    ms = _reduce_mean(ctx, ctx.add_node("Mul", [d, d], 1, name=f"{nm}.sq")[0], axes, 1,
-                      f"{nm}.{square}")
     std = ctx.add_node("Sqrt", [ctx.add_node("Add", [ms, ctx.scalar(eps, dtype, "eps")], 1,
                                              name=f"{nm}.{square}_eps")[0]], 1,
                        name=f"{nm}.{root}")[0]

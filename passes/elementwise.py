@@ -188,7 +188,7 @@ def _evaluate(graph: Graph, node: Node, values: dict[Ref, np.ndarray]) -> np.nda
             axes = _onnx_reduce_l2_axes(graph, node, np.ndim(x))
             return np.sqrt(np.sum(np.square(x), axis=axes, keepdims=True))
         if a["op_type"] == "Clip":  # bounds as inputs (opset >= 11) or attributes
-            bounds = [_onnx_input(graph, node, i) for i in (1, 2)]
+            bounds = [_onnx_input(node, i) for i in (1, 2)]
             lo, hi = (arg(r) if r is not None else _onnx_attribute(node, k)
                       for r, k in zip(bounds, ("min", "max")))
             return np.clip(arg(node.inputs[0]), lo, hi)
@@ -293,7 +293,7 @@ def _onnx_attribute(node: Node, name: str, default=None):
     return default if proto is None else onnx.helper.get_attribute_value(proto)
 
 
-def _onnx_input(graph: Graph, node: Node, position: int) -> Ref | None:
+def _onnx_input(node: Node, position: int) -> Ref | None:
     """The input of an opaque ONNX node at its ONNX position (absent optional inputs are not
     in ``node.inputs``), or None."""
     positions = tuple(node.attrs.get("input_positions") or range(len(node.inputs)))
@@ -310,7 +310,7 @@ def _onnx_reduce_l2_axes(graph: Graph, node: Node, rank: int | None) -> tuple[in
             or _onnx_attribute(node, "keepdims", 1) != 1):
         return None
     axes = _onnx_attribute(node, "axes")
-    ref = _onnx_input(graph, node, 1)
+    ref = _onnx_input(node, 1)
     if axes is None and ref is not None and graph[ref.node].op == "constant":
         axes = np.asarray(graph[ref.node].params.get("value")).reshape(-1).tolist()
     if not axes:

@@ -206,8 +206,9 @@ def _shaped_constant(g: Graph, ref: Ref) -> tuple[np.ndarray, list[str]] | None:
 
 
 def _remove_chain(g: Graph, chain: list[Node], source: Ref, removed: list, what) -> set[str]:
-    """Remove ``chain`` (each node read only by the next), what read its last node reading
-    ``source`` instead; records each as ``what(node)``. Returns the constants it read (for
+    """Remove ``chain`` (in topological order, read only by each other but for its last
+    node: an affine chain, an exported GRN), what read its last node reading ``source``
+    instead; records each as ``what(node)``. Returns the constants it read (for
     :meth:`Graph.remove_unread`, once nothing else does)."""
     g.replace_uses(chain[-1].out, source)
     constants = {r.node for node in chain for r in node.inputs if g[r.node].op == "constant"}
