@@ -86,13 +86,14 @@ class _Ctx:
         return self.graph.info(ref).rank
 
     # ----------------------------------------------------------------- building
-    def const(self, value, base: str, dtype=None) -> str:
-        """An initializer holding ``value`` (small scalars/vectors are shared)."""
+    def const(self, value, base: str, dtype=None, *, shared: bool = True) -> str:
+        """An initializer holding ``value`` (small scalars/vectors are shared, unless
+        ``shared`` is False: a layer's own parameter, which trains apart from an equal one)."""
         arr = np.asarray(value, dtype=dtype)
         if arr.dtype == object:
             raise GraphshapeError(f"constant {base!r} is not a numeric tensor")
         key = None
-        if arr.size <= 16:
+        if arr.size <= 16 and shared:
             key = (arr.dtype.str, arr.shape, arr.tobytes())
             if key in self._const_cache:
                 return self._const_cache[key]
@@ -153,9 +154,9 @@ def _param_or_input(ctx: _Ctx, node: Node, pname: str, slot: int, transform=None
             written = ctx.param_names.get(id(value))
             if written is None:
                 written = ctx.param_names[id(value)] = (
-                    ctx.const(value, f"{node.name}.{pname}"), value)
+                    ctx.const(value, f"{node.name}.{pname}", shared=False), value)
             return written[0]
-        return ctx.const(value, f"{node.name}.{pname}")
+        return ctx.const(value, f"{node.name}.{pname}", shared=False)
     if len(node.inputs) > slot:
         if transform is not None:
             raise GraphshapeError(

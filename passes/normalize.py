@@ -281,6 +281,246 @@ def _exported_response_norm(g: Graph, l2: Node) -> tuple[Ref, list[Node]] | None
     return x, [l2, mean, eps, div, product, *chain, node]
 
 
+#: what a group statistic of x may be made of as exported (timm's ``group_std`` /
+#: ``group_rms``: Reshape, Cast, ReduceMean, Sub, Mul, Add, Sqrt, Expand, Reshape; opaque
+#: nodes are evaluated by onnx.reference)
+_STATISTIC_OPS = ("reshape", "cast", "identity", "reduce", "add", "sub", "mul", "div",
+                  "activation", "opaque", "slice", "squeeze", "unsqueeze", "concat")
+# (with a dynamic batch, the exporter computes the reshapes' and the expand's shapes from
+# the input's: Shape, Gather, Unsqueeze, Concat, Equal, Where, about 40 nodes)
+_STATISTIC_NODES = 64
+
+
+def _group_statistics(data: np.ndarray, eps: float):
+    """``(groups, kind, value)`` for every way to split ``data``'s axis 1 into groups:
+    the per-(example, group) standard deviation (biased, eps added to the variance) or root
+    mean square over the group's channels and the spatial axes, per (example, channel)
+    (timm's ``group_std`` and ``group_rms``, which broadcast it over the spatial axes)."""
+    n, channels = data.shape[:2]
+    flat = data.reshape(n, channels, -1)
+    # (per-channel sums once: each split only adds them up)
+    sums, squares = flat.sum(axis=2), np.square(flat).sum(axis=2)
+    for groups in [d for d in range(1, channels + 1) if channels % d == 0]:
+        count = flat.shape[2] * (channels // groups)
+        mean = sums.reshape(n, groups, -1).sum(axis=2) / count
+        mean_square = squares.reshape(n, groups, -1).sum(axis=2) / count
+        for kind, moment in (("std", mean_square - mean * mean), ("rms", mean_square)):
+            yield groups, kind, np.repeat(np.sqrt(moment + eps), channels // groups, axis=1)
+
+
+def _statistic_region(g: Graph, x: Ref, out: Ref) -> list[Node] | None:
+    """The nodes from ``x`` to ``out`` (inputs before the nodes reading them) when ``out`` is
+    computed from ``x`` alone, and constants, by the ops of :data:`_STATISTIC_OPS`, and
+    nothing outside reads any of them but ``out``'s own reader; else None."""
+    order: list[Node] = []  # (depth-first post-order: every node after its inputs)
+    seen: set[str] = set()
+    stack: list[tuple[Ref, bool]] = [(out, False)]
+    while stack:
+        ref, inputs_done = stack.pop()
+        node = g[ref.node]
+        if inputs_done:
+            order.append(node)
+            continue
+        if ref == x or node.name in seen or node.op == "constant":
+            continue
+        if node.op not in _STATISTIC_OPS or len(node.outputs) != 1 or node.params \
+                or len(seen) >= _STATISTIC_NODES:
+            return None
+        seen.add(node.name)
+        stack.append((ref, True))
+        stack.extend((r, False) for r in node.inputs)
+    if not order or not any(r == x for n in order for r in n.inputs):
+        return None
+    for node in order:  # (successors unsorted: users() would rank the changing graph)
+        if node.out != out and (g.is_output(node.out)
+                                or any(u not in seen for u in g.nx.successors(node.name))):
+            return None
+    return order
+
+
+def _onnx_node_value(g: Graph, node: Node, args: list) -> np.ndarray:
+    """An opaque ONNX node's output for ``args`` (its inputs in order), by onnx.reference."""
+    import onnx
+    from onnx.reference import ReferenceEvaluator
+
+    positions = tuple(node.attrs.get("input_positions") or range(len(args)))
+    names = [""] * (max(p for p in positions if p is not None) + 1)
+    feeds = {}
+    for i, (position, value) in enumerate(zip(positions, args)):
+        names[position] = f"in{i}"
+        feeds[f"in{i}"] = value
+    proto = onnx.helper.make_node(node.attrs["op_type"], names, ["out"])
+    proto.attribute.extend((node.attrs.get("attributes") or {}).values())
+    evaluator = ReferenceEvaluator(proto, opsets={"": int(g.meta.get("opset", 17))})
+    return np.asarray(evaluator.run(None, feeds)[0])
+
+
+def _node_value(g: Graph, node: Node, args: list) -> np.ndarray:
+    """``node``'s output for ``args`` (its inputs' values) in a statistic region: the
+    elementwise, reduction, shape and data-movement ops an exporter writes there, an
+    opaque ONNX node by onnx.reference; anything else raises."""
+    from graphshape import activations
+
+    a, op = node.attrs, node.op
+    if op in ("add", "sub", "mul", "div"):
+        x, y = args
+        if op == "add":
+            return x + a.get("alpha", 1.0) * y
+        return {"sub": np.subtract, "mul": np.multiply, "div": np.divide}[op](x, y)
+    if op in ("identity", "cast"):
+        return args[0]
+    if op == "reduce" and a.get("kind") == "mean":
+        return np.mean(args[0], axis=tuple(a["axes"]), keepdims=bool(a.get("keepdims", True)))
+    if op == "activation" and not node.params:
+        act = activations.get(a["name"])
+        return np.asarray(act.fn(args[0], **{k: a[k] for k in act.defaults
+                                              if a.get(k) is not None}))
+    if op == "reshape":  # (a traced one's shape may be values of the graph: its static one)
+        shape = list(a.get("static_shape") or a["shape"])
+        for i in a.get("copy_dims", ()):
+            shape[i] = args[0].shape[i]
+        return np.reshape(args[0], shape)
+    if op == "slice":
+        index = [slice(None)] * np.ndim(args[0])
+        for axis, begin, stop, step in zip(a["axes"], a["starts"], a["ends"],
+                                           a.get("steps") or [1] * len(a["axes"])):
+            index[axis] = slice(begin, stop, step)
+        return args[0][tuple(index)]
+    if op == "squeeze":
+        return np.squeeze(args[0], axis=tuple(a["axes"]))
+    if op == "unsqueeze":
+        return np.expand_dims(args[0], tuple(a["axes"]))
+    if op == "concat":
+        return np.concatenate(args, axis=a["axis"])
+    if op == "opaque" and a.get("framework") == "onnx" and a.get("domain") in ("", "ai.onnx"):
+        return _onnx_node_value(g, node, args)
+    if op == "opaque" and a.get("framework") == "torch":
+        return _torch_node_value(node, dict(zip(node.inputs, args)))
+    raise ValueError(f"{op} is not evaluated in a statistic region")
+
+
+def _torch_node_value(node: Node, values: dict):
+    """A traced call's output (``x.shape``, ``x.var(...)``, ``x.expand(shape)``) with its
+    signal arguments from ``values`` (arrays in float64, other values as they are)."""
+    import torch
+
+    from graphshape.ir import map_template
+
+    def leaf(v):
+        if not isinstance(v, Ref):
+            return v
+        value = values[v]
+        return torch.from_numpy(np.asarray(value, dtype=np.float64)) \
+            if isinstance(value, np.ndarray) else value
+
+    a = node.attrs
+    args, kwargs = map_template(a.get("args", ()), leaf), map_template(a.get("kwargs", {}), leaf)
+    with torch.no_grad():
+        if a.get("fx_op") == "call_method":
+            out = getattr(args[0], a["target"])(*args[1:], **kwargs)
+        elif a.get("fx_op") == "call_function":
+            out = a["target"](*args, **kwargs)
+        else:
+            raise ValueError("not a call")
+    return out.numpy() if isinstance(out, torch.Tensor) else out
+
+
+def _region_data(g: Graph, x: Ref, region: list[Node], data: np.ndarray) -> np.ndarray | None:
+    """The value of ``region``'s last node with ``data`` for ``x`` (:func:`_node_value`,
+    constants read from their nodes), or None where a node does not evaluate."""
+    values: dict[Ref, np.ndarray] = {x: data}
+
+    def value(ref):
+        if ref in values:
+            return values[ref]
+        return np.asarray(g[ref.node].params["value"])  # (a constant: see _statistic_region)
+
+    try:
+        with np.errstate(all="ignore"):
+            for node in region:
+                out = _node_value(g, node, [value(r) for r in node.inputs])
+                # (a traced shape, or an item of it, stays a torch.Size or an int)
+                values[node.out] = out if node.dtype == "object" else np.asarray(out)
+    except Exception:  # noqa: BLE001 - an op that does not evaluate: no match
+        return None
+    return values[region[-1].out]
+
+
+def _exported_evo_norm(g: Graph, div: Node) -> dict | None:
+    """An EvoNorm S layer (timm's ``EvoNorm2dS0`` / ``S1`` / ``S2``) as ``torch.onnx.export``
+    writes it, found from its division ``div``: ``x * sigmoid(v * x)`` (S0: SiLU at v's
+    init of 1) or ``act(x)`` (S1, S2: the importer's activation) divided by a standard
+    deviation or root mean square of ``x`` over groups of channels and the spatial axes
+    (checked on random data, every split into groups and every small constant as eps), and
+    the per-channel ``* weight + bias`` after it. Returns ``{"x", "numerator", "gate",
+    "statistic", "div", "affine", "shaping", "formula"}`` (the numerator: the ``mul`` by
+    ``x``, with the ``mul`` by ``v`` and the ``sigmoid`` before it as ``gate``, or the
+    activation; ``shaping``: the nodes that only reshape v, weight and bias), or None.
+    The torch frontend reads timm's modules themselves (``norm_activation_remainder``); the
+    same layer written by hand is found in its trace here."""
+    if div.op != "div" or len(div.inputs) != 2:
+        return None
+    numerator = g[div.inputs[0].node]
+    shaping: list[str] = []  # nodes that only reshape v, weight or bias (traced: .view)
+    if numerator.op == "activation" and len(numerator.inputs) == 1 and not numerator.params:
+        x, gate_nodes, formula = numerator.inputs[0], [], "act(x) / group_std(x) * weight + bias"
+    elif numerator.op == "mul" and len(numerator.inputs) == 2:
+        gate_nodes = []
+        for x, gate in (numerator.inputs, numerator.inputs[::-1]):
+            sigmoid = g[gate.node]
+            if sigmoid.op != "activation" or sigmoid.attrs.get("name") != "sigmoid" \
+                    or sigmoid.params or _sole_user(g, sigmoid) is not numerator:
+                continue
+            scaled = g[sigmoid.inputs[0].node]
+            if scaled.op == "mul" and len(scaled.inputs) == 2 and x in scaled.inputs \
+                    and _sole_user(g, scaled) is sigmoid:
+                v = _shaped_constant(g, scaled.inputs[1 - scaled.inputs.index(x)])
+                if v is not None:  # (v, or v.view(1, -1, 1, 1) as traced)
+                    gate_nodes, shaping = [scaled, sigmoid], list(v[1])
+                    break
+        if not gate_nodes:
+            return None
+        formula = "x * sigmoid(v * x) / group_std(x) * weight + bias"
+    else:
+        return None
+    info = g.info(x)
+    if info.rank is None or info.rank < 3 or _sole_user(g, numerator) is not div \
+            or not isinstance(info.shape[1], int) or g.is_output(div.out):
+        return None
+    statistic = _statistic_region(g, x, div.inputs[1])
+    if statistic is None or _sole_user(g, statistic[-1]) is not div:
+        return None
+    rng = np.random.default_rng(0)
+    data = rng.standard_normal(tuple(d if isinstance(d, int) and d > 0 else 2
+                                     for d in info.shape)) * 2.0 + 0.5
+    found = _region_data(g, x, statistic, data)
+    if found is None or found.shape != data.shape:
+        return None
+    found = found.reshape(data.shape[0], data.shape[1], -1)
+    if not np.allclose(found, found[..., :1], rtol=1e-12, atol=0.0):
+        return None  # (not one value per example and channel)
+    found = found[..., 0]
+    constants = [found_constant[1] for n in statistic
+                 if (found_constant := constant_operand(g, n)) is not None]
+    eps_values = {float(np.reshape(c, -1)[0]) for c in constants
+                  if np.size(c) == 1 and np.asarray(c).dtype.kind == "f"
+                  and 0 < float(np.reshape(c, -1)[0]) < 1}
+    matched = next((kind for eps in sorted(eps_values)
+                    for _groups, kind, value in _group_statistics(data, eps)
+                    if np.allclose(found, value, rtol=1e-6, atol=1e-9)), None)
+    if matched is None:
+        return None
+    if matched == "rms":
+        formula = formula.replace("group_std", "group_rms")
+    channels = info.shape[1]
+    affine, affine_shaping = _affine_walk(
+        g, _sole_user(g, div), div.out,
+        lambda value: _is_per_channel(value, channels, info.rank), _shaped_constant)
+    return {"x": x, "numerator": numerator, "gate": gate_nodes, "statistic": statistic,
+            "div": div, "affine": affine, "shaping": shaping + affine_shaping,
+            "formula": formula}
+
+
 def norm_activation_refusal(node: Node) -> GraphshapeError | None:
     """The error for a normalization-activation layer whose normalization cannot be removed
     (EvoNorm B0: see the frontend's ``norm_activation_remainder``), else None."""
@@ -323,6 +563,34 @@ def _remove_from_norm_activation(g: Graph, node: Node, removed: list, rewritten:
                         "what": f"normalization of {layer} ({remainder['formula']}): its "
                                 f"{activation['name']} activation remains, as this node"})
     _give_zero_bias(g[source.node], repr(node.name), rewritten)
+
+
+def _remove_exported_evo_norm(g: Graph, found: dict, removed: list, rewritten: list) -> None:
+    """Put what an EvoNorm S layer written out (:func:`_exported_evo_norm`) applies without
+    its normalization in its place, as the torch frontend's ``norm_activation_remainder``
+    does with the module: S0's ``x * sigmoid(v * x)`` becomes a SiLU node (the ``mul``'s
+    name; v starts at 1 and shaping re-initializes, so it goes with the statistics), S1's
+    and S2's activation stays; the statistic, the division and the affine are removed."""
+    x, numerator, gate = found["x"], found["numerator"], found["gate"]
+    nodes = [*gate, *found["statistic"], found["div"], *found["affine"]]
+    g.replace_uses(nodes[-1].out, numerator.out)
+    constants = {r.node for n in nodes for r in n.inputs if g[r.node].op == "constant"}
+    constants |= set(found["shaping"])  # (removed upstream with their constants)
+    if gate:
+        g.set_inputs(numerator.name, [x])
+        numerator.op, numerator.attrs = "activation", {"name": "silu"}
+    what = f"EvoNorm S ({found['formula']}, written out): removed with its normalization"
+    for node in reversed(nodes):
+        g.remove(node.name)
+        removed.append({"node": node.name, "op": node.op, "what": what})
+    g.remove_unread(constants, upstream=True)
+    # (reported as removed, as a module's normalization is: the node stays, as the
+    # activation the layer applied)
+    removed.append({"node": numerator.name, "op": "mul" if gate else "activation",
+                    "what": f"normalization of an EvoNorm S layer ({found['formula']}, "
+                            f"written out): its {numerator.attrs['name']} activation remains, "
+                            "as this node"})
+    _give_zero_bias(g[x.node], repr(numerator.name), rewritten)
 
 
 def remove_normalization(graph: Graph, *, copy: bool = True) -> tuple[Graph, dict]:
@@ -390,6 +658,11 @@ def remove_normalization(graph: Graph, *, copy: bool = True) -> tuple[Graph, dic
         _give_zero_bias(layer, "the per-channel affine after it", rewritten)
     for node in [n for n in g if n.op == "opaque" and n.attrs.get("norm_activation")]:
         _remove_from_norm_activation(g, node, removed, rewritten)
+    # EvoNorm S layers as exported, or written by hand (timm's modules: just above)
+    for div in [n for n in g if n.op == "div"]:
+        found = _exported_evo_norm(g, div) if div.name in g else None
+        if found is not None:
+            _remove_exported_evo_norm(g, found, removed, rewritten)
     # ConvNeXt V2's GlobalResponseNorm as exported (its module is removed just above)
     for l2 in [n for n in g if n.op == "opaque" and n.attrs.get("op_type") == "ReduceL2"]:
         found = _exported_response_norm(g, l2) if l2.name in g else None

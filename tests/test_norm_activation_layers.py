@@ -312,3 +312,109 @@ def test_an_exported_global_response_norm_is_removed_too(tmp_path, opset):
     shaped = onnx.load(str(tmp_path / "shaped.onnx"))
     assert not any(n.op_type == "ReduceL2" for n in shaped.graph.node)
     assert sum("Global Response Normalization" in r["what"] for r in report.removed) >= 4
+
+
+# ------------------------------------------------ EvoNorm S written out (exported, or by hand)
+def _export(model, x, path, opset, dynamic):
+    torch.onnx.export(model, (x,), path, dynamo=False, opset_version=opset, input_names=["x"],
+                      output_names=["y"],
+                      dynamic_axes={"x": {0: "b"}, "y": {0: "b"}} if dynamic else None)
+
+
+def _run_onnx(path, x):
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    return session.run(None, {"x": x.numpy()})[0]
+
+
+@pytest.mark.parametrize("opset, dynamic", [(13, True), (17, False)])
+@pytest.mark.parametrize("pair", ["EvoNorm2dS0", "EvoNorm2dS0a", "EvoNorm2dS1-gelu",
+                                  "EvoNorm2dS2a"])
+def test_an_exported_evonorm_s_layer_becomes_its_activation(tmp_path, pair, opset, dynamic):
+    """Exported, EvoNorm S0 is ``x * sigmoid(v * x) / group_std(x) * weight + bias`` written
+    out (Reshape, ReduceMean, Sub, Mul, ReduceMean, Add, Sqrt, Expand, Reshape; with a dynamic
+    batch, their shapes computed from x's): the file was refused ("the sigmoid activation
+    gates another signal"; timm's resnetv2_50d_evos), while the PyTorch model shapes. Now
+    it shapes into the PyTorch model's network: its parameters, its function."""
+    import onnx
+
+    layer, _ = PAIRS[pair]
+    model, x = _net(layer), _x()
+    path = str(tmp_path / "evo.onnx")
+    _export(model, x, path, opset, dynamic)
+    for method, options in (("DKS", {}), ("TAT", {"eta": 0.5})):
+        out = str(tmp_path / f"{method}.onnx")
+        report = graphshape.shape_onnx(path, out, method=method, seed=0, **options)
+        twin = graphshape.shape(model, x, method=method, seed=0, **options)
+        assert report.activation_params == twin.meta["graphshape"].activation_params
+        assert sum("activation remains" in r["what"] for r in report.removed) == 3
+        shaped = onnx.load(out)
+        assert not {"ReduceMean", "Div", "Sqrt", "Expand"} & {n.op_type for n in shaped.graph.node}
+        batch = torch.cat([x, x[:1]]) if dynamic else x  # (another batch size than exported)
+        with torch.no_grad():
+            want = twin(batch).numpy()
+        import numpy as np
+
+        np.testing.assert_allclose(_run_onnx(out, batch), want, rtol=1e-4, atol=1e-5)
+
+
+def _group_std(x, groups, eps=1e-5):
+    b, c, h, w = x.shape
+    grouped = x.reshape(b, groups, c // groups, h, w)
+    std = grouped.float().var(dim=(2, 3, 4), unbiased=False, keepdim=True).add(eps).sqrt()
+    return std.expand(grouped.shape).reshape(b, c, h, w)
+
+
+class _HandWrittenEvoNormS0(nn.Module):
+    """EvoNorm S0 as a user writes it (not timm's module, which loads as an fx leaf)."""
+
+    def __init__(self, channels, groups=4, statistic=_group_std):
+        super().__init__()
+        self.groups, self.statistic = groups, statistic
+        self.v = nn.Parameter(torch.ones(channels))
+        self.weight = nn.Parameter(torch.ones(channels))
+        self.bias = nn.Parameter(torch.zeros(channels))
+
+    def forward(self, x):
+        shape = (1, -1, 1, 1)
+        x = x * (x * self.v.view(shape)).sigmoid() / self.statistic(x, self.groups)
+        return x * self.weight.view(shape) + self.bias.view(shape)
+
+
+def test_a_hand_written_evonorm_s0_shapes_as_timms():
+    # before: refused as a gate, as the export was
+    x = _x()
+    for method, options in (("DKS", {}), ("TAT", {"eta": 0.5})):
+        shaped = graphshape.shape(_net(_HandWrittenEvoNormS0), x, method=method, seed=0,
+                                  **options)
+        timms = graphshape.shape(_net(PAIRS["EvoNorm2dS0"][0]), x, method=method, seed=0,
+                                 **options)
+        assert shaped.meta["graphshape"].activation_params == \
+            timms.meta["graphshape"].activation_params
+        assert not [k for k in shaped.state_dict() if k.endswith((".v", "weight_1"))]
+        assert sum(p.numel() for p in shaped.parameters()) == \
+            sum(p.numel() for p in timms.parameters())
+        with torch.no_grad():
+            torch.testing.assert_close(shaped(x), timms(x), rtol=1e-5, atol=1e-6)
+
+
+def _group_variance(x, groups, eps=1e-5):  # (no square root: not a standard deviation)
+    return _group_std(x, groups, eps) ** 2
+
+
+def _std_of_the_mean_square(x, groups, eps=1e-5):  # a statistic of x ** 2, not of x
+    return _group_std(x * x, groups, eps)
+
+
+@pytest.mark.parametrize("statistic", [_group_variance, _std_of_the_mean_square])
+def test_a_division_by_another_statistic_is_not_read_as_evonorm(tmp_path, statistic):
+    model = _net(functools.partial(_HandWrittenEvoNormS0, statistic=statistic))
+    x = _x()
+    path = str(tmp_path / "not_evo.onnx")
+    _export(model, x, path, 17, False)
+    with pytest.raises(GraphshapeError, match="gates another signal"):
+        graphshape.shape(model, x, method="DKS")
+    with pytest.raises(GraphshapeError, match="gates another signal"):
+        graphshape.shape_onnx(path, str(tmp_path / "out.onnx"), method="DKS")
+    assert not (tmp_path / "out.onnx").exists()

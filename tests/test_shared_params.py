@@ -148,6 +148,25 @@ def test_onnx_writes_a_shared_weight_once(tmp_path):
     assert len([i for i in proto.graph.initializer if tuple(i.dims) == (16, 16)]) == 1
 
 
+def test_equal_parameters_of_different_layers_stay_apart_in_onnx(tmp_path):
+    """Two layers' biases that are equal but not one tensor (the zero biases shaping gives
+    every conv of a normalizer-free network) were written as one initializer when they had
+    at most 16 entries, so a re-imported model trained them as one."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+                          nn.Conv2d(8, 8, 3, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+                          nn.Conv2d(8, 8, 3)).eval()
+    with torch.no_grad():
+        model[6].bias.zero_()
+    x = torch.randn(2, 3, 12, 12)
+    shaped, _ = shape_graph(graphshape.load(model, x), method="DKS")
+    proto = graphshape.to_onnx(shaped)
+    biases = [n.input[2] for n in proto.graph.node if n.op_type == "Conv"]
+    assert len(biases) == len(set(biases)) == 3
+    back = graphshape.to_torch(graphshape.load(proto))
+    assert len([k for k in back.state_dict() if k.endswith("bias")]) == 3
+
+
 class TwoTowers(nn.Module):
     """One embedding table (an opaque module) read by two inputs, and a layer tied to it."""
 
