@@ -50,6 +50,13 @@ class Activation:
     defaults:       default attributes (``negative_slope`` for leaky_relu, ``min_val``
                     and ``max_val`` for hardtanh, ``alpha`` for elu).
     point_symmetry: m if phi(-x) = 2 m - phi(x) (tanh, erf, ...: 0; sigmoid: 1/2), else None.
+    soft_width:     the width of the input range where a smooth fn bends, for quadrature
+                    (:mod:`graphshape.gaussian`): panels are graded around the bend only
+                    where the input's scale makes it narrower than one panel. 1 (tanh,
+                    atan, ...) by default; 2 for silu, gelu, sigmoid and softplus and 1.5
+                    for mish and erf, whose fn, d1 and d2 a panel still integrates to
+                    ~1e-15 at half (two thirds of) the default width (measured against a
+                    graded rule).
     """
 
     name: str
@@ -68,6 +75,7 @@ class Activation:
     # Piecewise-polynomial activations: ((lo, hi, c0, c1, c2), ...), fn = c0 + c1 x + c2 x^2
     # on [lo, hi); lets kernels integrate them against a Gaussian in closed form.
     pieces_fn: Callable[..., tuple] | None = None
+    soft_width: float = 1.0
 
     def pieces(self, **attrs):
         """``((lo, hi, c0, c1, c2), ...)`` with fn(x) = c0 + c1 x + c2 x^2 on [lo, hi), for
@@ -269,21 +277,23 @@ _register(_A("tanh", np.tanh, lambda x: 1.0 - np.tanh(x) ** 2,
              lambda x: -2.0 * np.tanh(x) * (1.0 - np.tanh(x) ** 2), point_symmetry=0.0))
 _register(_A("sigmoid", _sigmoid, lambda x: _sigmoid(x) * (1.0 - _sigmoid(x)),
              lambda x: _sigmoid(x) * (1.0 - _sigmoid(x)) * (1.0 - 2.0 * _sigmoid(x)),
-             point_symmetry=0.5))
+             point_symmetry=0.5, soft_width=2.0))
 _register(_A("erf", special.erf, lambda x: 2.0 / np.sqrt(np.pi) * np.exp(-x * x),
-             lambda x: -4.0 * x / np.sqrt(np.pi) * np.exp(-x * x), point_symmetry=0.0))
+             lambda x: -4.0 * x / np.sqrt(np.pi) * np.exp(-x * x), point_symmetry=0.0,
+             soft_width=1.5))
 _register(_A("relu", lambda x: np.maximum(x, 0.0), lambda x: np.where(x >= 0, 1.0, 0.0),
              _zero, kinks=(0.0,), smooth=False, differentiable=False,
              d1_jumps_fn=lambda: (1.0,),
              pieces_fn=lambda: ((-_INF, 0.0, 0.0, 0.0, 0.0), (0.0, _INF, 0.0, 1.0, 0.0))))
-_register(_A("softplus", _softplus, _sigmoid, lambda x: _sigmoid(x) * (1.0 - _sigmoid(x))))
+_register(_A("softplus", _softplus, _sigmoid, lambda x: _sigmoid(x) * (1.0 - _sigmoid(x)),
+             soft_width=2.0))
 _register(_A("selu", _selu, _selu_d1, _selu_d2, kinks=(0.0,), smooth=False,
              differentiable=False, d1_jumps_fn=lambda: (SELU_SCALE * (1.0 - SELU_ALPHA),)))
 _register(_A("elu", _elu, _elu_d1, _elu_d2, kinks=(0.0,), smooth=False, differentiable=True,
              defaults={"alpha": 1.0}, kinks_fn=lambda alpha: (0.0,),
              d1_jumps_fn=lambda alpha: (1.0 - alpha,)))
-_register(_A("swish", _swish, _swish_d1, _swish_d2))
-_register(_A("silu", _swish, _swish_d1, _swish_d2))
+_register(_A("swish", _swish, _swish_d1, _swish_d2, soft_width=2.0))
+_register(_A("silu", _swish, _swish_d1, _swish_d2, soft_width=2.0))
 _register(_A("bentid", lambda x: (np.sqrt(x * x + 1.0) - 1.0) / 2.0 + x,
              lambda x: x / (2.0 * np.sqrt(x * x + 1.0)) + 1.0,
              lambda x: 0.5 / (x * x + 1.0) ** 1.5))
@@ -306,11 +316,12 @@ _register(_A("leaky_relu", _leaky, _leaky_d1, _zero, kinks=(0.0,), smooth=False,
              d1_jumps_fn=lambda negative_slope: (1.0 - negative_slope,),
              pieces_fn=lambda negative_slope: ((-_INF, 0.0, 0.0, negative_slope, 0.0),
                                                (0.0, _INF, 0.0, 1.0, 0.0))))
-_register(_A("gelu", _gelu, _gelu_d1, _gelu_d2))
+_register(_A("gelu", _gelu, _gelu_d1, _gelu_d2, soft_width=2.0))
 _register(_A("gelu_exact", lambda x: 0.5 * x * (1.0 + special.erf(x / np.sqrt(2.0))),
              lambda x: special.ndtr(x) + x * _npdf(x),
-             lambda x: (2.0 - x * x) * _npdf(x)))
-_register(_A("mish", lambda x: x * np.tanh(_softplus(x)), _mish_d1, _mish_d2))
+             lambda x: (2.0 - x * x) * _npdf(x), soft_width=2.0))
+_register(_A("mish", lambda x: x * np.tanh(_softplus(x)), _mish_d1, _mish_d2,
+             soft_width=1.5))
 _register(_A("hardswish", _hardswish, _hardswish_d1, _hardswish_d2, kinks=(-3.0, 3.0),
              smooth=False, differentiable=False, d1_jumps_fn=lambda: (-0.5, -0.5),
              pieces_fn=lambda: ((-_INF, -3.0, 0.0, 0.0, 0.0), (-3.0, 3.0, 0.0, 0.5, 1 / 6),

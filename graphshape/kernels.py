@@ -38,8 +38,9 @@ _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
 
 def _soft_points(name, alpha, beta, sqrt_q=1.0):
     """(centres, widths) in the standard-normal variable where phi(alpha sqrt_q z + beta)
-    changes on a scale below 1 (its nonlinearity sits at phi's input 0, width 1)."""
-    scale = abs(alpha) * sqrt_q
+    changes on a scale below 1 (its nonlinearity sits at phi's input 0, over phi's
+    ``soft_width``)."""
+    scale = abs(alpha) * sqrt_q / _acts.get(name).soft_width
     if name in _PIECEWISE_POLYNOMIAL or scale <= 1.0:
         return ()
     return ((-beta / (alpha * sqrt_q), 1.0 / scale),)
@@ -166,9 +167,10 @@ class LocalMaps:
             # q = 0 sends the kinks off the line (+-inf / NaN): phi_hat(0)^2 is then exact.
             kinks = (self._kinks_x[None, :] - self.beta) / (self.alpha * sq)
             soft = None
+            width = self.activation.soft_width
             if (self.name not in _PIECEWISE_POLYNOMIAL and self.alpha != 0.0
-                    and abs(self.alpha) * np.max(sq) > 1.0):
-                soft = (-self.beta / (self.alpha * sq), 1.0 / (abs(self.alpha) * sq))
+                    and abs(self.alpha) * np.max(sq) > width):
+                soft = (-self.beta / (self.alpha * sq), width / (abs(self.alpha) * sq))
         if self.alpha == 0.0:
             kinks = np.empty((sq.shape[0], 0))
         z, w = gaussian.normal_rule(kinks, soft, (sq.shape[0],))
@@ -203,7 +205,7 @@ class LocalMaps:
             return np.empty(0), []
         kinks = (self._kinks_x - self.beta) / self.alpha
         soft = ([] if self.name in _PIECEWISE_POLYNOMIAL
-                else [(-self.beta / self.alpha, 1.0 / abs(self.alpha))])
+                else [(-self.beta / self.alpha, self.activation.soft_width / abs(self.alpha))])
         return kinks, soft
 
     def _cov_numeric(self, q1, q2, c):
