@@ -40,8 +40,8 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from graphshape.errors import GraphshapeError
-from graphshape.ir import (_TAP_CACHE, Graph, Node, Ref, holds_tensors,  # noqa: F401
-                           may_hold_signal, moves_data_only, weight_tap_norms)
+from graphshape.ir import (_TAP_CACHE, Graph, Node, Ref, constant_operand,  # noqa: F401
+                           holds_tensors, may_hold_signal, moves_data_only, weight_tap_norms)
 
 FLAG_APPROX = "approximate"
 FLAG_NORM = "normalization at init"
@@ -332,21 +332,104 @@ def rule_norm_activation(ctx: RuleContext) -> Kernel:
         if tau is not None and np.any(tau != 0.0):
             raise UnknownKernel("no kernel rule for a TLU max(y, tau) with tau != 0")
         return _as_activation(ctx, act, k)
-    v = _module_array(module, "v") if act == {"name": "silu"} else None
-    if v is not None and v.size:
-        if np.ptp(v) > 0:
-            raise UnknownKernel("no kernel rule for x * sigmoid(v x) with v differing "
-                                "across channels")
-        if float(v[0]) != 1.0:  # x sigmoid(v x) = silu(v x) / v
-            act = {"name": "silu", "transform": {"input_scale": float(v[0]),
-                                                 "output_scale": 1.0 / float(v[0])}}
+    act = _v_transform(_module_array(module, "v") if act == {"name": "silu"} else None, act)
+    return _gain(_activation_over_own_std(ctx, act, k), gain, bias_sq)
+
+
+def _activation_over_own_std(ctx: RuleContext, act: dict, k: Kernel) -> Kernel:
+    """EvoNorm S's ``act(x) / std(x)`` on the kernel ``k`` of x: the activation's maps,
+    then divided by sqrt(q) of x per example (its statistic, features assumed zero-mean);
+    c is unchanged by that division."""
     if np.any(k.q <= 0) or k.unit_q <= 0:
         raise UnknownKernel("a normalization of an all-zero signal")
     out = _as_activation(ctx, act, k)
     root = np.sqrt(k.q)
-    k = Kernel(out.q / k.q, out.cov / np.outer(root, root), out.unit_q / k.unit_q,
-               out.unit_c0, out.unit_slope, out.unit_curv)
-    return _gain(k, gain, bias_sq)
+    return Kernel(out.q / k.q, out.cov / np.outer(root, root), out.unit_q / k.unit_q,
+                  out.unit_c0, out.unit_slope, out.unit_curv)
+
+
+def _v_transform(v: np.ndarray | None, act: dict) -> dict:
+    """EvoNorm S0's ``x * sigmoid(v x)`` as an activation: SiLU at v = 1, ``silu(v x) / v``
+    for one v shared by all channels; no rule for v that differ."""
+    if v is None or not v.size:
+        return act
+    if np.ptp(v) > 0:
+        raise UnknownKernel("no kernel rule for x * sigmoid(v x) with v differing across "
+                            "channels")
+    if float(v.reshape(-1)[0]) != 1.0:
+        return {"name": "silu", "transform": {"input_scale": float(v.reshape(-1)[0]),
+                                              "output_scale": 1.0 / float(v.reshape(-1)[0])}}
+    return act
+
+
+#: flag of a node inside a layer an exporter spelled out (:func:`written_out_layers`)
+FLAG_INSIDE_LAYER = "inside a layer written out"
+
+
+def written_out_layers(graph: Graph) -> dict[str, dict]:
+    """Normalization-activation layers spelled out in elementwise nodes (by an exporter, or
+    by hand), which the analysis reads whole, as it reads the torch frontend's modules
+    (:func:`rule_norm_activation`): EvoNorm S (``normalize._exported_evo_norm``) and ConvNeXt
+    V2's GlobalResponseNorm (``normalize._exported_response_norm``). Node by node, their
+    products and divisions of signals have no rule. Returns, by the node whose kernel the
+    layer's rule gives (EvoNorm's division, GRN's final add), ``{"x", "inside", "layer",
+    "rule"}``: the layer's input, the nodes inside it (no kernel of their own), what it is,
+    and ``rule(ctx, kernel of x)``."""
+    from graphshape.passes import normalize
+
+    layers: dict[str, dict] = {}
+    for node in graph:
+        if node.op == "div":
+            found = normalize._exported_evo_norm(graph, node)
+            if found is None:
+                continue
+            numerator, gate = found["numerator"], found["gate"]
+            if gate:  # x * sigmoid(v * x): SiLU at v's init of 1
+                scaled = gate[0]
+                v = normalize._shaped_constant(
+                    graph, scaled.inputs[1 - scaled.inputs.index(found["x"])])
+                act = _v_transform(None if v is None else v[0], {"name": "silu"}) \
+                    if v is not None and np.ptp(v[0]) == 0 else None
+            else:
+                act = dict(numerator.attrs)
+            layer = f"EvoNorm S ({found['formula']}, written out)"
+            layers[node.name] = {
+                "x": found["x"], "layer": layer,
+                "inside": [n.name for n in (*gate, *([numerator] if gate else []),
+                                            *found["statistic"])],
+                "rule": functools.partial(_written_evo_norm, act=act, layer=layer)}
+        elif node.op == "opaque" and node.attrs.get("op_type") == "ReduceL2":
+            found = normalize._exported_response_norm(graph, node)
+            if found is None:
+                continue
+            x, nodes = found
+            layers[nodes[-1].name] = {
+                "x": x, "layer": "GlobalResponseNorm (written out)",
+                "inside": [n.name for n in nodes[:-1]],
+                "rule": functools.partial(_written_response_norm, chain=nodes[5:-1])}
+    return layers
+
+
+def _written_evo_norm(ctx: RuleContext, k: Kernel, *, act: dict | None, layer: str) -> Kernel:
+    if act is None:
+        raise UnknownKernel("no kernel rule for x * sigmoid(v x) with v differing across "
+                            "channels")
+    ctx.flag(FLAG_NORM, f"{layer}: its statistics per example taken as the kernel's q "
+                        "(features assumed zero-mean)")
+    return _activation_over_own_std(ctx, act, k)
+
+
+def _written_response_norm(ctx: RuleContext, k: Kernel, *, chain: list[Node]) -> Kernel:
+    """GRN, ``x + (gamma * (x * N(x)) + beta)``: the identity while gamma and beta are 0 (the
+    ``chain`` of ``mul`` / ``add`` by constants after ``x * N``)."""
+    scales = [np.asarray(found[1]) for n in chain if n.op == "mul"
+              and (found := constant_operand(ctx.graph, n)) is not None]
+    shifts = [np.asarray(found[1]) for n in chain if n.op == "add"
+              and (found := constant_operand(ctx.graph, n)) is not None]
+    if not any(np.all(v == 0.0) for v in scales) or any(np.any(v != 0.0) for v in shifts):
+        raise UnknownKernel("no kernel rule for a GlobalResponseNorm whose weight or bias is "
+                            "not 0 (the identity only at its init)")
+    return k
 
 
 def _weight_gain(node: Node, weight: np.ndarray, out_axis: int, groups: int = 1) -> float:
@@ -934,6 +1017,8 @@ def propagate(graph: Graph, input_kernels: dict[str, Kernel | None],
     unknown_origin: dict[Ref, str] = {}  # values unknown for want of a rule, and why
     flags: dict[str, list[str]] = {}
     notes: dict[str, list[str]] = {}
+    layers = written_out_layers(graph)
+    inside = {name: key for key, layer in layers.items() for name in layer["inside"]}
     for node in graph:
         node_flags = list(node.meta.get("flags", []))
         if node.op == "input" or node.name in input_kernels:  # (also a dict input's entry)
@@ -945,15 +1030,31 @@ def propagate(graph: Graph, input_kernels: dict[str, Kernel | None],
             # constants, integer values (sizes, indices) and tensors made from a value's
             # shape alone (torch.zeros_like(x)) are not signals
             continue
+        if node.name in inside:  # (read only inside its layer, whose last node has a rule)
+            key = inside[node.name]
+            flags[node.name] = node_flags + [FLAG_INSIDE_LAYER]
+            notes[node.name] = [f"inside {layers[key]['layer']}: the layer's kernel is "
+                                f"given at {key!r}"]
+            continue
         unknown_in = [unknown_origin[r] for r in node.inputs
                       if r in unknown_origin and is_float_value(graph, r)]
         ins = [kernels.get(r) if is_float_value(graph, r) else None for r in node.inputs]
+        if node.name in layers:  # the layer's rule, from the kernel of its input
+            x = layers[node.name]["x"]
+            unknown_in = [unknown_origin[x]] if x in unknown_origin else []
+            ins = [kernels.get(x)]
         if unknown_in:
             out, f, n = None, [f"unknown after {unknown_in[0]}"], []
         elif not any(k is not None for k in ins):
             if node.name not in measured:
                 continue  # reads constants (or non-float values) only: not a signal
             out, f, n = None, [], []
+        elif node.name in layers:
+            ctx = RuleContext(graph, node, ins, constants=constants)
+            try:
+                out, f, n = layers[node.name]["rule"](ctx, ins[0]), ctx.flags, ctx.notes
+            except UnknownKernel as e:
+                out, f, n = None, ctx.flags + [f"unknown after {node.op}"], ctx.notes + [str(e)]
         else:
             out, f, n = apply_rule(graph, node, ins, constants=constants)
         if out is None and node.name in measured:

@@ -343,15 +343,14 @@ def _onnx_node_value(g: Graph, node: Node, args: list) -> np.ndarray:
     import onnx
     from onnx.reference import ReferenceEvaluator
 
+    # (input_positions: per ONNX input position, the index in node.inputs, None if absent)
     positions = tuple(node.attrs.get("input_positions") or range(len(args)))
-    names = [""] * (max(p for p in positions if p is not None) + 1)
-    feeds = {}
-    for i, (position, value) in enumerate(zip(positions, args)):
-        names[position] = f"in{i}"
-        feeds[f"in{i}"] = value
+    names = [f"in{index}" if index is not None else "" for index in positions]
+    feeds = {f"in{index}": args[index] for index in positions if index is not None}
     proto = onnx.helper.make_node(node.attrs["op_type"], names, ["out"])
     proto.attribute.extend((node.attrs.get("attributes") or {}).values())
-    evaluator = ReferenceEvaluator(proto, opsets={"": int(g.meta.get("opset", 17))})
+    opset = node.attrs.get("source_opset") or g.meta.get("opset") or 17
+    evaluator = ReferenceEvaluator(proto, opsets={"": int(opset)})
     return np.asarray(evaluator.run(None, feeds)[0])
 
 

@@ -418,3 +418,47 @@ def test_a_division_by_another_statistic_is_not_read_as_evonorm(tmp_path, statis
     with pytest.raises(GraphshapeError, match="gates another signal"):
         graphshape.shape_onnx(path, str(tmp_path / "out.onnx"), method="DKS")
     assert not (tmp_path / "out.onnx").exists()
+
+
+@pytest.mark.parametrize("pair", ["EvoNorm2dS0", "EvoNorm2dS1-gelu", "EvoNorm2dS2a"])
+def test_the_analysis_reads_an_exported_evonorm_s_as_the_module(tmp_path, pair):
+    """Node by node, an exported EvoNorm S is a product of signals and a division by a
+    statistic: no rule, and no prediction after the first one. Read whole, it predicts
+    what the torch frontend's module does, to the last digit."""
+    from graphshape.passes.analysis import FLAG_INSIDE_LAYER
+
+    model, x = _net(PAIRS[pair][0]), _x()
+    path = str(tmp_path / "evo.onnx")
+    _export(model, x, path, 17, True)
+    from_torch = graphshape.analyze(model, x)
+    from_onnx = graphshape.analyze(graphshape.load(path), x)
+    layers = [r for r in from_torch.rows if r["op"] == "opaque"]
+    divisions = [r for r in from_onnx.rows if r["op"] == "div"]
+    assert len(layers) == len(divisions) == 3
+    for layer, division in zip(layers, divisions):
+        assert division["q_pred"] == pytest.approx(layer["q_pred"], rel=1e-12)
+        assert division["c_pred"] == pytest.approx(layer["c_pred"], rel=1e-12, abs=1e-14)
+    assert from_onnx.rows[-1]["q_pred"] == pytest.approx(from_torch.rows[-1]["q_pred"],
+                                                         rel=1e-12)
+    inside = [r for r in from_onnx.rows if FLAG_INSIDE_LAYER in r["flags"]]
+    assert inside and all(r["q_pred"] is None for r in inside)
+
+
+def test_the_analysis_reads_an_exported_global_response_norm_as_the_identity(tmp_path):
+    x = torch.randn(4, 5, 5, 16, generator=torch.Generator().manual_seed(3))
+    model = _grn_net(True)
+    path = str(tmp_path / "grn.onnx")
+    torch.onnx.export(model, (x,), path, dynamo=False, opset_version=17)
+    from_torch, from_onnx = graphshape.analyze(model, x), graphshape.analyze(graphshape.load(path), x)
+    assert from_onnx.rows[-1]["q_pred"] == pytest.approx(from_torch.rows[-1]["q_pred"],
+                                                         rel=1e-12)
+    with torch.no_grad():  # trained: no rule, said so, as for the module
+        for m in model.modules():
+            if isinstance(m, grn.GlobalResponseNorm):
+                m.weight.fill_(0.5)
+    torch.onnx.export(model, (x,), path, dynamo=False, opset_version=17)
+    rows = graphshape.analyze(graphshape.load(path), x).rows
+    said = [r for r in rows if any("GlobalResponseNorm whose weight or bias is not 0" in n
+                                   for n in r["notes"])]
+    # (the first layer's last node; after it, everything is "unknown after" it)
+    assert [r["node"] for r in said] == ["0.grn.Add_2"] and said[0]["q_pred"] is None
