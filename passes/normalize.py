@@ -289,6 +289,9 @@ _STATISTIC_OPS = ("reshape", "cast", "identity", "reduce", "add", "sub", "mul", 
 # (with a dynamic batch, the exporter computes the reshapes' and the expand's shapes from
 # the input's: Shape, Gather, Unsqueeze, Concat, Equal, Where, about 40 nodes)
 _STATISTIC_NODES = 64
+# the most entries of x a statistic is evaluated on (float64 data and a few intermediates:
+# ~1 GB); resnetv2_50d_evos's largest, at 224 px and batch 1: 0.4M
+_STATISTIC_DATA = 1 << 25
 
 
 def _group_statistics(data: np.ndarray, eps: float):
@@ -489,9 +492,10 @@ def _exported_evo_norm(g: Graph, div: Node) -> dict | None:
     statistic = _statistic_region(g, x, div.inputs[1])
     if statistic is None or _sole_user(g, statistic[-1]) is not div:
         return None
-    rng = np.random.default_rng(0)
-    data = rng.standard_normal(tuple(d if isinstance(d, int) and d > 0 else 2
-                                     for d in info.shape)) * 2.0 + 0.5
+    concrete = tuple(d if isinstance(d, int) and d > 0 else 2 for d in info.shape)
+    if int(np.prod(concrete)) > _STATISTIC_DATA:
+        return None  # (not evaluated: left as it is, refused as a gate or product)
+    data = np.random.default_rng(0).standard_normal(concrete) * 2.0 + 0.5
     found = _region_data(g, x, statistic, data)
     if found is None or found.shape != data.shape:
         return None

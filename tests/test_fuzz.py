@@ -73,6 +73,21 @@ class _UpsamplingNet(torch.nn.Module):
         return torch.sigmoid(self.fc(h.mean((2, 3))))
 
 
+class _EvoNormNet(torch.nn.Module):
+    """conv, timm's EvoNorm S0 (written out by the exporter: a sigmoid gate and a group
+    statistic that shaping evaluates, ``passes/normalize._exported_evo_norm``), conv."""
+
+    def __init__(self):
+        super().__init__()
+        from timm.layers import EvoNorm2dS0
+
+        self.c1, self.norm = torch.nn.Conv2d(3, 4, 3, padding=1), EvoNorm2dS0(4, groups=2)
+        self.c2 = torch.nn.Conv2d(4, 2, 3, padding=1)
+
+    def forward(self, x):
+        return self.c2(self.norm(self.c1(x)))
+
+
 def _export(module) -> onnx.ModelProto:
     buf = io.BytesIO()
     with warnings.catch_warnings():
@@ -90,7 +105,7 @@ def models():
     old.graph.node[2].input.append("b2")
     return {"mlp": tiny_mlp(), "caffe2_resnet": caffe2_style_resnet(blocks=(1, 1), width=4, size=8),
             "torch_export": _export(_SmallNet()), "upsampling": _export(_UpsamplingNet()),
-            "mlp_opset7": old}
+            "mlp_opset7": old, "evonorm": _export(_EvoNormNet())}
 
 
 # --------------------------------------------------------------------------- mutations
