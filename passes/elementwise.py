@@ -341,11 +341,13 @@ def _normalizable_axes(axes: tuple[int, ...] | None, rank: int | None) -> bool:
 def _norm_weight(graph: Graph, node: Node, rank: int | None,
                  axes: tuple[int, ...] | None) -> Ref | None:
     """The constant that ``node`` multiplies by when it is a ``mul`` by a (trainable or
-    fixed, non-scalar) constant varying along the trailing normalized ``axes`` only: the
-    weight of a hand-written norm applied before its division (the Annotated
-    Transformer's ``a_2 * (x - mean) / (std + eps)``); else None."""
-    if (node.op != "mul" or len(node.inputs) != 2 or rank is None or not axes
-            or axes != tuple(range(rank - len(axes), rank))):
+    fixed, non-scalar) constant varying along the normalized ``axes`` only (the trailing
+    dims, or one other axis: :func:`_normalizable_axes`): the weight of a hand-written norm
+    applied before its division or scale (the Annotated Transformer's ``a_2 * (x - mean) /
+    (std + eps)``, denoising-diffusion-pytorch's ``F.normalize(x, dim=1) * g * sqrt(n)``);
+    else None."""
+    if (node.op != "mul" or len(node.inputs) != 2 or not axes
+            or not _normalizable_axes(axes, rank)):
         return None
     for ref in node.inputs:
         const = graph[ref.node]
@@ -740,9 +742,11 @@ def _fuse_norm_in(g: Graph, x: Ref, region: list[Node], axes, data, fused) -> bo
                                               gain * value(small, axes, eps)):
                     continue
                 attrs = {"normalized_shape": shape, "eps": _short(eps), **form}
+                trailing = axes == tuple(range(data.ndim - len(axes), data.ndim))
                 if inner:
-                    _replace_weighted(g, x, sub, y, op, attrs, inner[0])
-                elif axes == tuple(range(data.ndim - len(axes), data.ndim)):
+                    _replace_weighted(g, x, sub, y, op, attrs, inner[0],
+                                      None if trailing else axes[0])
+                elif trailing:
                     _replace(g, x, sub, y, None, attrs, op=op)
                 else:
                     _replace_between_transposes(g, x, sub, y, op, attrs, axes[0])
@@ -759,22 +763,30 @@ def _variance_defined(shape: tuple, form: dict) -> bool:
 
 
 def _replace_weighted(g: Graph, x: Ref, sub: list[Node], y: Node, op: str, attrs: dict,
-                      weight: Ref) -> None:
-    """The norm ``op`` of ``x`` as a new node, and ``y`` (its name, output and users kept)
-    the product of it and ``weight``, which ``sub`` applied before its division."""
+                      weight: Ref, axis: int | None = None) -> None:
+    """The norm ``op`` of ``x`` as a new node (over ``axis`` between two new transposes
+    when it is not the trailing dims: :func:`_transposed_norm`), and ``y`` (its name,
+    output and users kept) the product of it and ``weight``, which ``sub`` applied before
+    its division or scale."""
     info = y.outputs[0]
-    norm = g.add(Node(g.unique_name(f"{y.name}.norm"), op, [x], dict(attrs),
-                      outputs=[TensorInfo(info.shape, info.dtype)],
-                      meta={"flags": [], "fused_from": [n.name for n in sub]}), after=x.node)
-    _replace(g, norm.out, sub, y, None, {}, op="mul", keep={weight.node})
-    g.set_inputs(y.name, [norm.out, weight])
+    if axis is None:
+        normed = g.add(Node(g.unique_name(f"{y.name}.norm"), op, [x], dict(attrs),
+                            outputs=[TensorInfo(info.shape, info.dtype)],
+                            meta={"flags": [], "fused_from": [n.name for n in sub]}),
+                       after=x.node).out
+    else:
+        norm, back = _transposed_norm(g, x, y, op, attrs, axis, sub)
+        normed = g.add(Node(g.unique_name(f"{y.name}.to_first"), "transpose", [norm.out],
+                            {"perm": back}, outputs=[TensorInfo(info.shape, info.dtype)],
+                            meta={"flags": []})).out
+    _replace(g, normed, sub, y, None, {}, op="mul", keep={weight.node})
+    g.set_inputs(y.name, [normed, weight])
 
 
-def _replace_between_transposes(g: Graph, x: Ref, sub: list[Node], y: Node, op: str,
-                                attrs: dict, axis: int) -> None:
-    """A norm over one axis that is not the last (ConvNeXt's hand-written channels-first
-    LayerNorm): ``transpose`` (``axis`` last), the norm over the last dim, and ``y``
-    becomes the transpose back. Shaping removes the norm and then the transpose pair."""
+def _transposed_norm(g: Graph, x: Ref, y: Node, op: str, attrs: dict, axis: int,
+                     sub: list[Node]) -> tuple[Node, tuple[int, ...]]:
+    """A ``transpose`` of ``x`` putting ``axis`` last and the norm ``op`` over the last dim
+    after it, as new nodes: (the norm, the permutation back)."""
     info = g.info(x)
     rank = len(info.shape)
     perm = tuple(i for i in range(rank) if i != axis) + (axis,)
@@ -784,6 +796,15 @@ def _replace_between_transposes(g: Graph, x: Ref, sub: list[Node], y: Node, op: 
                          {"perm": perm}, outputs=[moved], meta={"flags": []}))
     norm = g.add(Node(g.unique_name(f"{y.name}.norm"), op, [to_last.out], dict(attrs),
                       outputs=[moved], meta={"flags": [], "fused_from": [n.name for n in sub]}))
+    return norm, back
+
+
+def _replace_between_transposes(g: Graph, x: Ref, sub: list[Node], y: Node, op: str,
+                                attrs: dict, axis: int) -> None:
+    """A norm over one axis that is not the last (ConvNeXt's hand-written channels-first
+    LayerNorm): ``transpose`` (``axis`` last), the norm over the last dim, and ``y``
+    becomes the transpose back. Shaping removes the norm and then the transpose pair."""
+    norm, back = _transposed_norm(g, x, y, op, attrs, axis, sub)
     _replace(g, norm.out, sub, y, None, {"perm": back}, op="transpose")
 
 

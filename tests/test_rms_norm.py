@@ -287,3 +287,41 @@ def test_l2_normalize_alone_is_not_an_rms_norm():
     assert "rms_norm" not in graph.count_ops() and graph.count_ops()["opaque"] == 4
     with pytest.raises(graphshape.GraphshapeError, match="looks like a normalization layer"):
         graphshape.shape(_mlp(_Cosine), X, method="DKS")
+
+
+class _ChannelsFirstL2RMSNorm(nn.Module):
+    """denoising-diffusion-pytorch's RMSNorm: ``F.normalize(x, dim=1) * g * sqrt(n)`` on
+    (N, C, H, W), its weight between the normalization and the constant scale."""
+
+    def __init__(self, channels):
+        super().__init__()
+        self.scale = channels ** 0.5
+        self.g = nn.Parameter(1 + 0.1 * torch.randn(1, channels, 1, 1))
+
+    def forward(self, x):
+        return F.normalize(x, dim=1) * self.g * self.scale
+
+
+def test_a_channels_first_rms_norm_weighted_before_its_scale_reads_as_rms_norm(tmp_path):
+    # before: refused, "'function torch.nn.functional.normalize' looks like a normalization
+    # layer that graphshape could not map" (a weight inside a norm's region was read only
+    # for norms over the trailing dims)
+    model = _convnet(lambda: _ChannelsFirstL2RMSNorm(8))
+    x = torch.randn(2, 8, 6, 6)
+    graph = graphshape.load(model, x)
+    ops = graph.count_ops()
+    assert ops["rms_norm"] == 4 and ops["transpose"] == 8 and "opaque" not in ops
+    with torch.no_grad():
+        torch.testing.assert_close(graphshape.to_torch(graph)(x), model(x), rtol=1e-5, atol=1e-5)
+    shaped = graphshape.shape(model, x, method="DKS", seed=0)
+    plain = graphshape.shape(_convnet(nn.Identity), x, method="DKS", seed=0)
+    assert shaped.meta["graphshape"].activation_params == plain.meta["graphshape"].activation_params
+    assert sorted(shaped.state_dict()) == sorted(plain.state_dict())  # g went with the norm
+    assert "permute" not in shaped.code
+    torch.testing.assert_close(shaped(x), plain(x), rtol=1e-5, atol=1e-5)
+    # its export: the same norms, the same solved parameters
+    path = str(tmp_path / "m.onnx")
+    torch.onnx.export(model, (x,), path, dynamo=False, opset_version=17)
+    assert graphshape.load(path).count_ops().get("rms_norm") == 4
+    report = graphshape.shape_onnx(path, str(tmp_path / "shaped.onnx"), method="DKS", seed=0)
+    assert report.activation_params == plain.meta["graphshape"].activation_params
