@@ -497,6 +497,9 @@ def _emit_std_norm(ctx, node):
     if a.get("eps_added_to", "variance") == "std":
         std = ctx.add_node("Sqrt", [var], 1, name=f"{nm}.std")[0]
         std = ctx.add_node("Add", [std, eps], 1, name=f"{nm}.std_eps")[0]
+    elif a.get("eps_added_to") == "clamp":
+        var = ctx.add_node("Max", [var, eps], 1, name=f"{nm}.var_clamped")[0]
+        std = ctx.add_node("Sqrt", [var], 1, name=f"{nm}.std")[0]
     else:
         var = ctx.add_node("Add", [var, eps], 1, name=f"{nm}.var_eps")[0]
         std = ctx.add_node("Sqrt", [var], 1, name=f"{nm}.std")[0]

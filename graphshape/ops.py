@@ -133,13 +133,15 @@ _SPECS = [
            "modules spell it with torch.var / torch.std where it is not a layer_norm: "
            "(x - mean(x)) / sqrt(var(x) + eps) with var's divisor n - correction (a layer "
            "norm whose variance is unbiased), x / sqrt(var(x) + eps) (not centre: timm's "
-           "SimpleNorm), or the standard deviation plus eps (the Annotated Transformer's "
-           "LayerNorm). Made by fusing such a region "
+           "SimpleNorm), the standard deviation plus eps (the Annotated Transformer's "
+           "LayerNorm), or a variance clamped at eps from below (imagen-pytorch's "
+           "ChanLayerNorm, var.clamp(min=eps).rsqrt()). Made by fusing such a region "
            "(graphshape.passes.elementwise.fuse_norm_decompositions).",
            {"normalized_shape": "tuple", "eps": "float",
             "centre": "bool: x minus its mean is divided (else x itself)",
             "correction": "int: the variance divides by n - correction (0 or 1)",
-            "eps_added_to": '"variance" (default: sqrt(var + eps)) or "std" (std + eps)'}),
+            "eps_added_to": '"variance" (default: sqrt(var + eps)), "std" (std + eps) or '
+                            '"clamp" (sqrt(max(var, eps)))'}),
     OpSpec("group_norm", "norm", "norm", "Group normalization.",
            {"num_groups": "int", "num_channels": "int", "eps": "float"},
            {"weight": "(C,)", "bias": "(C,)"}),

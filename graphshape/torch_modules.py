@@ -610,13 +610,15 @@ class FrozenBatchNorm(nn.Module):
 class StdNorm(nn.Module):
     """The ``std_norm`` op (see graphshape.ops): over the last ``len(normalized_shape)``
     dims, ``x`` (minus its mean when ``centre``) divided by ``sqrt(var + eps)`` or, with
-    ``eps_added_to="std"``, by ``std + eps``; the variance divides by ``n - correction``."""
+    ``eps_added_to="std"``, by ``std + eps``, or with ``"clamp"`` by ``sqrt(max(var,
+    eps))``; the variance divides by ``n - correction``."""
 
     def __init__(self, normalized_shape: Sequence[int], eps: float, centre: bool = True,
                  correction: int = 0, eps_added_to: str = "variance"):
         super().__init__()
-        if eps_added_to not in ("variance", "std"):
-            raise ValueError(f"eps_added_to must be 'variance' or 'std', not {eps_added_to!r}")
+        if eps_added_to not in ("variance", "std", "clamp"):
+            raise ValueError("eps_added_to must be 'variance', 'std' or 'clamp', not "
+                             f"{eps_added_to!r}")
         self.normalized_shape = tuple(int(d) for d in normalized_shape)
         self.eps, self.centre, self.correction = float(eps), bool(centre), int(correction)
         self.eps_added_to = eps_added_to
@@ -628,6 +630,8 @@ class StdNorm(nn.Module):
             x = x - x.mean(dim=dims, keepdim=True)
         if self.eps_added_to == "std":
             return x / (var.sqrt() + self.eps)
+        if self.eps_added_to == "clamp":
+            return x * torch.rsqrt(var.clamp(min=self.eps))
         return x * torch.rsqrt(var + self.eps)
 
     def extra_repr(self) -> str:

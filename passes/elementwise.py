@@ -657,6 +657,8 @@ def _norm_forms() -> list[tuple[str, dict, Any]]:
             divided = centered if centre else data
             if added_to == "std":
                 return divided / (np.sqrt(var) + eps)
+            if added_to == "clamp":
+                return divided / np.sqrt(np.maximum(var, eps))
             return divided / np.sqrt(var + eps)
         return value
 
@@ -664,7 +666,7 @@ def _norm_forms() -> list[tuple[str, dict, Any]]:
                                           ("rms_norm", {}, rms_norm)]
     for centre in (True, False):
         for correction in (0, 1):
-            for added_to in ("variance", "std"):
+            for added_to in ("variance", "std", "clamp"):
                 if centre and not correction and added_to == "variance":
                     continue  # (that one is layer_norm)
                 forms.append(("std_norm", {"centre": centre, "correction": correction,
@@ -679,22 +681,41 @@ def _close(f: np.ndarray | None, want: np.ndarray) -> bool:
             np.abs(f - want) / np.maximum(1.0, np.abs(want)) <= NORM_TOLERANCE))
 
 
+def _lower_bound(node: Node) -> float | None:
+    """The lower bound a clamp written as an attribute or keyword applies (``x.clamp(min=
+    eps)``, ``torch.clamp_min(x, eps)``, an ONNX Clip before opset 11), else None (a bound
+    that is an input is a scalar constant of the region)."""
+    a = node.attrs
+    if node.op != "opaque":
+        return None
+    if a.get("framework") == "onnx":
+        return _onnx_attribute(node, "min") if a.get("op_type") == "Clip" else None
+    name = a.get("target") if a.get("fx_op") == "call_method" else _torch_name(a.get("target"))
+    name = str(name).rsplit(".", 1)[-1]
+    if name not in ("clamp", "clip", "clamp_min"):
+        return None
+    args, kwargs = a.get("args") or (), a.get("kwargs") or {}
+    bound = kwargs.get("min", args[1] if len(args) > 1 else None)
+    return float(bound) if isinstance(bound, (int, float)) and not isinstance(bound, bool) \
+        else None
+
+
 def _eps_candidates(g: Graph, sub: list[Node], rank: int, shape: tuple) -> tuple[list, bool]:
     """The eps values to try for the norm ``sub`` may compute (its scalar constants in
-    (0, 1)), and whether it clamps an L2 norm instead of adding eps.
+    (0, 1), and the lower bounds in (0, 1) of its clamps: ``var.clamp(min=eps)``, an ONNX
+    Clip's attribute), and whether it clamps an L2 norm instead of adding eps.
 
     x-transformers' RMSNorm, ``F.normalize(x) * sqrt(n)``: ``x * sqrt(n) / max(||x||,
     eps)`` is an RMS norm with eps^2 / n added to the mean square (the same but where ||x||
     is within a few eps of 0). Its export: ReduceL2, Clip(min=eps), Expand, Div, the bound an
     attribute before opset 11. ``F.normalize`` without that scale (cosine attention, an
     embedding) matches no norm."""
+    bounds = [v for n in sub if isinstance(v := _lower_bound(n), float) and 0 < v < 1]
     scalars = sorted({v for n in sub for r in n.inputs
-                      if (v := _scalar(g, r)) is not None and 0 < v < 1})
+                      if (v := _scalar(g, r)) is not None and 0 < v < 1} | set(bounds))
     clamps = [found[1] for n in sub if (found := _l2_normalize(n, rank)) is not None]
     if any(_onnx_reduce_l2_axes(g, n, rank) is not None for n in sub):
-        clamps += scalars + [v for n in sub if n.attrs.get("op_type") == "Clip"
-                             and isinstance(v := _onnx_attribute(n, "min"), float)
-                             and 0 < v < 1]
+        clamps += scalars
     if not clamps:
         return scalars, False
     n_elems = int(np.prod(shape))
@@ -740,6 +761,11 @@ def _fuse_norm_in(g: Graph, x: Ref, region: list[Node], axes, data, fused) -> bo
                 small = data * math.sqrt(eps)
                 if not clamped and not _close(_region_value(g, x, sub, small, weights),
                                               gain * value(small, axes, eps)):
+                    continue
+                # a variance clamped at eps: also below eps (where no eps at all differs)
+                tiny = data * (0.1 * math.sqrt(eps))
+                if form.get("eps_added_to") == "clamp" and not _close(
+                        _region_value(g, x, sub, tiny, weights), gain * value(tiny, axes, eps)):
                     continue
                 attrs = {"normalized_shape": shape, "eps": _short(eps), **form}
                 trailing = axes == tuple(range(data.ndim - len(axes), data.ndim))

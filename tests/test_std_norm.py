@@ -45,6 +45,10 @@ class _VarNorm(nn.Module):
             return self.weight * (x - mean) / (std + self.eps) + self.bias
         if self.form == "simple norm":  # timm's SimpleNorm: x itself divided
             return x * torch.rsqrt(torch.var(x, dim=-1, keepdim=True) + self.eps) * self.weight
+        if self.form == "clamped variance":  # imagen-pytorch's ChanLayerNorm, on tokens
+            var = torch.var(x, dim=-1, unbiased=False, keepdim=True)
+            mean = torch.mean(x, dim=-1, keepdim=True)
+            return (x - mean) * var.clamp(min=self.eps).rsqrt() * self.weight + self.bias
         raise AssertionError(self.form)
 
 
@@ -56,6 +60,7 @@ FORMS = {
     "annotated transformer": ("std_norm", {"centre": True, "correction": 1,
                                            "eps_added_to": "std"}),
     "simple norm": ("std_norm", {"centre": False, "correction": 1, "eps_added_to": "variance"}),
+    "clamped variance": ("std_norm", {"centre": True, "correction": 0, "eps_added_to": "clamp"}),
 }
 # tokens: (batch, tokens, features), the norm and its affine over the last dim
 X = torch.randn(3, 5, WIDTH) * 2 + 0.5
@@ -132,9 +137,20 @@ def test_where_eps_is_added_is_read_from_the_values():
             mean = x.mean(-1, keepdim=True)
             return (x - mean) / torch.sqrt(x.var(-1, keepdim=True, unbiased=False) + self.eps)
 
+    class ClampedVar(_VarNorm):  # equal to the others where the variance is far above eps
+        def forward(self, x):
+            mean = x.mean(-1, keepdim=True)
+            return (x - mean) * x.var(-1, keepdim=True, unbiased=False).clamp(min=self.eps).rsqrt()
+
+    class NoEpsHalved(_VarNorm):  # no eps: its 0.5 is not one, nor a clamp
+        def forward(self, x):
+            mean = x.mean(-1, keepdim=True)
+            return 0.5 * (x - mean) / x.std(-1, keepdim=True, unbiased=False) + 0.5 * x
+
     small = X * 0.01
     for cls, op, added_to in ((StdPlusEps, "std_norm", "std"),
-                              (RootOfVarPlusEps, "layer_norm", None)):
+                              (RootOfVarPlusEps, "layer_norm", None),
+                              (ClampedVar, "std_norm", "clamp")):
         model = _mlp(lambda: cls(None, eps=0.01))
         graph = graphshape.load(model, X)
         nodes = [n for n in graph if n.op == op]
@@ -142,6 +158,8 @@ def test_where_eps_is_added_is_read_from_the_values():
         with torch.no_grad():
             torch.testing.assert_close(graphshape.to_torch(graph)(small), model(small),
                                        rtol=1e-5, atol=1e-5)
+    graph = graphshape.load(_mlp(lambda: NoEpsHalved(None, eps=0.01)), X)
+    assert not [n for n in graph if n.op in ("std_norm", "layer_norm")]
 
 
 def test_a_weight_inside_the_statistic_is_not_read_as_the_norms():
@@ -187,8 +205,9 @@ def test_analysis_predicts_through_them(form, q, rel):
         assert row["q_emp"] == pytest.approx(q, rel=rel)
 
 
-def test_an_export_of_them_reads_the_same(tmp_path):
-    model = _mlp(lambda: _VarNorm("annotated transformer"))
+@pytest.mark.parametrize("form", ["annotated transformer", "clamped variance"])
+def test_an_export_of_them_reads_the_same(tmp_path, form):
+    model = _mlp(lambda: _VarNorm(form))
     path = str(tmp_path / "m.onnx")
     torch.onnx.export(model, (X,), path, dynamo=False, opset_version=17, input_names=["x"],
                       output_names=["y"], dynamic_axes={"x": {0: "batch"}, "y": {0: "batch"}})
