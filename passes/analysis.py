@@ -386,23 +386,21 @@ def written_out_layers(graph: Graph) -> dict[str, dict]:
             numerator, gate = found["numerator"], found["gate"]
             if gate:  # x * sigmoid(v * x): SiLU at v's init of 1
                 scaled = gate[0]
-                v = normalize._shaped_constant(
-                    graph, scaled.inputs[1 - scaled.inputs.index(found["x"])])
-                act = _v_transform(None if v is None else v[0], {"name": "silu"}) \
-                    if v is not None and np.ptp(v[0]) == 0 else None
+                v, act = normalize._shaped_constant(
+                    graph, scaled.inputs[1 - scaled.inputs.index(found["x"])])[0], {"name": "silu"}
             else:
-                act = dict(numerator.attrs)
+                v, act = None, dict(numerator.attrs)
             layer = f"EvoNorm S ({found['formula']}, written out)"
             layers[node.name] = {
                 "x": found["x"], "layer": layer,
                 "inside": [n.name for n in (*gate, *([numerator] if gate else []),
                                             *found["statistic"])],
-                "rule": functools.partial(_written_evo_norm, act=act, layer=layer)}
+                "rule": functools.partial(_written_evo_norm, act=act, v=v, layer=layer)}
         elif node.op == "opaque" and node.attrs.get("op_type") == "ReduceL2":
             found = normalize._exported_response_norm(graph, node)
             if found is None:
                 continue
-            x, nodes = found
+            x, nodes = found  # (l2, mean, eps, div, x * N, then gamma's and beta's chain, add)
             layers[nodes[-1].name] = {
                 "x": x, "layer": "GlobalResponseNorm (written out)",
                 "inside": [n.name for n in nodes[:-1]],
@@ -410,10 +408,9 @@ def written_out_layers(graph: Graph) -> dict[str, dict]:
     return layers
 
 
-def _written_evo_norm(ctx: RuleContext, k: Kernel, *, act: dict | None, layer: str) -> Kernel:
-    if act is None:
-        raise UnknownKernel("no kernel rule for x * sigmoid(v x) with v differing across "
-                            "channels")
+def _written_evo_norm(ctx: RuleContext, k: Kernel, *, act: dict, v: np.ndarray | None,
+                      layer: str) -> Kernel:
+    act = _v_transform(v, act)
     ctx.flag(FLAG_NORM, f"{layer}: its statistics per example taken as the kernel's q "
                         "(features assumed zero-mean)")
     return _activation_over_own_std(ctx, act, k)

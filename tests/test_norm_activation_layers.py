@@ -462,3 +462,27 @@ def test_the_analysis_reads_an_exported_global_response_norm_as_the_identity(tmp
                                    for n in r["notes"])]
     # (the first layer's last node; after it, everything is "unknown after" it)
     assert [r["node"] for r in said] == ["0.grn.Add_2"] and said[0]["q_pred"] is None
+
+
+def test_the_analysis_of_an_exported_evonorm_s0_follows_its_v(tmp_path):
+    """S0's ``x * sigmoid(v x)`` is ``silu(v x) / v`` for one v shared by all channels (as
+    for the module), and has no rule for v that differ."""
+    model, x = _net(PAIRS["EvoNorm2dS0"][0]), _x()
+    path = str(tmp_path / "evo.onnx")
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, evo_norm.EvoNorm2dS0):
+                m.v.fill_(0.5)
+    _export(model, x, path, 17, False)
+    from_torch = graphshape.analyze(model, x)
+    from_onnx = graphshape.analyze(graphshape.load(path), x)
+    assert from_onnx.rows[-1]["q_pred"] == pytest.approx(from_torch.rows[-1]["q_pred"],
+                                                         rel=1e-12)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, evo_norm.EvoNorm2dS0):
+                m.v.copy_(torch.linspace(0.5, 1.5, m.v.numel()))
+    _export(model, x, path, 17, False)
+    rows = graphshape.analyze(graphshape.load(path), x).rows
+    division = next(r for r in rows if r["op"] == "div")
+    assert division["q_pred"] is None and "v differing across channels" in division["notes"][-1]
