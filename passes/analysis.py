@@ -1001,20 +1001,22 @@ def _to_numpy(x) -> np.ndarray | None:
 
 def propagate(graph: Graph, input_kernels: dict[str, Kernel | None],
               measured: dict[str, Kernel] | None = None,
-              constants: dict[str, np.ndarray] | None = None):
+              constants: dict[str, np.ndarray] | None = None,
+              layers: dict[str, dict] | None = None):
     """Push kernels through ``graph``. Returns ({Ref: Kernel or None}, {name: flags},
     {name: notes}); nodes that read constants only (not signals) get no flags entry.
     ``measured``: kernels for values computed from integer inputs
     (:func:`integer_derived`), used where no rule gives one (their first float values, an
     embedding, a sin of a timestep): the rules start again from there.
     ``constants``: values of computed constants (:func:`computed_constants`), which the
-    rules read as they read constant nodes."""
+    rules read as they read constant nodes. ``layers``: :func:`written_out_layers`
+    (found here when None)."""
     measured = measured or {}
     kernels: dict[Ref, Kernel | None] = {}
     unknown_origin: dict[Ref, str] = {}  # values unknown for want of a rule, and why
     flags: dict[str, list[str]] = {}
     notes: dict[str, list[str]] = {}
-    layers = written_out_layers(graph)
+    layers = written_out_layers(graph) if layers is None else layers
     inside = {name: key for key, layer in layers.items() for name in layer["inside"]}
     for node in graph:
         node_flags = list(node.meta.get("flags", []))
@@ -1161,9 +1163,10 @@ def analyze(graph: Graph, example_inputs=None, *, empirical: bool = False, modul
                 raise
             # (a graph torch cannot run: those values stay unknown)
             from_integers, measured = [], None
+    layers = written_out_layers(graph)
     kernels, flags, notes = propagate(
         graph, in_kernels, {name: measured[name] for name in from_integers
-                            if measured.get(name) is not None}, constants)
+                            if measured.get(name) is not None}, constants, layers)
     from graphshape.passes.shaping import find_nongaussian_activations
 
     for name in find_nongaussian_activations(graph):
@@ -1200,7 +1203,7 @@ def analyze(graph: Graph, example_inputs=None, *, empirical: bool = False, modul
             m = measured.get(node.name)
             row["q_emp"] = None if m is None else float(np.mean(m.q))
             row["c_emp"] = None if m is None else _mean_offdiag(m.c)
-            row["q_local"] = _q_local(graph, node, measured, in_kernels, constants)
+            row["q_local"] = _q_local(graph, node, measured, in_kernels, constants, layers)
         _no_nan(row)
         rows.append(row)
         pair = {}
@@ -1275,11 +1278,25 @@ def _no_nan(row: dict) -> None:
 
 
 def _q_local(graph: Graph, node: Node, measured: dict, in_kernels,
-             constants: dict[str, np.ndarray]) -> float | None:
-    """q predicted by the node's rule from the measured kernels of its own inputs."""
+             constants: dict[str, np.ndarray], layers: dict[str, dict]) -> float | None:
+    """q predicted by the node's rule from the measured kernels of its own inputs (at the
+    last node of a layer written out, :func:`written_out_layers`: the layer's rule from the
+    measured kernel of the layer's input; none inside it)."""
     if node.op == "input":
         k = in_kernels.get(node.name)
         return None if k is None else float(np.mean(k.q))
+    if node.name in layers:
+        x = layers[node.name]["x"]
+        m = measured.get(x.node) if x.index == 0 else None
+        if m is None:
+            return None
+        try:
+            out = layers[node.name]["rule"](RuleContext(graph, node, [m], constants=constants), m)
+        except UnknownKernel:
+            return None
+        return float(np.mean(out.q))
+    if any(node.name in layer["inside"] for layer in layers.values()):
+        return None
     ins = []
     for r in node.inputs:
         m = measured.get(r.node) if r.index == 0 else None

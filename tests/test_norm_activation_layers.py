@@ -430,18 +430,21 @@ def test_the_analysis_reads_an_exported_evonorm_s_as_the_module(tmp_path, pair):
     model, x = _net(PAIRS[pair][0]), _x()
     path = str(tmp_path / "evo.onnx")
     _export(model, x, path, 17, True)
-    from_torch = graphshape.analyze(model, x)
-    from_onnx = graphshape.analyze(graphshape.load(path), x)
+    from_torch = graphshape.analyze(model, x, empirical=True)
+    from_onnx = graphshape.analyze(graphshape.load(path), x, empirical=True)
     layers = [r for r in from_torch.rows if r["op"] == "opaque"]
     divisions = [r for r in from_onnx.rows if r["op"] == "div"]
     assert len(layers) == len(divisions) == 3
     for layer, division in zip(layers, divisions):
         assert division["q_pred"] == pytest.approx(layer["q_pred"], rel=1e-12)
         assert division["c_pred"] == pytest.approx(layer["c_pred"], rel=1e-12, abs=1e-14)
+        # the one-step prediction from the measured input too (the layer's rule)
+        assert division["q_local"] == pytest.approx(layer["q_local"], rel=1e-6)
+        assert division["q_emp"] == pytest.approx(layer["q_emp"], rel=1e-5)
     assert from_onnx.rows[-1]["q_pred"] == pytest.approx(from_torch.rows[-1]["q_pred"],
                                                          rel=1e-12)
     inside = [r for r in from_onnx.rows if FLAG_INSIDE_LAYER in r["flags"]]
-    assert inside and all(r["q_pred"] is None for r in inside)
+    assert inside and all(r["q_pred"] is None and r["q_local"] is None for r in inside)
 
 
 def test_the_analysis_reads_an_exported_global_response_norm_as_the_identity(tmp_path):
