@@ -379,13 +379,68 @@ def _region_value(graph: Graph, x: Ref, sub: list[Node], data: np.ndarray,
     return values[sub[-1].out]
 
 
+#: operator functions a traced size is computed with (``x.shape[1] ** 0.5``), and the ones
+#: that scale a tensor by such a size
+_SIZE_ARITHMETIC = (operator.pow, operator.mul, operator.truediv, operator.add, operator.sub,
+                    operator.floordiv, math.sqrt)
+_SCALED_BY_SIZE = (operator.mul, operator.truediv)
+
+
+def _size_of(graph: Graph, node: Node, x: Ref, axes: tuple[int, ...], sizes: dict) -> str | None:
+    """What a traced call computes from ``x``'s shape along the normalized ``axes`` only
+    (fixed by the norm: its ``normalized_shape``): ``"shape"`` for ``x.shape`` / ``x.size()``,
+    ``"number"`` for ``x.shape[i]`` / ``x.size(i)`` with i in ``axes`` and arithmetic on
+    such numbers (``sizes``: the region's nodes of either kind so far); else None. A size
+    along another axis (a batch) is not: a norm read with it would keep the traced value."""
+    a = node.attrs
+    if node.op != "opaque" or a.get("framework") != "torch" or node.dtype != "object":
+        return None
+    args, rank = a.get("args") or (), graph.info(x).rank
+
+    def axis_of(i):
+        return i % rank if isinstance(i, int) and not isinstance(i, bool) and rank else None
+
+    if a.get("fx_op") == "call_method" and a.get("target") == "size" and args[:1] == (x,):
+        if len(args) == 1 and not a.get("kwargs"):
+            return "shape"
+        return "number" if len(args) == 2 and axis_of(args[1]) in axes else None
+    if a.get("fx_op") != "call_function":
+        return None
+    target = a.get("target")
+    if target is getattr and args == (x, "shape"):
+        return "shape"
+    if target is operator.getitem and len(args) == 2 and isinstance(args[0], Ref) \
+            and sizes.get(args[0].node) == "shape":
+        return "number" if axis_of(args[1]) in axes else None
+    if target in _SIZE_ARITHMETIC:
+        refs = [v for v in args if isinstance(v, Ref)]
+        if refs and all(sizes.get(r.node) == "number" for r in refs) and all(
+                isinstance(v, (int, float)) and not isinstance(v, bool)
+                for v in args if not isinstance(v, Ref)):
+            return "number"
+    return None
+
+
+def _scaled_by_size(node: Node, sizes: dict) -> bool:
+    """A traced ``tensor * size`` or ``tensor / size`` (a number of :func:`_size_of`)."""
+    a = node.attrs
+    args = a.get("args") or ()
+    return (node.op == "opaque" and a.get("framework") == "torch"
+            and a.get("fx_op") == "call_function" and a.get("target") in _SCALED_BY_SIZE
+            and len(args) == 2 and any(isinstance(v, Ref) and sizes.get(v.node) == "number"
+                                       for v in args))
+
+
 def _region(graph: Graph, x: Ref, rank: dict[str, int],
             mean_axes: tuple[int, ...] | None = None) -> list[Node]:
     """The elementwise nodes computed from ``x`` alone (and scalar constants), in
     topological order: grown user by user while every signal input is ``x`` or inside.
     ``mean_axes``: means, variances and standard deviations over exactly these axes may be
-    inside too (a norm), and a product by a weight along them (:func:`_norm_weight`)."""
+    inside too (a norm), a product by a weight along them (:func:`_norm_weight`), and
+    sizes of x along them (``F.normalize(x, dim=1) * x.shape[1] ** 0.5``:
+    :func:`_size_of`)."""
     x_rank = graph.info(x).rank if mean_axes is not None else None
+    sizes: dict[str, str] = {}
     inside: set[Ref] = {x}
     region: list[Node] = []
     pending = sorted({u.name for u in graph.users(x.node)}, key=rank.get)
@@ -400,12 +455,16 @@ def _region(graph: Graph, x: Ref, rank: dict[str, int],
         weight = _norm_weight(graph, node, x_rank, mean_axes)
         if weight is not None:  # (inside a norm: see _fuse_norm_in)
             signals = [r for r in signals if r != weight]
+        size = _size_of(graph, node, x, mean_axes, sizes) if mean_axes is not None else None
         acts = _is_elementwise(graph, node) or _broadcasts_to(graph, node, x) or (
             mean_axes is not None and (_statistic_axes(graph, node, x_rank) == mean_axes
-                                       or _is_moment_item(graph, node)))
+                                       or _is_moment_item(graph, node) or size is not None
+                                       or _scaled_by_size(node, sizes)))
         if (not signals or not acts or len(node.outputs) != 1
                 or not all(r in inside for r in signals)):
             continue
+        if size is not None:
+            sizes[node.name] = size
         region.append(node)
         inside.add(node.out)
         pending = sorted(set(pending) | {u.name for u in graph.users(name)}, key=rank.get)

@@ -291,22 +291,26 @@ def test_l2_normalize_alone_is_not_an_rms_norm():
 
 class _ChannelsFirstL2RMSNorm(nn.Module):
     """denoising-diffusion-pytorch's RMSNorm: ``F.normalize(x, dim=1) * g * sqrt(n)`` on
-    (N, C, H, W), its weight between the normalization and the constant scale."""
+    (N, C, H, W), its weight between the normalization and the constant scale; its older
+    versions take sqrt(n) from the input's shape (``size_axis``)."""
 
-    def __init__(self, channels):
+    def __init__(self, channels, size_axis=None):
         super().__init__()
-        self.scale = channels ** 0.5
+        self.scale, self.size_axis = channels ** 0.5, size_axis
         self.g = nn.Parameter(1 + 0.1 * torch.randn(1, channels, 1, 1))
 
     def forward(self, x):
-        return F.normalize(x, dim=1) * self.g * self.scale
+        scale = self.scale if self.size_axis is None else x.shape[self.size_axis] ** 0.5
+        return F.normalize(x, dim=1) * self.g * scale
 
 
-def test_a_channels_first_rms_norm_weighted_before_its_scale_reads_as_rms_norm(tmp_path):
+@pytest.mark.parametrize("size_axis", [None, 1, -3])
+def test_a_channels_first_rms_norm_weighted_before_its_scale_reads_as_rms_norm(tmp_path,
+                                                                                size_axis):
     # before: refused, "'function torch.nn.functional.normalize' looks like a normalization
     # layer that graphshape could not map" (a weight inside a norm's region was read only
-    # for norms over the trailing dims)
-    model = _convnet(lambda: _ChannelsFirstL2RMSNorm(8))
+    # for norms over the trailing dims; a size of x inside it was not read at all)
+    model = _convnet(lambda: _ChannelsFirstL2RMSNorm(8, size_axis))
     x = torch.randn(2, 8, 6, 6)
     graph = graphshape.load(model, x)
     ops = graph.count_ops()
@@ -325,3 +329,16 @@ def test_a_channels_first_rms_norm_weighted_before_its_scale_reads_as_rms_norm(t
     assert graphshape.load(path).count_ops().get("rms_norm") == 4
     report = graphshape.shape_onnx(path, str(tmp_path / "shaped.onnx"), method="DKS", seed=0)
     assert report.activation_params == plain.meta["graphshape"].activation_params
+
+
+def test_a_size_along_another_axis_is_not_read_into_a_norm():
+    # with 8 examples of 8 channels, x.shape[0] ** 0.5 is the norm's sqrt(n) on the traced
+    # batch only: read as the norm, the converted model would be wrong at any other batch
+    model = _convnet(lambda: _ChannelsFirstL2RMSNorm(8, size_axis=0))
+    x = torch.randn(8, 8, 6, 6)
+    graph = graphshape.load(model, x)
+    assert "rms_norm" not in graph.count_ops()
+    other = torch.randn(3, 8, 6, 6)
+    with torch.no_grad():
+        torch.testing.assert_close(graphshape.to_torch(graph)(other), model(other),
+                                   rtol=1e-5, atol=1e-5)
