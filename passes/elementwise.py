@@ -162,25 +162,53 @@ def _broadcasts_to(graph: Graph, node: Node, x: Ref) -> bool:
             and all(u.op in _ARITHMETIC and same(graph.info(u.out).shape) for u in users))
 
 
+def _pointwise(node: Node, args: list) -> np.ndarray | None:
+    """The output of an arithmetic, identity / cast or (untransformed) activation node for
+    its inputs' values ``args``; None for any other op."""
+    a = node.attrs
+    if node.op in _ARITHMETIC:
+        x, y = args
+        if node.op == "add":
+            return x + a.get("alpha", 1.0) * y
+        return {"sub": np.subtract, "mul": np.multiply, "div": np.divide}[node.op](x, y)
+    if node.op in ("identity", "cast"):
+        return args[0]
+    if node.op == "activation":
+        act = activations.get(a["name"])
+        attrs = {k: a[k] for k in act.defaults if a.get(k) is not None}
+        return np.asarray(act.fn(args[0], **attrs), dtype=float)
+    return None
+
+
+def _call_traced(node: Node, leaf) -> Any:
+    """An opaque torch node's call (fx ``call_function`` / ``call_method``), each graph
+    value among its arguments replaced by ``leaf(ref)``; raises for anything else."""
+    import torch
+
+    a = node.attrs
+
+    def value(v):
+        return leaf(v) if isinstance(v, Ref) else v
+
+    args, kwargs = map_template(a.get("args", ()), value), map_template(a.get("kwargs", {}), value)
+    with torch.no_grad():
+        if a.get("fx_op") == "call_method":
+            return getattr(args[0], a["target"])(*args[1:], **kwargs)
+        if a.get("fx_op") == "call_function":
+            return a["target"](*args, **kwargs)
+    raise ValueError(f"{node.name!r} is not a traced call")
+
+
 def _evaluate(graph: Graph, node: Node, values: dict[Ref, np.ndarray]) -> np.ndarray:
     """``node``'s output on the grid, its inputs read from ``values`` (or scalars)."""
     def arg(ref):
         return values[ref] if ref in values else _scalar(graph, ref)
 
     a = node.attrs
-    if node.op in _ARITHMETIC:
-        x, y = (arg(r) for r in node.inputs)
-        if node.op == "add":
-            return x + a.get("alpha", 1.0) * y
-        return {"sub": np.subtract, "mul": np.multiply, "div": np.divide}[node.op](x, y)
-    if node.op in ("identity", "cast"):
-        return arg(node.inputs[0])
+    if node.op in (*_ARITHMETIC, "identity", "cast", "activation"):
+        return _pointwise(node, [arg(r) for r in node.inputs])
     if node.op == "reduce":  # a mean with keepdim (see _mean_axes)
         return np.mean(arg(node.inputs[0]), axis=tuple(a["axes"]), keepdims=True)
-    if node.op == "activation":
-        act = activations.get(a["name"])
-        attrs = {k: a[k] for k in act.defaults if a.get(k) is not None}
-        return np.asarray(act.fn(arg(node.inputs[0]), **attrs), dtype=float)
     # below: comparisons give bool arrays, kept as they are for a where() to read
     if a.get("framework") == "onnx":
         if a["op_type"] == "ReduceL2":  # (in a norm region: see _onnx_reduce_l2_axes)
@@ -195,20 +223,11 @@ def _evaluate(graph: Graph, node: Node, values: dict[Ref, np.ndarray]) -> np.nda
         return ONNX_ELEMENTWISE[a["op_type"]](*(arg(r) for r in node.inputs))
     import torch
 
-    def leaf(v):
-        if not isinstance(v, Ref):
-            return v
-        value = np.asarray(arg(v))
+    def leaf(ref):
+        value = np.asarray(arg(ref))
         return torch.from_numpy(value if value.dtype == bool else value.astype(np.float64))
 
-    args = map_template(a.get("args", ()), leaf)
-    kwargs = map_template(a.get("kwargs", {}), leaf)
-    with torch.no_grad():
-        if a["fx_op"] == "call_method":
-            out = getattr(args[0], a["target"])(*args[1:], **kwargs)
-        else:
-            out = a["target"](*args, **kwargs)
-    return np.asarray(out)
+    return np.asarray(_call_traced(node, leaf))
 
 
 def _mean_axes(node: Node, rank: int | None) -> tuple[int, ...] | None:

@@ -207,8 +207,8 @@ def _shaped_constant(g: Graph, ref: Ref) -> tuple[np.ndarray, list[str]] | None:
 
 def _remove_chain(g: Graph, chain: list[Node], source: Ref, removed: list, what) -> set[str]:
     """Remove ``chain`` (in topological order, read only by each other but for its last
-    node: an affine chain, an exported GRN), what read its last node reading ``source``
-    instead; records each as ``what(node)``. Returns the constants it read (for
+    node: an affine chain, an exported GRN or EvoNorm), what read its last node reading
+    ``source`` instead; records each as ``what(node)``. Returns the constants it read (for
     :meth:`Graph.remove_unread`, once nothing else does)."""
     g.replace_uses(chain[-1].out, source)
     constants = {r.node for node in chain for r in node.inputs if g[r.node].op == "constant"}
@@ -361,22 +361,15 @@ def _node_value(g: Graph, node: Node, args: list) -> np.ndarray:
     """``node``'s output for ``args`` (its inputs' values) in a statistic region: the
     elementwise, reduction, shape and data-movement ops an exporter writes there, an
     opaque ONNX node by onnx.reference; anything else raises."""
-    from graphshape import activations
+    from graphshape.passes.elementwise import _pointwise
 
     a, op = node.attrs, node.op
-    if op in ("add", "sub", "mul", "div"):
-        x, y = args
-        if op == "add":
-            return x + a.get("alpha", 1.0) * y
-        return {"sub": np.subtract, "mul": np.multiply, "div": np.divide}[op](x, y)
-    if op in ("identity", "cast"):
-        return args[0]
+    if op != "activation" or not node.params:
+        found = _pointwise(node, args)  # (arithmetic, identity / cast, an activation)
+        if found is not None:
+            return found
     if op == "reduce" and a.get("kind") == "mean":
         return np.mean(args[0], axis=tuple(a["axes"]), keepdims=bool(a.get("keepdims", True)))
-    if op == "activation" and not node.params:
-        act = activations.get(a["name"])
-        return np.asarray(act.fn(args[0], **{k: a[k] for k in act.defaults
-                                              if a.get(k) is not None}))
     if op == "reshape":  # (a traced one's shape may be values of the graph: its static one)
         shape = list(a.get("static_shape") or a["shape"])
         for i in a.get("copy_dims", ()):
@@ -403,27 +396,18 @@ def _node_value(g: Graph, node: Node, args: list) -> np.ndarray:
 
 def _torch_node_value(node: Node, values: dict):
     """A traced call's output (``x.shape``, ``x.var(...)``, ``x.expand(shape)``) with its
-    signal arguments from ``values`` (arrays in float64, other values as they are)."""
+    signal arguments from ``values`` (arrays in float64, other values -- a torch.Size, an
+    int -- as they are, which reshapes and expands need)."""
     import torch
 
-    from graphshape.ir import map_template
+    from graphshape.passes.elementwise import _call_traced
 
-    def leaf(v):
-        if not isinstance(v, Ref):
-            return v
-        value = values[v]
+    def leaf(ref):
+        value = values[ref]
         return torch.from_numpy(np.asarray(value, dtype=np.float64)) \
             if isinstance(value, np.ndarray) else value
 
-    a = node.attrs
-    args, kwargs = map_template(a.get("args", ()), leaf), map_template(a.get("kwargs", {}), leaf)
-    with torch.no_grad():
-        if a.get("fx_op") == "call_method":
-            out = getattr(args[0], a["target"])(*args[1:], **kwargs)
-        elif a.get("fx_op") == "call_function":
-            out = a["target"](*args, **kwargs)
-        else:
-            raise ValueError("not a call")
+    out = _call_traced(node, leaf)
     return out.numpy() if isinstance(out, torch.Tensor) else out
 
 
@@ -575,18 +559,14 @@ def _remove_exported_evo_norm(g: Graph, found: dict, removed: list, rewritten: l
     name; v starts at 1 and shaping re-initializes, so it goes with the statistics), S1's
     and S2's activation stays; the statistic, the division and the affine are removed."""
     x, numerator, gate = found["x"], found["numerator"], found["gate"]
-    nodes = [*gate, *found["statistic"], found["div"], *found["affine"]]
-    g.replace_uses(nodes[-1].out, numerator.out)
-    constants = {r.node for n in nodes for r in n.inputs if g[r.node].op == "constant"}
-    constants |= set(found["shaping"])  # (removed upstream with their constants)
-    if gate:
+    if gate:  # (then nothing reads the gate: it goes with the rest)
         g.set_inputs(numerator.name, [x])
         numerator.op, numerator.attrs = "activation", {"name": "silu"}
     what = f"EvoNorm S ({found['formula']}, written out): removed with its normalization"
-    for node in reversed(nodes):
-        g.remove(node.name)
-        removed.append({"node": node.name, "op": node.op, "what": what})
-    g.remove_unread(constants, upstream=True)
+    constants = _remove_chain(g, [*gate, *found["statistic"], found["div"], *found["affine"]],
+                              numerator.out, removed, lambda n: what)
+    # (with the nodes that only reshaped v, weight and bias)
+    g.remove_unread(constants | set(found["shaping"]), upstream=True)
     # (reported as removed, as a module's normalization is: the node stays, as the
     # activation the layer applied)
     removed.append({"node": numerator.name, "op": "mul" if gate else "activation",
