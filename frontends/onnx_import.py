@@ -1129,9 +1129,13 @@ class _Importer:
             # a float weight the file stores (an initializer) stays in the torch backend's
             # state_dict; a Constant node's or a folded value, or integers (shapes), not
             persistent = name in self.initializer_names and value.dtype.kind == "f"
+            meta = {"source_name": name, "flags": [], "persistent": persistent}
+            if persistent:
+                # a weight the file stores that no layer took (a ViT's pos_embed, a layer
+                # scale): a buffer unless to_torch(..., trainable_initializers=True)
+                meta["initializer"] = True
             self.g.add(Node(node_name, "constant", [], {"trainable": False}, {"value": value},
-                            [TensorInfo(tuple(value.shape), value.dtype.name)],
-                            {"source_name": name, "flags": [], "persistent": persistent}))
+                            [TensorInfo(tuple(value.shape), value.dtype.name)], meta))
             self.refs[name] = Ref(node_name)
             self._journal += [("node", node_name), ("ref", name)]
             return self.refs[name]

@@ -248,6 +248,7 @@ def _match_source_names(graph: Graph, module: nn.Module) -> None:
         if node.op == "constant":
             source = node.meta.get("source_name")
             node.meta["persistent"] = False  # the export's own constants: not the source's
+            node.meta.pop("initializer", None)  # the source says what is trainable
             if source in params:
                 node.attrs["trainable"] = params[source].requires_grad
             if (source in params or source in buffers) and source not in claimed:

@@ -208,11 +208,21 @@ def load(model: Any, example_inputs: Any = None, *, trust: bool = False,
 
 
 @_boundary("emitting the PyTorch module")
-def to_torch(graph: Graph):
-    """Emit a ``torch.fx.GraphModule`` (device-agnostic, trainable, torch.compile-able)."""
+def to_torch(graph: Graph, *, trainable_initializers: bool = False):
+    """Emit a ``torch.fx.GraphModule`` (device-agnostic, trainable, torch.compile-able).
+
+    ``graph``: anything :func:`load` takes. Layers' weights are parameters. From an ONNX
+    file, its other float initializers (a ViT's ``pos_embed``, a layer scale) are buffers,
+    as onnx2torch makes them, unless ``trainable_initializers=True`` makes them parameters:
+    the file does not say which were parameters (an attention mask is stored the same way).
+    A graph read from a PyTorch model keeps the source's parameters and buffers either way.
+    """
     from graphshape.backend_torch import emit
 
-    return emit(load(graph))
+    if not isinstance(trainable_initializers, bool):
+        raise GraphshapeError(f"trainable_initializers must be True or False, "
+                              f"got {trainable_initializers!r}")
+    return emit(load(graph), trainable_initializers=trainable_initializers)
 
 
 @_boundary("emitting the ONNX model")

@@ -73,9 +73,11 @@ def _torch_pad(begin, end) -> list[int]:
 class _Ctx:
     """Emission state: the fx graph being built and the modules/tensors it refers to."""
 
-    def __init__(self, graph: Graph, copy_params: bool = True):
+    def __init__(self, graph: Graph, copy_params: bool = True,
+                 trainable_initializers: bool = False):
         self.g = graph
         self.copy_params = copy_params
+        self.trainable_initializers = trainable_initializers
         self.fx = torch.fx.Graph()
         self.attrs: dict[str, Any] = {}        # target -> module / tensor
         self.non_persistent: list[str] = []    # buffer targets the state_dict leaves out
@@ -329,13 +331,22 @@ def _e_input(ctx, node, xs):
     return ctx._record(node, ctx.fx.create_node("placeholder", name, args, {}, name=name))
 
 
+def _trainable_constant(ctx, node: Node) -> bool:
+    """A parameter rather than a buffer: the source's parameter, or (when asked) a float
+    initializer of an ONNX file that no layer took as its weight."""
+    return bool(node.attrs.get("trainable") or (
+        ctx.trainable_initializers and node.meta.get("initializer")
+        and node.params["value"].dtype.kind == "f"))
+
+
 def _e_constant(ctx, node, xs):
     t = ctx.tensor(node, "value")
-    if node.attrs.get("trainable"):
+    trainable = _trainable_constant(ctx, node)
+    if trainable:
         t = nn.Parameter(t, requires_grad=True)
     target = ctx.target_for(node)
     ctx.attrs[target] = t
-    if not node.attrs.get("trainable") and not node.meta.get("persistent"):
+    if not trainable and not node.meta.get("persistent"):
         # a buffer the state_dict leaves out, unless the source's state_dict held it: an
         # ONNX file's shape integers and folded constants, a tensor built in forward
         ctx.non_persistent.append(target)
@@ -920,14 +931,21 @@ TORCH_EMITTERS: dict[str, Callable] = {
 }
 
 
-def emit(graph: Graph, *, copy_params: bool = True) -> torch.fx.GraphModule:
+def emit(graph: Graph, *, copy_params: bool = True,
+         trainable_initializers: bool = False) -> torch.fx.GraphModule:
     """Emit ``graph`` as a ``torch.fx.GraphModule`` (see the module docstring).
 
     ``copy_params=False`` lets the module's parameters share memory with the graph's
     arrays instead of copying them: for callers that discard the graph afterwards and whose
     graph shares no arrays with anything else (the shaping API: after re-initialization
-    every array is the graph's own), saving one copy of all weights."""
-    ctx = _Ctx(graph, copy_params)
+    every array is the graph's own), saving one copy of all weights.
+
+    ``trainable_initializers=True``: the float initializers of an ONNX file that are no
+    layer's weight (a ViT's ``pos_embed``, a layer scale, a relative-position bias table;
+    also a folded constant or an attention mask the exporter stored) become parameters
+    instead of buffers. The file does not say which of them were parameters; a graph read
+    from a PyTorch model keeps the source's choice either way."""
+    ctx = _Ctx(graph, copy_params, trainable_initializers)
     for node in graph:
         emitter = TORCH_EMITTERS.get(node.op)
         if emitter is None:
@@ -936,7 +954,8 @@ def emit(graph: Graph, *, copy_params: bool = True) -> torch.fx.GraphModule:
         if node.op == "output":
             ctx.values[node.name] = xs[0]
             continue
-        if node.op == "constant" and _inlinable_scalar(graph, node):
+        if (node.op == "constant" and not _trainable_constant(ctx, node)
+                and _inlinable_scalar(graph, node)):
             # a 0-d constant that only feeds arithmetic is written as a Python number
             # (as in the source `x * 0.5`): no buffer, no state_dict entry
             ctx.values[node.name] = node.params["value"].item()

@@ -131,6 +131,11 @@ def add_shape_parser(sub) -> None:
                         "':int64' for integer inputs (token ids: drawn below the size of "
                         "the embedding table they index); once per model input, in order")
     p.add_argument("--report", metavar="REPORT.json", help="also write the report as JSON")
+    p.add_argument("--trainable-initializers", action="store_true",
+                   help="ONNX in, .pt out: the file's float initializers that are no layer's "
+                        "weight (a ViT's pos_embed, a layer scale) become parameters of the "
+                        "module (default: buffers, frozen in training; the file does not "
+                        "say which were parameters)")
     from graphshape.cli import add_trust_option
 
     add_trust_option(p)
@@ -153,12 +158,16 @@ def cmd_shape(args) -> int:
     options = _options(args)
     is_onnx = args.src.endswith(".onnx") or (
         os.path.isfile(args.src) and not args.src.endswith((".pt", ".pth", ".pt2")))
+    if args.trainable_initializers and not (is_onnx and dst.endswith(".pt")):
+        raise UsageError("--trainable-initializers is for an ONNX source and a .pt output "
+                         "(a PyTorch source keeps its own parameters; an ONNX output's "
+                         "initializers are all alike)")
     if is_onnx:
         if not os.path.exists(args.src):
             raise UsageError(f"no such file: {args.src}")
         if dst.endswith(".pt"):  # ONNX in, PyTorch out
             report = _shape_factory(args.src, dst, parse_input_specs(args.input_shape),
-                                    options)
+                                    options, trainable_initializers=args.trainable_initializers)
         else:
             from graphshape.shaping_api import shape_onnx
 
@@ -175,7 +184,7 @@ def cmd_shape(args) -> int:
     return 0
 
 
-def _shape_factory(src, dst, shape, options, trust=False):
+def _shape_factory(src, dst, shape, options, trust=False, trainable_initializers=False):
     import torch
 
     from graphshape.cli import UsageError, atomic_write, load_source
@@ -198,7 +207,14 @@ def _shape_factory(src, dst, shape, options, trust=False):
         from graphshape.backend_torch import emit
         from graphshape.shaping_api import _add_pln_torch
 
-        gm = emit(shaped)
+        gm = emit(shaped, trainable_initializers=trainable_initializers)
+        frozen = [] if trainable_initializers else _frozen_initializers(shaped)
+        if frozen:
+            report.warnings.append(
+                f"{len(frozen)} float initializer(s) of the file that no layer takes as its "
+                f"weight ({', '.join(frozen[:4])}{', ...' if len(frozen) > 4 else ''}) are "
+                "buffers of the .pt module, frozen in training; --trainable-initializers "
+                "makes them parameters")
         if pln:
             _add_pln_torch(gm)
         # GraphModule.meta is not pickled; a plain attribute is
@@ -217,6 +233,15 @@ def _shape_factory(src, dst, shape, options, trust=False):
         _check_emitted(model)
         save(model, dst)  # atomic; external data past 2 GB
     return report
+
+
+def _frozen_initializers(graph) -> list[str]:
+    """The file's names of the non-scalar float initializers that the torch backend emits
+    as buffers (a pos_embed, a layer scale; 0-d ones are folded scalars, not listed)."""
+    return [node.meta.get("source_name", node.name) for node in graph
+            if node.op == "constant" and node.meta.get("initializer")
+            and not node.attrs.get("trainable") and node.params["value"].ndim >= 1
+            and node.params["value"].dtype.kind == "f" and graph.users(node.name)]
 
 
 # --------------------------------------------------------------------------- batch

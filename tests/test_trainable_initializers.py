@@ -1,0 +1,177 @@
+"""From an ONNX file, float initializers that no layer takes as its weight (a ViT's
+``pos_embed``, a layer scale) are buffers of ``to_torch``'s module, as onnx2torch makes them;
+``to_torch(..., trainable_initializers=True)`` (CLI: ``graphshape shape model.onnx -o
+model.pt --trainable-initializers``) makes them parameters, so training the converted
+module trains them as the PyTorch source did. A graph read from a PyTorch model keeps the
+source's parameters and buffers either way."""
+
+from __future__ import annotations
+
+import io
+import os
+
+import onnx
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import graphshape
+from graphshape import GraphshapeError
+from graphshape.cli import main
+
+
+class _TokenMixer(nn.Module):
+    """Tokens + a learned position table, a layer-scaled residual MLP and a head; the
+    position table is reshaped by integer shape constants in the export."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(8, 16)
+        self.pos_embed = nn.Parameter(torch.randn(1, 4, 16) * 0.02)
+        self.gamma = nn.Parameter(torch.full((16,), 0.1))
+        self.fc = nn.Linear(16, 16)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x):
+        x = self.proj(x) + self.pos_embed
+        x = x + self.gamma * torch.relu(self.fc(x))
+        return self.head(x.reshape(x.shape[0], -1, 16).mean(1))
+
+
+def _x(batch=2):
+    return torch.randn(batch, 4, 8, generator=torch.Generator().manual_seed(batch))
+
+
+def _export(model) -> bytes:
+    buf = io.BytesIO()
+    torch.onnx.export(model, (_x(),), buf, dynamo=False, opset_version=17,
+                      input_names=["x"], dynamic_axes={"x": {0: "batch"}})
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def exported():
+    torch.manual_seed(0)
+    model = _TokenMixer().eval()
+    return model, _export(model)
+
+
+def test_default_buffers_option_parameters_same_outputs_and_keys(exported):
+    model, data = exported
+    frozen = graphshape.to_torch(data)
+    trained = graphshape.to_torch(data, trainable_initializers=True)
+    frozen_params = dict(frozen.named_parameters())
+    params = dict(trained.named_parameters())
+    assert {"pos_embed", "gamma"} <= set(dict(frozen.named_buffers()))
+    assert not {"pos_embed", "gamma"} & set(frozen_params)
+    assert {"pos_embed", "gamma"} <= set(params)
+    # every layer weight is a parameter either way; nothing else changed kind
+    assert set(params) == set(frozen_params) | {"pos_embed", "gamma"}
+    # integer constants (the export's shapes) never become parameters
+    assert all(p.dtype.is_floating_point for p in params.values())
+    assert sorted(trained.state_dict()) == sorted(frozen.state_dict())
+    for batch in (2, 5):
+        with torch.no_grad():
+            expected = model(_x(batch))
+            torch.testing.assert_close(frozen(_x(batch)), expected)
+            torch.testing.assert_close(trained(_x(batch)), expected)
+    # a source checkpoint loads into either, strictly
+    frozen.load_state_dict(trained.state_dict(), strict=True)
+
+
+def test_trainable_initializers_receive_gradients_and_train(exported):
+    _, data = exported
+    trained = graphshape.to_torch(data, trainable_initializers=True)
+    before = trained.pos_embed.detach().clone()
+    opt = torch.optim.SGD(trained.parameters(), lr=0.1)
+    loss = trained(_x(4)).square().sum()
+    loss.backward()
+    assert trained.pos_embed.grad is not None and trained.pos_embed.grad.abs().sum() > 0
+    assert trained.gamma.grad is not None and trained.gamma.grad.abs().sum() > 0
+    opt.step()
+    assert not torch.equal(trained.pos_embed.detach(), before)
+
+
+def test_the_source_onnx_file_is_not_changed(exported, tmp_path):
+    _, data = exported
+    path = tmp_path / "m.onnx"
+    path.write_bytes(data)
+    graph = graphshape.load(str(path))
+    graphshape.to_torch(graph, trainable_initializers=True)
+    # the graph is not marked: a later default emission still gives buffers
+    assert "pos_embed" in dict(graphshape.to_torch(graph).named_buffers())
+    assert path.read_bytes() == data
+
+
+def test_a_non_bool_option_is_refused(exported):
+    _, data = exported
+    with pytest.raises(GraphshapeError, match="trainable_initializers must be True or False"):
+        graphshape.to_torch(data, trainable_initializers="yes")
+
+
+class _OddPadWithTable(nn.Module):
+    """torch.fx cannot trace `if x.shape[-1] % 2`, so the model is read through its ONNX
+    export; its persistent buffer must stay a buffer even with trainable_initializers."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.offset = nn.Parameter(torch.randn(1, 8, 1, 1))
+        self.register_buffer("table", torch.rand(1, 8, 1, 1) + 0.5)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        x = torch.relu(self.conv(x))
+        if x.shape[-1] % 2:
+            x = F.pad(x, (0, 1, 0, 1))
+        x = x * self.table + self.offset
+        return self.fc(x.mean((2, 3)))
+
+
+def test_a_pytorch_source_read_through_its_export_keeps_its_own_kinds():
+    torch.manual_seed(0)
+    model = _OddPadWithTable().eval()
+    x = torch.randn(2, 3, 9, 9)
+    graph = graphshape.load(model, x)
+    assert graph.meta.get("torch_via_onnx") or graph.meta["source"] == "onnx"
+    for flag in (False, True):
+        gm = graphshape.to_torch(graph, trainable_initializers=flag)
+        assert "offset" in dict(gm.named_parameters())
+        assert "table" in dict(gm.named_buffers())
+        assert "table" not in dict(gm.named_parameters())
+
+
+def test_cli_shape_onnx_to_pt_warns_and_the_flag_makes_parameters(exported, tmp_path, capsys):
+    _, data = exported
+    src = tmp_path / "m.onnx"
+    src.write_bytes(data)
+    frozen_path, trained_path = tmp_path / "frozen.pt", tmp_path / "trained.pt"
+    assert main(["shape", str(src), "-o", str(frozen_path), "--method", "dks",
+                 "--input-shape", "2,4,8"]) == 0
+    err = capsys.readouterr().err
+    assert "(pos_embed, gamma) are buffers" in err and "--trainable-initializers" in err
+    assert main(["shape", str(src), "-o", str(trained_path), "--method", "dks",
+                 "--input-shape", "2,4,8", "--trainable-initializers"]) == 0
+    assert "are buffers" not in capsys.readouterr().err
+    frozen = torch.load(frozen_path, weights_only=False)
+    trained = torch.load(trained_path, weights_only=False)
+    assert "pos_embed" in dict(frozen.named_buffers())
+    assert {"pos_embed", "gamma"} <= set(dict(trained.named_parameters()))
+    torch.testing.assert_close(frozen(_x(3)), trained(_x(3)))
+    assert onnx.load_from_string(src.read_bytes()) is not None
+
+
+@pytest.mark.parametrize("dst, src_kind", [("out.onnx", "onnx"), ("out.pt", "factory")])
+def test_cli_flag_is_refused_where_it_means_nothing(exported, tmp_path, capsys, dst, src_kind):
+    _, data = exported
+    if src_kind == "onnx":
+        src = tmp_path / "m.onnx"
+        src.write_bytes(data)
+        src = str(src)
+    else:
+        src = "torchvision.models:resnet18"
+    assert main(["shape", src, "-o", str(tmp_path / dst), "--trainable-initializers"]) == 2
+    assert "--trainable-initializers is for an ONNX source and a .pt output" in \
+        capsys.readouterr().err
+    assert not os.path.exists(tmp_path / dst)
