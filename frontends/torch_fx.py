@@ -40,6 +40,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import io
+import itertools
 import operator
 import sys
 from typing import Any, Callable
@@ -2761,6 +2762,7 @@ def load_module(module: nn.Module, example_inputs=None, *, leaf_modules=(),
     if not isinstance(module, nn.Module):
         raise GraphshapeError(f"load_module needs a torch.nn.Module, got {type(module).__name__}")
     module, wrappers = _unwrap(module)
+    _check_not_meta(module)
     if example_inputs is not None and not isinstance(example_inputs, (tuple, list)):
         example_inputs = (example_inputs,)
     inputs = None if example_inputs is None else tuple(example_inputs)
@@ -2782,6 +2784,20 @@ def load_module(module: nn.Module, example_inputs=None, *, leaf_modules=(),
     if wrappers:
         graph.meta["unwrapped_from"] = wrappers
     return graph
+
+
+def _check_not_meta(module: nn.Module) -> None:
+    """GraphshapeError when the module's tensors are on the meta device (built under
+    ``torch.device("meta")``, or by ``init_empty_weights``): they hold no values to read,
+    run or keep, and the error torch gives deep inside does not say so."""
+    on_meta = [name for name, t in itertools.chain(module.named_parameters(),
+                                                    module.named_buffers()) if t.is_meta]
+    if on_meta:
+        more = f" and {len(on_meta) - 1} more" if len(on_meta) > 1 else ""
+        raise GraphshapeError(
+            f"{type(module).__name__}'s tensors are on the meta device ({on_meta[0]!r}{more}): "
+            "they hold no values. Materialize the model first (build it on the CPU, or "
+            "model.to_empty(device='cpu') and initialize or load its weights)")
 
 
 def _load_untraceable(module: nn.Module, inputs: tuple | None, fx_error: str, aten: bool,

@@ -679,3 +679,16 @@ def test_atomic_writes_keep_the_default_file_mode(tmp_path, capsys):
             assert (tmp_path / name).stat().st_mode & 0o777 == 0o644
     finally:
         os.umask(umask)
+
+
+@pytest.mark.parametrize("entry", ["load", "analyze", "shape"])
+def test_a_model_on_the_meta_device_is_refused_saying_so(entry):
+    """A model built under torch.device("meta") has no values: every entry point says so
+    (torch's own error, from deep inside the traced run, named a device mismatch)."""
+    with torch.device("meta"):
+        model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8),
+                                    torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.LazyLinear(2))
+    x = torch.randn(2, 3, 8, 8)
+    with pytest.raises(GraphshapeError, match=r"Sequential's tensors are on the meta device "
+                                              r"\('0.weight' and \d+ more\).*to_empty"):
+        getattr(graphshape, entry)(model, x)
