@@ -162,7 +162,7 @@ def _broadcasts_to(graph: Graph, node: Node, x: Ref) -> bool:
             and all(u.op in _ARITHMETIC and same(graph.info(u.out).shape) for u in users))
 
 
-def _pointwise(node: Node, args: list) -> np.ndarray | None:
+def pointwise_value(node: Node, args: list) -> np.ndarray | None:
     """The output of an arithmetic, identity / cast or (untransformed) activation node for
     its inputs' values ``args``; None for any other op."""
     a = node.attrs
@@ -180,7 +180,7 @@ def _pointwise(node: Node, args: list) -> np.ndarray | None:
     return None
 
 
-def _call_traced(node: Node, leaf) -> Any:
+def call_traced(node: Node, leaf) -> Any:
     """An opaque torch node's call (fx ``call_function`` / ``call_method``), each graph
     value among its arguments replaced by ``leaf(ref)``; raises for anything else."""
     import torch
@@ -206,14 +206,14 @@ def _evaluate(graph: Graph, node: Node, values: dict[Ref, np.ndarray]) -> np.nda
 
     a = node.attrs
     if node.op in (*_ARITHMETIC, "identity", "cast", "activation"):
-        return _pointwise(node, [arg(r) for r in node.inputs])
+        return pointwise_value(node, [arg(r) for r in node.inputs])
     if node.op == "reduce":  # a mean with keepdim (see _mean_axes)
         return np.mean(arg(node.inputs[0]), axis=tuple(a["axes"]), keepdims=True)
     # below: comparisons give bool arrays, kept as they are for a where() to read
     if a.get("framework") == "onnx":
-        if a["op_type"] == "ReduceL2":  # (in a norm region: see _onnx_reduce_l2_axes)
+        if a["op_type"] == "ReduceL2":  # (in a norm region: see onnx_reduce_l2_axes)
             x = arg(node.inputs[0])
-            axes = _onnx_reduce_l2_axes(graph, node, np.ndim(x))
+            axes = onnx_reduce_l2_axes(graph, node, np.ndim(x))
             return np.sqrt(np.sum(np.square(x), axis=axes, keepdims=True))
         if a["op_type"] == "Clip":  # bounds as inputs (opset >= 11) or attributes
             bounds = [_onnx_input(node, i) for i in (1, 2)]
@@ -227,7 +227,7 @@ def _evaluate(graph: Graph, node: Node, values: dict[Ref, np.ndarray]) -> np.nda
         value = np.asarray(arg(ref))
         return torch.from_numpy(value if value.dtype == bool else value.astype(np.float64))
 
-    return np.asarray(_call_traced(node, leaf))
+    return np.asarray(call_traced(node, leaf))
 
 
 def _mean_axes(node: Node, rank: int | None) -> tuple[int, ...] | None:
@@ -320,7 +320,7 @@ def _onnx_input(node: Node, position: int) -> Ref | None:
         and positions[position] is not None else None
 
 
-def _onnx_reduce_l2_axes(graph: Graph, node: Node, rank: int | None) -> tuple[int, ...] | None:
+def onnx_reduce_l2_axes(graph: Graph, node: Node, rank: int | None) -> tuple[int, ...] | None:
     """The axes of an ONNX ``ReduceL2`` with keepdims (``||x||`` along them: an exported
     ``F.normalize``), as sorted non-negative ints; None for any other node."""
     a = node.attrs
@@ -345,7 +345,7 @@ def _statistic_axes(graph: Graph, node: Node, rank: int | None) -> tuple[int, ..
         axes = _moment_axes(node, rank)
     if axes is None:
         found = _l2_normalize(node, rank)
-        axes = found[0] if found is not None else _onnx_reduce_l2_axes(graph, node, rank)
+        axes = found[0] if found is not None else onnx_reduce_l2_axes(graph, node, rank)
     return axes
 
 
@@ -792,7 +792,7 @@ def _eps_candidates(g: Graph, sub: list[Node], rank: int, shape: tuple) -> tuple
     scalars = sorted({v for n in sub for r in n.inputs
                       if (v := _scalar(g, r)) is not None and 0 < v < 1} | set(bounds))
     clamps = [found[1] for n in sub if (found := _l2_normalize(n, rank)) is not None]
-    if any(_onnx_reduce_l2_axes(g, n, rank) is not None for n in sub):
+    if any(onnx_reduce_l2_axes(g, n, rank) is not None for n in sub):
         clamps += scalars
     if not clamps:
         return scalars, False

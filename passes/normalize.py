@@ -254,9 +254,9 @@ def _exported_response_norm(g: Graph, l2: Node) -> tuple[Ref, list[Node]] | None
     ||x|| / (mean(||x||) + eps)``, the norm over the spatial axes and its mean over the
     channels; ``nodes`` are the layer's, from ``l2`` to the final add (the torch frontend
     reads the module itself: see ``norm_activation_remainder``)."""
-    from graphshape.passes.elementwise import _onnx_reduce_l2_axes
+    from graphshape.passes.elementwise import onnx_reduce_l2_axes
 
-    if not l2.inputs or _onnx_reduce_l2_axes(g, l2, g.info(l2.inputs[0]).rank) is None:
+    if not l2.inputs or onnx_reduce_l2_axes(g, l2, g.info(l2.inputs[0]).rank) is None:
         return None
     x = l2.inputs[0]
     readers = {u.op: u for u in g.users(l2.name)}
@@ -361,11 +361,11 @@ def _node_value(g: Graph, node: Node, args: list) -> np.ndarray:
     """``node``'s output for ``args`` (its inputs' values) in a statistic region: the
     elementwise, reduction, shape and data-movement ops an exporter writes there, an
     opaque ONNX node by onnx.reference; anything else raises."""
-    from graphshape.passes.elementwise import _pointwise
+    from graphshape.passes.elementwise import pointwise_value
 
     a, op = node.attrs, node.op
     if op != "activation" or not node.params:
-        found = _pointwise(node, args)  # (arithmetic, identity / cast, an activation)
+        found = pointwise_value(node, args)  # (arithmetic, identity / cast, an activation)
         if found is not None:
             return found
     if op == "reduce" and a.get("kind") == "mean":
@@ -400,14 +400,14 @@ def _torch_node_value(node: Node, values: dict):
     int -- as they are, which reshapes and expands need)."""
     import torch
 
-    from graphshape.passes.elementwise import _call_traced
+    from graphshape.passes.elementwise import call_traced
 
     def leaf(ref):
         value = values[ref]
         return torch.from_numpy(np.asarray(value, dtype=np.float64)) \
             if isinstance(value, np.ndarray) else value
 
-    out = _call_traced(node, leaf)
+    out = call_traced(node, leaf)
     return out.numpy() if isinstance(out, torch.Tensor) else out
 
 

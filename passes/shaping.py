@@ -438,11 +438,6 @@ def find_signal_products(graph: Graph, gates: list[tuple[str, str]] = ()) -> lis
     return found
 
 
-#: ops between a product and the softmax it feeds in attention logits (``q kᵀ * scale +
-#: bias``); opaque: a scale traced from the head size, masked_fill
-_LOGIT_OPS = tuple(op for op in LOGIT_OPS if op != "linear")
-
-
 def _feeds_only_attention_logits(graph: Graph, node) -> bool:
     """Whether every use of ``node``'s output ends in a softmax, through reshapes, scalings,
     sums, opaque calls and products: XCiT's and EdgeNeXt's ``F.normalize`` of q and k (cosine
@@ -456,7 +451,8 @@ def _feeds_only_attention_logits(graph: Graph, node) -> bool:
         for user in users:
             if user.op == "softmax" or user.name in seen:
                 continue
-            if user.op not in (*_LOGIT_OPS, "matmul"):
+            # (no layer: a normalized q / k reaches the logits through products only)
+            if user.op not in (*LOGIT_OPS, "matmul"):
                 return False
             seen.add(user.name)
             frontier.append(user.name)

@@ -302,11 +302,11 @@ def attention_values(node) -> Ref | None:
 
 
 #: ops between a value and the softmax of the attention logits it feeds (``softmax(q kᵀ *
-#: scale + bias)``: reshapes, scalings, sums, opaque calls such as ``masked_fill``, and
-#: linear layers: CaiT's talking heads mix the logits of the heads; 1x1 convs do too, as
-#: EfficientFormerV2's: see :func:`_logit_op`)
+#: scale + bias)``: reshapes, scalings, sums, opaque calls such as ``masked_fill``).
+#: :func:`_logit_op` adds the layers that mix heads (CaiT's talking heads, a linear layer;
+#: EfficientFormerV2's, a 1x1 conv: :func:`mixes_heads`)
 LOGIT_OPS = ("reshape", "flatten", "squeeze", "unsqueeze", "transpose", "identity", "dropout",
-             "slice", "mul", "div", "add", "sub", "sum", "affine", "opaque", "linear")
+             "slice", "mul", "div", "add", "sub", "sum", "affine", "opaque")
 
 
 def _logit_op(node) -> bool:
