@@ -45,6 +45,7 @@ from typing import Any
 
 import numpy as np
 
+from graphshape.backend_onnx import HELPER_PREFIX
 from graphshape.errors import GraphshapeError
 from graphshape.ir import (FLOAT_DTYPES, TENSOR_CONTAINER, Graph, Node, Ref, TensorInfo,
                            cache_weight_tap_norms, constant_operand, is_non_float)
@@ -1130,9 +1131,11 @@ class _Importer:
             # state_dict; a Constant node's or a folded value, or integers (shapes), not
             persistent = name in self.initializer_names and value.dtype.kind == "f"
             meta = {"source_name": name, "flags": [], "persistent": persistent}
-            if persistent:
+            if persistent and not name.startswith(HELPER_PREFIX):
                 # a weight the file stores that no layer took (a ViT's pos_embed, a layer
-                # scale): a buffer unless to_torch(..., trainable_initializers=True)
+                # scale): a buffer unless to_torch(..., trainable_initializers=True). Not
+                # the helper constants graphshape's own ONNX backend wrote (a shaped
+                # file's shortcut weight "graphshape.w")
                 meta["initializer"] = True
             self.g.add(Node(node_name, "constant", [], {"trainable": False}, {"value": value},
                             [TensorInfo(tuple(value.shape), value.dtype.name)], meta))

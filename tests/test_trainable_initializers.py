@@ -175,3 +175,20 @@ def test_cli_flag_is_refused_where_it_means_nothing(exported, tmp_path, capsys, 
     assert "--trainable-initializers is for an ONNX source and a .pt output" in \
         capsys.readouterr().err
     assert not os.path.exists(tmp_path / dst)
+
+
+def test_a_shaped_files_helper_constants_stay_buffers(exported, tmp_path):
+    """graphshape's own ONNX backend writes helper scalars ("graphshape.w", a normalized
+    sum's weight; the activation transform's scales): they are no weight of the model and
+    stay fixed, while the file's pos_embed and layer scale become parameters."""
+    _, data = exported
+    src, dst = tmp_path / "m.onnx", tmp_path / "m_dks.onnx"
+    src.write_bytes(data)
+    graphshape.shape_onnx(str(src), str(dst), method="DKS")
+    stored = {init.name for init in onnx.load(str(dst)).graph.initializer}
+    assert "graphshape.w" in stored
+    trained = graphshape.to_torch(str(dst), trainable_initializers=True)
+    params = dict(trained.named_parameters())
+    assert {"pos_embed", "gamma"} <= set(params)
+    assert not [name for name in params if "graphshape" in name]
+    assert all(p.ndim >= 1 for p in params.values())
