@@ -207,14 +207,11 @@ def _shape_factory(src, dst, shape, options, trust=False, trainable_initializers
         from graphshape.backend_torch import emit
         from graphshape.shaping_api import _add_pln_torch
 
+        from graphshape.shaping_api import warn_frozen_initializers
+
         gm = emit(shaped, trainable_initializers=trainable_initializers)
-        frozen = [] if trainable_initializers else _frozen_initializers(shaped)
-        if frozen:
-            report.warnings.append(
-                f"{len(frozen)} float initializer(s) of the file that no layer takes as its "
-                f"weight ({', '.join(frozen[:4])}{', ...' if len(frozen) > 4 else ''}) are "
-                "buffers of the .pt module, frozen in training; --trainable-initializers "
-                "makes them parameters")
+        warn_frozen_initializers(shaped, report, trainable_initializers,
+                                 flag="--trainable-initializers")
         if pln:
             _add_pln_torch(gm)
         # GraphModule.meta is not pickled; a plain attribute is
@@ -233,15 +230,6 @@ def _shape_factory(src, dst, shape, options, trust=False, trainable_initializers
         _check_emitted(model)
         save(model, dst)  # atomic; external data past 2 GB
     return report
-
-
-def _frozen_initializers(graph) -> list[str]:
-    """The file's names of the non-scalar float initializers that the torch backend emits
-    as buffers (a pos_embed, a layer scale; 0-d ones are folded scalars, not listed)."""
-    return [node.meta.get("source_name", node.name) for node in graph
-            if node.op == "constant" and node.meta.get("initializer")
-            and not node.attrs.get("trainable") and node.params["value"].ndim >= 1
-            and node.params["value"].dtype.kind == "f" and graph.users(node.name)]
 
 
 # --------------------------------------------------------------------------- batch

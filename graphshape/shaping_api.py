@@ -188,10 +188,12 @@ def shape(module, example_inputs=None, *, method: str = "TAT", activation: str |
           shortcut_weight: float = DEFAULT_SHORTCUT_WEIGHT, zeta: float = 1.5, eta: float = 0.9,
           tau: float = 0.3, pln: bool = False, max_pool_to_avg: bool = False,
           preactivation_shortcuts: bool | None = None, seed: int | None = None,
-          fold_scales: bool | str = "weights"):
-    """Shape a PyTorch model with DKS or TAT and return a ``torch.fx.GraphModule``.
+          fold_scales: bool | str = "weights", trainable_initializers: bool = False):
+    """Shape a model with DKS or TAT and return a ``torch.fx.GraphModule``.
 
-    module:          an ``nn.Module`` (traced with torch.fx) or a graphshape ``Graph``.
+    module:          an ``nn.Module`` (traced with torch.fx), a graphshape ``Graph``, or
+                     anything else :func:`graphshape.load` takes (an ONNX file: ONNX in,
+                     PyTorch out).
     example_inputs:  a tensor or tuple of tensors (shapes for tracing; values unused).
     method:          "DKS", "TAT" or "untransformed" (structure and initialization only).
     activation:      replace the main-path nonlinearities by this registry name (TAT turns a
@@ -221,6 +223,11 @@ def shape(module, example_inputs=None, *, method: str = "TAT", activation: str |
                      weights (measured in benchmarks/shortcut_weight.py and
                      examples/train_vanilla_digits.py). "none" (or False): the scales stay
                      elementwise passes.
+    trainable_initializers:
+                     from an ONNX file: its float initializers that no layer takes as its
+                     weight (a ViT's ``pos_embed``, a layer scale) become parameters of the
+                     result; False (default): buffers, frozen in training, and the report
+                     warns, naming them (see :func:`graphshape.to_torch`).
 
     ``result.meta["graphshape"]`` is the :class:`ShapeReport`.
     """
@@ -229,12 +236,17 @@ def shape(module, example_inputs=None, *, method: str = "TAT", activation: str |
 
     options = _options(method, activation, shortcut_weight, zeta, eta, tau, max_pool_to_avg,
                        seed, pln, preactivation_shortcuts, fold_scales)
+    if not isinstance(trainable_initializers, bool):
+        raise GraphshapeError(f"trainable_initializers must be True or False, "
+                              f"got {trainable_initializers!r}")
     # the weights are about to be re-initialized: no need to read them for the analysis
     graph = load(module, example_inputs, cache_weight_norms=False)
     check_shapeable(graph, method)
     shaped, report = shape_graph(graph, **options, copy=False)  # graph is ours to use up
     del graph
-    gm = emit(shaped, copy_params=False)  # shaped owns its (fresh) arrays and is dropped
+    # shaped owns its (fresh) arrays and is dropped
+    gm = emit(shaped, copy_params=False, trainable_initializers=trainable_initializers)
+    warn_frozen_initializers(shaped, report, trainable_initializers)
     if pln:
         names = _add_pln_torch(gm)
         report.rewritten.extend({"node": n, "op": "input", "what": "per-location normalized"}
@@ -242,6 +254,25 @@ def shape(module, example_inputs=None, *, method: str = "TAT", activation: str |
     report.options["pln"] = pln
     gm.meta["graphshape"] = report
     return gm
+
+
+def warn_frozen_initializers(graph, report: ShapeReport, trainable_initializers: bool,
+                             flag: str = "trainable_initializers=True") -> None:
+    """Add a report warning naming the non-scalar float initializers of an ONNX source that
+    the torch backend emits as buffers (a pos_embed, a layer scale; 0-d ones are folded
+    scalars, not listed), unless ``trainable_initializers`` made them parameters."""
+    if trainable_initializers:
+        return
+    frozen = [node.meta.get("source_name", node.name) for node in graph
+              if node.op == "constant" and node.meta.get("initializer")
+              and not node.attrs.get("trainable") and node.params["value"].ndim >= 1
+              and node.params["value"].dtype.kind == "f" and graph.users(node.name)]
+    if frozen:
+        names = ", ".join(frozen[:4]) + (", ..." if len(frozen) > 4 else "")
+        report.warnings.append(
+            f"{len(frozen)} float initializer(s) of the file that no layer takes as its weight "
+            f"({names}) are buffers of the PyTorch module, frozen in training; {flag} "
+            "makes them parameters")
 
 
 # --------------------------------------------------------------------------- ONNX

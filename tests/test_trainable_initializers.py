@@ -192,3 +192,27 @@ def test_a_shaped_files_helper_constants_stay_buffers(exported, tmp_path):
     assert {"pos_embed", "gamma"} <= set(params)
     assert not [name for name in params if "graphshape" in name]
     assert all(p.ndim >= 1 for p in params.values())
+
+
+def test_shape_of_an_onnx_file_takes_the_option_and_warns_without_it(exported, tmp_path):
+    _, data = exported
+    src = tmp_path / "m.onnx"
+    src.write_bytes(data)
+    frozen = graphshape.shape(str(src), method="DKS", seed=0)
+    trained = graphshape.shape(str(src), method="DKS", seed=0, trainable_initializers=True)
+    warnings = frozen.meta["graphshape"].warnings
+    assert any("(pos_embed, gamma) are buffers of the PyTorch module" in w
+               and "trainable_initializers=True" in w for w in warnings)
+    assert not any("are buffers" in w for w in trained.meta["graphshape"].warnings)
+    assert "pos_embed" in dict(frozen.named_buffers())
+    assert {"pos_embed", "gamma"} <= set(dict(trained.named_parameters()))
+    torch.testing.assert_close(frozen(_x(3)), trained(_x(3)))
+    with pytest.raises(GraphshapeError, match="trainable_initializers must be True or False"):
+        graphshape.shape(str(src), method="DKS", trainable_initializers=1)
+
+
+def test_a_pytorch_source_gets_no_such_warning():
+    torch.manual_seed(0)
+    shaped = graphshape.shape(_TokenMixer(), _x(), method="DKS")
+    assert not any("are buffers" in w for w in shaped.meta["graphshape"].warnings)
+    assert {"pos_embed", "gamma"} <= set(dict(shaped.named_parameters()))
