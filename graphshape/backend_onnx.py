@@ -48,21 +48,30 @@ class _Ctx:
         self.nodes: list = []
         self.initializers: list = []
         self.names: dict[Ref, str] = {}
-        self.used: set[str] = set()
+        self.used: set[str] = set()          # tensor names (values and initializers)
+        # node names: a namespace of their own in ONNX, so a layer's node keeps the IR
+        # node's name even though its output tensor has it too (a file written and read
+        # back keeps "conv1", not "conv1_1")
+        self.used_node_names: set[str] = set()
         self._const_cache: dict[tuple, str] = {}
         # id(parameter array) -> (its initializer's name, the array, kept so the id stays its own)
         self.param_names: dict[int, tuple[str, np.ndarray]] = {}
 
     # ----------------------------------------------------------------- names
-    def fresh(self, base: str) -> str:
+    def fresh(self, base: str, used: set[str] | None = None) -> str:
+        """A tensor name from ``base`` that is not taken (``used``: another namespace)."""
+        used = self.used if used is None else used
         base = base or "t"
         name = base
         i = 1
-        while name in self.used:
+        while name in used:
             name = f"{base}_{i}"
             i += 1
-        self.used.add(name)
+        used.add(name)
         return name
+
+    def fresh_node_name(self, base: str) -> str:
+        return self.fresh(base, self.used_node_names)
 
     def value(self, ref: Ref) -> str:
         try:
@@ -121,7 +130,8 @@ class _Ctx:
             outputs = [self.fresh(f"{base}.{op_type}" if name else op_type) for _ in range(outputs)]
         attrs = {k: v for k, v in attrs.items() if v is not None}
         node = self.helper.make_node(op_type, inputs, outputs,
-                                     name=self.fresh(name or op_type), domain=domain or None,
+                                     name=self.fresh_node_name(name or op_type),
+                                     domain=domain or None,
                                      **attrs)
         self.nodes.append(node)
         return outputs
@@ -276,9 +286,11 @@ def _emit_linear(ctx, node):
     if not has_bias:
         ctx.emit1(node, "MatMul", [x, wt])
         return
-    y = ctx.add_node("MatMul", [x, wt], 1, name=f"{node.name}.matmul")[0]
+    # the MatMul carries the layer's name (the ONNX frontend names the linear layer it reads
+    # after its MatMul), so a file written and read back keeps its layers' names
+    y = ctx.add_node("MatMul", [x, wt], 1, name=node.name)[0]
     b = _param_or_input(ctx, node, "bias", 2)
-    ctx.emit1(node, "Add", [y, b])
+    ctx.add_node("Add", [y, b], [ctx.out_name(node)], name=f"{node.name}.add_bias")
 
 
 def _emit_binary(op_type):
@@ -970,7 +982,7 @@ def _emit_opaque(ctx, node):
     proto = onnx.NodeProto()
     proto.op_type = op_type
     proto.domain = domain
-    proto.name = ctx.fresh(node.name)
+    proto.name = ctx.fresh_node_name(node.name)
     proto.input.extend(inputs)
     proto.output.extend(outputs)
     for attr in (a.get("attributes") or {}).values():

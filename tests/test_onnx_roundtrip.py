@@ -311,3 +311,26 @@ def test_attention_export_round_trip_loads_in_onnxruntime(tmp_path, method):
         graphshape.shape_onnx(path, out, method=method)
         (y,) = run_ort(out, {"x": x})
         assert y.shape == (2, 5, 16) and np.isfinite(y).all()
+
+
+@pytest.mark.parametrize("name", ["resnet18", "convnext_tiny"])
+def test_a_shaped_file_read_back_keeps_the_layer_names(exporter, tmp_path, name):
+    """A layer's ONNX node keeps its IR name though its output tensor has it too (ONNX node
+    and tensor names are separate namespaces), and a linear layer with a bias written as
+    MatMul + Add is named by its MatMul: so the PyTorch module of the shaped file has the
+    parameter names of the source file's module (was: "conv1_1.weight" for "conv1.weight",
+    "proj_MatMul_matmul.weight" for a MatMul layer's "proj_MatMul.weight")."""
+    src = str(exporter(name, 17))
+    dst = str(tmp_path / "shaped.onnx")
+    graphshape.shape_onnx(src, dst, method="DKS")
+    node_names = {n.name for n in onnx.load(dst).graph.node}
+    source_params = {n for n, _ in graphshape.to_torch(src).named_parameters()}
+    shaped_params = {n for n, _ in graphshape.to_torch(dst).named_parameters()}
+    assert shaped_params and shaped_params <= source_params
+    again = str(tmp_path / "again.onnx")
+    graphshape.shape_onnx(dst, again, method="DKS")
+    assert {n for n, _ in graphshape.to_torch(again).named_parameters()} == shaped_params
+    if name == "resnet18":
+        assert {"conv1", "layer1.0.conv1", "fc"} <= node_names
+    else:
+        assert any(n.endswith("MatMul") for n in node_names)
