@@ -1330,6 +1330,13 @@ class _Importer:
         for name, value in zip(node.output, result):
             if name:
                 self.consts[name] = np.asarray(value)
+        if op == "Identity" and node.input[0] in self.initializer_names and node.output[0]:
+            # torch.onnx.export writes equal parameters once and the others as Identity
+            # nodes of it (a ConvNeXt stage's layer scales, all 1e-6 at init: one initializer,
+            # "features.1.1.layer_scale" = Identity("features.1.0.layer_scale")): each is a
+            # stored weight of its own, under its own name, not a tie
+            self.initializer_names.add(node.output[0])
+            self.consts[node.output[0]] = np.array(self.consts[node.input[0]], copy=True)
         return True
 
     # ----------------------------------------------------------------- partial shapes

@@ -931,6 +931,30 @@ TORCH_EMITTERS: dict[str, Callable] = {
 }
 
 
+def _untie_initializers(graph: Graph) -> Graph:
+    """``graph``, or a copy of it (sharing its arrays) in which each node reading an ONNX
+    initializer constant (``meta["initializer"]``) that several nodes read has a copy of
+    its own: the exporter writes equal tensors once (the 1e-6 layer scales of a ConvNeXt
+    stage are one initializer), and a parameter shared by the layers would train as one.
+    As for layers' weights (docs/CONTRACTS.md), the file's sharing is not taken for tying."""
+    shared = [node for node in graph if node.op == "constant" and node.meta.get("initializer")
+              and len(graph.users(node.name)) > 1]
+    if not shared:
+        return graph
+    graph = graph.copy(share=[v for node in graph for v in node.params.values()])
+    for original in shared:
+        node = graph[original.name]
+        users = graph.users(node.name)
+        for user in users[1:]:
+            twin = Node(graph.unique_name(node.name), "constant", [], dict(node.attrs),
+                        {"value": np.array(node.params["value"], copy=True)},
+                        list(node.outputs), {**node.meta, "module_path": None})
+            graph.add(twin, after=node.name)
+            graph.replace_uses(node.out, twin.out,
+                               exclude=[u.name for u in users if u.name != user.name])
+    return graph
+
+
 def emit(graph: Graph, *, copy_params: bool = True,
          trainable_initializers: bool = False) -> torch.fx.GraphModule:
     """Emit ``graph`` as a ``torch.fx.GraphModule`` (see the module docstring).
@@ -943,8 +967,12 @@ def emit(graph: Graph, *, copy_params: bool = True,
     ``trainable_initializers=True``: the float initializers of an ONNX file that are no
     layer's weight (a ViT's ``pos_embed``, a layer scale, a relative-position bias table;
     also a folded constant or an attention mask the exporter stored) become parameters
-    instead of buffers. The file does not say which of them were parameters; a graph read
-    from a PyTorch model keeps the source's choice either way."""
+    instead of buffers, one per node that reads them (an initializer several nodes read is
+    the exporter's merge of equal tensors more often than a tie). The file does not say
+    which of them were parameters; a graph read from a PyTorch model keeps the source's
+    choice either way."""
+    if trainable_initializers:
+        graph = _untie_initializers(graph)
     ctx = _Ctx(graph, copy_params, trainable_initializers)
     for node in graph:
         emitter = TORCH_EMITTERS.get(node.op)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import os
 
+import numpy as np
 import onnx
 import pytest
 import torch
@@ -216,3 +217,65 @@ def test_a_pytorch_source_gets_no_such_warning():
     shaped = graphshape.shape(_TokenMixer(), _x(), method="DKS")
     assert not any("are buffers" in w for w in shaped.meta["graphshape"].warnings)
     assert {"pos_embed", "gamma"} <= set(dict(shaped.named_parameters()))
+
+
+class _TwoScales(nn.Module):
+    """Two residual blocks whose layer scales are equal at init (ConvNeXt's 1e-6):
+    torch.onnx.export writes the second as an Identity of the first initializer."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(16, 16), nn.Linear(16, 16)
+        self.scale1 = nn.Parameter(torch.full((16,), 0.5))
+        self.scale2 = nn.Parameter(torch.full((16,), 0.5))
+
+    def forward(self, x):
+        x = x + self.scale1 * torch.tanh(self.fc1(x))
+        return x + self.scale2 * torch.tanh(self.fc2(x))
+
+
+def test_equal_initializers_the_exporter_merged_are_separate_under_their_own_names():
+    torch.manual_seed(0)
+    model = _TwoScales().eval()
+    x = torch.randn(3, 16)
+    buf = io.BytesIO()
+    torch.onnx.export(model, (x,), buf, dynamo=False, opset_version=17)
+    proto = onnx.load_from_string(buf.getvalue())
+    stored = {init.name for init in proto.graph.initializer}
+    assert "scale1" in stored and "scale2" not in stored  # the exporter's merge
+    assert any(n.op_type == "Identity" and list(n.input) == ["scale1"] for n in proto.graph.node)
+    frozen = graphshape.to_torch(buf.getvalue())
+    assert {"scale1", "scale2"} <= set(frozen.state_dict())
+    trained = graphshape.to_torch(buf.getvalue(), trainable_initializers=True)
+    params = dict(trained.named_parameters())
+    assert {"scale1", "scale2"} <= set(params)
+    assert params["scale1"].data_ptr() != params["scale2"].data_ptr()
+    torch.testing.assert_close(trained(x), model(x))
+    trained(x).sum().backward()
+    assert not torch.equal(params["scale1"].grad, params["scale2"].grad)
+
+
+def test_one_initializer_read_by_two_nodes_becomes_two_parameters():
+    """As for layers' weights (the ONNX frontend records no sharing), each node reading a
+    shared initializer gets a parameter of its own; by default it stays one buffer."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Mul", ["x", "s"], ["a"]), helper.make_node("Tanh", ["a"], ["b"]),
+         helper.make_node("Mul", ["b", "s"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4])],
+        [numpy_helper.from_array(np.full((4,), 2.0, np.float32), "s")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    x = torch.randn(2, 4)
+    frozen = graphshape.to_torch(model)
+    assert list(frozen.state_dict()) == ["s"] and not list(frozen.parameters())
+    trained = graphshape.to_torch(model, trainable_initializers=True)
+    params = dict(trained.named_parameters())
+    assert sorted(params) == ["s", "s_1"]
+    assert params["s"].data_ptr() != params["s_1"].data_ptr()
+    for module in (frozen, trained):
+        torch.testing.assert_close(module(x), torch.tanh(x * 2) * 2)
+    graph_after = graphshape.load(model)
+    assert sum(n.op == "constant" for n in graph_after) == 1  # the loaded graph: untouched
