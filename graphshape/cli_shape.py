@@ -205,11 +205,10 @@ def _shape_factory(src, dst, shape, options, trust=False, trainable_initializers
     report.options["pln"] = pln
     if dst.endswith(".pt"):
         from graphshape.backend_torch import emit
-        from graphshape.shaping_api import _add_pln_torch
-
-        from graphshape.shaping_api import warn_frozen_initializers
+        from graphshape.shaping_api import _add_pln_torch, warn_frozen_initializers
 
         gm = emit(shaped, trainable_initializers=trainable_initializers)
+        report.options["trainable_initializers"] = trainable_initializers
         warn_frozen_initializers(shaped, report, trainable_initializers,
                                  flag="--trainable-initializers")
         if pln:

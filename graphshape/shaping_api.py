@@ -246,6 +246,7 @@ def shape(module, example_inputs=None, *, method: str = "TAT", activation: str |
     del graph
     # shaped owns its (fresh) arrays and is dropped
     gm = emit(shaped, copy_params=False, trainable_initializers=trainable_initializers)
+    report.options["trainable_initializers"] = trainable_initializers
     warn_frozen_initializers(shaped, report, trainable_initializers)
     if pln:
         names = _add_pln_torch(gm)

@@ -205,6 +205,8 @@ def test_shape_of_an_onnx_file_takes_the_option_and_warns_without_it(exported, t
     assert any("(pos_embed, gamma) are buffers of the PyTorch module" in w
                and "trainable_initializers=True" in w for w in warnings)
     assert not any("are buffers" in w for w in trained.meta["graphshape"].warnings)
+    assert trained.meta["graphshape"].options["trainable_initializers"] is True
+    assert frozen.meta["graphshape"].options["trainable_initializers"] is False
     assert "pos_embed" in dict(frozen.named_buffers())
     assert {"pos_embed", "gamma"} <= set(dict(trained.named_parameters()))
     torch.testing.assert_close(frozen(_x(3)), trained(_x(3)))
