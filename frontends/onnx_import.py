@@ -837,6 +837,9 @@ class _Importer:
                 self.g.meta["opset_imports"].setdefault(o.domain, o.version)
         self.consts: dict[str, np.ndarray] = {}
         self.initializer_names: set[str] = set()  # the file's stored weights (run() fills it)
+        # a value equal to an initializer that a node made from it (Expand to its own shape):
+        # value name -> the initializer's name, which names its constant node
+        self.weight_names: dict[str, str] = {}
         # shape vectors with some entries unknown (see _track_partial)
         self.partials: dict[str, list] = {}
         # Reshape output -> target resolved from a partly known shape (-1 = the unknown)
@@ -1126,12 +1129,13 @@ class _Importer:
             return self.refs[name]
         if name in self.consts:
             value = self.consts[name]
-            node_name = self.g.unique_name(name or "const")
+            source_name = self.weight_names.get(name, name)
+            node_name = self.g.unique_name(source_name or "const")
             # a float weight the file stores (an initializer) stays in the torch backend's
             # state_dict; a Constant node's or a folded value, or integers (shapes), not
             persistent = name in self.initializer_names and value.dtype.kind == "f"
-            meta = {"source_name": name, "flags": [], "persistent": persistent}
-            if persistent and not name.startswith(HELPER_PREFIX):
+            meta = {"source_name": source_name, "flags": [], "persistent": persistent}
+            if persistent and not source_name.startswith(HELPER_PREFIX):
                 # a weight the file stores that no layer took (a ViT's pos_embed, a layer
                 # scale): a buffer unless to_torch(..., trainable_initializers=True). Not
                 # the helper constants graphshape's own ONNX backend wrote (a shaped
@@ -1262,7 +1266,8 @@ class _Importer:
         initializer each parameter is (or is a view of, such as a MatMul weight's
         transpose), by parameter key: the names an exporter gave the source's tensors
         (``conv1.weight``), by which the torch frontend finds the source's layers."""
-        inputs = {id(self.consts[n]): n for n in node.input if n in self.initializer_names}
+        inputs = {id(self.consts[n]): self.weight_names.get(n, n)
+                  for n in node.input if n in self.initializer_names}
         if not inputs:
             return
         for kind, key in self._journal:
@@ -1330,14 +1335,31 @@ class _Importer:
         for name, value in zip(node.output, result):
             if name:
                 self.consts[name] = np.asarray(value)
-        if op == "Identity" and node.input[0] in self.initializer_names and node.output[0]:
-            # torch.onnx.export writes equal parameters once and the others as Identity
-            # nodes of it (a ConvNeXt stage's layer scales, all 1e-6 at init: one initializer,
-            # "features.1.1.layer_scale" = Identity("features.1.0.layer_scale")): each is a
-            # stored weight of its own, under its own name, not a tie
-            self.initializer_names.add(node.output[0])
-            self.consts[node.output[0]] = np.array(self.consts[node.input[0]], copy=True)
+        self._note_copied_weight(node, result)
         return True
+
+    def _note_copied_weight(self, node, result) -> None:
+        """A folded node whose value is one float initializer's, unchanged (same shape, dtype
+        and values), is that stored weight, not a derived constant: it stays in the
+        state_dict and trains with ``trainable_initializers``. torch.onnx.export writes equal
+        parameters once and the others as Identity nodes of it (a ConvNeXt stage's layer
+        scales, all 1e-6 at init: "features.1.1.layer_scale" = Identity("features.1.0.
+        layer_scale")): each is a weight of its own under its own name, not a tie. A class
+        token expanded to a static batch of 1 (``Expand(class_token, (1, 1, 768))``) keeps
+        the initializer's name."""
+        out = node.output[0] if node.output else ""
+        sources = [n for n in node.input if n in self.initializer_names
+                   and self.consts[n].dtype.kind == "f"]
+        if not out or len(result) != 1 or len(sources) != 1:
+            return
+        source, value = self.consts[sources[0]], np.asarray(result[0])
+        if value.shape != source.shape or value.dtype != source.dtype \
+                or not np.array_equal(value, source):
+            return
+        self.initializer_names.add(out)
+        self.consts[out] = np.array(source, copy=True)  # a weight of its own
+        if node.op_type != "Identity":  # (an Identity's output is the exporter's name for it)
+            self.weight_names[out] = self.weight_names.get(sources[0], sources[0])
 
     # ----------------------------------------------------------------- partial shapes
     def _partial(self, name: str):

@@ -281,3 +281,35 @@ def test_one_initializer_read_by_two_nodes_becomes_two_parameters():
         torch.testing.assert_close(module(x), torch.tanh(x * 2) * 2)
     graph_after = graphshape.load(model)
     assert sum(n.op == "constant" for n in graph_after) == 1  # the loaded graph: untouched
+
+
+class _ClassToken(nn.Module):
+    """A ViT's class token, expanded to the batch (torchvision: `class_token.expand(n, -1,
+    -1)`); exported at a static batch of 1 the Expand is the identity on it."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(8, 16)
+        self.class_token = nn.Parameter(torch.randn(1, 1, 16))
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x):
+        tokens = torch.cat([self.class_token.expand(x.shape[0], -1, -1), self.proj(x)], dim=1)
+        return self.head(torch.tanh(tokens[:, 0] + tokens[:, 1:].mean(1)))
+
+
+def test_a_class_token_expanded_to_a_static_batch_is_the_stored_weight():
+    torch.manual_seed(0)
+    model = _ClassToken().eval()
+    x = torch.randn(1, 4, 8)
+    buf = io.BytesIO()
+    torch.onnx.export(model, (x,), buf, dynamo=False, opset_version=17)
+    assert any(n.op_type == "Expand" and "class_token" in n.input
+               for n in onnx.load_from_string(buf.getvalue()).graph.node)
+    frozen = graphshape.to_torch(buf.getvalue())
+    assert "class_token" in frozen.state_dict()  # was a folded, non-persistent constant
+    trained = graphshape.to_torch(buf.getvalue(), trainable_initializers=True)
+    assert "class_token" in dict(trained.named_parameters())
+    torch.testing.assert_close(trained(x), model(x))
+    trained(x).sum().backward()
+    assert trained.class_token.grad is not None and trained.class_token.grad.abs().sum() > 0
