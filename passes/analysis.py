@@ -356,9 +356,9 @@ def _v_transform(v: np.ndarray | None, act: dict) -> dict:
     if np.ptp(v) > 0:
         raise UnknownKernel("no kernel rule for x * sigmoid(v x) with v differing across "
                             "channels")
-    if float(v.reshape(-1)[0]) != 1.0:
-        return {"name": "silu", "transform": {"input_scale": float(v.reshape(-1)[0]),
-                                              "output_scale": 1.0 / float(v.reshape(-1)[0])}}
+    scale = float(v.reshape(-1)[0])
+    if scale != 1.0:
+        return {"name": "silu", "transform": {"input_scale": scale, "output_scale": 1.0 / scale}}
     return act
 
 
@@ -384,18 +384,15 @@ def written_out_layers(graph: Graph) -> dict[str, dict]:
             if found is None:
                 continue
             numerator, gate = found["numerator"], found["gate"]
-            if gate:  # x * sigmoid(v * x): SiLU at v's init of 1
-                scaled = gate[0]
-                v, act = normalize._shaped_constant(
-                    graph, scaled.inputs[1 - scaled.inputs.index(found["x"])])[0], {"name": "silu"}
-            else:
-                v, act = None, dict(numerator.attrs)
+            # x * sigmoid(v * x): SiLU at v's init of 1; else the activation itself
+            act = {"name": "silu"} if gate else dict(numerator.attrs)
             layer = f"EvoNorm S ({found['formula']}, written out)"
             layers[node.name] = {
                 "x": found["x"], "layer": layer,
                 "inside": [n.name for n in (*gate, *([numerator] if gate else []),
                                             *found["statistic"])],
-                "rule": functools.partial(_written_evo_norm, act=act, v=v, layer=layer)}
+                "rule": functools.partial(_written_evo_norm, act=act, v=found["v"],
+                                          layer=layer)}
         elif node.op == "opaque" and node.attrs.get("op_type") == "ReduceL2":
             found = normalize._exported_response_norm(graph, node)
             if found is None:
@@ -406,6 +403,12 @@ def written_out_layers(graph: Graph) -> dict[str, dict]:
                 "inside": [n.name for n in nodes[:-1]],
                 "rule": functools.partial(_written_response_norm, chain=nodes[5:-1])}
     return layers
+
+
+def layer_members(layers: dict[str, dict]) -> dict[str, str]:
+    """The nodes inside the layers of :func:`written_out_layers`, each with its layer's key
+    (the layer's last node)."""
+    return {name: key for key, layer in layers.items() for name in layer["inside"]}
 
 
 def _written_evo_norm(ctx: RuleContext, k: Kernel, *, act: dict, v: np.ndarray | None,
@@ -1017,7 +1020,7 @@ def propagate(graph: Graph, input_kernels: dict[str, Kernel | None],
     flags: dict[str, list[str]] = {}
     notes: dict[str, list[str]] = {}
     layers = written_out_layers(graph) if layers is None else layers
-    inside = {name: key for key, layer in layers.items() for name in layer["inside"]}
+    inside = layer_members(layers)
     for node in graph:
         node_flags = list(node.meta.get("flags", []))
         if node.op == "input" or node.name in input_kernels:  # (also a dict input's entry)
@@ -1164,6 +1167,7 @@ def analyze(graph: Graph, example_inputs=None, *, empirical: bool = False, modul
             # (a graph torch cannot run: those values stay unknown)
             from_integers, measured = [], None
     layers = written_out_layers(graph)
+    members = layer_members(layers)
     kernels, flags, notes = propagate(
         graph, in_kernels, {name: measured[name] for name in from_integers
                             if measured.get(name) is not None}, constants, layers)
@@ -1203,7 +1207,8 @@ def analyze(graph: Graph, example_inputs=None, *, empirical: bool = False, modul
             m = measured.get(node.name)
             row["q_emp"] = None if m is None else float(np.mean(m.q))
             row["c_emp"] = None if m is None else _mean_offdiag(m.c)
-            row["q_local"] = _q_local(graph, node, measured, in_kernels, constants, layers)
+            row["q_local"] = _q_local(graph, node, measured, in_kernels, constants, layers,
+                                      members)
         _no_nan(row)
         rows.append(row)
         pair = {}
@@ -1278,10 +1283,12 @@ def _no_nan(row: dict) -> None:
 
 
 def _q_local(graph: Graph, node: Node, measured: dict, in_kernels,
-             constants: dict[str, np.ndarray], layers: dict[str, dict]) -> float | None:
+             constants: dict[str, np.ndarray], layers: dict[str, dict],
+             members: dict[str, str]) -> float | None:
     """q predicted by the node's rule from the measured kernels of its own inputs (at the
     last node of a layer written out, :func:`written_out_layers`: the layer's rule from the
-    measured kernel of the layer's input; none inside it)."""
+    measured kernel of the layer's input; none inside it: ``members``,
+    :func:`layer_members`)."""
     if node.op == "input":
         k = in_kernels.get(node.name)
         return None if k is None else float(np.mean(k.q))
@@ -1295,7 +1302,7 @@ def _q_local(graph: Graph, node: Node, measured: dict, in_kernels,
         except UnknownKernel:
             return None
         return float(np.mean(out.q))
-    if any(node.name in layer["inside"] for layer in layers.values()):
+    if node.name in members:
         return None
     ins = []
     for r in node.inputs:

@@ -438,16 +438,18 @@ def _exported_evo_norm(g: Graph, div: Node) -> dict | None:
     init of 1) or ``act(x)`` (S1, S2: the importer's activation) divided by a standard
     deviation or root mean square of ``x`` over groups of channels and the spatial axes
     (checked on random data, every split into groups and every small constant as eps), and
-    the per-channel ``* weight + bias`` after it. Returns ``{"x", "numerator", "gate",
+    the per-channel ``* weight + bias`` after it. Returns ``{"x", "numerator", "gate", "v",
     "statistic", "div", "affine", "shaping", "formula"}`` (the numerator: the ``mul`` by
     ``x``, with the ``mul`` by ``v`` and the ``sigmoid`` before it as ``gate``, or the
-    activation; ``shaping``: the nodes that only reshape v, weight and bias), or None.
+    activation; ``v``: its value, None without a gate; ``shaping``: the nodes that only
+    reshape v, weight and bias), or None.
     The torch frontend reads timm's modules themselves (``norm_activation_remainder``); the
     same layer written by hand is found in its trace here."""
     if div.op != "div" or len(div.inputs) != 2:
         return None
     numerator = g[div.inputs[0].node]
     shaping: list[str] = []  # nodes that only reshape v, weight or bias (traced: .view)
+    v_value = None
     if numerator.op == "activation" and len(numerator.inputs) == 1 and not numerator.params:
         x, gate_nodes, formula = numerator.inputs[0], [], "act(x) / group_std(x) * weight + bias"
     elif numerator.op == "mul" and len(numerator.inputs) == 2:
@@ -462,7 +464,7 @@ def _exported_evo_norm(g: Graph, div: Node) -> dict | None:
                     and _sole_user(g, scaled) is sigmoid:
                 v = _shaped_constant(g, scaled.inputs[1 - scaled.inputs.index(x)])
                 if v is not None:  # (v, or v.view(1, -1, 1, 1) as traced)
-                    gate_nodes, shaping = [scaled, sigmoid], list(v[1])
+                    gate_nodes, shaping, v_value = [scaled, sigmoid], list(v[1]), v[0]
                     break
         if not gate_nodes:
             return None
@@ -503,8 +505,8 @@ def _exported_evo_norm(g: Graph, div: Node) -> dict | None:
     affine, affine_shaping = _affine_walk(
         g, _sole_user(g, div), div.out,
         lambda value: _is_per_channel(value, channels, info.rank), _shaped_constant)
-    return {"x": x, "numerator": numerator, "gate": gate_nodes, "statistic": statistic,
-            "div": div, "affine": affine, "shaping": shaping + affine_shaping,
+    return {"x": x, "numerator": numerator, "gate": gate_nodes, "v": v_value,
+            "statistic": statistic, "div": div, "affine": affine, "shaping": shaping + affine_shaping,
             "formula": formula}
 
 
