@@ -38,11 +38,13 @@ the node's extra inputs.
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import io
 import itertools
 import operator
 import sys
+import types
 from typing import Any, Callable
 
 import numpy as np
@@ -55,8 +57,8 @@ from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 
 from graphshape import torch_modules as _tm
 from graphshape.errors import GraphshapeError
-from graphshape.ir import (DATA_MOVEMENT, FLOAT_DTYPES, TENSOR_CONTAINER, Graph, Node, Ref,
-                           TensorInfo, cache_weight_tap_norms, is_non_float, map_template)
+from graphshape.ir import (DATA_MOVEMENT, FLOAT_DTYPES, TENSOR_CONTAINER, DictOutput, Graph, Node,
+                           Ref, TensorInfo, cache_weight_tap_norms, is_non_float, map_template)
 from graphshape.ops import prelu_activation
 from graphshape.passes.elementwise import fuse_decompositions
 
@@ -292,9 +294,65 @@ class _Tracer(torch.fx.Tracer):
     """fx's default tracer plus extra leaf module classes, tracing through
     :data:`_TRACED_THROUGH`."""
 
-    def __init__(self, leaf_classes: tuple):
+    def __init__(self, leaf_classes: tuple, empty_varargs=()):
         super().__init__()
         self.leaf_classes = leaf_classes
+        #: ``"*args"`` / ``"**kwargs"`` to trace as empty (:func:`_fixed_args`); not fx's
+        #: ``concrete_args``, which for a container switches fx to pytree code generation
+        self.empty_varargs = frozenset(empty_varargs)
+
+    def create_args_for_root(self, root_fn, is_module, concrete_args=None):
+        analysed = inspect.unwrap(root_fn)
+        code = analysed.__code__
+        n_positional = code.co_argcount  # self included, as the root is the first argument
+        keyword_only = code.co_varnames[n_positional:n_positional + code.co_kwonlyargcount]
+        rest = iter(code.co_varnames[n_positional + code.co_kwonlyargcount:])
+        var_args = ([f"*{next(rest)}"] if code.co_flags & inspect.CO_VARARGS else []) + (
+            [f"**{next(rest)}"] if code.co_flags & inspect.CO_VARKEYWORDS else [])
+        if not var_args or not set(var_args) <= self.empty_varargs:
+            fn, args = super().create_args_for_root(root_fn, is_module, concrete_args)
+        else:
+            # placeholders for the named parameters only, from a copy of forward without
+            # *args / **kwargs: fx would make one proxy of each and patch root_fn's code
+            # to take them positionally, which fails on a decorator's wrapper(self, *args,
+            # **kwargs) (Hugging Face's forwards: "co_varnames is too small")
+            flags = code.co_flags & ~(inspect.CO_VARARGS | inspect.CO_VARKEYWORDS)
+            named = types.FunctionType(code.replace(co_flags=flags), analysed.__globals__,
+                                       analysed.__name__, analysed.__defaults__,
+                                       analysed.__closure__)
+            named.__kwdefaults__ = analysed.__kwdefaults__
+            _, args = super().create_args_for_root(named, is_module, concrete_args)
+
+            def fn(*fn_args):
+                # forward called as model(*example_inputs) calls it: the traced inputs
+                # (Proxies), not the defaults fixed by concrete_args, which a wrapper may
+                # set itself (kwargs.setdefault("return_dict", True): "multiple values")
+                positional = fn_args[:n_positional]
+                last = max((i for i, v in enumerate(positional)
+                            if isinstance(v, torch.fx.Proxy)), default=0)
+                keywords = {k: v for k, v in zip(keyword_only, fn_args[n_positional:])
+                            if isinstance(v, torch.fx.Proxy)}
+                return root_fn(*positional[:last + 1], **keywords)
+
+        def traced(*fn_args):
+            return self._typed_dicts(fn(*fn_args))
+        return traced, args
+
+    def _typed_dicts(self, value):
+        """The returned structure with each dict subclass that :func:`dict_output` can
+        rebuild (Hugging Face's ``ModelOutput``, an ``OrderedDict``) made a call to its
+        class, as fx records a named tuple: fx itself would return a plain dict."""
+        if isinstance(value, tuple):
+            items = [self._typed_dicts(v) for v in value]
+            return type(value)(*items) if hasattr(value, "_fields") else tuple(items)
+        if isinstance(value, list):
+            return [self._typed_dicts(v) for v in value]
+        if isinstance(value, dict):
+            items = {k: self._typed_dicts(v) for k, v in value.items()}
+            if isinstance(dict_output(type(value), items), DictOutput):
+                return self.create_proxy("call_function", *_tm.output_call(type(value), items))
+            return items
+        return value
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if self.leaf_classes and isinstance(m, self.leaf_classes):
@@ -302,6 +360,59 @@ class _Tracer(torch.fx.Tracer):
         if type(m) in _TRACED_THROUGH:
             return False
         return super().is_leaf_module(m, module_qualified_name)
+
+
+@functools.lru_cache(maxsize=None)
+def _rebuilds(cls: type, keys: tuple) -> bool:
+    """Whether ``cls(**{key: tensor})`` is a ``cls`` with exactly those keys, in order."""
+    try:
+        rebuilt = cls(**{k: torch.zeros(()) for k in keys})
+    except Exception:  # noqa: BLE001 - a constructor of another form: keep a plain dict
+        return False
+    return type(rebuilt) is cls and list(rebuilt.keys()) == list(keys)
+
+
+def dict_output(cls: type, items: dict):
+    """``items`` as the output template of an instance of the dict subclass ``cls``: a
+    :class:`~graphshape.ir.DictOutput` when ``cls(**items)`` rebuilds one (Hugging Face's
+    ``ModelOutput`` subclasses, ``OrderedDict``), else a plain dict, as before. fx's own
+    dicts (``immutable_dict``) are plain dicts."""
+    plain = (dict, torch.fx.immutable_collections.immutable_dict)
+    if (cls in plain or not issubclass(cls, dict) or not all(isinstance(k, str) for k in items)
+            or not _rebuilds(cls, tuple(items)) or _tm.output_call(cls, items) is None):
+        return dict(items)
+    return DictOutput(cls, dict(items))
+
+
+def _is_container_class(target) -> bool:
+    """A named tuple class, or a dict subclass other than fx's: a call to it that only the
+    output reads builds the returned structure."""
+    return isinstance(target, type) and (
+        (issubclass(target, tuple) and hasattr(target, "_fields"))
+        or (issubclass(target, dict) and target is not dict
+            and target is not torch.fx.immutable_collections.immutable_dict))
+
+
+def _output_containers(graph: torch.fx.Graph) -> set:
+    """The calls that build the returned structure (named tuples, ``ModelOutput``): calls to
+    a container class read only by the output node or by other such calls. They become the
+    output template (:func:`_expand_containers`), not opaque nodes, so that what
+    they hold are the graph's outputs."""
+    output = next(n for n in reversed(graph.nodes) if n.op == "output")
+    found: set = set()
+
+    def visit(arg):
+        def check(n):
+            if (n.op == "call_function"
+                    and (_is_container_class(n.target) or n.target is _tm.build_output)
+                    and all(u is output or u in found for u in n.users)):
+                found.add(n)
+                visit((n.args, n.kwargs))
+            return n
+        torch.fx.node.map_arg(arg, check)
+
+    visit(output.args)
+    return found
 
 
 #: defaults that tracing fixes (:func:`_fixed_args`): values torch.fx can check with ``==``
@@ -315,14 +426,25 @@ def _fixed_args(module: nn.Module, n_given: int) -> dict[str, Any]:
     ``torch.export`` and ``torch.onnx.export`` trace ``model(*example_inputs)``: as traced
     values, ``if mask is not None`` took the branch the call never takes and ``if flag:``
     could not be traced at all. Parameters without a default, or with a tensor or container
-    default, stay inputs."""
+    default, stay inputs.
+
+    ``**kwargs`` is fixed empty (``"**kwargs": {}``), and so is ``*args`` (``"*args": ()``)
+    when the example inputs fill only the named positional parameters: the call
+    ``model(*example_inputs)`` passes none, where fx would trace each as one proxy
+    (``kwargs.get(...)`` on it fails, and Hugging Face's ``forward(pixel_values=None,
+    labels=None, **kwargs)`` was emitted with a positional ``_kwargs`` after a default)."""
     try:
         params = inspect.signature(module.forward).parameters.values()
     except (TypeError, ValueError):  # no Python signature: fx sees the same
         return {}
     fixed, position = {}, 0
     for p in params:
-        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+        if p.kind is p.VAR_KEYWORD:
+            fixed["**" + p.name] = {}
+            continue
+        if p.kind is p.VAR_POSITIONAL:
+            if n_given <= position:
+                fixed["*" + p.name] = ()
             continue
         given = p.kind is not p.KEYWORD_ONLY and position < n_given
         position += p.kind is not p.KEYWORD_ONLY
@@ -374,7 +496,7 @@ def _trace(module: nn.Module, leaf_modules, fixed: dict[str, Any]) -> torch.fx.G
                                      *_std_conv_classes(), *_drop_path_classes(),
                                      *_GRAPHSHAPE_MODULES,
                                      *leaf_modules) if c is not None)
-    tracer = _Tracer(leaf_classes)
+    tracer = _Tracer(leaf_classes, [name for name in fixed if name.startswith("*")])
     # (the GraphModule is built before the model's attributes are put back: it copies the
     # tensor constants fx stored on the root module while tracing, `_tensor_constant0`)
     with _python_state_kept(module):
@@ -386,7 +508,8 @@ def _trace(module: nn.Module, leaf_modules, fixed: dict[str, Any]) -> torch.fx.G
 def _symbolic_trace(tracer, module: nn.Module, fixed: dict[str, Any]) -> torch.fx.Graph:
     try:
         with _plain_transformer_path():
-            return tracer.trace(module, concrete_args=fixed or None)
+            concrete = {k: v for k, v in fixed.items() if not k.startswith("*")}
+            return tracer.trace(module, concrete_args=concrete or None)
     except Exception as exc:  # fx raises TraceError, TypeError, RuntimeError, ...
         msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         control_flow = ("control flow" in str(exc) or "iterate" in str(exc)
@@ -843,14 +966,15 @@ class _Loader:
 
     def _run(self) -> Graph:
         out_template = None
+        containers = _output_containers(self.gm.graph)
         for fx_node in self.gm.graph.nodes:
             if fx_node.op == "placeholder":
                 self._placeholder(fx_node)
             elif fx_node.op == "get_attr":
                 self._get_attr(fx_node)
             elif fx_node.op == "output":
-                out_template = fx_node.args[0]
-            else:
+                out_template = _expand_containers(fx_node.args[0], containers)
+            elif fx_node not in containers:
                 self._call(fx_node)
         self._outputs(out_template)
         self.graph.validate()
@@ -976,7 +1100,7 @@ class _Loader:
 
     def _outputs(self, template):
         leaves: list[torch.fx.Node] = []
-        torch.fx.node.map_arg(template, lambda n: leaves.append(n))
+        map_template(template, lambda v: leaves.append(v) if isinstance(v, torch.fx.Node) else v)
         single = isinstance(template, torch.fx.Node)
         names = {}
         for i, leaf in enumerate(leaves):
@@ -1002,6 +1126,22 @@ class _Loader:
             return Ref(names[v][k])
 
         self.graph.meta["torch_output"] = map_template(template, to_ref)
+
+
+def _expand_containers(template, containers: set):
+    """The output template with each call of :func:`_output_containers` replaced by what
+    it builds: a named tuple of its arguments, or a :class:`DictOutput` of its keywords."""
+    def expand(leaf):
+        if not (isinstance(leaf, torch.fx.Node) and leaf in containers):
+            return leaf
+        if leaf.target is _tm.build_output:  # a shaped model's ModelOutput
+            module, qualname, keys, *values = leaf.args
+            return DictOutput(_tm.output_class(module, qualname),
+                              {k: map_template(v, expand) for k, v in zip(keys, values)})
+        if issubclass(leaf.target, tuple):
+            return leaf.target(*[map_template(a, expand) for a in leaf.args])
+        return DictOutput(leaf.target, {k: map_template(v, expand) for k, v in leaf.kwargs.items()})
+    return map_template(template, expand)
 
 
 def _note_shared_params(graph: Graph, module: nn.Module, arrays: dict) -> None:

@@ -34,7 +34,8 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 from graphshape.errors import GraphshapeError
-from graphshape.ir import Graph, Node, Ref
+from graphshape.frontends.torch_fx import dict_output
+from graphshape.ir import DictOutput, Graph, Node, Ref
 
 #: the opset of the in-memory export (the TorchScript exporter's most tested one)
 EXPORT_OPSET = 17
@@ -298,6 +299,29 @@ def _eval(module: nn.Module) -> None:
         pass
 
 
+def _output_template(spec, refs: list):
+    """The module's output structure (``spec``, from ``pytree.tree_flatten`` of its
+    outputs) with ``refs`` as the leaves. A dict subclass such as Hugging Face's
+    ``ModelOutput`` is kept as a :class:`~graphshape.ir.DictOutput` (the torch backend
+    rebuilds it by its class), where unflattening would build one around the Refs (whose
+    ``__post_init__`` can read a lone first field as an iterable of pairs)."""
+    leaves = iter(refs)
+
+    def build(node):
+        if node.is_leaf():
+            return next(leaves)
+        children = [build(child) for child in node.children()]
+        cls, context = node.type, node.context
+        if (isinstance(cls, type) and issubclass(cls, dict) and cls is not dict
+                and isinstance(context, list) and len(context) == len(children)):
+            kept = dict_output(cls, dict(zip(context, children)))
+            if isinstance(kept, DictOutput):
+                return kept
+        return pytree.SUPPORTED_NODES[cls].unflatten_fn(children, context)
+
+    return build(spec)
+
+
 def load_via_onnx(module: nn.Module, example_inputs: tuple, *, fx_error: str,
                   meta: dict[str, Any], cache_weight_norms: bool = True) -> Graph:
     """``module`` read through its in-memory ONNX export (see the module docstring);
@@ -332,7 +356,7 @@ def load_via_onnx(module: nn.Module, example_inputs: tuple, *, fx_error: str,
     _match_source_names(graph, module)
     outputs = graph.output_nodes
     if len(outputs) == count:
-        graph.meta["torch_output"] = pytree.tree_unflatten([Ref(n) for n in outputs], spec)
+        graph.meta["torch_output"] = _output_template(spec, [Ref(n) for n in outputs])
     graph.meta.update(meta)
     graph.meta.update(traced_with="torch.onnx.export", fx_error=fx_error)
     return graph

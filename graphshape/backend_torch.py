@@ -328,7 +328,16 @@ def _layer_class(node: Node, cls: type) -> tuple[type, dict]:
 def _e_input(ctx, node, xs):
     args = (node.attrs["default"],) if "default" in node.attrs else ()
     name = fx_name(node.name)
-    return ctx._record(node, ctx.fx.create_node("placeholder", name, args, {}, name=name))
+    # forward(self, *xs) given several example inputs: the tuple is one input, taken as *xs
+    stars = _stars(node.attrs.get("name"))
+    return ctx._record(node, ctx.fx.create_node("placeholder", stars + name, args, {}, name=name))
+
+
+def _stars(source_name) -> str:
+    """``"*"`` / ``"**"`` for a ``*args`` / ``**kwargs`` parameter's name, else ``""``."""
+    if not isinstance(source_name, str) or not source_name.startswith("*"):
+        return ""
+    return "**" if source_name.startswith("**") else "*"
 
 
 def _trainable_constant(ctx, node: Node) -> bool:
@@ -1055,8 +1064,10 @@ def _add_fixed_args(ctx: _Ctx, fixed: dict | None) -> None:
     placeholders = [n for n in ctx.fx.nodes if n.op == "placeholder"]
     anchor = placeholders[-1] if placeholders else None
     for name, value in fixed.items():
+        stars = _stars(name)  # *args / **kwargs, traced empty: no default in the signature
         with ctx.fx.inserting_after(anchor):
-            arg = ctx.fx.create_node("placeholder", name, (value,), {}, name=ctx._aux_name(name))
+            arg = ctx.fx.create_node("placeholder", name, () if stars else (value,), {},
+                                     name=ctx._aux_name(name[len(stars):]))
         with ctx.fx.inserting_after(arg):
             anchor = ctx.fx.call_function(tm.check_fixed_arg, (arg, value, name))
 
@@ -1097,6 +1108,18 @@ def _inlinable_scalar(graph: Graph, node: Node) -> bool:
 
 
 def _map_outputs(ctx: _Ctx, template):
-    """The torch output structure with each Ref(output node) replaced by its value."""
+    """The torch output structure with each Ref(output node) replaced by its value, and
+    each :class:`~graphshape.ir.DictOutput` (a ``ModelOutput``) built by a call to its class,
+    as fx builds a named tuple."""
     return map_template(template,
-                        lambda v: ctx.values[v.node] if isinstance(v, Ref) else v)
+                        lambda v: ctx.values[v.node] if isinstance(v, Ref) else v,
+                        lambda cls, items: _build_dict_output(ctx, cls, items))
+
+
+def _build_dict_output(ctx: _Ctx, cls: type, items: dict):
+    """A call building ``cls(**items)`` (:func:`~graphshape.torch_modules.output_call`: by
+    the class's name, which survives pickling, or for a class defined inside a function, to
+    the class itself; unpickled, that module returns a plain dict); a plain dict when
+    neither can."""
+    call = tm.output_call(cls, items)
+    return items if call is None else ctx.fx.call_function(*call)

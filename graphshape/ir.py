@@ -39,6 +39,17 @@ class Ref(NamedTuple):
         return self.node if self.index == 0 else f"{self.node}:{self.index}"
 
 
+@dataclass(frozen=True)
+class DictOutput:
+    """A dict subclass in an output template (Hugging Face's ``ModelOutput``, an
+    ``OrderedDict``): ``cls`` and its entries (templates). The torch backend rebuilds it as
+    ``cls(**items)``, so a shaped model returns what the source returned (``out.logits``,
+    ``out[0]``), where a plain dict would lose both."""
+
+    cls: type
+    items: dict
+
+
 @dataclass
 class TensorInfo:
     """Static facts about one value. ``shape`` entries are ints, or None / a string for
@@ -461,23 +472,29 @@ class Graph:
         return counts
 
 
-def map_template(value, leaf: Callable[[Any], Any]):
+def map_template(value, leaf: Callable[[Any], Any],
+                 dict_output: Callable[[type, dict], Any] = DictOutput):
     """``value`` (an argument or output template: nested lists, tuples, named tuples,
-    dicts and slices) with ``leaf(x)`` in place of every leaf ``x``. A :class:`Ref` is a
-    leaf, not a tuple to descend into. The one walker over templates: frontends, backends
-    and passes pass their own ``leaf``."""
+    dicts, :class:`DictOutput` and slices) with ``leaf(x)`` in place of every leaf ``x``.
+    A :class:`Ref` is a leaf, not a tuple to descend into. Each :class:`DictOutput` becomes
+    ``dict_output(cls, mapped items)`` (by default a DictOutput again). The one walker over
+    templates: frontends, backends and passes pass their own ``leaf``."""
+    def walk(v):
+        return map_template(v, leaf, dict_output)
+
     if isinstance(value, Ref):
         return leaf(value)
     if isinstance(value, tuple):
-        items = [map_template(v, leaf) for v in value]
+        items = [walk(v) for v in value]
         return type(value)(*items) if hasattr(value, "_fields") else tuple(items)
     if isinstance(value, list):
-        return [map_template(v, leaf) for v in value]
+        return [walk(v) for v in value]
     if isinstance(value, dict):
-        return {k: map_template(v, leaf) for k, v in value.items()}
+        return {k: walk(v) for k, v in value.items()}
+    if isinstance(value, DictOutput):
+        return dict_output(value.cls, {k: walk(v) for k, v in value.items.items()})
     if isinstance(value, slice):
-        return slice(map_template(value.start, leaf), map_template(value.stop, leaf),
-                     map_template(value.step, leaf))
+        return slice(walk(value.start), walk(value.stop), walk(value.step))
     return leaf(value)
 
 

@@ -10,6 +10,7 @@ Everything here is device-agnostic (no tensor is created on a fixed device insid
 from __future__ import annotations
 
 import functools
+import keyword
 from typing import Any, Callable, Sequence
 
 import torch
@@ -163,6 +164,13 @@ def check_fixed_arg(value: Any, fixed: Any, name: str) -> None:
         same = value is None
     else:
         same = not isinstance(value, torch.Tensor) and value is not None and value == fixed
+    if not same and name.startswith("*"):  # *args / **kwargs, traced empty
+        given = (f"keyword argument(s) {', '.join(map(repr, value))}" if isinstance(value, dict)
+                 else f"{len(value)} more positional argument(s)")
+        raise GraphshapeError(
+            f"this model was traced without extra arguments ({name} empty, as in the example "
+            f"call) and computes only that case, not with {given}: to have them, shape a "
+            f"wrapper module whose forward calls the source model with them")
     if not same:
         todo = (f"shape the source model with a tensor for {name} in the example inputs"
                 if fixed is None else
@@ -171,6 +179,56 @@ def check_fixed_arg(value: Any, fixed: Any, name: str) -> None:
             f"this model was traced with {name}={fixed!r} (the default of the source's forward, "
             f"which the example inputs did not give) and computes only that case, not "
             f"{name}={value!r}: to have it, {todo}")
+
+
+#: (module, qualified name) -> class, for :func:`build_output`: filled as the backend emits
+#: a call, and from the import on first use after unpickling
+_OUTPUT_CLASSES: dict[tuple[str, str], type] = {}
+
+
+def register_output_class(cls: type) -> tuple[str, str] | None:
+    """``(cls.__module__, cls.__qualname__)`` for :func:`build_output`, or None when the class
+    cannot be found again by that name (defined inside a function)."""
+    if "<locals>" in cls.__qualname__:
+        return None
+    key = (cls.__module__, cls.__qualname__)
+    _OUTPUT_CLASSES[key] = cls
+    return key
+
+
+def output_class(module: str, qualname: str) -> type:
+    """The class :func:`register_output_class` named ``(module, qualname)``."""
+    cls = _OUTPUT_CLASSES.get((module, qualname))
+    if cls is None:
+        import importlib
+        cls = importlib.import_module(module)
+        for part in qualname.split("."):
+            cls = getattr(cls, part)
+        _OUTPUT_CLASSES[(module, qualname)] = cls
+    return cls
+
+
+def output_call(cls: type, items: dict) -> tuple[Callable, tuple, dict] | None:
+    """``(target, args, kwargs)`` of a GraphModule call that builds ``cls(**items)``:
+    :func:`build_output` by the class's name (it survives pickling, and takes any string
+    keys: an FPN's ``OrderedDict`` has "0", "1", ...), or for a class defined inside a
+    function, a call to the class (keyword arguments: keys that are identifiers). None when
+    neither can."""
+    key = register_output_class(cls)
+    if key is not None:
+        return build_output, (*key, tuple(items), *items.values()), {}
+    if all(k.isidentifier() and not keyword.iskeyword(k) for k in items):
+        return cls, (), dict(items)
+    return None
+
+
+@recorded_when_traced
+def build_output(module: str, qualname: str, keys: tuple, *values) -> dict:
+    """The source model's dict-like output, ``cls(**dict(zip(keys, values)))`` (Hugging
+    Face's ``ModelOutput``, an ``OrderedDict``). A call by the class's name rather than to
+    the class: a GraphModule is traced again when unpickled, and fx turns a dict subclass
+    built from Proxies into a plain dict (it keeps named tuples only)."""
+    return output_class(module, qualname)(**dict(zip(keys, values)))
 
 
 def _affine_into(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor | None,

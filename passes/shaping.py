@@ -647,7 +647,8 @@ _SOURCE_WARNINGS: dict[str, Callable[[Any, dict], str]] = {
         "re-initializes the layers it rewrites: unfreeze them (requires_grad_(True)) to "
         "train those"),
     "fixed_args": lambda fixed, meta: (
-        "forward was traced with " + ", ".join(f"{k}={v!r}" for k, v in fixed.items())
+        "forward was traced with " + ", ".join(
+            f"{k} empty" if k.startswith("*") else f"{k}={v!r}" for k, v in fixed.items())
         + " (the defaults the example inputs leave out, as torch.jit.trace and torch.export "
         "do): the shaped model computes that case only and raises on other values; to keep "
         "a tensor argument as an input, give it in the example inputs"),

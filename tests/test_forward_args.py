@@ -2,6 +2,9 @@
 (frontends.torch_fx._fixed_args), as torch.jit.trace and torch.export trace
 ``model(*example_inputs)``; the emitted module takes them back with a check."""
 
+import functools
+import inspect
+
 import pytest
 import torch
 from torch import nn
@@ -172,3 +175,100 @@ def test_a_dict_example_input_missing_an_entry_the_model_reads():
         graphshape.analyze(graph, ({"picture": torch.randn(2, 16)},))
     with pytest.raises(GraphshapeError, match=r"batch\['image'\].*rank"):
         graphshape.analyze(graph, ({"image": torch.randn(2, 4, 16)},))
+
+
+# --------------------------------------------------------------------------- *args / **kwargs
+class _Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.body = nn.Sequential(nn.Linear(8, 32), nn.BatchNorm1d(32), nn.ReLU(),
+                                  nn.Linear(32, 32), nn.BatchNorm1d(32), nn.ReLU())
+        self.head = nn.Linear(32, 3)
+
+
+class HFStyle(_Net):
+    """Hugging Face's signature: every parameter has a default, then ``**kwargs``."""
+
+    def forward(self, x=None, labels=None, return_dict=None, **kwargs):
+        logits = self.head(self.body(x))
+        return logits * kwargs.get("temperature", 1.0)
+
+
+class StarArgs(_Net):
+    def forward(self, x, *extra, scale: float = 1.0):
+        y = self.head(self.body(x))
+        for e in extra:
+            y = y + e
+        return y * scale
+
+
+def _hf_wrapper(forward):
+    """A decorator as Hugging Face's (``can_return_tuple``): wrapper(self, *args, **kwargs)."""
+    @functools.wraps(forward)
+    def wrapper(self, *args, **kwargs):
+        kwargs.setdefault("return_dict", True)
+        return forward(self, *args, **kwargs)
+    return wrapper
+
+
+class Decorated(_Net):
+    @_hf_wrapper
+    def forward(self, x, return_dict=None, **kwargs):
+        return self.head(self.body(x))
+
+
+@pytest.mark.parametrize("cls", [HFStyle, StarArgs, Decorated])
+def test_var_args_are_traced_empty_and_taken_back_with_a_check(cls):
+    """``model(x)`` passes no ``*args`` / ``**kwargs``: they are traced empty (fx made one
+    proxy of each, on which ``kwargs.get`` failed and a decorator's wrapper misbound the
+    arguments), and the shaped forward takes them back, refusing what it was not traced
+    with. HFStyle's emitted forward did not even compile (``_kwargs`` after a default)."""
+    model = cls().eval()
+    graph = load_module(model, (_x(),))
+    assert graph.meta.get("traced_with") != "torch.onnx.export"  # fx traced it
+    shaped = graphshape.shape(model, _x(), method="dks")
+    assert shaped(_x()).shape == (5, 3)
+    params = inspect.signature(shaped.forward).parameters.values()
+    kinds = [p.kind for p in params]
+    assert inspect.Parameter.VAR_KEYWORD in kinds or inspect.Parameter.VAR_POSITIONAL in kinds
+    if inspect.Parameter.VAR_KEYWORD in kinds:
+        with pytest.raises(GraphshapeError, match="'temperature'"):
+            shaped(_x(), temperature=2.0)
+    else:
+        with pytest.raises(GraphshapeError, match="1 more positional argument"):
+            shaped(_x(), torch.ones(3))
+    report = shaped.meta["graphshape"]
+    assert any("empty" in w for w in report.warnings)
+
+
+def test_var_positional_given_by_the_example_inputs_stays_variadic():
+    """``forward(self, *xs)`` called with two tensors: the shaped model takes them the same
+    way (it was emitted as ``forward(self, _xs)``, one argument)."""
+
+    class Two(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(8, 8), nn.Linear(8, 8)
+
+        def forward(self, *xs):
+            return torch.tanh(self.a(xs[0])) + torch.tanh(self.b(xs[1]))
+
+    x, y = _x(), _x() * 2
+    shaped = graphshape.shape(Two(), (x, y), method="dks")
+    assert shaped(x, y).shape == (5, 8)
+    kinds = [p.kind for p in inspect.signature(shaped.forward).parameters.values()]
+    assert kinds == [inspect.Parameter.VAR_POSITIONAL]
+
+
+def test_the_var_kwargs_check_survives_pickling():
+    import io
+
+    gm = emit(load_module(HFStyle().eval(), (_x(),)))
+    buf = io.BytesIO()
+    torch.save(gm, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    torch.testing.assert_close(loaded(_x()), gm(_x()))
+    with pytest.raises(GraphshapeError, match="'temperature'"):
+        loaded(_x(), temperature=2.0)
