@@ -207,8 +207,10 @@ def _evaluate(graph: Graph, node: Node, values: dict[Ref, np.ndarray]) -> np.nda
     a = node.attrs
     if node.op in (*_ARITHMETIC, "identity", "cast", "activation"):
         return pointwise_value(node, [arg(r) for r in node.inputs])
-    if node.op == "reduce":  # a mean with keepdim (see _mean_axes)
+    if node.op == "reduce":  # a mean with keepdim (see _mean_axes), or without (_drops_dims)
         return np.mean(arg(node.inputs[0]), axis=tuple(a["axes"]), keepdims=True)
+    if node.op == "reshape":  # (one that puts a mean's dims back: _keeps_dims)
+        return arg(node.inputs[0])
     # below: comparisons give bool arrays, kept as they are for a where() to read
     if a.get("framework") == "onnx":
         if a["op_type"] == "ReduceL2":  # (in a norm region: see onnx_reduce_l2_axes)
@@ -461,6 +463,11 @@ def _region(graph: Graph, x: Ref, rank: dict[str, int],
     x_rank = graph.info(x).rank if mean_axes is not None else None
     sizes: dict[str, str] = {}
     inside: set[Ref] = {x}
+    # values of a mean that dropped the normalized dims, until a reshape puts them back as
+    # size 1 (torch's dynamo exporter writes torch.var so: ReduceMean(keepdims=0), its
+    # scaling, Reshape): only arithmetic with scalars may read them, so that evaluating
+    # them with the dims kept (see _evaluate) computes what the graph computes
+    dropped: set[Ref] = set()
     region: list[Node] = []
     pending = sorted({u.name for u in graph.users(x.node)}, key=rank.get)
     seen: set[str] = set()
@@ -479,8 +486,18 @@ def _region(graph: Graph, x: Ref, rank: dict[str, int],
             mean_axes is not None and (_statistic_axes(graph, node, x_rank) == mean_axes
                                        or _is_moment_item(graph, node) or size is not None
                                        or _scaled_by_size(node, sizes)))
+        reads_dropped = any(r in dropped for r in signals)
+        if mean_axes is not None and not reads_dropped and _drops_dims(graph, node, x, mean_axes):
+            acts = True
+            dropped.add(node.out)
+        elif reads_dropped:
+            restores = _keeps_dims(graph, node, x, mean_axes)
+            acts = restores or (len(signals) == 1 and _is_elementwise(graph, node))
+            if acts and not restores:
+                dropped.add(node.out)
         if (not signals or not acts or len(node.outputs) != 1
                 or not all(r in inside for r in signals)):
+            dropped.discard(node.out)
             continue
         if size is not None:
             sizes[node.name] = size
@@ -488,6 +505,27 @@ def _region(graph: Graph, x: Ref, rank: dict[str, int],
         inside.add(node.out)
         pending = sorted(set(pending) | {u.name for u in graph.users(name)}, key=rank.get)
     return region
+
+
+def _drops_dims(graph: Graph, node: Node, x: Ref, axes: tuple[int, ...]) -> bool:
+    """A mean over ``axes`` of a value of ``x``'s shape, without keepdim."""
+    a = node.attrs
+    rank = graph.info(x).rank
+    return (node.op == "reduce" and a.get("kind") == "mean" and not a.get("keepdims")
+            and rank is not None and bool(a.get("axes"))
+            and tuple(sorted(int(ax) % rank for ax in a["axes"])) == axes)
+
+
+def _keeps_dims(graph: Graph, node: Node, x: Ref, axes: tuple[int, ...]) -> bool:
+    """A reshape from ``x``'s shape without ``axes`` to ``x``'s shape with them as 1."""
+    shape = graph.info(x).shape
+    if node.op != "reshape" or shape is None or not node.inputs:
+        return False
+    before, after = graph.info(node.inputs[0]).shape, node.outputs[0].shape
+    dropped = tuple(d for i, d in enumerate(shape) if i not in axes)
+    kept = tuple(1 if i in axes else d for i, d in enumerate(shape))
+    return (before is not None and after is not None and tuple(before) == dropped
+            and tuple(after) == kept and None not in kept)
 
 
 def _closed_subregion(graph: Graph, region: list[Node], y: Node) -> list[Node] | None:

@@ -241,3 +241,85 @@ def test_timm_simple_norm_convnext_shapes_as_the_layer_norm_one():
         {k: v.shape for k, v in ln.state_dict().items()}
     with torch.no_grad():
         torch.testing.assert_close(simple(x), ln(x), rtol=1e-5, atol=1e-5)
+
+
+def _dynamo_simple_norm_net(restore_shape=None, broadcast_reduced=False):
+    """Conv, then timm's SimpleNorm2d as torch's dynamo exporter writes it: between two
+    transposes, ``torch.var`` as ReduceMean(keepdims=1), Sub, Mul(d, d),
+    ReduceMean(keepdims=0), the n / (n - 1) scaling, and a Reshape putting the dim back;
+    then a GELU and a conv head. ``restore_shape``: another Reshape target;
+    ``broadcast_reduced``: divide x by the dropped-dim statistic directly (a broadcast over
+    other axes, not a norm)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    c, side = 4, 4  # (equal: the broadcast variant must be valid ONNX)
+    inits = [numpy_helper.from_array(rng.standard_normal((c, 3, 3, 3)).astype(np.float32) * 0.3, "w1"),
+             numpy_helper.from_array(rng.standard_normal((c, c, 1, 1)).astype(np.float32) * 0.3, "w2"),
+             numpy_helper.from_array(np.ones(c, np.float32), "gamma"),
+             numpy_helper.from_array(np.array([3], np.int64), "axis"),
+             numpy_helper.from_array(np.array(c, np.float32), "n"),
+             numpy_helper.from_array(np.array(c - 1, np.float32), "n_1"),
+             numpy_helper.from_array(np.array(1e-6, np.float32), "eps"),
+             numpy_helper.from_array(np.array(restore_shape or (1, side, side, 1), np.int64), "keep")]
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["h"], pads=[1, 1, 1, 1]),
+             helper.make_node("Transpose", ["h"], ["t"], perm=[0, 2, 3, 1]),
+             helper.make_node("ReduceMean", ["t", "axis"], ["mu"], keepdims=1),
+             helper.make_node("Sub", ["t", "mu"], ["d"]),
+             helper.make_node("Mul", ["d", "d"], ["d2"]),
+             helper.make_node("ReduceMean", ["d2", "axis"], ["m2"], keepdims=0),
+             helper.make_node("Mul", ["m2", "n"], ["s2"]),
+             helper.make_node("Div", ["s2", "n_1"], ["var"])]
+    if broadcast_reduced:
+        nodes += [helper.make_node("Add", ["var", "eps"], ["ve"]),
+                  helper.make_node("Sqrt", ["ve"], ["sd"]),
+                  helper.make_node("Div", ["t", "sd"], ["normed"])]
+    else:
+        nodes += [helper.make_node("Reshape", ["var", "keep"], ["var_k"]),
+                  helper.make_node("Add", ["var_k", "eps"], ["ve"]),
+                  helper.make_node("Sqrt", ["ve"], ["sd"]),
+                  helper.make_node("Reciprocal", ["sd"], ["r"]),
+                  helper.make_node("Mul", ["t", "r"], ["normed"])]
+    nodes += [helper.make_node("Mul", ["normed", "gamma"], ["scaled"]),
+              helper.make_node("Transpose", ["scaled"], ["back"], perm=[0, 3, 1, 2]),
+              helper.make_node("Gelu", ["back"], ["g"]),
+              helper.make_node("Conv", ["g", "w2"], ["y"])]
+    graph = helper.make_graph(
+        nodes, "dynamo_simple_norm",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, side, side])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, c, side, side])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)])
+    onnx.checker.check_model(model)
+    return model
+
+
+def test_a_dynamo_exported_variance_with_dropped_dims_reads_as_the_norm(tmp_path):
+    """torch's default exporter writes convnext_zepto_rms's SimpleNorm2d with its
+    variance's dim dropped and reshaped back: the norm was not found, and the file was
+    refused ("multiplies two signals": the Mul(d, d)) where PyTorch's model shapes."""
+    model = _dynamo_simple_norm_net()
+    x = np.random.default_rng(1).standard_normal((1, 3, 4, 4)).astype(np.float32)
+    path = str(tmp_path / "m.onnx")
+    onnx.save(model, path)
+    graph = graphshape.load(path)
+    ops = graph.count_ops()
+    assert ops.get("std_norm") == 1 and "reshape" not in ops and "reduce" not in ops
+    node = next(n for n in graph if n.op == "std_norm")
+    assert node.attrs["centre"] is False and node.attrs["correction"] == 1
+    # the graph computes what the file computes
+    from graphshape.backend_onnx import emit
+    [got], [want] = run_ort(emit(graph), {"x": x}), run_ort(path, {"x": x})
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    shaped = graphshape.shape_onnx(path, str(tmp_path / "shaped.onnx"), method="TAT", seed=0)
+    assert any(r["op"] == "std_norm" for r in shaped.removed)
+
+
+@pytest.mark.parametrize("variant", ["other reshape", "broadcast"])
+def test_a_dropped_dim_statistic_used_otherwise_is_not_a_norm(variant):
+    """The dropped dims are only read back as size 1 by a reshape that restores them; a
+    reshape elsewhere, or the statistic broadcast against x over other axes, is not a norm
+    (evaluating it with the dims kept would not be what the file computes)."""
+    model = (_dynamo_simple_norm_net(restore_shape=(1, 4, 1, 4)) if variant == "other reshape"
+             else _dynamo_simple_norm_net(broadcast_reduced=True))
+    graph = graphshape.load(model)
+    assert "std_norm" not in graph.count_ops() and "layer_norm" not in graph.count_ops()
