@@ -242,6 +242,23 @@ def _commute_max_pool(g: Graph, pool, act) -> None:
     act.meta["commuted_with_max_pool"] = pool.name
 
 
+def _before_neutral_affine(g: Graph, node):
+    """The node before a chain of products by 1 and sums with 0 (one-element constants)
+    ending at ``node``, or ``node``: timm HGNetV2's LearnableAffineBlock after an
+    activation (a trainable scale 1 and bias 0 at initialization), which the ONNX importer
+    folds into the activation (:func:`graphshape.passes.elementwise.fuse_activation_decompositions`),
+    so that a shortcut from it is a V1 shortcut on both paths."""
+    from graphshape.ir import constant_operand
+
+    while node.op in ("mul", "add"):
+        found = constant_operand(g, node)
+        neutral = 1.0 if node.op == "mul" else 0.0
+        if found is None or found[1].size != 1 or float(found[1].reshape(())) != neutral:
+            break
+        node = g[node.inputs[found[0]].node]
+    return node
+
+
 def move_shortcuts_to_preactivation(graph: Graph, *, copy: bool = True) -> tuple[Graph, dict]:
     """Give V1 residual blocks pre-activation shortcuts: an identity shortcut that reads
     the activation ``a = act(h)`` which also starts the block's branch reads ``h`` instead.
@@ -266,7 +283,9 @@ def move_shortcuts_to_preactivation(graph: Graph, *, copy: bool = True) -> tuple
 
     The shortcut may pass through ``identity`` nodes (an ``nn.Identity`` projection, as in
     timm's DLA); the join then reads the pre-activation directly, and those identity nodes
-    are removed when nothing else reads them.
+    are removed when nothing else reads them; and the activation may be followed by
+    products by 1 and sums with 0 (:func:`_before_neutral_affine`: a learnable affine at
+    its initial value, which stays on the branch).
 
     Run it after :func:`normalize_sums` (weights) and before solving. Returns
     ``(new_graph, record)``, ``record["rewritten"]`` listing each moved shortcut and
@@ -289,8 +308,11 @@ def move_shortcuts_to_preactivation(graph: Graph, *, copy: bool = True) -> tuple
             # the two paths must agree)
             passed.append(source.name)
             source = g[source.inputs[0].node]
-        if source.name != join.fork or len(source.inputs) != 1:
+        if source.name != join.fork:
             continue  # not an identity shortcut from the block's input
+        source = _before_neutral_affine(g, source)
+        if len(source.inputs) != 1:
+            continue
         if source.op in MAX_POOL_OPS:
             act = g[source.inputs[0].node]
             if not commutes_with_max_pool(act) or len(g.users(act.name)) != 1:

@@ -226,3 +226,53 @@ def test_a_shortcut_through_nn_identity_moves_too(tmp_path):
     from_onnx = graphshape.shape_onnx(src, tmp_path / "shaped.onnx", **options)
     assert from_onnx.activation_params["leaky_relu"] == pytest.approx(
         report.activation_params["leaky_relu"], rel=1e-12)
+
+
+class _Affine(torch.nn.Module):
+    """timm HGNetV2's LearnableAffineBlock: ``scale * x + bias``, one-element parameters."""
+
+    def __init__(self, scale=1.0):
+        super().__init__()
+        self.scale = torch.nn.Parameter(torch.tensor([scale]))
+        self.bias = torch.nn.Parameter(torch.tensor([0.0]))
+
+    def forward(self, x):
+        return self.scale * x + self.bias
+
+
+class _V1AffineBlock(_V1Block):
+    def __init__(self, width, scale):
+        super().__init__(width, False)
+        self.lab = _Affine(scale)
+
+    def forward(self, x):
+        out = self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x)))))
+        return self.lab(torch.relu(out + x))
+
+
+@pytest.mark.parametrize("scale", [1.0, 2.0])
+def test_a_shortcut_from_an_affine_at_its_initial_value_moves_too(tmp_path, scale):
+    """A learnable affine at scale 1, bias 0 after the activation (HGNetV2) is folded into
+    the activation when read from ONNX, where the shortcut then moved; from PyTorch it did
+    not: timm's hgnetv2_b0 solved TAT slope 0.1577 from PyTorch and 0.1514 from both of its
+    exports. Scaled by 2 it is no identity, and the shortcut stays on both paths."""
+    x = torch.randn(2, 3, 16, 16)
+    options = {"method": "TAT", "eta": 0.6, "seed": 0}
+    width = 8
+    stem = torch.nn.Sequential(torch.nn.Conv2d(3, width, 3, padding=1), torch.nn.ReLU())
+    model = torch.nn.Sequential(stem, *[_V1AffineBlock(width, scale) for _ in range(3)],
+                                torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
+                                torch.nn.Linear(width, 10)).eval()
+    shaped = graphshape.shape(model, x, **options)
+    report = shaped.meta["graphshape"]
+    moved = [r for r in report.rewritten if "pre-activation shortcut" in r["what"]]
+    assert len(moved) == (3 if scale == 1.0 else 1)  # (the first block reads the stem's relu)
+    assert torch.isfinite(shaped(x)).all()
+    if scale == 1.0:  # the same kernel as without the affine
+        plain = graphshape.shape(_v1_net(False), x, **options).meta["graphshape"]
+        assert report.activation_params == plain.activation_params
+    src = tmp_path / "v1.onnx"
+    torch.onnx.export(model, (x,), str(src), opset_version=17, dynamo=False)
+    from_onnx = graphshape.shape_onnx(src, tmp_path / "shaped.onnx", **options)
+    assert from_onnx.activation_params["leaky_relu"] == pytest.approx(
+        report.activation_params["leaky_relu"], rel=1e-12)
