@@ -980,7 +980,7 @@ def shape_graph(graph: Graph, *, method: str = "TAT", activation: str | None = N
         g, rec = move_shortcuts_to_preactivation(g, copy=False)
         _merge(report, rec)
 
-    from graphshape.passes.subnetworks import is_attention_call
+    from graphshape.passes.subnetworks import is_attention_call, selects_attention_output
 
     max_pools, opaque, weighted, signals = [], [], [], _signals(g)
     # (what only computes attention logits -- masked_fill, a scale from the head size --
@@ -989,7 +989,8 @@ def shape_graph(graph: Graph, *, method: str = "TAT", activation: str | None = N
     only_logits = attention_logits(g, only=True)
     for node in g:
         if node.op == "opaque" and node.name in signals and may_hold_signal(node) \
-                and not is_attention_call(node) and node.meta.get("input_entry") is None \
+                and not is_attention_call(node) and not selects_attention_output(g, node) \
+                and node.meta.get("input_entry") is None \
                 and not moves_data_only(node) \
                 and (node.name not in only_logits or _holds_weights(node)):
             # (opaque nodes computing Python values or sizes -- x.size(), an ONNX Shape --

@@ -48,6 +48,7 @@ is the identity on ``x``.
 from __future__ import annotations
 
 import functools
+import operator
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
@@ -286,6 +287,17 @@ def is_attention_call(node) -> bool:
     """An opaque call of attention (``nn.MultiheadAttention``,
     ``F.scaled_dot_product_attention``, swin's attention function, ONNX ``Attention``)."""
     return node.op == "opaque" and "attention" in str(node.attrs.get("description", "")).lower()
+
+
+def selects_attention_output(graph: Graph, node) -> bool:
+    """``attn(q, k, v)[0]`` of an opaque attention call that returns a tuple
+    (``nn.MultiheadAttention``'s ``(output, weights)``): the attention's output itself, part
+    of the call for the kernel rules' warnings."""
+    a = node.attrs
+    return (node.op == "opaque" and a.get("fx_op") == "call_function"
+            and a.get("target") is operator.getitem and len(node.inputs) == 1
+            and tuple(a.get("args") or ())[1:] == (0,)
+            and is_attention_call(graph[node.inputs[0].node]))
 
 
 def attention_values(node) -> Ref | None:

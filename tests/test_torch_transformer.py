@@ -113,3 +113,18 @@ def test_fused_attention_vit_warns_of_attention_only():
     warnings_ = shaped.meta["graphshape"].warnings
     assert not any("opaque node" in w for w in warnings_), warnings_
     assert any(w.startswith("2 attention node(s)") for w in warnings_), warnings_
+
+
+def test_multihead_attention_output_selection_warns_of_attention_only():
+    """``nn.MultiheadAttention`` returns ``(output, weights)``; ``attn(...)[0]`` and ``a, _ =
+    attn(...)`` (torchvision's vit, open_clip) read its output with a getitem, which was
+    listed as an "opaque node without a kernel rule" beside the attention warning."""
+    from torchvision.models.vision_transformer import VisionTransformer
+
+    torch.manual_seed(0)
+    model = VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=2,
+                              hidden_dim=16, mlp_dim=32).eval()
+    shaped = graphshape.shape(model, torch.randn(2, 3, 32, 32), method="DKS")
+    warnings_ = shaped.meta["graphshape"].warnings
+    assert not any("opaque node" in w for w in warnings_), warnings_
+    assert any(w.startswith("2 attention node(s)") for w in warnings_), warnings_
