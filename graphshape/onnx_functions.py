@@ -276,6 +276,27 @@ def identity(data: torch.Tensor) -> torch.Tensor:
     return data
 
 
+# ---------------------------------------------------------------- losses
+def softmax_cross_entropy_loss(scores: torch.Tensor, labels: torch.Tensor,
+                               weights: torch.Tensor | None = None, *,
+                               reduction: str = "mean", ignore_index: int | None = None):
+    """``(loss, log_prob)``: ``F.cross_entropy`` on scores (N, C, D1, ...) and labels (N, D1,
+    ...), as a model's forward that takes labels computes it (Hugging Face's ``labels=``);
+    without ``ignore_index`` no label is ignored. Two outputs, the second optional."""
+    log_prob = F.log_softmax(scores, dim=1)
+    loss = F.nll_loss(log_prob, labels.long(), weight=weights, reduction=reduction,
+                      ignore_index=-(1 << 62) if ignore_index is None else ignore_index)
+    return loss, log_prob
+
+
+def negative_log_likelihood_loss(log_prob: torch.Tensor, target: torch.Tensor,
+                                 weight: torch.Tensor | None = None, *,
+                                 reduction: str = "mean", ignore_index: int | None = None):
+    """``F.nll_loss`` on log-probabilities (N, C, D1, ...) and targets (N, D1, ...)."""
+    return F.nll_loss(log_prob, target.long(), weight=weight, reduction=reduction,
+                      ignore_index=-(1 << 62) if ignore_index is None else ignore_index)
+
+
 # ---------------------------------------------------------------- recurrent layers
 #: ONNX's recurrent activations: name -> f(x, alpha, beta) (alpha / beta: the op's
 #: activation_alpha / activation_beta entries, None where the list gives none)
@@ -433,7 +454,7 @@ def lstm(X, W, R, B=None, sequence_lens=None, initial_h=None, initial_c=None, P=
 
 
 #: op types whose function returns a tuple, one entry per ONNX output
-MULTI_OUTPUT = frozenset({"RNN", "GRU", "LSTM"})
+MULTI_OUTPUT = frozenset({"RNN", "GRU", "LSTM", "SoftmaxCrossEntropyLoss"})
 
 _ANY = (1, 10_000)
 
@@ -463,6 +484,8 @@ ONNX_FUNCTIONS: dict[str, tuple[Callable[..., torch.Tensor], tuple[int, int]]] =
     "Round": (torch.round, _ANY),  # both round half to even
     # layout (batch first) is an attribute from opset 14; before it, its default
     "RNN": (rnn, (7, 10_000)), "GRU": (gru, (7, 10_000)), "LSTM": (lstm, (7, 10_000)),
+    "SoftmaxCrossEntropyLoss": (softmax_cross_entropy_loss, (12, 10_000)),
+    "NegativeLogLikelihoodLoss": (negative_log_likelihood_loss, (12, 10_000)),
 }
 
 #: attributes that an older opset gives where a newer one takes an input, by op type:

@@ -104,6 +104,24 @@ CASES = [
     ("sin", "Sin", [("x", F32, [4], _f(4))], {}, 17, F32),
     ("max_3", "Max", [("a", F32, [3], _f(3)), ("b", F32, [3], _f(3)), ("c", F32, [1], _f(1))],
      {}, 17, F32),
+    # the loss a forward that takes labels computes (Hugging Face's labels=), exported
+    ("cross_entropy_mean", "SoftmaxCrossEntropyLoss",
+     [("x", F32, [4, 5], _f(4, 5)), ("t", I64, [4], _i(0, 3, 4, 1))], {}, 17, F32),
+    ("cross_entropy_none_weighted_ignored", "SoftmaxCrossEntropyLoss",
+     [("x", F32, [3, 5, 2], _f(3, 5, 2)), ("t", I64, [3, 2], _i(0, -100, 4, 2, 1, 3).reshape(3, 2)),
+      ("w", F32, [5], np.array([1.0, 0.5, 2.0, 1.5, 0.2], np.float32))],
+     {"reduction": "none", "ignore_index": -100}, 17, F32),
+    ("cross_entropy_mean_weighted_ignored", "SoftmaxCrossEntropyLoss",
+     [("x", F32, [3, 5, 2], _f(3, 5, 2)), ("t", I64, [3, 2], _i(0, -100, 4, 2, 1, 3).reshape(3, 2)),
+      ("w", F32, [5], np.array([1.0, 0.5, 2.0, 1.5, 0.2], np.float32))],
+     {"ignore_index": -100}, 17, F32),
+    ("cross_entropy_sum", "SoftmaxCrossEntropyLoss",
+     [("x", F32, [4, 5], _f(4, 5)), ("t", I64, [4], _i(0, 3, 4, 1))], {"reduction": "sum"},
+     13, F32),
+    ("nll_mean_weighted_ignored", "NegativeLogLikelihoodLoss",
+     [("x", F32, [4, 5], _f(4, 5)), ("t", I64, [4], _i(0, 1, 4, 1)),
+      ("w", F32, [5], np.array([1.0, 0.5, 2.0, 1.5, 0.2], np.float32))],
+     {"ignore_index": 1}, 17, F32),
 ]
 
 
@@ -117,6 +135,21 @@ def test_op_equals_onnxruntime(op_type, inputs, attrs, opset, out_type):
     got = gm(**{n: torch.from_numpy(v) for n, v in feeds.items()})
     assert got.dtype == torch.from_numpy(want).dtype
     np.testing.assert_allclose(got.numpy(), want, rtol=1e-6, atol=1e-6)
+
+
+def test_cross_entropy_with_its_log_prob_output_equals_onnxruntime():
+    x, t = _f(4, 5), _i(0, 3, 4, 1)
+    node = helper.make_node("SoftmaxCrossEntropyLoss", ["x", "t"], ["loss", "log_prob"])
+    graph = helper.make_graph(
+        [node], "g", [helper.make_tensor_value_info("x", F32, [4, 5]),
+                      helper.make_tensor_value_info("t", I64, [4])],
+        [helper.make_tensor_value_info("loss", F32, None),
+         helper.make_tensor_value_info("log_prob", F32, None)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    want = run_ort(model, {"x": x, "t": t})
+    got = emit(load(model))(torch.from_numpy(x), torch.from_numpy(t))
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g.detach().numpy(), w, rtol=1e-6, atol=1e-6)
 
 
 def test_an_op_without_a_torch_function_is_still_refused_by_name():

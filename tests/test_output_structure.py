@@ -155,3 +155,33 @@ def test_keys_that_are_not_identifiers_are_kept():
     for module in (shaped, torch.load(buf, weights_only=False)):
         out = module(_x())
         assert type(out) is collections.OrderedDict and list(out) == ["0", "pool"]
+
+
+class WithLoss(Net):
+    """A classifier that computes its loss when given labels (Hugging Face's convention),
+    with a shape check fx cannot trace: read through its ONNX export, where the loss is a
+    SoftmaxCrossEntropyLoss node (it could not be emitted back to PyTorch before)."""
+
+    def forward(self, x, labels=None):
+        if x.shape[1] != 3:
+            raise ValueError("expected 3 channels")
+        logits = self.head(self.body(x).mean((2, 3)))
+        loss = None if labels is None else nn.functional.cross_entropy(logits, labels)
+        return ClassifierOutput(loss=loss, logits=logits)
+
+
+def test_a_model_that_computes_its_loss_trains_through_the_onnx_fallback():
+    x, labels = _x(), torch.tensor([1, 3])
+    model = WithLoss(check_channels=True).train()
+    shaped = graphshape.shape(model, (x, labels), method="DKS")
+    out = shaped(x, labels)
+    assert type(out) is ClassifierOutput and list(out.keys()) == ["loss", "logits"]
+    torch.testing.assert_close(out.loss, nn.functional.cross_entropy(out.logits, labels))
+    optimizer = torch.optim.SGD(shaped.parameters(), lr=0.1)
+    first = float(out.loss)
+    for _ in range(5):
+        loss = shaped(x, labels).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert float(shaped(x, labels).loss) < first
