@@ -3,7 +3,10 @@ downloaded); each must be shaped and return what the source returns, or be refus
 clear GraphshapeError -- never crash.
 
 Run:  nice python benchmarks/shape_transformers.py [--methods TAT,DKS] [--models resnet,vit]
+      [--labels]
 Needs the ``transformers`` package, which graphshape and its tests do not use.
+``--labels``: the image classifiers are shaped with ``(pixel_values, labels)`` instead, as a
+trainer calls them; the shaped model must return a finite ``loss`` that backpropagates.
 Prints one line per model and method: ok (how the model was read: torch.fx, or its ONNX
 export when fx cannot trace it; the output class the shaped model returns, which must be
 the source's: a ``ModelOutput`` subclass; seconds), refused (the message) or CRASH (the
@@ -14,6 +17,7 @@ is counted as a CRASH too.
 from __future__ import annotations
 
 import argparse
+import inspect
 import time
 import traceback
 import warnings
@@ -91,6 +95,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--methods", default="TAT,DKS")
     ap.add_argument("--models", default=None, help="comma-separated subset")
+    ap.add_argument("--labels", action="store_true",
+                    help="image classifiers only, shaped with (pixel_values, labels)")
     args = ap.parse_args()
     import torch
     import transformers
@@ -105,6 +111,13 @@ def main():
         build, inputs = models[name]
         torch.manual_seed(0)
         model = build().eval()
+        if args.labels:
+            # (example inputs are positional: labels must be forward's second parameter)
+            params = list(inspect.signature(model.forward).parameters)
+            if (not type(model).__name__.endswith("ForImageClassification")
+                    or params[1:2] != ["labels"]):
+                continue
+            inputs = (*inputs, torch.arange(inputs[0].shape[0]) % model.config.num_labels)
         with torch.no_grad():
             reference = model(*inputs)
         for method in args.methods.split(","):
@@ -119,6 +132,13 @@ def main():
                 if type(out) is not type(reference) or _shapes(out) != _shapes(reference):
                     raise AssertionError(f"returns {type(out).__name__} {_shapes(out)}, the "
                                          f"source {type(reference).__name__} {_shapes(reference)}")
+                if args.labels:
+                    loss = shaped(*inputs).loss
+                    loss.backward()
+                    if not torch.isfinite(loss) or not any(
+                            p.grad is not None and p.grad.abs().sum() > 0
+                            for p in shaped.parameters()):
+                        raise AssertionError(f"loss {float(loss)} or its gradient is not usable")
                 read = ("its ONNX export" if any("torch.onnx.export" in w for w in report.warnings)
                         else "torch.fx")
                 status = (f"ok        {time.perf_counter() - start:5.1f}s  {read}, returns "
