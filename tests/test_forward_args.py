@@ -111,16 +111,21 @@ def test_shaping_a_flagged_model_reports_the_fixed_arguments():
     torch.testing.assert_close(emit(again)(_x()), shaped(_x()))
 
 
+def _reloaded(module: nn.Module) -> nn.Module:
+    """``module`` after ``torch.save`` / ``torch.load``."""
+    import io
+
+    buf = io.BytesIO()
+    torch.save(module, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=False)
+
+
 def test_the_check_survives_pickling():
     """torch.save / torch.load of a GraphModule traces its code again: the check is recorded
     (not run on the traced value and lost)."""
-    import io
-
     gm = emit(load_module(Flagged().eval(), _x()))
-    buf = io.BytesIO()
-    torch.save(gm, buf)
-    buf.seek(0)
-    loaded = torch.load(buf, weights_only=False)
+    loaded = _reloaded(gm)
     torch.testing.assert_close(loaded(_x()), gm(_x()))
     with pytest.raises(GraphshapeError, match="wrapper module"):
         loaded(_x(), return_features=True)
@@ -262,13 +267,8 @@ def test_var_positional_given_by_the_example_inputs_stays_variadic():
 
 
 def test_the_var_kwargs_check_survives_pickling():
-    import io
-
     gm = emit(load_module(HFStyle().eval(), (_x(),)))
-    buf = io.BytesIO()
-    torch.save(gm, buf)
-    buf.seek(0)
-    loaded = torch.load(buf, weights_only=False)
+    loaded = _reloaded(gm)
     torch.testing.assert_close(loaded(_x()), gm(_x()))
     with pytest.raises(GraphshapeError, match="'temperature'"):
         loaded(_x(), temperature=2.0)
