@@ -95,7 +95,10 @@ def _export(module: nn.Module, inputs: tuple, input_names: list[str]):
             outputs = module(*inputs)
     flat, spec = pytree.tree_flatten(outputs)
     if not flat or not all(isinstance(t, torch.Tensor) for t in flat):
-        raise GraphshapeError("its outputs are not all tensors, so it has no ONNX export")
+        raise GraphshapeError(
+            f"its outputs are not all tensors ({_non_tensor_output(outputs)}), so it has no "
+            "ONNX export; shape a wrapper module that returns only the tensors, or configure "
+            "the model not to return the others (a Hugging Face model's use_cache=False)")
     output_names = [f"output_{i}" for i in range(len(flat))]
     dynamic = {name: {0: "batch"} for name, x in zip(input_names, inputs) if x.dim()}
     dynamic.update({name: {0: "batch"} for name, y in zip(output_names, flat)
@@ -110,6 +113,17 @@ def _export(module: nn.Module, inputs: tuple, input_names: list[str]):
     proto = onnx.load_from_string(buffer.getvalue())
     _check_export(proto, module, inputs, input_names, known)
     return proto, spec, len(flat)
+
+
+def _non_tensor_output(outputs) -> str:
+    """Where the first output that is not a tensor is, and its type: ``"past_key_values
+    is a DynamicCache"``; ``"no tensor at all"`` when there is none."""
+    leaves, _ = pytree.tree_flatten_with_path(outputs)
+    for path, leaf in leaves:
+        if not isinstance(leaf, torch.Tensor):
+            where = pytree.keystr(path).lstrip(".") or "the output"
+            return f"{where} is a {type(leaf).__name__}"
+    return "no tensor at all"
 
 
 def _probes(inputs: tuple) -> list[tuple]:

@@ -116,6 +116,8 @@ def test_when_the_export_fails_too_both_reasons_are_given():
     message = str(info.value)
     assert "torch.fx cannot trace ReturnsText" in message
     assert "not all tensors" in message and "torch.fx.wrap" in message
+    # which output, and what it is (GPT-2: "['cache'] is a DynamicCache", use_cache=False)
+    assert "([1] is a str)" in message and "returns only the tensors" in message
 
 
 def test_a_branch_on_a_value_is_not_frozen_into_an_export():
