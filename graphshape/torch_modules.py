@@ -160,17 +160,19 @@ def recorded_when_traced(fn: Callable) -> Callable:
 def check_fixed_arg(value: Any, fixed: Any, name: str) -> None:
     """Raise when a caller passes ``name=value`` to a shaped model traced with ``name=fixed``
     (its default, which the example inputs left out): the graph holds that case only."""
+    if name.startswith("*"):  # *args / **kwargs, traced empty
+        if len(value):  # (any container: an exported program's module passes its own kind)
+            given = (f"keyword argument(s) {', '.join(map(repr, value))}"
+                     if isinstance(value, dict) else f"{len(value)} more positional argument(s)")
+            raise GraphshapeError(
+                f"this model was traced without extra arguments ({name} empty, as in the "
+                f"example call) and computes only that case, not with {given}: to have them, "
+                "shape a wrapper module whose forward calls the source model with them")
+        return
     if fixed is None:
         same = value is None
     else:
         same = not isinstance(value, torch.Tensor) and value is not None and value == fixed
-    if not same and name.startswith("*"):  # *args / **kwargs, traced empty
-        given = (f"keyword argument(s) {', '.join(map(repr, value))}" if isinstance(value, dict)
-                 else f"{len(value)} more positional argument(s)")
-        raise GraphshapeError(
-            f"this model was traced without extra arguments ({name} empty, as in the example "
-            f"call) and computes only that case, not with {given}: to have them, shape a "
-            f"wrapper module whose forward calls the source model with them")
     if not same:
         todo = (f"shape the source model with a tensor for {name} in the example inputs"
                 if fixed is None else
