@@ -362,6 +362,10 @@ class _Tracer(torch.fx.Tracer):
         return super().is_leaf_module(m, module_qualified_name)
 
 
+#: fx's own dicts and dict itself: a plain dict in an output template
+_PLAIN_DICTS = (dict, torch.fx.immutable_collections.immutable_dict)
+
+
 @functools.lru_cache(maxsize=None)
 def _rebuilds(cls: type, keys: tuple) -> bool:
     """Whether ``cls(**{key: tensor})`` is a ``cls`` with exactly those keys, in order."""
@@ -377,8 +381,7 @@ def dict_output(cls: type, items: dict):
     :class:`~graphshape.ir.DictOutput` when ``cls(**items)`` rebuilds one (Hugging Face's
     ``ModelOutput`` subclasses, ``OrderedDict``), else a plain dict, as before. fx's own
     dicts (``immutable_dict``) are plain dicts."""
-    plain = (dict, torch.fx.immutable_collections.immutable_dict)
-    if (cls in plain or not issubclass(cls, dict) or not all(isinstance(k, str) for k in items)
+    if (cls in _PLAIN_DICTS or not issubclass(cls, dict) or not all(isinstance(k, str) for k in items)
             or not _rebuilds(cls, tuple(items)) or _tm.output_call(cls, items) is None):
         return dict(items)
     return DictOutput(cls, dict(items))
@@ -389,8 +392,7 @@ def _is_container_class(target) -> bool:
     output reads builds the returned structure."""
     return isinstance(target, type) and (
         (issubclass(target, tuple) and hasattr(target, "_fields"))
-        or (issubclass(target, dict) and target is not dict
-            and target is not torch.fx.immutable_collections.immutable_dict))
+        or (issubclass(target, dict) and target not in _PLAIN_DICTS))
 
 
 def _output_containers(graph: torch.fx.Graph) -> set:

@@ -232,11 +232,11 @@ def _evaluate(graph: Graph, node: Node, values: dict[Ref, np.ndarray]) -> np.nda
     return np.asarray(call_traced(node, leaf))
 
 
-def _mean_axes(node: Node, rank: int | None) -> tuple[int, ...] | None:
-    """The axes of a ``mean(..., keepdim=True)`` of a rank-``rank`` value, as sorted
+def _mean_axes(node: Node, rank: int | None, keepdims: bool = True) -> tuple[int, ...] | None:
+    """The axes of a ``mean(..., keepdim=keepdims)`` of a rank-``rank`` value, as sorted
     non-negative ints; None for any other node."""
     a = node.attrs
-    if (node.op != "reduce" or a.get("kind") != "mean" or not a.get("keepdims")
+    if (node.op != "reduce" or a.get("kind") != "mean" or bool(a.get("keepdims")) != keepdims
             or rank is None or not a.get("axes")):
         return None
     return tuple(sorted(int(ax) % rank for ax in a["axes"]))
@@ -509,11 +509,7 @@ def _region(graph: Graph, x: Ref, rank: dict[str, int],
 
 def _drops_dims(graph: Graph, node: Node, x: Ref, axes: tuple[int, ...]) -> bool:
     """A mean over ``axes`` of a value of ``x``'s shape, without keepdim."""
-    a = node.attrs
-    rank = graph.info(x).rank
-    return (node.op == "reduce" and a.get("kind") == "mean" and not a.get("keepdims")
-            and rank is not None and bool(a.get("axes"))
-            and tuple(sorted(int(ax) % rank for ax in a["axes"])) == axes)
+    return _mean_axes(node, graph.info(x).rank, keepdims=False) == axes
 
 
 def _keeps_dims(graph: Graph, node: Node, x: Ref, axes: tuple[int, ...]) -> bool:

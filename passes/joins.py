@@ -28,7 +28,7 @@ import math
 import numpy as np
 
 from graphshape.errors import GraphshapeError
-from graphshape.ir import Graph, TensorInfo
+from graphshape.ir import Graph, TensorInfo, constant_operand
 
 
 def normalize_sums(graph: Graph, shortcut_weight: float, *, copy: bool = True) -> tuple[Graph, dict]:
@@ -248,8 +248,6 @@ def _before_neutral_affine(g: Graph, node):
     activation (a trainable scale 1 and bias 0 at initialization), which the ONNX importer
     folds into the activation (:func:`graphshape.passes.elementwise.fuse_activation_decompositions`),
     so that a shortcut from it is a V1 shortcut on both paths."""
-    from graphshape.ir import constant_operand
-
     while node.op in ("mul", "add"):
         found = constant_operand(g, node)
         neutral = 1.0 if node.op == "mul" else 0.0
