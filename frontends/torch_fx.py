@@ -57,9 +57,11 @@ from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 
 from graphshape import torch_modules as _tm
 from graphshape.errors import GraphshapeError
-from graphshape.ir import (DATA_MOVEMENT, FLOAT_DTYPES, TENSOR_CONTAINER, DictOutput, Graph, Node,
-                           Ref, TensorInfo, cache_weight_tap_norms, is_non_float, map_template)
+from graphshape.ir import (CHECK, DATA_MOVEMENT, FLOAT_DTYPES, TENSOR_CONTAINER, DictOutput,
+                           Graph, Node, Ref, TensorInfo, cache_weight_tap_norms, is_non_float,
+                           map_template)
 from graphshape.ops import prelu_activation
+from graphshape.frontends.torch_specialize import ShapeSpecializingTracer, rng_kept
 from graphshape.passes.elementwise import fuse_decompositions
 
 __all__ = ["load_module", "MODULE_OPS", "FUNCTION_OPS", "METHOD_OPS"]
@@ -125,7 +127,11 @@ _NORM_ACTIVATION_LAYERS = (
     ("timm.layers.filter_response_norm", ("FilterResponseNormTlu2d", "FilterResponseNormAct2d")),
     # (no activation: a normalization the same mechanism removes; traced, its Tensor.norm
     # was refused as a norm graphshape could not map, and convnextv2 with it)
-    ("timm.layers.grn", ("GlobalResponseNorm",)))
+    ("timm.layers.grn", ("GlobalResponseNorm",)),
+    ("transformers.models.convnextv2.modeling_convnextv2", ("ConvNextV2GRN",)))
+
+#: Global Response Normalization classes (timm's, Hugging Face's ConvNeXt V2)
+_GRN_CLASSES = ("GlobalResponseNorm", "ConvNextV2GRN")
 
 
 def _norm_activation_classes() -> tuple:
@@ -151,14 +157,15 @@ def norm_activation_remainder(mod: nn.Module) -> dict:
       starts at 0); FilterResponseNormAct2d: ``act(x / rms(x) * weight + bias)``: ``act``.
     * EvoNorm B0 / B1 / B2: ``x / max(batch_std, v * x + instance_std(x))``: the
       nonlinearity is the normalization's own max, so there is nothing to keep: refused.
-    * GlobalResponseNorm (ConvNeXt V2): ``x + gamma * (x * N(x)) + beta`` with ``N(x) =
-      ||x||_spatial / (mean_channels ||x||_spatial + eps)``: the identity remains (it is the
-      identity at its init too, gamma = beta = 0).
+    * GlobalResponseNorm (ConvNeXt V2; timm's, and Hugging Face's ``ConvNextV2GRN``):
+      ``x + gamma * (x * N(x)) + beta`` with ``N(x) = ||x||_spatial / (mean_channels
+      ||x||_spatial + eps)``: the identity remains (it is the identity at its init too,
+      gamma = beta = 0: ``"identity_while_zero"`` names them).
     """
     cls = type(mod).__name__
     layer = f"{type(mod).__module__}.{cls}"
-    if cls == "GlobalResponseNorm":
-        return {"layer": layer, "activation": None,
+    if cls in _GRN_CLASSES:
+        return {"layer": layer, "activation": None, "identity_while_zero": ("weight", "bias"),
                 "formula": "x + gamma * (x * ||x||_spatial / (mean_channels ||x||_spatial + "
                            "eps)) + beta"}
 
@@ -239,10 +246,14 @@ def _python_state_kept(module: nn.Module):
     traced: the user's model then holds a value of a graph that is gone, and tracing it again
     failed ("Node add_28 referenced nonexistent value getitem_6"). Every submodule's
     attributes, and the contents of its dict / list / set attributes, are put back as they
-    were (the same objects); tensors are not touched (tracing does not write them)."""
+    were (the same objects); tensors are not touched (tracing does not write them).
+    Dict subclasses count: a module's forward hooks are an OrderedDict, and Hugging Face's
+    forwards register hooks at their first call (output capturing) and set a flag saying so;
+    with the flag undone and the hooks kept, each read of the model added them again
+    (``hidden_states`` then listed every layer's output twice)."""
     saved = [(mod, dict(vars(mod)),
               {k: (dict(v) if isinstance(v, dict) else type(v)(v))
-               for k, v in vars(mod).items() if type(v) in _CONTAINERS})
+               for k, v in vars(mod).items() if isinstance(v, _CONTAINERS)})
              for mod in module.modules()]
     try:
         yield
@@ -290,9 +301,10 @@ def _plain_transformer_path():
             transformer._get_seq_len = original
 
 
-class _Tracer(torch.fx.Tracer):
+class _Tracer(ShapeSpecializingTracer):
     """fx's default tracer plus extra leaf module classes, tracing through
-    :data:`_TRACED_THROUGH`."""
+    :data:`_TRACED_THROUGH`; with example inputs, Python's questions about traced sizes are
+    answered for them (:mod:`graphshape.frontends.torch_specialize`)."""
 
     def __init__(self, leaf_classes: tuple, empty_varargs=()):
         super().__init__()
@@ -491,7 +503,10 @@ def _what_to_do(module: nn.Module) -> str:
             f"({type(backbone).__name__})")
 
 
-def _trace(module: nn.Module, leaf_modules, fixed: dict[str, Any]) -> torch.fx.GraphModule:
+def _trace(module: nn.Module, leaf_modules, fixed: dict[str, Any],
+           example_inputs: tuple | None = None) -> torch.fx.GraphModule:
+    """The fx GraphModule of ``module``; ``gm.meta["specialized"]`` lists the branches on
+    sizes taken for ``example_inputs`` (:mod:`graphshape.frontends.torch_specialize`)."""
     leaf_classes = tuple(c for c in (_stochastic_depth_class(), *_norm_act_classes(),
                                      *_frozen_batch_norm_classes(),
                                      *_norm_activation_classes(),
@@ -499,12 +514,16 @@ def _trace(module: nn.Module, leaf_modules, fixed: dict[str, Any]) -> torch.fx.G
                                      *_GRAPHSHAPE_MODULES,
                                      *leaf_modules) if c is not None)
     tracer = _Tracer(leaf_classes, [name for name in fixed if name.startswith("*")])
+    if example_inputs is not None:
+        tracer.use_examples(module, example_inputs, fixed)
     # (the GraphModule is built before the model's attributes are put back: it copies the
     # tensor constants fx stored on the root module while tracing, `_tensor_constant0`)
     with _python_state_kept(module):
         graph = _symbolic_trace(tracer, module, fixed)
         _drop_fixed_placeholders(graph, fixed)
-        return torch.fx.GraphModule(tracer.root, graph, module.__class__.__name__)
+        gm = torch.fx.GraphModule(tracer.root, graph, module.__class__.__name__)
+        gm.meta["specialized"] = tracer.specialized
+        return gm
 
 
 def _symbolic_trace(tracer, module: nn.Module, fixed: dict[str, Any]) -> torch.fx.Graph:
@@ -555,7 +574,8 @@ class _ShapeProp(PlainArgsMixin, ShapeProp):
 
 def _propagate_shapes(gm: torch.fx.GraphModule, example_inputs: tuple) -> None:
     """ShapeProp in eval mode without gradients, so that loading never changes the user's
-    module (train-mode batch norm would update its running statistics). The frontend only
+    module (train-mode batch norm would update its running statistics) nor the random state
+    (a forward may draw random numbers). The frontend only
     reads each value's shape and dtype (``tensor_meta``), so this first tries 'meta' tensors
     (:func:`_propagate_on_meta`: no compute) and runs the real forward pass only when that
     fails."""
@@ -565,7 +585,8 @@ def _propagate_shapes(gm: torch.fx.GraphModule, example_inputs: tuple) -> None:
         gm.eval()
         # ShapeProp prints a traceback to stderr before re-raising: keep it quiet, and
         # report the root cause with the fx node it happened at
-        with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):
+        with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()), \
+                rng_kept(example_inputs):
             if not _propagate_on_meta(gm, example_inputs):
                 _ShapeProp(gm).propagate(*example_inputs)
     except Exception as exc:
@@ -783,12 +804,19 @@ class _Loader:
         self.module = module
         self.example_inputs = example_inputs
         fixed = _fixed_args(module, len(example_inputs or ()))
-        self.gm = _trace(module, leaf_modules, fixed)
+        self.gm = _trace(module, leaf_modules, fixed, example_inputs)
         self.has_shapes = example_inputs is not None
         if self.has_shapes:
             _propagate_shapes(self.gm, example_inputs)
         self.graph = Graph({"source": "torch", "has_shapes": self.has_shapes,
                             **_module_meta(module, fixed)})
+        if self.gm.meta["specialized"]:
+            # one entry per line of the model's code, with how often it was asked
+            counts: dict[str, int] = {}
+            for place in self.gm.meta["specialized"]:
+                counts[place] = counts.get(place, 0) + 1
+            self.graph.meta["specialized"] = [
+                place + (f" ({n} times)" if n > 1 else "") for place, n in counts.items()]
         self.env: dict[torch.fx.Node, Any] = {}   # fx node -> Ref | _Lazy | _Multi
         self.nontensor: set[torch.fx.Node] = set()
         self._materialized: list = []  # lazy constants turned into nodes by the current call
@@ -919,6 +947,8 @@ class _Loader:
             self.env[fx_node] = ref
             return
         flags.append("opaque")
+        if fx_node.op == "call_function" and fx_node.target in _CHECKS:
+            flags.append(CHECK)
         if _reads_metadata_only(fx_node):
             # x.new_empty(shape), torch.zeros_like(x), torch.rand_like(x): a tensor made from
             # x's shape and dtype, not its values (drop path's mask in training mode)
@@ -2019,6 +2049,9 @@ def _moves_data_only(fx_node) -> bool:
             for i in index)
     return False
 
+
+#: functions called for what they do: they raise when a condition fails
+_CHECKS = frozenset({torch._assert, _tm.check_traced_branch})
 
 #: tensor methods and functions that draw random numbers
 _RANDOM_METHODS = frozenset({"bernoulli", "bernoulli_", "uniform_", "normal_", "random_",

@@ -82,6 +82,11 @@ TENSOR_CONTAINER = "tensor_container"
 #: a crop by computed sizes, F.pad by computed amounts): the analysis takes them as the
 #: identity on q and c (approximate, as slice and pad), shaping does not warn of them
 DATA_MOVEMENT = "data movement"
+#: flag of an opaque node kept for what it does, not its value: a check that raises when the
+#: model's inputs do not fit (``torch._assert``: timm's "Input height doesn't match model",
+#: graphshape's guards of branches traced for the example inputs' sizes).
+#: :meth:`Graph.remove_dead` keeps it while what it reads is computed anyway.
+CHECK = "check"
 
 
 def holds_tensors(node: "Node") -> bool:
@@ -391,11 +396,18 @@ class Graph:
         return self.remove(name)
 
     def remove_dead(self) -> list[str]:
-        """Remove nodes from which no graph output is reachable (inputs are kept)."""
+        """Remove nodes from which no graph output is reachable (inputs are kept), except
+        :data:`CHECK` nodes whose inputs are computed for the outputs, or from their values'
+        sizes (a check would not keep a removed branch alive)."""
         live = set()
         for name in self.output_nodes:
             live.add(name)
             live |= nx.ancestors(self.nx, name)
+        for name in [n for n in self.topo_order() if n not in live
+                     and CHECK in self[n].meta.get("flags", ())]:
+            needed = nx.ancestors(self.nx, name) - live
+            if all("shape_computation" in self[n].meta.get("flags", ()) for n in needed):
+                live |= needed | {name}
         dead = [n for n in reversed(self.topo_order())
                 if n not in live and self[n].op not in ("input", "output")]
         for n in dead:

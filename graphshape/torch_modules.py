@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import keyword
+import operator
 from typing import Any, Callable, Sequence
 
 import torch
@@ -222,6 +223,25 @@ def output_call(cls: type, items: dict) -> tuple[Callable, tuple, dict] | None:
     if all(k.isidentifier() and not keyword.iskeyword(k) for k in items):
         return cls, (), dict(items)
     return None
+
+
+#: how :func:`check_traced_branch` reads the value Python asked for
+_BRANCH_READS = {"bool": bool, "int": int, "float": float, "index": operator.index, "len": len}
+
+
+@recorded_when_traced
+def check_traced_branch(value: Any, read: str, expected: Any, where: str) -> None:
+    """Raise unless ``read(value)`` (``"bool"``, ``"int"``, ``"float"``, ``"index"``,
+    ``"len"``) is ``expected``: the graph was traced with that answer to a question the
+    model's Python code asked about sizes at ``where`` (an ``if`` on a padding, an
+    ``int(sqrt(N))``: :mod:`graphshape.frontends.torch_specialize`), so another answer
+    would take a path the graph does not have."""
+    got = _BRANCH_READS[read](value)
+    if got != expected:
+        raise GraphshapeError(
+            f"this model was traced for inputs of the example inputs' sizes, where {where} "
+            f"gave {expected!r}; these inputs give {got!r} and take another path: shape the "
+            "source model with example inputs of these sizes to use them")
 
 
 @recorded_when_traced

@@ -310,12 +310,14 @@ def rule_norm_activation(ctx: RuleContext) -> Kernel:
         raise UnknownKernel(f"no kernel rule for {remainder['layer']}: {remainder['refused']}")
     module = ctx.node.attrs.get("module")
     k = _only_signal(ctx)
-    if type(module).__name__ == "GlobalResponseNorm":
-        # x + gamma * (x * N(x)) + beta: the identity while gamma and beta are 0 (its init)
-        if any(np.any(p != 0.0) for p in (_module_array(module, "weight"),
-                                          _module_array(module, "bias")) if p is not None):
-            raise UnknownKernel("no kernel rule for a GlobalResponseNorm whose weight or "
-                                "bias is not 0 (the identity only at its init)")
+    if "identity_while_zero" in remainder:
+        # GRN, x + gamma * (x * N(x)) + beta: the identity while gamma and beta are 0 (its init)
+        if any(np.any(p != 0.0) for p in (_module_array(module, name)
+                                          for name in remainder["identity_while_zero"])
+               if p is not None):
+            raise UnknownKernel(f"no kernel rule for a {remainder['layer']} whose "
+                                f"{' or '.join(remainder['identity_while_zero'])} is not 0 "
+                                "(the identity only at its init)")
         return k
     weight, bias = _module_array(module, "weight"), _module_array(module, "bias")
     gain = 1.0 if weight is None else float(np.mean(np.square(weight)))

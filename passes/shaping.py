@@ -641,6 +641,12 @@ _SOURCE_WARNINGS: dict[str, Callable[[Any, dict], str]] = {
         "follows the example inputs (another input size may need another path), dropout "
         "and drop path are not in the shaped model, and names without a matching source "
         "module or tensor follow the export"),
+    "specialized": lambda places, meta: (
+        f"forward asks Python for the value of a traced size at {len(places)} place(s) "
+        f"({_some(places, 2)}): torch.fx traced them for the example inputs' sizes (none "
+        "depends on the batch size), and the shaped model checks each, raising on an input "
+        "that would take another path: shape again with example inputs of that size to use "
+        "it"),
     "frozen_params": lambda frozen, meta: (
         f"{len(frozen)} parameter(s) were frozen (requires_grad=False: {_some(frozen)}) and "
         "stay frozen in the shaped model under the same names, although shaping "

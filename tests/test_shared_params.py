@@ -14,6 +14,7 @@ from torch import nn
 
 import graphshape
 from graphshape.passes.shaping import shape_graph
+from untraceable import finite_or_raise
 
 
 class TiedLayers(nn.Module):
@@ -196,12 +197,11 @@ def test_an_opaque_module_called_twice_is_one_copy_tied_to_the_layer():
 
 
 class UntraceableSiamese(Siamese):
-    """Siamese, with a Python condition on a size that torch.fx cannot trace: read through
-    the model's ONNX export, where the block's tensors are one initializer each."""
+    """Siamese, with a check of values that torch.fx cannot trace: read through the
+    model's ONNX export, where the block's tensors are one initializer each."""
 
     def forward(self, x, y):
-        if x.shape[-1] > 8:
-            x = self.block(x)
+        x = self.block(finite_or_raise(x))
         return self.out(torch.cat([self.block(x), self.block(y)], 1))
 
 

@@ -17,6 +17,7 @@ from torch import nn
 import graphshape
 from graphshape.backend_torch import emit
 from graphshape.frontends.torch_fx import load_module
+from untraceable import finite_or_raise
 
 
 class Constants(nn.Module):
@@ -36,14 +37,13 @@ class Constants(nn.Module):
 
 
 class UntraceableConstants(Constants):
-    """The same, with control flow on a size (read through the ONNX export) and a reshape
+    """The same, with a check fx cannot trace (read through the ONNX export) and a reshape
     to twice the batch size (shape arithmetic on the dynamic batch, which the importer
     keeps as computed: integer constants in the export)."""
 
     def forward(self, x):
         h = torch.relu(self.conv(x - self.mean) * self.scale + self.shift)
-        if h.shape[-1] % 2:
-            h = F.pad(h, (0, 1, 0, 1))
+        h = finite_or_raise(F.pad(h, (0, 1, 0, 1)))
         n = h.shape[0]
         return self.fc(h.reshape(n * 2, 2, -1).mean(-1).reshape(n, 4))
 

@@ -16,11 +16,14 @@ import graphshape
 from graphshape import GraphshapeError
 from graphshape.backend_torch import emit
 from graphshape.frontends.torch_fx import load_module
+from untraceable import finite_or_raise
 
 
 class PadsOddSizes(nn.Module):
-    """Pads odd feature maps (`if x.shape[-1] % 2:`, which torch.fx cannot trace), adds a
-    learned offset and returns a dict, as timm's windowed-attention models do."""
+    """Pads odd feature maps (`if x.shape[-1] % 2:`), adds a learned offset and returns a
+    dict, as timm's windowed-attention models do; checks its input's values first, an `if`
+    torch.fx cannot trace (the branch on the size alone it now traces for the example's
+    size: tests/test_size_branches.py)."""
 
     def __init__(self):
         super().__init__()
@@ -32,7 +35,7 @@ class PadsOddSizes(nn.Module):
         self.fc = nn.Linear(8, 4)
 
     def forward(self, x):
-        x = torch.relu(self.bn1(self.conv1(x)))
+        x = torch.relu(self.bn1(self.conv1(finite_or_raise(x))))
         if x.shape[-1] % 2:
             x = F.pad(x, (0, 1, 0, 1))
         x = x + self.offset
@@ -223,8 +226,7 @@ def _same_padding(size, kernel=3):
 
 class SamePaddedGELUNet(nn.Module):
     """Convs with BatchNorm and GELU and "same" padding computed from the input's size, as
-    timm's dm_nfnet does: torch.fx cannot trace it (``max`` of a traced size), nor the model
-    graphshape emits from its export (whose pads are computed at run time)."""
+    timm's dm_nfnet does."""
 
     def __init__(self, width=64, depth=4):
         super().__init__()
@@ -239,6 +241,17 @@ class SamePaddedGELUNet(nn.Module):
         return x
 
 
+class Untraceable(nn.Module):
+    """``inner`` after a check torch.fx cannot trace: read through its ONNX export."""
+
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        return self.inner(finite_or_raise(x))
+
+
 def test_a_shaped_model_read_through_its_export_again_keeps_its_transforms():
     """``graphshape.analyze`` of a shaped model that torch.fx cannot trace reads it through
     its export, where each TransformedActivation is spelled out as Mul / Add nodes; read so,
@@ -248,7 +261,8 @@ def test_a_shaped_model_read_through_its_export_again_keeps_its_transforms():
     x = torch.randn(4, 3, 9, 9, generator=torch.Generator().manual_seed(5))
     shaped = graphshape.shape(SamePaddedGELUNet().eval(), x, method="DKS", seed=0)
     params = shaped.meta["graphshape"].activation_params["gelu_exact"]
-    graph = load_module(shaped, x)
+    wrapped = Untraceable(shaped)
+    graph = load_module(wrapped, x)
     assert graph.meta["traced_with"] == "torch.onnx.export"
     acts = [n for n in graph if n.op == "activation"]
     assert len(acts) == 4 and "mul" not in graph.count_ops() and "add" not in graph.count_ops()
@@ -257,7 +271,7 @@ def test_a_shaped_model_read_through_its_export_again_keeps_its_transforms():
         assert act.attrs["transform"] == pytest.approx(params)
     with torch.no_grad():  # and the module emitted from it is the shaped model
         torch.testing.assert_close(emit(graph)(x), shaped(x), rtol=1e-5, atol=1e-5)
-    rows = {r["node"]: r for r in graphshape.analyze(shaped, x, empirical=True).rows}
+    rows = {r["node"]: r for r in graphshape.analyze(wrapped, x, empirical=True).rows}
     last = rows[acts[-1].name]
     # DKS: q ~ 1 at every activation (0.93: the analysis counts the zero padding); spelled
     # out, the prediction at the output was 2.03 (measured 1.02)

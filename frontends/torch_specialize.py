@@ -1,0 +1,397 @@
+"""Python control flow on tensor shapes, traced for the example inputs' shapes.
+
+``torch.fx.symbolic_trace`` cannot record ``if x.shape[1] != self.num_channels:`` (Hugging
+Face's embeddings), ``if pad_r > 0:`` after ``pad_r = (ws - W % ws) % ws`` (twins),
+``int(N ** 0.5)`` (ConViT, NesT) or ``math.ceil(H / patch)`` (MobileViT): each asks Python
+for the value of a traced size (``bool``, ``int``, ``float``, ``len``, ``range``), which a
+Proxy does not have. fx leaves this to a custom tracer (``Tracer.to_bool``: "a custom tracer
+... can choose to return a value"); :class:`ShapeSpecializingTracer` answers when
+
+- the value is computed from tensors' metadata only (``.shape``, ``.size()``, ``.dim()``,
+  ``.ndim``, ``.dtype``, ``.device``, ``len(x)``) and Python arithmetic on it, never from a
+  tensor's entries (``if x.sum() > 0`` stays an error: that branch depends on the data), and
+- it is the same on the example inputs and on them with another batch size (axis 0 of
+  the inputs of the examples' batch size made 1 and 2b + 1): a branch on the batch size
+  would make the traced graph right for some batch sizes only. (A threshold between
+  those sizes, ``if B > 8:`` for a batch of 2, is not seen: probing is not proof.)
+
+The value is computed by running the part of the graph traced so far (an fx ``Interpreter``
+on the graph under construction, its values cached for the next question), on 'meta' tensors
+where they can stand in (no compute), else on the real inputs in eval mode without
+gradients, on copies of the buffers and with the random state put back: reading the model
+never changes it. The traced graph gets a guard, ``torch._assert(<the traced condition>,
+...)``, which the shaped model keeps: an input that would take another branch raises
+instead of computing the wrong thing. ``torch.onnx.export``, graphshape's other way in,
+follows the example inputs' path too, without the guard, and without the source's
+dropout and drop path.
+
+``torch.fx.experimental.meta_tracer.MetaTracer`` answers every ``.shape`` with the meta
+tensor's sizes, so the batch size would be a constant in every reshape of the traced graph;
+here only the values Python asks for become constants.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import operator
+import os
+import sys
+from typing import Any, Callable
+
+import torch
+import torch.fx
+from torch import nn
+
+from graphshape import torch_modules as _tm
+
+#: how a method call reads its tensor: metadata only
+_METADATA_METHODS = frozenset({"size", "dim", "ndimension", "numel", "nelement",
+                               "is_floating_point", "is_complex", "get_device"})
+#: ``getattr(x, name)`` that reads metadata only
+_METADATA_ATTRIBUTES = frozenset({"shape", "ndim", "dtype", "device", "is_cuda", "is_meta",
+                                  "layout"})
+#: Python functions of Python values (sizes, flags): computed from their arguments only
+_PURE_FUNCTIONS = frozenset({
+    *(getattr(operator, name) for name in (
+        "add", "sub", "mul", "truediv", "floordiv", "mod", "pow", "neg", "pos", "abs",
+        "eq", "ne", "lt", "le", "gt", "ge", "not_", "and_", "or_", "xor", "getitem",
+        "index", "lshift", "rshift", "invert", "truth", "contains", "is_", "is_not")),
+    int, float, bool, len, min, max, abs, round, divmod, sum, tuple, list,
+    math.ceil, math.floor, math.sqrt, math.log, math.log2, math.prod, math.gcd})
+
+#: the frames of this package's tracing code and fx's, skipped to find the model's line
+_TRACING_FILES = (os.path.dirname(torch.fx.__file__), os.path.dirname(__file__))
+
+
+def reads_metadata_only(node: torch.fx.Node, memo: dict) -> bool:
+    """Whether fx node ``node``'s value is computed from tensors' shapes, dtypes and devices
+    and constants only (never from a tensor's entries, a model input that is not a tensor's
+    metadata, or a module's state)."""
+    if node in memo:
+        return memo[node]
+    memo[node] = False  # (a graph has no cycles; this only guards the recursion)
+    operands = [a for a in node.all_input_nodes]
+    if node.op == "call_method" and node.target in _METADATA_METHODS:
+        result = all(reads_metadata_only(a, memo) for a in operands[1:])
+    elif node.op == "call_function" and node.target is getattr:
+        # a tensor's metadata, or an attribute of metadata (``x.device.type``)
+        result = len(node.args) == 2 and (node.args[1] in _METADATA_ATTRIBUTES or all(
+            reads_metadata_only(a, memo) for a in operands))
+    elif node.op == "call_function" and node.target is len:
+        result = True  # the length of a tensor is its size along axis 0
+    elif node.op == "call_function" and node.target in _PURE_FUNCTIONS:
+        result = all(reads_metadata_only(a, memo) for a in operands)
+    elif node.op == "call_method" and operands:
+        # a method of a size (torch.Size.numel, tuple.index): of its operands only
+        result = all(reads_metadata_only(a, memo) for a in operands) and node.target in (
+            "numel", "index", "count", "__getitem__")
+    else:
+        result = False
+    memo[node] = result
+    return result
+
+
+class _NoMeta(Exception):
+    """Meta tensors cannot stand in for the real ones in this computation."""
+
+
+class ExampleValues:
+    """Values of the nodes of a graph being traced, computed on the example inputs, or on
+    them with another batch size (axis 0 of the tensors whose axis 0 is the first tensor
+    input's, cut or repeated), cached by node and batch size."""
+
+    def __init__(self, root: nn.Module, graph: torch.fx.Graph, fixed: dict[str, Any],
+                 inputs_by_name: dict[str, Any]):
+        self.root = root
+        self.graph = graph
+        #: forward's parameters by name: the example inputs, and those traced at a constant
+        self.inputs_by_name = inputs_by_name
+        self.fixed = fixed
+        self.on_meta = _meta_can_stand_in(root, inputs_by_name.values())
+        #: the device of the inputs, which meta tensors report as theirs
+        self.device = next((t.device for t in inputs_by_name.values()
+                            if isinstance(t, torch.Tensor)), None)
+        self.envs: dict[int, dict] = {}
+        #: the example inputs' batch size: the first tensor input's axis 0 (None: none)
+        self.batch = next((t.shape[0] for t in inputs_by_name.values()
+                           if isinstance(t, torch.Tensor) and t.dim()), None)
+
+    def value(self, node: torch.fx.Node, batch: int):
+        try:
+            return self._value(node, batch)
+        except _NoMeta:
+            self.on_meta, self.envs = False, {}
+            return self._value(node, batch)
+
+    def _value(self, node: torch.fx.Node, batch: int):
+        from graphshape.frontends.torch_fx import (PlainArgsMixin, _on_meta,
+                                                   _python_state_kept)
+
+        env = self.envs.setdefault(batch, {})
+        needed, seen, stack = [], set(env), [(node, False)]
+        while stack:  # the node's ancestors not yet computed, each after its inputs
+            n, inputs_done = stack.pop()
+            if inputs_done:
+                needed.append(n)
+            elif n not in seen:
+                seen.add(n)
+                stack.append((n, True))
+                stack.extend((a, False) for a in n.all_input_nodes if a not in seen)
+
+        device = self.device if self.on_meta else None
+
+        class Interp(PlainArgsMixin, torch.fx.Interpreter):
+            def call_function(self, target, args, kwargs):
+                # a meta tensor reports the device of the tensors it stands in for
+                if device is not None and target is getattr and len(args) == 2 and \
+                        isinstance(args[0], torch.Tensor) and args[0].is_meta:
+                    if args[1] == "device":
+                        return device
+                    if args[1] in ("is_meta", "is_cuda"):
+                        return device.type == args[1][3:]
+                return super().call_function(target, args, kwargs)
+
+            def call_method(self, target, args, kwargs):
+                if device is not None and target == "get_device" and isinstance(
+                        args[0], torch.Tensor) and args[0].is_meta:
+                    return -1 if device.type == "cpu" else device.index
+                return super().call_method(target, args, kwargs)
+
+        interp = Interp(self.root, garbage_collect_values=False, graph=self.graph)
+        interp.env = env
+        # fx's patches of nn.Module.__call__ / __getattr__ and of wrapped functions are
+        # undone while the model runs: they would record the real calls into the graph
+        revert = getattr(torch.fx._symbolic_trace, "_maybe_revert_all_patches")
+        with revert(), _python_state_kept(self.root), _modes_kept(self.root), \
+                _hooks_off(self.root), \
+                torch.no_grad(), rng_kept(self.inputs_by_name.values()), \
+                (_on_meta(self.root) if self.on_meta else _buffers_kept(self.root)):
+            self.root.eval()
+            for n in needed:
+                if n.op == "placeholder":
+                    env[n] = self._input(n, batch)
+                    continue
+                try:
+                    env[n] = interp.run_node(n)
+                except Exception as exc:
+                    if self.on_meta:
+                        raise _NoMeta from exc
+                    raise
+        return env[node]
+
+    def _input(self, n: torch.fx.Node, batch: int | None):
+        name = n.target.lstrip("*")
+        if name in self.inputs_by_name:
+            value = self.inputs_by_name[name]
+            if not isinstance(value, torch.Tensor):
+                return value
+            if value.dim() and value.shape[0] == self.batch and batch != self.batch:
+                if self.on_meta:
+                    return torch.empty((batch, *value.shape[1:]), dtype=value.dtype,
+                                       device="meta")
+                return torch.cat([value] * math.ceil(batch / self.batch))[:batch]
+            return torch.empty_like(value, device="meta") if self.on_meta else value
+        if name in self.fixed:
+            return self.fixed[name]
+        if n.args:
+            return n.args[0]  # the parameter's default
+        raise KeyError(name)
+
+
+def rng_kept(tensors):
+    """``torch.random.fork_rng`` for the CPU and the CUDA devices of ``tensors``: random
+    numbers a forward draws while graphshape reads the model (``torch.rand_like``, dropout
+    in training mode) leave the user's random state as it was."""
+    devices = sorted({t.device.index or 0 for t in tensors
+                      if isinstance(t, torch.Tensor) and t.device.type == "cuda"})
+    return torch.random.fork_rng(devices=devices)
+
+
+def _meta_can_stand_in(root: nn.Module, inputs) -> bool:
+    """As :func:`graphshape.frontends.torch_fx._propagate_on_meta` decides: floating-point
+    inputs, one floating dtype and one device, no global forward hooks (the modules' own
+    are off while the graph is evaluated: :func:`_hooks_off`)."""
+    if nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks:
+        return False
+    tensors = [t for t in inputs if isinstance(t, torch.Tensor)]
+    if not tensors or not all(t.is_floating_point() for t in tensors):
+        return False
+    tensors += [*root.parameters(), *root.buffers()]
+    dtypes = {t.dtype for t in tensors if t.is_floating_point()}
+    devices = {t.device for t in tensors}
+    return (len(dtypes) == 1 and dtypes <= {torch.float32, torch.float64}
+            and len(devices) == 1 and next(iter(devices)).type != "meta")
+
+
+@contextlib.contextmanager
+def _modes_kept(module: nn.Module):
+    modes = [(m, m.training) for m in module.modules()]
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
+#: nn.Module's stores of forward hooks
+_HOOK_STORES = ("_forward_hooks", "_forward_pre_hooks", "_forward_hooks_with_kwargs",
+                "_forward_pre_hooks_with_kwargs", "_forward_hooks_always_called")
+
+
+@contextlib.contextmanager
+def _hooks_off(module: nn.Module):
+    """The modules' forward hooks off while the graph is evaluated: the graph does not call
+    a leaf module's hooks (fx records what it computes), and a hook that records what it
+    sees (Hugging Face's output capturing, which collects ``hidden_states``) would keep
+    values of the evaluation and give the rest of the trace wrong ones."""
+    saved = []
+    try:
+        for mod in module.modules():
+            for store in _HOOK_STORES:
+                hooks = getattr(mod, store, None)
+                if hooks:
+                    saved.append((mod, store, hooks))
+                    setattr(mod, store, type(hooks)())
+        yield
+    finally:
+        for mod, store, hooks in saved:
+            setattr(mod, store, hooks)
+
+
+@contextlib.contextmanager
+def _buffers_kept(module: nn.Module):
+    """Each buffer replaced by a copy while the model runs (a counter or running statistic a
+    forward updates in eval mode changes the copy)."""
+    swapped = []
+    try:
+        for mod in module.modules():
+            for name, t in mod._buffers.items():
+                if t is not None:
+                    swapped.append((mod._buffers, name, t))
+                    mod._buffers[name] = t.clone()
+        yield
+    finally:
+        for store, name, t in reversed(swapped):
+            store[name] = t
+
+
+def _model_line() -> tuple[str, str]:
+    """(``file:line``, the source line) of the model's code that asked for a value."""
+    frame = sys._getframe(1)
+    while frame is not None and frame.f_code.co_filename.startswith(_TRACING_FILES):
+        frame = frame.f_back
+    if frame is None:
+        return "?", ""
+    import linecache
+
+    filename, line = frame.f_code.co_filename, frame.f_lineno
+    return f"{os.path.basename(filename)}:{line}", linecache.getline(filename, line).strip()
+
+
+class Proxy(torch.fx.Proxy):
+    """fx's Proxy, which asks its tracer for ``int()``, ``float()``, ``operator.index`` (a
+    size in ``range``, a slice, ``math.ceil``) and ``len()`` where fx raises."""
+
+    def __getattr__(self, k: str):
+        return Attribute(self, k)
+
+    def __len__(self) -> int:
+        return self.tracer.concrete(self, "len")
+
+    def __int__(self) -> int:
+        return self.tracer.concrete(self, "int")
+
+    def __index__(self) -> int:
+        return self.tracer.concrete(self, "index")
+
+    def __float__(self) -> float:
+        return self.tracer.concrete(self, "float")
+
+
+class Attribute(Proxy, torch.fx.proxy.Attribute):
+    """fx's Attribute (``x.shape`` before it is called or read) as a :class:`Proxy`."""
+
+
+class ShapeSpecializingTracer(torch.fx.Tracer):
+    """A Tracer that answers Python's questions about traced sizes for the example inputs
+    (module docstring). Set :meth:`use_examples` before tracing; without examples it raises
+    as fx does."""
+
+    #: set by :meth:`use_examples`: (root, fixed parameters, example inputs by name)
+    _example_setup: tuple | None = None
+    examples: ExampleValues | None = None
+
+    def use_examples(self, root: nn.Module, inputs: tuple, fixed: dict[str, Any]) -> None:
+        """Answer for ``root(*inputs)``, with ``fixed`` the parameters traced at a constant
+        (:func:`graphshape.frontends.torch_fx._fixed_args`)."""
+        import inspect
+
+        try:
+            params = [p for p in inspect.signature(root.forward).parameters.values()
+                      if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        except (TypeError, ValueError):
+            return
+        if len(inputs) > len(params):
+            return  # forward(*xs) given several inputs: fx traces them as one value
+        self._example_setup = (root, fixed, {p.name: v for p, v in zip(params, inputs)})
+
+    def trace(self, root, concrete_args=None):
+        self.examples = None
+        #: fx node -> whether it reads metadata only (:func:`reads_metadata_only`)
+        self.metadata_memo: dict = {}
+        #: "file:line `source` -> value" of each branch taken for the examples, in order
+        self.specialized: list[str] = []
+        return super().trace(root, concrete_args)
+
+    def _values(self) -> ExampleValues | None:
+        if self.examples is None and self._example_setup is not None:
+            root, fixed, by_name = self._example_setup
+            self.examples = ExampleValues(root, self.graph, fixed, by_name)
+        return self.examples
+
+    def proxy(self, node: torch.fx.Node) -> torch.fx.Proxy:
+        return Proxy(node, self)
+
+    def to_bool(self, obj) -> bool:
+        return self.concrete(obj, "bool")
+
+    def iter(self, obj):
+        if self._values() is None:
+            return super().iter(obj)
+        length = len(obj)  # (checked: see concrete)
+        return iter([obj[i] for i in range(length)])
+
+    def concrete(self, obj, read: str):
+        """``read`` (``"bool"``, ``"int"``, ``"float"``, ``"index"``, ``"len"``) of
+        ``obj``'s value for the example inputs, checked in the graph
+        (:func:`graphshape.torch_modules.check_traced_branch`); fx's TraceError where the
+        value is not a function of sizes (``len`` reads a size only) or depends on the batch
+        size."""
+        values = self._values()
+        if values is None or not (read == "len" or reads_metadata_only(obj.node,
+                                                                       self.metadata_memo)):
+            super().to_bool(obj)  # fx's "... cannot be used as inputs to control flow"
+        where, source = _model_line()
+        place = f"`{source}` ({where})"
+        convert = _tm._BRANCH_READS[read]
+        batch = values.batch
+        try:
+            value = convert(values.value(obj.node, batch))
+            for other in ((1, 2 * batch + 1) if batch else ()):
+                answer = convert(values.value(obj.node, other))
+                if answer != value:
+                    raise torch.fx.proxy.TraceError(
+                        f"{read}() of a traced size at {place} depends on the batch size "
+                        f"({value!r} for the example inputs' {batch}, {answer!r} for "
+                        f"{other}): the trace would be right for some batch sizes only")
+        except torch.fx.proxy.TraceError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - any failure: a TraceError, as fx's
+            raise torch.fx.proxy.TraceError(
+                f"{read}() of a traced size at {place} could not be computed for the example "
+                f"inputs ({type(exc).__name__}: {str(exc)[:200]})") from None
+        self.create_proxy("call_function", _tm.check_traced_branch,
+                          (obj, read, value, place), {})
+        self.specialized.append(f"{where} `{source}` -> {value!r}")
+        return value

@@ -1,0 +1,303 @@
+"""Python control flow on tensor sizes is traced by torch.fx for the example inputs' sizes
+(graphshape.frontends.torch_specialize): ``if x.shape[-1] % 2:`` (timm's twins pads its
+windows so), ``int(math.sqrt(n_tokens))`` (NesT, ConViT), ``if x.device.type == ...``.
+Before, such a model was read through its ONNX export (dropout and drop path lost, names
+from the export) or refused without example inputs; most Hugging Face vision models
+(``if num_channels != self.num_channels``) went that way. The shaped model checks each
+answer and raises a GraphshapeError naming the line on an input that would take another
+path; a branch on the batch size or on values is never frozen into the trace."""
+
+from __future__ import annotations
+
+import io
+import math
+import sys
+import types
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import graphshape
+from graphshape import GraphshapeError
+from graphshape.backend_torch import emit
+from graphshape.frontends.torch_fx import load_module
+from graphshape.ir import CHECK, Graph, Node, Ref, TensorInfo
+
+
+class PadsOddSizes(nn.Module):
+    """Pads odd feature maps to even (``if x.shape[-1] % 2:``), with dropout between."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.drop = nn.Dropout(0.5)
+        self.conv2 = nn.Conv2d(8, 8, 3, stride=2)
+        self.bn2 = nn.BatchNorm2d(8)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        x = self.drop(torch.relu(self.bn1(self.conv1(x))))
+        if x.shape[-1] % 2:
+            x = F.pad(x, (0, 1, 0, 1))
+        x = torch.relu(self.bn2(self.conv2(x)))
+        return self.fc(x.mean((2, 3)))
+
+
+class TokenGrid(nn.Module):
+    """Tokens back into a square grid, its side from ``int(math.sqrt(n))`` (NesT's
+    ``deblockify``), and a branch on the device (timm's EfficientViT asks it)."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Conv2d(3, 16, 2, stride=2)
+        self.norm = nn.LayerNorm(16)
+        self.fc = nn.Linear(16, 16)
+        self.conv = nn.Conv2d(16, 16, 3, padding=1)
+        self.bn = nn.BatchNorm2d(16)
+
+    def forward(self, x):
+        tokens = self.embed(x).flatten(2).transpose(1, 2)  # (B, N, C)
+        tokens = tokens + F.gelu(self.fc(self.norm(tokens)))
+        side = int(math.sqrt(tokens.shape[1]))
+        grid = tokens.transpose(1, 2).reshape(-1, 16, side, side)
+        # (the example's device, not the 'meta' stand-in's)
+        if x.device.type == "cpu":
+            grid = grid * 2
+        return F.gelu(self.bn(self.conv(grid))).mean((2, 3))
+
+
+def _x(batch=2, side=9):
+    return torch.randn(batch, 3, side, side, generator=torch.Generator().manual_seed(batch))
+
+
+def test_a_branch_on_a_size_is_traced_by_fx_for_the_example_size():
+    torch.manual_seed(0)
+    model = PadsOddSizes().eval()
+    graph = load_module(model, _x())
+    assert "traced_with" not in graph.meta  # torch.fx, not the ONNX export
+    [place] = graph.meta["specialized"]
+    assert "test_size_branches.py" in place and "if x.shape[-1] % 2:" in place
+    assert place.endswith("-> True")
+    assert "dropout" in graph.count_ops()  # the export would have dropped it
+    gm = emit(graph)
+    with torch.no_grad():
+        for batch in (1, 5):  # the batch size stays free
+            torch.testing.assert_close(gm(_x(batch)), model(_x(batch)))
+    with pytest.raises(GraphshapeError, match=r"if x.shape\[-1\] % 2:.*gave True; these inputs "
+                                              r"give False.*with example inputs of these sizes"):
+        gm(_x(2, side=10))
+
+
+def test_the_shaped_model_keeps_the_check_and_reports_the_place():
+    torch.manual_seed(0)
+    shaped = graphshape.shape(PadsOddSizes().eval(), _x(), method="DKS", seed=0)
+    [said] = [w for w in shaped.meta["graphshape"].warnings if "traced size" in w]
+    assert "test_size_branches.py" in said and "raising on an input" in said
+    assert not any("ONNX export" in w for w in shaped.meta["graphshape"].warnings)
+    assert shaped(_x(3)).shape == (3, 4)
+    buffer = io.BytesIO()  # a GraphModule is traced again when unpickled
+    torch.save(shaped, buffer)
+    buffer.seek(0)
+    reloaded = torch.load(buffer, weights_only=False)
+    for module in (shaped, reloaded):
+        with pytest.raises(GraphshapeError, match="traced for inputs of the example inputs' "
+                                                  "sizes"):
+            module(_x(2, side=12))
+    torch.testing.assert_close(reloaded(_x(3)), shaped(_x(3)))
+
+
+def test_int_of_a_size_and_a_device_branch_are_answered_for_the_examples():
+    torch.manual_seed(0)
+    model = TokenGrid().eval()
+    x = _x(2, side=8)
+    graph = load_module(model, x)
+    places = " ".join(graph.meta["specialized"])
+    assert "int(math.sqrt(tokens.shape[1]))` -> 4" in places
+    assert 'x.device.type == "cpu":` -> True' in places
+    gm = emit(graph)
+    with torch.no_grad():
+        torch.testing.assert_close(gm(_x(3, side=8)), model(_x(3, side=8)))
+    with pytest.raises(GraphshapeError, match=r"int\(math.sqrt"):
+        gm(_x(2, side=12))
+    shaped = graphshape.shape(model, x, method="TAT", seed=0)
+    assert shaped(_x(4, side=8)).shape == (4, 16)
+
+
+def test_a_branch_on_the_batch_size_is_not_frozen():
+    """Answered for one batch size, the graph would be wrong for the others: fx's refusal
+    stands (the model is then read through its export, as before)."""
+    class BatchDependent(nn.Module):
+        def forward(self, x):
+            if x.shape[0] > 1:
+                return x.mean(0, keepdim=True).expand_as(x)
+            return x
+
+    graph = load_module(BatchDependent(), torch.randn(2, 3))
+    assert graph.meta["traced_with"] == "torch.onnx.export"
+    assert "depends on the batch size (True for the example inputs' 2, False for 1)" in (
+        graph.meta["fx_error"])
+    assert "if x.shape[0] > 1:" in graph.meta["fx_error"]
+
+
+def test_a_branch_on_values_is_still_refused_by_fx():
+    class SignDependent(nn.Module):
+        def forward(self, x):
+            return torch.relu(x) if x.sum() > 0 else -x
+
+    with pytest.raises(GraphshapeError) as info:
+        load_module(SignDependent(), torch.ones(2, 3))
+    assert "control flow" in str(info.value)
+
+
+def test_answering_never_changes_the_model():
+    """The graph so far runs on the example inputs (here on real tensors: integer inputs
+    rule out 'meta' ones) in eval mode, on copies of the buffers, the random state kept."""
+    class Counted(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(10, 6)
+            self.bn = nn.BatchNorm1d(6)
+            self.fc = nn.Linear(6, 6)
+
+        def forward(self, ids):
+            h = self.bn(self.emb(ids).transpose(1, 2)).transpose(1, 2)
+            h = h + 0.0 * torch.rand_like(h)  # draws random numbers before the question
+            if h.shape[1] % 2:
+                h = F.pad(h, (0, 0, 0, 1))
+            return self.fc(torch.relu(h))
+
+    torch.manual_seed(0)
+    model = Counted().train()
+    stats = [t.clone() for t in model.bn.buffers()]
+    ids = torch.randint(0, 10, (2, 5))
+    state = torch.random.get_rng_state()
+    graph = load_module(model, ids)
+    assert graph.meta["specialized"]
+    assert torch.equal(torch.random.get_rng_state(), state)
+    assert all(torch.equal(a, b) for a, b in zip(model.bn.buffers(), stats))
+    assert model.training and model.bn.training
+
+
+def test_hooks_a_forward_registers_are_not_registered_twice():
+    """Hugging Face's forwards register output-capturing hooks at their first call and set
+    a flag saying so; reading the model undid the flag but kept the hooks, so each read
+    added them again (``hidden_states`` then held every layer's output twice)."""
+    class RegistersHooks(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layers = nn.ModuleList(nn.Linear(4, 4) for _ in range(2))
+            self.captured = []
+
+        def forward(self, x):
+            if not getattr(self, "_hooks_installed", False):
+                for layer in self.layers:
+                    layer.register_forward_hook(lambda m, i, o: self.captured.append(o))
+                self._hooks_installed = True
+            for layer in self.layers:
+                x = torch.relu(layer(x))
+            return x
+
+    model = RegistersHooks()
+    for _ in range(2):
+        load_module(model, torch.randn(2, 4))
+    model.captured.clear()
+    model(torch.randn(2, 4))
+    assert len(model.captured) == 2
+    assert all(len(layer._forward_hooks) == 1 for layer in model.layers)
+
+
+def test_a_check_is_kept_while_what_it_reads_is_computed():
+    """``Graph.remove_dead`` keeps a check (``torch._assert``: timm's "Input height doesn't
+    match model", graphshape's guards) on a live value's size, not one whose only reason to
+    compute a removed branch would be the check."""
+    g = Graph({"source": "test"})
+    g.add(Node("x", "input", outputs=[TensorInfo((2, 4), "float32")]))
+    g.add(Node("act", "activation", [Ref("x")], {"name": "relu"}))
+    g.add(Node("branch", "activation", [Ref("x")], {"name": "tanh"}))  # removed: unread
+    for name, read in (("size", "act"), ("size_b", "branch")):
+        g.add(Node(name, "opaque", [Ref(read)], {"description": "size"},
+                   outputs=[TensorInfo(None, "object")]))
+        g[name].meta["flags"] = ["opaque", "shape_computation"]
+        check = f"check_{read}"
+        g.add(Node(check, "opaque", [Ref(name)], {"description": "function torch._assert"},
+                   outputs=[TensorInfo(None, "object")]))
+        g[check].meta["flags"] = ["opaque", "shape_computation", CHECK]
+    g.add(Node("out", "output", [Ref("act")]))
+    assert sorted(g.remove_dead()) == ["branch", "check_branch", "size_b"]
+    assert "check_act" in g and "size" in g
+
+
+def test_the_source_assert_is_kept_in_the_shaped_model():
+    """timm's patch embeddings check the image size with ``torch._assert``; the shaped
+    model lost the check (removed as unused when the sums were rewritten)."""
+    class ChecksSize(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3, padding=1)
+            self.bn = nn.BatchNorm2d(4)
+
+        def forward(self, x):
+            torch._assert(x.shape[-1] == 9, "Input width doesn't match model (9).")
+            return x.mean(1, keepdim=True) + torch.relu(self.bn(self.conv(x)))
+
+    shaped = graphshape.shape(ChecksSize().eval(), _x(), method="DKS", seed=0)
+    assert shaped(_x(3)).shape == (3, 4, 9, 9)
+    with pytest.raises(AssertionError, match="Input width doesn't match model"):
+        shaped(_x(2, side=10))
+
+
+@pytest.fixture
+def hf_grn_module():
+    """Hugging Face's ConvNeXt V2 GRN (``transformers.models.convnextv2``'s
+    ``ConvNextV2GRN``, channels last), registered under its module's name as if
+    transformers were imported."""
+    name = "transformers.models.convnextv2.modeling_convnextv2"
+    module = types.ModuleType(name)
+
+    class ConvNextV2GRN(nn.Module):
+        def __init__(self, dim):
+            super().__init__()
+            self.weight = nn.Parameter(torch.zeros(1, 1, 1, dim))
+            self.bias = nn.Parameter(torch.zeros(1, 1, 1, dim))
+
+        def forward(self, hidden_states):
+            norms = torch.linalg.vector_norm(hidden_states, ord=2, dim=(1, 2), keepdim=True)
+            scaled = norms / (norms.mean(dim=-1, keepdim=True) + 1e-6)
+            return self.weight * (hidden_states * scaled) + self.bias + hidden_states
+
+    ConvNextV2GRN.__module__ = name
+    module.ConvNextV2GRN = ConvNextV2GRN
+    saved = sys.modules.get(name)
+    sys.modules[name] = module
+    yield ConvNextV2GRN
+    if saved is None:
+        del sys.modules[name]
+    else:
+        sys.modules[name] = saved
+
+
+def test_hugging_face_grn_is_removed_as_timm_grn(hf_grn_module):
+    """Traced by fx (Hugging Face's ConvNeXt V2 now is), its ``torch.linalg.vector_norm``
+    was refused as "a normalization layer that graphshape could not map"."""
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(8, 8, 3, padding=1, groups=8)
+            self.fc1 = nn.Linear(8, 16)
+            self.grn = hf_grn_module(16)
+            self.fc2 = nn.Linear(16, 8)
+
+        def forward(self, x):
+            h = self.conv(x).permute(0, 2, 3, 1)
+            h = self.fc2(self.grn(F.gelu(self.fc1(h)))).permute(0, 3, 1, 2)
+            return x + h
+
+    x = torch.randn(2, 8, 6, 6)
+    shaped = graphshape.shape(Block().eval(), x, method="DKS", seed=0)
+    removed = [r for r in shaped.meta["graphshape"].removed if "grn" in r["node"]]
+    assert removed and not any(isinstance(m, hf_grn_module) for m in shaped.modules())
+    assert np.isfinite(shaped(x).detach().numpy()).all()
