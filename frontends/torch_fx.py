@@ -212,9 +212,13 @@ def _std_conv_classes() -> tuple:
     NFNets, BiT ResNetV2s), kept as fx leaves and mapped to a conv holding the standardized
     weight, as ``torch.onnx.export`` writes them. Traced, their ``F.batch_norm`` on the weight
     and ``F.conv2d`` with a computed weight became opaque nodes: no kernel rule, no
-    re-initialization, and other DKS/TAT parameters than the model's ONNX export. (The
-    ``...Same`` variants pad dynamically and are traced as before.)"""
-    return _imported_classes((("timm.layers.std_conv", ("StdConv2d", "ScaledStdConv2d")),))
+    re-initialization, and other DKS/TAT parameters than the model's ONNX export. The
+    ``...Same`` variants (dm_nfnet, which fx traces since its "same" padding's ``max`` of
+    a size is answered for the example inputs) pad by the input's size first: an opaque
+    :func:`graphshape.torch_modules.pad_same` before the conv."""
+    return _imported_classes((("timm.layers.std_conv", ("StdConv2d", "ScaledStdConv2d",
+                                                        "StdConv2dSame",
+                                                        "ScaledStdConv2dSame")),))
 
 
 #: torch.nn containers traced through rather than kept as one opaque call: their layers
@@ -1355,7 +1359,7 @@ def _owner_path(weight, name: str = "weight") -> str | None:
 
 
 # -- modules
-def _m_conv(ld, fx_node, mod, params=None):
+def _m_conv(ld, fx_node, mod, params=None, x: Ref | None = None):
     dims = len(mod.kernel_size)
     pads = _conv_pads(mod.padding, mod.kernel_size, mod.dilation, dims)
     attrs = {"dims": dims, "in_channels": mod.in_channels, "out_channels": mod.out_channels,
@@ -1364,7 +1368,7 @@ def _m_conv(ld, fx_node, mod, params=None):
              "padding_mode": mod.padding_mode}
     if params is None:
         params = _module_params(mod, ["weight", "bias"])
-    _emit(ld, fx_node, "conv", [_input(ld, fx_node)], attrs, params)
+    _emit(ld, fx_node, "conv", [_input(ld, fx_node) if x is None else x], attrs, params)
 
 
 def _m_std_conv(ld, fx_node, mod):
@@ -1383,9 +1387,31 @@ def _m_std_conv(ld, fx_node, mod):
             weight=None if gain is None else (gain * mod.scale).view(-1),
             training=True, momentum=0.0, eps=mod.eps).reshape_as(mod.weight)
     params = {"weight": _to_numpy(weight), **_module_params(mod, ["bias"])}
-    _m_conv(ld, fx_node, mod, params)
+    x = None
+    if getattr(mod, "same_pad", False):  # StdConv2dSame, ScaledStdConv2dSame: padded first
+        x = _same_padded(ld, fx_node, mod)
+    _m_conv(ld, fx_node, mod, params, x)
     ld.graph[ld.env[fx_node].node].meta["weight_normalization"] = (
         "weight standardization", type(mod).__name__)
+
+
+def _same_padded(ld, fx_node, mod) -> Ref:
+    """An opaque :func:`graphshape.torch_modules.pad_same` of the layer's input (TensorFlow's
+    "same" padding, by the input's size at run time), flagged as data movement."""
+    x = _input(ld, fx_node)
+    info = ld.graph.info(x)
+    shape = None
+    if info.shape is not None and all(isinstance(d, int) for d in info.shape[-2:]):
+        pads = _tm.same_pads(info.shape[-2:], mod.kernel_size, mod.stride, mod.dilation)
+        shape = (*info.shape[:-2], info.shape[-2] + pads[2] + pads[3],
+                 info.shape[-1] + pads[0] + pads[1])
+    args = (x, tuple(mod.kernel_size), tuple(mod.stride), tuple(mod.dilation))
+    ref = ld.add(fx_node, "opaque", [x], {
+        "framework": "torch", "fx_op": "call_function", "target": _tm.pad_same, "args": args,
+        "kwargs": {}, "description": "function graphshape.torch_modules.pad_same"},
+        outputs=[TensorInfo(shape, info.dtype)], name=f"{fx_node.name}_pad")
+    ld.graph[ref.node].meta["flags"] += ["opaque", DATA_MOVEMENT]
+    return ref
 
 
 #: layers whose weight torch.nn.utils' weight_norm / spectral_norm may reparametrize
@@ -2028,6 +2054,8 @@ def _moves_data_only(fx_node) -> bool:
     target = fx_node.target
     if _calls(fx_node.op, target, _DATA_MOVEMENT_METHODS, _DATA_MOVEMENT_FUNCTIONS):
         return True
+    if fx_node.op == "call_function" and target is _tm.pad_same:
+        return True  # zeros around (a shaped model's timm StdConv2dSame, read again)
     if fx_node.op != "call_function":
         return False
     if target is F.pad:

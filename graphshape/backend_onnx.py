@@ -23,7 +23,7 @@ import numpy as np
 
 from graphshape.atomic import default_file_mode
 from graphshape.errors import GraphshapeError
-from graphshape.ir import Graph, Node, Ref
+from graphshape.ir import CHECK, Graph, Node, Ref
 
 #: opset used for graphs from torch (and any source without an opset)
 DEFAULT_TORCH_OPSET = 17
@@ -1089,6 +1089,21 @@ def _static_reshape_shape_use(user, name: str) -> bool:
             and bool(user.inputs) and user.inputs[0].node != name)
 
 
+def _without_checks(graph: Graph) -> Graph:
+    """``graph`` without its :data:`~graphshape.ir.CHECK` nodes (a PyTorch model's
+    ``torch._assert``, graphshape's checks of branches traced for the example inputs'
+    sizes) and the size computations only they read: ONNX has no op that raises, and the
+    ONNX exporters drop such checks too. ``graph`` itself when it has none."""
+    checks = [n.name for n in graph if CHECK in n.meta.get("flags", ())]
+    if not checks:
+        return graph
+    g = graph.copy(share=[a for n in graph for a in n.params.values()])  # (read only)
+    for name in checks:
+        g.remove(name)
+    g.remove_dead()
+    return g
+
+
 def emit(graph: Graph, opset: int | None = None):
     """Emit ``graph`` as an ``onnx.ModelProto`` in ``opset`` (default: the source's opset
     for ONNX graphs, 17 otherwise). Input and output names are kept. Raises
@@ -1105,6 +1120,7 @@ def emit(graph: Graph, opset: int | None = None):
     if not 9 <= opset <= max_opset:
         raise GraphshapeError(f"opset {opset} is not supported: graphshape writes opsets 9 to "
                               f"{max_opset}")
+    graph = _without_checks(graph)
     ctx = _Ctx(graph, opset)
     order = graph.topo_order()
     # graph inputs and outputs keep their names: reserve them first

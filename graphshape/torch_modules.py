@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import keyword
+import math
 import operator
 from typing import Any, Callable, Sequence
 
@@ -223,6 +224,28 @@ def output_call(cls: type, items: dict) -> tuple[Callable, tuple, dict] | None:
     if all(k.isidentifier() and not keyword.iskeyword(k) for k in items):
         return cls, (), dict(items)
     return None
+
+
+def same_pads(size: Sequence[int], kernel: Sequence[int], stride: Sequence[int],
+              dilation: Sequence[int]) -> tuple[int, int, int, int]:
+    """TensorFlow's "same" padding of a 2-d input of ``size`` (H, W), in ``F.pad`` order
+    (left, right, top, bottom): the output has ``ceil(size / stride)`` positions, the
+    extra row or column at the end."""
+    pads = []
+    for n, k, s, d in zip(size, kernel, stride, dilation):
+        total = max((math.ceil(n / s) - 1) * s + (k - 1) * d + 1 - n, 0)
+        pads.append((total // 2, total - total // 2))
+    (top, bottom), (left, right) = pads
+    return left, right, top, bottom
+
+
+@recorded_when_traced
+def pad_same(x: torch.Tensor, kernel: Sequence[int], stride: Sequence[int],
+             dilation: Sequence[int]) -> torch.Tensor:
+    """``x`` zero-padded for a "same" convolution (timm's ``pad_same``, before its
+    ``StdConv2dSame`` / ``ScaledStdConv2dSame`` / ``Conv2dSame``): by ``x``'s size, so at
+    any input size."""
+    return F.pad(x, same_pads(x.shape[-2:], kernel, stride, dilation))
 
 
 #: how :func:`check_traced_branch` reads the value Python asked for

@@ -112,6 +112,37 @@ def test_shape_removes_weight_standardization():
     assert torch.isfinite(out).all() and out.shape == (2, 4)
 
 
+def test_same_padded_weight_standardized_convs_pad_by_the_input_size():
+    """timm's ``ScaledStdConv2dSame`` / ``StdConv2dSame`` (dm_nfnet): padded for a "same"
+    convolution by the input's size, then a weight-standardized conv. fx traces them since
+    their padding's ``max`` of a size is answered for the example inputs; traced through,
+    their convs were opaque (no kernel rule, no re-initialization)."""
+    std_conv = pytest.importorskip("timm.layers.std_conv")
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        std_conv.ScaledStdConv2dSame(3, 8, 3, stride=2), torch.nn.GELU(),
+        std_conv.StdConv2dSame(8, 8, 3, stride=2), torch.nn.GELU(),
+        torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(8, 4)).eval()
+    x = torch.randn(2, 3, 9, 9)
+    g = graphshape.load(model, x)
+    convs = [n for n in g if n.op == "conv"]
+    assert [n.meta["weight_normalization"][1] for n in convs] == [
+        "ScaledStdConv2dSame", "StdConv2dSame"]
+    pads = [n for n in g if n.op == "opaque"]
+    assert len(pads) == 2 and all("data movement" in n.meta["flags"] for n in pads)
+    emitted = graphshape.to_torch(g)
+    with torch.no_grad():
+        for side in (9, 12):  # the padding follows the input's size
+            y = torch.randn(3, 3, side, side)
+            torch.testing.assert_close(emitted(y), model(y), rtol=1e-5, atol=1e-5)
+    rows = [r for r in graphshape.analyze(g, x).rows if r["op"] in ("conv", "linear")]
+    assert len(rows) == 3 and all(r["q_pred"] is not None for r in rows)
+    shaped = graphshape.shape(model, x, method="DKS", seed=0)
+    assert shaped.meta["graphshape"].initialized == 3
+    again = [r for r in graphshape.analyze(shaped, x).rows if r["op"] == "activation"]
+    assert len(again) == 2 and all(r["q_pred"] is not None for r in again)  # read again
+
+
 @pytest.mark.parametrize("act_layer, name", [("gelu", "gelu_exact"), ("gelu_tanh", "gelu"),
                                              ("sigmoid", "sigmoid"), ("tanh", "tanh")])
 def test_norm_act_with_timm_s_own_activation_modules(act_layer, name):

@@ -250,6 +250,29 @@ def test_the_source_assert_is_kept_in_the_shaped_model():
         shaped(_x(2, side=10))
 
 
+def test_written_as_onnx_the_checks_are_left_out():
+    """ONNX has no op that raises (the ONNX exporters drop ``torch._assert`` too): the
+    checks and the size computations only they read are not written, where before the
+    kept checks failed the write ("opaque torch op ... has no ONNX form")."""
+    import onnxruntime as ort
+
+    from graphshape.passes.shaping import shape_graph
+
+    torch.manual_seed(0)
+    model = PadsOddSizes().eval()
+    graph = graphshape.load(model, _x())
+    assert any(CHECK in n.meta["flags"] for n in graph)
+    shaped, _ = shape_graph(graph, method="DKS", seed=0)
+    assert any(CHECK in n.meta["flags"] for n in shaped)
+    proto = graphshape.to_onnx(shaped)
+    session = ort.InferenceSession(proto.SerializeToString())
+    x = _x(2).numpy()
+    got = session.run(None, {session.get_inputs()[0].name: x})[0]
+    with torch.no_grad():
+        want = graphshape.to_torch(shaped)(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
 @pytest.fixture
 def hf_grn_module():
     """Hugging Face's ConvNeXt V2 GRN (``transformers.models.convnextv2``'s
