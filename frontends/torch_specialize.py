@@ -19,9 +19,10 @@ The value is computed by running the part of the graph traced so far (an fx ``In
 on the graph under construction, its values cached for the next question), on 'meta' tensors
 where they can stand in (no compute), else on the real inputs in eval mode without
 gradients, on copies of the buffers and with the random state put back: reading the model
-never changes it. The traced graph gets a guard, ``torch._assert(<the traced condition>,
-...)``, which the shaped model keeps: an input that would take another branch raises
-instead of computing the wrong thing. ``torch.onnx.export``, graphshape's other way in,
+never changes it. The traced graph gets a check of each answer
+(:func:`graphshape.torch_modules.check_traced_branch`), which the shaped model keeps: an
+input that would take another branch raises a GraphshapeError naming the line instead of
+computing the wrong thing. ``torch.onnx.export``, graphshape's other way in,
 follows the example inputs' path too, without the guard, and without the source's
 dropout and drop path.
 
@@ -37,7 +38,7 @@ import math
 import operator
 import os
 import sys
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.fx
@@ -64,32 +65,45 @@ _PURE_FUNCTIONS = frozenset({
 _TRACING_FILES = (os.path.dirname(torch.fx.__file__), os.path.dirname(__file__))
 
 
+def _metadata_rule(node: torch.fx.Node) -> bool | list:
+    """True / False where ``node`` alone decides whether its value reads metadata only, else
+    the operands that must all read metadata only."""
+    operands = list(node.all_input_nodes)
+    if node.op == "call_method" and node.target in _METADATA_METHODS:
+        return operands[1:]  # (x.size(d): d too)
+    if node.op == "call_function" and node.target is getattr:
+        # a tensor's metadata, or an attribute of metadata (``x.device.type``)
+        return True if node.args[1:2] and node.args[1] in _METADATA_ATTRIBUTES else operands
+    if node.op == "call_function" and node.target is len:
+        return True  # the length of a tensor is its size along axis 0
+    if node.op == "call_function" and node.target in _PURE_FUNCTIONS:
+        return operands
+    if node.op == "call_method" and node.target in ("numel", "index", "count", "__getitem__"):
+        return operands  # a method of a size (torch.Size.numel, tuple.index)
+    return False
+
+
 def reads_metadata_only(node: torch.fx.Node, memo: dict) -> bool:
     """Whether fx node ``node``'s value is computed from tensors' shapes, dtypes and devices
     and constants only (never from a tensor's entries, a model input that is not a tensor's
-    metadata, or a module's state)."""
-    if node in memo:
-        return memo[node]
-    memo[node] = False  # (a graph has no cycles; this only guards the recursion)
-    operands = [a for a in node.all_input_nodes]
-    if node.op == "call_method" and node.target in _METADATA_METHODS:
-        result = all(reads_metadata_only(a, memo) for a in operands[1:])
-    elif node.op == "call_function" and node.target is getattr:
-        # a tensor's metadata, or an attribute of metadata (``x.device.type``)
-        result = len(node.args) == 2 and (node.args[1] in _METADATA_ATTRIBUTES or all(
-            reads_metadata_only(a, memo) for a in operands))
-    elif node.op == "call_function" and node.target is len:
-        result = True  # the length of a tensor is its size along axis 0
-    elif node.op == "call_function" and node.target in _PURE_FUNCTIONS:
-        result = all(reads_metadata_only(a, memo) for a in operands)
-    elif node.op == "call_method" and operands:
-        # a method of a size (torch.Size.numel, tuple.index): of its operands only
-        result = all(reads_metadata_only(a, memo) for a in operands) and node.target in (
-            "numel", "index", "count", "__getitem__")
-    else:
-        result = False
-    memo[node] = result
-    return result
+    metadata, or a module's state). ``memo`` caches the answers by node. (Without recursion:
+    a chain of residual adds is as long as the network.)"""
+    stack = [node]
+    while stack:
+        n = stack[-1]
+        if n in memo:
+            stack.pop()
+            continue
+        rule = _metadata_rule(n)
+        if isinstance(rule, bool):
+            memo[stack.pop()] = rule
+            continue
+        pending = [a for a in rule if a not in memo]
+        if pending:
+            stack.extend(pending)
+            continue
+        memo[stack.pop()] = all(memo[a] for a in rule)
+    return memo[node]
 
 
 class _NoMeta(Exception):
