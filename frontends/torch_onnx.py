@@ -128,14 +128,18 @@ def _non_tensor_output(outputs) -> str:
 
 def _probes(inputs: tuple) -> list[tuple]:
     """Inputs unlike the example: its floats negated (a branch on a value such as
-    ``if x.sum() > 0`` flips), and one more example in the batch (the dynamic axis)."""
+    ``if x.sum() > 0`` flips), one more example in the batch (the dynamic axis), and a
+    batch of one where the example's is larger (``if x.shape[0] > 1:`` flips)."""
     flipped = tuple(-x if x.is_floating_point() else x for x in inputs)
     generator = torch.Generator().manual_seed(0)
     grown = tuple(
         torch.cat([x, (torch.randn(x[:1].shape, generator=generator).to(x)
                        * x.std() + x.mean()) if x.is_floating_point() else x[:1]])
         if x.dim() else x for x in inputs)
-    return [flipped, grown]
+    probes = [flipped, grown]
+    if inputs and inputs[0].dim() and inputs[0].shape[0] > 1:
+        probes.append(tuple(x[:1] if x.dim() else x for x in inputs))
+    return probes
 
 
 def _check_export(proto, module: nn.Module, inputs: tuple, input_names: list[str],
@@ -187,10 +191,10 @@ def _fold_transformed_activations(graph: Graph, module: nn.Module) -> list[str]:
     """Put back each of graphshape's own ``TransformedActivation`` modules that the export
     spelled out (its scope's Mul / Add nodes and phi, named ``path.Mul``, ``path.Add_2``...)
     as one activation node with the module's transform, in place; returns their paths. A
-    shaped model torch.fx cannot trace either (timm's dm_nfnet_f0: its "same" padding)
-    is read through its export again by ``graphshape.analyze``; spelled out, the
-    transform's shifts were taken for variance (predicted q 27 at the output, measured
-    0.15). Only a region with one input and one output read outside it folds."""
+    shaped model torch.fx cannot trace either is read through its export again by
+    ``graphshape.analyze`` (timm's dm_nfnet_f0 was, before fx traced its "same" padding);
+    spelled out, the transform's shifts were taken for variance (predicted q 27 at the
+    output, measured 0.15). Only a region with one input and one output read outside it folds."""
     from graphshape.torch_modules import TransformedActivation
 
     folded = []

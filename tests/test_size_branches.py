@@ -129,18 +129,19 @@ def test_int_of_a_size_and_a_device_branch_are_answered_for_the_examples():
 
 def test_a_branch_on_the_batch_size_is_not_frozen():
     """Answered for one batch size, the graph would be wrong for the others: fx's refusal
-    stands (the model is then read through its export, as before)."""
+    stands, and the ONNX export, which follows the example's path, is refused by its
+    check on a batch of one (it was accepted, wrong for a batch of one)."""
     class BatchDependent(nn.Module):
         def forward(self, x):
             if x.shape[0] > 1:
-                return x.mean(0, keepdim=True).expand_as(x)
+                return x * 2
             return x
 
-    graph = load_module(BatchDependent(), torch.randn(2, 3))
-    assert graph.meta["traced_with"] == "torch.onnx.export"
-    assert "depends on the batch size (True for the example inputs' 2, False for 1)" in (
-        graph.meta["fx_error"])
-    assert "if x.shape[0] > 1:" in graph.meta["fx_error"]
+    with pytest.raises(GraphshapeError) as info:
+        load_module(BatchDependent(), torch.randn(2, 3))
+    message = str(info.value)
+    assert "depends on the batch size (True for the example inputs' 2, False for 1)" in message
+    assert "if x.shape[0] > 1:" in message and "computes other outputs" in message
 
 
 def test_a_branch_on_values_is_still_refused_by_fx():
@@ -151,6 +152,20 @@ def test_a_branch_on_values_is_still_refused_by_fx():
     with pytest.raises(GraphshapeError) as info:
         load_module(SignDependent(), torch.ones(2, 3))
     assert "control flow" in str(info.value)
+
+
+def test_a_branch_on_the_end_of_a_long_chain_is_refused_as_control_flow():
+    """Whether a value reads sizes only is decided without recursion: through 3000 adds
+    the check recursed past Python's limit (a RecursionError, not the reason)."""
+    class Deep(nn.Module):
+        def forward(self, x):
+            for _ in range(3000):
+                x = x + 1
+            return x * 2 if x else x, "text"  # (no export either: a str output)
+
+    with pytest.raises(GraphshapeError) as info:
+        load_module(Deep(), torch.ones(()))
+    assert "control flow" in str(info.value) and "RecursionError" not in str(info.value)
 
 
 def test_answering_never_changes_the_model():
