@@ -25,7 +25,8 @@ import warnings
 
 def _models():
     """name -> (model builder, example inputs): small configs of Hugging Face's vision
-    models, two text encoders, and a decoder."""
+    models (classifiers, backbones, segmentation and depth models), a text encoder, and a
+    decoder."""
     import torch
     import transformers as T
 
@@ -78,6 +79,42 @@ def _models():
         "levit": (lambda: T.LevitForImageClassification(T.LevitConfig(
             image_size=64, hidden_sizes=[32, 48, 64], num_attention_heads=[1, 2, 2],
             depths=[1, 1, 1], key_dim=[8, 8, 8], num_labels=10)), image(64)),
+        "bit": (lambda: T.BitForImageClassification(
+            T.BitConfig(**four, embedding_size=16, num_groups=8, num_labels=10)), image(64)),
+        "mobilenet_v1": (lambda: T.MobileNetV1ForImageClassification(
+            T.MobileNetV1Config(depth_multiplier=0.25, num_labels=10)), image(64)),
+        "mobilevitv2": (lambda: T.MobileViTV2ForImageClassification(
+            T.MobileViTV2Config(image_size=64, width_multiplier=0.5, num_labels=10)), image(64)),
+        "pvt_v2": (lambda: T.PvtV2ForImageClassification(T.PvtV2Config(
+            hidden_sizes=[16, 32, 64, 128], depths=[1, 1, 1, 1],
+            num_attention_heads=[1, 1, 2, 2], num_labels=10)), image(64)),
+        "swinv2": (lambda: T.Swinv2ForImageClassification(T.Swinv2Config(
+            image_size=32, patch_size=4, embed_dim=16, depths=[1, 1], num_heads=[1, 2],
+            window_size=4, num_labels=10)), image(32)),
+        "focalnet": (lambda: T.FocalNetForImageClassification(
+            T.FocalNetConfig(embed_dim=16, depths=[1, 1, 1, 1], num_labels=10)), image(64)),
+        "beit": (lambda: T.BeitForImageClassification(T.BeitConfig(**vit, num_labels=10)),
+                 image(32)),
+        "hiera": (lambda: T.HieraForImageClassification(T.HieraConfig(
+            embed_dim=16, image_size=[64, 64], patch_size=[7, 7], patch_stride=[4, 4],
+            patch_padding=[3, 3], depths=[1, 1, 1, 1], num_heads=[1, 1, 2, 2],
+            num_labels=10)), image(64)),
+        "convnext_ls": (lambda: T.ConvNextModel(  # with layer scale
+            T.ConvNextConfig(**four, layer_scale_init_value=1e-6)), image(64)),
+        "upernet": (lambda: T.UperNetForSemanticSegmentation(T.UperNetConfig(
+            backbone_config=T.ConvNextConfig(
+                **four, out_features=["stage1", "stage2", "stage3", "stage4"]),
+            hidden_size=32, auxiliary_in_channels=64, num_labels=5)), image(64)),
+        "dpt": (lambda: T.DPTForDepthEstimation(T.DPTConfig(
+            hidden_size=32, num_hidden_layers=4, num_attention_heads=2, intermediate_size=64,
+            image_size=32, patch_size=8, backbone_out_indices=[0, 1, 2, 3],
+            neck_hidden_sizes=[8, 16, 32, 32], fusion_hidden_size=16, head_hidden_size=16)),
+                image(32)),
+        "glpn": (lambda: T.GLPNForDepthEstimation(T.GLPNConfig(
+            hidden_sizes=[16, 32, 32, 64], depths=[1, 1, 1, 1], num_attention_heads=[1, 1, 2, 2],
+            decoder_hidden_size=16)), image(64)),
+        "textnet": (lambda: T.TextNetForImageClassification(T.TextNetConfig(num_labels=10)),
+                    image(64)),
         "bert": (lambda: T.BertModel(T.BertConfig(**text)), tokens()),
         "gpt2": (lambda: T.GPT2LMHeadModel(T.GPT2Config(vocab_size=100, n_embd=32, n_layer=2,
                                                         n_head=2, bos_token_id=0,

@@ -218,7 +218,10 @@ def _std_conv_classes() -> tuple:
     :func:`graphshape.torch_modules.pad_same` before the conv."""
     return _imported_classes((("timm.layers.std_conv", ("StdConv2d", "ScaledStdConv2d",
                                                         "StdConv2dSame",
-                                                        "ScaledStdConv2dSame")),))
+                                                        "ScaledStdConv2dSame")),
+                              # Hugging Face's BiT: StdConv2d, "same" padding by a DynamicPad2d
+                              ("transformers.models.bit.modeling_bit",
+                               ("WeightStandardizedConv2d",))))
 
 
 #: torch.nn containers traced through rather than kept as one opaque call: their layers
@@ -938,7 +941,10 @@ class _Loader:
             fn_name = getattr(fx_node.target, "__name__", str(fx_node.target))
             attrs["description"] = f"function {mod_name}.{fn_name}".replace("_operator.", "operator.")
         else:
-            attrs["target"] = fx_node.target
+            attrs["target"] = _VIEW_AS_RESHAPE.get(fx_node.target, fx_node.target)
+            if fx_node.target in _VIEW_AS_RESHAPE and any(
+                    isinstance(a, (torch.dtype, type)) for a in fx_node.args[1:]):
+                attrs["target"] = fx_node.target  # x.view(torch.int32): a reinterpretation
             attrs["description"] = f"method Tensor.{fx_node.target}"
         ref = self.add(fx_node, "opaque", refs, attrs)
         flags = self.graph[ref.node].meta["flags"]
@@ -1372,7 +1378,8 @@ def _m_conv(ld, fx_node, mod, params=None, x: Ref | None = None):
 
 
 def _m_std_conv(ld, fx_node, mod):
-    """timm's StdConv2d / ScaledStdConv2d (see :func:`_std_conv_classes`): a conv with the
+    """timm's StdConv2d / ScaledStdConv2d, their "same" variants, Hugging Face BiT's
+    WeightStandardizedConv2d (see :func:`_std_conv_classes`): a conv with the
     weight its forward computes (standardized per output channel, times ``gain * scale``
     for the scaled variant). The node's ``meta["weight_normalization"]`` names the class;
     shaping removes the standardization with the other normalization (the conv is then
@@ -1388,11 +1395,25 @@ def _m_std_conv(ld, fx_node, mod):
             training=True, momentum=0.0, eps=mod.eps).reshape_as(mod.weight)
     params = {"weight": _to_numpy(weight), **_module_params(mod, ["bias"])}
     x = None
-    if getattr(mod, "same_pad", False):  # StdConv2dSame, ScaledStdConv2dSame: padded first
+    if _pads_same(mod):  # StdConv2dSame, ScaledStdConv2dSame, BiT's: padded first
         x = _same_padded(ld, fx_node, mod)
     _m_conv(ld, fx_node, mod, params, x)
     ld.graph[ld.env[fx_node].node].meta["weight_normalization"] = (
         "weight standardization", type(mod).__name__)
+
+
+def _pads_same(mod) -> bool:
+    """Whether a weight-standardized conv pads its input for a "same" convolution first:
+    timm's ``same_pad`` flag, or Hugging Face BiT's ``pad`` module (a ``DynamicPad2d`` of
+    the conv's kernel, stride and dilation, by zeros)."""
+    pad = getattr(mod, "pad", None)
+    if isinstance(pad, nn.Module):
+        if (getattr(pad, "value", None) != 0 or tuple(getattr(pad, "kernel_size", ())) !=
+                tuple(mod.kernel_size) or tuple(getattr(pad, "stride", ())) != tuple(mod.stride)
+                or tuple(getattr(pad, "dilation", ())) != tuple(mod.dilation)):
+            raise _Unmapped(f"padding by a {type(pad).__name__} graphshape does not know")
+        return True
+    return bool(getattr(mod, "same_pad", False))
 
 
 def _same_padded(ld, fx_node, mod) -> Ref:
@@ -2077,6 +2098,12 @@ def _moves_data_only(fx_node) -> bool:
             for i in index)
     return False
 
+
+#: Tensor.view / view_as left opaque (their shape computed: ``x.view(x.size()[:-2] + (c,))``)
+#: are called as reshape / reshape_as: ``.contiguous()`` before them is the identity in the
+#: graph, so the emitted view could meet a permuted tensor ("view size is not compatible
+#: with input tensor's size and stride": Hugging Face's Swin V2 and GLPN attention)
+_VIEW_AS_RESHAPE = {"view": "reshape", "view_as": "reshape_as"}
 
 #: functions called for what they do: they raise when a condition fails
 _CHECKS = frozenset({torch._assert, _tm.check_traced_branch})

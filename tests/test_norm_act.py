@@ -143,6 +143,81 @@ def test_same_padded_weight_standardized_convs_pad_by_the_input_size():
     assert len(again) == 2 and all(r["q_pred"] is not None for r in again)  # read again
 
 
+@pytest.fixture
+def hf_bit_conv():
+    """Hugging Face BiT's ``WeightStandardizedConv2d`` and ``DynamicPad2d`` (as
+    ``transformers.models.bit.modeling_bit`` writes them), registered under that module's
+    name as if transformers were imported."""
+    import math
+    import sys
+    import types
+
+    name = "transformers.models.bit.modeling_bit"
+
+    class DynamicPad2d(torch.nn.Module):
+        def __init__(self, kernel_size, stride, dilation, value=0):
+            super().__init__()
+            self.kernel_size, self.stride, self.dilation, self.value = (
+                (kernel_size,) * 2, (stride,) * 2, (dilation,) * 2, value)
+
+        def forward(self, x):
+            pads = [max((math.ceil(n / s) - 1) * s + (k - 1) * d + 1 - n, 0) for n, k, s, d in
+                    zip(x.shape[-2:], self.kernel_size, self.stride, self.dilation)]
+            return torch.nn.functional.pad(x, [pads[1] // 2, pads[1] - pads[1] // 2,
+                                               pads[0] // 2, pads[0] - pads[0] // 2])
+
+    class WeightStandardizedConv2d(torch.nn.Conv2d):
+        def __init__(self, c_in, c_out, kernel_size, stride=1, eps=1e-6):
+            dynamic = stride > 1
+            super().__init__(c_in, c_out, kernel_size, stride=stride,
+                             padding=0 if dynamic else kernel_size // 2, bias=False)
+            self.pad = DynamicPad2d(kernel_size, stride, 1) if dynamic else None
+            self.eps = eps
+
+        def forward(self, x):
+            if self.pad is not None:
+                x = self.pad(x)
+            weight = torch.nn.functional.batch_norm(
+                self.weight.reshape(1, self.out_channels, -1), None, None, training=True,
+                momentum=0.0, eps=self.eps).reshape_as(self.weight)
+            return torch.nn.functional.conv2d(x, weight, self.bias, self.stride, self.padding,
+                                              self.dilation, self.groups)
+
+    module = types.ModuleType(name)
+    for cls in (DynamicPad2d, WeightStandardizedConv2d):
+        cls.__module__ = name
+        setattr(module, cls.__name__, cls)
+    saved = sys.modules.get(name)
+    sys.modules[name] = module
+    yield WeightStandardizedConv2d
+    if saved is None:
+        del sys.modules[name]
+    else:
+        sys.modules[name] = saved
+
+
+def test_hugging_face_bit_weight_standardized_convs_load_as_convs(hf_bit_conv):
+    """Traced through (Hugging Face's BiT is traced by fx now), its ``F.batch_norm`` on the
+    weight and ``F.conv2d`` with a computed weight were opaque: 17 opaque convs in BiT,
+    none re-initialized."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        hf_bit_conv(3, 8, 3, stride=2), torch.nn.ReLU(), hf_bit_conv(8, 8, 3),
+        torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
+        torch.nn.Linear(8, 4)).eval()
+    x = torch.randn(2, 3, 9, 9)
+    g = graphshape.load(model, x)
+    assert [n.meta["weight_normalization"][1] for n in g if n.op == "conv"] == [
+        "WeightStandardizedConv2d"] * 2
+    assert [n.name for n in g if n.op == "opaque"] == ["_0_pad"]
+    with torch.no_grad():
+        for side in (9, 12):
+            y = torch.randn(3, 3, side, side)
+            torch.testing.assert_close(graphshape.to_torch(g)(y), model(y), rtol=1e-5,
+                                       atol=1e-5)
+    assert graphshape.shape(model, x, method="DKS", seed=0).meta["graphshape"].initialized == 3
+
+
 @pytest.mark.parametrize("act_layer, name", [("gelu", "gelu_exact"), ("gelu_tanh", "gelu"),
                                              ("sigmoid", "sigmoid"), ("tanh", "tanh")])
 def test_norm_act_with_timm_s_own_activation_modules(act_layer, name):

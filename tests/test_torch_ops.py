@@ -600,3 +600,27 @@ def test_fallback_undoes_what_the_handler_added():
     graph, _ = _roundtrip(module, [X4])
     assert graph["cat"].op == "opaque" and graph["cat"].inputs[0] == Ref("c")
     assert [n.name for n in graph if n.op == "constant"] == ["c"]
+
+
+def test_an_opaque_view_after_contiguous_runs_on_the_permuted_tensor():
+    """``x.permute(...).contiguous().view(computed shape)`` (Hugging Face's attention:
+    ``context.view(context.size()[:-2] + (all_head_size,))``): ``contiguous`` is the
+    identity in the graph, so the opaque view met the permuted tensor in the emitted module
+    ("view size is not compatible with input tensor's size and stride"); it is called as
+    reshape. A view to another dtype stays a view."""
+    class Heads(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(8, 8)
+
+        def forward(self, x):  # (B, heads, tokens, dim)
+            h = x.permute(0, 2, 1, 3).contiguous()
+            h = h.view(h.size()[:-2] + (8,))
+            bits = x.contiguous().view(torch.int32)
+            return self.fc(h), bits
+
+    model, x = Heads(), torch.randn(2, 2, 5, 4)
+    gm = emit(load_module(model, (x,)))
+    got, want = gm(x), model(x)
+    torch.testing.assert_close(got[0], want[0])
+    assert got[1].dtype == torch.int32 and torch.equal(got[1], want[1])
