@@ -61,7 +61,8 @@ from graphshape.ir import (CHECK, DATA_MOVEMENT, FLOAT_DTYPES, TENSOR_CONTAINER,
                            Graph, Node, Ref, TensorInfo, cache_weight_tap_norms, is_non_float,
                            map_template)
 from graphshape.ops import prelu_activation
-from graphshape.frontends.torch_specialize import ShapeSpecializingTracer, rng_kept
+from graphshape.frontends.torch_specialize import (ShapeSpecializingTracer, buffer_values_kept,
+                                                  buffers_kept, rng_kept)
 from graphshape.passes.elementwise import fuse_decompositions
 
 __all__ = ["load_module", "MODULE_OPS", "FUNCTION_OPS", "METHOD_OPS"]
@@ -253,7 +254,8 @@ def _python_state_kept(module: nn.Module):
     traced: the user's model then holds a value of a graph that is gone, and tracing it again
     failed ("Node add_28 referenced nonexistent value getitem_6"). Every submodule's
     attributes, and the contents of its dict / list / set attributes, are put back as they
-    were (the same objects); tensors are not touched (tracing does not write them).
+    were (the same objects); tensors are not touched here (a buffer a forward updates in
+    place: ``buffer_values_kept``).
     Dict subclasses count: a module's forward hooks are an OrderedDict, and Hugging Face's
     forwards register hooks at their first call (output capturing) and set a flag saying so;
     with the flag undone and the hooks kept, each read of the model added them again
@@ -525,7 +527,7 @@ def _trace(module: nn.Module, leaf_modules, fixed: dict[str, Any],
         tracer.use_examples(module, example_inputs, fixed)
     # (the GraphModule is built before the model's attributes are put back: it copies the
     # tensor constants fx stored on the root module while tracing, `_tensor_constant0`)
-    with _python_state_kept(module):
+    with _python_state_kept(module), buffer_values_kept(module):
         graph = _symbolic_trace(tracer, module, fixed)
         _drop_fixed_placeholders(graph, fixed)
         gm = torch.fx.GraphModule(tracer.root, graph, module.__class__.__name__)
@@ -581,8 +583,9 @@ class _ShapeProp(PlainArgsMixin, ShapeProp):
 
 def _propagate_shapes(gm: torch.fx.GraphModule, example_inputs: tuple) -> None:
     """ShapeProp in eval mode without gradients, so that loading never changes the user's
-    module (train-mode batch norm would update its running statistics) nor the random state
-    (a forward may draw random numbers). The frontend only
+    module (train-mode batch norm would update its running statistics; a buffer a forward
+    updates in place changes a copy) nor the random state (a forward may draw random
+    numbers). The frontend only
     reads each value's shape and dtype (``tensor_meta``), so this first tries 'meta' tensors
     (:func:`_propagate_on_meta`: no compute) and runs the real forward pass only when that
     fails."""
@@ -595,7 +598,8 @@ def _propagate_shapes(gm: torch.fx.GraphModule, example_inputs: tuple) -> None:
         with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()), \
                 rng_kept(example_inputs):
             if not _propagate_on_meta(gm, example_inputs):
-                _ShapeProp(gm).propagate(*example_inputs)
+                with buffers_kept(gm):  # (a counter the forward updates in place)
+                    _ShapeProp(gm).propagate(*example_inputs)
     except Exception as exc:
         cause = exc.__cause__ or exc
         where = str(exc).split("node=%", 1)[1].split(" ", 1)[0] if "node=%" in str(exc) else None

@@ -126,25 +126,26 @@ class ExampleValues:
         #: the device of the inputs, which meta tensors report as theirs
         self.device = next((t.device for t in inputs_by_name.values()
                             if isinstance(t, torch.Tensor)), None)
-        self.envs: dict[int, dict] = {}
+        self.envs: dict[int | None, dict] = {}
+        #: id(tensor) -> (tensor, what the evaluation reads for a get_attr of it: a meta
+        #: stand-in, or a copy that in-place ops may change)
+        self.stand_ins: dict[int, tuple] = {}
         #: the example inputs' batch size: the first tensor input's axis 0 (None: none)
         self.batch = next((t.shape[0] for t in inputs_by_name.values()
                            if isinstance(t, torch.Tensor) and t.dim()), None)
 
-    def value(self, node: torch.fx.Node, batch: int):
+    def values(self, node: torch.fx.Node, batches: list[int | None]) -> list:
+        """``node``'s value for each batch size of ``batches`` (None: the examples')."""
         try:
-            return self._value(node, batch)
+            return self._values(node, batches)
         except _NoMeta:
-            self.on_meta, self.envs = False, {}
-            return self._value(node, batch)
+            self.on_meta, self.envs, self.stand_ins = False, {}, {}
+            return self._values(node, batches)
 
-    def _value(self, node: torch.fx.Node, batch: int):
-        from graphshape.frontends.torch_fx import (PlainArgsMixin, _on_meta,
-                                                   _python_state_kept)
-
-        env = self.envs.setdefault(batch, {})
+    def _needed(self, node: torch.fx.Node, env: dict) -> list[torch.fx.Node]:
+        """``node`` and its ancestors not yet in ``env``, each after its inputs."""
         needed, seen, stack = [], set(env), [(node, False)]
-        while stack:  # the node's ancestors not yet computed, each after its inputs
+        while stack:
             n, inputs_done = stack.pop()
             if inputs_done:
                 needed.append(n)
@@ -152,10 +153,32 @@ class ExampleValues:
                 seen.add(n)
                 stack.append((n, True))
                 stack.extend((a, False) for a in n.all_input_nodes if a not in seen)
+        return needed
 
+    def _values(self, node: torch.fx.Node, batches: list[int | None]) -> list:
+        from graphshape.frontends.torch_fx import (PlainArgsMixin, _on_meta,
+                                                   _python_state_kept)
+
+        plans = [(batch, self._needed(node, self.envs.setdefault(batch, {})))
+                 for batch in batches]
+        # the modules that run (the graph's leaf calls): their state, hooks, modes and
+        # tensors are what the evaluation could touch; get_attr tensors are copied
+        running = nn.ModuleList({id(m): m for m in (
+            self.root.get_submodule(n.target) for _, needed in plans for n in needed
+            if n.op == "call_module")}.values())
         device = self.device if self.on_meta else None
+        stand_ins = self.stand_ins
 
         class Interp(PlainArgsMixin, torch.fx.Interpreter):
+            def get_attr(self, target, args, kwargs):
+                value = super().get_attr(target, args, kwargs)
+                if not isinstance(value, torch.Tensor):
+                    return value
+                if id(value) not in stand_ins:  # (kept with the tensor: ids stay its own)
+                    stand_ins[id(value)] = (value, torch.empty_like(value, device="meta")
+                                            if device is not None else value.clone())
+                return stand_ins[id(value)][1]
+
             def call_function(self, target, args, kwargs):
                 # a meta tensor reports the device of the tensors it stands in for
                 if device is not None and target is getattr and len(args) == 2 and \
@@ -173,26 +196,26 @@ class ExampleValues:
                 return super().call_method(target, args, kwargs)
 
         interp = Interp(self.root, garbage_collect_values=False, graph=self.graph)
-        interp.env = env
         # fx's patches of nn.Module.__call__ / __getattr__ and of wrapped functions are
         # undone while the model runs: they would record the real calls into the graph
         revert = getattr(torch.fx._symbolic_trace, "_maybe_revert_all_patches")
-        with revert(), _python_state_kept(self.root), _modes_kept(self.root), \
-                _hooks_off(self.root), \
-                torch.no_grad(), rng_kept(self.inputs_by_name.values()), \
-                (_on_meta(self.root) if self.on_meta else _buffers_kept(self.root)):
-            self.root.eval()
-            for n in needed:
-                if n.op == "placeholder":
-                    env[n] = self._input(n, batch)
-                    continue
-                try:
-                    env[n] = interp.run_node(n)
-                except Exception as exc:
-                    if self.on_meta:
-                        raise _NoMeta from exc
-                    raise
-        return env[node]
+        with revert(), _python_state_kept(running), _modes_kept(running), \
+                _hooks_off(running), torch.no_grad(), rng_kept(self.inputs_by_name.values()), \
+                (_on_meta(running) if self.on_meta else buffers_kept(running)):
+            running.eval()
+            for batch, needed in plans:
+                interp.env = env = self.envs[batch]
+                for n in needed:
+                    if n.op == "placeholder":
+                        env[n] = self._input(n, batch)
+                        continue
+                    try:
+                        env[n] = interp.run_node(n)
+                    except Exception as exc:
+                        if self.on_meta:
+                            raise _NoMeta from exc
+                        raise
+        return [self.envs[batch][node] for batch in batches]
 
     def _input(self, n: torch.fx.Node, batch: int | None):
         name = n.target.lstrip("*")
@@ -200,7 +223,8 @@ class ExampleValues:
             value = self.inputs_by_name[name]
             if not isinstance(value, torch.Tensor):
                 return value
-            if value.dim() and value.shape[0] == self.batch and batch != self.batch:
+            if value.dim() and value.shape[0] == self.batch and batch not in (None,
+                                                                               self.batch):
                 if self.on_meta:
                     return torch.empty((batch, *value.shape[1:]), dtype=value.dtype,
                                        device="meta")
@@ -274,7 +298,22 @@ def _hooks_off(module: nn.Module):
 
 
 @contextlib.contextmanager
-def _buffers_kept(module: nn.Module):
+def buffer_values_kept(module: nn.Module):
+    """The values of ``module``'s buffers put back on exit, in the same tensors: torch.fx
+    hands a forward its module's buffers themselves (not Proxies), so an in-place update
+    of one (``self.steps.add_(1)``) runs on the user's tensor while tracing."""
+    saved = [(t, t.clone()) for t in {id(t): t for t in module.buffers()}.values()]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for t, value in saved:
+                if not torch.equal(t, value):
+                    t.copy_(value)
+
+
+@contextlib.contextmanager
+def buffers_kept(module: nn.Module):
     """Each buffer replaced by a copy while the model runs (a counter or running statistic a
     forward updates in eval mode changes the copy)."""
     swapped = []
@@ -390,10 +429,10 @@ class ShapeSpecializingTracer(torch.fx.Tracer):
         place = f"`{source}` ({where})"
         convert = _tm._BRANCH_READS[read]
         batch = values.batch
+        probes = [b for b in ((1, 2 * batch + 1) if batch else ()) if b != batch]
         try:
-            value = convert(values.value(obj.node, batch))
-            for other in ((1, 2 * batch + 1) if batch else ()):
-                answer = convert(values.value(obj.node, other))
+            value, *others = map(convert, values.values(obj.node, [None, *probes]))
+            for other, answer in zip(probes, others):
                 if answer != value:
                     raise torch.fx.proxy.TraceError(
                         f"{read}() of a traced size at {place} depends on the batch size "

@@ -177,8 +177,10 @@ def test_answering_never_changes_the_model():
             self.emb = nn.Embedding(10, 6)
             self.bn = nn.BatchNorm1d(6)
             self.fc = nn.Linear(6, 6)
+            self.register_buffer("steps", torch.zeros(()))
 
         def forward(self, ids):
+            self.steps.add_(1)  # (a counter the forward updates in place)
             h = self.bn(self.emb(ids).transpose(1, 2)).transpose(1, 2)
             h = h + 0.0 * torch.rand_like(h)  # draws random numbers before the question
             if h.shape[1] % 2:
@@ -194,6 +196,7 @@ def test_answering_never_changes_the_model():
     assert graph.meta["specialized"]
     assert torch.equal(torch.random.get_rng_state(), state)
     assert all(torch.equal(a, b) for a, b in zip(model.bn.buffers(), stats))
+    assert float(model.steps) == 0
     assert model.training and model.bn.training
 
 
