@@ -62,7 +62,8 @@ from graphshape.ir import (CHECK, DATA_MOVEMENT, FLOAT_DTYPES, TENSOR_CONTAINER,
                            map_template)
 from graphshape.ops import prelu_activation
 from graphshape.frontends.torch_specialize import (ShapeSpecializingTracer, buffer_values_kept,
-                                                  buffers_kept, rng_kept)
+                                                  buffers_kept, meta_can_stand_in,
+                                                  rng_kept)
 from graphshape.passes.elementwise import fuse_decompositions
 
 __all__ = ["load_module", "MODULE_OPS", "FUNCTION_OPS", "METHOD_OPS"]
@@ -686,18 +687,7 @@ def _propagate_on_meta(gm: torch.fx.GraphModule, example_inputs: tuple) -> bool:
     tried where those checks cannot fail: floating-point example inputs, and one floating
     dtype (float32 or float64) and one device for the inputs, parameters and buffers. Nor
     where forward hooks would see the stand-ins (they may keep or read what they see)."""
-    module_hooks = (nn.modules.module._global_forward_hooks,
-                    nn.modules.module._global_forward_pre_hooks)
-    if any(module_hooks) or any(m._forward_hooks or m._forward_pre_hooks for m in gm.modules()):
-        return False
-    tensors = [t for t in example_inputs if isinstance(t, torch.Tensor)]
-    if not all(t.is_floating_point() for t in tensors):
-        return False  # integer inputs may be indices, whose values the real kernels check
-    tensors += [*gm.parameters(), *gm.buffers()]
-    dtypes = {t.dtype for t in tensors if t.is_floating_point()}
-    devices = {t.device for t in tensors}
-    if (len(dtypes) != 1 or not dtypes <= {torch.float32, torch.float64} or len(devices) != 1
-            or next(iter(devices)).type == "meta"):
+    if not meta_can_stand_in(gm, example_inputs, hooks_run=True):
         return False
     inputs = tuple(torch.empty_like(t, device="meta") if isinstance(t, torch.Tensor) else t
                    for t in example_inputs)

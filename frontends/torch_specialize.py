@@ -122,7 +122,8 @@ class ExampleValues:
         #: forward's parameters by name: the example inputs, and those traced at a constant
         self.inputs_by_name = inputs_by_name
         self.fixed = fixed
-        self.on_meta = _meta_can_stand_in(root, inputs_by_name.values())
+        # (the modules' hooks are off while the graph is evaluated: _hooks_off)
+        self.on_meta = meta_can_stand_in(root, inputs_by_name.values(), hooks_run=False)
         #: the device of the inputs, which meta tensors report as theirs
         self.device = next((t.device for t in inputs_by_name.values()
                             if isinstance(t, torch.Tensor)), None)
@@ -246,16 +247,20 @@ def rng_kept(tensors):
     return torch.random.fork_rng(devices=devices)
 
 
-def _meta_can_stand_in(root: nn.Module, inputs) -> bool:
-    """As :func:`graphshape.frontends.torch_fx._propagate_on_meta` decides: floating-point
-    inputs, one floating dtype and one device, no global forward hooks (the modules' own
-    are off while the graph is evaluated: :func:`_hooks_off`)."""
+def meta_can_stand_in(module: nn.Module, inputs, *, hooks_run: bool) -> bool:
+    """Whether 'meta' tensors can stand in for ``inputs`` and ``module``'s tensors when the
+    module runs (shape inference without compute): floating-point inputs (integer ones may
+    be indices, whose values the real kernels check), one floating dtype (float32 or
+    float64) and one device (meta kernels skip some checks the real ones make); no global
+    forward hooks, nor module hooks where ``hooks_run`` (a hook would see the stand-ins)."""
     if nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks:
         return False
-    tensors = [t for t in inputs if isinstance(t, torch.Tensor)]
-    if not tensors or not all(t.is_floating_point() for t in tensors):
+    if hooks_run and any(m._forward_hooks or m._forward_pre_hooks for m in module.modules()):
         return False
-    tensors += [*root.parameters(), *root.buffers()]
+    tensors = [t for t in inputs if isinstance(t, torch.Tensor)]
+    if not all(t.is_floating_point() for t in tensors):
+        return False
+    tensors += [*module.parameters(), *module.buffers()]
     dtypes = {t.dtype for t in tensors if t.is_floating_point()}
     devices = {t.device for t in tensors}
     return (len(dtypes) == 1 and dtypes <= {torch.float32, torch.float64}

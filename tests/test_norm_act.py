@@ -144,7 +144,7 @@ def test_same_padded_weight_standardized_convs_pad_by_the_input_size():
 
 
 @pytest.fixture
-def hf_bit_conv():
+def hf_bit_conv(monkeypatch):
     """Hugging Face BiT's ``WeightStandardizedConv2d`` and ``DynamicPad2d`` (as
     ``transformers.models.bit.modeling_bit`` writes them), registered under that module's
     name as if transformers were imported."""
@@ -187,13 +187,8 @@ def hf_bit_conv():
     for cls in (DynamicPad2d, WeightStandardizedConv2d):
         cls.__module__ = name
         setattr(module, cls.__name__, cls)
-    saved = sys.modules.get(name)
-    sys.modules[name] = module
-    yield WeightStandardizedConv2d
-    if saved is None:
-        del sys.modules[name]
-    else:
-        sys.modules[name] = saved
+    monkeypatch.setitem(sys.modules, name, module)
+    return WeightStandardizedConv2d
 
 
 def test_hugging_face_bit_weight_standardized_convs_load_as_convs(hf_bit_conv):

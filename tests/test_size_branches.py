@@ -292,7 +292,7 @@ def test_written_as_onnx_the_checks_are_left_out():
 
 
 @pytest.fixture
-def hf_grn_module():
+def hf_grn_module(monkeypatch):
     """Hugging Face's ConvNeXt V2 GRN (``transformers.models.convnextv2``'s
     ``ConvNextV2GRN``, channels last), registered under its module's name as if
     transformers were imported."""
@@ -312,13 +312,8 @@ def hf_grn_module():
 
     ConvNextV2GRN.__module__ = name
     module.ConvNextV2GRN = ConvNextV2GRN
-    saved = sys.modules.get(name)
-    sys.modules[name] = module
-    yield ConvNextV2GRN
-    if saved is None:
-        del sys.modules[name]
-    else:
-        sys.modules[name] = saved
+    monkeypatch.setitem(sys.modules, name, module)
+    return ConvNextV2GRN
 
 
 def test_hugging_face_grn_is_removed_as_timm_grn(hf_grn_module):
