@@ -78,9 +78,10 @@ def _input_names(module: nn.Module, count: int) -> list[str]:
     return params[:count] + [f"input_{i}" for i in range(len(params), count)]
 
 
-def _export(module: nn.Module, inputs: tuple, input_names: list[str]):
+def export_checked(module: nn.Module, inputs: tuple, input_names: list[str]):
     """(ModelProto, output pytree spec, output count): the eval-mode export with axis 0
-    dynamic on every input and on every output whose axis 0 is the batch."""
+    dynamic on every input and on every output whose axis 0 is the batch, checked against
+    the module in onnxruntime on other inputs (:func:`_check_export`)."""
     import onnx
 
     batch = inputs[0].shape[0] if inputs and inputs[0].dim() else None
@@ -357,7 +358,8 @@ def load_via_onnx(module: nn.Module, example_inputs: tuple, *, fx_error: str,
     modes = [(m, m.training) for m in module.modules()]
     _eval(module)
     try:
-        proto, spec, count = _export(module, inputs, _input_names(module, len(inputs)))
+        proto, spec, count = export_checked(module, inputs,
+                                            _input_names(module, len(inputs)))
     except GraphshapeError as exc:
         raise GraphshapeError(f"{fx_error}. Its ONNX export (torch.onnx.export, which "
                               f"graphshape tries next) cannot stand in for it: {exc}") from None

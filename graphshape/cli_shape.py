@@ -218,10 +218,23 @@ def _shape_factory(src, dst, shape, options, trust=False, trainable_initializers
         gm.graphshape_report = report.to_dict()
         atomic_write(dst, lambda tmp: torch.save(gm, tmp))
     else:
-        from graphshape.backend_onnx import emit
+        from graphshape.backend_onnx import emit, torch_only_nodes
+        from graphshape.frontends.torch_onnx import EXPORT_OPSET
         from graphshape.shaping_api import _add_pln_onnx, _check_emitted, save
 
-        model = emit(shaped, opset=17)
+        try:
+            model = emit(shaped, opset=17)
+        except GraphshapeError as exc:
+            if exc.node is None or exc.node not in torch_only_nodes(shaped):
+                raise
+            # a PyTorch call the writer has no ONNX form for: the PyTorch module's export
+            model = _exported_by_torch(shaped, inputs)
+            report.warnings.append(
+                f"written with torch.onnx.export (TorchScript exporter, opset "
+                f"{EXPORT_OPSET}, batch axis dynamic) of the shaped PyTorch module, since "
+                f"graphshape's own ONNX writer has no form for PyTorch call {exc.node!r} "
+                f"({shaped[exc.node].attrs.get('description', 'opaque')}); the export was "
+                "checked against the module in onnxruntime")
         if pln:
             _add_pln_onnx(model)
         entry = model.metadata_props.add()
@@ -229,6 +242,32 @@ def _shape_factory(src, dst, shape, options, trust=False, trainable_initializers
         _check_emitted(model)
         save(model, dst)  # atomic; external data past 2 GB
     return report
+
+
+def _exported_by_torch(shaped, inputs):
+    """``shaped`` (a graph read from PyTorch) as an ONNX ModelProto written by
+    ``torch.onnx.export`` of its emitted module, checked in onnxruntime on other inputs
+    (``frontends.torch_onnx.export_checked``); the inputs keep the graph's names. A
+    GraphshapeError, before anything is written, where the export fails."""
+    from graphshape.backend_torch import emit
+    from graphshape.frontends.torch_onnx import export_checked
+
+    module = emit(shaped).eval()
+    names = [str(shaped[n].attrs.get("name") or n) for n in shaped.inputs]
+    try:
+        args = tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
+        proto, _, _ = export_checked(module, args, names)
+    except GraphshapeError as exc:
+        raise GraphshapeError(f"the shaped model has PyTorch calls without an ONNX form in "
+                              f"graphshape's writer, and its torch.onnx.export {exc}; "
+                              "write a .pt instead") from None
+    except Exception as exc:  # the exporter raises many types
+        first = (str(exc).strip().splitlines() or [""])[0][:300]
+        raise GraphshapeError(
+            f"the shaped model has PyTorch calls without an ONNX form in graphshape's writer, "
+            f"and torch.onnx.export of it failed ({type(exc).__name__}: {first}); write a "
+            ".pt instead") from None
+    return proto
 
 
 # --------------------------------------------------------------------------- batch
