@@ -46,6 +46,22 @@ FACTORY = textwrap.dedent('''
     def two():
         torch.manual_seed(0)
         return TwoInputs()
+
+    class SizedHead(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 8, 3, padding=1)
+            self.bn = nn.BatchNorm2d(8)
+            self.fc = nn.Linear(8 * 36, 5)
+
+        def forward(self, x):
+            h = torch.nn.functional.gelu(self.bn(self.conv(x)))
+            scale = h.new_full((1,), h.size(1) ** 0.5)  # (no ONNX form in the writer)
+            return self.fc(h.flatten(1)) / scale
+
+    def sized():
+        torch.manual_seed(0)
+        return SizedHead()
 ''')
 
 
@@ -159,3 +175,30 @@ def test_bad_input_specs_are_usage_errors(value, words, capsys):
     code, _, err = _run(["inspect", "torchvision.models:resnet18", "--input-shape", value],
                         capsys)
     assert code == 2 and words in err
+
+
+def test_a_pytorch_model_with_size_reads_is_written_as_onnx(factories, tmp_path, capsys):
+    """``graphshape shape <PyTorch model> -o out.onnx`` when the shaped graph holds a PyTorch
+    call graphshape's ONNX writer has no form for (a size read from a tensor; torchvision's
+    ``_get_relative_position_bias``): the file is written by ``torch.onnx.export`` of the
+    shaped module, checked in onnxruntime. Before, the command failed ("opaque torch op
+    (function builtins.getattr) has no ONNX form"): torchvision's vit_b_16 and swin_t could
+    not be written as ONNX."""
+    import onnx
+    import onnxruntime as ort
+
+    out, pt = tmp_path / "sized.onnx", tmp_path / "sized.pt"
+    args = ["--input-shape", "2,3,6,6", "--method", "DKS"]
+    code, _, err = _run(["shape", f"{factories}:sized", "-o", str(out), *args], capsys)
+    assert code == 0, err
+    assert "written with torch.onnx.export" in err and "checked against the module" in err
+    assert "call 'size' (method Tensor.size)" in err
+    assert any(p.key == "graphshape" for p in onnx.load(str(out)).metadata_props)
+    assert cli_main(["shape", f"{factories}:sized", "-o", str(pt), *args]) == 0  # the same
+    shaped = torch.load(str(pt), weights_only=False)
+    session = ort.InferenceSession(str(out))
+    x = np.random.default_rng(0).standard_normal((3, 3, 6, 6)).astype(np.float32)
+    got = session.run(None, {session.get_inputs()[0].name: x})[0]
+    with torch.no_grad():
+        want = shaped(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
