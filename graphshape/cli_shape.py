@@ -259,8 +259,8 @@ def _exported_by_torch(shaped, inputs):
         proto, _, _ = export_checked(module, args, names)
     except GraphshapeError as exc:
         raise GraphshapeError(f"the shaped model has PyTorch calls without an ONNX form in "
-                              f"graphshape's writer, and its torch.onnx.export {exc}; "
-                              "write a .pt instead") from None
+                              f"graphshape's writer, and writing it with torch.onnx.export "
+                              f"failed: {exc}; write a .pt instead") from None
     except Exception as exc:  # the exporter raises many types
         first = (str(exc).strip().splitlines() or [""])[0][:300]
         raise GraphshapeError(
