@@ -49,7 +49,7 @@ from graphshape.backend_onnx import HELPER_PREFIX
 from graphshape.errors import GraphshapeError
 from graphshape.ir import (FLOAT_DTYPES, TENSOR_CONTAINER, Graph, Node, Ref, TensorInfo,
                            cache_weight_tap_norms, constant_operand, is_non_float)
-from graphshape.ops import prelu_activation
+from graphshape.ops import prelu_activation, same_pads
 from graphshape.passes.elementwise import fuse_decompositions
 
 # Initializers larger than this many bytes are replaced by typed graph inputs in the copy
@@ -727,18 +727,10 @@ def _pads_from_auto(auto_pad, in_spatial, kernel, strides, dilations):
         return (0,) * (2 * k)
     if in_spatial is None or not _static(in_spatial):
         raise _Unsupported(f"auto_pad={auto_pad} needs static spatial sizes")
-    begins, ends = [], []
-    for i in range(k):
-        out = -(-in_spatial[i] // strides[i])
-        total = max((out - 1) * strides[i] + (kernel[i] - 1) * dilations[i] + 1 - in_spatial[i], 0)
-        small = total // 2
-        if auto_pad == "SAME_UPPER":
-            begins.append(small)
-            ends.append(total - small)
-        else:
-            begins.append(total - small)
-            ends.append(small)
-    return tuple(begins + ends)
+    upper = same_pads(in_spatial, kernel, strides, dilations)
+    if auto_pad != "SAME_UPPER":  # SAME_LOWER: the odd pad at the beginning
+        upper = [(end, begin) for begin, end in upper]
+    return tuple(b for b, _ in upper) + tuple(e for _, e in upper)
 
 
 # --------------------------------------------------------------------------- constant folding

@@ -37,6 +37,7 @@ the node's extra inputs.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import functools
 import inspect
@@ -813,9 +814,7 @@ class _Loader:
                             **_module_meta(module, fixed)})
         if self.gm.meta["specialized"]:
             # one entry per line of the model's code, with how often it was asked
-            counts: dict[str, int] = {}
-            for place in self.gm.meta["specialized"]:
-                counts[place] = counts.get(place, 0) + 1
+            counts = collections.Counter(self.gm.meta["specialized"])
             self.graph.meta["specialized"] = [
                 place + (f" ({n} times)" if n > 1 else "") for place, n in counts.items()]
         self.env: dict[torch.fx.Node, Any] = {}   # fx node -> Ref | _Lazy | _Multi

@@ -1089,16 +1089,6 @@ def _static_reshape_shape_use(user, name: str) -> bool:
             and bool(user.inputs) and user.inputs[0].node != name)
 
 
-def torch_only_nodes(graph: Graph) -> list[str]:
-    """The opaque PyTorch calls of ``graph`` (a size read from a tensor, torchvision's
-    ``_get_relative_position_bias``), :data:`~graphshape.ir.CHECK` nodes aside: where
-    :func:`emit` fails on one (it has no ONNX form; a size a reshape reads is written as
-    ONNX ops), ``graphshape shape ... -o out.onnx`` writes ``torch.onnx.export`` of the
-    PyTorch module instead."""
-    return [n.name for n in graph if n.op == "opaque" and n.attrs.get("framework") == "torch"
-            and CHECK not in n.meta.get("flags", ())]
-
-
 def _without_checks(graph: Graph) -> Graph:
     """``graph`` without its :data:`~graphshape.ir.CHECK` nodes (a PyTorch model's
     ``torch._assert``, graphshape's checks of branches traced for the example inputs'

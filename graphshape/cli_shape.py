@@ -218,14 +218,15 @@ def _shape_factory(src, dst, shape, options, trust=False, trainable_initializers
         gm.graphshape_report = report.to_dict()
         atomic_write(dst, lambda tmp: torch.save(gm, tmp))
     else:
-        from graphshape.backend_onnx import emit, torch_only_nodes
+        from graphshape.backend_onnx import emit
         from graphshape.frontends.torch_onnx import EXPORT_OPSET
         from graphshape.shaping_api import _add_pln_onnx, _check_emitted, save
 
         try:
             model = emit(shaped, opset=17)
         except GraphshapeError as exc:
-            if exc.node is None or exc.node not in torch_only_nodes(shaped):
+            failed = shaped[exc.node] if exc.node in shaped else None
+            if failed is None or failed.op != "opaque" or failed.attrs.get("framework") != "torch":
                 raise
             # a PyTorch call the writer has no ONNX form for: the PyTorch module's export
             model = _exported_by_torch(shaped, inputs)
@@ -233,7 +234,7 @@ def _shape_factory(src, dst, shape, options, trust=False, trainable_initializers
                 f"written with torch.onnx.export (TorchScript exporter, opset "
                 f"{EXPORT_OPSET}, batch axis dynamic) of the shaped PyTorch module, since "
                 f"graphshape's own ONNX writer has no form for PyTorch call {exc.node!r} "
-                f"({shaped[exc.node].attrs.get('description', 'opaque')}); the export was "
+                f"({failed.attrs.get('description', 'opaque')}); the export was "
                 "checked against the module in onnxruntime")
         if pln:
             _add_pln_onnx(model)

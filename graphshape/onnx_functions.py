@@ -284,9 +284,8 @@ def softmax_cross_entropy_loss(scores: torch.Tensor, labels: torch.Tensor,
     ...), as a model's forward that takes labels computes it (Hugging Face's ``labels=``);
     without ``ignore_index`` no label is ignored. Two outputs, the second optional."""
     log_prob = F.log_softmax(scores, dim=1)
-    loss = F.nll_loss(log_prob, labels.long(), weight=weights, reduction=reduction,
-                      ignore_index=-(1 << 62) if ignore_index is None else ignore_index)
-    return loss, log_prob
+    return negative_log_likelihood_loss(log_prob, labels, weights, reduction=reduction,
+                                        ignore_index=ignore_index), log_prob
 
 
 def negative_log_likelihood_loss(log_prob: torch.Tensor, target: torch.Tensor,

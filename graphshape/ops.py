@@ -240,3 +240,15 @@ def prelu_activation(slopes) -> tuple[dict, dict]:
     weight = np.asarray(slopes).reshape(-1)
     return ({"name": "leaky_relu", "negative_slope": float(np.mean(weight, dtype=np.float64)),
              "learnable_slope": True}, {"weight": weight})
+
+
+def same_pads(size, kernel, stride, dilation) -> list[tuple[int, int]]:
+    """``(begin, end)`` per spatial axis of TensorFlow's "same" padding (ONNX
+    ``auto_pad="SAME_UPPER"``) of an input of ``size``: the output has ``ceil(size /
+    stride)`` positions, the odd pad at the end. Frontends resolve ``auto_pad`` with it,
+    and ``torch_modules.pad_same`` pads by it at run time."""
+    pads = []
+    for n, k, s, d in zip(size, kernel, stride, dilation):
+        total = max((-(-n // s) - 1) * s + (k - 1) * d + 1 - n, 0)
+        pads.append((total // 2, total - total // 2))
+    return pads

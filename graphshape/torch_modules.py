@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import functools
 import keyword
-import math
 import operator
 from typing import Any, Callable, Sequence
 
@@ -19,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from graphshape import ops
 from graphshape.activations import POSITIVELY_HOMOGENEOUS
 from graphshape.errors import GraphshapeError
 
@@ -228,14 +228,9 @@ def output_call(cls: type, items: dict) -> tuple[Callable, tuple, dict] | None:
 
 def same_pads(size: Sequence[int], kernel: Sequence[int], stride: Sequence[int],
               dilation: Sequence[int]) -> tuple[int, int, int, int]:
-    """TensorFlow's "same" padding of a 2-d input of ``size`` (H, W), in ``F.pad`` order
-    (left, right, top, bottom): the output has ``ceil(size / stride)`` positions, the
-    extra row or column at the end."""
-    pads = []
-    for n, k, s, d in zip(size, kernel, stride, dilation):
-        total = max((math.ceil(n / s) - 1) * s + (k - 1) * d + 1 - n, 0)
-        pads.append((total // 2, total - total // 2))
-    (top, bottom), (left, right) = pads
+    """:func:`graphshape.ops.same_pads` of a 2-d input of ``size`` (H, W), in ``F.pad``
+    order: (left, right, top, bottom)."""
+    (top, bottom), (left, right) = ops.same_pads(size, kernel, stride, dilation)
     return left, right, top, bottom
 
 
