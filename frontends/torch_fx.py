@@ -24,7 +24,11 @@ folded into that op; any other use becomes a ``constant`` node (``trainable`` fo
 
 In-place ops (``x += y``, ``relu_``, ``nn.ReLU(inplace=True)``) become their out-of-place
 ops; readers of the mutated value later in the graph read the op's result instead, which is
-what they saw in the source. (Mutations through views are not tracked.)
+what they saw in the source. (Mutations through views are not tracked.) Item assignment
+(``x[:, 0] = v``, which fx's own Proxy refuses) is read the same way, as
+:func:`graphshape.torch_modules.assigned`, where nothing else sees the write: into the
+model's input or state, or into memory another view shares and is read after it, the model
+is read through its export (:func:`_assignment_seen_elsewhere`).
 
 Sizes and Python arithmetic on them (``x.size(0)``, ``c // g``) stay ``opaque`` with dtype
 "object" and the flag "shape_computation"; calls returning a tuple/list of tensors
@@ -903,7 +907,10 @@ class _Loader:
         self.graph.add(node)
         return node.out
 
-    def opaque(self, fx_node) -> None:
+    def opaque(self, fx_node, function: Callable | None = None,
+               outputs: list[TensorInfo] | None = None) -> None:
+        """``fx_node`` kept as the call it is (``function``: a call to it instead, with the
+        same arguments and ``outputs``)."""
         args = self.template(fx_node.args)
         kwargs = self.template(dict(fx_node.kwargs))
         refs: list[Ref] = []
@@ -929,9 +936,9 @@ class _Loader:
             attrs["module"] = mod
             attrs["description"] = f"module {type(mod).__module__}.{type(mod).__name__}"
         elif fx_node.op == "call_function":
-            attrs["target"] = fx_node.target
-            mod_name = getattr(fx_node.target, "__module__", None) or ""
-            fn_name = getattr(fx_node.target, "__name__", str(fx_node.target))
+            attrs["target"] = function or fx_node.target
+            mod_name = getattr(attrs["target"], "__module__", None) or ""
+            fn_name = getattr(attrs["target"], "__name__", str(attrs["target"]))
             attrs["description"] = f"function {mod_name}.{fn_name}".replace("_operator.", "operator.")
         else:
             attrs["target"] = _VIEW_AS_RESHAPE.get(fx_node.target, fx_node.target)
@@ -939,7 +946,7 @@ class _Loader:
                     isinstance(a, (torch.dtype, type)) for a in fx_node.args[1:]):
                 attrs["target"] = fx_node.target  # x.view(torch.int32): a reinterpretation
             attrs["description"] = f"method Tensor.{fx_node.target}"
-        ref = self.add(fx_node, "opaque", refs, attrs)
+        ref = self.add(fx_node, "opaque", refs, attrs, outputs=outputs)
         flags = self.graph[ref.node].meta["flags"]
         entry = self._input_entry(fx_node)
         if entry is not None:
@@ -1061,6 +1068,9 @@ class _Loader:
                 outputs=[TensorInfo(None, "object")])
 
     def _call(self, fx_node):
+        if fx_node.op == "call_function" and fx_node.target is operator.setitem:
+            self._assignment(fx_node)
+            return
         weight_norm, hooked = None, False
         if fx_node.op == "call_module":
             mod = self.gm.get_submodule(fx_node.target)
@@ -1117,6 +1127,27 @@ class _Loader:
                 self._materialized.clear()
         self._mark_nontensor(fx_node)
         self.opaque(fx_node)
+
+    def _assignment(self, fx_node):
+        """``x[key] = value``: a new value, ``torch_modules.assigned(x, key, value)``, that
+        the source's later readers of ``x`` read instead (as for ``x += y``). _Untraceable
+        (the model is then read through its export, which follows the memory) where another
+        view of the same memory is read after it, or the memory is the model's input or
+        state: those readers would miss the change."""
+        target = fx_node.args[0] if fx_node.args else None
+        if not isinstance(target, torch.fx.Node) or (
+                self.has_shapes and not isinstance(target.meta.get("tensor_meta"),
+                                                   TensorMetadata)):
+            raise _Untraceable(
+                f"item assignment {fx_node.name} is into {getattr(target, 'name', target)}, "
+                "which is not a tensor")
+        why = _assignment_seen_elsewhere(self, fx_node, target)
+        if why:
+            raise _Untraceable(
+                f"item assignment `{target.name}[...] = ...` ({fx_node.name}) {why}; graphshape "
+                "reads an item assignment as a new value, which that reader would not see")
+        self.opaque(fx_node, function=_tm.assigned, outputs=[self.info(target)])
+        _inplace_result(self, fx_node, target)
 
     def _mark_nontensor(self, fx_node):
         """Without shapes, remember values that are Python numbers / sizes, not tensors."""
@@ -2322,6 +2353,71 @@ def _binary(ld, fx_node, op, a, b, alpha=1):
             for r, v in zip(refs, (a, b))]
     attrs = {"alpha": float(alpha)} if alpha != 1 else {}
     _emit(ld, fx_node, op, refs, attrs)
+
+
+#: methods whose result may share its argument's memory (a view, or the tensor itself when
+#: there is nothing to do: ``x.contiguous()``, ``x.float()`` of a float tensor)
+_ALIASING_METHODS = frozenset({
+    "view", "view_as", "reshape", "reshape_as", "flatten", "unflatten", "squeeze",
+    "unsqueeze", "transpose", "permute", "t", "expand", "expand_as", "narrow", "select",
+    "unbind", "split", "split_with_sizes", "chunk", "tensor_split", "unfold", "diagonal",
+    "movedim", "moveaxis", "swapaxes", "swapdims", "as_strided", "detach", "contiguous", "to",
+    "type", "type_as", "float", "double", "half", "bfloat16", "cpu", "cuda", "__getitem__",
+    "requires_grad_", "real", "imag"})
+_ALIASING_FUNCTIONS = frozenset({
+    operator.getitem, torch.reshape, torch.flatten, torch.squeeze, torch.unsqueeze,
+    torch.transpose, torch.permute, torch.narrow, torch.select, torch.unbind, torch.split,
+    torch.chunk, torch.tensor_split, torch.movedim, torch.moveaxis, torch.swapaxes,
+    torch.diagonal, torch.as_strided, torch.detach, torch.t, torch.real, torch.imag})
+_ALIASING_KEYS = frozenset(map(_key, _ALIASING_FUNCTIONS))
+#: attributes that are views (``x.T``, ``x.data``)
+_ALIASING_ATTRIBUTES = frozenset({"T", "mT", "H", "mH", "data", "real", "imag"})
+#: modules that may hand their input back (in eval mode, or always)
+_ALIASING_MODULES = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d,
+                     nn.AlphaDropout, nn.Flatten, nn.Unflatten)
+
+
+def _may_alias(ld, node: torch.fx.Node) -> bool:
+    """Whether ``node``'s value may share memory with its first argument's."""
+    if node.op == "call_method":
+        return node.target in _ALIASING_METHODS
+    if node.op == "call_function":
+        if node.target is getattr:
+            return len(node.args) > 1 and node.args[1] in _ALIASING_ATTRIBUTES
+        return _key(node.target) in _ALIASING_KEYS
+    if node.op == "call_module":
+        mod = ld.gm.get_submodule(node.target)
+        return isinstance(mod, _ALIASING_MODULES) or type(mod) in _drop_path_classes()
+    return False
+
+
+def _assignment_seen_elsewhere(ld, fx_node, target) -> str | None:
+    """Why ``target[key] = value`` (``fx_node``) cannot be read as a new value of ``target``
+    alone: the memory it writes is the model's input or state, or another view of that
+    memory made before it is read after it (``v = x[:, 0]; x[0] = 1; v + 1``); None if
+    nothing else sees the change."""
+    base = target
+    while _may_alias(ld, base) and base.args and isinstance(base.args[0], torch.fx.Node):
+        base = base.args[0]
+    if base.op == "placeholder":
+        return f"writes into the model's input {base.name!r}, which its caller would see"
+    if base.op == "get_attr":
+        return f"writes into the model's parameter or buffer {base.target!r}"
+    position = ld.order[fx_node]
+    views, todo = {base}, [base]
+    while todo:  # the base and every view of it (views of views too)
+        for user in todo.pop().users:
+            if user not in views and _may_alias(ld, user) and user.args and user.args[0] in views:
+                views.add(user)
+                todo.append(user)
+    for view in sorted(views, key=ld.order.__getitem__):
+        if view is target or ld.order[view] > position:
+            continue  # target's later readers read the new value; later views are made of it
+        later = [u for u in view.users if ld.order[u] > position]
+        if later:
+            return (f"writes into memory that {view.name} shares, and {later[0].name} reads "
+                    f"{view.name} after it")
+    return None
 
 
 def _inplace_result(ld, fx_node, mutated):

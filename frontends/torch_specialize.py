@@ -26,6 +26,11 @@ computing the wrong thing. ``torch.onnx.export``, graphshape's other way in,
 follows the example inputs' path too, without the guard, and without the source's
 dropout and drop path.
 
+Two more Python calls fx's Proxy cannot take are recorded as calls: item assignment
+(``x[key] = value``, :meth:`Proxy.__setitem__`; the loader reads it out of place), and
+torch's factories given traced sizes as separate arguments (``torch.zeros(B, C, H, W)``,
+``torch.tensor(N)``: :data:`_SIZES_AS_ARGUMENTS`), which torch's argument parser refuses.
+
 ``torch.fx.experimental.meta_tracer.MetaTracer`` answers every ``.shape`` with the meta
 tensor's sizes, so the batch size would be a constant in every reshape of the traced graph;
 here only the values Python asks for become constants.
@@ -34,6 +39,7 @@ here only the values Python asks for become constants.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import operator
 import os
@@ -347,6 +353,51 @@ def _model_line() -> tuple[str, str]:
     return f"{os.path.basename(filename)}:{line}", linecache.getline(filename, line).strip()
 
 
+#: torch functions taking sizes as separate arguments (``torch.zeros(B, C, H, W)``): given
+#: a traced size there, torch's argument parser raises "zeros() takes 1 positional argument
+#: but 4 were given" (the tuple form, ``torch.zeros((B, C, H, W))``, fx records)
+_SIZES_AS_ARGUMENTS = ("zeros", "ones", "empty", "rand", "randn")
+#: torch functions making a tensor of Python data, which cannot read a traced size
+#: (``torch.tensor(N)``, ``torch.as_tensor([H, W])``)
+_FROM_DATA = ("tensor", "as_tensor")
+
+
+def _holds_proxy(value) -> bool:
+    found = []
+    torch.fx.node.map_aggregate(value, lambda v: found.append(v) if isinstance(
+        v, torch.fx.Proxy) else v)
+    return bool(found)
+
+
+def _recorded_with_sizes(tracer, fn, from_data: bool):
+    """``fn`` recorded as a call when traced sizes are among its arguments; the sizes as one
+    tuple (the form torch's parser takes from a Proxy) where they were separate."""
+
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        if from_data and args and _holds_proxy(args[0]):
+            return tracer.create_proxy("call_function", fn, args, kwargs)
+        if not from_data and len(args) > 1 and _holds_proxy(args):
+            return tracer.create_proxy("call_function", fn, (tuple(args),), kwargs)
+        return fn(*args, **kwargs)
+
+    return call
+
+
+@contextlib.contextmanager
+def _factories_recorded(tracer):
+    """While tracing, :data:`_SIZES_AS_ARGUMENTS` and :data:`_FROM_DATA` take traced sizes
+    (:func:`_recorded_with_sizes`); the originals are put back after."""
+    originals = {name: getattr(torch, name) for name in (*_SIZES_AS_ARGUMENTS, *_FROM_DATA)}
+    try:
+        for name, fn in originals.items():
+            setattr(torch, name, _recorded_with_sizes(tracer, fn, name in _FROM_DATA))
+        yield
+    finally:
+        for name, fn in originals.items():
+            setattr(torch, name, fn)
+
+
 class Proxy(torch.fx.Proxy):
     """fx's Proxy, which asks its tracer for ``int()``, ``float()``, ``operator.index`` (a
     size in ``range``, a slice, ``math.ceil``) and ``len()`` where fx raises."""
@@ -365,6 +416,12 @@ class Proxy(torch.fx.Proxy):
 
     def __float__(self) -> float:
         return self.tracer.concrete(self, "float")
+
+    def __setitem__(self, key, value) -> None:
+        # x[key] = value, which fx's Proxy refuses ("does not support item assignment"):
+        # recorded as the call it is; the loader reads it out of place
+        # (graphshape.torch_modules.assigned) where no other view of x sees the change
+        self.tracer.create_proxy("call_function", operator.setitem, (self, key, value), {})
 
 
 class Attribute(Proxy, torch.fx.proxy.Attribute):
@@ -400,7 +457,8 @@ class ShapeSpecializingTracer(torch.fx.Tracer):
         self.metadata_memo: dict = {}
         #: "file:line `source` -> value" of each branch taken for the examples, in order
         self.specialized: list[str] = []
-        return super().trace(root, concrete_args)
+        with _factories_recorded(self):
+            return super().trace(root, concrete_args)
 
     def _values(self) -> ExampleValues | None:
         if self.examples is None and self._example_setup is not None:

@@ -243,6 +243,17 @@ def pad_same(x: torch.Tensor, kernel: Sequence[int], stride: Sequence[int],
     return F.pad(x, same_pads(x.shape[-2:], kernel, stride, dilation))
 
 
+@recorded_when_traced
+def assigned(x: torch.Tensor, key: Any, value: Any) -> torch.Tensor:
+    """``x`` after ``x[key] = value``, as a new tensor (``x`` itself unchanged): the source's
+    item assignment (timm ConViT's ``rel_indices[:, :, :, 2] = indd``, MViTv2's
+    ``attn[:, :, 1:, 1:] = attn[:, :, 1:, 1:] + rel``) read out of place, as graphshape reads
+    ``x += y``; the source's later readers of ``x`` read this value instead."""
+    out = x.clone()
+    out[key] = value
+    return out
+
+
 #: how :func:`check_traced_branch` reads the value Python asked for
 _BRANCH_READS = {"bool": bool, "int": int, "float": float, "index": operator.index, "len": len}
 

@@ -337,3 +337,38 @@ def test_hugging_face_grn_is_removed_as_timm_grn(hf_grn_module):
     removed = [r for r in shaped.meta["graphshape"].removed if "grn" in r["node"]]
     assert removed and not any(isinstance(m, hf_grn_module) for m in shaped.modules())
     assert np.isfinite(shaped(x).detach().numpy()).all()
+
+
+class _Made(nn.Module):
+    def __init__(self, make):
+        super().__init__()
+        self.make = make
+
+    def forward(self, x):
+        return x + self.make(x)
+
+
+@pytest.mark.parametrize("make", [
+    lambda x: torch.zeros(x.shape[0], x.shape[1], 1, 1),  # sizes as separate arguments
+    lambda x: torch.ones(x.size(0), 3, 1, 1, device=x.device, dtype=x.dtype),
+    lambda x: torch.empty(x.shape[0], 3, 1, 1).fill_(2.0),
+    lambda x: torch.tensor(x.shape[-1], dtype=torch.float32),  # a size as data
+    lambda x: torch.as_tensor([x.shape[-2], x.shape[-1]]).float().sum(),
+], ids=["zeros", "ones", "empty", "tensor", "as_tensor"])
+def test_tensors_made_from_traced_sizes_are_traced_by_fx(make):
+    # fx fails there ("zeros() takes 1 positional argument but 4 were given"), and the model
+    # went through the export
+    model = _Made(make).eval()
+    graph = load_module(model, _x())
+    assert "traced_with" not in graph.meta
+    assert "specialized" not in graph.meta  # recorded as calls, not answered
+    gm = emit(graph)
+    for batch, side in ((5, 9), (2, 7)):  # sizes the graph computes
+        torch.testing.assert_close(gm(_x(batch, side)), model(_x(batch, side)))
+
+
+def test_random_tensor_of_traced_sizes_keeps_its_call():
+    graph = load_module(_Made(lambda x: torch.randn(x.shape[0], 3, 1, 1) * 0.0).eval(), _x())
+    assert "traced_with" not in graph.meta
+    assert emit(graph)(_x(4)).shape == (4, 3, 9, 9)
+    assert torch.zeros is torch._C._VariableFunctions.zeros  # put back after the trace

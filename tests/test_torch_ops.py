@@ -331,6 +331,69 @@ def test_in_place_op_on_a_value_read_later():
     assert graph["mul_1"].inputs == [Ref("act"), Ref("act")]
 
 
+def test_item_assignment_is_read_as_a_new_value():
+    # ConViT's relative indices, MViTv2's attn[:, :, 1:, 1:] = ...: fx's Proxy refuses item
+    # assignment, so these models went through the ONNX export
+    def f(s, x):
+        y = x * 2.0
+        y[:, 0] = 0.0  # a number
+        y[:, 1:3] = y[:, 1:3].relu() + 1.0  # a tensor made of a view read before
+        table = torch.zeros(x.shape[0], 1, 1, x.shape[3])  # from sizes, then written into
+        table[:, :, :, 2] = 1.0
+        return s.conv(y) + table
+    module = Fn(f, conv=nn.Conv2d(4, 4, 3, padding=1)).eval()
+    graph, gm = _roundtrip(module, [X4])  # same values and gradients as the source
+    assert "traced_with" not in graph.meta  # torch.fx, not the export
+    assigned = [n for n in graph if n.op == "opaque" and n.attrs["target"] is tm.assigned]
+    assert len(assigned) == 3
+    assert graph["conv"].inputs == [Ref(assigned[1].name)]  # the conv reads the written y
+    assert graph[assigned[1].name].shape == X4
+    x = torch.randn(5, 4, 6, 6)  # another batch size
+    torch.testing.assert_close(gm(x), module(x))
+    assert not any(isinstance(v, tm.torch.fx.Proxy) for v in vars(module).values())
+
+
+def _assignment_read_elsewhere(s, x):
+    y = x * 2.0
+    first = y[:, 0]  # a view of y, made before the assignment and read after it
+    y[:, 0] = 5.0
+    return first + y.sum(1)
+
+
+def _assignment_through_a_view(s, x):
+    y = x * 2.0
+    y.view(-1)[0] = 5.0  # writes into y
+    return y
+
+
+def _assignment_into_the_input(s, x):
+    x[:, 0] = 0.0
+    return x * 2.0
+
+
+@pytest.mark.parametrize("fn, why", [
+    (_assignment_read_elsewhere, "writes into memory that getitem shares, and add reads getitem"),
+    (_assignment_through_a_view, "writes into memory that mul shares, and output reads mul"),
+    (_assignment_into_the_input, "writes into the model's input 'x'"),
+])
+def test_item_assignment_another_reader_would_miss_is_not_read_functionally(fn, why):
+    with pytest.raises(GraphshapeError, match=why):
+        load_module(Fn(fn).eval())  # no example inputs: no export to fall back on
+
+
+def test_item_assignment_another_reader_would_miss_goes_through_the_export():
+    module = Fn(_assignment_into_the_input).eval()
+    x = torch.randn(*X4)
+    graph = load_module(module, (x.clone(),))
+    assert graph.meta["traced_with"] == "torch.onnx.export"
+    assert "writes into the model's input 'x'" in graph.meta["fx_error"]
+    torch.testing.assert_close(emit(graph)(x.clone()), module(x.clone()))
+    # where the exporter misreads the write too (TorchScript's does, through a view), the
+    # error says both, and that the export is wrong on the example inputs themselves
+    with pytest.raises(GraphshapeError, match="reads getitem after it.*even on the example"):
+        load_module(Fn(_assignment_read_elsewhere).eval(), (x,))
+
+
 # ------------------------------------------------------------------ opaque and errors
 def my_custom_op(x):
     return x.cumsum(1)
