@@ -29,7 +29,8 @@ dropout and drop path.
 Two more Python calls fx's Proxy cannot take are recorded as calls: item assignment
 (``x[key] = value``, :meth:`Proxy.__setitem__`; the loader reads it out of place), and
 torch's factories given traced sizes as separate arguments (``torch.zeros(B, C, H, W)``,
-``torch.tensor(N)``: :data:`_SIZES_AS_ARGUMENTS`), which torch's argument parser refuses.
+``torch.tensor(N)``, ``torch.eye(C)``: :data:`_SIZES_AS_ARGUMENTS`, :data:`_AS_CALLED`),
+which torch's argument parser refuses or this tracer would answer for the example's sizes.
 
 ``torch.fx.experimental.meta_tracer.MetaTracer`` answers every ``.shape`` with the meta
 tensor's sizes, so the batch size would be a constant in every reshape of the traced graph;
@@ -357,9 +358,11 @@ def _model_line() -> tuple[str, str]:
 #: a traced size there, torch's argument parser raises "zeros() takes 1 positional argument
 #: but 4 were given" (the tuple form, ``torch.zeros((B, C, H, W))``, fx records)
 _SIZES_AS_ARGUMENTS = ("zeros", "ones", "empty", "rand", "randn")
-#: torch functions making a tensor of Python data, which cannot read a traced size
-#: (``torch.tensor(N)``, ``torch.as_tensor([H, W])``)
-_FROM_DATA = ("tensor", "as_tensor")
+#: torch functions taking Python data or an int, recorded as called when a traced size is
+#: among them: ``torch.tensor(N)`` / ``torch.as_tensor([H, W])`` cannot read one, and
+#: ``torch.eye(C)`` / ``torch.randperm(N)`` would be answered for the example's size (a
+#: tensor, not a traced value: ``torch.eye(C).expand(B, -1, -1)`` then fails)
+_AS_CALLED = ("tensor", "as_tensor", "eye", "randperm")
 
 
 def _holds_proxy(value) -> bool:
@@ -369,15 +372,15 @@ def _holds_proxy(value) -> bool:
     return bool(found)
 
 
-def _recorded_with_sizes(tracer, fn, from_data: bool):
+def _recorded_with_sizes(tracer, fn, as_called: bool):
     """``fn`` recorded as a call when traced sizes are among its arguments; the sizes as one
     tuple (the form torch's parser takes from a Proxy) where they were separate."""
 
     @functools.wraps(fn)
     def call(*args, **kwargs):
-        if from_data and args and _holds_proxy(args[0]):
+        if as_called and _holds_proxy(args):
             return tracer.create_proxy("call_function", fn, args, kwargs)
-        if not from_data and len(args) > 1 and _holds_proxy(args):
+        if not as_called and len(args) > 1 and _holds_proxy(args):
             return tracer.create_proxy("call_function", fn, (tuple(args),), kwargs)
         return fn(*args, **kwargs)
 
@@ -386,12 +389,12 @@ def _recorded_with_sizes(tracer, fn, from_data: bool):
 
 @contextlib.contextmanager
 def _factories_recorded(tracer):
-    """While tracing, :data:`_SIZES_AS_ARGUMENTS` and :data:`_FROM_DATA` take traced sizes
+    """While tracing, :data:`_SIZES_AS_ARGUMENTS` and :data:`_AS_CALLED` take traced sizes
     (:func:`_recorded_with_sizes`); the originals are put back after."""
-    originals = {name: getattr(torch, name) for name in (*_SIZES_AS_ARGUMENTS, *_FROM_DATA)}
+    originals = {name: getattr(torch, name) for name in (*_SIZES_AS_ARGUMENTS, *_AS_CALLED)}
     try:
         for name, fn in originals.items():
-            setattr(torch, name, _recorded_with_sizes(tracer, fn, name in _FROM_DATA))
+            setattr(torch, name, _recorded_with_sizes(tracer, fn, name in _AS_CALLED))
         yield
     finally:
         for name, fn in originals.items():

@@ -354,7 +354,8 @@ class _Made(nn.Module):
     lambda x: torch.empty(x.shape[0], 3, 1, 1).fill_(2.0),
     lambda x: torch.tensor(x.shape[-1], dtype=torch.float32),  # a size as data
     lambda x: torch.as_tensor([x.shape[-2], x.shape[-1]]).float().sum(),
-], ids=["zeros", "ones", "empty", "tensor", "as_tensor"])
+    lambda x: torch.eye(x.shape[-1]).expand(x.shape[0], 3, -1, -1),  # traced, not answered
+], ids=["zeros", "ones", "empty", "tensor", "as_tensor", "eye"])
 def test_tensors_made_from_traced_sizes_are_traced_by_fx(make):
     # fx fails there ("zeros() takes 1 positional argument but 4 were given"), and the model
     # went through the export
