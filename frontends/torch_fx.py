@@ -538,6 +538,7 @@ def _trace(module: nn.Module, leaf_modules, fixed: dict[str, Any],
         _drop_fixed_placeholders(graph, fixed)
         gm = torch.fx.GraphModule(tracer.root, graph, module.__class__.__name__)
         gm.meta["specialized"] = tracer.specialized
+        gm.meta["autocast"] = tracer.autocast
         return gm
 
 
@@ -816,11 +817,12 @@ class _Loader:
             _propagate_shapes(self.gm, example_inputs)
         self.graph = Graph({"source": "torch", "has_shapes": self.has_shapes,
                             **_module_meta(module, fixed)})
-        if self.gm.meta["specialized"]:
-            # one entry per line of the model's code, with how often it was asked
-            counts = collections.Counter(self.gm.meta["specialized"])
-            self.graph.meta["specialized"] = [
-                place + (f" ({n} times)" if n > 1 else "") for place, n in counts.items()]
+        for key in ("specialized", "autocast"):
+            if self.gm.meta[key]:
+                # one entry per line of the model's code, with how often it was reached
+                counts = collections.Counter(self.gm.meta[key])
+                self.graph.meta[key] = [
+                    place + (f" ({n} times)" if n > 1 else "") for place, n in counts.items()]
         self.env: dict[torch.fx.Node, Any] = {}   # fx node -> Ref | _Lazy | _Multi
         self.nontensor: set[torch.fx.Node] = set()
         self._materialized: list = []  # lazy constants turned into nodes by the current call

@@ -26,7 +26,9 @@ computing the wrong thing. ``torch.onnx.export``, graphshape's other way in,
 follows the example inputs' path too, without the guard, and without the source's
 dropout and drop path.
 
-Two more Python calls fx's Proxy cannot take are recorded as calls: item assignment
+A ``torch.autocast`` region may be entered with a traced device type (fx records no
+autocast region: the report lists them). Two more Python calls fx's Proxy cannot take are
+recorded as calls: item assignment
 (``x[key] = value``, :meth:`Proxy.__setitem__`; the loader reads it out of place), and
 torch's factories given traced sizes as separate arguments (``torch.zeros(B, C, H, W)``,
 ``torch.tensor(N)``, ``torch.eye(C)``: :data:`_SIZES_AS_ARGUMENTS`, :data:`_AS_CALLED`),
@@ -341,10 +343,15 @@ def buffers_kept(module: nn.Module):
             store[name] = t
 
 
-def _model_line() -> tuple[str, str]:
-    """(``file:line``, the source line) of the model's code that asked for a value."""
+#: with them, torch's own (``torch.cuda.amp.autocast`` calls ``torch.autocast``)
+_TORCH_FILES = (*_TRACING_FILES, os.path.dirname(torch.__file__))
+
+
+def _model_line(skipped: tuple[str, ...] = _TRACING_FILES) -> tuple[str, str]:
+    """(``file:line``, the source line) of the model's code that asked for a value: the
+    first caller outside ``skipped`` (directories)."""
     frame = sys._getframe(1)
-    while frame is not None and frame.f_code.co_filename.startswith(_TRACING_FILES):
+    while frame is not None and frame.f_code.co_filename.startswith(skipped):
         frame = frame.f_back
     if frame is None:
         return "?", ""
@@ -388,17 +395,43 @@ def _recorded_with_sizes(tracer, fn, as_called: bool):
 
 
 @contextlib.contextmanager
-def _factories_recorded(tracer):
+def _torch_calls_patched(tracer):
     """While tracing, :data:`_SIZES_AS_ARGUMENTS` and :data:`_AS_CALLED` take traced sizes
-    (:func:`_recorded_with_sizes`); the originals are put back after."""
+    (:func:`_recorded_with_sizes`), and ``torch.autocast`` takes a traced device type
+    (:func:`_autocast_noted`); the originals are put back after."""
     originals = {name: getattr(torch, name) for name in (*_SIZES_AS_ARGUMENTS, *_AS_CALLED)}
+    autocast = torch.amp.autocast_mode.autocast
+    init, enter = autocast.__init__, autocast.__enter__
     try:
         for name, fn in originals.items():
             setattr(torch, name, _recorded_with_sizes(tracer, fn, name in _AS_CALLED))
+        autocast.__init__, autocast.__enter__ = _autocast_noted(tracer, init, enter)
         yield
     finally:
         for name, fn in originals.items():
             setattr(torch, name, fn)
+        autocast.__init__, autocast.__enter__ = init, enter
+
+
+def _autocast_noted(tracer, init, enter):
+    """``torch.autocast``'s ``__init__`` and ``__enter__`` while tracing: a traced device type
+    (EfficientViT's ``torch.autocast(device_type=v.device.type, enabled=False)``, which
+    autocast refuses: "Expected `device_type` of type `str`") stands as "cpu", and each
+    region entered is noted in ``tracer.autocast``. fx records no autocast region (entering
+    one changes no traced op), so what it is entered with does not reach the graph; the
+    shaped model computes the region as the code around it, which the report says."""
+
+    def traced_init(self, device_type, *args, **kwargs):
+        init(self, "cpu" if isinstance(device_type, torch.fx.Proxy) else device_type,
+             *args, **kwargs)
+
+    def traced_enter(self):
+        where, source = _model_line(_TORCH_FILES)
+        state = "enabled" if self._enabled else "disabled"
+        tracer.autocast.append(f"{where} `{source}` ({state})")
+        return enter(self)
+
+    return traced_init, traced_enter
 
 
 class Proxy(torch.fx.Proxy):
@@ -460,7 +493,9 @@ class ShapeSpecializingTracer(torch.fx.Tracer):
         self.metadata_memo: dict = {}
         #: "file:line `source` -> value" of each branch taken for the examples, in order
         self.specialized: list[str] = []
-        with _factories_recorded(self):
+        #: "file:line `source` (enabled|disabled)" of each autocast region entered
+        self.autocast: list[str] = []
+        with _torch_calls_patched(self):
             return super().trace(root, concrete_args)
 
     def _values(self) -> ExampleValues | None:

@@ -647,6 +647,11 @@ _SOURCE_WARNINGS: dict[str, Callable[[Any, dict], str]] = {
         "depends on the batch size), and the shaped model checks each, raising on an input "
         "that would take another path: shape again with example inputs of that size to use "
         "it"),
+    "autocast": lambda places, meta: (
+        f"forward enters torch.autocast at {len(places)} place(s) ({_some(places, 2)}), "
+        "which torch.fx does not record: the shaped model computes those regions in the "
+        "precision of the code around them (float32, or an outer autocast's lower precision "
+        "where the source disabled autocast to keep float32)"),
     "frozen_params": lambda frozen, meta: (
         f"{len(frozen)} parameter(s) were frozen (requires_grad=False: {_some(frozen)}) and "
         "stay frozen in the shaped model under the same names, although shaping "

@@ -373,3 +373,34 @@ def test_random_tensor_of_traced_sizes_keeps_its_call():
     assert "traced_with" not in graph.meta
     assert emit(graph)(_x(4)).shape == (4, 3, 9, 9)
     assert torch.zeros is torch._C._VariableFunctions.zeros  # put back after the trace
+
+
+class KeepsFloat32(nn.Module):
+    """A region autocast is disabled in, on the input's device (timm's EfficientViT)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+
+    def forward(self, x):
+        y = torch.relu(self.bn(self.conv(x)))
+        with torch.autocast(device_type=y.device.type, enabled=False):
+            y = y.float() * 2.0
+        return y.mean((2, 3))
+
+
+def test_autocast_with_a_traced_device_type_is_traced_and_reported():
+    # autocast refused the traced device type ("Expected `device_type` of type `str`"):
+    # the model went through the export, which drops the region without a word
+    init = torch.autocast.__init__
+    model = KeepsFloat32().eval()
+    graph = load_module(model, _x())
+    assert "traced_with" not in graph.meta
+    [place] = graph.meta["autocast"]
+    assert "test_size_branches.py" in place and "(disabled)" in place
+    assert torch.autocast.__init__ is init  # put back after the trace
+    torch.testing.assert_close(emit(graph)(_x(3)), model(_x(3)))
+    shaped = graphshape.shape(model, _x(), method="DKS", seed=0)
+    [said] = [w for w in shaped.meta["graphshape"].warnings if "autocast" in w]
+    assert "enters torch.autocast at 1 place(s)" in said and "does not record" in said
