@@ -4,7 +4,8 @@ or be refused with a GraphshapeError; anything else is a CRASH (a bug). A wider 
 ``shape_timm.py``'s fixed families: it picks up whatever timm adds.
 
 Run:  nice python benchmarks/scan_timm_modules.py [--modules beit,byobnet,...]
-Prints one line per model and method: ok (seconds, whether the output is finite, the
+Prints one line per model saying how graphshape reads it (torch.fx, or the ONNX export and
+why fx could not), then one line per model and method: ok (seconds, whether the output is finite, the
 activations solved), refused (the message's start), CRASH (type, message, where), TIMEOUT
 (over 240 s), SKIP (over 90M parameters) or NOBUILD (timm cannot build or run it here);
 then the counts. Models are created on the meta device to count parameters, then for real
@@ -53,6 +54,7 @@ def main():
     import timm
 
     import graphshape
+    from graphshape.frontends.torch_fx import load_module
 
     warnings.filterwarnings("ignore")
     torch.set_num_threads(1)
@@ -83,6 +85,16 @@ def main():
                   flush=True)
             counts["NOBUILD"] += 1
             continue
+        try:  # which way in: torch.fx, or the ONNX export where fx cannot trace it
+            read = load_module(model, (x,))
+            via = read.meta.get("traced_with", "torch.fx")
+            print(f"{module:24s} {name:34s} read by {via}"
+                  + (f": {read.meta.get('fx_error', '')[:160]}" if via != "torch.fx" else ""),
+                  flush=True)
+            counts[f"read by {via}"] += 1
+        except graphshape.GraphshapeError as e:
+            print(f"{module:24s} {name:34s} not read: {str(e)[:160]}", flush=True)
+            counts["not read"] += 1
         for method in ("TAT", "DKS"):
             start = time.time()
             signal.alarm(TIMEOUT_S)

@@ -26,13 +26,14 @@ computing the wrong thing. ``torch.onnx.export``, graphshape's other way in,
 follows the example inputs' path too, without the guard, and without the source's
 dropout and drop path.
 
-A ``torch.autocast`` region may be entered with a traced device type (fx records no
-autocast region: the report lists them). Two more Python calls fx's Proxy cannot take are
-recorded as calls: item assignment
-(``x[key] = value``, :meth:`Proxy.__setitem__`; the loader reads it out of place), and
-torch's factories given traced sizes as separate arguments (``torch.zeros(B, C, H, W)``,
-``torch.tensor(N)``, ``torch.eye(C)``: :data:`_SIZES_AS_ARGUMENTS`, :data:`_AS_CALLED`),
-which torch's argument parser refuses or this tracer would answer for the example's sizes.
+Calls plain fx cannot trace are recorded as calls: item assignment (``x[key] = value``,
+:meth:`Proxy.__setitem__`; the loader reads it out of place); torch's factories given traced
+sizes as separate arguments or as data (``torch.zeros(B, C, H, W)``, ``torch.tensor(N)``,
+``torch.eye(C)``: :data:`_SIZES_AS_ARGUMENTS`, :data:`_AS_CALLED`); and Tensor methods
+taking sizes, called on a tensor fx does not trace (a buffer: ``self.table.expand(B, -1,
+-1)``, :data:`_SIZE_METHODS`). torch's argument parser refuses traced sizes there, or this
+tracer would answer them for the example's sizes. A ``torch.autocast`` region may be
+entered with a traced device type (fx records no autocast region: the report lists them).
 
 ``torch.fx.experimental.meta_tracer.MetaTracer`` answers every ``.shape`` with the meta
 tensor's sizes, so the batch size would be a constant in every reshape of the traced graph;
@@ -372,6 +373,13 @@ _SIZES_AS_ARGUMENTS = ("zeros", "ones", "empty", "rand", "randn")
 _AS_CALLED = ("tensor", "as_tensor", "eye", "randperm")
 
 
+#: Tensor methods taking sizes, which a tensor that is not traced (a buffer fx reads as it
+#: is, ConViT's ``self.rel_indices`` once the model has run: ``.expand(B, -1, -1, -1)``)
+#: cannot take as traced values ("expand() takes 1 positional argument but 4 were given")
+_SIZE_METHODS = ("expand", "view", "reshape", "repeat", "tile", "new_zeros", "new_ones",
+                 "new_empty", "new_full", "narrow", "unflatten", "repeat_interleave", "split")
+
+
 def _holds_proxy(value) -> bool:
     found = []
     torch.fx.node.map_aggregate(value, lambda v: found.append(v) if isinstance(
@@ -394,23 +402,46 @@ def _recorded_with_sizes(tracer, fn, as_called: bool):
     return call
 
 
+def _method_recorded(tracer, name: str, method):
+    """Tensor method ``name`` recorded as a call (of the tensor as fx stores a constant: a
+    ``get_attr`` of the module's buffer) when traced values are among its arguments."""
+
+    @functools.wraps(method)
+    def call(self, *args, **kwargs):
+        if _holds_proxy((args, kwargs)):
+            return tracer.create_proxy("call_method", name, (self, *args), kwargs)
+        return method(self, *args, **kwargs)
+
+    return call
+
+
 @contextlib.contextmanager
 def _torch_calls_patched(tracer):
-    """While tracing, :data:`_SIZES_AS_ARGUMENTS` and :data:`_AS_CALLED` take traced sizes
-    (:func:`_recorded_with_sizes`), and ``torch.autocast`` takes a traced device type
+    """While tracing, :data:`_SIZES_AS_ARGUMENTS`, :data:`_AS_CALLED` and the Tensor methods
+    :data:`_SIZE_METHODS` take traced sizes (:func:`_recorded_with_sizes`,
+    :func:`_method_recorded`), and ``torch.autocast`` takes a traced device type
     (:func:`_autocast_noted`); the originals are put back after."""
     originals = {name: getattr(torch, name) for name in (*_SIZES_AS_ARGUMENTS, *_AS_CALLED)}
     autocast = torch.amp.autocast_mode.autocast
     init, enter = autocast.__init__, autocast.__enter__
+    # (most are TensorBase's: set on Tensor, then deleted, or put back where Tensor has one)
+    methods = {name: torch.Tensor.__dict__.get(name) for name in _SIZE_METHODS}
     try:
         for name, fn in originals.items():
             setattr(torch, name, _recorded_with_sizes(tracer, fn, name in _AS_CALLED))
         autocast.__init__, autocast.__enter__ = _autocast_noted(tracer, init, enter)
+        for name in methods:
+            setattr(torch.Tensor, name, _method_recorded(tracer, name, getattr(torch.Tensor, name)))
         yield
     finally:
         for name, fn in originals.items():
             setattr(torch, name, fn)
         autocast.__init__, autocast.__enter__ = init, enter
+        for name, own in methods.items():
+            if own is None:
+                delattr(torch.Tensor, name)
+            else:
+                setattr(torch.Tensor, name, own)
 
 
 def _autocast_noted(tracer, init, enter):

@@ -404,3 +404,29 @@ def test_autocast_with_a_traced_device_type_is_traced_and_reported():
     shaped = graphshape.shape(model, _x(), method="DKS", seed=0)
     [said] = [w for w in shaped.meta["graphshape"].warnings if "autocast" in w]
     assert "enters torch.autocast at 1 place(s)" in said and "does not record" in said
+
+
+class ExpandsABuffer(nn.Module):
+    """A buffer (which fx reads as the tensor it is) expanded to traced sizes, as ConViT's
+    ``self.rel_indices.expand(B, -1, -1, -1)`` once the model has run."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("table", torch.arange(3.0).view(1, 3, 1, 1))
+        self.conv = nn.Conv2d(3, 3, 1)
+
+    def forward(self, x):
+        return self.conv(x) + self.table.expand(x.shape[0], -1, x.shape[2], x.shape[3])
+
+
+def test_a_buffer_expanded_to_traced_sizes_is_traced_by_fx():
+    # fx failed: "expand() takes 1 positional argument but 4 were given"
+    view = torch.Tensor.view
+    model = ExpandsABuffer().eval()
+    graph = load_module(model, _x())
+    assert "traced_with" not in graph.meta and "specialized" not in graph.meta
+    assert torch.Tensor.view is view and "expand" not in torch.Tensor.__dict__  # put back
+    gm = emit(graph)
+    assert torch.equal(gm.table, model.table)  # the buffer, under its name
+    for batch, side in ((5, 9), (2, 7)):
+        torch.testing.assert_close(gm(_x(batch, side)), model(_x(batch, side)))
