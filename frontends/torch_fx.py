@@ -904,6 +904,10 @@ class _Loader:
         meta = {"source_name": fx_node.name, "flags": []}
         if fx_node.op == "call_module":
             meta["module_path"] = fx_node.target
+        elif fx_node.meta.get("nn_module_stack"):
+            # the innermost module whose forward made this call (fx records the stack):
+            # messages name it (Node.located)
+            meta["scope"] = list(fx_node.meta["nn_module_stack"].values())[-1][0]
         node = Node(name or fx_node.name, op, list(inputs), dict(attrs or {}), dict(params or {}),
                     outputs if outputs is not None else [self.info(fx_node)], meta)
         self.graph.add(node)

@@ -162,6 +162,14 @@ class Node:
     def dtype(self) -> str | None:
         return self.outputs[0].dtype if self.outputs else None
 
+    @property
+    def located(self) -> str:
+        """The quoted name, with the submodule whose forward computed it where the name does
+        not say (``'matmul_1' (in stages.2.blocks.1.context_module.main)``: fx names a
+        function's or method's node after the call only; ``meta["scope"]``)."""
+        scope = self.meta.get("scope")
+        return f"{self.name!r} (in {scope})" if scope else repr(self.name)
+
 
 class Graph:
     """A model as a dataflow graph. ``graph.nx`` is the underlying ``networkx.DiGraph``

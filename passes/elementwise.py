@@ -660,7 +660,7 @@ def _replace(g: Graph, x: Ref, sub: list[Node], y: Node, name: str, attrs: dict,
     # (y may have been an opaque call, the ** of relu(x) ** 2: it is not one any more)
     flags = [f for f in y.meta.get("flags", []) if f != "opaque"]
     y.meta = {"flags": flags, "fused_from": [n.name for n in sub],
-              **{k: y.meta[k] for k in ("source_name", "module_path") if k in y.meta}}
+              **{k: y.meta[k] for k in ("source_name", "module_path", "scope") if k in y.meta}}
     y.op, y.attrs, y.params = op, ({"name": name} if name else {}) | attrs, {}
     g.set_inputs(y.name, [x])
     for node in reversed(sub):

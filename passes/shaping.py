@@ -462,9 +462,9 @@ def _feeds_only_attention_logits(graph: Graph, node) -> bool:
 def _product_error(graph: Graph, products: list[str]) -> GraphshapeError:
     node = graph[products[0]]
     more = f" (and {len(products) - 1} more)" if len(products) > 1 else ""
-    factors = " and ".join(repr(r.node) for r in node.inputs[:2])
+    factors = " and ".join(graph[r.node].located for r in node.inputs[:2])
     return GraphshapeError(
-        f"{node.op} node {node.name!r}{more} multiplies two signals ({factors}), as gMLP's "
+        f"{node.op} node {node.located}{more} multiplies two signals ({factors}), as gMLP's "
         "spatial gating unit or linear attention do. The q of a product is the product of "
         "its factors' q values, so q = 1 is an unstable fixed point: a deviation doubles at "
         "each such product, and no DKS/TAT activation transform keeps q near 1 through a "
@@ -480,8 +480,9 @@ def _gate_error(graph: Graph, gates: list[tuple[str, str]],
     more = f" (and {len(gates) - 1} more)" if len(gates) > 1 else ""
     reason = (why or {}).get(act)
     return GraphshapeError(
-        f"the {node.attrs.get('name', '?')} activation {act!r} gates another signal through "
-        f"{graph[prod].op} node {prod!r}{more}, as in a gated linear unit or attention. "
+        f"the {node.attrs.get('name', '?')} activation {node.located} gates another signal "
+        f"through {graph[prod].op} node {graph[prod].located}{more}, as in a gated linear "
+        "unit or attention. "
         "A gate is not a main-path nonlinearity: graphshape starts a gate as the constant 1 "
         "(its input layer at zero, the gate divided by its value at 0, as for "
         "squeeze-excitation), but not this one"
@@ -1038,7 +1039,7 @@ def shape_graph(graph: Graph, *, method: str = "TAT", activation: str | None = N
     attention = _attention_nodes(g)
     if attention:
         report.warnings.append(
-            f"{len(attention)} attention node(s) ({', '.join(repr(n) for n in attention[:3])}"
+            f"{len(attention)} attention node(s) ({', '.join(g[n].located for n in attention[:3])}"
             f"{' ...' if len(attention) > 3 else ''}) treated as the identity on the kernel: "
             "DKS/TAT do not cover attention, which averages over tokens and shrinks q at "
             "initialization (vit_b_16 shaped: q in the residual stream 0.25 after the first "
