@@ -375,7 +375,10 @@ _AS_CALLED = ("tensor", "as_tensor", "eye", "randperm")
 
 #: Tensor methods taking sizes, which a tensor that is not traced (a buffer fx reads as it
 #: is, ConViT's ``self.rel_indices`` once the model has run: ``.expand(B, -1, -1, -1)``)
-#: cannot take as traced values ("expand() takes 1 positional argument but 4 were given")
+#: cannot take as traced values ("expand() takes 1 positional argument but 4 were given").
+#: No dunder: set on torch.Tensor even for a while, one changes the type's slots for the
+#: rest of the process (``__getitem__`` made tensors sequences: "len() of a 0-d tensor" in
+#: the TorchScript exporter), so ``buffer[:, :T]`` stays answered for the example's T
 _SIZE_METHODS = ("expand", "view", "reshape", "repeat", "tile", "new_zeros", "new_ones",
                  "new_empty", "new_full", "narrow", "unflatten", "repeat_interleave", "split")
 
