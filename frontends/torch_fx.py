@@ -830,6 +830,8 @@ class _Loader:
         # qualified names of modules with forward hooks, in the order their calls are
         # mapped (the root and modules traced through are added by run)
         self._hooked: list[str] = []
+        # get_attr target -> the value a forward-made tensor holds after item assignment
+        self._assigned_constants: dict[str, Ref] = {}
 
     # ----------------------------------------------------------------- values
     def info(self, fx_node: torch.fx.Node) -> TensorInfo:
@@ -935,13 +937,14 @@ class _Loader:
                 collect(v.start), collect(v.stop), collect(v.step)
 
         collect(args), collect(kwargs)
-        attrs = {"framework": "torch", "fx_op": fx_node.op, "args": args, "kwargs": kwargs}
-        if fx_node.op == "call_module":
+        fx_op = "call_function" if function is not None else fx_node.op
+        attrs = {"framework": "torch", "fx_op": fx_op, "args": args, "kwargs": kwargs}
+        if fx_op == "call_module":
             mod = self.gm.get_submodule(fx_node.target)
             attrs["target"] = fx_node.target
             attrs["module"] = mod
             attrs["description"] = f"module {type(mod).__module__}.{type(mod).__name__}"
-        elif fx_node.op == "call_function":
+        elif fx_op == "call_function":
             attrs["target"] = function or fx_node.target
             mod_name = getattr(attrs["target"], "__module__", None) or ""
             fn_name = getattr(attrs["target"], "__name__", str(attrs["target"]))
@@ -1059,6 +1062,10 @@ class _Loader:
         self.env[fx_node] = node.out
 
     def _get_attr(self, fx_node):
+        if fx_node.target in self._assigned_constants:
+            # a tensor the forward made and then wrote into (_assignment): this value
+            self.env[fx_node] = self._assigned_constants[fx_node.target]
+            return
         obj = self.gm
         for part in fx_node.target.split("."):
             obj = getattr(obj, part)
@@ -1074,7 +1081,10 @@ class _Loader:
                 outputs=[TensorInfo(None, "object")])
 
     def _call(self, fx_node):
-        if fx_node.op == "call_function" and fx_node.target is operator.setitem:
+        if (fx_node.op, fx_node.target) in (("call_function", operator.setitem),
+                                            ("call_method", "__setitem__")):
+            # (the method: assignment of a traced value into a tensor fx does not trace,
+            # ``t = torch.zeros(2, 3); t[:, 1] = x.mean(1)``, recorded by its torch function)
             self._assignment(fx_node)
             return
         weight_norm, hooked = None, False
@@ -1154,6 +1164,8 @@ class _Loader:
                 "reads an item assignment as a new value, which that reader would not see")
         self.opaque(fx_node, function=_tm.assigned, outputs=[self.info(target)])
         _inplace_result(self, fx_node, target)
+        if target.op == "get_attr":  # fx reads the tensor again through other get_attrs
+            self._assigned_constants[target.target] = self.env[fx_node]
 
     def _mark_nontensor(self, fx_node):
         """Without shapes, remember values that are Python numbers / sizes, not tensors."""
@@ -2397,6 +2409,14 @@ def _may_alias(ld, node: torch.fx.Node) -> bool:
     return False
 
 
+def _made_by_forward(ld, node: torch.fx.Node) -> bool:
+    """Whether get_attr ``node`` is a tensor fx stored on the root while tracing (a tensor the
+    forward made of constants, ``_tensor_constant0``), not one of the model's own: the
+    source makes it anew at each call, so writing into it changes nothing else."""
+    owned = itertools.chain(ld.module.named_parameters(), ld.module.named_buffers())
+    return node.target.startswith("_tensor_constant") and node.target not in dict(owned)
+
+
 def _assignment_seen_elsewhere(ld, fx_node, target) -> str | None:
     """Why ``target[key] = value`` (``fx_node``) cannot be read as a new value of ``target``
     alone: the memory it writes is the model's input or state, or another view of that
@@ -2407,10 +2427,18 @@ def _assignment_seen_elsewhere(ld, fx_node, target) -> str | None:
         base = base.args[0]
     if base.op == "placeholder":
         return f"writes into the model's input {base.name!r}, which its caller would see"
-    if base.op == "get_attr":
-        return f"writes into the model's parameter or buffer {base.target!r}"
     position = ld.order[fx_node]
-    views, todo = {base}, [base]
+    roots = [base]
+    if base.op == "get_attr":
+        if not _made_by_forward(ld, base):
+            return f"writes into the model's parameter or buffer {base.target!r}"
+        # fx reads such a tensor through a get_attr node per use: they are one memory
+        roots = [n for n in ld.gm.graph.nodes if n.op == "get_attr" and n.target == base.target]
+        later = [n for n in roots if ld.order[n] > position]
+        if target is not base and later:
+            return (f"writes into a view of {base.target}, which {later[0].name} reads "
+                    "after it")
+    views, todo = set(roots), list(roots)
     while todo:  # the base and every view of it (views of views too)
         for user in todo.pop().users:
             if user not in views and _may_alias(ld, user) and user.args and user.args[0] in views:

@@ -353,6 +353,22 @@ def test_item_assignment_is_read_as_a_new_value():
     assert not any(isinstance(v, torch.fx.Proxy) for v in vars(module).values())
 
 
+def test_assignment_into_a_tensor_the_forward_made_of_constants_is_kept():
+    # before: fx records t.__setitem__ on its stored constant, the loader kept it as a call
+    # whose result nothing read, and x + t read the zeros: the emitted module computed
+    # another function, silently
+    def f(s, x):
+        t = torch.zeros(2, 4, 1, 1)  # no traced size: fx keeps it as a constant tensor
+        t[:, 1] = x.mean((1, 2, 3)).view(2, 1, 1)
+        t[:, 3] = 1.0
+        return s.conv(x) + t
+    module = Fn(f, conv=nn.Conv2d(4, 4, 3, padding=1)).eval()
+    graph, _ = _roundtrip(module, [X4])
+    assert "traced_with" not in graph.meta
+    # (t[:, 3] = 1.0 ran while tracing, on the tensor fx then stored: no call to record)
+    assert sum(n.op == "opaque" and n.attrs["target"] is tm.assigned for n in graph) == 1
+
+
 def _assignment_read_elsewhere(s, x):
     y = x * 2.0
     first = y[:, 0]  # a view of y, made before the assignment and read after it
