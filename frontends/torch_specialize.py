@@ -419,32 +419,39 @@ def _method_recorded(tracer, name: str, method):
 
 
 @contextlib.contextmanager
+def _set_for_now(owner, name: str, value):
+    """``owner.name = value`` until exit; then the attribute as it was: put back where
+    ``owner`` had its own, deleted where it was inherited (most Tensor methods are
+    TensorBase's)."""
+    own = owner.__dict__.get(name)
+    setattr(owner, name, value)
+    try:
+        yield
+    finally:
+        if own is None:
+            delattr(owner, name)
+        else:
+            setattr(owner, name, own)
+
+
+@contextlib.contextmanager
 def _torch_calls_patched(tracer):
     """While tracing, :data:`_SIZES_AS_ARGUMENTS`, :data:`_AS_CALLED` and the Tensor methods
     :data:`_SIZE_METHODS` take traced sizes (:func:`_recorded_with_sizes`,
     :func:`_method_recorded`), and ``torch.autocast`` takes a traced device type
     (:func:`_autocast_noted`); the originals are put back after."""
-    originals = {name: getattr(torch, name) for name in (*_SIZES_AS_ARGUMENTS, *_AS_CALLED)}
     autocast = torch.amp.autocast_mode.autocast
-    init, enter = autocast.__init__, autocast.__enter__
-    # (most are TensorBase's: set on Tensor, then deleted, or put back where Tensor has one)
-    methods = {name: torch.Tensor.__dict__.get(name) for name in _SIZE_METHODS}
-    try:
-        for name, fn in originals.items():
-            setattr(torch, name, _recorded_with_sizes(tracer, fn, name in _AS_CALLED))
-        autocast.__init__, autocast.__enter__ = _autocast_noted(tracer, init, enter)
-        for name in methods:
-            setattr(torch.Tensor, name, _method_recorded(tracer, name, getattr(torch.Tensor, name)))
+    init, enter = _autocast_noted(tracer, autocast.__init__, autocast.__enter__)
+    with contextlib.ExitStack() as patches:
+        for name in (*_SIZES_AS_ARGUMENTS, *_AS_CALLED):
+            fn = _recorded_with_sizes(tracer, getattr(torch, name), name in _AS_CALLED)
+            patches.enter_context(_set_for_now(torch, name, fn))
+        for name in _SIZE_METHODS:
+            method = _method_recorded(tracer, name, getattr(torch.Tensor, name))
+            patches.enter_context(_set_for_now(torch.Tensor, name, method))
+        patches.enter_context(_set_for_now(autocast, "__init__", init))
+        patches.enter_context(_set_for_now(autocast, "__enter__", enter))
         yield
-    finally:
-        for name, fn in originals.items():
-            setattr(torch, name, fn)
-        autocast.__init__, autocast.__enter__ = init, enter
-        for name, own in methods.items():
-            if own is None:
-                delattr(torch.Tensor, name)
-            else:
-                setattr(torch.Tensor, name, own)
 
 
 def _autocast_noted(tracer, init, enter):
