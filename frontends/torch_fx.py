@@ -531,15 +531,40 @@ def _trace(module: nn.Module, leaf_modules, fixed: dict[str, Any],
     tracer = _Tracer(leaf_classes, [name for name in fixed if name.startswith("*")])
     if example_inputs is not None:
         tracer.use_examples(module, example_inputs, fixed)
-    # (the GraphModule is built before the model's attributes are put back: it copies the
-    # tensor constants fx stored on the root module while tracing, `_tensor_constant0`)
-    with _python_state_kept(module), buffer_values_kept(module):
-        graph = _symbolic_trace(tracer, module, fixed)
-        _drop_fixed_placeholders(graph, fixed)
-        gm = torch.fx.GraphModule(tracer.root, graph, module.__class__.__name__)
-        gm.meta["specialized"] = tracer.specialized
-        gm.meta["autocast"] = tracer.autocast
-        return gm
+    buffers = [(mod._buffers, dict(mod._buffers)) for mod in module.modules()]
+    for buffers_traced in (True, False):
+        # Buffers traced like parameters first (fx's proxy_buffer_attributes): a slice
+        # `self.position_ids[:, :T]` (BERT) or `self.mask[:T, :T]` is then recorded for any
+        # T, where fx would hand the forward the tensor itself and T be answered for the
+        # example. A forward that reads a buffer's value in Python (`if self.initialized:`)
+        # or assigns a buffer (a cache: ConViT's `self.rel_indices = ...`) is traced again
+        # the way fx does by default, the buffers as they are.
+        tracer.proxy_buffer_attributes = buffers_traced
+        # (the GraphModule is built before the model's attributes are put back: it copies
+        # the tensor constants fx stored on the root module while tracing)
+        with _python_state_kept(module), buffer_values_kept(module):
+            try:
+                graph = _symbolic_trace(tracer, module, fixed)
+            except _Untraceable:
+                if buffers_traced:
+                    continue
+                raise
+            if buffers_traced and _buffers_replaced(buffers):
+                continue
+            _drop_fixed_placeholders(graph, fixed)
+            gm = torch.fx.GraphModule(tracer.root, graph, module.__class__.__name__)
+            gm.meta["specialized"] = tracer.specialized
+            gm.meta["autocast"] = tracer.autocast
+            gm.meta["buffers_traced"] = buffers_traced
+            return gm
+
+
+def _buffers_replaced(saved: list[tuple[dict, dict]]) -> bool:
+    """Whether the trace set a buffer of a module (each module's ``_buffers`` as it was
+    before: ``saved``) to another value, a traced one: a forward that caches a tensor there
+    (ConViT's ``self.rel_indices = self.get_rel_indices(N)`` on a size change)."""
+    return any(now.keys() != was.keys() or any(now[k] is not was[k] for k in was)
+               for now, was in saved)
 
 
 def _symbolic_trace(tracer, module: nn.Module, fixed: dict[str, Any]) -> torch.fx.Graph:
@@ -830,8 +855,11 @@ class _Loader:
         # qualified names of modules with forward hooks, in the order their calls are
         # mapped (the root and modules traced through are added by run)
         self._hooked: list[str] = []
-        # get_attr target -> the value a forward-made tensor holds after item assignment
+        # get_attr target -> the value a forward-made tensor holds after item assignment, or
+        # a buffer after an in-place update: what later get_attr nodes of it read
         self._assigned_constants: dict[str, Ref] = {}
+        # buffer -> the fx nodes updating it in place (_inplace_result)
+        self.state_updates: dict[str, list[str]] = {}
 
     # ----------------------------------------------------------------- values
     def info(self, fx_node: torch.fx.Node) -> TensorInfo:
@@ -1040,6 +1068,9 @@ class _Loader:
             self.graph.meta["dropped_hooks"] = dropped
         if traced:
             self.graph.meta["traced_hooks"] = traced
+        if self.state_updates:
+            self.graph.meta["state_updates"] = [
+                f"{buffer} ({', '.join(names)})" for buffer, names in self.state_updates.items()]
         if self.module.training:
             random = [n.name for n in self.graph if n.op == "opaque" and _draws_random(n)]
             if random:
@@ -1143,6 +1174,10 @@ class _Loader:
                 self._materialized.clear()
         self._mark_nontensor(fx_node)
         self.opaque(fx_node)
+        if _returns_self(fx_node) and fx_node.args:
+            # x.clamp_(...) kept as it is: the emitted call updates its input as the source
+            # does (a buffer's update too), and later readers of x read this node
+            _inplace_result(self, fx_node, fx_node.args[0], state_update=False)
 
     def _assignment(self, fx_node):
         """``x[key] = value``: a new value, ``torch_modules.assigned(x, key, value)``, that
@@ -2398,7 +2433,7 @@ _ALIASING_MODULES = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dro
 def _may_alias(ld, node: torch.fx.Node) -> bool:
     """Whether ``node``'s value may share memory with its first argument's."""
     if node.op == "call_method":
-        return node.target in _ALIASING_METHODS
+        return node.target in _ALIASING_METHODS or _returns_self(node)
     if node.op == "call_function":
         if node.target is getattr:
             return len(node.args) > 1 and node.args[1] in _ALIASING_ATTRIBUTES
@@ -2454,16 +2489,39 @@ def _assignment_seen_elsewhere(ld, fx_node, target) -> str | None:
     return None
 
 
-def _inplace_result(ld, fx_node, mutated):
+def _inplace_result(ld, fx_node, mutated, state_update: bool = True):
     """After an in-place op on ``mutated``, later readers of it see the op's result. An
-    activation records ``inplace=True`` (the torch backend emits it out of place)."""
+    activation records ``inplace=True`` (the torch backend emits it out of place). An update
+    of one of the model's buffers (a running statistic: ``self.avg.mul_(m).add_(...)``) by
+    an op read out of place is noted in ``ld.state_updates`` (``state_update``): the IR has
+    no state, so the shaped model reads the buffer as it was when shaped, at every call
+    (later reads of the buffer in the same call read the new value, as in the source's
+    first call)."""
     ref = ld.env.get(fx_node)
     if isinstance(ref, Ref) and ld.graph[ref.node].op == "activation":
         ld.graph[ref.node].attrs["inplace"] = True
-    if isinstance(mutated, torch.fx.Node) and fx_node in ld.env:
-        later = [u for u in mutated.users if ld.order[u] > ld.order[fx_node]]
-        if later:
-            ld.env[mutated] = ld.env[fx_node]
+    if not isinstance(mutated, torch.fx.Node) or fx_node not in ld.env:
+        return
+    same = mutated
+    while True:  # mutated, and what it is the same tensor as: x.mul_(m).add_(y) updates x
+        if any(ld.order[u] > ld.order[fx_node] for u in same.users):
+            ld.env[same] = ld.env[fx_node]
+        if not (_returns_self(same) and same.args and isinstance(same.args[0], torch.fx.Node)):
+            break
+        same = same.args[0]
+    base = same
+    while _may_alias(ld, base) and base.args and isinstance(base.args[0], torch.fx.Node):
+        base = base.args[0]
+    if base.op == "get_attr" and not _made_by_forward(ld, base) and state_update:
+        ld.state_updates.setdefault(base.target, []).append(fx_node.name)
+        if base is same:
+            ld._assigned_constants[base.target] = ld.env[fx_node]
+
+
+def _returns_self(node: torch.fx.Node) -> bool:
+    """An in-place Tensor method (``x.add_(y)`` returns ``x``)."""
+    return (node.op == "call_method" and node.target.endswith("_")
+            and not node.target.startswith("__"))
 
 
 def _with_inplace(handler, arg_index=0):

@@ -30,9 +30,11 @@ Calls plain fx cannot trace are recorded as calls: item assignment (``x[key] = v
 :meth:`Proxy.__setitem__`; the loader reads it out of place); torch's factories given traced
 sizes as separate arguments or as data (``torch.zeros(B, C, H, W)``, ``torch.tensor(N)``,
 ``torch.eye(C)``: :data:`_SIZES_AS_ARGUMENTS`, :data:`_AS_CALLED`); and Tensor methods
-taking sizes, called on a tensor fx does not trace (a buffer: ``self.table.expand(B, -1,
--1)``, :data:`_SIZE_METHODS`). torch's argument parser refuses traced sizes there, or this
-tracer would answer them for the example's sizes. A ``torch.autocast`` region may be
+taking sizes, called on a tensor fx does not trace (a buffer read as it is:
+``self.table.expand(B, -1, -1)``, :data:`_SIZE_METHODS`). torch's argument parser refuses
+traced sizes there, or this tracer would answer them for the example's sizes. (Buffers are
+traced like parameters where the forward lets them be:
+:func:`graphshape.frontends.torch_fx._trace`.) A ``torch.autocast`` region may be
 entered with a traced device type (fx records no autocast region: the report lists them).
 
 ``torch.fx.experimental.meta_tracer.MetaTracer`` answers every ``.shape`` with the meta
@@ -373,12 +375,13 @@ _SIZES_AS_ARGUMENTS = ("zeros", "ones", "empty", "rand", "randn")
 _AS_CALLED = ("tensor", "as_tensor", "eye", "randperm")
 
 
-#: Tensor methods taking sizes, which a tensor that is not traced (a buffer fx reads as it
-#: is, ConViT's ``self.rel_indices`` once the model has run: ``.expand(B, -1, -1, -1)``)
-#: cannot take as traced values ("expand() takes 1 positional argument but 4 were given").
-#: No dunder: set on torch.Tensor even for a while, one changes the type's slots for the
-#: rest of the process (``__getitem__`` made tensors sequences: "len() of a 0-d tensor" in
-#: the TorchScript exporter), so ``buffer[:, :T]`` stays answered for the example's T
+#: Tensor methods taking sizes, which a tensor that is not traced (a buffer where the
+#: buffers are read as they are: ConViT's ``self.rel_indices``, which its forward replaces,
+#: once the model has run: ``.expand(B, -1, -1, -1)``) cannot take as traced values
+#: ("expand() takes 1 positional argument but 4 were given"). No dunder: set on torch.Tensor
+#: even for a while, one changes the type's slots for the rest of the process
+#: (``__getitem__`` made tensors sequences: "len() of a 0-d tensor" in the TorchScript
+#: exporter), so there ``buffer[:, :T]`` is answered for the example's T, and checked
 _SIZE_METHODS = ("expand", "view", "reshape", "repeat", "tile", "new_zeros", "new_ones",
                  "new_empty", "new_full", "narrow", "unflatten", "repeat_interleave", "split")
 

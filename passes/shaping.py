@@ -653,6 +653,11 @@ _SOURCE_WARNINGS: dict[str, Callable[[Any, dict], str]] = {
         "which torch.fx does not record: the shaped model computes those regions in the "
         "precision of the code around them (float32, or an outer autocast's lower precision "
         "where the source disabled autocast to keep float32)"),
+    "state_updates": lambda updates, meta: (
+        f"forward updates {len(updates)} buffer(s) in place ({_some(updates, 2)}: a "
+        "running statistic, a counter), which the shaped model does not: it reads them as "
+        "they were when shaped, at every call (normalization layers graphshape removes take "
+        "their statistics with them)"),
     "frozen_params": lambda frozen, meta: (
         f"{len(frozen)} parameter(s) were frozen (requires_grad=False: {_some(frozen)}) and "
         "stay frozen in the shaped model under the same names, although shaping "

@@ -430,3 +430,111 @@ def test_a_buffer_expanded_to_traced_sizes_is_traced_by_fx():
     assert torch.equal(gm.table, model.table)  # the buffer, under its name
     for batch, side in ((5, 9), (2, 7)):
         torch.testing.assert_close(gm(_x(batch, side)), model(_x(batch, side)))
+
+
+class MasksByLength(nn.Module):
+    """A causal mask and position ids kept as buffers and sliced to the sequence length
+    (GPT's ``self.bias[:, :, :T, :T]``, BERT's ``self.position_ids[:, :T]``)."""
+
+    def __init__(self, width=8, longest=16):
+        super().__init__()
+        self.register_buffer("mask", torch.tril(torch.ones(longest, longest)).bool())
+        self.register_buffer("position_ids", torch.arange(longest).unsqueeze(0))
+        self.positions = nn.Embedding(longest, width)
+        self.query = nn.Linear(width, width)
+
+    def forward(self, x):  # (batch, tokens, width)
+        T = x.shape[1]
+        x = x + self.positions(self.position_ids[:, :T])
+        scores = self.query(x) @ x.transpose(1, 2)
+        scores = scores.masked_fill(~self.mask[:T, :T], float("-inf"))
+        return torch.relu(scores.softmax(-1) @ x)
+
+
+def test_a_buffer_sliced_to_a_traced_size_is_traced_for_any_size():
+    # fx hands a forward its buffers as tensors, so T was answered for the example (5) and
+    # the model refused other lengths ("traced for inputs of the example inputs' sizes")
+    model = MasksByLength().eval()
+    graph = load_module(model, (torch.randn(2, 5, 8),))
+    assert "traced_with" not in graph.meta and "specialized" not in graph.meta
+    gm = emit(graph)
+    for batch, tokens in ((2, 5), (3, 9), (1, 16)):
+        x = torch.randn(batch, tokens, 8)
+        torch.testing.assert_close(gm(x), model(x))
+    assert torch.equal(gm.mask, model.mask)  # the buffers, under their names
+
+
+class CachesABuffer(nn.Module):
+    """A buffer the forward replaces when the input's size changes, then expands: ConViT's
+    ``self.rel_indices = self.get_rel_indices(N)`` and ``self.rel_indices.expand(B, ...)``."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("table", torch.zeros(1, 1, 1, 1), persistent=False)
+        self.conv = nn.Conv2d(3, 3, 1)
+
+    def forward(self, x):
+        if self.table.shape[1] != x.shape[1]:
+            self.table = torch.arange(float(x.shape[1])).view(1, -1, 1, 1)
+        return self.conv(x) + self.table.expand(x.shape[0], -1, x.shape[2], x.shape[3])
+
+
+class ReadsABufferValue(nn.Module):
+    """A branch on a buffer's value in Python (an initialization flag)."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("scaled", torch.tensor(True))
+        self.conv = nn.Conv2d(3, 3, 1)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return torch.relu(y * 2.0 if self.scaled else y)
+
+
+@pytest.mark.parametrize("make", [CachesABuffer, ReadsABufferValue])
+def test_a_forward_that_assigns_or_reads_a_buffer_is_traced_with_the_buffers_as_they_are(make):
+    # traced as Proxies, the assignment would store a traced value in the buffer (and its
+    # size check then fail at the emitted model's second call), and `if self.scaled:`
+    # fails; fx's default reading of the buffers traces both, as before
+    model = make().eval()
+    before = {name: (t, t.clone()) for name, t in model.named_buffers()}
+    graph = load_module(model, _x())
+    assert "traced_with" not in graph.meta
+    for name, t in model.named_buffers():  # the same tensors, unchanged
+        assert t is before[name][0] and torch.equal(t, before[name][1])
+    gm = emit(graph)
+    for batch in (2, 5, 2):  # (the emitted model's buffer is not replaced by a call)
+        torch.testing.assert_close(gm(_x(batch)), model(_x(batch)))
+
+
+class KeepsARunningMean(nn.Module):
+    """A running statistic the forward updates in place in training (a hand-written
+    normalization, an EMA codebook)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.register_buffer("mean", torch.zeros(8))
+
+    def forward(self, x):
+        y = self.conv(x)
+        if self.training:
+            self.mean.mul_(0.9).add_(0.1 * y.mean((0, 2, 3)).detach())
+        return torch.relu(y - self.mean.view(1, -1, 1, 1))
+
+
+def test_a_buffer_updated_in_place_is_read_updated_and_reported():
+    # the update was a call nobody read: the emitted model subtracted the old mean, and
+    # nothing said the shaped model keeps no running statistic
+    model = KeepsARunningMean().train()
+    x = _x()
+    graph = load_module(model, x)
+    assert graph.meta["state_updates"] == ["mean (mul_, add_)"]
+    assert torch.equal(model.mean, torch.zeros(8))  # reading the model changes nothing
+    emitted = emit(graph).train()(x)
+    torch.testing.assert_close(emitted, model(x))  # the source's first call
+    shaped = graphshape.shape(KeepsARunningMean().train(), x, method="DKS", seed=0)
+    [said] = [w for w in shaped.meta["graphshape"].warnings if "in place" in w]
+    assert "updates 1 buffer(s) in place ('mean (mul_, add_)'" in said
+    assert "state_updates" not in load_module(KeepsARunningMean().eval(), x).meta

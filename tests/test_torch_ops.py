@@ -331,6 +331,20 @@ def test_in_place_op_on_a_value_read_later():
     assert graph["mul_1"].inputs == [Ref("act"), Ref("act")]
 
 
+def test_chained_in_place_ops_all_reach_the_value_read_later():
+    # y.mul_(2).add_(1): add_ updates what mul_ returned, which is y; later readers of y
+    # read mul_'s result only, so the emitted model dropped the + 1 (a silent wrong result),
+    # and the IR's relu read y before the (opaque) clamp_
+    def f(s, x):
+        y = s.conv(x)
+        y.mul_(2.0).add_(1.0).clamp_(min=-0.5)
+        return y.relu()
+    module = Fn(f, conv=nn.Conv2d(4, 4, 1)).eval()
+    graph, _ = _roundtrip(module, [X4])  # same values and gradients as the source
+    # (clamp_ is kept as the call it is: the analysis reads what the relu reads)
+    assert graph["relu"].inputs == [Ref("clamp_")] and graph["clamp_"].inputs == [Ref("add_")]
+
+
 def test_item_assignment_is_read_as_a_new_value():
     # ConViT's relative indices, MViTv2's attn[:, :, 1:, 1:] = ...: fx's Proxy refuses item
     # assignment, so these models went through the ONNX export
