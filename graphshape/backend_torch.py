@@ -39,6 +39,11 @@ __all__ = ["emit", "fx_name", "TORCH_EMITTERS"]
 _ILLEGAL = re.compile(r"[^0-9a-zA-Z_]+")
 # names fx's generated code binds itself (torch.fx.graph._custom_builtins)
 _FX_RESERVED = frozenset({"inf", "nan", "NoneType", "torch", "device", "fx_pytree", "pytree"})
+#: a GraphModule's own attributes (methods, properties, instance state): a submodule or
+#: tensor stored under one of these names would shadow it or be shadowed (a fused
+#: activation named after its trailing cast, 'to': `self.to(x)` called Module.to, and a
+#: parameter 'float' is refused by register_parameter)
+_MODULE_ATTRIBUTES = frozenset(dir(torch.fx.GraphModule(nn.Module(), torch.fx.Graph())))
 
 
 def fx_name(ir_name: str) -> str:
@@ -126,7 +131,8 @@ class _Ctx:
         return self._claim(f"{base}_{i}")
 
     def _target_free(self, target: str) -> bool:
-        if target in self.used_targets or target in self.target_prefixes:
+        if (target in self.used_targets or target in self.target_prefixes
+                or target.split(".")[0] in _MODULE_ATTRIBUTES):
             return False
         parts = target.split(".")
         return not any(".".join(parts[:k]) in self.used_targets for k in range(1, len(parts)))

@@ -659,8 +659,14 @@ def _replace(g: Graph, x: Ref, sub: list[Node], y: Node, name: str, attrs: dict,
     shapes = {r.node for n in sub if _is_expand(n) for r in n.inputs[1:]}
     # (y may have been an opaque call, the ** of relu(x) ** 2: it is not one any more)
     flags = [f for f in y.meta.get("flags", []) if f != "opaque"]
-    y.meta = {"flags": flags, "fused_from": [n.name for n in sub],
-              **{k: y.meta[k] for k in ("source_name", "module_path", "scope") if k in y.meta}}
+    kept = {k: y.meta[k] for k in ("source_name", "module_path", "scope") if k in y.meta}
+    if "module_path" not in kept:
+        # y is often a trailing cast (gelu(x.float()).to(dtype)): the emitted module takes
+        # the path of the source module the region called (self.act), where there is one
+        paths = [n.meta["module_path"] for n in sub if n.meta.get("module_path")]
+        if paths:
+            kept["module_path"] = paths[-1]
+    y.meta = {"flags": flags, "fused_from": [n.name for n in sub], **kept}
     y.op, y.attrs, y.params = op, ({"name": name} if name else {}) | attrs, {}
     g.set_inputs(y.name, [x])
     for node in reversed(sub):

@@ -111,6 +111,31 @@ def test_what_is_no_listed_activation_stays(fn, kept):
     assert kept <= set(graph.count_ops()) | {n.attrs.get("name") for n in graph}
 
 
+class _CastAround(nn.Module):
+    """An activation computed in float32 and cast back (mixed-precision code), module or
+    function: the fused node is the trailing cast, which fx names 'to' / 'float'."""
+
+    def __init__(self):
+        super().__init__()
+        self.act = nn.GELU()
+
+    def forward(self, x):
+        y = self.act(x.float()).to(x.dtype)
+        return (torch.sigmoid(y) * y).float()
+
+
+def test_an_activation_fused_with_its_casts_runs_under_a_free_name():
+    # emitted as a submodule named 'to', which the forward's `self.to(c1)` did not reach
+    # (Module.to moved the model to c1's dtype and returned it: "conv2d() received an
+    # invalid combination of arguments"); the gelu takes the source's module path
+    model = Deep(_CastAround()).eval()
+    shaped = graphshape.shape(model, X, method="TAT", seed=0)
+    assert shaped(X).shape == (2, 5)
+    names = [name for name, _ in shaped.named_modules()]
+    assert "act.act" in names and not {"to", "float"} & set(names)
+    assert shaped.to(torch.float64) is shaped  # Module.to, the method
+
+
 class _LearnableSwish(nn.Module):
     def __init__(self):
         super().__init__()
