@@ -49,6 +49,7 @@ import io
 import itertools
 import operator
 import sys
+import threading
 import types
 from typing import Any, Callable
 
@@ -518,6 +519,12 @@ def _what_to_do(module: nn.Module) -> str:
             f"({type(backbone).__name__})")
 
 
+#: held while tracing: the tracer's patches (torch's factories, Tensor methods, autocast,
+#: nn.Transformer's fast path) and fx's own are process-global, and two traces in two
+#: threads at once would put back each other's (torch.zeros left patched for good)
+_TRACING = threading.RLock()
+
+
 def _trace(module: nn.Module, leaf_modules, fixed: dict[str, Any],
            example_inputs: tuple | None = None) -> torch.fx.GraphModule:
     """The fx GraphModule of ``module``; ``gm.meta["specialized"]`` lists the branches on
@@ -531,6 +538,11 @@ def _trace(module: nn.Module, leaf_modules, fixed: dict[str, Any],
     tracer = _Tracer(leaf_classes, [name for name in fixed if name.startswith("*")])
     if example_inputs is not None:
         tracer.use_examples(module, example_inputs, fixed)
+    with _TRACING:
+        return _trace_buffers_first(tracer, module, fixed)
+
+
+def _trace_buffers_first(tracer, module: nn.Module, fixed: dict[str, Any]) -> torch.fx.GraphModule:
     buffers = [(mod._buffers, dict(mod._buffers)) for mod in module.modules()]
     for buffers_traced in (True, False):
         # Buffers traced like parameters first (fx's proxy_buffer_attributes): a slice

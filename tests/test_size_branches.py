@@ -538,3 +538,46 @@ def test_a_buffer_updated_in_place_is_read_updated_and_reported():
     [said] = [w for w in shaped.meta["graphshape"].warnings if "in place" in w]
     assert "updates 1 buffer(s) in place ('mean (mul_, add_)'" in said
     assert "state_updates" not in load_module(KeepsARunningMean().eval(), x).meta
+
+
+def test_two_traces_in_two_threads_leave_torch_as_it_was():
+    # the tracer's patches are process-global: the second trace saved the first one's
+    # patched torch.zeros as the original and put it back when it finished last
+    import threading
+    import time
+
+    zeros = torch.zeros
+    first_inside, meet = threading.Event(), threading.Barrier(2)
+
+    class Waits(nn.Module):
+        def __init__(self, first: bool):
+            super().__init__()
+            self.first = first
+
+        def forward(self, x):
+            if self.first:
+                first_inside.set()
+            try:  # both traces inside at once where nothing keeps them apart
+                meet.wait(timeout=1.0)
+            except threading.BrokenBarrierError:
+                pass
+            if not self.first:
+                time.sleep(0.2)  # finish last
+            return x + torch.zeros(x.shape[0], 3, 1, 1)
+
+    results = {}
+
+    def load(first):
+        results[first] = load_module(Waits(first).eval(), _x())
+
+    threads = [threading.Thread(target=load, args=(True,))]
+    threads[0].start()
+    first_inside.wait(timeout=10)
+    threads.append(threading.Thread(target=load, args=(False,)))
+    threads[1].start()
+    for t in threads:
+        t.join(timeout=30)
+    assert torch.zeros is zeros
+    for graph in results.values():
+        torch.testing.assert_close(emit(graph)(_x(4)), _x(4) + 0.0)
+    assert len(results) == 2
