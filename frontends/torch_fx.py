@@ -567,6 +567,7 @@ def _trace_buffers_first(tracer, module: nn.Module, fixed: dict[str, Any]) -> to
             gm = torch.fx.GraphModule(tracer.root, graph, module.__class__.__name__)
             gm.meta["specialized"] = tracer.specialized
             gm.meta["autocast"] = tracer.autocast
+            gm.meta["checkpointed"] = tracer.checkpointed
             gm.meta["buffers_traced"] = buffers_traced
             return gm
 
@@ -854,7 +855,7 @@ class _Loader:
             _propagate_shapes(self.gm, example_inputs)
         self.graph = Graph({"source": "torch", "has_shapes": self.has_shapes,
                             **_module_meta(module, fixed)})
-        for key in ("specialized", "autocast"):
+        for key in ("specialized", "autocast", "checkpointed"):
             if self.gm.meta[key]:
                 # one entry per line of the model's code, with how often it was reached
                 counts = collections.Counter(self.gm.meta[key])

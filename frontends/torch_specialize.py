@@ -35,7 +35,8 @@ taking sizes, called on a tensor fx does not trace (a buffer read as it is:
 traced sizes there, or this tracer would answer them for the example's sizes. (Buffers are
 traced like parameters where the forward lets them be:
 :func:`graphshape.frontends.torch_fx._trace`.) A ``torch.autocast`` region may be
-entered with a traced device type (fx records no autocast region: the report lists them).
+entered with a traced device type (fx records no autocast region: the report lists them);
+``torch.utils.checkpoint`` calls, which fx traces through, are listed too.
 
 ``torch.fx.experimental.meta_tracer.MetaTracer`` answers every ``.shape`` with the meta
 tensor's sizes, so the batch size would be a constant in every reshape of the traced graph;
@@ -454,7 +455,38 @@ def _torch_calls_patched(tracer):
             patches.enter_context(_set_for_now(torch.Tensor, name, method))
         patches.enter_context(_set_for_now(autocast, "__init__", init))
         patches.enter_context(_set_for_now(autocast, "__enter__", enter))
+        for owner, name, checkpointed in _checkpoint_noted(tracer):
+            patches.enter_context(_set_for_now(owner, name, checkpointed))
         yield
+
+
+def _checkpoint_noted(tracer) -> list[tuple[Any, str, Any]]:
+    """``torch.utils.checkpoint``'s two ways in (reentrant: ``CheckpointFunction.apply``;
+    not: ``_checkpoint_without_reentrant_generator_impl``, both looked up when
+    ``checkpoint`` is called, so models that imported ``checkpoint`` itself are seen), each
+    call noted in ``tracer.checkpointed`` and then made as it was: fx traces through the
+    checkpointed function, and the shaped model keeps its activations for the backward
+    pass, which the report says (gradient checkpointing saves memory in training)."""
+    from torch.utils import checkpoint as ckpt
+
+    def note():
+        where, source = _model_line(_TORCH_FILES)
+        tracer.checkpointed.append(f"{where} `{source}`")
+
+    without_reentrant = ckpt._checkpoint_without_reentrant_generator_impl
+    reentrant = ckpt.CheckpointFunction.apply
+
+    @functools.wraps(without_reentrant)
+    def traced_generator(*args, **kwargs):
+        note()
+        return without_reentrant(*args, **kwargs)
+
+    def traced_apply(cls, *args):
+        note()
+        return reentrant(*args)
+
+    return [(ckpt, "_checkpoint_without_reentrant_generator_impl", traced_generator),
+            (ckpt.CheckpointFunction, "apply", classmethod(traced_apply))]
 
 
 def _autocast_noted(tracer, init, enter):
@@ -539,6 +571,8 @@ class ShapeSpecializingTracer(torch.fx.Tracer):
         self.specialized: list[str] = []
         #: "file:line `source` (enabled|disabled)" of each autocast region entered
         self.autocast: list[str] = []
+        #: "file:line `source`" of each torch.utils.checkpoint call traced through
+        self.checkpointed: list[str] = []
         with _torch_calls_patched(self):
             return super().trace(root, concrete_args)
 

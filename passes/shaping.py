@@ -653,6 +653,11 @@ _SOURCE_WARNINGS: dict[str, Callable[[Any, dict], str]] = {
         "which torch.fx does not record: the shaped model computes those regions in the "
         "precision of the code around them (float32, or an outer autocast's lower precision "
         "where the source disabled autocast to keep float32)"),
+    "checkpointed": lambda places, meta: (
+        f"forward calls torch.utils.checkpoint at {len(places)} place(s) "
+        f"({_some(places, 2)}), which torch.fx traces through: the shaped model keeps "
+        "those activations for the backward pass instead of computing them again (the same "
+        "values, more memory in training)"),
     "state_updates": lambda updates, meta: (
         f"forward updates {len(updates)} buffer(s) in place ({_some(updates, 2)}: a "
         "running statistic, a counter), which the shaped model does not: it reads them as "
