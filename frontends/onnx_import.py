@@ -1892,6 +1892,12 @@ class _Importer:
     def _op_Elu(self, node, a, name):
         self._act(node, name, "elu", alpha=float(a.get("alpha", 1.0)))
 
+    def _op_Celu(self, node, a, name):
+        # alpha 1: ELU with alpha 1; another alpha is alpha * elu(x / alpha), no registry form
+        if float(a.get("alpha", 1.0)) != 1.0:
+            raise _Unsupported("celu with alpha != 1")
+        self._act(node, name, "elu", alpha=1.0)
+
     def _op_Selu(self, node, a, name):
         from graphshape.activations import SELU_ALPHA, SELU_SCALE
 

@@ -543,6 +543,8 @@ def _trace(module: nn.Module, leaf_modules, fixed: dict[str, Any],
 
 
 def _trace_buffers_first(tracer, module: nn.Module, fixed: dict[str, Any]) -> torch.fx.GraphModule:
+    """The GraphModule of ``module`` traced with its buffers as Proxies where it can be,
+    else with them as they are (fx's default); the model as it was after either."""
     buffers = [(mod._buffers, dict(mod._buffers)) for mod in module.modules()]
     for buffers_traced in (True, False):
         # Buffers traced like parameters first (fx's proxy_buffer_attributes): a slice
@@ -568,7 +570,6 @@ def _trace_buffers_first(tracer, module: nn.Module, fixed: dict[str, Any]) -> to
             gm.meta["specialized"] = tracer.specialized
             gm.meta["autocast"] = tracer.autocast
             gm.meta["checkpointed"] = tracer.checkpointed
-            gm.meta["buffers_traced"] = buffers_traced
             return gm
 
 
@@ -1732,6 +1733,8 @@ def _act_spec(mod) -> tuple[str, dict]:
         return "hardtanh", {"min_val": float(mod.min_val), "max_val": float(mod.max_val)}
     if t is nn.ELU:
         return "elu", {"alpha": float(mod.alpha)}
+    if t is nn.CELU:
+        return _celu_name({"alpha": mod.alpha}), {"alpha": 1.0}
     if t is nn.GELU:
         return ("gelu" if mod.approximate == "tanh" else "gelu_exact"), {}
     if t is nn.Softplus:
@@ -1988,8 +1991,8 @@ MODULE_OPS: list[tuple[type, Callable]] = [
     (nn.LayerNorm, _m_layer_norm), (nn.GroupNorm, _m_group_norm),
     *([(nn.RMSNorm, _m_rms_norm)] if hasattr(nn, "RMSNorm") else []),  # torch >= 2.4
     (nn.LocalResponseNorm, _m_lrn),
-    *[(c, _m_activation) for c in (nn.LeakyReLU, nn.ReLU6, nn.Hardtanh, nn.ELU, nn.GELU,
-                                   nn.Softplus, *_SIMPLE_ACT_MODULES)],
+    *[(c, _m_activation) for c in (nn.LeakyReLU, nn.ReLU6, nn.Hardtanh, nn.ELU, nn.CELU,
+                                   nn.GELU, nn.Softplus, *_SIMPLE_ACT_MODULES)],
     (nn.PReLU, _m_prelu),
     *[(c, _m_upsample) for c in (nn.Upsample, nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d)],
     (nn.Softmax, _m_softmax), (nn.LogSoftmax, _m_softmax),
@@ -2133,7 +2136,7 @@ def _shape_args(args) -> tuple:
 #: tensor methods and functions whose output depends on their tensor argument's shape,
 #: dtype and device only
 _METADATA_METHODS = frozenset({"new_empty", "new_zeros", "new_ones", "new_full",
-                               "new_empty_strided"})
+                               "new_empty_strided", "new_tensor"})
 _METADATA_FUNCTIONS = frozenset({torch.empty_like, torch.zeros_like, torch.ones_like,
                                  torch.full_like, torch.rand_like, torch.randn_like,
                                  torch.randint_like})
@@ -2658,6 +2661,14 @@ def _f_act(name, names=("input",), defaults=None, attrs_of=None):
     return h
 
 
+def _celu_name(a):
+    """CELU with alpha 1 is ELU with alpha 1 (max(0, x) + min(0, alpha (e^(x / alpha) - 1)));
+    another alpha, alpha * elu(x / alpha), has no registry form: it stays opaque."""
+    if float(a["alpha"]) != 1.0:
+        raise _Unmapped("celu with alpha != 1")
+    return "elu"
+
+
 def _softplus_name(a):
     if a["beta"] != 1 or a["threshold"] != 20:
         raise _Unmapped("softplus beta")
@@ -3013,6 +3024,8 @@ FUNCTION_OPS: dict[Any, Callable] = {
                          lambda a: {"negative_slope": float(a["negative_slope"])}),
     F.elu: _f_act("elu", ("input", "alpha", "inplace"), {"alpha": 1.0, "inplace": False},
                   lambda a: {"alpha": float(a["alpha"])}),
+    F.celu: _f_act(_celu_name, ("input", "alpha", "inplace"), {"alpha": 1.0, "inplace": False},
+                   lambda a: {"alpha": 1.0}),
     F.selu: _f_act("selu", ("input", "inplace"), _INPLACE), torch.selu: _f_act("selu"),
     F.gelu: _f_act(lambda a: "gelu" if a["approximate"] == "tanh" else "gelu_exact",
                    ("input", "approximate"), {"approximate": "none"}),

@@ -479,6 +479,23 @@ def test_drop_path_in_training_mode_is_not_a_product_of_signals(form):
     assert not any("training mode" in w for w in eval_model.meta["graphshape"].warnings)
 
 
+def test_a_tensor_made_with_new_tensor_is_not_a_signal():
+    # x.new_tensor(data) takes x's dtype and device, not its values: it was an opaque call
+    # reading x, and the product a "product of two signals" refusal
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), _Scaled(), nn.Linear(32, 4))
+    x = torch.randn(8, 16)
+    graph = graphshape.load(model, x)
+    [made] = [n for n in graph if n.op == "opaque" and "new_tensor" in str(n.attrs.get("target"))]
+    assert "shape_computation" in made.meta["flags"]
+    shaped = graphshape.shape(model, x, method="DKS", seed=0)
+    assert shaped(x).shape == (8, 4)
+
+
+class _Scaled(nn.Module):
+    def forward(self, x):
+        return x * x.new_tensor(2.0)
+
+
 def test_timms_drop_path_is_a_dropout_node_that_eval_mode_turns_off():
     import timm
 

@@ -98,6 +98,7 @@ X4 = _rand(2, 3, 4, 5)
     ("Relu", {}, 13, "relu"),
     ("LeakyRelu", {"alpha": 0.2}, 13, "leaky_relu"),
     ("Elu", {"alpha": 0.7}, 13, "elu"),
+    ("Celu", {}, 13, "elu"),  # (alpha 1: the same function)
     ("Selu", {}, 13, "selu"),
     ("Sigmoid", {}, 13, "sigmoid"),
     ("Tanh", {}, 13, "tanh"),

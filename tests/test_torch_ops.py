@@ -188,6 +188,7 @@ ACTIVATIONS = {  # id -> (module or function, registry name, attrs)
                                                       {"negative_slope": 0.2}),
     "F.leaky_relu": (lambda x: F.leaky_relu(x, 0.3), "leaky_relu", {"negative_slope": 0.3}),
     "ELU": (nn.ELU(0.5), "elu", {"alpha": 0.5}), "SELU": (nn.SELU(), "selu", {}),
+    "CELU": (nn.CELU(), "elu", {}), "F.celu": (F.celu, "elu", {}),  # (alpha 1: ELU)
     "GELU": (nn.GELU(), "gelu_exact", {}), "GELU_tanh": (nn.GELU("tanh"), "gelu", {}),
     "SiLU": (nn.SiLU(), "silu", {}), "F.silu": (F.silu, "silu", {}), "Mish": (nn.Mish(), "mish", {}),
     "Hardswish": (nn.Hardswish(), "hardswish", {}),
@@ -255,6 +256,15 @@ def test_activation_roundtrip(case):
     node = _result_node(graph)
     assert node.op == "activation"
     assert node.attrs == {"name": name, **attrs}
+
+
+@pytest.mark.parametrize("fn", [nn.CELU(2.0), lambda x: F.celu(x, 0.5)], ids=["CELU", "F.celu"])
+def test_celu_with_another_alpha_stays_the_call_it_is(fn):
+    # alpha * elu(x / alpha): no registry activation computes it
+    module = (Fn(lambda s, x: s.m(x), m=fn) if isinstance(fn, nn.Module)
+              else Fn(lambda s, x: fn(x)))
+    graph, _ = _roundtrip(module.eval(), [X4])
+    assert _result_node(graph).op == "opaque"
 
 
 def test_scalar_operands_become_constants_and_parameters_constant_nodes():
