@@ -59,7 +59,7 @@ TORCH_ELEMENTWISE = {
     "torch.pow", "torch.neg", "torch.exp", "torch.log", "torch.log1p", "torch.expm1",
     "torch.abs", "torch.sqrt", "torch.rsqrt", "torch.reciprocal", "torch.clamp", "torch.clip",
     "torch.clamp_min", "torch.clamp_max", "torch.maximum", "torch.minimum", "torch.where",
-    "torch.zeros_like", "torch.ones_like",
+    "torch.zeros_like", "torch.ones_like", "torch.full_like",
 }
 TORCH_ELEMENTWISE_METHODS = {"pow", "neg", "exp", "log", "log1p", "expm1", "abs", "sqrt",
                              "rsqrt", "reciprocal", "clamp", "clip", "clamp_min", "clamp_max",
@@ -113,12 +113,25 @@ def _is_elementwise(graph: Graph, node: Node) -> bool:
         return False
     if a.get("framework") == "torch":
         if a.get("fx_op") == "call_function":
-            return _torch_name(a.get("target")) in TORCH_ELEMENTWISE
-        return a.get("fx_op") == "call_method" and a.get("target") in TORCH_ELEMENTWISE_METHODS
+            name = _torch_name(a.get("target"))
+            return name in TORCH_ELEMENTWISE or (
+                name in ("torch.max", "torch.min") and _of_two_tensors(node))
+        return a.get("fx_op") == "call_method" and (
+            a.get("target") in TORCH_ELEMENTWISE_METHODS
+            or (a.get("target") in ("max", "min") and _of_two_tensors(node)))
     if a.get("framework") == "onnx":
         return (a.get("op_type") in ONNX_ELEMENTWISE or a.get("op_type") == "Clip") \
             and a.get("domain") in ("", "ai.onnx")
     return False
+
+
+def _of_two_tensors(node: Node) -> bool:
+    """``torch.max(x, other)`` / ``x.min(other)``, elementwise (GANs' leaky relu
+    ``torch.max(x, 0.2 * x)``), not the reduction ``torch.max(x, dim)``: two tensor
+    arguments, nothing else."""
+    a = node.attrs
+    return (len(node.inputs) == 2 and not a.get("kwargs")
+            and all(isinstance(v, Ref) for v in a.get("args", ())))
 
 
 def _signal_inputs(graph: Graph, node: Node) -> list[Ref]:
@@ -617,11 +630,11 @@ def fuse_activation_decompositions(graph: Graph, *, copy: bool = True) -> tuple[
                 continue  # sizes, indices, masks: no activation acts on them
             x = Ref(x_name, index)
             region = _region(g, x, rank)
-            if len(region) < 2:
-                continue
+            if len(region) < 2 and not (region and region[0].op == "opaque"):
+                continue  # (one opaque call may be an activation: torch.maximum(x, zero))
             for y in reversed(region):
                 sub = _closed_subregion(g, region, y)
-                if sub is None or len(sub) < 2:
+                if sub is None or (len(sub) < 2 and sub[0].op != "opaque"):
                     continue
                 f = _region_value(g, x, sub, GRID.copy())
                 if f is None:

@@ -45,6 +45,13 @@ SPELLED = {
     "leaky maximum(x, 0.1x)": (lambda x: torch.maximum(x, 0.1 * x), "leaky_relu",
                                {"negative_slope": 0.1}),
     "relu maximum(x, zeros_like)": (lambda x: torch.maximum(x, torch.zeros_like(x)), "relu", {}),
+    # one call alone, and torch.max / Tensor.max of two tensors (not the reduction)
+    "relu maximum(x, tensor(0))": (lambda x: torch.maximum(x, torch.tensor(0.0)), "relu", {}),
+    "leaky torch.max(x, 0.2x)": (lambda x: torch.max(x, 0.2 * x), "leaky_relu",
+                                 {"negative_slope": 0.2}),
+    "leaky x.max(0.1x)": (lambda x: x.max(0.1 * x), "leaky_relu", {"negative_slope": 0.1}),
+    "relu6 min(max(x, 0), 6)": (lambda x: torch.min(torch.max(x, torch.zeros_like(x)),
+                                                    torch.full_like(x, 6.0)), "relu6", {}),
     "clamp(min=0)": (lambda x: x.clamp(min=0), "relu", {}),
     "torch.clamp_min": (lambda x: torch.clamp_min(x, 0.0), "relu", {}),
     "clamp(0, 6)": (lambda x: torch.clamp(x, 0, 6), "relu6", {}),
