@@ -1361,7 +1361,10 @@ def _unwrap(module: nn.Module) -> tuple[nn.Module, list[str]]:
 def _placement_meta(module: nn.Module) -> dict:
     """``torch_dtype`` / ``torch_device``: the one floating dtype and the one device of the
     module's parameters and buffers, where they agree (the IR keeps numpy arrays on the CPU,
-    bfloat16 as float32; the torch backend puts the emitted module back there)."""
+    bfloat16 as float32; the torch backend puts the emitted module back there);
+    ``torch_memory_format``: ``"channels_last"`` (``"channels_last_3d"``) where the model
+    was converted to it (``model.to(memory_format=torch.channels_last)``: every 4-d (5-d)
+    floating tensor is laid out so, and some only so), which the shaped model keeps."""
     tensors = list(module.parameters()) + list(module.buffers())
     dtypes = {t.dtype for t in tensors if t.is_floating_point()}
     devices = {t.device for t in tensors}
@@ -1370,6 +1373,12 @@ def _placement_meta(module: nn.Module) -> dict:
         meta["torch_dtype"] = str(dtypes.pop()).removeprefix("torch.")
     if len(devices) == 1:
         meta["torch_device"] = str(devices.pop())
+    for rank, name in ((4, "channels_last"), (5, "channels_last_3d")):
+        laid = [t for t in tensors if t.is_floating_point() and t.dim() == rank]
+        layout = getattr(torch, name)
+        if laid and all(t.is_contiguous(memory_format=layout) for t in laid) and any(
+                not t.is_contiguous() for t in laid):
+            meta["torch_memory_format"] = name
     return meta
 
 

@@ -1081,16 +1081,21 @@ def _add_fixed_args(ctx: _Ctx, fixed: dict | None) -> None:
 def _restore_placement(gm: torch.fx.GraphModule, graph: Graph) -> None:
     """Put the module where the source model was (``graph.meta["torch_dtype"]`` /
     ``["torch_device"]``, set by the torch frontend when all of the source's floating
-    tensors share one dtype and all its tensors one device): as ``model.to(dtype)`` /
-    ``.to(device)`` would. The IR holds float32 numpy arrays for bfloat16, layers that
-    passes add (a bias, a transform's constants) are made in the default dtype, and
-    everything is emitted on the CPU; a half-precision or CUDA model comes back as one."""
+    tensors share one dtype and all its tensors one device; ``["torch_memory_format"]``, a
+    model converted to channels_last): as ``model.to(dtype)`` / ``.to(device)`` /
+    ``.to(memory_format=...)`` would. The IR holds float32 numpy arrays for bfloat16, layers
+    that passes add (a bias, a transform's constants) are made in the default dtype, and
+    everything is emitted on the CPU, contiguous; a half-precision, CUDA or channels_last
+    model comes back as one."""
     dtype = graph.meta.get("torch_dtype")
     if dtype is not None:
         gm.to(getattr(torch, dtype))
     device = graph.meta.get("torch_device")
     if device is not None and device != "cpu":
         gm.to(torch.device(device))
+    memory_format = graph.meta.get("torch_memory_format")
+    if memory_format is not None:  # (the new weights are made contiguous)
+        gm.to(memory_format=getattr(torch, memory_format))
 
 
 _SCALAR_USERS = ("add", "sub", "mul", "div")

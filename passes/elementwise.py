@@ -584,6 +584,21 @@ def _match(f: np.ndarray, names: tuple[str, ...] = FUSABLE) -> tuple[str, dict] 
     return None
 
 
+#: points next to 0, where a bound of eps (``max(x, 1e-12)``) differs from relu by more
+#: than its size: GRID's absolute tolerance does not see it
+NEAR_ZERO = np.array([-1e-6, -1e-12, -1e-30, 0.0, 1e-30, 1e-12, 1e-6])
+
+
+def _same_near_zero(g: Graph, x: Ref, sub: list[Node], name: str, attrs: dict) -> bool:
+    """Whether ``sub`` computes activation ``name`` next to 0 too, to a relative 1e-5."""
+    f = _region_value(g, x, sub, NEAR_ZERO.copy())
+    if f is None:
+        return False
+    with np.errstate(all="ignore"):
+        want = np.asarray(activations.get(name).fn(NEAR_ZERO, **attrs), dtype=float)
+    return bool(np.allclose(np.broadcast_to(f, want.shape), want, rtol=1e-5, atol=0.0))
+
+
 def _match_scaled(f: np.ndarray) -> tuple[str, dict, float] | None:
     """``(name, attrs, c)`` when ``f = c * phi`` for an activation ``phi`` of FUSABLE and a
     positive constant ``c`` other than 1 (NF-Nets' ``gamma * gelu(x)``, as an exporter
@@ -653,6 +668,8 @@ def fuse_activation_decompositions(graph: Graph, *, copy: bool = True) -> tuple[
                 if y.op == "activation" and {"name": found[0], **found[1]} == {
                         k: v for k, v in y.attrs.items() if k != "inplace"}:
                     break  # y is that activation already: the rest is identities, kept
+                if len(sub) == 1 and not _same_near_zero(g, x, sub, *found):
+                    continue  # a clamp(min=eps) before a division is not a relu
                 _replace(g, x, sub, y, *found)
                 fused.append({"node": y.name, "activation": found[0], "attrs": found[1],
                               "replaced": [n.name for n in sub]})

@@ -125,3 +125,17 @@ def test_frozen_parameters_stay_frozen():
     assert shaped.fc.weight.requires_grad
     emitted = graphshape.to_torch(load_module(model, torch.randn(2, 3, 32, 32)))
     assert {n for n, p in emitted.named_parameters() if not p.requires_grad} == frozen
+
+
+def test_channels_last_model_comes_back_channels_last():
+    # the re-initialized weights were made contiguous: a model converted for tensor-core
+    # speed trained slower once shaped, without a word
+    model = _resnet().to(memory_format=torch.channels_last)
+    x = torch.randn(2, 3, 64, 64).to(memory_format=torch.channels_last)
+    shaped = graphshape.shape(model, x, method="TAT", seed=0)
+    convs = [m.weight for m in shaped.modules() if isinstance(m, nn.Conv2d)]
+    assert convs and all(w.is_contiguous(memory_format=torch.channels_last) for w in convs)
+    assert not all(w.is_contiguous() for w in convs)
+    plain = graphshape.shape(_resnet(), x, method="TAT", seed=0)
+    assert all(m.weight.is_contiguous() for m in plain.modules() if isinstance(m, nn.Conv2d))
+    torch.testing.assert_close(shaped(x), plain(x))  # the same function
