@@ -192,7 +192,8 @@ def test_a_hand_written_norms_square_is_not_read_as_an_activation():
 
 @pytest.mark.parametrize("case", ["mish", "gelu tanh pow", "hardswish x*relu6(x+3)/6",
                                   "x*sigmoid(x)", "gelu erf", "leaky where(x>0, x, 0.2x)",
-                                  "leaky maximum(x, 0.1x)"])
+                                  "leaky maximum(x, 0.1x)", "relu maximum(x, tensor(0))",
+                                  "leaky torch.max(x, 0.2x)"])
 def test_onnx_exports_of_spelled_out_activations_read_the_same(case, tmp_path):
     # TorchScript export at opset 17 keeps every spelled-out form (and has no Mish op below
     # 18, no tanh Gelu below 20): the ONNX path fuses them as the PyTorch path does
@@ -208,6 +209,27 @@ def test_onnx_exports_of_spelled_out_activations_read_the_same(case, tmp_path):
     want = graphshape.shape(Deep(fn), X, method="DKS").meta["graphshape"].activation_params
     assert report.activation_params.keys() == want.keys() == {name}
     assert report.activation_params[name] == pytest.approx(want[name])
+
+
+def test_the_clip_of_an_exported_l2_normalization_is_not_a_relu(tmp_path):
+    # F.normalize exports ReduceL2, Clip(min=1e-12), Expand, Div: the lone Clip is within
+    # the grid's tolerance of relu, and was read as one (swin_v2 through ONNX: TAT refused
+    # "relu beside gelu_exact")
+    class CosineMix(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 8, 3, padding=1)
+            self.act = nn.GELU()
+
+        def forward(self, x):
+            y = self.act(self.conv(x))
+            return y + F.normalize(y, dim=1)
+
+    path = tmp_path / "m.onnx"
+    torch.onnx.export(CosineMix().eval(), (X,), path, dynamo=False, opset_version=17)
+    assert "Clip" in {n.op_type for n in onnx.load(path).graph.node}
+    graph = graphshape.load(str(path))
+    assert _activations(graph) == [("gelu_exact", {})], graph.table()
 
 
 def test_the_pass_reports_what_it_fused_and_leaves_its_input_alone():
