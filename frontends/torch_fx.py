@@ -1108,7 +1108,8 @@ class _Loader:
 
     def _get_attr(self, fx_node):
         if fx_node.target in self._assigned_constants:
-            # a tensor the forward made and then wrote into (_assignment): this value
+            # a tensor the forward made and then wrote into (_assignment), or a buffer it
+            # updated in place (_inplace_result): the new value
             self.env[fx_node] = self._assigned_constants[fx_node.target]
             return
         obj = self.gm
@@ -2469,6 +2470,14 @@ def _may_alias(ld, node: torch.fx.Node) -> bool:
     return False
 
 
+def _alias_base(ld, node: torch.fx.Node) -> torch.fx.Node:
+    """The value whose memory ``node`` may share, following views and in-place results back
+    (:func:`_may_alias`): ``node`` itself where it is not one."""
+    while _may_alias(ld, node) and node.args and isinstance(node.args[0], torch.fx.Node):
+        node = node.args[0]
+    return node
+
+
 def _made_by_forward(ld, node: torch.fx.Node) -> bool:
     """Whether get_attr ``node`` is a tensor fx stored on the root while tracing (a tensor the
     forward made of constants, ``_tensor_constant0``), not one of the model's own: the
@@ -2482,9 +2491,7 @@ def _assignment_seen_elsewhere(ld, fx_node, target) -> str | None:
     alone: the memory it writes is the model's input or state, or another view of that
     memory made before it is read after it (``v = x[:, 0]; x[0] = 1; v + 1``); None if
     nothing else sees the change."""
-    base = target
-    while _may_alias(ld, base) and base.args and isinstance(base.args[0], torch.fx.Node):
-        base = base.args[0]
+    base = _alias_base(ld, target)
     if base.op == "placeholder":
         return f"writes into the model's input {base.name!r}, which its caller would see"
     position = ld.order[fx_node]
@@ -2534,10 +2541,8 @@ def _inplace_result(ld, fx_node, mutated, state_update: bool = True):
         if not (_returns_self(same) and same.args and isinstance(same.args[0], torch.fx.Node)):
             break
         same = same.args[0]
-    base = same
-    while _may_alias(ld, base) and base.args and isinstance(base.args[0], torch.fx.Node):
-        base = base.args[0]
-    if base.op == "get_attr" and not _made_by_forward(ld, base) and state_update:
+    base = _alias_base(ld, same)
+    if state_update and base.op == "get_attr" and not _made_by_forward(ld, base):
         ld.state_updates.setdefault(base.target, []).append(fx_node.name)
         if base is same:
             ld._assigned_constants[base.target] = ld.env[fx_node]

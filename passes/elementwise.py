@@ -645,12 +645,10 @@ def fuse_activation_decompositions(graph: Graph, *, copy: bool = True) -> tuple[
                 continue  # sizes, indices, masks: no activation acts on them
             x = Ref(x_name, index)
             region = _region(g, x, rank)
-            if len(region) < 2 and not (region and region[0].op == "opaque"):
-                continue  # (one opaque call may be an activation: torch.maximum(x, zero))
             for y in reversed(region):
                 sub = _closed_subregion(g, region, y)
                 if sub is None or (len(sub) < 2 and sub[0].op != "opaque"):
-                    continue
+                    continue  # (one opaque call may be one: torch.maximum(x, zero))
                 f = _region_value(g, x, sub, GRID.copy())
                 if f is None:
                     break
