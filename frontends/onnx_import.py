@@ -2292,6 +2292,19 @@ class _Importer:
             n.outputs = [TensorInfo(out, self.info(node.input[0]).dtype)]
             self.infos[node.output[0]] = n.outputs[0]
 
+    def _op_DepthToSpace(self, node, a, name):
+        mode = a.get("mode", "DCR") if self.opset >= 11 else "DCR"
+        if mode not in ("DCR", "CRD"):
+            raise _Unsupported(f"mode {mode!r}")
+        self.add(name, "depth_to_space", [self.signal(node.input[0])],
+                 {"blocksize": int(a["blocksize"]), "mode": mode}, outputs=node.output,
+                 source=node.name)
+
+    def _op_SpaceToDepth(self, node, a, name):
+        self.add(name, "space_to_depth", [self.signal(node.input[0])],
+                 {"blocksize": int(a["blocksize"]), "mode": "DCR"}, outputs=node.output,
+                 source=node.name)
+
     def _op_Transpose(self, node, a, name):
         perm = a.get("perm")
         if perm is None:

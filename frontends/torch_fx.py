@@ -1855,6 +1855,23 @@ def _m_flatten(ld, fx_node, mod):
     _flatten(ld, fx_node, fx_node.args[0], mod.start_dim, mod.end_dim)
 
 
+def _block_move(ld, fx_node, op, x, factor):
+    """torch's pixel_shuffle / pixel_unshuffle of an (N, C, H, W) tensor: a
+    ``depth_to_space`` / ``space_to_depth`` node in torch's channel order ("CRD"). More
+    leading dims (torch takes (*, C, H, W)) stay opaque."""
+    if not isinstance(factor, int) or isinstance(factor, bool) or ld.rank(x) != 4:
+        raise _Unmapped("pixel (un)shuffle of a tensor other than (N, C, H, W)")
+    _emit(ld, fx_node, op, [_input(ld, fx_node, x)], {"blocksize": factor, "mode": "CRD"})
+
+
+def _m_pixel_shuffle(ld, fx_node, mod):
+    _block_move(ld, fx_node, "depth_to_space", fx_node.args[0], mod.upscale_factor)
+
+
+def _m_pixel_unshuffle(ld, fx_node, mod):
+    _block_move(ld, fx_node, "space_to_depth", fx_node.args[0], mod.downscale_factor)
+
+
 def _pool_attrs(kernel, stride, padding, dims, ceil_mode):
     kernel = _tuple(kernel, dims)
     stride = _tuple(stride if stride not in (None, []) else kernel, dims)
@@ -2009,6 +2026,7 @@ MODULE_OPS: list[tuple[type, Callable]] = [
     *[(c, _m_dropout) for c in (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d,
                                 nn.AlphaDropout)],
     (nn.Identity, _m_identity), (nn.Flatten, _m_flatten),
+    (nn.PixelShuffle, _m_pixel_shuffle), (nn.PixelUnshuffle, _m_pixel_unshuffle),
     *[(c, _m_max_pool) for c in (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d)],
     *[(c, _m_avg_pool) for c in (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d)],
     *[(c, _m_adaptive_avg) for c in (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d)],
@@ -2117,6 +2135,13 @@ def _flatten(ld, fx_node, x, start, end):
     if r is not None:
         start, end = start % max(r, 1), end % max(r, 1)
     _emit(ld, fx_node, "flatten", [_input(ld, fx_node, x)], {"start_dim": start, "end_dim": end})
+
+
+def _f_block_move(op, factor_name):
+    def mapper(ld, fx_node):
+        a = _bind(fx_node, ["input", factor_name], {})
+        _block_move(ld, fx_node, op, a["input"], a[factor_name])
+    return mapper
 
 
 def _pad(ld, fx_node, x, pad, mode, value):
@@ -3083,6 +3108,8 @@ FUNCTION_OPS: dict[Any, Callable] = {
     torch.chunk: _f_split(True), torch.split: _f_split(False), torch.unbind: _f_unbind,
     operator.getitem: _f_getitem, F.pad: _f_pad, F.interpolate: _f_interpolate,
     F.upsample: _f_interpolate,
+    torch.pixel_shuffle: _f_block_move("depth_to_space", "upscale_factor"),
+    torch.pixel_unshuffle: _f_block_move("space_to_depth", "downscale_factor"),
     F.dropout: _f_dropout(None), F.dropout1d: _f_dropout("Dropout1d"),
     F.dropout2d: _f_dropout("Dropout2d"), F.dropout3d: _f_dropout("Dropout3d"),
     F.alpha_dropout: _f_dropout("AlphaDropout"),

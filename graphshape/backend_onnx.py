@@ -772,6 +772,45 @@ def _emit_transpose(ctx, node):
     ctx.emit1(node, "Transpose", [_input(ctx, node)], perm=list(node.attrs["perm"]))
 
 
+def _crd_positions(node, channels) -> np.ndarray:
+    """``p`` with ``p[k*C + c] = c*b*b + k`` (k = i*b + j): where each channel of ONNX's
+    block order ("DCR") sits in torch's pixel_shuffle order ("CRD"), ``channels`` = C*b*b."""
+    b2 = int(node.attrs["blocksize"]) ** 2
+    if not isinstance(channels, int) or channels % b2:
+        raise GraphshapeError(f"{node.op} in torch's channel order (pixel_shuffle) needs a "
+                              "known channel count before opset 11", node=node.name, op=node.op)
+    c = channels // b2
+    return np.asarray([cc * b2 + k for k in range(b2) for cc in range(c)], np.int64)
+
+
+def _channels(info) -> int | None:
+    return info.shape[1] if info.shape is not None and len(info.shape) == 4 else None
+
+
+def _emit_depth_to_space(ctx, node):
+    x, b = _input(ctx, node), int(node.attrs["blocksize"])
+    mode = node.attrs.get("mode", "CRD")
+    if ctx.opset >= 11:
+        ctx.emit1(node, "DepthToSpace", [x], blocksize=b, mode=mode)
+        return
+    if mode == "CRD":  # before opset 11, DepthToSpace is "DCR" only: reorder the channels
+        order = _crd_positions(node, _channels(ctx.graph.info(node.inputs[0])))
+        (x,) = ctx.add_node("Gather", [x, ctx.ints(order, "block_order")], name=node.name,
+                            axis=1)
+    ctx.emit1(node, "DepthToSpace", [x], blocksize=b)
+
+
+def _emit_space_to_depth(ctx, node):
+    x, b = _input(ctx, node), int(node.attrs["blocksize"])
+    if node.attrs.get("mode", "CRD") == "DCR":
+        ctx.emit1(node, "SpaceToDepth", [x], blocksize=b)
+        return
+    # ONNX's SpaceToDepth writes "DCR" order; torch's pixel_unshuffle is that reordered
+    order = np.argsort(_crd_positions(node, _channels(node.outputs[0])))
+    (y,) = ctx.add_node("SpaceToDepth", [x], name=node.name, blocksize=b)
+    ctx.emit1(node, "Gather", [y, ctx.ints(order, "block_order")], axis=1)
+
+
 def _emit_squeeze(ctx, node):
     extra, attrs = _axes_form(ctx, "Squeeze", node.attrs.get("axes"), 13)
     ctx.emit1(node, "Squeeze", [_input(ctx, node)] + extra, **attrs)
@@ -1033,6 +1072,7 @@ ONNX_EMITTERS: dict[str, Callable[[_Ctx, Node], Any]] = {
     "slice": _emit_slice,
     "split": _emit_split,
     "pad": _emit_pad,
+    "depth_to_space": _emit_depth_to_space, "space_to_depth": _emit_space_to_depth,
     "dropout": _emit_dropout,
     "identity": _emit_identity, "cast": _emit_cast,
     "resize": _emit_resize,

@@ -86,6 +86,9 @@ class _Ctx:
         self.fx = torch.fx.Graph()
         self.attrs: dict[str, Any] = {}        # target -> module / tensor
         self.non_persistent: list[str] = []    # buffer targets the state_dict leaves out
+        # the source's buffers no node reads any more (a scalar written as a number, one
+        # folded into an activation), kept in the state_dict: {target: tensor}
+        self.unread_state: dict[str, torch.Tensor] = {}
         self.used_targets: set[str] = set()
         self.target_prefixes: set[str] = set()
         self.values: dict[str, Any] = {}       # IR name -> fx node (or list for split)
@@ -707,6 +710,20 @@ def _e_transpose(ctx, node, xs):
     return ctx.function(node, torch.permute, (xs[0], tuple(int(p) for p in node.attrs["perm"])))
 
 
+def _e_depth_to_space(ctx, node, xs):
+    a = node.attrs
+    if a.get("mode", "CRD") == "CRD":  # (written as the source wrote it)
+        return ctx.function(node, F.pixel_shuffle, (xs[0], int(a["blocksize"])))
+    return ctx.function(node, tm.depth_to_space, (xs[0], int(a["blocksize"]), "DCR"))
+
+
+def _e_space_to_depth(ctx, node, xs):
+    a = node.attrs
+    if a.get("mode", "CRD") == "CRD":
+        return ctx.function(node, F.pixel_unshuffle, (xs[0], int(a["blocksize"])))
+    return ctx.function(node, tm.space_to_depth, (xs[0], int(a["blocksize"]), "DCR"))
+
+
 def _e_squeeze(ctx, node, xs):
     axes = node.attrs.get("axes")
     if axes is None:
@@ -938,6 +955,7 @@ TORCH_EMITTERS: dict[str, Callable] = {
     "global_avg_pool": _global(True), "global_max_pool": _global(False),
     "adaptive_avg_pool": _adaptive(True), "adaptive_max_pool": _adaptive(False),
     "flatten": _e_flatten, "reshape": _e_reshape, "transpose": _e_transpose,
+    "depth_to_space": _e_depth_to_space, "space_to_depth": _e_space_to_depth,
     "squeeze": _e_squeeze, "unsqueeze": _e_unsqueeze, "slice": _e_slice, "split": _e_split,
     "pad": _e_pad, "dropout": _e_dropout, "identity": _e_identity, "cast": _e_cast,
     "resize": _e_resize,
@@ -1002,6 +1020,8 @@ def emit(graph: Graph, *, copy_params: bool = True,
             # a 0-d constant that only feeds arithmetic is written as a Python number
             # (as in the source `x * 0.5`): no buffer, no state_dict entry
             ctx.values[node.name] = node.params["value"].item()
+            if node.meta.get("persistent"):  # (the source's buffer: kept, unread)
+                ctx.unread_state[ctx.target_for(node)] = ctx.tensor(node, "value")
             continue
         try:
             ctx.values[node.name] = emitter(ctx, node, xs)
@@ -1010,6 +1030,10 @@ def emit(graph: Graph, *, copy_params: bool = True,
         except Exception as exc:
             raise GraphshapeError(f"emitting {node.op} to torch failed: {type(exc).__name__}: {exc}",
                                   node=node.name, op=node.op) from exc
+    for node in graph.meta.get("folded_state") or ():
+        # a source buffer folded into an activation (elementwise.py): unread, but in the
+        # source's state_dict
+        ctx.unread_state[ctx.target_for(node)] = ctx.tensor(node, "value")
     _add_fixed_args(ctx, graph.meta.get("fixed_args"))
     template = graph.meta.get("torch_output")
     if template is not None:
@@ -1024,6 +1048,14 @@ def emit(graph: Graph, *, copy_params: bool = True,
         owner_path, _, name = target.rpartition(".")
         owner = gm.get_submodule(owner_path)
         owner.register_buffer(name, owner._buffers[name], persistent=False)
+    for target, tensor in ctx.unread_state.items():
+        # (GraphModule copies only the attributes its graph reads)
+        owner = gm
+        for part in target.split(".")[:-1]:
+            if not hasattr(owner, part):
+                owner.add_module(part, nn.Module())
+            owner = getattr(owner, part)
+        owner.register_buffer(target.rpartition(".")[2], tensor)
     gm.meta["graphshape_nodes"] = dict(ctx.names)
     gm.train(bool(graph.meta.get("training", True)))
     _tie_shared(gm, ctx)

@@ -188,6 +188,17 @@ _SPECS = [
                          "is 0), optional"}),
     OpSpec("transpose", "shape", "identity", "Permute dims.", {"perm": "tuple"}),
     OpSpec("squeeze", "shape", "identity", "Remove size-1 dims.", {"axes": "tuple or None (all)"}),
+    OpSpec("depth_to_space", "shape", "approx_identity",
+           "Channel blocks moved into space, (N, C*b*b, H, W) -> (N, C, H*b, W*b): "
+           "torch's pixel_shuffle (mode 'CRD': input channel c*b*b + i*b + j goes to "
+           "(c, h*b + i, w*b + j)) and ONNX DepthToSpace (its default mode 'DCR': input "
+           "channel (i*b + j)*C + c). A permutation of each example's entries: q exact, c "
+           "(normalized per location, features regrouped) approximate, as for a transpose.",
+           {"blocksize": "int b", "mode": "'CRD' | 'DCR'"}),
+    OpSpec("space_to_depth", "shape", "approx_identity",
+           "The inverse, (N, C, H*b, W*b) -> (N, C*b*b, H, W): torch's pixel_unshuffle "
+           "(mode 'CRD') and ONNX SpaceToDepth ('DCR'). As depth_to_space on q and c.",
+           {"blocksize": "int b", "mode": "'CRD' | 'DCR'"}),
     OpSpec("unsqueeze", "shape", "identity", "Insert size-1 dims.", {"axes": "tuple"}),
     OpSpec("slice", "shape", "approx_identity", "Strided slice.",
            {"axes": "tuple", "starts": "tuple", "ends": "tuple", "steps": "tuple"}),

@@ -244,6 +244,26 @@ def pad_same(x: torch.Tensor, kernel: Sequence[int], stride: Sequence[int],
 
 
 @recorded_when_traced
+def depth_to_space(x: torch.Tensor, blocksize: int, mode: str = "CRD") -> torch.Tensor:
+    """ONNX DepthToSpace; mode ``"CRD"`` is ``F.pixel_shuffle``."""
+    if mode == "CRD":
+        return F.pixel_shuffle(x, blocksize)
+    n, c, h, w = x.shape
+    b = blocksize
+    return (x.reshape(n, b, b, c // (b * b), h, w).permute(0, 3, 4, 1, 5, 2)
+            .reshape(n, c // (b * b), h * b, w * b))
+
+
+def space_to_depth(x: torch.Tensor, blocksize: int, mode: str = "CRD") -> torch.Tensor:
+    """ONNX SpaceToDepth (mode ``"DCR"``); mode ``"CRD"`` is ``F.pixel_unshuffle``."""
+    if mode == "CRD":
+        return F.pixel_unshuffle(x, blocksize)
+    n, c, h, w = x.shape
+    b = blocksize
+    return (x.reshape(n, c, h // b, b, w // b, b).permute(0, 3, 5, 1, 2, 4)
+            .reshape(n, c * b * b, h // b, w // b))
+
+
 def assigned(x: torch.Tensor, key: Any, value: Any) -> torch.Tensor:
     """``x`` after ``x[key] = value``, as a new tensor (``x`` itself unchanged): the source's
     item assignment (timm ConViT's ``rel_indices[:, :, :, 2] = indd``, MViTv2's

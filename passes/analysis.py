@@ -909,6 +909,8 @@ KERNEL_RULES: dict[str, Callable[[RuleContext], Kernel]] = {
     "flatten": rule_identity,
     "reshape": rule_identity,
     "transpose": rule_approx_identity,
+    "depth_to_space": rule_approx_identity,  # (entries regrouped into other locations)
+    "space_to_depth": rule_approx_identity,
     "squeeze": rule_identity,
     "unsqueeze": rule_identity,
     "slice": rule_approx_identity,

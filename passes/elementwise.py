@@ -700,7 +700,12 @@ def _replace(g: Graph, x: Ref, sub: list[Node], y: Node, name: str, attrs: dict,
     for node in reversed(sub):
         if node.name != y.name:
             g.remove(node.name)
+    state = [g[c] for c in constants if g[c].meta.get("persistent")]
     g.remove_unread(constants)
+    # a source buffer (an ONNX file's initializer) the region folded in is still in the
+    # source's state_dict: the torch backend keeps it there, unread, so that a source
+    # checkpoint loads with strict=True
+    g.meta.setdefault("folded_state", []).extend(n for n in state if n.name not in g)
     # now read by nothing: the shape computation, back to what else reads x
     g.remove_unread(shapes, upstream=True)
 

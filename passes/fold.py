@@ -47,7 +47,7 @@ from graphshape.ops import AFFINE_LAYERS
 _COMMUTING = ("avg_pool", "max_pool", "global_avg_pool", "global_max_pool",
               "adaptive_avg_pool", "adaptive_max_pool", "flatten", "reshape", "squeeze",
               "unsqueeze", "transpose", "identity", "dropout", "slice", "split", "pad",
-              "resize")
+              "resize", "depth_to_space", "space_to_depth")
 
 
 def homogeneous_scale(node: Node) -> float | None:

@@ -576,8 +576,9 @@ def solve_activation_params(graph: Graph, method: str, *, zeta: float = 1.5, eta
     attrs_by_name: dict[str, dict] = {}
     for node in _main_path_activations(graph):
         name = node.attrs["name"]
-        defaults = registry.get(name).defaults
-        attrs = {k: node.attrs[k] for k in defaults if k in node.attrs}
+        # an attribute left at its default equals one spelled out (ONNX's Elu with and
+        # without alpha=1.0; a fused region's elu has none)
+        attrs = {k: float(node.attrs.get(k, v)) for k, v in registry.get(name).defaults.items()}
         if name == "leaky_relu" and method != "untransformed":
             attrs.pop("negative_slope", None)
         if name in attrs_by_name and attrs_by_name[name] != attrs:
@@ -881,6 +882,10 @@ def shape_graph(graph: Graph, *, method: str = "TAT", activation: str | None = N
                                     if isinstance(v, np.ndarray)]
     g, rec = remove_normalization(graph.copy(share=replaced) if copy else graph, copy=False)
     _merge(report, rec)
+    # the source's buffers folded into activations at load stay in a converted model's
+    # state_dict (backend_torch); a shaped model is a new one, its transformed activations
+    # read none of them
+    g.meta.pop("folded_state", None)
     g, rec = merge_duplicate_activations(g, copy=False)
     _merge(report, rec)
     from graphshape.passes.subnetworks import ends_the_network, find_output_links

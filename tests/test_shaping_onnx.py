@@ -211,3 +211,29 @@ def test_cli_batch(caffe2_path, resnet18_path, tmp_path, capsys):
         assert not {n.op_type for n in model.graph.node} & NORM_TYPES
     assert not (dst / "c_broken.onnx").exists()
     assert cli_main(["batch", str(tmp_path / "nothing"), "-o", str(dst)]) == 2
+
+
+def test_activation_attributes_left_at_their_default_equal_spelled_out_ones():
+    """Two ELUs of alpha 1, one exported with ``alpha=1.0``, one read from a region
+    (``elu(conv(x) + b)`` with ``b`` a zero initializer) with no alpha: one ELU, one
+    parameter set (they were "different attributes")."""
+    import io
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c1 = torch.nn.Conv2d(3, 8, 3, padding=1)
+            self.c2 = torch.nn.Conv2d(8, 8, 3, padding=1)
+            self.b = torch.nn.Parameter(torch.zeros(1))
+
+        def forward(self, x):
+            return torch.nn.functional.elu(self.c2(torch.nn.functional.elu(self.c1(x) + self.b)))
+
+    x = torch.randn(2, 3, 8, 8)
+    buffer = io.BytesIO()
+    torch.onnx.export(Net().eval(), (x,), buffer, dynamo=False, opset_version=17)
+    elus = [n.attrs for n in graphshape.load(buffer.getvalue()) if n.op == "activation"]
+    assert len(elus) == 2 and {e["name"] for e in elus} == {"elu"}
+    shaped = graphshape.shape(buffer.getvalue(), x, method="TAT")
+    assert set(shaped.meta["graphshape"].activation_params) == {"elu"}
+    assert torch.isfinite(shaped(x)).all()

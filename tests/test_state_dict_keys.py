@@ -105,3 +105,63 @@ def test_an_onnx_files_weights_are_its_state_dict(tmp_path):
 
     want = ort.InferenceSession(str(path)).run(None, {"x": x.numpy()})[0]
     np.testing.assert_allclose(gm(x).detach().numpy(), want, rtol=1e-5, atol=1e-5)
+
+
+class FoldedBuffers(nn.Module):
+    """Buffers no node reads once loaded: ``beta`` (0-d) inside SiLU spelled out, ``halve``
+    (one element) a scale the activation region takes in, ``offset`` (0-d) written as a
+    number; and a layer in a submodule, so that a folded buffer's owner exists."""
+
+    def __init__(self):
+        super().__init__()
+        self.l1 = nn.Linear(8, 8)
+        self.block = nn.Module()
+        self.block.register_buffer("beta", torch.tensor(1.0))
+        self.register_buffer("halve", torch.tensor([0.5]))
+        self.register_buffer("offset", torch.tensor(0.25))
+        self.l2 = nn.Linear(8, 3)
+
+    def forward(self, x):
+        x = self.l1(x)
+        x = x * torch.sigmoid(self.block.beta * x) * self.halve
+        return self.l2(x) + self.offset
+
+
+def test_buffers_folded_into_an_activation_stay_in_the_state_dict():
+    model = FoldedBuffers().eval()
+    x = torch.randn(4, 8)
+    graph = load_module(model, x)
+    assert "silu" in {n.attrs.get("name") for n in graph if n.op == "activation"}
+    assert not {"beta", "block_beta", "halve"} & {n.name for n in graph}   # folded
+    gm = emit(graph)
+    assert set(gm.state_dict()) == set(model.state_dict())
+    gm.load_state_dict(model.state_dict(), strict=True)
+    torch.testing.assert_close(gm(x), model(x))
+    # a shaped model is a new one: the transformed activation reads none of them
+    shaped = graphshape.shape(model, x, method="DKS")
+    assert not {"block.beta", "halve"} & set(shaped.state_dict())
+
+
+def test_an_onnx_initializer_folded_into_an_activation_stays_in_the_state_dict():
+    """torch.onnx.export writes the zero-initialized ``b`` of ``elu(conv(x) + b)`` as an
+    initializer; the region folds it (elu(x + 0) is elu), the file's initializers are
+    still the module's state_dict."""
+    import onnx
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3, padding=1)
+            self.b = nn.Parameter(torch.zeros(1))
+
+        def forward(self, x):
+            return F.elu(self.conv(x) + self.b)
+
+    buffer = io.BytesIO()
+    torch.onnx.export(Block().eval(), _x(), buffer, dynamo=False, opset_version=17)
+    model = onnx.load_from_string(buffer.getvalue())
+    graph = graphshape.load(buffer.getvalue())
+    assert [n.op for n in graph if n.op not in ("input", "output")] == ["conv", "activation"]
+    gm = graphshape.to_torch(graph)
+    assert sorted(v.numel() for v in gm.state_dict().values()) == sorted(
+        int(np.prod(i.dims)) for i in model.graph.initializer)
