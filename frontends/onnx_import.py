@@ -1945,14 +1945,17 @@ class _Importer:
 
     def _op_BatchNormalization(self, node, a, name):
         self._only_first_output_used(node)
-        scale, bias, mean, var = (self._const_input(node, i) for i in (1, 2, 3, 4))
+        # a training-mode export is normalized by the batch's statistics, and the updated
+        # running statistics (outputs 1, 2) are unused, as torch writes it: a batch norm
+        # that keeps none (PyTorch's track_running_stats=False). Its mean and var inputs
+        # only feed those outputs: torch computes them in the graph for a batch norm with
+        # track_running_stats=False (ReduceMean...), left unread here
+        tracks = not a.get("training_mode", 0)
+        scale, bias = self._const_input(node, 1), self._const_input(node, 2)
+        mean, var = (self._const_input(node, i) for i in (3, 4)) if tracks else (0, 0)
         if any(v is None for v in (scale, bias, mean, var)):
             raise _Unsupported("non-constant statistics")
         momentum = a.get("momentum", 0.9)
-        # a training-mode export is normalized by the batch's statistics, and the updated
-        # running statistics (outputs 1, 2) are unused, as torch writes it: a batch norm
-        # that keeps none (PyTorch's track_running_stats=False)
-        tracks = not a.get("training_mode", 0)
         params = {"weight": scale, "bias": bias}
         if tracks:
             params.update(running_mean=mean, running_var=var)

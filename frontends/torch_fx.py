@@ -3240,7 +3240,7 @@ def load_module(module: nn.Module, example_inputs=None, *, leaf_modules=(),
     if not isinstance(module, nn.Module):
         raise GraphshapeError(f"load_module needs a torch.nn.Module, got {type(module).__name__}")
     module, wrappers = _unwrap(module)
-    _check_not_meta(module)
+    _check_materialized(module)
     if example_inputs is not None and not isinstance(example_inputs, (tuple, list)):
         example_inputs = (example_inputs,)
     inputs = None if example_inputs is None else tuple(example_inputs)
@@ -3264,18 +3264,27 @@ def load_module(module: nn.Module, example_inputs=None, *, leaf_modules=(),
     return graph
 
 
-def _check_not_meta(module: nn.Module) -> None:
+def _check_materialized(module: nn.Module) -> None:
     """GraphshapeError when the module's tensors are on the meta device (built under
     ``torch.device("meta")``, or by ``init_empty_weights``): they hold no values to read,
-    run or keep, and the error torch gives deep inside does not say so."""
-    on_meta = [name for name, t in itertools.chain(module.named_parameters(),
-                                                    module.named_buffers()) if t.is_meta]
+    run or keep, and the error torch gives deep inside does not say so. The same for the
+    tensors a lazy module (``nn.LazyConv2d``) has not created yet."""
+    tensors = list(itertools.chain(module.named_parameters(), module.named_buffers()))
+    on_meta = [name for name, t in tensors if t.is_meta]
     if on_meta:
         more = f" and {len(on_meta) - 1} more" if len(on_meta) > 1 else ""
         raise GraphshapeError(
             f"{type(module).__name__}'s tensors are on the meta device ({on_meta[0]!r}{more}): "
             "they hold no values. Materialize the model first (build it on the CPU, or "
             "model.to_empty(device='cpu') and initialize or load its weights)")
+    lazy = [name for name, t in tensors if nn.parameter.is_lazy(t)]
+    if lazy:
+        owner = type(module.get_submodule(lazy[0].rpartition(".")[0])).__name__
+        more = f" and {len(lazy) - 1} more" if len(lazy) > 1 else ""
+        raise GraphshapeError(
+            f"{type(module).__name__} has lazy modules whose parameters do not exist yet "
+            f"({lazy[0]!r} of {owner}{more}): run the model once on an example input, "
+            "model(x), to create them, then load or shape it")
 
 
 def _load_untraceable(module: nn.Module, inputs: tuple | None, fx_error: str, aten: bool,

@@ -225,7 +225,10 @@ class _Ctx:
                 return t
             tied = None
         arr = np.asarray(arr)
-        if self.copy_params or not arr.flags.writeable:
+        if arr.dtype.name == "bfloat16":  # (ml_dtypes' bfloat16, as onnx reads it: torch
+            # takes no such array; the same 16 bits)
+            t = torch.from_numpy(np.array(arr.view(np.int16), copy=True)).view(torch.bfloat16)
+        elif self.copy_params or not arr.flags.writeable:
             t = torch.from_numpy(np.array(arr, copy=True))
         else:  # the caller hands the graph's arrays over (see emit); np.require keeps a
             # 0-d array 0-d (np.ascontiguousarray makes it 1-d)

@@ -13,7 +13,8 @@ functions in :data:`TORCH_ELEMENTWISE` / :data:`ONNX_ELEMENTWISE`) whose inputs 
 value ``x``, each other, and scalar constants, with one value ``y`` leaving the region.
 ``y`` is then a scalar function ``f(x)``. It is evaluated on a grid of points and compared
 with the activations of :data:`FUSABLE` (at their default attributes; a leaky ReLU's slope
-and an ELU's alpha are read off ``f``); a match within :data:`TOLERANCE` replaces the
+and an ELU's alpha are read off ``f``, and so is the ``b`` of ``x * sigmoid(b x)``,
+CLIP's QuickGELU, read as ``silu(b x) / b``); a match within :data:`TOLERANCE` replaces the
 region by one activation node named as ``y`` was. Matching the values, not the spelling,
 covers every association order and constant form (``/ sqrt(2)`` or ``* 0.7071...``).
 Regions of one node are left alone (they are already what they are), and so is anything
@@ -42,6 +43,12 @@ FUSABLE = ("relu", "silu", "gelu_exact", "gelu", "mish", "hardswish", "hardsigmo
 #: float32 constants (1.0507 * elu(x) with the scale rounded is 6e-8 off, relatively),
 #: where the closest two candidates (tanh-approximated and exact GELU) differ by 2e-4
 TOLERANCE = 1e-6
+
+#: the same for a region in half precision (an fp16 / bf16 ONNX file's spelled-out GELU,
+#: its constants rounded: sqrt(2) is 1.4140625; measured 3e-5 and 3.4e-4 off): one unit in
+#: the last place, and half of one for bf16 (QuickGELU is 0.011 off the exact GELU).
+#: Within it the two GELUs are both candidates: the closer one is taken
+HALF_TOLERANCE = {"float16": 2.0 ** -10, "bfloat16": 2.0 ** -8}
 
 #: points where f is compared: dense over [-8, 8] (every kink of the candidates is in
 #: [-3, 6]), and a few far out, where tails tell softplus from relu
@@ -94,7 +101,8 @@ def _scalar(graph: Graph, ref: Ref) -> float | None:
     node = graph[ref.node]
     fixed = node.op == "constant" and not node.attrs.get("trainable")
     value = node.params.get("value") if fixed else None
-    if isinstance(value, np.ndarray) and value.size == 1 and value.dtype.kind in "biuf":
+    if isinstance(value, np.ndarray) and value.size == 1 and (
+            value.dtype.kind in "biuf" or value.dtype.name == "bfloat16"):  # (ml_dtypes')
         return float(value.reshape(-1)[0])
     return None
 
@@ -557,10 +565,13 @@ def _short(value: float) -> float:
     return float(str(np.float32(value)))
 
 
-def _match(f: np.ndarray, names: tuple[str, ...] = FUSABLE) -> tuple[str, dict] | None:
-    """The first activation of ``names`` equal to ``f`` on GRID, with its attributes."""
+def _match(f: np.ndarray, names: tuple[str, ...] = FUSABLE,
+           tolerance: float = TOLERANCE) -> tuple[str, dict] | None:
+    """The activation of ``names`` closest to ``f`` on GRID, within ``tolerance`` (the
+    first of equally close ones), with its attributes."""
     if f.dtype.kind != "f" or not np.all(np.isfinite(f)):
         return None
+    best, best_error = None, math.inf
     for name in names:
         act = activations.get(name)
         attrs: dict = {}
@@ -572,7 +583,8 @@ def _match(f: np.ndarray, names: tuple[str, ...] = FUSABLE) -> tuple[str, dict] 
             attrs = {"alpha": _short(f[GRID == -30.0][0] / (math.exp(-30.0) - 1.0))}
         with np.errstate(all="ignore"):
             g = np.asarray(act.fn(GRID, **attrs), dtype=float)
-        if np.max(np.abs(f - g) / np.maximum(1.0, np.abs(g))) <= TOLERANCE:
+        error = float(np.max(np.abs(f - g) / np.maximum(1.0, np.abs(g))))
+        if error <= tolerance and error < best_error:
             # (a slope or alpha of 0 is relu, listed first)
             if name == "leaky_relu" and not 0.0 < attrs["negative_slope"] < 1.0:
                 continue
@@ -580,8 +592,8 @@ def _match(f: np.ndarray, names: tuple[str, ...] = FUSABLE) -> tuple[str, dict] 
                 continue
             if name == "elu" and attrs["alpha"] == 1.0:
                 attrs = {}
-            return name, attrs
-    return None
+            best, best_error = (name, attrs), error
+    return best
 
 
 #: points next to 0, where a bound of eps (``max(x, 1e-12)``) differs from relu by more
@@ -599,7 +611,7 @@ def _same_near_zero(g: Graph, x: Ref, sub: list[Node], name: str, attrs: dict) -
     return bool(np.allclose(np.broadcast_to(f, want.shape), want, rtol=1e-5, atol=0.0))
 
 
-def _match_scaled(f: np.ndarray) -> tuple[str, dict, float] | None:
+def _match_scaled(f: np.ndarray, tolerance: float = TOLERANCE) -> tuple[str, dict, float] | None:
     """``(name, attrs, c)`` when ``f = c * phi`` for an activation ``phi`` of FUSABLE and a
     positive constant ``c`` other than 1 (NF-Nets' ``gamma * gelu(x)``, as an exporter
     spells it out), else None. ``c`` is read at x = 8, where every candidate is positive."""
@@ -611,12 +623,33 @@ def _match_scaled(f: np.ndarray) -> tuple[str, dict, float] | None:
             ref = float(np.asarray(activations.get(name).fn(GRID[at:at + 1]),
                                    dtype=float).reshape(-1)[0])
         c = float(f[at]) / ref if ref > 0 else 0.0
-        if not c > 0 or abs(c - 1.0) <= TOLERANCE:
+        if not c > 0 or abs(c - 1.0) <= tolerance:
             continue
-        found = _match(f / c, (name,))
+        found = _match(f / c, (name,), tolerance)
         if found is not None:
             return found[0], found[1], _short(c)
     return None
+
+
+def _match_swish_beta(f: np.ndarray, tolerance: float = TOLERANCE) -> tuple[str, dict] | None:
+    """``("silu", {"transform": ...})`` when ``f(x) = x * sigmoid(b x)`` for a constant
+    ``b > 0`` other than 1, i.e. ``silu(b x) / b``: CLIP's QuickGELU (b = 1.702), a Swish
+    of fixed beta (onnxruntime's QuickGelu op reads the same). ``b`` is read at x = 1,
+    where ``f(x) / x = sigmoid(b x)``; the grid then checks the rest."""
+    if f.dtype.kind != "f" or not np.all(np.isfinite(f)):
+        return None
+    at = int(np.argmin(np.abs(GRID - 1.0)))
+    p = float(f[at]) / float(GRID[at])
+    if not 0.5 < p < 1.0:
+        return None
+    b = _short(math.log(p / (1.0 - p)) / float(GRID[at]))
+    if abs(b - 1.0) <= tolerance:
+        return None  # (silu itself: _match's)
+    with np.errstate(all="ignore"):
+        g = GRID / (1.0 + np.exp(-b * GRID))
+    if np.max(np.abs(f - g) / np.maximum(1.0, np.abs(g))) > tolerance:
+        return None
+    return "silu", {"transform": {"input_scale": b, "output_scale": 1.0 / b}}
 
 
 def _split_already(sub: list[Node], y: Node, name: str, attrs: dict) -> bool:
@@ -653,9 +686,12 @@ def fuse_activation_decompositions(graph: Graph, *, copy: bool = True) -> tuple[
                 if f is None:
                     break
                 f = np.broadcast_to(f, GRID.shape)
-                found = _match(f)
+                tolerance = HALF_TOLERANCE.get(info.dtype, TOLERANCE)
+                # (x * sigmoid(b x) first: QuickGELU is 0.011 off GELU, which a wider
+                # half-precision tolerance would take it for)
+                found = _match_swish_beta(f, tolerance) or _match(f, FUSABLE, tolerance)
                 if found is None:
-                    scaled = _match_scaled(f)
+                    scaled = _match_scaled(f, tolerance)
                     if scaled is None or _split_already(sub, y, scaled[0], scaled[1]):
                         continue
                     _replace_scaled(g, x, sub, y, *scaled)

@@ -692,3 +692,18 @@ def test_a_model_on_the_meta_device_is_refused_saying_so(entry):
     with pytest.raises(GraphshapeError, match=r"Sequential's tensors are on the meta device "
                                               r"\('0.weight' and \d+ more\).*to_empty"):
         getattr(graphshape, entry)(model, x)
+
+
+@pytest.mark.parametrize("entry", ["load", "analyze", "shape"])
+def test_a_model_with_uninitialized_lazy_modules_is_refused_saying_so(entry):
+    """Lazy modules create their parameters on the first call: before it, graphshape says
+    to run the model once (it was an 'internal error ... uninitialized parameter')."""
+    model = torch.nn.Sequential(torch.nn.LazyConv2d(8, 3), torch.nn.ReLU(),
+                                torch.nn.Flatten(), torch.nn.LazyLinear(2))
+    x = torch.randn(2, 3, 8, 8)
+    with pytest.raises(GraphshapeError, match=r"lazy modules whose parameters do not exist "
+                                              r"yet \('0.weight' of LazyConv2d and 3 more\)"
+                                              r".*model\(x\)"):
+        getattr(graphshape, entry)(model, x)
+    model(x)  # what the message says to do
+    assert graphshape.load(model, x).count_ops()["conv"] == 1

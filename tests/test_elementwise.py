@@ -52,6 +52,13 @@ SPELLED = {
     "leaky x.max(0.1x)": (lambda x: x.max(0.1 * x), "leaky_relu", {"negative_slope": 0.1}),
     "relu6 min(max(x, 0), 6)": (lambda x: torch.min(torch.max(x, torch.zeros_like(x)),
                                                     torch.full_like(x, 6.0)), "relu6", {}),
+    # CLIP's QuickGELU (a sigmoid approximation of GELU) and a Swish of fixed beta:
+    # silu(b x) / b, as onnxruntime's QuickGelu op is read
+    "quick gelu x*sigmoid(1.702x)": (lambda x: x * torch.sigmoid(1.702 * x), "silu",
+                                     {"transform": {"input_scale": 1.702,
+                                                    "output_scale": 1 / 1.702}}),
+    "swish beta 0.5": (lambda x: x * torch.sigmoid(x * 0.5), "silu",
+                       {"transform": {"input_scale": 0.5, "output_scale": 2.0}}),
     "clamp(min=0)": (lambda x: x.clamp(min=0), "relu", {}),
     "torch.clamp_min": (lambda x: torch.clamp_min(x, 0.0), "relu", {}),
     "clamp(0, 6)": (lambda x: torch.clamp(x, 0, 6), "relu6", {}),
@@ -98,7 +105,8 @@ def test_spelled_out_activation_loads_as_one_node(case):
                                    rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("case", ["x*sigmoid(x)", "mish", "gelu tanh pow"])
+@pytest.mark.parametrize("case", ["x*sigmoid(x)", "mish", "gelu tanh pow",
+                                  "quick gelu x*sigmoid(1.702x)"])
 def test_spelled_out_activation_shapes_like_the_module(case):
     fn, name, _ = SPELLED[case]
     module = {"silu": nn.SiLU(), "mish": nn.Mish(), "gelu": nn.GELU(approximate="tanh")}[name]
@@ -110,11 +118,12 @@ def test_spelled_out_activation_shapes_like_the_module(case):
 
 @pytest.mark.parametrize("fn, kept", [
     (lambda x: 1.7159 * torch.tanh(x), {"tanh", "mul"}),               # LeCun's tanh
-    (lambda x: x * torch.sigmoid(1.702 * x), {"sigmoid", "mul"}),      # GELU, sigmoid approx
+    (lambda x: x * torch.tanh(x), {"tanh", "mul"}),                    # no listed one
+    (lambda x: x * torch.sigmoid(-1.702 * x), {"sigmoid", "mul"}),     # (beta < 0)
     (lambda x: torch.clamp(x, min=1e-3), {"opaque"}),                  # clamp(min=eps)
     # one call alone, within GRID's tolerance of relu: the clamp F.normalize exports
     (lambda x: torch.maximum(x, torch.tensor(1e-12)), {"opaque"}),
-], ids=["scaled tanh", "sigmoid gelu approximation", "clamp eps", "maximum eps"])
+], ids=["scaled tanh", "x tanh x", "negative beta swish", "clamp eps", "maximum eps"])
 def test_what_is_no_listed_activation_stays(fn, kept):
     graph = graphshape.load(Deep(fn).eval(), X)
     assert kept <= set(graph.count_ops()) | {n.attrs.get("name") for n in graph}
@@ -193,7 +202,7 @@ def test_a_hand_written_norms_square_is_not_read_as_an_activation():
 @pytest.mark.parametrize("case", ["mish", "gelu tanh pow", "hardswish x*relu6(x+3)/6",
                                   "x*sigmoid(x)", "gelu erf", "leaky where(x>0, x, 0.2x)",
                                   "leaky maximum(x, 0.1x)", "relu maximum(x, tensor(0))",
-                                  "leaky torch.max(x, 0.2x)"])
+                                  "leaky torch.max(x, 0.2x)", "quick gelu x*sigmoid(1.702x)"])
 def test_onnx_exports_of_spelled_out_activations_read_the_same(case, tmp_path):
     # TorchScript export at opset 17 keeps every spelled-out form (and has no Mish op below
     # 18, no tanh Gelu below 20): the ONNX path fuses them as the PyTorch path does
@@ -288,3 +297,37 @@ def test_a_scaled_activation_shapes_like_the_activation(tmp_path):
     assert onnx_report.activation_params.keys() == {"gelu_exact"}
     assert onnx_report.activation_params["gelu_exact"] == pytest.approx(
         report.activation_params["gelu_exact"])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_exports_of_spelled_out_activations_read_the_same(dtype):
+    """An fp16 / bf16 file's GELU (exported before opset 20) has its constants rounded
+    (sqrt(2) is 1.4140625): still the GELU it spells, exact or tanh (the closer of the
+    two), and QuickGELU still not a GELU. (Nothing was read: the file was refused as
+    products of signals; a bf16 file could not be emitted to torch either.)"""
+    import io
+
+    acts = [nn.GELU(), nn.SiLU(), nn.GELU(approximate="tanh"), nn.Mish(), _QuickGELU()]
+    layers = [nn.Linear(16, 16)]
+    for act in acts:
+        layers += [act, nn.Linear(16, 16)]
+    model = nn.Sequential(*layers).to(dtype).eval()
+    x = torch.randn(4, 16, dtype=dtype)
+    buffer = io.BytesIO()
+    torch.onnx.export(model, (x,), buffer, dynamo=False, opset_version=17)
+    graph = graphshape.load(buffer.getvalue())
+    assert [name for name, _ in _activations(graph)] == [
+        "gelu_exact", "silu", "gelu", "mish", "silu"], graph.table()
+    assert _activations(graph)[-1][1]["transform"]["input_scale"] == pytest.approx(1.702, rel=1e-2)
+    emitted = graphshape.to_torch(graph)
+    assert next(emitted.parameters()).dtype == dtype
+    with torch.no_grad():
+        torch.testing.assert_close(emitted(x), model(x), rtol=2e-2, atol=2e-2)
+    shaped = graphshape.shape(buffer.getvalue(), x, method="DKS")
+    assert set(shaped.meta["graphshape"].activation_params) == {"gelu_exact", "silu", "gelu",
+                                                                 "mish"}
+
+
+class _QuickGELU(nn.Module):
+    def forward(self, x):
+        return x * torch.sigmoid(1.702 * x)

@@ -437,6 +437,30 @@ def test_training_mode_batch_norm_normalizes_by_the_batch():
     _assert_same(_run(out, {"x": x}), _run(model, {"x": x}))
 
 
+def test_exported_batch_norm_without_running_statistics_is_a_batch_norm():
+    """torch.onnx.export of ``BatchNorm2d(track_running_stats=False)`` computes the batch's
+    mean and variance in the graph (ReduceMean...) and gives them to a training-mode
+    BatchNormalization, which reads them only for the running-statistic outputs: one
+    batch norm (it was opaque, and the file could not be emitted to torch)."""
+    torch = pytest.importorskip("torch")
+    import io
+
+    import graphshape
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3),
+                                torch.nn.BatchNorm2d(4, track_running_stats=False),
+                                torch.nn.ReLU()).eval()
+    buffer = io.BytesIO()
+    torch.onnx.export(model, (torch.randn(2, 3, 7, 7),), buffer, dynamo=False, opset_version=17)
+    exported = onnx.load_from_string(buffer.getvalue())
+    assert "ReduceMean" in {n.op_type for n in exported.graph.node}
+    g = load_onnx(exported)
+    assert sorted(g.count_ops()) == ["activation", "batch_norm", "conv", "input", "output"]
+    x = torch.randn(3, 3, 7, 7) * 2 + 1
+    torch.testing.assert_close(graphshape.to_torch(g)(x), model(x), rtol=1e-4, atol=1e-5)
+
+
 def test_training_mode_batch_norm_whose_running_statistics_are_read_stays_opaque():
     g = load_onnx(_training_mode_batch_norm(("y", "mean")))
     assert g.count_ops().get("opaque") == 1 and "batch_norm" not in g.count_ops()
