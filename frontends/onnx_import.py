@@ -50,7 +50,7 @@ from graphshape.errors import GraphshapeError
 from graphshape.ir import (FLOAT_DTYPES, TENSOR_CONTAINER, Graph, Node, Ref, TensorInfo,
                            cache_weight_tap_norms, constant_operand, is_non_float)
 from graphshape.ops import prelu_activation, same_pads
-from graphshape.passes.elementwise import fuse_decompositions
+from graphshape.passes.elementwise import fuse_decompositions, is_onnx_norm
 
 # Initializers larger than this many bytes are replaced by typed graph inputs in the copy
 # that shape inference sees (shape inference only reads small constants' values).
@@ -1759,6 +1759,8 @@ class _Importer:
         if len(consts) != 1:
             raise _Unsupported("not max(x, constant)")
         zeros, x = self.const(node.input[consts[0]]), node.input[1 - consts[0]]
+        if self._clamps_a_norm(x):
+            raise _Unsupported("the guard of a norm")
         x_shape, out_shape = self.info(x).shape, self.info(node.output[0]).shape
         if zeros.size == 0 or np.any(zeros != 0) or x_shape is None or x_shape != out_shape:
             raise _Unsupported("not max(x, 0) of x's shape")
@@ -1919,7 +1921,14 @@ class _Importer:
     def _op_Gelu(self, node, a, name):
         self._act(node, name, "gelu" if a.get("approximate", "none") == "tanh" else "gelu_exact")
 
+    def _clamps_a_norm(self, value: str) -> bool:
+        """Whether ``value`` is an L1 / L2 norm (:func:`~graphshape.passes.elementwise.is_onnx_norm`)."""
+        ref = self.refs.get(value)
+        return ref is not None and is_onnx_norm(self.g, ref)
+
     def _op_Clip(self, node, a, name):
+        if self._clamps_a_norm(node.input[0]):
+            raise _Unsupported("the guard of a norm")
         if self.opset < 11:
             lo, hi = a.get("min"), a.get("max")
         else:

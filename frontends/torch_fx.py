@@ -2192,6 +2192,12 @@ def _reads_metadata_only(fx_node) -> bool:
 _DATA_MOVEMENT_METHODS = frozenset({"roll", "flip", "narrow", "expand", "expand_as",
                                     "reshape_as", "view_as"})
 _DATA_MOVEMENT_FUNCTIONS = frozenset({torch.roll, torch.flip, torch.narrow})
+#: average pools left opaque (a window computed from the input's size: the CIFAR ResNet's
+#: ``F.avg_pool2d(out, out.size()[3])``): linear maps of the entries, which the analysis
+#: takes as the identity as it does its pools, so they count as moving data here
+_AVERAGING_FUNCTIONS = frozenset({F.avg_pool1d, F.avg_pool2d, F.avg_pool3d,
+                                  F.adaptive_avg_pool1d, F.adaptive_avg_pool2d,
+                                  F.adaptive_avg_pool3d})
 
 
 def _moves_data_only(fx_node) -> bool:
@@ -2199,9 +2205,10 @@ def _moves_data_only(fx_node) -> bool:
     (LeViT's ``bn(x.flatten(0, 1)).reshape_as(x)``: y gives a shape only), a tensor indexed
     by slices and ints (a crop whose ends are computed: ``x[:, :H, :W]`` after a pad),
     ``F.pad`` with zeros (by computed amounts): what stays opaque of them carries its
-    input's entries only."""
+    input's entries only; and average pools by computed windows (their averages)."""
     target = fx_node.target
-    if _calls(fx_node.op, target, _DATA_MOVEMENT_METHODS, _DATA_MOVEMENT_FUNCTIONS):
+    if _calls(fx_node.op, target, _DATA_MOVEMENT_METHODS,
+              _DATA_MOVEMENT_FUNCTIONS | _AVERAGING_FUNCTIONS):
         return True
     if fx_node.op == "call_function" and target is _tm.pad_same:
         return True  # zeros around (a shaped model's timm StdConv2dSame, read again)

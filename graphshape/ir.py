@@ -79,8 +79,9 @@ class TensorInfo:
 #: "object", but it carries signals to the ``getitem`` nodes that read it.
 TENSOR_CONTAINER = "tensor_container"
 #: flag of opaque nodes that only move, copy or zero-pad their input's entries (torch.roll,
-#: a crop by computed sizes, F.pad by computed amounts): the analysis takes them as the
-#: identity on q and c (approximate, as slice and pad), shaping does not warn of them
+#: a crop by computed sizes, F.pad by computed amounts), or average them (an average pool
+#: by a computed window): the analysis takes them as the identity on q and c (approximate,
+#: as slice, pad and its pools), shaping does not warn of them
 DATA_MOVEMENT = "data movement"
 #: flag of an opaque node kept for what it does, not its value: a check that raises when the
 #: model's inputs do not fit (``torch._assert``: timm's "Input height doesn't match model",

@@ -343,6 +343,15 @@ def _onnx_input(node: Node, position: int) -> Ref | None:
         and positions[position] is not None else None
 
 
+def is_onnx_norm(graph: Graph, ref: Ref) -> bool:
+    """Whether ``ref`` is an ONNX L1 / L2 norm (ReduceL2, ReduceL1, ReduceSumSquare): a Clip
+    or Max of one at 0 is F.normalize's guard (its eps rounded to 0 in an fp16 export),
+    which is not a ReLU for shaping to transform."""
+    node = graph[ref.node] if ref.node in graph else None
+    return (node is not None and node.op == "opaque" and node.attrs.get("framework") == "onnx"
+            and node.attrs.get("op_type") in ("ReduceL2", "ReduceL1", "ReduceSumSquare"))
+
+
 def onnx_reduce_l2_axes(graph: Graph, node: Node, rank: int | None) -> tuple[int, ...] | None:
     """The axes of an ONNX ``ReduceL2`` with keepdims (``||x||`` along them: an exported
     ``F.normalize``), as sorted non-negative ints; None for any other node."""
@@ -702,7 +711,8 @@ def fuse_activation_decompositions(graph: Graph, *, copy: bool = True) -> tuple[
                 if y.op == "activation" and {"name": found[0], **found[1]} == {
                         k: v for k, v in y.attrs.items() if k != "inplace"}:
                     break  # y is that activation already: the rest is identities, kept
-                if len(sub) == 1 and not _same_near_zero(g, x, sub, *found):
+                if len(sub) == 1 and (not _same_near_zero(g, x, sub, *found)
+                                      or is_onnx_norm(g, x)):
                     continue  # a clamp(min=eps) before a division is not a relu
                 _replace(g, x, sub, y, *found)
                 fused.append({"node": y.name, "activation": found[0], "attrs": found[1],

@@ -13,6 +13,7 @@ import onnxruntime as ort
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 import graphshape
 from graphshape.passes.analysis import computed_constants
@@ -315,6 +316,41 @@ def test_roll_and_computed_pads_and_crops_move_entries():
             assert row["q_local"] == pytest.approx(row["q_emp"], rel=1e-9)
     report = graphshape.shape(model, x, method="DKS").meta["graphshape"]
     assert not any("opaque" in w for w in report.warnings), report.warnings
+
+
+class PoolBySize(nn.Module):
+    """The CIFAR ResNet's head (akamaster's resnet20): ``F.avg_pool2d(out, out.size()[3])``,
+    a window fx leaves as a traced size, so the pool stays an opaque call."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.conv2 = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        out = torch.relu(self.conv2(torch.relu(self.conv1(x))))
+        out = F.avg_pool2d(out, out.size()[3])
+        return self.fc(out.view(out.size(0), -1))
+
+
+def test_an_average_pool_by_a_computed_window_is_followed_by_the_analysis():
+    """Before: an opaque node without a kernel rule, the head's kernel unknown and shaping
+    noting "1 opaque node(s) on the signal path". (torch's argument parser asks for the
+    window's value: traced for the example's size, checked, as other sizes Python reads.)"""
+    torch.manual_seed(0)
+    model, x = PoolBySize().eval(), torch.randn(4, 3, 8, 8)
+    graph = graphshape.load(model, x)
+    (pool,) = [n for n in graph if "avg_pool2d" in n.attrs.get("description", "")]
+    assert "data movement" in pool.meta["flags"]
+    stats = graphshape.analyze(graph, x, empirical=True)
+    assert _unknown(stats) == [] and "approximate" in _row(stats, pool.name)["flags"]
+    shaped = graphshape.shape(model, x, method="DKS")
+    assert not any("opaque" in w for w in shaped.meta["graphshape"].warnings)
+    other = torch.randn(2, 3, 8, 8)
+    torch.testing.assert_close(graphshape.to_torch(graph)(other), model(other))
+    assert shaped(other).shape == (2, 4)
+    with pytest.raises(graphshape.GraphshapeError, match=r"out.size\(\)\[3\]\)` .* gave 8"):
+        shaped(torch.randn(2, 3, 12, 12))
 
 
 def test_only_crops_that_keep_the_batch_are_data_movement():

@@ -250,6 +250,11 @@ def test_unreachable_eta_names_the_achievable_value():
         K.solve(["leaky_relu"], "TAT", chain_subnet_max_func(5), eta=0.9)
     message = str(info.value)
     assert f"{achievable:.4g}" in message and "eta=0.9" in message and "lower eta" in message
+    # the eta it suggests is reached
+    suggested = float(message.split("lower eta (eta=")[1].split(" ")[0])
+    assert suggested <= achievable
+    params = K.solve(["leaky_relu"], "TAT", chain_subnet_max_func(5), eta=suggested)
+    assert 0 <= params["leaky_relu"]["negative_slope"] < 0.2
 
 
 @pytest.mark.parametrize("call,pattern", [
