@@ -869,6 +869,7 @@ class _Loader:
         # qualified names of modules with forward hooks, in the order their calls are
         # mapped (the root and modules traced through are added by run)
         self._hooked: list[str] = []
+        self._pruned: list[str] = []    # layers whose only hooks are prune's masks
         # get_attr target -> the value a forward-made tensor holds after item assignment, or
         # a buffer after an in-place update: what later get_attr nodes of it read
         self._assigned_constants: dict[str, Ref] = {}
@@ -1077,9 +1078,11 @@ class _Loader:
         called = {n.target for n in self.gm.graph.nodes if n.op == "call_module"}
         traced = [name for name, m in self.module.named_modules()
                   if name and name not in called and _has_hooks(m)]
-        dropped = ["(the model)"] * _has_hooks(self.module) + self._hooked
+        dropped = ["(the model)"] * bool(_has_hooks(self.module)) + self._hooked
         if dropped:
             self.graph.meta["dropped_hooks"] = dropped
+        if self._pruned:
+            self.graph.meta["pruned"] = self._pruned
         if traced:
             self.graph.meta["traced_hooks"] = traced
         if self.state_updates:
@@ -1168,7 +1171,9 @@ class _Loader:
                 if weight_norm is not None:
                     self.graph[self.env[fx_node].node].meta["weight_normalization"] = (
                         weight_norm[1], weight_norm[2])
-                if hooked:
+                if hooked == "pruned":
+                    self._pruned.append(fx_node.target)
+                elif hooked:
                     self._hooked.append(fx_node.target)
                 if args and getattr(args[0], "inplace", False) is True and fx_node.args:
                     # nn.ReLU(inplace=True) etc.: later readers of the input see the result
@@ -1609,13 +1614,18 @@ def _weight_norm_hooks() -> tuple[type, type]:
     return WeightNorm, SpectralNorm
 
 
-def _has_hooks(mod: nn.Module) -> bool:
+def _has_hooks(mod: nn.Module) -> bool | str:
     """Whether ``mod`` has forward hooks or pre-hooks (other than weight / spectral
     normalization's, see :func:`_weight_normalization`). Neither a module torch.fx traces
     through nor a layer graphshape maps to its own op runs them in the emitted model: fx
-    records what the module computes, not its hooks."""
-    return bool(mod._forward_hooks) or any(
-        not isinstance(h, _weight_norm_hooks()) for h in mod._forward_pre_hooks.values())
+    records what the module computes, not its hooks. ``"pruned"`` where the only ones are
+    ``torch.nn.utils.prune``'s (the layer is read with the masked weight they computed)."""
+    from torch.nn.utils.prune import BasePruningMethod
+
+    pre = [h for h in mod._forward_pre_hooks.values() if not isinstance(h, _weight_norm_hooks())]
+    if not mod._forward_hooks and pre and all(isinstance(h, BasePruningMethod) for h in pre):
+        return "pruned"
+    return bool(mod._forward_hooks) or bool(pre)
 
 
 def _m_conv_transpose(ld, fx_node, mod):

@@ -777,8 +777,9 @@ def _crd_positions(node, channels) -> np.ndarray:
     block order ("DCR") sits in torch's pixel_shuffle order ("CRD"), ``channels`` = C*b*b."""
     b2 = int(node.attrs["blocksize"]) ** 2
     if not isinstance(channels, int) or channels % b2:
-        raise GraphshapeError(f"{node.op} in torch's channel order (pixel_shuffle) needs a "
-                              "known channel count before opset 11", node=node.name, op=node.op)
+        raise GraphshapeError(f"{node.op} in torch's channel order (pixel_shuffle before "
+                              "opset 11, pixel_unshuffle) needs a known channel count in ONNX",
+                              node=node.name, op=node.op)
     c = channels // b2
     return np.asarray([cc * b2 + k for k in range(b2) for cc in range(c)], np.int64)
 

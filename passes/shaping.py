@@ -679,6 +679,11 @@ _SOURCE_WARNINGS: dict[str, Callable[[Any, dict], str]] = {
         f"{len(hooked)} module(s) had forward hooks ({_some(hooked)}): the shaped model's "
         "layers do not run them (torch.fx records what a module computes, not its hooks); "
         "register them again on the result if you need them"),
+    "pruned": lambda pruned, meta: (
+        f"{len(pruned)} layer(s) were pruned with torch.nn.utils.prune ({_some(pruned)}): "
+        "its masks are forward pre-hooks, which the shaped model does not run, and shaping "
+        "re-initializes the layers: they are dense; prune the result again to make them "
+        "sparse"),
     "random_in_training": lambda random, meta: (
         f"the model was traced in training mode, with {len(random)} op(s) drawing random "
         f"numbers ({_some(random)}): torch.fx records the branch a forward took while "

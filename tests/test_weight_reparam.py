@@ -99,6 +99,29 @@ def test_dropped_forward_hooks_are_reported():
     assert all(name in warning for name in ("'(the model)'", "'0'", "'7'"))
 
 
+def test_pruned_layers_are_reported_as_pruned():
+    """torch.nn.utils.prune's masks are forward pre-hooks: the layer is read with the masked
+    weight; shaping names them as pruned (it said "forward hooks"), a layer with another
+    hook beside them is still a hooked one."""
+    from torch.nn.utils import prune
+
+    x = torch.randn(2, 3, 8, 8)
+    model = _net()
+    prune.l1_unstructured(model[0], "weight", amount=0.5)
+    prune.random_unstructured(model[2], "weight", amount=0.5)
+    model[2].register_forward_hook(lambda mod, args, out: None)
+    g = graphshape.load(model, x)
+    assert g.meta["pruned"] == ["0"] and g.meta["dropped_hooks"] == ["2"]
+    (conv,) = [n for n in g if n.name == "_0" or n.meta.get("module_path") == "0"]
+    assert (conv.params["weight"] == 0).mean() == pytest.approx(0.5, abs=0.02)
+    with torch.no_grad():
+        torch.testing.assert_close(graphshape.to_torch(g)(x), model(x))
+    warnings = graphshape.shape(model, x, method="DKS").meta["graphshape"].warnings
+    assert any(w.startswith("1 layer(s) were pruned with torch.nn.utils.prune ('0')")
+               for w in warnings)
+    assert any(w.startswith("1 module(s) had forward hooks ('2')") for w in warnings)
+
+
 def test_hooks_of_traced_through_modules_are_in_the_trace_and_reported_as_such():
     # fx calls a module it traces through with its hooks: an output the hook returns is
     # traced in (so the shaped model computes it), a side effect happens once, at trace time
