@@ -672,13 +672,13 @@ def solve(activations, method: str, subnet_max_func: Callable, *, zeta: float = 
                            "the maximal C_f(0)")
 
         def unreachable(value, below):
-            # (a network this shallow keeps C_f(0) below eta for any slope: an eta below
-            # its C_f(0) gives the most linear leaky ReLU that reaches it)
+            # (a shallow network, or one of short paths, keeps C_f(0) below eta for any
+            # slope: an eta below its C_f(0) gives the most linear leaky ReLU reaching it)
             reachable = math.floor((1 - value) * 100) / 100
             return (f"even with negative_slope=0 this network's C_f(0) is only {1 - value:.4g}"
-                    f" < eta={eta} (too few nonlinear layers for it): lower eta (eta="
-                    f"{reachable:.2f} or less reaches it), or the shortcut weight, in a network "
-                    "with shortcuts, or shape it with method='DKS'")
+                    f" < eta={eta}: lower eta (eta={reachable:.2f} or less reaches it), or the "
+                    "shortcut weight, in a network with shortcuts, or shape it with "
+                    "method='DKS'")
 
         # 1 - M(0, C_a) increases with a from 1 - M(0, C_0) (most nonlinear) to 1 (a = 1).
         a = _solve_increasing(lambda a: 1.0 - max_c0(a), 1.0 - eta, 0.0, 0.5, 1.0,
