@@ -1078,7 +1078,7 @@ class _Loader:
         called = {n.target for n in self.gm.graph.nodes if n.op == "call_module"}
         traced = [name for name, m in self.module.named_modules()
                   if name and name not in called and _has_hooks(m)]
-        dropped = ["(the model)"] * bool(_has_hooks(self.module)) + self._hooked
+        dropped = ["(the model)"] * _has_hooks(self.module) + self._hooked
         if dropped:
             self.graph.meta["dropped_hooks"] = dropped
         if self._pruned:
@@ -1136,7 +1136,7 @@ class _Loader:
             # ``t = torch.zeros(2, 3); t[:, 1] = x.mean(1)``, recorded by its torch function)
             self._assignment(fx_node)
             return
-        weight_norm, hooked = None, False
+        weight_norm, hooked, pruned = None, False, False
         if fx_node.op == "call_module":
             mod = self.gm.get_submodule(fx_node.target)
             handler = _MODULE_HANDLERS.get(type(mod))
@@ -1152,6 +1152,7 @@ class _Loader:
                 handler = _m_drop_path
             weight_norm = _weight_normalization(mod)
             hooked = _has_hooks(mod)
+            pruned = hooked and _pruned_only(mod)
             if weight_norm is not None:
                 handler = _MODULE_HANDLERS.get(weight_norm[0])  # None: stays opaque
                 if handler is not None:
@@ -1171,7 +1172,7 @@ class _Loader:
                 if weight_norm is not None:
                     self.graph[self.env[fx_node].node].meta["weight_normalization"] = (
                         weight_norm[1], weight_norm[2])
-                if hooked == "pruned":
+                if pruned:
                     self._pruned.append(fx_node.target)
                 elif hooked:
                     self._hooked.append(fx_node.target)
@@ -1614,18 +1615,23 @@ def _weight_norm_hooks() -> tuple[type, type]:
     return WeightNorm, SpectralNorm
 
 
-def _has_hooks(mod: nn.Module) -> bool | str:
+def _has_hooks(mod: nn.Module) -> bool:
     """Whether ``mod`` has forward hooks or pre-hooks (other than weight / spectral
     normalization's, see :func:`_weight_normalization`). Neither a module torch.fx traces
     through nor a layer graphshape maps to its own op runs them in the emitted model: fx
-    records what the module computes, not its hooks. ``"pruned"`` where the only ones are
-    ``torch.nn.utils.prune``'s (the layer is read with the masked weight they computed)."""
+    records what the module computes, not its hooks."""
+    return bool(mod._forward_hooks) or any(
+        not isinstance(h, _weight_norm_hooks()) for h in mod._forward_pre_hooks.values())
+
+
+def _pruned_only(mod: nn.Module) -> bool:
+    """Whether ``mod``'s hooks (:func:`_has_hooks`) are all ``torch.nn.utils.prune``'s masks:
+    the layer is read with the masked weight they computed."""
     from torch.nn.utils.prune import BasePruningMethod
 
     pre = [h for h in mod._forward_pre_hooks.values() if not isinstance(h, _weight_norm_hooks())]
-    if not mod._forward_hooks and pre and all(isinstance(h, BasePruningMethod) for h in pre):
-        return "pruned"
-    return bool(mod._forward_hooks) or bool(pre)
+    return not mod._forward_hooks and bool(pre) and all(
+        isinstance(h, BasePruningMethod) for h in pre)
 
 
 def _m_conv_transpose(ld, fx_node, mod):

@@ -717,14 +717,14 @@ def _e_depth_to_space(ctx, node, xs):
     a = node.attrs
     if a.get("mode", "CRD") == "CRD":  # (written as the source wrote it)
         return ctx.function(node, F.pixel_shuffle, (xs[0], int(a["blocksize"])))
-    return ctx.function(node, tm.depth_to_space, (xs[0], int(a["blocksize"]), "DCR"))
+    return ctx.function(node, tm.depth_to_space, (xs[0], int(a["blocksize"])))
 
 
 def _e_space_to_depth(ctx, node, xs):
     a = node.attrs
     if a.get("mode", "CRD") == "CRD":
         return ctx.function(node, F.pixel_unshuffle, (xs[0], int(a["blocksize"])))
-    return ctx.function(node, tm.space_to_depth, (xs[0], int(a["blocksize"]), "DCR"))
+    return ctx.function(node, tm.space_to_depth, (xs[0], int(a["blocksize"])))
 
 
 def _e_squeeze(ctx, node, xs):

@@ -244,20 +244,16 @@ def pad_same(x: torch.Tensor, kernel: Sequence[int], stride: Sequence[int],
 
 
 @recorded_when_traced
-def depth_to_space(x: torch.Tensor, blocksize: int, mode: str = "CRD") -> torch.Tensor:
-    """ONNX DepthToSpace; mode ``"CRD"`` is ``F.pixel_shuffle``."""
-    if mode == "CRD":
-        return F.pixel_shuffle(x, blocksize)
+def depth_to_space(x: torch.Tensor, blocksize: int) -> torch.Tensor:
+    """ONNX DepthToSpace in its default "DCR" mode (its "CRD" mode is ``F.pixel_shuffle``)."""
     n, c, h, w = x.shape
     b = blocksize
     return (x.reshape(n, b, b, c // (b * b), h, w).permute(0, 3, 4, 1, 5, 2)
             .reshape(n, c // (b * b), h * b, w * b))
 
 
-def space_to_depth(x: torch.Tensor, blocksize: int, mode: str = "CRD") -> torch.Tensor:
-    """ONNX SpaceToDepth (mode ``"DCR"``); mode ``"CRD"`` is ``F.pixel_unshuffle``."""
-    if mode == "CRD":
-        return F.pixel_unshuffle(x, blocksize)
+def space_to_depth(x: torch.Tensor, blocksize: int) -> torch.Tensor:
+    """ONNX SpaceToDepth ("DCR" order; torch's ``F.pixel_unshuffle`` is "CRD")."""
     n, c, h, w = x.shape
     b = blocksize
     return (x.reshape(n, c, h // b, b, w // b, b).permute(0, 3, 5, 1, 2, 4)

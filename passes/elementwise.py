@@ -574,6 +574,12 @@ def _short(value: float) -> float:
     return float(str(np.float32(value)))
 
 
+def _grid_error(f: np.ndarray, g: np.ndarray) -> float:
+    """``max |f - g| / max(1, |g|)`` on GRID: how far region values ``f`` are from an
+    activation's values ``g``, compared with a tolerance."""
+    return float(np.max(np.abs(f - g) / np.maximum(1.0, np.abs(g))))
+
+
 def _match(f: np.ndarray, names: tuple[str, ...] = FUSABLE,
            tolerance: float = TOLERANCE) -> tuple[str, dict] | None:
     """The activation of ``names`` closest to ``f`` on GRID, within ``tolerance`` (the
@@ -592,7 +598,7 @@ def _match(f: np.ndarray, names: tuple[str, ...] = FUSABLE,
             attrs = {"alpha": _short(f[GRID == -30.0][0] / (math.exp(-30.0) - 1.0))}
         with np.errstate(all="ignore"):
             g = np.asarray(act.fn(GRID, **attrs), dtype=float)
-        error = float(np.max(np.abs(f - g) / np.maximum(1.0, np.abs(g))))
+        error = _grid_error(f, g)
         if error <= tolerance and error < best_error:
             # (a slope or alpha of 0 is relu, listed first)
             if name == "leaky_relu" and not 0.0 < attrs["negative_slope"] < 1.0:
@@ -656,7 +662,7 @@ def _match_swish_beta(f: np.ndarray, tolerance: float = TOLERANCE) -> tuple[str,
         return None  # (silu itself: _match's)
     with np.errstate(all="ignore"):
         g = GRID / (1.0 + np.exp(-b * GRID))
-    if np.max(np.abs(f - g) / np.maximum(1.0, np.abs(g))) > tolerance:
+    if _grid_error(f, g) > tolerance:
         return None
     return "silu", {"transform": {"input_scale": b, "output_scale": 1.0 / b}}
 
