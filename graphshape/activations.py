@@ -72,14 +72,16 @@ class Activation:
     kinks_fn: Callable[..., tuple] | None = None
     # Jumps of d1 at the kink points, for delta terms of the second derivative.
     d1_jumps_fn: Callable[..., tuple] | None = None
-    # Piecewise-polynomial activations: ((lo, hi, c0, c1, c2), ...), fn = c0 + c1 x + c2 x^2
-    # on [lo, hi); lets kernels integrate them against a Gaussian in closed form.
+    # Activations piecewise a quadratic plus an exponential: ((lo, hi, c0, c1, c2[, k, r]),
+    # ...), fn = c0 + c1 x + c2 x^2 + k e^{r x} on [lo, hi); lets kernels integrate them
+    # against a Gaussian in closed form.
     pieces_fn: Callable[..., tuple] | None = None
     soft_width: float = 1.0
 
     def pieces(self, **attrs):
-        """``((lo, hi, c0, c1, c2), ...)`` with fn(x) = c0 + c1 x + c2 x^2 on [lo, hi), for
-        piecewise-polynomial activations (relu, hardtanh, ...); None for the others."""
+        """``((lo, hi, c0, c1, c2[, k, r]), ...)`` with fn(x) = c0 + c1 x + c2 x^2 + k e^{r x}
+        on [lo, hi) (k = 0 without the last two), for activations made of such pieces
+        (relu, hardtanh, ...; elu and selu); None for the others."""
         if self.pieces_fn is None:
             return None
         return tuple(self.pieces_fn(**self.attrs(**attrs)))
@@ -189,6 +191,12 @@ def _elu_d2(x, alpha=1.0):
     return _where(x < 0, alpha * np.exp(np.minimum(x, 0.0)), 0.0)
 
 
+def _elu_pieces(alpha=1.0, scale=1.0):
+    """scale * elu(x, alpha): scale * alpha * (e^x - 1) below 0, scale * x above."""
+    return ((-_INF, 0.0, -scale * alpha, 0.0, 0.0, scale * alpha, 1.0),
+            (0.0, _INF, 0.0, scale, 0.0))
+
+
 def _selu(x):
     return SELU_SCALE * _elu(x, SELU_ALPHA)
 
@@ -288,10 +296,11 @@ _register(_A("relu", lambda x: np.maximum(x, 0.0), lambda x: np.where(x >= 0, 1.
 _register(_A("softplus", _softplus, _sigmoid, lambda x: _sigmoid(x) * (1.0 - _sigmoid(x)),
              soft_width=2.0))
 _register(_A("selu", _selu, _selu_d1, _selu_d2, kinks=(0.0,), smooth=False,
-             differentiable=False, d1_jumps_fn=lambda: (SELU_SCALE * (1.0 - SELU_ALPHA),)))
+             differentiable=False, d1_jumps_fn=lambda: (SELU_SCALE * (1.0 - SELU_ALPHA),),
+             pieces_fn=lambda: _elu_pieces(SELU_ALPHA, SELU_SCALE)))
 _register(_A("elu", _elu, _elu_d1, _elu_d2, kinks=(0.0,), smooth=False, differentiable=True,
              defaults={"alpha": 1.0}, kinks_fn=lambda alpha: (0.0,),
-             d1_jumps_fn=lambda alpha: (1.0 - alpha,)))
+             d1_jumps_fn=lambda alpha: (1.0 - alpha,), pieces_fn=_elu_pieces))
 _register(_A("swish", _swish, _swish_d1, _swish_d2, soft_width=2.0))
 _register(_A("silu", _swish, _swish_d1, _swish_d2, soft_width=2.0))
 _register(_A("bentid", lambda x: (np.sqrt(x * x + 1.0) - 1.0) / 2.0 + x,

@@ -13,7 +13,7 @@ rules are computed once (``scipy.special.roots_legendre``).
 
 For the 2-D expectation, v = c u + sqrt(1 - c^2) w with w independent of u: the inner
 integral over w is cut at g's kinks for every u (or done in closed form when g is piecewise
-polynomial, :func:`expect_pieces`); the outer one over u is cut at f's kinks and graded
+a quadratic plus an exponential, :func:`expect_pieces`); the outer one over u is cut at f's kinks and graded
 around the points where g's kink crosses w = 0 (the inner integral is a kink smoothed over
 a width sqrt(1 - c^2) / |c| there), so it stays accurate as |c| -> 1. |c| = 1 is computed
 as the 1-D expectation it is.
@@ -23,8 +23,10 @@ numpy and scipy only.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
-from scipy.special import ndtr, roots_legendre
+from scipy.special import log_ndtr, ndtr, roots_legendre
 
 LIMIT = 10.0
 PANELS = 10
@@ -151,14 +153,17 @@ def expect(f, kinks=(), soft=()) -> float:
 
 
 def expect_pieces(pieces, mean, std):
-    """E[g(mean + std w)], w ~ N(0, 1), in closed form for a piecewise polynomial g.
+    """E[g(mean + std w)], w ~ N(0, 1), in closed form for g piecewise a polynomial of degree
+    <= 2 plus an exponential.
 
-    ``pieces``: rows ``(lo, hi, c0, c1, c2)``, g(x) = c0 + c1 x + c2 x^2 on [lo, hi) (lo, hi
-    may be infinite); ``mean``, ``std`` (> 0) broadcast together.
+    ``pieces``: rows ``(lo, hi, c0, c1, c2)`` or ``(lo, hi, c0, c1, c2, k, r)``, g(x) = c0 +
+    c1 x + c2 x^2 + k e^{r x} on [lo, hi) (lo, hi may be infinite; k = 0 without the last
+    two); ``mean``, ``std`` (> 0) broadcast together.
     """
     mean, std = np.broadcast_arrays(np.asarray(mean, float), np.asarray(std, float))
     total = np.zeros(mean.shape)
-    for lo, hi, c0, c1, c2 in np.asarray(pieces, dtype=float).reshape(-1, 5):
+    for row in pieces:
+        lo, hi, c0, c1, c2, k, r = (tuple(row) + (0.0, 0.0))[:7]
         t1, t2 = (lo - mean) / std, (hi - mean) / std
         # P(t1 < w < t2) from the tail that keeps its digits.
         m0 = np.where(t1 > 0, ndtr(-t1) - ndtr(-t2), ndtr(t2) - ndtr(t1))
@@ -173,6 +178,16 @@ def expect_pieces(pieces, mean, std):
         b1 = (c1 + 2 * c2 * mean) * std
         b2 = c2 * std * std
         total = total + b0 * m0 + b1 * m1 + b2 * m2
+        if k != 0.0:
+            # int_{t1}^{t2} k e^{r (mean + std w)} pdf(w) dw
+            #   = k e^{r mean + (r std)^2 / 2} (Phi(t2 - r std) - Phi(t1 - r std)),
+            # in logs: e^{r mean} alone overflows where the Phi difference underflows
+            shift = r * mean + 0.5 * (r * std) ** 2
+            a, b = t1 - r * std, t2 - r * std
+            with np.errstate(over="ignore"):
+                upper = np.where(a > 0, np.exp(shift + log_ndtr(-a)), np.exp(shift + log_ndtr(b)))
+                lower = np.where(a > 0, np.exp(shift + log_ndtr(-b)), np.exp(shift + log_ndtr(a)))
+            total = total + k * (upper - lower)
     return total
 
 
@@ -183,9 +198,9 @@ def expect2(f, g, c, kinks_f=(), kinks_g=(), soft_f=(), soft_g=(), scale_f=1.0, 
     ``f``, ``g`` are vectorized and smooth between their ``kinks`` (in their own argument);
     ``soft_f``/``soft_g`` list ``(centre, width)`` pairs as in :func:`expect` (also in
     their own argument). ``c``, ``scale_f`` and ``scale_g`` (>= 0) broadcast together; the
-    result has their broadcast shape (a float if that is scalar). If g is piecewise
-    polynomial, ``pieces_g`` (see :func:`expect_pieces`) makes the inner integral exact and
-    about 100 times cheaper.
+    result has their broadcast shape (a float if that is scalar). If g is piecewise a
+    polynomial plus an exponential, ``pieces_g`` (see :func:`expect_pieces`) makes the inner
+    integral exact and about 100 times cheaper.
     """
     c_arr, sf_arr, sg_arr = np.broadcast_arrays(*(np.asarray(v, dtype=float)
                                                   for v in (c, scale_f, scale_g)))
@@ -218,6 +233,98 @@ def expect2(f, g, c, kinks_f=(), kinks_g=(), soft_f=(), soft_g=(), scale_f=1.0, 
     if c_arr.ndim == 0:
         return float(out[0])
     return out.reshape(c_arr.shape)
+
+
+#: Terms of the Mehler series in :func:`expect2_same` (orders 0..HERMITE_ORDER).
+HERMITE_ORDER = 256
+#: :func:`expect2_same` uses the series for a pair only where its truncation error is
+#: provably below this fraction of sqrt(E[f(s1 u)^2] E[f(s2 v)^2]).
+SERIES_TOL = 1e-10
+# The orthonormal Hermite functions h_n(z) e^{-z^2/4} spread to |z| ~ 2 sqrt(n) (far beyond
+# LIMIT for n = 256): the coefficient rule runs to a farther limit, where e^{-z^2/4} < 1e-15,
+# on panels cut REFINE times finer so every panel holds about one wavelength of h_n.
+_HERMITE_LIMIT = 12.0
+_REFINE = 3
+
+
+def hermite_coefficients(f, scales, kinks=(), soft=(), order=HERMITE_ORDER):
+    """Hermite coefficients of ``z -> f(s z)`` for each scale s in ``scales`` (1-D, >= 0).
+
+    Returns ``(a, energy, tail)``: ``a[i, n] = E[f(s_i z) h_n(z)]`` for n = 0..order, h_n =
+    He_n / sqrt(n!) the orthonormal probabilists' Hermite polynomials; ``energy[i] =
+    E[f(s_i z)^2]``; ``tail[i] = energy[i] - sum_n a[i, n]^2``, the energy beyond ``order``
+    (>= 0 up to rounding; clearly negative means the rule did not resolve f). ``kinks`` and
+    ``soft`` are f's, in its own argument (as for :func:`expect2`). Like the module's other
+    rules this assumes f grows at most polynomially (h_n e^{-z^2/4} is bounded, so what lies
+    beyond |z| = 12 is below e^{-36} times f there).
+    """
+    scales = np.asarray(scales, dtype=float).reshape(-1)
+    kinks = np.asarray(kinks, dtype=float).reshape(-1)
+    soft = np.asarray(list(soft or ()), dtype=float).reshape(-1, 2)
+    a_col = scales[:, None]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        edges = breakpoints(kinks[None, :] / a_col, _scaled_soft([(soft, a_col, 1.0)]),
+                            (scales.size,))
+    lo, hi = edges[..., :-1, None], edges[..., 1:, None]
+    fine = (lo + (hi - lo) * (np.arange(_REFINE) / _REFINE)).reshape(scales.size, -1)
+    outer = np.linspace(LIMIT, _HERMITE_LIMIT, _REFINE + 1)
+    fine = np.concatenate([np.broadcast_to(-outer[::-1], (scales.size, outer.size)), fine[:, 1:],
+                           np.broadcast_to(outer, (scales.size, outer.size))], axis=1)
+    z, w = rule(fine)
+    fz = f(a_col * z)
+    fw = fz * w
+    a = np.empty((scales.size, order + 1))
+    h_prev, h = np.ones_like(z), z
+    a[:, 0] = fw.sum(-1)
+    a[:, 1] = np.einsum("sp,sp->s", fw, z)
+    for n in range(1, order):
+        # h_{n+1} = (z h_n - sqrt(n) h_{n-1}) / sqrt(n + 1): stable, |h_n| <= ~e^{z^2/4}
+        h_prev, h = h, (z * h - math.sqrt(n) * h_prev) / math.sqrt(n + 1)
+        a[:, n + 1] = np.einsum("sp,sp->s", fw, h)
+    energy = np.einsum("sp,sp->s", fw, fz)
+    return a, energy, energy - np.einsum("sn,sn->s", a, a)
+
+
+def expect2_same(f, c, scale_1, scale_2, kinks=(), soft=(), pieces=None):
+    """E[f(scale_1 u) f(scale_2 v)] for unit normals (u, v) with correlation ``c``: the same
+    as ``expect2(f, f, c, kinks, kinks, soft, soft, scale_1, scale_2, pieces_g=pieces)``
+    (1-D arrays of one length), and far cheaper for many pairs with few distinct scales.
+
+    By Mehler's formula the expectation is ``sum_n a_n(s1) a_n(s2) c^n`` over the Hermite
+    coefficients of :func:`hermite_coefficients`, one 1-D integral per scale instead of a 2-D
+    one per pair. Cut after ``HERMITE_ORDER``, it errs by at most ``|c|^(order+1) *
+    sqrt(tail_1 tail_2)`` (Cauchy-Schwarz on the tails): pairs where that bound exceeds
+    ``SERIES_TOL * sqrt(energy_1 energy_2)`` (kinked f with |c| near 1; f that bends
+    sharply) are computed by :func:`expect2`.
+    """
+    c, s1, s2 = (np.asarray(v, dtype=float).reshape(-1) for v in (c, scale_1, scale_2))
+    scales, inverse = np.unique(np.concatenate([s1, s2]), return_inverse=True)
+    if pieces is not None and c.size < 4 * scales.size:
+        # expect2's inner integral is closed-form for such pieces: cheaper than
+        # the coefficients unless the pairs far outnumber the scales
+        return expect2(f, f, c, kinks, kinks, soft, soft, s1, s2, pieces_g=pieces)
+    i1, i2 = inverse[:c.size], inverse[c.size:]
+    a, energy, tail = hermite_coefficients(f, scales, kinks, soft)
+    # rounding leaves |tail| ~ 1e-15 energy; a clearly negative one means aliasing
+    resolved = tail >= -1e-13 * np.maximum(energy, 1e-300)
+    tail = np.maximum(tail, 0.0)
+    bound = np.abs(c) ** (a.shape[1]) * np.sqrt(tail[i1] * tail[i2])
+    good = (resolved[i1] & resolved[i2]
+            & (bound <= SERIES_TOL * np.sqrt(energy[i1] * energy[i2])))
+    out = np.empty(c.shape)
+    if np.any(good):
+        # Horner in c over the orders, gathering each order's coefficients per pair
+        a_by_order = np.ascontiguousarray(a.T)
+        c_good, j1, j2 = c[good], i1[good], i2[good]
+        total = np.zeros(c_good.shape)
+        for coeffs in a_by_order[::-1]:
+            total = total * c_good + coeffs[j1] * coeffs[j2]
+        out[good] = total
+    rest = ~good
+    if np.any(rest):
+        out[rest] = expect2(f, f, c[rest], kinks, kinks, soft, soft, s1[rest], s2[rest],
+                            pieces_g=pieces)
+    return out
 
 
 def _scaled_soft(parts):

@@ -47,20 +47,23 @@ def _soft_points(name, alpha, beta, sqrt_q=1.0):
 
 
 def _affine_pieces(pieces, alpha, beta, scale, shift, derivative=0):
-    """Pieces (lo, hi, c0, c1, c2) in x of scale * (p^(derivative)(alpha x + beta) + shift),
-    for the pieces of p in its own argument (see Activation.pieces)."""
+    """Pieces (lo, hi, c0, c1, c2, k, r) in x of scale * (p^(derivative)(alpha x + beta) +
+    shift), for the pieces of p in its own argument (see Activation.pieces)."""
     out = []
-    for lo, hi, c0, c1, c2 in pieces:
+    for row in pieces:
+        lo, hi, c0, c1, c2, k, r = (tuple(row) + (0.0, 0.0))[:7]
         for _ in range(derivative):
-            c0, c1, c2 = c1, 2 * c2, 0.0
+            c0, c1, c2, k = c1, 2 * c2, 0.0, k * r
+        exp_at_beta = k * math.exp(r * beta) if k else 0.0  # k e^{r (alpha x + beta)} at x = 0
         if alpha == 0.0:
             if lo <= beta < hi:
-                return ((-math.inf, math.inf, scale * (c0 + c1 * beta + c2 * beta * beta + shift),
-                         0.0, 0.0),)
+                return ((-math.inf, math.inf, scale * (c0 + c1 * beta + c2 * beta * beta + shift
+                                                       + exp_at_beta), 0.0, 0.0, 0.0, 0.0),)
             continue
         a, b = (lo - beta) / alpha, (hi - beta) / alpha
         out.append((min(a, b), max(a, b), scale * (c0 + c1 * beta + c2 * beta * beta + shift),
-                    scale * (c1 + 2 * c2 * beta) * alpha, scale * c2 * alpha * alpha))
+                    scale * (c1 + 2 * c2 * beta) * alpha, scale * c2 * alpha * alpha,
+                    scale * exp_at_beta, r * alpha))
     return tuple(out)
 
 
@@ -86,7 +89,7 @@ class LocalMaps:
         self._kinks_x = np.asarray(self.activation.kink_points(**attrs), dtype=float)
         self._jumps = np.asarray(self.activation.d1_jumps(**attrs), dtype=float)
         pieces = self.activation.pieces(**attrs)
-        # phi_hat, phi_hat', phi_hat'' as pieces in x (piecewise-polynomial activations only)
+        # phi_hat, phi_hat', phi_hat'' as pieces in x (activations with pieces only)
         self._pieces = None if pieces is None else tuple(
             _affine_pieces(pieces, alpha, beta, gamma * alpha ** k, delta if k == 0 else 0.0, k)
             for k in range(3))
@@ -215,9 +218,9 @@ class LocalMaps:
         triples, inverse = np.unique(np.stack([lo, hi, c.reshape(-1)], 1), axis=0,
                                      return_inverse=True)
         kinks, soft = self._x_kinks_soft()
-        values = gaussian.expect2(self.fn, self.fn, triples[:, 2], kinks, kinks, soft, soft,
-                                  np.sqrt(triples[:, 0]), np.sqrt(triples[:, 1]),
-                                  pieces_g=None if self._pieces is None else self._pieces[0])
+        values = gaussian.expect2_same(self.fn, triples[:, 2], np.sqrt(triples[:, 0]),
+                                       np.sqrt(triples[:, 1]), kinks, soft,
+                                       None if self._pieces is None else self._pieces[0])
         return np.asarray(values)[inverse.reshape(-1)].reshape(c.shape)
 
     def c(self, c, q1=1.0, q2=1.0):

@@ -109,17 +109,16 @@ def kernel_of(x: np.ndarray) -> Kernel:
         x = x[:, None]
     b, f = x.shape[0], x.shape[1]
     flat = x.reshape(b, f, -1)
-    # per-location inner products pair by pair: elementwise passes beat a batched matmul of
-    # tiny (B x F) matrices over thousands of locations
     q_loc = np.einsum("bfl,bfl->bl", flat, flat) / f  # (B, L)
     q = q_loc.mean(axis=1)
-    c = np.eye(b)
+    # c_ij = mean over l of <x_il, x_jl> / (f sqrt(q_il q_jl)): scale every location's
+    # feature vector to unit mean square once, then all pairs are one matrix product (a
+    # location where either example is all zeros contributes 0).
     with np.errstate(divide="ignore", invalid="ignore"):
-        for i, j in zip(*_triu(b)):
-            dot = np.einsum("fl,fl->l", flat[i], flat[j]) / f
-            scale = np.sqrt(q_loc[i] * q_loc[j])
-            c[i, j] = c[j, i] = float(np.mean(np.where(scale > 0, dot / np.where(
-                scale > 0, scale, 1.0), 0.0)))
+        inv_norm = np.where(q_loc > 0, 1.0 / np.sqrt(f * q_loc), 0.0)
+    unit = (flat * inv_norm[:, None, :]).reshape(b, -1)
+    c = np.clip(unit @ unit.T / flat.shape[2], -1.0, 1.0)
+    np.fill_diagonal(c, 1.0)
     cov = c * np.sqrt(np.outer(q, q))
     return Kernel(q=q, cov=cov)
 

@@ -91,17 +91,19 @@ def test_kinks_and_smoothness_flags(name):
 
 @pytest.mark.parametrize("name,attrs", [(n, {}) for n in A.names() if A.get(n).pieces_fn]
                          + [("leaky_relu", {"negative_slope": 0.3}),
-                            ("hardtanh", {"min_val": -0.5, "max_val": 2.0})])
-def test_polynomial_pieces_reproduce_the_function(name, attrs):
+                            ("hardtanh", {"min_val": -0.5, "max_val": 2.0}),
+                            ("elu", {"alpha": 0.3})])
+def test_pieces_reproduce_the_function(name, attrs):
     act = A.get(name)
     pieces = act.pieces(**attrs)
     assert [p[0] for p in pieces[1:]] == [p[1] for p in pieces[:-1]]  # contiguous
     assert pieces[0][0] == -np.inf and pieces[-1][1] == np.inf
     expected = act.fn(X, **attrs)
     got = np.full_like(X, np.nan)
-    for lo, hi, c0, c1, c2 in pieces:
+    for row in pieces:
+        lo, hi, c0, c1, c2, k, r = (tuple(row) + (0.0, 0.0))[:7]
         inside = (X >= lo) & (X < hi)
-        got[inside] = c0 + c1 * X[inside] + c2 * X[inside] ** 2
+        got[inside] = c0 + c1 * X[inside] + c2 * X[inside] ** 2 + k * np.exp(r * X[inside])
     np.testing.assert_allclose(got, expected, atol=1e-14)
 
 

@@ -212,6 +212,63 @@ def test_kernel_of_averages_c_over_locations():
     np.testing.assert_allclose(k.q, [(0.5 + 4.5) / 2] * 2)
 
 
+def test_kernel_of_matches_the_pair_by_pair_definition():
+    """kernel_of computes every pair at once (one matrix product of per-location unit
+    vectors): the same numbers as the definition written pair by pair, including locations
+    where one example is all zeros (they count as c = 0) and an all-zero example."""
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((6, 5, 3, 4))
+    x[0] = 0.0
+    x[2, :, 1, 2] = 0.0
+    x[4] *= 7.0
+    k = kernel_of(x)
+    b, f = x.shape[:2]
+    flat = x.reshape(b, f, -1)
+    q_loc = (flat ** 2).mean(axis=1)
+    want = np.eye(b)
+    for i in range(b):
+        for j in range(b):
+            if i != j:
+                dot = (flat[i] * flat[j]).mean(axis=0)
+                scale = np.sqrt(q_loc[i] * q_loc[j])
+                want[i, j] = np.mean([d / s if s > 0 else 0.0 for d, s in zip(dot, scale)])
+    np.testing.assert_allclose(k.q, q_loc.mean(axis=1), rtol=1e-14)
+    np.testing.assert_allclose(k.c, want, rtol=1e-12, atol=1e-14)
+    assert k.c[0, 1] == 0.0
+
+
+def test_a_large_batch_of_smooth_activations_needs_no_pairwise_quadrature(monkeypatch):
+    """With 64 examples a GELU or tanh layer has 2016 pairs: their covariances come from
+    one Hermite expansion per example (Mehler's formula), not a 2-D quadrature per pair,
+    and equal the quadrature's."""
+    from graphshape import gaussian
+    from graphshape.kernels import local_maps
+
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((64, 16)) * rng.uniform(0.3, 2.0, (64, 1))
+    for name in ("gelu", "tanh"):
+        g = _G(batch=64, width=16)
+        g.add("a", "activation", attrs={"name": name})
+        graph = g.done()
+        calls = []
+        real_expect2 = gaussian.expect2
+        monkeypatch.setattr(gaussian, "expect2", lambda *a, **k: calls.append(1) or
+                            real_expect2(*a, **k))
+        analysis._LM_CACHE.clear()
+        out, _, _ = apply_rule(graph, graph["a"], [kernel_of(x)])
+        monkeypatch.setattr(gaussian, "expect2", real_expect2)
+        assert calls == []
+        k_in = kernel_of(x)
+        lm = local_maps(name)
+        iu = np.triu_indices(64, 1)
+        pick = rng.choice(iu[0].size, 40, replace=False)
+        i, j = iu[0][pick], iu[1][pick]
+        kinks, soft = lm._x_kinks_soft()
+        want = real_expect2(lm.fn, lm.fn, k_in.c[i, j], kinks, kinks, soft, soft,
+                            np.sqrt(k_in.q[i]), np.sqrt(k_in.q[j]))
+        np.testing.assert_allclose(out.cov[i, j], want, rtol=1e-10, atol=1e-12)
+
+
 def test_errors_are_graphshape_errors():
     g = _relu_mlp(1, 4, np.random.default_rng(0))
     with pytest.raises(GraphshapeError, match="1 inputs"):

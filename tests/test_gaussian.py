@@ -93,6 +93,27 @@ def test_piecewise_polynomial_inner_integral_in_closed_form():
     np.testing.assert_allclose(with_pieces, plain, rtol=1e-12, atol=1e-14)
 
 
+def test_exponential_pieces_inner_integral_in_closed_form():
+    """ELU-like pieces (k e^{r x} plus a quadratic) against adaptive quadrature, with means
+    far in both tails (where e^{r mean} alone would overflow against a vanishing normal
+    probability), a negative rate and a tiny std; and as expect2's inner integral."""
+    pieces = [(-np.inf, 0.5, -1.3, 0.2, 0.0, 1.3, 1.7), (0.5, np.inf, 0.4, 1.0, 0.05, -0.2, -0.6)]
+
+    def g(x):
+        return np.where(x < 0.5, -1.3 + 0.2 * x + 1.3 * np.exp(1.7 * np.minimum(x, 0.5)),
+                        0.4 + x + 0.05 * x * x - 0.2 * np.exp(-0.6 * np.maximum(x, 0.5)))
+
+    for mean, std in [(0.0, 1.0), (2.5, 0.3), (-7.0, 1.5), (450.0, 2.0), (-300.0, 3.0),
+                      (0.5, 1e-6), (1.0, 20.0)]:
+        exact = _quad(lambda w: g(mean + std * w), [(0.5 - mean) / std])
+        got = G.expect_pieces(pieces, mean, std)
+        assert got == pytest.approx(exact, rel=1e-11, abs=1e-13), (mean, std)
+    c = np.array([-0.99, -0.2, 0.5, 0.999, 1 - 1e-9])
+    with_pieces = G.expect2(np.tanh, g, c, kinks_g=[0.5], scale_g=1.3, pieces_g=pieces)
+    plain = G.expect2(np.tanh, g, c, kinks_g=[0.5], scale_g=1.3)
+    np.testing.assert_allclose(with_pieces, plain, rtol=1e-12, atol=1e-14)
+
+
 def test_monte_carlo_mixed_kinked_pair():
     # hardswish(u + 0.5) * tanh(2 v): no closed form. 4e6 samples with a fixed seed; the
     # tolerance is 5 standard errors of the sample mean, so a correct value fails with
@@ -131,3 +152,59 @@ def test_a_wider_soft_width_keeps_full_accuracy(name):
                 fine = G.expect2(f, f, c, soft_f=[(centre, width / 4)],
                                  soft_g=[(centre, width / 4)])
                 np.testing.assert_allclose(got, fine, rtol=3e-14, atol=3e-14)
+
+
+def test_hermite_coefficients_of_the_exponential():
+    """e^{s z} = e^{s^2/2} sum_n s^n He_n(z) / n!, so its orthonormal Hermite coefficients
+    are e^{s^2/2} s^n / sqrt(n!), its energy E[e^{2 s z}] = e^{2 s^2}; a scale of 0 leaves
+    the constant f(0). (The rule stops at |z| = 12, as the orthonormal Hermite functions
+    h_n e^{-z^2/4} reach there; that is exact to rounding for the polynomially growing
+    activations, and costs e^{12 s - 36} for e^{s z}: small scales here.)"""
+    scales = np.array([0.0, 0.25, 0.5, 0.75])
+    a, energy, tail = G.hermite_coefficients(np.exp, scales, order=60)
+    n = np.arange(61)
+    log_fact = special.gammaln(n + 1)
+    want = np.exp(scales[:, None] ** 2 / 2 + n * np.log(np.where(scales > 0, scales, 1.0))[:, None]
+                  - log_fact / 2)
+    want[0, 1:] = 0.0
+    # rounding: ~1e-14 of the function's norm sqrt(energy) on every coefficient
+    assert np.all(np.abs(a - want) < 1e-12 * np.sqrt(np.exp(2 * scales ** 2))[:, None])
+    np.testing.assert_allclose(a[1:, :4], want[1:, :4], rtol=1e-13)
+    np.testing.assert_allclose(energy, np.exp(2 * scales ** 2), rtol=1e-13)
+    assert np.all(np.abs(tail) < 1e-12 * energy)
+
+
+def test_mehler_series_against_the_closed_form_of_the_exponential():
+    # E[e^{a u} e^{b v}] = exp((a^2 + b^2 + 2 a b c) / 2)
+    rng = np.random.default_rng(5)
+    a, b = rng.uniform(0, 1.5, 200), rng.uniform(0, 1.5, 200)
+    c = np.concatenate([rng.uniform(-1, 1, 190), C_GRID[:10]])
+    got = G.expect2_same(np.exp, c, a, b)
+    np.testing.assert_allclose(got, np.exp((a * a + b * b + 2 * a * b * c) / 2), rtol=1e-12)
+
+
+@pytest.mark.parametrize("name,transform", [
+    ("tanh", {}), ("tanh", {"input_scale": 6.0, "input_shift": 0.3}), ("gelu", {}),
+    ("silu", {"input_scale": 0.4, "output_shift": -0.1}), ("elu", {}), ("selu", {}),
+    ("softsign", {}), ("hardswish", {}), ("relu6", {"input_scale": 2.0})])
+def test_expect2_same_equals_the_pairwise_quadrature(name, transform):
+    """The Mehler series stands in for expect2 only where its truncation is provably below
+    SERIES_TOL: kinked activations at |c| near 1 (elu, selu, softsign; hardswish, relu6) and
+    sharp ones (tanh(6 x)) fall back to the 2-D quadrature, so every pair agrees to ~1e-10
+    of sqrt(Q1 Q2). A bound that let the series through near c = 1 for elu would miss by
+    ~1e-5."""
+    from graphshape.kernels import local_maps
+
+    lm = local_maps(name, transform or None)
+    rng = np.random.default_rng(6)
+    scales = np.sqrt(rng.uniform(0.05, 5.0, 12))
+    i, j = rng.integers(0, 12, 300), rng.integers(0, 12, 300)
+    c = np.concatenate([rng.uniform(-1, 1, 280), C_GRID, [0.95, 0.99, 0.999, -0.999, 0.5,
+                                                          0.3, 0.9, -0.9, 0.99999]])
+    kinks, soft = lm._x_kinks_soft()
+    pieces = None if lm._pieces is None else lm._pieces[0]
+    got = G.expect2_same(lm.fn, c, scales[i], scales[j], kinks, soft, pieces)
+    want = G.expect2(lm.fn, lm.fn, c, kinks, kinks, soft, soft, scales[i], scales[j],
+                     pieces_g=pieces)
+    norm = np.sqrt(np.asarray(lm.q(scales[i] ** 2)) * np.asarray(lm.q(scales[j] ** 2)))
+    assert np.max(np.abs(got - want) / norm) < 5e-10
