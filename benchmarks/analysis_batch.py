@@ -1,6 +1,6 @@
 """Time graphshape.analyze as the batch grows: the per-pair work of the analysis.
 
-    python benchmarks/analysis_batch.py [--batches 16,64,256] [--reference-max-batch 32]
+    python benchmarks/analysis_batch.py [--batches 16,64,256] [--reference-max-batch 16]
 
 ``analyze(model, x)`` predicts a q per example and a c per pair of examples at every node:
 B examples make B (B - 1) / 2 pairs. Each activation maps every pair through its C map, a
@@ -97,6 +97,17 @@ def _reference_methods():
         analysis._LM_CACHE.clear()
 
 
+def _cpu() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def _time(graph, x, empirical, module):
     import graphshape
     from graphshape.passes import analysis
@@ -113,7 +124,7 @@ def _time(graph, x, empirical, module):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batches", default="16,64,256")
-    parser.add_argument("--reference-max-batch", type=int, default=32,
+    parser.add_argument("--reference-max-batch", type=int, default=16,
                         help="largest batch the (slow) reference runs at")
     args = parser.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
@@ -124,7 +135,7 @@ def main():
     import graphshape
 
     torch.set_num_threads(1)
-    print(f"machine: {platform.processor() or platform.machine()}, {platform.platform()}; "
+    print(f"machine: {_cpu()}, {platform.platform()}; "
           f"torch {torch.__version__}; one thread")
     print(f"{'model':26s} {'batch':>5s} {'pairs':>6s} {'analyze s':>10s} {'reference s':>12s} "
           f"{'speed-up':>9s}")
