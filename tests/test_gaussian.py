@@ -172,6 +172,12 @@ def test_hermite_coefficients_of_the_exponential():
     np.testing.assert_allclose(a[1:, :4], want[1:, :4], rtol=1e-13)
     np.testing.assert_allclose(energy, np.exp(2 * scales ** 2), rtol=1e-13)
     assert np.all(np.abs(tail) < 1e-12 * energy)
+    # enough=: stops at the first multiple of 16 orders where every tail is that small
+    short, energy_short, tail_short = G.hermite_coefficients(np.exp, scales, enough=1e-13)
+    assert short.shape[1] in (17, 33)  # e^{0.75 z}: the tail falls below 1e-13 by order 32
+    np.testing.assert_array_equal(short, a[:, :short.shape[1]])
+    assert np.all(tail_short <= 1e-13 * energy_short)
+    assert np.any(energy_short - (short[:, :-16] ** 2).sum(1) > 1e-13 * energy_short)
 
 
 def test_mehler_series_against_the_closed_form_of_the_exponential():
