@@ -90,9 +90,12 @@ class LocalMaps:
         self._jumps = np.asarray(self.activation.d1_jumps(**attrs), dtype=float)
         pieces = self.activation.pieces(**attrs)
         # phi_hat, phi_hat', phi_hat'' as pieces in x (activations with pieces only)
-        self._pieces = None if pieces is None else tuple(
-            _affine_pieces(pieces, alpha, beta, gamma * alpha ** k, delta if k == 0 else 0.0, k)
-            for k in range(3))
+        try:
+            self._pieces = None if pieces is None else tuple(
+                _affine_pieces(pieces, alpha, beta, gamma * alpha ** k, delta if k == 0 else 0.0,
+                               k) for k in range(3))
+        except OverflowError:  # e^{r beta} of an absurd input shift: integrate numerically
+            self._pieces = None
         if name in ("relu", "leaky_relu") and beta == 0.0:
             self._closed = "leaky"
             self._slope = 0.0 if name == "relu" else float(attrs["negative_slope"])

@@ -98,26 +98,39 @@ def _triu(b: int) -> tuple:
     return iu
 
 
+#: Entries per chunk of locations in :func:`kernel_of` (float64: 32 MB).
+_KERNEL_CHUNK = 1 << 22
+
+
 def kernel_of(x: np.ndarray) -> Kernel:
     """The kernel of a batch ``x`` (examples on axis 0, features on axis 1, locations after).
 
     q per example: mean over locations of the mean over features of x^2; c per pair: mean
     over features of the product, normalized per location, averaged over locations.
     """
-    x = np.asarray(x, dtype=np.float64)
+    x = np.asarray(x)
     if x.ndim == 1:
         x = x[:, None]
     b, f = x.shape[0], x.shape[1]
     flat = x.reshape(b, f, -1)
-    q_loc = np.einsum("bfl,bfl->bl", flat, flat) / f  # (B, L)
-    q = q_loc.mean(axis=1)
+    n_loc = flat.shape[2]
+    q_loc = np.empty((b, n_loc))
+    gram = np.zeros((b, b))
     # c_ij = mean over l of <x_il, x_jl> / (f sqrt(q_il q_jl)): scale every location's
-    # feature vector to unit mean square once, then all pairs are one matrix product (a
-    # location where either example is all zeros contributes 0).
-    with np.errstate(divide="ignore", invalid="ignore"):
-        inv_norm = np.where(q_loc > 0, 1.0 / np.sqrt(f * q_loc), 0.0)
-    unit = (flat * inv_norm[:, None, :]).reshape(b, -1)
-    c = np.clip(unit @ unit.T / flat.shape[2], -1.0, 1.0)
+    # feature vector to unit mean square, then all pairs are one matrix product (a location
+    # where either example is all zeros contributes 0). In float64, by chunks of locations
+    # of ~32 MB: a large batch of large activations is never copied whole.
+    step = max(1, _KERNEL_CHUNK // max(1, b * f))
+    for start in range(0, n_loc, step):
+        chunk = np.asarray(flat[:, :, start:start + step], dtype=np.float64)
+        q_chunk = np.einsum("bfl,bfl->bl", chunk, chunk) / f
+        q_loc[:, start:start + step] = q_chunk
+        with np.errstate(divide="ignore", invalid="ignore"):
+            inv_norm = np.where(q_chunk > 0, 1.0 / np.sqrt(f * q_chunk), 0.0)
+        unit = (chunk * inv_norm[:, None, :]).reshape(b, -1)
+        gram += unit @ unit.T
+    q = q_loc.mean(axis=1)
+    c = np.clip(gram / n_loc, -1.0, 1.0)
     np.fill_diagonal(c, 1.0)
     cov = c * np.sqrt(np.outer(q, q))
     return Kernel(q=q, cov=cov)

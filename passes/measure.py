@@ -74,7 +74,12 @@ def measure_with_values(graph: Graph, example_inputs, *, module=None, values_of=
                 if (torch.is_tensor(value) and value.is_floating_point() and value.dim() >= 1
                         and value.shape[0] == batch
                         and (kernels_of is None or name in kernels_of)):
-                    result[name] = kernel_of(value.detach().double().cpu().numpy())
+                    # kernel_of works in float64 by chunks: no float64 copy of the whole
+                    # (numpy has no bfloat16: half types as float32)
+                    value = value.detach()
+                    if value.dtype in (torch.float16, torch.bfloat16):
+                        value = value.float()
+                    result[name] = kernel_of(value.cpu().numpy())
             return out
 
     try:

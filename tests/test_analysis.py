@@ -212,7 +212,7 @@ def test_kernel_of_averages_c_over_locations():
     np.testing.assert_allclose(k.q, [(0.5 + 4.5) / 2] * 2)
 
 
-def test_kernel_of_matches_the_pair_by_pair_definition():
+def test_kernel_of_matches_the_pair_by_pair_definition(monkeypatch):
     """kernel_of computes every pair at once (one matrix product of per-location unit
     vectors): the same numbers as the definition written pair by pair, including locations
     where one example is all zeros (they count as c = 0) and an all-zero example."""
@@ -235,6 +235,13 @@ def test_kernel_of_matches_the_pair_by_pair_definition():
     np.testing.assert_allclose(k.q, q_loc.mean(axis=1), rtol=1e-14)
     np.testing.assert_allclose(k.c, want, rtol=1e-12, atol=1e-14)
     assert k.c[0, 1] == 0.0
+    # by chunks of locations (large activations), from float32: the same numbers
+    monkeypatch.setattr(analysis, "_KERNEL_CHUNK", 2 * b * f)
+    chunked = kernel_of(x.astype(np.float32))
+    want32 = kernel_of(x.astype(np.float32).astype(np.float64))
+    monkeypatch.undo()
+    np.testing.assert_allclose(chunked.cov, want32.cov, rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(chunked.q, want32.q, rtol=1e-14)
 
 
 def test_a_large_batch_of_smooth_activations_needs_no_pairwise_quadrature(monkeypatch):

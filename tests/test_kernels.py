@@ -136,8 +136,9 @@ def test_extended_c_map_against_monte_carlo(name, attrs):
 
 
 @pytest.mark.parametrize("name,attrs", [("relu", {}), ("hardswish", {}), ("relu6", {}),
-                                        ("hardtanh", {"min_val": -0.5, "max_val": 2.0})])
-def test_piecewise_polynomial_path_agrees_with_quadrature_path(name, attrs):
+                                        ("hardtanh", {"min_val": -0.5, "max_val": 2.0}),
+                                        ("elu", {}), ("elu", {"alpha": 0.4}), ("selu", {})])
+def test_pieces_path_agrees_with_quadrature_path(name, attrs):
     maps = K.local_maps(name, TRANSFORM, **attrs)
     assert maps._pieces is not None
     q1, q2, c = np.array([0.3, 1.0, 2.5]), np.array([1.7, 1.0, 0.2]), np.array([-0.6, 0.3, 0.97])
@@ -149,6 +150,13 @@ def test_piecewise_polynomial_path_agrees_with_quadrature_path(name, attrs):
         maps._pieces = pieces
     for a, b in zip(fast, slow):
         np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-14)
+
+
+def test_an_absurd_shift_of_exponential_pieces_integrates_numerically():
+    # e^{r beta} overflows a float at beta = 800: the pieces are dropped, not an OverflowError
+    maps = K.local_maps("elu", {"input_shift": 800.0})
+    assert maps._pieces is None
+    assert maps.q1 == pytest.approx(800.0 ** 2 + 1.0, rel=1e-12)  # E[(z + 800)^2]
 
 
 def test_vectorized_and_cached():
