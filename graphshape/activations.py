@@ -79,12 +79,13 @@ class Activation:
     soft_width: float = 1.0
 
     def pieces(self, **attrs):
-        """``((lo, hi, c0, c1, c2[, k, r]), ...)`` with fn(x) = c0 + c1 x + c2 x^2 + k e^{r x}
-        on [lo, hi) (k = 0 without the last two), for activations made of such pieces
-        (relu, hardtanh, ...; elu and selu); None for the others."""
+        """``((lo, hi, c0, c1, c2, k, r), ...)`` with fn(x) = c0 + c1 x + c2 x^2 + k e^{r x}
+        on [lo, hi), for activations made of such pieces (relu, hardtanh, ...; elu and
+        selu); None for the others. (``pieces_fn`` may leave out k, r where k = 0.)"""
         if self.pieces_fn is None:
             return None
-        return tuple(self.pieces_fn(**self.attrs(**attrs)))
+        return tuple((tuple(row) + (0.0, 0.0))[:7]
+                     for row in self.pieces_fn(**self.attrs(**attrs)))
 
     def attrs(self, **attrs) -> dict:
         """Defaults updated with ``attrs``; unknown attribute names are an error."""

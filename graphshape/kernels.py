@@ -50,8 +50,7 @@ def _affine_pieces(pieces, alpha, beta, scale, shift, derivative=0):
     """Pieces (lo, hi, c0, c1, c2, k, r) in x of scale * (p^(derivative)(alpha x + beta) +
     shift), for the pieces of p in its own argument (see Activation.pieces)."""
     out = []
-    for row in pieces:
-        lo, hi, c0, c1, c2, k, r = (tuple(row) + (0.0, 0.0))[:7]
+    for lo, hi, c0, c1, c2, k, r in pieces:
         for _ in range(derivative):
             c0, c1, c2, k = c1, 2 * c2, 0.0, k * r
         exp_at_beta = k * math.exp(r * beta) if k else 0.0  # k e^{r (alpha x + beta)} at x = 0

@@ -100,8 +100,7 @@ def test_pieces_reproduce_the_function(name, attrs):
     assert pieces[0][0] == -np.inf and pieces[-1][1] == np.inf
     expected = act.fn(X, **attrs)
     got = np.full_like(X, np.nan)
-    for row in pieces:
-        lo, hi, c0, c1, c2, k, r = (tuple(row) + (0.0, 0.0))[:7]
+    for lo, hi, c0, c1, c2, k, r in pieces:
         inside = (X >= lo) & (X < hi)
         got[inside] = c0 + c1 * X[inside] + c2 * X[inside] ** 2 + k * np.exp(r * X[inside])
     np.testing.assert_allclose(got, expected, atol=1e-14)
