@@ -186,10 +186,14 @@ class RuleContext:
     (``None`` for inputs that are not signals: constants, shapes)."""
 
     def __init__(self, graph: Graph, node: Node, inputs: list[Kernel | None],
-                 q_only: bool = False, constants: dict[str, np.ndarray] | None = None):
+                 q_only: bool = False, constants: dict[str, np.ndarray] | None = None,
+                 sources: dict[str, int] | None = None):
         self.graph = graph
         self.node = node
         self.inputs = inputs
+        # signal node -> bitset of the layers it is computed from (signal_sources), found
+        # when first asked for if not given
+        self._sources = sources
         # values computed from constants alone (computed_constants), by producer name
         self.constants = constants or {}
         # only q of the output is wanted (q_local): rules may skip covariances and the unit
@@ -207,6 +211,14 @@ class RuleContext:
     @property
     def signals(self) -> list[tuple[int, Kernel]]:
         return [(i, k) for i, k in enumerate(self.inputs) if k is not None]
+
+    @property
+    def sources(self) -> dict[str, int]:
+        if self._sources is None:
+            from graphshape.passes.subnetworks import signal_sources
+
+            self._sources = signal_sources(self.graph)
+        return self._sources
 
     def constant(self, slot: int) -> np.ndarray | None:
         """The value of input ``slot`` when it is a constant node or a value computed from
@@ -627,19 +639,61 @@ def _sum_weights(node: Node) -> list[float]:
     return [1.0, 1.0 if alpha is None else float(alpha)][:n]
 
 
+#: ops that pass a value on unchanged (at initialization): x and dropout(x) are one value
+_SAME_VALUE = ("identity", "dropout", "cast")
+
+
+def _scaled_value(ctx: RuleContext, ref: Ref) -> tuple[Ref, float]:
+    """``(base, s)`` with ``ref``'s value equal to ``s`` times ``base``'s, followed back through
+    scalings by a uniform constant and ops that pass their input on (``0.5 * x`` -> ``(x,
+    0.5)``; ``(ref, 1)`` when there are none)."""
+    graph, scale = ctx.graph, 1.0
+    while ref.index == 0:
+        node = graph[ref.node]
+        if node.op in _SAME_VALUE and len(node.inputs) == 1:
+            ref = node.inputs[0]
+            continue
+        if node.op not in ("mul", "div") or len(node.inputs) != 2:
+            break
+        signal_slots = [i for i, r in enumerate(node.inputs) if r.node in ctx.sources]
+        if len(signal_slots) != 1 or (node.op == "div" and signal_slots[0] != 0):
+            break
+        slot = signal_slots[0]
+        sub = RuleContext(graph, node, [None, None], constants=ctx.constants)
+        value = sub.constant(1 - slot)
+        if value is None or value.size == 0 or np.ptp(value) > 0 or float(value.flat[0]) == 0:
+            break
+        if graph.info(ref).shape != graph.info(node.inputs[slot]).shape:
+            break  # (a broadcasting scale: a different value)
+        factor = float(value.flat[0])
+        scale *= 1.0 / factor if node.op == "div" else factor
+        ref = node.inputs[slot]
+    return ref, scale
+
+
 def rule_sum(ctx: RuleContext) -> Kernel:
     node = ctx.node
     weights = _sum_weights(node)
     sig = ctx.signals
     if not sig:
         raise UnknownKernel("no signal input")
-    # inputs reading the same value add up before squaring: x + x is 2x, not sqrt(2)x
+    # inputs that are multiples of one value add up before squaring: x + x is 2x, not
+    # sqrt(2)x, and x + 0.5 * x is 1.5x
     merged: dict[Ref, float] = {}
     kernels: dict[Ref, Kernel] = {}
     for slot, k in sig:
-        ref = node.inputs[slot]
-        merged[ref] = merged.get(ref, 0.0) + weights[slot]
-        kernels[ref] = k
+        base, scale = _scaled_value(ctx, node.inputs[slot])
+        merged[base] = merged.get(base, 0.0) + weights[slot] * scale
+        # the base's kernel, from this input's: a scaling by s multiplies it by s^2
+        kernels[base] = k if scale == 1.0 else _gain(k, 1.0 / (scale * scale))
+    bases = list(merged)
+    shared = [(a, b) for i, a in enumerate(bases) for b in bases[i + 1:]
+              if ctx.sources.get(a.node, 0) & ctx.sources.get(b.node, 0)]
+    if shared:
+        a, b = shared[0]
+        ctx.flag(FLAG_APPROX, f"inputs {a.node!r} and {b.node!r} are correlated (computed from "
+                              "one value with no conv/linear layer between): the sum's kernel "
+                              "is that of uncorrelated inputs")
     out = _mix([kernels[r] for r in merged], [w * w for w in merged.values()])
     # constant operands: a shift by b adds mean(b^2) to q and to every covariance entry
     # (assuming the signal has zero mean across features: flagged)
@@ -941,12 +995,15 @@ KERNEL_RULES: dict[str, Callable[[RuleContext], Kernel]] = {
 
 def apply_rule(graph: Graph, node: Node, inputs: list[Kernel | None], *,
                q_only: bool = False, constants: dict[str, np.ndarray] | None = None,
+               sources: dict[str, int] | None = None,
                ) -> tuple[Kernel | None, list[str], list[str]]:
     """Apply ``node``'s kernel rule to the kernels of its inputs: (kernel or None, flags,
     notes). ``q_only``: only the output's q is wanted (its other fields are placeholders).
-    ``constants``: values of computed constants (:func:`computed_constants`) by node name."""
+    ``constants``: values of computed constants (:func:`computed_constants`) by node name.
+    ``sources``: :func:`graphshape.passes.subnetworks.signal_sources` of ``graph`` (found
+    here when a rule needs it and it is not given)."""
     rule = KERNEL_RULES.get(node.op)
-    ctx = RuleContext(graph, node, inputs, q_only, constants)
+    ctx = RuleContext(graph, node, inputs, q_only, constants, sources)
     if rule is None:
         return None, [f"unknown after {node.op}"], [f"no kernel rule for op {node.op!r}"]
     try:
@@ -1021,7 +1078,8 @@ def _to_numpy(x) -> np.ndarray | None:
 def propagate(graph: Graph, input_kernels: dict[str, Kernel | None],
               measured: dict[str, Kernel] | None = None,
               constants: dict[str, np.ndarray] | None = None,
-              layers: dict[str, dict] | None = None):
+              layers: dict[str, dict] | None = None,
+              sources: dict[str, int] | None = None):
     """Push kernels through ``graph``. Returns ({Ref: Kernel or None}, {name: flags},
     {name: notes}); nodes that read constants only (not signals) get no flags entry.
     ``measured``: kernels for values computed from integer inputs
@@ -1029,8 +1087,11 @@ def propagate(graph: Graph, input_kernels: dict[str, Kernel | None],
     embedding, a sin of a timestep): the rules start again from there.
     ``constants``: values of computed constants (:func:`computed_constants`), which the
     rules read as they read constant nodes. ``layers``: :func:`written_out_layers`
-    (found here when None)."""
+    (found here when None). ``sources``: as for :func:`apply_rule`."""
+    from graphshape.passes.subnetworks import signal_sources
+
     measured = measured or {}
+    sources = signal_sources(graph) if sources is None else sources
     kernels: dict[Ref, Kernel | None] = {}
     unknown_origin: dict[Ref, str] = {}  # values unknown for want of a rule, and why
     flags: dict[str, list[str]] = {}
@@ -1068,13 +1129,13 @@ def propagate(graph: Graph, input_kernels: dict[str, Kernel | None],
                 continue  # reads constants (or non-float values) only: not a signal
             out, f, n = None, [], []
         elif node.name in layers:
-            ctx = RuleContext(graph, node, ins, constants=constants)
+            ctx = RuleContext(graph, node, ins, constants=constants, sources=sources)
             try:
                 out, f, n = layers[node.name]["rule"](ctx, ins[0]), ctx.flags, ctx.notes
             except UnknownKernel as e:
                 out, f, n = None, ctx.flags + [f"unknown after {node.op}"], ctx.notes + [str(e)]
         else:
-            out, f, n = apply_rule(graph, node, ins, constants=constants)
+            out, f, n = apply_rule(graph, node, ins, constants=constants, sources=sources)
         if out is None and node.name in measured:
             out, f, n = measured[node.name], [FLAG_FROM_INTEGERS], []
         for i in range(len(node.outputs)):
@@ -1182,11 +1243,14 @@ def analyze(graph: Graph, example_inputs=None, *, empirical: bool = False, modul
                 raise
             # (a graph torch cannot run: those values stay unknown)
             from_integers, measured = [], None
+    from graphshape.passes.subnetworks import signal_sources
+
     layers = written_out_layers(graph)
     members = layer_members(layers)
+    sources = signal_sources(graph)
     kernels, flags, notes = propagate(
         graph, in_kernels, {name: measured[name] for name in from_integers
-                            if measured.get(name) is not None}, constants, layers)
+                            if measured.get(name) is not None}, constants, layers, sources)
     from graphshape.passes.shaping import find_nongaussian_activations
 
     for name in find_nongaussian_activations(graph):
@@ -1224,7 +1288,7 @@ def analyze(graph: Graph, example_inputs=None, *, empirical: bool = False, modul
             row["q_emp"] = None if m is None else float(np.mean(m.q))
             row["c_emp"] = None if m is None else _mean_offdiag(m.c)
             row["q_local"] = _q_local(graph, node, measured, in_kernels, constants, layers,
-                                      members)
+                                      members, sources)
         _no_nan(row)
         rows.append(row)
         pair = {}
@@ -1300,7 +1364,7 @@ def _no_nan(row: dict) -> None:
 
 def _q_local(graph: Graph, node: Node, measured: dict, in_kernels,
              constants: dict[str, np.ndarray], layers: dict[str, dict],
-             members: dict[str, str]) -> float | None:
+             members: dict[str, str], sources: dict[str, int] | None = None) -> float | None:
     """q predicted by the node's rule from the measured kernels of its own inputs (at the
     last node of a layer written out, :func:`written_out_layers`: the layer's rule from the
     measured kernel of the layer's input; none inside it: ``members``,
@@ -1326,7 +1390,7 @@ def _q_local(graph: Graph, node: Node, measured: dict, in_kernels,
         ins.append(m if (m is not None and is_float_value(graph, r)) else None)
     if not any(k is not None for k in ins):
         return None
-    out, _, _ = apply_rule(graph, node, ins, q_only=True, constants=constants)
+    out, _, _ = apply_rule(graph, node, ins, q_only=True, constants=constants, sources=sources)
     return None if out is None else float(np.mean(out.q))
 
 

@@ -45,10 +45,21 @@ def normalize_sums(graph: Graph, shortcut_weight: float, *, copy: bool = True) -
     g = graph.copy() if copy else graph
     removed: list[dict] = []
     rewritten: list[dict] = []
+    linear_mixes: list[str] = []
+    correlated: list[str] = []
     for join in find_joins(g):
         node = g[join.node]
         if node.op not in ("add", "sub", "sum"):
             continue
+        if join.linear_mix:
+            # w_i^2-weighted kernels hold for uncorrelated inputs only: pool(x) - x (PoolFormer,
+            # EfficientFormer), mixer(x) - norm(x) (FastViT's RepMixer), weighted as if
+            # uncorrelated, cancelled most of the signal (FastViT-T8, DKS: q 0.035 and c 1.000
+            # measured at its head). The model's own weights are kept.
+            linear_mixes.append(join.node)
+            continue
+        if join.correlated:
+            correlated.append(join.node)
         k = len(join.inputs)
         if join.shortcut is not None and w == 0.0:
             branch = join.inputs[1 - join.shortcut]
@@ -80,7 +91,21 @@ def normalize_sums(graph: Graph, shortcut_weight: float, *, copy: bool = True) -
     for name in g.remove_dead():
         removed.append({"node": name, "op": ops[name],
                         "what": "unused after removing skip connections"})
-    return g, {"removed": removed, "rewritten": rewritten}
+    warnings = []
+    if linear_mixes:
+        warnings.append(
+            f"{len(linear_mixes)} sum(s) of correlated signals ({_some(linear_mixes)}) left as "
+            "they are: their inputs are computed from the same value with no nonlinearity and "
+            "no conv/linear layer between (as PoolFormer's pool(x) - x), a linear filter of one "
+            "signal, to which a normalized sum's weights (they assume uncorrelated inputs) do "
+            "not apply")
+    if correlated:
+        warnings.append(
+            f"{len(correlated)} sum(s) ({_some(correlated)}) join a nonlinear branch with a "
+            "value correlated with their other input (both computed from one value with no "
+            "conv/linear layer between): normalized as if uncorrelated, so q and c there are "
+            "approximate (the analysis flags them)")
+    return g, {"removed": removed, "rewritten": rewritten, "warnings": warnings}
 
 
 #: ops a layer scale may pass through between its mul and the residual join (or, for its
@@ -106,7 +131,8 @@ def reset_branch_scales(graph: Graph, *, copy: bool = True) -> tuple[Graph, dict
     rewritten: list[dict] = []
     signals = signal_nodes(g)  # resetting a constant's value does not change which are signals
     for join in find_joins(g):
-        if g[join.node].op not in ("add", "sub", "sum") or len(join.inputs) != 2:
+        if (g[join.node].op not in ("add", "sub", "sum") or len(join.inputs) != 2
+                or join.linear_mix):  # (left as it is by normalize_sums: so is its scale)
             continue
         shortcut = join.shortcut
         if shortcut is None:
@@ -342,3 +368,7 @@ def move_shortcuts_to_preactivation(graph: Graph, *, copy: bool = True) -> tuple
                                   f"the activation {act.name!r}",
                           "shortcut_from": act.name, "shortcut_to": pre.node})
     return g, {"removed": removed, "rewritten": rewritten}
+
+
+def _some(names: list[str]) -> str:
+    return ", ".join(repr(n) for n in names[:3]) + (", ..." if len(names) > 3 else "")

@@ -735,14 +735,21 @@ def _attention_nodes(graph: Graph) -> list[str]:
 def _constant_scales(graph: Graph) -> list[tuple[str, float]]:
     """``mul``/``div`` nodes scaling a signal by a constant whose RMS is off 1 by 10x+
     (attention logits' ``q kᵀ * scale`` left out: softmax weights average the values
-    whatever the scale)."""
+    whatever the scale; so are scales inside a linear filter of one signal,
+    :attr:`~graphshape.passes.subnetworks.Join.linear_mix`: PoolFormer's ``x + ls * (pool(x)
+    - x)`` maps every c to itself whatever ``ls``)."""
     import numpy as np
+
+    from graphshape.passes.subnetworks import find_joins
 
     signals = _signals(graph)
     logits = attention_logits(graph)
+    in_linear_mix = {n for join in find_joins(graph) if join.linear_mix
+                     for branch in join.branches for n in branch}
     found = []
     for node in graph:
-        if node.op not in ("mul", "div") or len(node.inputs) != 2 or node.name in logits:
+        if (node.op not in ("mul", "div") or len(node.inputs) != 2 or node.name in logits
+                or node.name in in_linear_mix):
             continue
         consts = [graph[r.node] for r in node.inputs if graph[r.node].op == "constant"]
         if len(consts) != 1 or not any(r.node in signals for r in node.inputs):
@@ -827,6 +834,7 @@ def find_nongaussian_activations(graph: Graph) -> list[str]:
 def _merge(report: ShapeReport, record: dict) -> None:
     report.removed.extend(record.get("removed", ()))
     report.rewritten.extend(record.get("rewritten", ()))
+    report.warnings.extend(record.get("warnings", ()))
 
 
 def shape_graph(graph: Graph, *, method: str = "TAT", activation: str | None = None,

@@ -133,7 +133,11 @@ class Join:
     branch leading to each signal input, topological order; the fork itself excluded),
     ``nonlinear`` (per branch: whether it holds a nonlinear layer: an activation, softmax,
     product of two signals or opaque call), ``shortcut`` (the position in
-    ``inputs`` of the shortcut of a residual join, else None)."""
+    ``inputs`` of the shortcut of a residual join, else None), ``correlated`` (whether two
+    of its inputs share a source, :func:`signal_sources`: they are computed from the same
+    value with no layer of fresh weights between, as PoolFormer's ``pool(x) - x``; a sum of
+    them is not a sum of uncorrelated signals). :attr:`linear_mix`: a correlated join whose
+    branches are all linear, a fixed linear filter of one signal."""
 
     node: str
     op: str
@@ -143,6 +147,14 @@ class Join:
     branches: list[list[str]]
     nonlinear: list[bool]
     shortcut: int | None = None
+    correlated: bool = False
+
+    @property
+    def linear_mix(self) -> bool:
+        """A sum of correlated inputs with no nonlinear layer on any branch: ``pool(x) - x``,
+        ``x + 0.5 * x``, FastViT's ``mixer(x) - norm(x)`` (two depthwise conv paths that
+        share an identity path). It filters one signal; it does not join independent ones."""
+        return self.correlated and not any(self.nonlinear) and self.op in _SUM_LIKE
 
 
 @dataclass
@@ -191,6 +203,7 @@ def _analyse(graph: Graph) -> _Analysis:
         all_signals |= 1 << index[n]
 
     logits = attention_logits(graph, only=True)
+    sources = signal_sources(graph, signals)
     result = _Analysis(order, index, signals, idom)
     act_bits = 0  # the nodes that make a branch nonlinear (see _is_nonlinear_layer)
     for n in signals:
@@ -211,6 +224,9 @@ def _analyse(graph: Graph) -> _Analysis:
             slots.append(slot)
             branches.append(_decode(bits, order))
             nonlinear.append(bool(bits & act_bits))
+        # (the same value twice, x + x, shares its sources too)
+        correlated = any(sources.get(a.node, 0) & sources.get(b.node, 0)
+                         for i, a in enumerate(inputs) for b in inputs[i + 1:])
         shortcut = None
         if (node.op in _SUM_LIKE and len(inputs) == 2 and nonlinear.count(False) == 1
                 and not _broadcasts(graph, node, inputs) and n not in logits):
@@ -220,7 +236,7 @@ def _analyse(graph: Graph) -> _Analysis:
             # in q): its scale is not a branch's layer scale, nor its terms a skip.
             shortcut = nonlinear.index(False)
         result.joins.append(Join(n, node.op, None if fork == _ROOT else fork, inputs, slots,
-                                 branches, nonlinear, shortcut))
+                                 branches, nonlinear, shortcut, correlated))
     return result
 
 
@@ -365,6 +381,50 @@ def attention_logits(graph: Graph, *, only: bool = False) -> set[str]:
             if _logit_op(prod):
                 frontier.append(ref.node)
     return found
+
+
+def draws_fresh_weights(node, signals: set[str]) -> bool:
+    """Whether ``node`` applies its own random weights to a signal: a conv, transposed conv
+    or linear layer (or a matmul by a constant) whose weight is not itself a signal, or an
+    attention call that holds its projections (``nn.MultiheadAttention``, swin's attention
+    function with its weights passed in, ONNX ``Attention``). At initialization its output
+    is, unit by unit and in expectation over those weights, uncorrelated with every value
+    not computed from it: what makes the inputs of a residual join uncorrelated. Other
+    opaque module calls count as such layers too (their weights are not visible)."""
+    n_signal = sum(1 for r in node.inputs if r.node in signals)
+    if node.op in ("conv", "conv_transpose", "linear", "matmul"):
+        return n_signal == 1 and (node.op == "matmul" or node.inputs[0].node in signals)
+    if node.op == "opaque" and not moves_data_only(node):
+        if node.attrs.get("fx_op") == "call_module":
+            return True
+        return is_attention_call(node) and n_signal < len(node.inputs)
+    return False
+
+
+def signal_sources(graph: Graph, signals: set[str] | None = None) -> dict[str, int]:
+    """For every signal node, the layers its value is computed from without passing through
+    another layer that draws fresh weights (:func:`draws_fresh_weights`), as a bitset: the
+    model inputs and those layers are their own sources; every other node has the union of
+    its signal inputs' sources. Layers that share a weight (a module called twice, tied
+    weights) are one source. Two values with no source in common are uncorrelated at
+    initialization (in the sense of :func:`draws_fresh_weights`); two that share one (``x``
+    and ``pool(x)``; ``h`` and ``tanh(h)``; ``x`` and ``0.5 * x``) are not."""
+    signals = signal_nodes(graph) if signals is None else signals
+    bit_of: dict[Any, int] = {}
+    sources: dict[str, int] = {}
+    for node in graph:
+        if node.name not in signals:
+            continue
+        if node.name in graph.inputs or draws_fresh_weights(node, signals):
+            weight = node.params.get("weight")
+            key = ("weight", id(weight)) if weight is not None else ("node", node.name)
+            sources[node.name] = 1 << bit_of.setdefault(key, len(bit_of))
+            continue
+        bits = 0
+        for ref in node.inputs:
+            bits |= sources.get(ref.node, 0)
+        sources[node.name] = bits
+    return sources
 
 
 def _is_signal_product(node, signals: set[str]) -> bool:
