@@ -47,6 +47,7 @@ FLAG_APPROX = "approximate"
 FLAG_NORM = "normalization at init"
 FLAG_PRODUCT = "product of signals (assumed independent)"
 FLAG_NONGAUSSIAN = "non-gaussian input (V1 shortcut)"
+FLAG_STACKED = "non-gaussian input (after an activation)"
 
 _FLOAT_DTYPES = (None, "float16", "float32", "float64", "bfloat16")
 
@@ -1252,7 +1253,13 @@ def analyze(graph: Graph, example_inputs=None, *, empirical: bool = False, modul
         graph, in_kernels, {name: measured[name] for name in from_integers
                             if measured.get(name) is not None}, constants, layers, sources)
     from graphshape.passes.shaping import find_nongaussian_activations
+    from graphshape.passes.subnetworks import stacked_activations
 
+    for name, prev in stacked_activations(graph).items():
+        if name in flags and FLAG_STACKED not in flags[name]:
+            flags[name].append(FLAG_STACKED)
+            notes[name].append(f"input computed from activation {prev!r} with no conv/linear "
+                               "layer between: not Gaussian, the prediction is approximate")
     for name in find_nongaussian_activations(graph):
         if name in flags and FLAG_NONGAUSSIAN not in flags[name]:
             # say why measured q departs from the prediction here (see the function's doc)

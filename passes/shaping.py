@@ -1108,6 +1108,16 @@ def shape_graph(graph: Graph, *, method: str = "TAT", activation: str | None = N
                 f"max pool {node.meta['commuted_with_max_pool']!r} cannot run before it; "
                 "pass preactivation_shortcuts=False", node=node.name, op=node.op)
 
+    from graphshape.passes.subnetworks import stacked_activations
+
+    stacked = stacked_activations(g)
+    if stacked and method != "untransformed":
+        first = next(iter(stacked))
+        report.warnings.append(
+            f"{len(stacked)} activation(s) (first {first!r}, after {stacked[first]!r}) read "
+            "another activation's output with no conv/linear layer between (a pre-activation "
+            "stem: act -> pool -> act): that input is not Gaussian, so the C maps DKS/TAT "
+            "compose there, and the analysis's predictions, are approximate")
     nongaussian = find_nongaussian_activations(g)
     if nongaussian:
         report.warnings.append(

@@ -404,27 +404,79 @@ def draws_fresh_weights(node, signals: set[str]) -> bool:
 def signal_sources(graph: Graph, signals: set[str] | None = None) -> dict[str, int]:
     """For every signal node, the layers its value is computed from without passing through
     another layer that draws fresh weights (:func:`draws_fresh_weights`), as a bitset: the
-    model inputs and those layers are their own sources; every other node has the union of
+    model inputs (and the entries read from a dict input) and those layers are their own
+    sources; every other node has the union of
     its signal inputs' sources. Layers that share a weight (a module called twice, tied
     weights) are one source. Two values with no source in common are uncorrelated at
     initialization (in the sense of :func:`draws_fresh_weights`); two that share one (``x``
-    and ``pool(x)``; ``h`` and ``tanh(h)``; ``x`` and ``0.5 * x``) are not."""
+    and ``pool(x)``; ``h`` and ``tanh(h)``; ``x`` and ``0.5 * x``) are not. A product by
+    mixing weights (:func:`mixing_weights`: attention's softmax, a gate that starts at 1)
+    has its other factor's sources."""
     signals = signal_nodes(graph) if signals is None else signals
+    mixing = mixing_weights(graph)
     bit_of: dict[Any, int] = {}
     sources: dict[str, int] = {}
     for node in graph:
         if node.name not in signals:
             continue
-        if node.name in graph.inputs or draws_fresh_weights(node, signals):
+        if (node.name in graph.inputs or node.meta.get("input_entry") is not None
+                or draws_fresh_weights(node, signals)):  # (batch["image"]: a model input)
             weight = node.params.get("weight")
-            key = ("weight", id(weight)) if weight is not None else ("node", node.name)
+            consts = [r.node for r in node.inputs if r.node not in signals]
+            # (a weight passed in as a constant input, an ONNX MatMul's initializer: by name)
+            key = (("weight", id(weight)) if weight is not None
+                   else ("input", consts[0]) if consts and node.op in ("conv", "conv_transpose",
+                                                                         "linear", "matmul")
+                   else ("node", node.name))
             sources[node.name] = 1 << bit_of.setdefault(key, len(bit_of))
             continue
+        ins = node.inputs
+        if node.op in _PRODUCT_OPS and any(r.node in mixing for r in ins):
+            # softmax(q kᵀ) @ v averages v's tokens with weights computed from q and k: the
+            # values come from v alone (mvitv2's residual pooling adds q to it)
+            ins = [r for r in ins if r.node not in mixing]
         bits = 0
-        for ref in node.inputs:
+        for ref in ins:
             bits |= sources.get(ref.node, 0)
         sources[node.name] = bits
     return sources
+
+
+def stacked_activations(graph: Graph) -> dict[str, str]:
+    """Activations whose input is another activation's output passed on through ops that
+    draw no fresh weights and join nothing: pooling, normalization, reshapes, scalings by a
+    constant (``relu(bn(max_pool(relu(x))))``, the pre-activation stems of DPN and Xception;
+    ``act(act(x))``). Such an input is not Gaussian, as the kernel rules assume of an
+    activation's input (a conv / linear layer before it makes it so), and their error there
+    is not bounded (measured at width 96: q 0.54x to 1.9x the rule's). Returns
+    {activation: the activation before it}. The V1 residual pattern, an activation's output
+    reaching another through a sum, is
+    :func:`graphshape.passes.shaping.find_nongaussian_activations`."""
+    signals = signal_nodes(graph)
+    found: dict[str, str] = {}
+    for node in graph:
+        if node.op != "activation" or not node.inputs:
+            continue
+        prev = graph[node.inputs[0].node]
+        while prev.op != "activation":
+            ins = [r for r in prev.inputs if r.node in signals]
+            if len(ins) != 1 or not _passes_value_on(prev):
+                break
+            prev = graph[ins[0].node]
+        if prev.op == "activation":
+            found[node.name] = prev.name
+    return found
+
+
+def _passes_value_on(node) -> bool:
+    """An op of one signal that keeps the shape of its entries' distribution up to an affine
+    map (or averages them): what :func:`stacked_activations` looks through."""
+    if node.op in ("mul", "div", "affine"):
+        return True  # (with one signal input: a scaling by a constant)
+    try:
+        return spec(node.op).kernel in ("identity", "approx_identity", "norm")
+    except Exception:  # (an op unknown to the table)
+        return False
 
 
 def _is_signal_product(node, signals: set[str]) -> bool:

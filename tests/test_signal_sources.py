@@ -1,4 +1,6 @@
-"""Sums of correlated signals: inputs computed from one value with no conv/linear layer
+"""What a value is computed from: sums of correlated signals and activations of activations.
+
+Sums of correlated signals: inputs computed from one value with no conv/linear layer
 between (PoolFormer's ``pool(x) - x``, ``h + 0.5 * h``, ``h - tanh(h)``).
 
 The kernel of a sum is the weighted sum of its inputs' kernels only for uncorrelated inputs,
@@ -7,6 +9,10 @@ conv). :func:`graphshape.passes.subnetworks.signal_sources` tells the two apart 
 graph; the analysis merges multiples of one value exactly and flags the other correlated
 sums, and shaping leaves a linear filter of one signal (``linear_mix``) as it is instead of
 weighting it as a sum of independent signals.
+
+An activation whose input is another activation's output, passed on through pooling or a
+norm (``relu -> max_pool -> bn -> relu``, pre-activation stems), reads a non-Gaussian value:
+the analysis flags it (:func:`graphshape.passes.subnetworks.stacked_activations`).
 """
 
 from __future__ import annotations
@@ -198,3 +204,113 @@ def test_a_correlated_join_with_a_nonlinear_branch_is_normalized_with_a_warning(
         pytest.approx([0.5, np.sqrt(0.75)])]
     stats = graphshape.analyze(shaped, x)
     assert "approximate" in [r for r in stats.rows if r["op"] == "sum"][0]["flags"]
+
+
+class _DictInput(nn.Module):
+    def forward(self, batch):
+        return batch["a"] + torch.tanh(batch["b"])
+
+
+def test_entries_of_a_dict_input_are_separate_sources():
+    example = {"a": torch.randn(4, 16), "b": torch.randn(4, 16)}
+    graph = graphshape.load(_DictInput(), (example,))
+    (join,) = find_joins(graph)
+    assert not join.correlated
+    stats = graphshape.analyze(graph, (example,))
+    assert "approximate" not in [r for r in stats.rows if r["op"] == "add"][0]["flags"]
+
+
+class _PreActivationStem(nn.Module):
+    """DPN / Xception: the stem's activation, a max pool, then a block's norm and activation."""
+
+    def __init__(self, c=96):
+        super().__init__()
+        self.conv, self.conv2 = nn.Conv2d(3, c, 3, padding=1), nn.Conv2d(c, c, 3, padding=1)
+        self.bn, self.fc = nn.BatchNorm2d(c), nn.Linear(c, 10)
+
+    def forward(self, x):
+        h = F.max_pool2d(torch.relu(self.conv(x)), 2)
+        h = F.gelu(self.bn(h))                       # input: relu output, pooled, normalized
+        return self.fc(F.elu(self.conv2(h)).mean((2, 3)))   # input: a conv output
+
+
+def test_an_activation_of_an_activation_is_flagged():
+    from graphshape.passes.subnetworks import stacked_activations
+
+    torch.manual_seed(0)
+    x = torch.randn(8, 3, 16, 16)
+    graph = graphshape.load(_PreActivationStem(), x)
+    acts = [n.name for n in graph if n.op == "activation"]
+    assert stacked_activations(graph) == {acts[1]: acts[0]}
+    stats = graphshape.analyze(graph, x)
+    assert "non-gaussian input (after an activation)" in stats[acts[1]]["flags"]
+    assert not any("non-gaussian" in f for f in stats[acts[2]]["flags"])
+    shaped = graphshape.shape(_PreActivationStem(), x, method="DKS")
+    assert any("read another activation's output" in w
+               for w in shaped.meta["graphshape"].warnings)
+
+
+class _Tied(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(16, 16)
+
+    def forward(self, x):
+        return self.fc(x) + self.fc(torch.tanh(x))
+
+
+def test_one_weight_used_twice_is_one_source_from_pytorch_and_onnx():
+    x = torch.randn(4, 16)
+    buf = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(_Tied(), (x,), buf, opset_version=17, dynamo=False)
+    for source in (_Tied(), onnx.load_from_string(buf.getvalue())):
+        graph = graphshape.load(source, x) if isinstance(source, nn.Module) else \
+            graphshape.load(source)
+        (join,) = find_joins(graph)
+        assert join.correlated and join.nonlinear == [False, True]
+
+
+class _ResidualPooling(nn.Module):
+    """MViTv2's attention: the pooled query is added to the attention's output."""
+
+    def __init__(self, d=16):
+        super().__init__()
+        self.q, self.k, self.v = nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, d)
+
+    def forward(self, x):
+        q, k, v = self.q(x), self.k(x), self.v(x)
+        attn = torch.softmax(q @ k.transpose(-2, -1) / 4.0, dim=-1)
+        return attn @ v + q
+
+
+def test_attention_output_takes_its_sources_from_the_values():
+    graph = graphshape.load(_ResidualPooling(), torch.randn(2, 5, 16))
+    (join,) = [j for j in find_joins(graph) if j.op == "add"]
+    assert not join.correlated
+
+
+class _RelPosLogits(nn.Module):
+    """Logits plus a relative-position term linear in the query (MViTv2, BoTNet)."""
+
+    def __init__(self, d=16, tokens=5):
+        super().__init__()
+        self.q, self.k, self.v = nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, d)
+        self.rel = nn.Parameter(torch.randn(tokens, d) / 4.0)
+        self.proj, self.fc = nn.Linear(d, d), nn.Linear(d, d)
+
+    def forward(self, x):
+        q, k, v = self.q(x), self.k(x), self.v(x)
+        # (an einsum with a table: opaque, as MViTv2's decomposed relative positions are)
+        logits = q @ k.transpose(-2, -1) / 4.0 + torch.einsum("btd,sd->bts", q, self.rel)
+        x = x + self.proj(torch.softmax(logits, dim=-1) @ v)
+        return x + self.fc(F.gelu(x))
+
+
+def test_a_sum_of_attention_logits_is_not_warned_about():
+    x = torch.randn(2, 5, 16)
+    graph = graphshape.load(_RelPosLogits(), x)
+    assert any(j.correlated for j in find_joins(graph))      # q kᵀ + rel(q): both from q
+    shaped = graphshape.shape(_RelPosLogits(), x, method="DKS")
+    assert not any("correlated" in w for w in shaped.meta["graphshape"].warnings)
