@@ -227,11 +227,16 @@ class RuleContext:
         batch: :func:`computed_constants`), else None."""
         if slot >= len(self.node.inputs):
             return None
-        ref = self.node.inputs[slot]
-        prod = self.graph[ref.node]
-        if prod.op == "constant" and "value" in prod.params:
-            return np.asarray(prod.params["value"], dtype=np.float64)
-        return self.constants.get(ref.node) if ref.index == 0 else None
+        return _constant_value(self.graph, self.node.inputs[slot], self.constants)
+
+
+def _constant_value(graph: Graph, ref: Ref, constants: dict[str, np.ndarray]):
+    """The value of ``ref`` when a constant node or a computed constant gives it, else None
+    (see :meth:`RuleContext.constant`)."""
+    prod = graph[ref.node]
+    if prod.op == "constant" and "value" in prod.params:
+        return np.asarray(prod.params["value"], dtype=np.float64)
+    return constants.get(ref.node) if ref.index == 0 else None
 
 
 class UnknownKernel(Exception):
@@ -660,8 +665,7 @@ def _scaled_value(ctx: RuleContext, ref: Ref) -> tuple[Ref, float]:
         if len(signal_slots) != 1 or (node.op == "div" and signal_slots[0] != 0):
             break
         slot = signal_slots[0]
-        sub = RuleContext(graph, node, [None, None], constants=ctx.constants)
-        value = sub.constant(1 - slot)
+        value = _constant_value(graph, node.inputs[1 - slot], ctx.constants)
         if value is None or value.size == 0 or np.ptp(value) > 0 or float(value.flat[0]) == 0:
             break
         if graph.info(ref).shape != graph.info(node.inputs[slot]).shape:

@@ -405,9 +405,8 @@ def signal_sources(graph: Graph, signals: set[str] | None = None) -> dict[str, i
     """For every signal node, the layers its value is computed from without passing through
     another layer that draws fresh weights (:func:`draws_fresh_weights`), as a bitset: the
     model inputs (and the entries read from a dict input) and those layers are their own
-    sources; every other node has the union of
-    its signal inputs' sources. Layers that share a weight (a module called twice, tied
-    weights) are one source. Two values with no source in common are uncorrelated at
+    sources; every other node has the union of its signal inputs' sources. Layers that share
+    a weight (a module called twice, tied weights) are one source. Two values with no source in common are uncorrelated at
     initialization (in the sense of :func:`draws_fresh_weights`); two that share one (``x``
     and ``pool(x)``; ``h`` and ``tanh(h)``; ``x`` and ``0.5 * x``) are not. A product by
     mixing weights (:func:`mixing_weights`: attention's softmax, a gate that starts at 1)
