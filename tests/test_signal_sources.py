@@ -49,7 +49,7 @@ class _Joins(nn.Module):
 
 
 def _joins_by_inputs(graph):
-    """{tuple of the ops of a join's inputs: Join}, for the joins reading convs/pools/acts."""
+    """{tuple of the ops of a join's inputs: the joins with those inputs}."""
     out = {}
     for join in find_joins(graph):
         key = tuple(graph[r.node].op for r in join.inputs)
@@ -63,9 +63,7 @@ def test_correlated_joins_are_told_from_the_graph():
     joins = _joins_by_inputs(graph)
     (filtered,) = joins[("avg_pool", "conv")]
     assert filtered.correlated and filtered.linear_mix and filtered.shortcut is None
-    residual = next(j for j in joins[("conv", "conv")]
-                    if graph[j.inputs[1].node].inputs[0].node != j.inputs[0].node
-                    and graph[j.inputs[0].node].name == "conv")
+    residual = next(j for j in joins[("conv", "conv")] if j.inputs[0].node == "conv")
     assert not residual.correlated and residual.shortcut == 0
     (nonlinear,) = joins[("conv", "activation")]
     assert nonlinear.correlated and not nonlinear.linear_mix
