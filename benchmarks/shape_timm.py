@@ -9,9 +9,10 @@ Prints one line per model: ok (with parameters and seconds), refused (the messag
 CRASH (the exception type and message: a bug). ``--onnx`` adds a line per model for its ONNX
 export (``torch.onnx.export(..., dynamo=False)``, opset 17, into a temporary folder removed at
 the end), shaped with ``graphshape.shape_onnx`` and run in onnxruntime: "same" when it runs
-with a finite output and solves the same parameters as the PyTorch path (to 1e-6), else
-MISMATCH, both refused, ONNX only (torch.fx cannot trace the model, its export shapes), no
-export, non-finite or CRASH. ``--dynamo`` exports with ``dynamo=True`` (torch's default
+with a finite output and is the same network as the PyTorch path's (the same parameters, to
+1e-6; seeded alike, the same eval-mode output, to 1e-4 of its largest value), else MISMATCH,
+both refused, ONNX only (torch.fx cannot trace the model, its export shapes), no export,
+non-finite or CRASH. ``--dynamo`` exports with ``dynamo=True`` (torch's default
 exporter, at its default opset; needs the ``onnxscript`` package, which graphshape does not
 use).
 """
@@ -104,13 +105,16 @@ def main():
         torch.manual_seed(0)
         model = timm.create_model(name, pretrained=False, num_classes=10).train(args.train)
         x = torch.randn(2, 3, size, size)
-        report = None
+        report = eval_out = None
         try:
             gm = graphshape.shape(model, x, seed=0, **options)
             out = gm(x)
             out.float().square().mean().backward()
             assert torch.isfinite(out).all(), "non-finite output"
             report = gm.meta["graphshape"]
+            if args.onnx:  # what the (eval-mode) export computes
+                with torch.no_grad():
+                    eval_out = gm.eval()(x).float().numpy()
             status, detail = "ok", f"{_params_line(report)} ({len(report.removed)} removed, " \
                                    f"{len(report.warnings)} warnings)"
         except graphshape.GraphshapeError as e:
@@ -122,7 +126,7 @@ def main():
         print(f"{name:24s} {status:8s} {time.time() - t0:6.1f}s  {detail[:400]}", flush=True)
         if args.onnx:
             onnx_status, onnx_detail = _onnx_path(model, x, name, workdir.name, options,
-                                                   report, detail, args.dynamo)
+                                                   report, eval_out, detail, args.dynamo)
             _remove_files(workdir.name, name)
             onnx_counts[onnx_status] += 1
             print(f"{'':24s} onnx: {onnx_status}  {onnx_detail[:400]}", flush=True)
@@ -132,22 +136,25 @@ def main():
         print("onnx:", onnx_counts)
 
 
-def _onnx_path(model, x, name, folder, options, torch_report, torch_detail, dynamo):
+def _onnx_path(model, x, name, folder, options, torch_report, torch_output, torch_detail,
+               dynamo):
     """(status, detail) of the ONNX path for one model: "same" (shaped, runs in
-    onnxruntime with a finite output, the same parameters as the PyTorch path), "MISMATCH"
-    (different parameters, or one path refused where the other shaped), "both refused",
+    onnxruntime with a finite output; the same network as the PyTorch path: the same
+    parameters, the same eval-mode output), "MISMATCH" (different parameters or outputs, or
+    one path refused where the other shaped), "both refused",
     "ONNX only" (shaped from ONNX; torch.fx cannot trace the PyTorch model),
     "no export" (torch cannot export it, or onnxruntime cannot run the unshaped export),
     "non-finite" or "CRASH"."""
     import graphshape
-    from shape_torchvision import _export, _same_params, _shape_onnx
+    from shape_torchvision import (OUTPUT_TOLERANCE, _export, _output_difference,
+                                   _same_params, _shape_onnx)
 
     path = os.path.join(folder, f"{name}.onnx")
     failure = _export(model, x, path, dynamo=dynamo)
     if failure:
         return "no export", failure
     try:
-        finite, report = _shape_onnx(path, os.path.join(folder, f"{name}_shaped.onnx"), x,
+        finite, report, output = _shape_onnx(path, os.path.join(folder, f"{name}_shaped.onnx"), x,
                                     {k: v for k, v in options.items() if v is not None})
     except graphshape.GraphshapeError as e:
         if torch_report is None:
@@ -164,6 +171,10 @@ def _onnx_path(model, x, name, folder, options, torch_report, torch_detail, dyna
     if not _same_params(report.activation_params, torch_report.activation_params):
         return "MISMATCH", (f"ONNX {_params_line(report)}; PyTorch "
                             f"{_params_line(torch_report)}")
+    difference = _output_difference(output, torch_output)
+    if difference > OUTPUT_TOLERANCE:
+        return "MISMATCH", (f"the same parameters, outputs differ by {difference:.2g} of "
+                            f"their largest value: {_params_line(report)}")
     return "same", _params_line(report)
 
 

@@ -11,8 +11,10 @@ by onnxruntime (CPU) instead; a model torch cannot export, or whose unshaped exp
 onnxruntime cannot run, is counted "no export". ``--dynamo`` exports with
 ``torch.onnx.export(..., dynamo=True)`` instead (torch's default exporter; needs the
 ``onnxscript`` package, which graphshape itself does not use), at its default opset.
-``--compare`` also shapes each model from PyTorch and counts whether the two paths solve the
-same parameters (to 1e-6), or refuse alike ("same"), or not ("MISMATCH").
+``--compare`` also shapes each model from PyTorch and counts whether the two paths build the
+same network -- the same parameters (to 1e-6) and, seeded alike, the same eval-mode output
+(to 1e-4 of its largest value: onnxruntime against the shaped module) -- or refuse alike
+("same"), or not ("MISMATCH").
 Prints one line per model and method: ok (seconds, parameters solved), refused (the
 message), CRASH (exception type and message: a bug) or non-finite; then the counts.
 Models with more than ``--max-params`` parameters are skipped.
@@ -85,6 +87,11 @@ def _parameter_count(name, kwargs) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+#: --compare: the largest output difference, relative to the output's largest value, that
+#: still counts as the same network (float32 round-off through a deep network: ~1e-6)
+OUTPUT_TOLERANCE = 1e-4
+
+
 def _same_params(a: dict, b: dict, rel: float = 1e-6) -> bool:
     """Whether two reports' activation_params agree (same names, keys, values to ``rel``)."""
     if a.keys() != b.keys() or any(a[k].keys() != b[k].keys() for k in a):
@@ -93,17 +100,27 @@ def _same_params(a: dict, b: dict, rel: float = 1e-6) -> bool:
                for k in a for p in a[k])
 
 
+def _output_difference(got, want) -> float:
+    """max |got - want| / max |want|: how far one path's eval-mode output is from the
+    other's (inf where the shapes differ)."""
+    import numpy as np
+
+    if got.shape != want.shape:
+        return math.inf
+    return float(np.abs(got - want).max() / max(float(np.abs(want).max()), 1e-30))
+
+
 def _classified(run):
-    """(status, seconds, detail, report) of ``run()``, which shapes and runs one model and
-    returns (whether the output is finite, the ShapeReport): ok / non-finite, refused (a
-    GraphshapeError: its message) or CRASH (any other exception: a bug); ``report`` is None
-    unless shaped."""
+    """(status, seconds, detail, report, output) of ``run()``, which shapes and runs one
+    model and returns (whether the output is finite, the ShapeReport, the eval-mode output
+    as numpy): ok / non-finite, refused (a GraphshapeError: its message) or CRASH (any
+    other exception: a bug); ``report`` and ``output`` are None unless shaped."""
     import graphshape
 
     t0 = time.perf_counter()
-    report = None
+    report = output = None
     try:
-        finite, report = run()
+        finite, report, output = run()
         status = "ok" if finite else "non-finite"
         detail = ", ".join(sorted(report.activation_params)) or "(nothing solved)"
         detail += f"; {len(report.warnings)} warnings"
@@ -112,21 +129,30 @@ def _classified(run):
     except Exception as e:  # noqa: BLE001 - reported as a crash
         status, report = "CRASH", None
         detail = f"{type(e).__name__}: {e}\n" + traceback.format_exc(limit=-3)
-    return status, time.perf_counter() - t0, detail, report
+    return status, time.perf_counter() - t0, detail, report, output
+
+
+def _first_output(out):
+    """The first output tensor (segmentation models return {"out": ..., "aux": ...}, which
+    the ONNX export writes in that order)."""
+    if isinstance(out, dict):
+        out = next(iter(out.values()))
+    return out[0] if isinstance(out, (tuple, list)) else out
 
 
 def _shape_torch(model, x, options):
-    """graphshape.shape, one forward and backward pass."""
+    """graphshape.shape, one forward and backward pass in the model's mode, then the
+    eval-mode output (what the ONNX export computes)."""
     import torch
 
     import graphshape
 
     shaped = graphshape.shape(model, x, seed=0, **options)
-    out = shaped(x)
-    if isinstance(out, dict):  # segmentation models return {"out": ...}
-        out = out["out"]
+    out = _first_output(shaped(x))
     out.float().square().mean().backward()
-    return bool(torch.isfinite(out).all()), shaped.meta["graphshape"]
+    with torch.no_grad():
+        eval_out = _first_output(shaped.eval()(x)).float().numpy()
+    return bool(torch.isfinite(out).all()), shaped.meta["graphshape"], eval_out
 
 
 def _shape_onnx(path, out_path, x, options):
@@ -139,7 +165,7 @@ def _shape_onnx(path, out_path, x, options):
     report = graphshape.shape_onnx(path, out_path, seed=0, **options)
     session = ort.InferenceSession(out_path, providers=["CPUExecutionProvider"])
     out = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
-    return bool(np.isfinite(out).all()), report
+    return bool(np.isfinite(out).all()), report, out
 
 
 def _export(model, x, path, dynamo=False) -> str | None:
@@ -233,7 +259,7 @@ def main():
             options = {"method": method} if w is None else {"method": method,
                                                             "shortcut_weight": w}
             out_path = os.path.join(workdir.name, f"{name}_{spec}.onnx")
-            status, seconds, detail, report = _classified(
+            status, seconds, detail, report, output = _classified(
                 (lambda: _shape_onnx(path, out_path, x, options)) if args.onnx
                 else (lambda: _shape_torch(model, x, options)))
             counts[(spec, status)] = counts.get((spec, status), 0) + 1
@@ -243,17 +269,20 @@ def main():
             if status == "CRASH":
                 print(detail)
             if args.onnx and args.compare:
-                torch_status, _, _, torch_report = _classified(
+                torch_status, _, _, torch_report, torch_output = _classified(
                     lambda: _shape_torch(model, x, options))
+                difference = None
                 if report is not None and torch_report is not None:
+                    difference = _output_difference(output, torch_output)
                     same = _same_params(report.activation_params,
                                         torch_report.activation_params)
-                    verdict = "same" if same else "MISMATCH"
+                    verdict = "same" if same and difference <= OUTPUT_TOLERANCE else "MISMATCH"
                 else:
                     verdict = "same" if status == torch_status else "MISMATCH"
                 counts[(spec, verdict)] = counts.get((spec, verdict), 0) + 1
                 if verdict == "MISMATCH":
-                    print(f"{'':30s} {spec:7s} MISMATCH with PyTorch ({torch_status}): "
+                    differ = "" if difference is None else f", outputs differ by {difference:.2g}"
+                    print(f"{'':30s} {spec:7s} MISMATCH with PyTorch ({torch_status}{differ}): "
                           f"{torch_report.activation_params if torch_report else ''}",
                           flush=True)
         _remove_files(workdir.name, name)  # big models: keep the folder small

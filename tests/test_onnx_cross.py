@@ -74,3 +74,31 @@ def test_onnx_to_torch_agrees_with_onnxruntime(tmp_path, name, opset):
         got = gm(torch.from_numpy(x))
     got = got if isinstance(got, (tuple, list)) else [got]
     assert_outputs_equal([t.numpy() for t in got], run_ort(path, {"image": x}))
+
+
+@pytest.mark.parametrize("name,method", [("resnet18", "TAT"), ("mobilenet_v3_small", "DKS"),
+                                         ("convnext_tiny", "TAT")])
+def test_shape_and_shape_onnx_build_the_same_network(tmp_path, name, method):
+    """A model shaped from PyTorch and its torch.onnx export shaped from ONNX, with the same
+    seed, are the same network: the same solved parameters, the same orthogonal weights in
+    the same order, the same outputs (the two frontends read the model into the same IR)."""
+    model, x, _ = _traced(name)
+    src, dst = str(tmp_path / f"{name}.onnx"), str(tmp_path / f"{name}_shaped.onnx")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (x,), src, opset_version=17, dynamo=False,
+                          input_names=["image"])
+        shaped = graphshape.shape(model, x, method=method, seed=3).eval()
+        report = graphshape.shape_onnx(src, dst, method=method, seed=3)
+    from_torch = shaped.meta["graphshape"]
+    assert report.activation_params.keys() == from_torch.activation_params.keys()
+    for name_, params in from_torch.activation_params.items():
+        assert report.activation_params[name_] == pytest.approx(params, rel=1e-9)
+    # (not the removed norms: the TorchScript exporter folds eval-mode batch norms into the
+    # convs, whose biases shaping then zeroes)
+    assert report.activations_found == from_torch.activations_found
+    assert report.initialized == from_torch.initialized > 0
+    assert len(report.warnings) == len(from_torch.warnings)
+    with torch.no_grad():
+        want = shaped(x).numpy()
+    assert_outputs_equal(run_ort(dst, {"image": x.numpy()}), [want])

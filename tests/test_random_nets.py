@@ -8,12 +8,15 @@ analysis must flag nothing before the final mean, and predict the measured q wit
 c within 0.1 at every node (width 128: the finite-width drift is a few percent per layer),
 and q ~ 1 where shaping puts it. 58 seeds of this generator (a /tmp script, 2026-12-07) all
 held; the same check on networks outside the theory (pooling, activations of activations,
-sums of correlated values) found what ``test_signal_sources.py`` now tests.
+sums of correlated values) found what ``test_signal_sources.py`` now tests. And through ONNX:
+shaping the network's torch.onnx export builds the same network as shaping the module (30
+seeds at width 32 held, 2026-12-07; so did 7 torchvision models, tests/test_onnx_cross.py).
 """
 
 from __future__ import annotations
 
 import random
+import warnings
 
 import pytest
 import torch
@@ -61,16 +64,20 @@ class _Net(nn.Module):
         return self.fc(self.act(h).flatten(2).mean(-1))
 
 
-@pytest.mark.parametrize("seed", range(8))
-def test_shaped_random_network_matches_its_prediction(seed):
+def _draw(seed, width):
+    """(method, activation, blocks, model, example input) of one seed."""
     rng = random.Random(seed)
     torch.manual_seed(seed)
     method = rng.choice(("DKS", "TAT"))
     activation = rng.choice(ACTIVATIONS[method])
     blocks = [(rng.choice(("res", "res", "cat", "plain")), rng.randint(1, 3))
               for _ in range(rng.randint(2, 5))]
-    x = torch.randn(6, 128, 8, 8)
-    model = _Net(blocks, 128, activation)
+    return method, activation, blocks, _Net(blocks, width, activation), torch.randn(6, width, 8, 8)
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_shaped_random_network_matches_its_prediction(seed):
+    method, activation, blocks, model, x = _draw(seed, 128)
     try:
         shaped = graphshape.shape(model, x, method=method, seed=seed)
     except graphshape.GraphshapeError as e:  # TAT's eta out of reach of a shallow network
@@ -96,3 +103,31 @@ def test_shaped_random_network_matches_its_prediction(seed):
             target = where_from if row["op"] == "activation" else row
             assert target["q_pred"] == pytest.approx(1.0, abs=0.05), where
     assert checked >= 8
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_random_network_shaped_from_its_onnx_export_is_the_same_network(seed, tmp_path):
+    """shape() on the module and shape_onnx() on its torch.onnx export, with the same seed,
+    build the same network: equal solved parameters, equal outputs (onnxruntime against
+    the shaped module), at every random topology."""
+    ort = pytest.importorskip("onnxruntime")
+    method, activation, blocks, model, x = _draw(seed, 32)
+    model.eval()
+    src, dst = str(tmp_path / "model.onnx"), str(tmp_path / "shaped.onnx")
+    with warnings.catch_warnings():  # (the TorchScript exporter's deprecation notice)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.onnx.export(model, (x,), src, opset_version=17, dynamo=False, input_names=["x"])
+    options = {"method": method, "seed": seed, "eta": 0.5}  # (eta in reach at every depth)
+    shaped = graphshape.shape(model, x, **options).eval()
+    report = graphshape.shape_onnx(src, dst, **options)
+    where = f"{method} {activation} {blocks}"
+    solved = shaped.meta["graphshape"].activation_params
+    ((name, params),) = solved.items()  # (F.gelu is the registry's gelu_exact)
+    assert report.activation_params.keys() == {name}, where
+    assert report.activation_params[name] == pytest.approx(params), where
+    with torch.no_grad():
+        want = shaped(x).numpy()
+    session = ort.InferenceSession(dst, providers=["CPUExecutionProvider"])
+    got = session.run(None, {"x": x.numpy()})[0]
+    assert abs(want).max() > 0.1, where  # (a vacuous comparison otherwise)
+    assert got == pytest.approx(want, rel=1e-4, abs=1e-5), where
