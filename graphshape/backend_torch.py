@@ -229,7 +229,9 @@ class _Ctx:
             # takes no such array; the same 16 bits)
             t = torch.from_numpy(np.array(arr.view(np.int16), copy=True)).view(torch.bfloat16)
         elif self.copy_params or not arr.flags.writeable:
-            t = torch.from_numpy(np.array(arr, copy=True))
+            # (C order: a transposed view, a MatMul weight read as a linear's, becomes a
+            # contiguous parameter)
+            t = torch.from_numpy(np.array(arr, copy=True, order="C"))
         else:  # the caller hands the graph's arrays over (see emit); np.require keeps a
             # 0-d array 0-d (np.ascontiguousarray makes it 1-d)
             t = torch.from_numpy(np.require(arr, requirements="C"))

@@ -1,0 +1,135 @@
+"""``x @ self.w`` with a parameter ``w``: a linear layer written by hand (research code,
+relative-position logits ``q @ rel.transpose(-1, -2)`` in timm's BotNet / HaloNet). The torch
+frontend reads it as one, as the ONNX frontend reads ``MatMul(x, initializer)``: shaping then
+initializes it like nn.Linear, and a model shaped from PyTorch and from its ONNX export is
+the same network. Before, the torch path left such weights as they were (q 62 at the first
+tanh of a DKS-shaped ``tanh(x @ w)`` MLP with randn weights, where shaping puts it at 1),
+with no warning, and ``w.t()`` / ``w.T`` were opaque."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+import graphshape
+
+FORMS = {
+    "x @ w": lambda x, w: x @ w,
+    "x @ w.t()": lambda x, w: x @ w.t(),
+    "x @ w.T": lambda x, w: x @ w.T,
+    "x @ w.mT": lambda x, w: x @ w.mT,
+    "x @ w.transpose(-1, -2)": lambda x, w: x @ w.transpose(-1, -2),
+    "torch.matmul(x, w.permute(1, 0))": lambda x, w: torch.matmul(x, w.permute(1, 0)),
+    "x.matmul(torch.t(w))": lambda x, w: x.matmul(torch.t(w)),
+    "torch.mm(x, w)": lambda x, w: torch.mm(x, w),
+}
+
+
+class HandLinearMLP(nn.Module):
+    def __init__(self, form, width=64):
+        super().__init__()
+        self.form = FORMS[form]
+        self.w1 = nn.Parameter(torch.randn(width, width))
+        self.w2 = nn.Parameter(torch.randn(width, width))
+
+    def forward(self, x):
+        return self.form(torch.tanh(self.form(x, self.w1)), self.w2)
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_a_matmul_by_a_parameter_is_a_linear_layer(form):
+    torch.manual_seed(0)
+    model = HandLinearMLP(form)
+    x = torch.randn(32, 64)
+    graph = graphshape.load(model, x)
+    assert graph.count_ops().get("linear") == 2, graph.count_ops()
+    assert "matmul" not in graph.count_ops() and "opaque" not in graph.count_ops()
+    emitted = graphshape.to_torch(graph)
+    with torch.no_grad():  # the emitted module computes what the source does
+        assert emitted(x) == pytest.approx(model(x), rel=1e-5, abs=1e-5)
+    # with contiguous (out, in) weights, though ``x @ w`` reads w's transpose
+    assert [tuple(p.shape) for p in emitted.parameters()] == [(64, 64)] * 2
+    assert all(p.is_contiguous() for p in emitted.parameters())
+    shaped = graphshape.shape(model, x, method="DKS", seed=0)
+    assert shaped.meta["graphshape"].initialized == 2
+    # where shaping puts q: 1 at the activation's input (62 with the randn weights kept)
+    stats = graphshape.analyze(graphshape.load(shaped, x), x, empirical=True)
+    first = next(r for r in stats.rows if r["op"] == "linear")
+    assert first["q_emp"] == pytest.approx(1.0, rel=0.1)
+    # and the weights train
+    shaped(x).square().mean().backward()
+    grads = [p.grad for p in shaped.parameters()]
+    assert len(grads) == 2 and all(g is not None and g.abs().sum() > 0 for g in grads)
+
+
+class Kept(nn.Module):
+    """Matmuls that are not a layer of their own: a weight read twice (tied), a buffer (a
+    fixed projection), a constant on the left, a computed weight."""
+
+    def __init__(self):
+        super().__init__()
+        self.tied = nn.Parameter(torch.randn(16, 16) / 4)
+        self.register_buffer("fixed", torch.randn(16, 16) / 4)
+        self.left = nn.Parameter(torch.randn(16, 16) / 4)
+        self.scaled = nn.Parameter(torch.randn(16, 16) / 4)
+
+    def forward(self, x):
+        h = torch.tanh(x @ self.tied)
+        h = torch.tanh(h @ self.tied.t())
+        h = torch.tanh(h @ self.fixed)
+        h = torch.tanh((self.left @ h.t()).t())
+        return h @ (2 * self.scaled)
+
+
+def test_matmuls_that_are_not_a_layer_of_their_own_stay_matmuls():
+    model = Kept()
+    x = torch.randn(8, 16)
+    graph = graphshape.load(model, x)
+    assert graph.count_ops()["matmul"] == 5 and "linear" not in graph.count_ops()
+    shaped = graphshape.shape(model, x, method="DKS", seed=0)
+    assert shaped.meta["graphshape"].initialized == 0
+    # the tied weight is still one parameter, read twice
+    assert len(list(shaped.parameters())) == 3
+    with torch.no_grad():
+        assert torch.isfinite(shaped(x)).all()
+
+
+class RelPosLogits(nn.Module):
+    """A block with BotNet-style relative-position logits: ``q @ rel.transpose(-1, -2)``."""
+
+    def __init__(self, dim=32, tokens=9):
+        super().__init__()
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.rel = nn.Parameter(torch.randn(tokens, dim) * dim ** -0.5)
+        self.proj = nn.Linear(dim, dim)
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, x):
+        q, k, v = self.qkv(self.norm(x)).chunk(3, dim=-1)
+        logits = q @ k.transpose(-1, -2) + q @ self.rel.transpose(-1, -2)
+        return x + self.proj(torch.relu(logits.softmax(-1) @ v))
+
+
+def test_shaped_from_pytorch_and_from_onnx_the_same_network(tmp_path):
+    """The parity that found this (timm's botnet26t_256: same solved parameters, outputs 1.2
+    apart, the ONNX path having initialized the relative-position weights)."""
+    ort = pytest.importorskip("onnxruntime")
+    torch.manual_seed(0)
+    model = nn.Sequential(RelPosLogits(), RelPosLogits()).eval()
+    x = torch.randn(2, 9, 32)
+    src, dst = str(tmp_path / "m.onnx"), str(tmp_path / "s.onnx")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.onnx.export(model, (x,), src, opset_version=17, dynamo=False, input_names=["x"])
+    shaped = graphshape.shape(model, x, method="DKS", seed=1).eval()
+    report = graphshape.shape_onnx(src, dst, method="DKS", seed=1)
+    assert shaped.meta["graphshape"].initialized == report.initialized == 6
+    with torch.no_grad():
+        want = shaped(x).numpy()
+    session = ort.InferenceSession(dst, providers=["CPUExecutionProvider"])
+    got = session.run(None, {"x": x.numpy()})[0]
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * np.abs(want).max())
