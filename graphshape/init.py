@@ -342,9 +342,116 @@ def _shared_places(graph) -> dict[str, list]:
     return places
 
 
+@dataclass
+class _HeldProjection:
+    """A projection weight that an opaque attention call holds (``nn.MultiheadAttention``'s
+    ``in_proj_weight``, torchvision swin's ``shifted_window_attention(x, qkv_weight, ...)``),
+    standing in for a linear node among :func:`initialize`'s requests: ``params`` holds the
+    ``(out, in)`` weight (and its bias), ``write`` puts the new ones where the call reads
+    them. The ONNX export of the same attention writes these as MatMul layers, which are
+    initialized; so are these, in the same order, with the same draws."""
+
+    name: str
+    params: dict
+    write: Any
+    op: str = "attention"
+    attrs: dict = field(default_factory=dict)
+    meta: dict = field(default_factory=dict)
+
+
+#: torchvision's swin attention functions (V1 and V2; video), and their first positional
+#: parameters
+_SWIN_ATTENTION_FUNCTIONS = ("torchvision.models.swin_transformer.shifted_window_attention",
+                             "torchvision.models.video.swin_transformer."
+                             "shifted_window_attention_3d")
+_SWIN_ATTENTION_ARGS = ("input", "qkv_weight", "proj_weight", "relative_position_bias",
+                        "window_size", "num_heads", "shift_size", "attention_dropout",
+                        "dropout", "qkv_bias", "proj_bias")
+
+
+def _attention_projections(graph, node, modules_done: dict) -> list[_HeldProjection]:
+    """The projection weights attention call ``node`` holds, in the order it applies them
+    (query/key/value, then output); [] for other nodes. An ``nn.MultiheadAttention`` is
+    replaced on the node by a copy first (the source model's module is never written to);
+    a module called at several nodes is one copy, initialized once. A constant weight that
+    anything else reads stays as it is."""
+    from graphshape.passes.subnetworks import is_attention_call
+
+    if node.op != "opaque" or not is_attention_call(node):
+        return []
+    module = node.attrs.get("module")
+    if module is not None:
+        import copy as _copy
+
+        import torch
+
+        if not isinstance(module, torch.nn.MultiheadAttention):
+            return []
+        if id(module) in modules_done:
+            node.attrs["module"] = modules_done[id(module)]
+            return []
+        source, module = module, _copy.deepcopy(module)
+        modules_done[id(source)] = node.attrs["module"] = module
+
+        def held(name, weight, bias):
+            def write(params, weight=weight, bias=bias):
+                with torch.no_grad():
+                    weight.copy_(torch.from_numpy(params["weight"]).to(weight.dtype))
+                    if bias is not None:
+                        bias.copy_(torch.from_numpy(params["bias"]).to(bias.dtype))
+            params = {"weight": weight.detach().cpu().float().numpy()}
+            if bias is not None:
+                params["bias"] = bias.detach().cpu().float().numpy()
+            return _HeldProjection(f"{node.name}.{name}", params, write)
+
+        if module.in_proj_weight is not None:
+            found = [held("in_proj_weight", module.in_proj_weight, module.in_proj_bias)]
+        else:  # (kdim / vdim other than embed_dim: three matrices, one bias)
+            found = [held("q_proj_weight", module.q_proj_weight, module.in_proj_bias),
+                     held("k_proj_weight", module.k_proj_weight, None),
+                     held("v_proj_weight", module.v_proj_weight, None)]
+        return found + [held("out_proj.weight", module.out_proj.weight, module.out_proj.bias)]
+    if not str(node.attrs.get("description", "")).endswith(_SWIN_ATTENTION_FUNCTIONS):
+        return []
+    args, kwargs = node.attrs.get("args") or (), node.attrs.get("kwargs") or {}
+    bound = {**dict(zip(_SWIN_ATTENTION_ARGS, args)), **kwargs}
+    readers: dict[str, int] = {}
+    for other in graph:
+        for ref in other.inputs:
+            readers[ref.node] = readers.get(ref.node, 0) + 1
+
+    def own_constant(ref, ndim):
+        """The constant node behind ``ref`` if only this call reads it, else None."""
+        if not hasattr(ref, "node") or ref.node not in graph:
+            return None
+        const = graph[ref.node]
+        if const.op != "constant" or readers.get(const.name) != 1 \
+                or const.meta.get("shared_params") or np.ndim(const.params.get("value")) != ndim:
+            return None
+        return const
+
+    found = []
+    for weight_key, bias_key in (("qkv_weight", "qkv_bias"), ("proj_weight", "proj_bias")):
+        weight = own_constant(bound.get(weight_key), 2)
+        if weight is None:
+            continue
+        bias = own_constant(bound.get(bias_key), 1)
+
+        def write(params, weight=weight, bias=bias):
+            weight.params["value"] = params["weight"]
+            if bias is not None:
+                bias.params["value"] = params["bias"]
+        params = {"weight": weight.params["value"]}
+        if bias is not None:
+            params["bias"] = bias.params["value"]
+        found.append(_HeldProjection(f"{node.name}.{weight_key}", params, write))
+    return found
+
+
 def initialize(graph, seed: int | None = None, *, copy: bool = True, skip=()):
     """Re-initialize every conv, conv_transpose and linear node of ``graph`` (except the
-    nodes named in ``skip``): SUO (dense), delta-orthogonal (convs), zero biases. Returns
+    nodes named in ``skip``), and the projections attention calls hold
+    (:class:`_HeldProjection`): SUO (dense), delta-orthogonal (convs), zero biases. Returns
     ``(new_graph, InitReport)``; the input graph is not modified unless ``copy=False``. The
     same seed gives the same weights, on any number of threads (``torch.get_num_threads()``
     of them draw)."""
@@ -359,8 +466,13 @@ def initialize(graph, seed: int | None = None, *, copy: bool = True, skip=()):
     places = _shared_places(out)
     first_of: dict[str, int] = {}  # shared tensor -> index of its request
     followers = []  # (node, shared tensor)
+    modules_done: dict[int, Any] = {}  # id(source attention module) -> its copy
     for node in out:
-        if node.op not in AFFINE_LAYERS or node.name in skip:
+        if node.name in skip:
+            continue
+        for held in _attention_projections(out, node, modules_done):
+            requests.append((held, None, 1, *np.shape(held.params["weight"])))
+        if node.op not in AFFINE_LAYERS:
             continue
         weight = node.params.get("weight")
         if weight is None:
@@ -450,6 +562,8 @@ def initialize(graph, seed: int | None = None, *, copy: bool = True, skip=()):
             zeros = np.zeros_like(node.params["bias"])
             tied = (node.meta.get("shared_params") or {}).get("bias")
             node.params["bias"] = zeros if tied is None else zero_biases.setdefault(tied, zeros)
+        if isinstance(node, _HeldProjection):
+            node.write(node.params)
         scheme, groups = ("suo", 1) if plan is None else (plan.scheme, plan.groups)
         report.records.append({
             "node": node.name, "op": node.op, "scheme": scheme,
