@@ -875,11 +875,6 @@ class _Loader:
         self._assigned_constants: dict[str, Ref] = {}
         # buffer -> the fx nodes updating it in place (_inplace_result)
         self.state_updates: dict[str, list[str]] = {}
-        # matmul fx node -> (get_attr node of its weight, whether the weight is read
-        # transposed): ``x @ self.w`` read as a linear layer (_matmul_weights)
-        self.matmul_weights = _matmul_weights(self.gm)
-        self._weight_transposes = {b for m, (_, t) in self.matmul_weights.items() if t
-                                   for b in m.args[1:2]}
 
     # ----------------------------------------------------------------- values
     def info(self, fx_node: torch.fx.Node) -> TensorInfo:
@@ -1073,8 +1068,6 @@ class _Loader:
                 self._get_attr(fx_node)
             elif fx_node.op == "output":
                 out_template = _expand_containers(fx_node.args[0], containers)
-            elif fx_node in self._weight_transposes:
-                continue  # ``self.w.t()`` read by its one matmul: part of a linear layer
             elif fx_node not in containers:
                 self._call(fx_node)
         self._outputs(out_template)
@@ -3014,96 +3007,8 @@ def _f_neg(ld, fx_node):
     _binary(ld, fx_node, "mul", fx_node.args[0], -1.0)
 
 
-#: the forms of a 2-D tensor's transpose: ``w.t()``, ``w.T``, ``w.mT``, ``w.transpose(0, 1)``,
-#: ``w.permute(1, 0)``, and their torch functions
-_TRANSPOSE_METHODS = frozenset({"t", "transpose", "swapaxes", "swapdims", "permute"})
-_TRANSPOSE_FUNCTIONS = (torch.t, torch.transpose, torch.swapaxes, torch.swapdims,
-                        torch.permute)
-
-
-def _transposed_weight(node: torch.fx.Node) -> torch.fx.Node | None:
-    """The get_attr node that ``node`` transposes, if it is one of the forms of a 2-D
-    transpose (:data:`_TRANSPOSE_METHODS`) of a get_attr, else None. (The dims are not
-    checked: a 2-D tensor has one transpose, and its identity permutation is not written.)"""
-    if node.kwargs or not node.args or not isinstance(node.args[0], torch.fx.Node) \
-            or node.args[0].op != "get_attr":
-        return None
-    rest = node.args[1:]
-    if node.op == "call_method" and node.target in _TRANSPOSE_METHODS:
-        pass
-    elif node.op == "call_function" and any(node.target is f for f in _TRANSPOSE_FUNCTIONS):
-        pass
-    elif node.op == "call_function" and node.target is getattr and rest in (("T",), ("mT",)):
-        return node.args[0]
-    else:
-        return None
-    dims = rest[0] if len(rest) == 1 and isinstance(rest[0], (tuple, list)) else rest
-    if node.target in ("t", torch.t) and not dims:
-        return node.args[0]
-    if len(dims) == 2 and all(isinstance(d, int) for d in dims) and \
-            sorted(d % 2 for d in dims) == [0, 1]:
-        return node.args[0]
-    return None
-
-
-def _matmul_weights(gm: torch.fx.GraphModule) -> dict:
-    """``x @ self.w`` (and ``x @ self.w.t()``, ``torch.matmul(x, ...)``, ``x.matmul(...)``,
-    ``torch.mm``) where ``w`` is a 2-D float ``nn.Parameter`` that nothing else reads: matmul
-    fx node -> (the get_attr node of ``w``, whether it is read transposed). Such a matmul is
-    a linear layer without bias, and is read as one (:func:`_f_matmul`), as the ONNX frontend
-    reads ``MatMul(x, initializer)``: shaping then initializes it as it does nn.Linear. A
-    weight read anywhere else (a second matmul, a module that holds it, a tied embedding)
-    keeps its matmul, so that it stays one tensor."""
-    uses: dict[int, int] = {}  # id(tensor) -> get_attr nodes reading it
-    held = set()  # ids of the tensors of called modules
-    attrs = {}
-    for node in gm.graph.nodes:
-        if node.op == "get_attr":
-            try:
-                value = gm.get_parameter(node.target)
-            except AttributeError:
-                continue
-            attrs[node] = value
-            uses[id(value)] = uses.get(id(value), 0) + 1
-        elif node.op == "call_module":
-            held.update(id(t) for t in gm.get_submodule(node.target).parameters())
-    found = {}
-    for node in gm.graph.nodes:
-        if not ((node.op == "call_function" and node.target in (torch.matmul, operator.matmul,
-                                                                torch.mm))
-                or (node.op == "call_method" and node.target in ("matmul", "mm"))):
-            continue
-        if node.kwargs or len(node.args) != 2 or not isinstance(node.args[1], torch.fx.Node):
-            continue
-        b = node.args[1]
-        weight, transposed = (b, False) if b.op == "get_attr" else (_transposed_weight(b), True)
-        if weight is None or weight not in attrs or len(weight.users) != 1 or (
-                transposed and len(b.users) != 1):
-            continue
-        value = attrs[weight]
-        if value.dim() == 2 and value.is_floating_point() and uses[id(value)] == 1 \
-                and id(value) not in held:
-            found[node] = (weight, transposed)
-    return found
-
-
 def _f_matmul(ld, fx_node):
     a, b = fx_node.args[:2]
-    weight_of = ld.matmul_weights.get(fx_node)
-    if weight_of is not None:
-        weight_node, transposed = weight_of
-        if ld.is_tensor(a) and not isinstance(ld.env.get(a), _Lazy) \
-                and ld.graph[ld.ref(a).node].op != "constant":
-            # x @ w: a linear layer whose (out, in) weight is w's transpose (a view: the
-            # torch backend makes it its parameter)
-            w = _to_numpy(ld.env[weight_node].tensor)
-            weight = w if transposed else w.T
-            _emit(ld, fx_node, "linear", [ld.ref(a)],
-                  {"in_features": int(weight.shape[1]), "out_features": int(weight.shape[0])},
-                  {"weight": weight})
-            return
-        if transposed:  # a constant times w.t(): the skipped transpose, written now
-            ld.env[b] = ld.add(b, "transpose", [ld.ref(weight_node)], {"perm": (1, 0)})
     if fx_node.kwargs or not (ld.is_tensor(a) and ld.is_tensor(b)):
         raise _Unmapped("matmul operands")
     _emit(ld, fx_node, "matmul", [ld.ref(a), ld.ref(b)])
@@ -3165,6 +3070,33 @@ def _f_identity(ld, fx_node):
     _emit(ld, fx_node, "identity", [_input(ld, fx_node)])
 
 
+def _f_t(ld, fx_node):
+    """``x.t()`` / ``torch.t(x)``: the transpose of a matrix (a vector or a scalar as it is)."""
+    if len(fx_node.args) != 1 or fx_node.kwargs:
+        raise _Unmapped("extra args")
+    r = ld.rank(fx_node.args[0])
+    if r is None or r > 2:
+        raise _Unmapped("t() needs a rank of at most 2")
+    if r < 2:
+        _emit(ld, fx_node, "identity", [_input(ld, fx_node)])
+    else:
+        _emit(ld, fx_node, "transpose", [_input(ld, fx_node)], {"perm": (1, 0)})
+
+
+def _f_getattr(ld, fx_node):
+    """``x.T`` (all axes reversed) and ``x.mT`` (the last two swapped) of a tensor; other
+    attributes (``x.shape``, ``x.dtype``...) stay opaque (shape computations)."""
+    if len(fx_node.args) != 2 or fx_node.kwargs or fx_node.args[1] not in ("T", "mT") \
+            or not ld.is_tensor(fx_node.args[0]):
+        raise _Unmapped("attribute")
+    r = ld.rank(fx_node.args[0])
+    if r is None or (fx_node.args[1] == "mT" and r < 2):
+        raise _Unmapped("transpose needs a known rank")
+    perm = tuple(reversed(range(r))) if fx_node.args[1] == "T" else (
+        *range(r - 2), r - 1, r - 2)
+    _emit(ld, fx_node, "transpose", [_input(ld, fx_node)], {"perm": perm})
+
+
 _INPLACE = {"inplace": False}
 FUNCTION_OPS: dict[Any, Callable] = {
     F.conv1d: _f_conv(1), F.conv2d: _f_conv(2), F.conv3d: _f_conv(3),
@@ -3222,6 +3154,7 @@ FUNCTION_OPS: dict[Any, Callable] = {
     torch.cat: _f_cat, torch.concat: _f_cat, torch.stack: _f_stack, torch.concatenate: _f_cat,
     torch.flatten: _f_flatten, torch.reshape: _f_reshape, torch.permute: _f_permute,
     torch.transpose: _f_transpose, torch.swapaxes: _f_transpose, torch.swapdims: _f_transpose,
+    torch.t: _f_t, getattr: _f_getattr,
     torch.squeeze: _f_squeeze, torch.unsqueeze: _f_unsqueeze,
     torch.chunk: _f_split(True), torch.split: _f_split(False), torch.unbind: _f_unbind,
     operator.getitem: _f_getitem, F.pad: _f_pad, F.interpolate: _f_interpolate,
@@ -3326,7 +3259,7 @@ METHOD_OPS: dict[str, Callable] = {
     "mul_": _m_method_binary("mul"), "div_": _m_method_binary("div"),
     "matmul": _f_matmul,
     "view": _mm_view, "reshape": _mm_view, "permute": _mm_permute,
-    "transpose": _mm_transpose, "flatten": _mm_flatten,
+    "transpose": _mm_transpose, "flatten": _mm_flatten, "t": _f_t,
     "squeeze": _f_squeeze, "unsqueeze": _f_unsqueeze,
     "chunk": _mm_split(True), "split": _mm_split(False),
     "contiguous": _f_identity, "clone": _f_identity,

@@ -399,9 +399,12 @@ def _attention_projections(graph, node, modules_done: dict) -> list[_HeldProject
                     weight.copy_(torch.from_numpy(params["weight"]).to(weight.dtype))
                     if bias is not None:
                         bias.copy_(torch.from_numpy(params["bias"]).to(bias.dtype))
-            params = {"weight": weight.detach().cpu().float().numpy()}
+            def array(t):  # (float64 stays float64, drawn as such; half types as float32)
+                t = t.detach().cpu()
+                return (t if t.dtype in (torch.float32, torch.float64) else t.float()).numpy()
+            params = {"weight": array(weight)}
             if bias is not None:
-                params["bias"] = bias.detach().cpu().float().numpy()
+                params["bias"] = array(bias)
             return _HeldProjection(f"{node.name}.{name}", params, write)
 
         if module.in_proj_weight is not None:

@@ -831,6 +831,46 @@ def find_nongaussian_activations(graph: Graph) -> list[str]:
     return found
 
 
+def linear_matmuls(graph: Graph, *, copy: bool = True) -> tuple[Graph, dict]:
+    """``x @ w``, ``w`` a trainable 2-D constant (a parameter from PyTorch) that nothing else
+    reads, directly or through one transpose (``x @ w.t()``): a linear layer written as a
+    matmul (research code's hand-written layers, timm BotNet's relative-position logits
+    ``q @ rel.transpose(-1, -2)``). It becomes a ``linear`` node with the ``(out, in)``
+    weight ``wᵀ`` (or ``w``), as the ONNX frontend reads ``MatMul(x, initializer)``: shaping
+    then initializes it like ``nn.Linear``, and a model shaped from PyTorch and from its ONNX
+    export is the same network. (Loading keeps the matmul: a converted model's
+    ``state_dict`` has the source's key ``w``, in its layout; a shaped model is a new one.)
+    A buffer, a weight read anywhere else (tied, or held by a module), a computed weight and
+    ``w @ x`` stay matmuls. Returns ``(graph, {"rewritten": [...]})``."""
+    g = graph.copy() if copy else graph
+    rewritten = []
+    for node in list(g):
+        if node.op != "matmul" or len(node.inputs) != 2:
+            continue
+        x_ref, w_ref = node.inputs
+        first = weight = g[w_ref.node]
+        if (weight.op == "transpose" and tuple(weight.attrs.get("perm") or ()) == (1, 0)
+                and len(g.users(weight.name)) == 1):
+            weight = g[weight.inputs[0].node]
+        value = weight.params.get("value")
+        if (weight.op != "constant" or not weight.attrs.get("trainable")
+                or weight.meta.get("shared_params") or len(g.users(weight.name)) != 1
+                or g[x_ref.node].op == "constant" or np.ndim(value) != 2
+                or not np.issubdtype(np.asarray(value).dtype, np.floating)):
+            continue
+        matrix = value if first is not weight else value.T  # (out, in)
+        node.op = "linear"
+        node.attrs = {"in_features": int(matrix.shape[1]), "out_features": int(matrix.shape[0])}
+        node.params = {"weight": matrix}
+        if "torch_dtype" in weight.meta:
+            node.meta["torch_dtype"] = weight.meta["torch_dtype"]
+        g.set_inputs(node.name, [x_ref])
+        g.remove_unread([first.name], upstream=True)
+        rewritten.append({"node": node.name, "op": "matmul",
+                          "what": f"linear layer (a matmul by parameter {weight.name!r})"})
+    return g, {"rewritten": rewritten}
+
+
 def _merge(report: ShapeReport, record: dict) -> None:
     report.removed.extend(record.get("removed", ()))
     report.rewritten.extend(record.get("rewritten", ()))
@@ -900,6 +940,8 @@ def shape_graph(graph: Graph, *, method: str = "TAT", activation: str | None = N
     # read none of them
     g.meta.pop("folded_state", None)
     g, rec = merge_duplicate_activations(g, copy=False)
+    _merge(report, rec)
+    g, rec = linear_matmuls(g, copy=False)
     _merge(report, rec)
     from graphshape.passes.subnetworks import ends_the_network, find_output_links
 

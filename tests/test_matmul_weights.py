@@ -1,10 +1,10 @@
 """``x @ self.w`` with a parameter ``w``: a linear layer written by hand (research code,
-relative-position logits ``q @ rel.transpose(-1, -2)`` in timm's BotNet / HaloNet). The torch
-frontend reads it as one, as the ONNX frontend reads ``MatMul(x, initializer)``: shaping then
-initializes it like nn.Linear, and a model shaped from PyTorch and from its ONNX export is
-the same network. Before, the torch path left such weights as they were (q 62 at the first
-tanh of a DKS-shaped ``tanh(x @ w)`` MLP with randn weights, where shaping puts it at 1),
-with no warning, and ``w.t()`` / ``w.T`` were opaque."""
+relative-position logits ``q @ rel.transpose(-1, -2)`` in timm's BotNet). Shaping reads it as
+one (``passes.shaping.linear_matmuls``), as the ONNX frontend reads ``MatMul(x,
+initializer)``: it initializes it like nn.Linear, and a model shaped from PyTorch and from
+its ONNX export is the same network. Before, shaping left such weights as they were (q 62 at
+the first tanh of a DKS-shaped ``tanh(x @ w)`` MLP with randn weights, where shaping puts it
+at 1), with no warning, and ``w.t()`` / ``w.T`` were opaque."""
 
 from __future__ import annotations
 
@@ -41,21 +41,25 @@ class HandLinearMLP(nn.Module):
 
 
 @pytest.mark.parametrize("form", FORMS)
-def test_a_matmul_by_a_parameter_is_a_linear_layer(form):
+def test_a_matmul_by_a_parameter_is_shaped_as_a_linear_layer(form):
     torch.manual_seed(0)
     model = HandLinearMLP(form)
     x = torch.randn(32, 64)
     graph = graphshape.load(model, x)
-    assert graph.count_ops().get("linear") == 2, graph.count_ops()
-    assert "matmul" not in graph.count_ops() and "opaque" not in graph.count_ops()
+    # loading keeps the matmuls (w.t() and w.T as transposes, no longer opaque): a
+    # converted module keeps the source's state_dict, keys and layout
+    assert graph.count_ops().get("matmul") == 2 and "opaque" not in graph.count_ops()
     emitted = graphshape.to_torch(graph)
-    with torch.no_grad():  # the emitted module computes what the source does
+    assert emitted.state_dict().keys() == model.state_dict().keys()
+    emitted.load_state_dict(model.state_dict(), strict=True)
+    with torch.no_grad():
         assert emitted(x) == pytest.approx(model(x), rel=1e-5, abs=1e-5)
-    # with contiguous (out, in) weights, though ``x @ w`` reads w's transpose
-    assert [tuple(p.shape) for p in emitted.parameters()] == [(64, 64)] * 2
-    assert all(p.is_contiguous() for p in emitted.parameters())
+    # shaping reads each as the linear layer it is, and initializes it
     shaped = graphshape.shape(model, x, method="DKS", seed=0)
-    assert shaped.meta["graphshape"].initialized == 2
+    report = shaped.meta["graphshape"]
+    assert report.initialized == 2
+    assert sum("a matmul by parameter" in r["what"] for r in report.rewritten) == 2
+    assert graphshape.load(shaped, x).count_ops().get("linear") == 2
     # where shaping puts q: 1 at the activation's input (62 with the randn weights kept)
     stats = graphshape.analyze(graphshape.load(shaped, x), x, empirical=True)
     first = next(r for r in stats.rows if r["op"] == "linear")
@@ -64,6 +68,22 @@ def test_a_matmul_by_a_parameter_is_a_linear_layer(form):
     shaped(x).square().mean().backward()
     grads = [p.grad for p in shaped.parameters()]
     assert len(grads) == 2 and all(g is not None and g.abs().sum() > 0 for g in grads)
+
+
+def test_onnx_matmul_weights_become_contiguous_torch_parameters(tmp_path):
+    """The ONNX frontend reads ``MatMul(x, w)`` as a linear layer whose (out, in) weight is a
+    transposed view of the initializer; the torch backend makes it a contiguous parameter."""
+    model = HandLinearMLP("x @ w").eval()
+    x = torch.randn(4, 64)
+    path = str(tmp_path / "m.onnx")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.onnx.export(model, (x,), path, opset_version=17, dynamo=False, input_names=["x"])
+    emitted = graphshape.to_torch(graphshape.load(path))
+    assert [tuple(p.shape) for p in emitted.parameters()] == [(64, 64)] * 2
+    assert all(p.is_contiguous() for p in emitted.parameters())
+    with torch.no_grad():
+        assert emitted(x) == pytest.approx(model(x), rel=1e-5, abs=1e-5)
 
 
 class Kept(nn.Module):
@@ -89,9 +109,12 @@ def test_matmuls_that_are_not_a_layer_of_their_own_stay_matmuls():
     model = Kept()
     x = torch.randn(8, 16)
     graph = graphshape.load(model, x)
-    assert graph.count_ops()["matmul"] == 5 and "linear" not in graph.count_ops()
+    assert graph.count_ops()["matmul"] == 5 and "opaque" not in graph.count_ops()
+    with torch.no_grad():  # (h.t(), self.tied.t(): transposes of a signal and a parameter)
+        assert graphshape.to_torch(graph)(x) == pytest.approx(model(x), rel=1e-5, abs=1e-6)
     shaped = graphshape.shape(model, x, method="DKS", seed=0)
     assert shaped.meta["graphshape"].initialized == 0
+    assert "linear" not in graphshape.load(shaped, x).count_ops()
     # the tied weight is still one parameter, read twice
     assert len(list(shaped.parameters())) == 3
     with torch.no_grad():
