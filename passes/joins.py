@@ -28,7 +28,7 @@ import math
 import numpy as np
 
 from graphshape.errors import GraphshapeError
-from graphshape.ir import Graph, TensorInfo, constant_operand
+from graphshape.ir import Graph, Node, TensorInfo, constant_operand
 
 
 def normalize_sums(graph: Graph, shortcut_weight: float, *, copy: bool = True) -> tuple[Graph, dict]:
@@ -124,7 +124,9 @@ def reset_branch_scales(graph: Graph, *, copy: bool = True) -> tuple[Graph, dict
     carries q ~ 1; with gamma = 1e-6 it carries ~0, and the residual stream's q shrinks by w²
     per block (torchvision convnext_tiny, shaped with its layer scales: q 0.25 after the
     first block, 0.0000 at mid-depth). The parameter stays (trainable, same shape and
-    dtype); only its initial value changes. A scale another node also reads is left alone.
+    dtype); only its initial value changes. A scale that only branch ends read (tied, or
+    stored once by an exporter) is reset once and stays one tensor; one that any other
+    node also reads is left alone.
 
     Returns ``(new_graph, record)`` (``rewritten``: one entry per reset scale); the input
     graph is not modified unless ``copy=False``."""
@@ -133,6 +135,8 @@ def reset_branch_scales(graph: Graph, *, copy: bool = True) -> tuple[Graph, dict
     g = graph.copy() if copy else graph
     rewritten: list[dict] = []
     signals = signal_nodes(g)  # resetting a constant's value does not change which are signals
+    scales: list[tuple[str, Node]] = []  # (join, constant) in the order found
+    readers: dict[str, set[str]] = {}  # constant -> the scale muls and reshapes reading it
     for join in find_joins(g):
         if (g[join.node].op not in ("add", "sub", "sum") or len(join.inputs) != 2
                 or join.linear_mix):  # (left as it is by normalize_sums: so is its scale)
@@ -153,16 +157,31 @@ def reset_branch_scales(graph: Graph, *, copy: bool = True) -> tuple[Graph, dict
                 node = g[node.inputs[0].node]
             if node.op != "mul" or len(node.inputs) != 2:
                 break
-            const = _sole_constant(g, node, signals)
-            if const is None:
+            held = _scale_constant(g, node, signals)
+            if held is None:
                 break
-            value = const.params["value"]
-            const.params["value"] = np.ones_like(value)
-            rewritten.append({"node": const.name, "op": "constant",
-                              "what": f"branch scale before join {join.node!r} set to 1 (was "
-                                      f"{float(np.abs(value).mean()):.3g} on average: a layer "
-                                      "scale)"})
+            const, chain = held
+            scales.append((join.node, const))
+            readers.setdefault(const.name, set()).update([node.name, *chain])
             node = g[next(r.node for r in node.inputs if r.node in signals)]
+    done = set()
+    for join_node, const in scales:
+        # a constant only scales that end residual branches read (one layer scale, or the
+        # equal ones an exporter stored once: torch.onnx's dynamo exporter writes ConvNeXt's
+        # 1e-6 scales of one width as one initializer) is reset, once; one that anything
+        # else reads is left alone
+        if const.name in done or not all(
+                user.name in readers[const.name]
+                for name in readers[const.name] | {const.name} if g[name].op != "mul"
+                for user in g.users(name)):
+            continue
+        done.add(const.name)
+        value = const.params["value"]
+        const.params["value"] = np.ones_like(value)
+        rewritten.append({"node": const.name, "op": "constant",
+                          "what": f"branch scale before join {join_node!r} set to 1 (was "
+                                  f"{float(np.abs(value).mean()):.3g} on average: a layer "
+                                  "scale)"})
     _reset_lone_layer_scales(g, signals, rewritten)
     return g, {"removed": [], "rewritten": rewritten}
 
@@ -217,6 +236,23 @@ def _reset_lone_layer_scales(g: Graph, signals: set[str], rewritten: list) -> No
         rewritten.append({"node": const.name, "op": "constant",
                           "what": f"layer scale after {layer.name!r} set to 1 (was {rms:.3g} "
                                   "RMS; no shortcut around it)"})
+
+
+def _scale_constant(g: Graph, mul, signals: set[str]):
+    """``(constant node, the pass-through nodes between)`` that ``mul`` multiplies its signal
+    by (through reshapes of the parameter: ``gamma.reshape(1, -1, 1, 1)``), when it is a
+    float constant; None otherwise. Others may read it too (see :func:`_sole_constant`)."""
+    others = [r for r in mul.inputs if r.node not in signals]
+    if len(others) != 1 or len(mul.inputs) - len(others) != 1:
+        return None
+    node, chain = g[others[0].node], []
+    while node.op in _BRANCH_PASS and node.inputs:
+        chain.append(node.name)
+        node = g[node.inputs[0].node]
+    value = node.params.get("value") if node.op == "constant" else None
+    if not isinstance(value, np.ndarray) or value.dtype.kind != "f":
+        return None
+    return node, chain
 
 
 def _sole_constant(g: Graph, mul, signals: set[str]):

@@ -55,17 +55,68 @@ def test_layer_scales_are_set_to_one(method, reshaped_gamma):
     assert float(model[1].gamma.detach().abs().max()) == pytest.approx(1e-6)  # source untouched
 
 
-def test_a_shared_scale_and_initialize_false_are_left_alone():
-    from graphshape.passes.joins import reset_branch_scales
+class AlsoReadElsewhere(nn.Module):
+    """Two blocks, the first block's gamma also added to the output (not a scale there)."""
 
-    model, x = _net(depth=2), torch.randn(2, 3, 16, 16)
-    model[2].gamma = model[1].gamma  # tied: another block reads it too
-    g, record = reset_branch_scales(graphshape.load(model, x))
-    assert record["rewritten"] == []
+    def __init__(self):
+        super().__init__()
+        self.net = _net(depth=2)
+
+    def forward(self, x):
+        return self.net(x) + self.net[1].gamma
+
+
+def test_a_scale_read_elsewhere_and_initialize_false_are_left_alone():
+    from graphshape.passes.joins import reset_branch_scales
     from graphshape.passes.shaping import shape_graph
 
+    x = torch.randn(2, 3, 16, 16)
+    g, record = reset_branch_scales(graphshape.load(AlsoReadElsewhere(), x))
+    assert [r["node"] for r in record["rewritten"]] == ["net_2_gamma"]  # not net_1's
     _, report = shape_graph(graphshape.load(_net(depth=2), x), method="DKS", initialize=False)
     assert not [r for r in report.rewritten if r["what"].startswith("branch scale")]
+
+
+def test_a_scale_only_branch_ends_share_is_set_to_one_once():
+    """One layer scale at the end of two branches (tied in PyTorch; or equal ones an exporter
+    stored once: torch.onnx's dynamo exporter writes ConvNeXt's 1e-6 scales of one width as
+    one initializer) is set to 1, once, and stays one tensor."""
+    model, x = _net(depth=3), torch.randn(2, 3, 16, 16)
+    model[2].gamma = model[1].gamma  # tied: blocks 1 and 2 read it
+    shaped = graphshape.shape(model, x, method="DKS", seed=0)
+    resets = [r for r in shaped.meta["graphshape"].rewritten
+              if r["what"].startswith("branch scale")]
+    assert len(resets) == 2  # the tied one, once, and block 3's
+    gammas = [p for name, p in shaped.named_parameters() if "gamma" in name]
+    assert len(gammas) == 2 and all(torch.equal(g, torch.ones_like(g)) for g in gammas)
+    assert 0.5 < _output_q(shaped, x) < 2.0
+
+
+def test_an_initializer_shared_by_layer_scales_is_set_to_one(tmp_path):
+    """The ONNX form: two residual branches ``x + s * relu(W x)`` whose Mul reads one
+    initializer ``s`` of 1e-6."""
+    from onnx import TensorProto, helper
+
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(np.full((1, 8), 1e-6, np.float32), "s")]
+    nodes, prev = [], "x"
+    for i in range(2):
+        inits.append(numpy_helper.from_array(
+            rng.standard_normal((8, 8)).astype(np.float32) / 3, f"w{i}"))
+        nodes += [helper.make_node("MatMul", [prev, f"w{i}"], [f"h{i}"]),
+                  helper.make_node("Tanh", [f"h{i}"], [f"a{i}"]),
+                  helper.make_node("Mul", [f"a{i}", "s"], [f"m{i}"]),
+                  helper.make_node("Add", [prev, f"m{i}"], [f"y{i}"])]
+        prev = f"y{i}"
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 8])],
+        [helper.make_tensor_value_info(prev, TensorProto.FLOAT, [4, 8])], inits)
+    src, dst = tmp_path / "m.onnx", tmp_path / "s.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(src))
+    report = graphshape.shape_onnx(src, dst, method="DKS", seed=0)
+    assert [r["node"] for r in report.rewritten if r["what"].startswith("branch scale")] == ["s"]
+    values = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(dst)).graph.initializer}
+    assert np.array_equal(values["s"], np.ones((1, 8), np.float32))
 
 
 def test_onnx_layer_scales_are_set_to_one(tmp_path):
