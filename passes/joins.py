@@ -125,8 +125,10 @@ def reset_branch_scales(graph: Graph, *, copy: bool = True) -> tuple[Graph, dict
     per block (torchvision convnext_tiny, shaped with its layer scales: q 0.25 after the
     first block, 0.0000 at mid-depth). The parameter stays (trainable, same shape and
     dtype); only its initial value changes. A scale that only branch ends read (tied, or
-    stored once by an exporter) is reset once and stays one tensor; one that any other
-    node also reads is left alone.
+    stored once by an exporter) is reset once and stays one tensor. One that another node
+    also reads is left alone from PyTorch (a tensor read twice is one parameter); in an ONNX
+    graph, where an exporter may have stored equal values once, each branch end gets a
+    constant of ones of its own and the other readers keep the original.
 
     Returns ``(new_graph, record)`` (``rewritten``: one entry per reset scale); the input
     graph is not modified unless ``copy=False``."""
@@ -135,7 +137,8 @@ def reset_branch_scales(graph: Graph, *, copy: bool = True) -> tuple[Graph, dict
     g = graph.copy() if copy else graph
     rewritten: list[dict] = []
     signals = signal_nodes(g)  # resetting a constant's value does not change which are signals
-    scales: list[tuple[str, Node]] = []  # (join, constant) in the order found
+    # (join, constant, mul, the reshapes between) in the order found
+    scales: list[tuple[str, Node, str, list[str]]] = []
     readers: dict[str, set[str]] = {}  # constant -> the scale muls and reshapes reading it
     for join in find_joins(g):
         if (g[join.node].op not in ("add", "sub", "sum") or len(join.inputs) != 2
@@ -161,27 +164,38 @@ def reset_branch_scales(graph: Graph, *, copy: bool = True) -> tuple[Graph, dict
             if held is None:
                 break
             const, chain = held
-            scales.append((join.node, const))
+            scales.append((join.node, const, node.name, chain))
             readers.setdefault(const.name, set()).update([node.name, *chain])
             node = g[next(r.node for r in node.inputs if r.node in signals)]
     done = set()
-    for join_node, const in scales:
+    for join_node, const, mul, chain in scales:
         # a constant only scales that end residual branches read (one layer scale, or the
         # equal ones an exporter stored once: torch.onnx's dynamo exporter writes ConvNeXt's
-        # 1e-6 scales of one width as one initializer) is reset, once; one that anything
-        # else reads is left alone
-        if const.name in done or not all(
-                user.name in readers[const.name]
-                for name in readers[const.name] | {const.name} if g[name].op != "mul"
-                for user in g.users(name)):
-            continue
-        done.add(const.name)
+        # 1e-6 scales of one width as one initializer) is reset, once
         value = const.params["value"]
-        const.params["value"] = np.ones_like(value)
-        rewritten.append({"node": const.name, "op": "constant",
-                          "what": f"branch scale before join {join_node!r} set to 1 (was "
-                                  f"{float(np.abs(value).mean()):.3g} on average: a layer "
-                                  "scale)"})
+        what = (f"branch scale before join {join_node!r} set to 1 (was "
+                f"{float(np.abs(value).mean()):.3g} on average: a layer scale)")
+        if const.name in done:
+            continue
+        if all(user.name in readers[const.name]
+               for name in readers[const.name] | {const.name} if g[name].op != "mul"
+               for user in g.users(name)):
+            done.add(const.name)
+            const.params["value"] = np.ones_like(value)
+            rewritten.append({"node": const.name, "op": "constant", "what": what})
+        elif g.meta.get("source") == "onnx" and not chain and len(g.users(const.name)) > 1:
+            # an ONNX initializer that other nodes read too: the file cannot say whether
+            # the source tied them or the exporter stored equal values once (the dynamo
+            # exporter does: CaiT's 1e-5 layer scales and its class-attention blocks' are
+            # one initializer), so this scale gets a constant of its own, of ones. (From
+            # PyTorch a tensor read twice is one parameter: left alone.)
+            ones = g.add(Node(g.unique_name(f"{const.name}_{mul}"), "constant", [],
+                              {"trainable": const.attrs.get("trainable", False)},
+                              {"value": np.ones_like(value)}, list(const.outputs),
+                              {"source_name": const.name, "flags": []}))
+            g.set_inputs(mul, [ones.out if r.node == const.name else r for r in g[mul].inputs])
+            rewritten.append({"node": ones.name, "op": "constant", "what": what})
+        # (anything else: another node reads the scale, which is left alone)
     _reset_lone_layer_scales(g, signals, rewritten)
     return g, {"removed": [], "rewritten": rewritten}
 

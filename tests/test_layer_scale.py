@@ -92,9 +92,9 @@ def test_a_scale_only_branch_ends_share_is_set_to_one_once():
     assert 0.5 < _output_q(shaped, x) < 2.0
 
 
-def test_an_initializer_shared_by_layer_scales_is_set_to_one(tmp_path):
-    """The ONNX form: two residual branches ``x + s * relu(W x)`` whose Mul reads one
-    initializer ``s`` of 1e-6."""
+def _residual_onnx(path, also_read_elsewhere=False):
+    """Two residual branches ``x + s * tanh(x W)`` whose Mul reads one initializer ``s`` of
+    1e-6 (and, optionally, a third Mul after them: not a layer scale)."""
     from onnx import TensorProto, helper
 
     rng = np.random.default_rng(0)
@@ -108,26 +108,39 @@ def test_an_initializer_shared_by_layer_scales_is_set_to_one(tmp_path):
                   helper.make_node("Mul", [f"a{i}", "s"], [f"m{i}"]),
                   helper.make_node("Add", [prev, f"m{i}"], [f"y{i}"])]
         prev = f"y{i}"
+    if also_read_elsewhere:
+        nodes.append(helper.make_node("Mul", [prev, "s"], ["scaled"]))
+        prev = "scaled"
     graph = helper.make_graph(
         nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 8])],
         [helper.make_tensor_value_info(prev, TensorProto.FLOAT, [4, 8])], inits)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+
+
+def test_an_initializer_shared_by_layer_scales_is_set_to_one(tmp_path):
     src, dst = tmp_path / "m.onnx", tmp_path / "s.onnx"
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(src))
+    _residual_onnx(src)
     report = graphshape.shape_onnx(src, dst, method="DKS", seed=0)
     assert [r["node"] for r in report.rewritten if r["what"].startswith("branch scale")] == ["s"]
     values = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(dst)).graph.initializer}
     assert np.array_equal(values["s"], np.ones((1, 8), np.float32))
 
 
-def test_onnx_layer_scales_are_set_to_one(tmp_path):
-    model, x = _net(depth=3), torch.randn(2, 3, 16, 16)
-    src, dst = tmp_path / "convnext.onnx", tmp_path / "shaped.onnx"
-    torch.onnx.export(model, (x,), str(src), opset_version=17, dynamo=False)
+def test_an_initializer_layer_scales_share_with_another_reader_is_split(tmp_path):
+    """The dynamo exporter stores CaiT's 1e-5 layer scales, those of its class-attention
+    blocks (which shaping leaves as they are) included, as one initializer: each
+    branch-ending scale gets a constant of ones of its own, the other reader keeps ``s``."""
+    src, dst = tmp_path / "m.onnx", tmp_path / "s.onnx"
+    _residual_onnx(src, also_read_elsewhere=True)
     report = graphshape.shape_onnx(src, dst, method="DKS", seed=0)
-    assert len([r for r in report.rewritten if r["what"].startswith("branch scale")]) == 3
-    values = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(dst)).graph.initializer}
-    gammas = [v for name, v in values.items() if "gamma" in name]
-    assert len(gammas) == 3 and all(np.array_equal(v, np.ones_like(v)) for v in gammas)
+    resets = [r["node"] for r in report.rewritten if r["what"].startswith("branch scale")]
+    assert len(resets) == 2 and "s" not in resets
+    model = onnx.load(str(dst))
+    values = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    assert np.allclose(values["s"], 1e-6)
+    assert len([n for n in model.graph.node if "s" in n.input]) == 1  # the other reader
+    assert all(np.array_equal(values[name], np.ones((1, 8), np.float32)) for name in resets)
+    assert all(len([n for n in model.graph.node if name in n.input]) == 1 for name in resets)
 
 
 class MixerBlock(nn.Module):
