@@ -399,6 +399,7 @@ def _attention_projections(graph, node, modules_done: dict) -> list[_HeldProject
                     weight.copy_(torch.from_numpy(params["weight"]).to(weight.dtype))
                     if bias is not None:
                         bias.copy_(torch.from_numpy(params["bias"]).to(bias.dtype))
+
             def array(t):  # (float64 stays float64, drawn as such; half types as float32)
                 t = t.detach().cpu()
                 return (t if t.dtype in (torch.float32, torch.float64) else t.float()).numpy()
@@ -418,17 +419,13 @@ def _attention_projections(graph, node, modules_done: dict) -> list[_HeldProject
         return []
     args, kwargs = node.attrs.get("args") or (), node.attrs.get("kwargs") or {}
     bound = {**dict(zip(_SWIN_ATTENTION_ARGS, args)), **kwargs}
-    readers: dict[str, int] = {}
-    for other in graph:
-        for ref in other.inputs:
-            readers[ref.node] = readers.get(ref.node, 0) + 1
 
     def own_constant(ref, ndim):
         """The constant node behind ``ref`` if only this call reads it, else None."""
         if not hasattr(ref, "node") or ref.node not in graph:
             return None
         const = graph[ref.node]
-        if const.op != "constant" or readers.get(const.name) != 1 \
+        if const.op != "constant" or len(graph.users(const.name)) != 1 \
                 or const.meta.get("shared_params") or np.ndim(const.params.get("value")) != ndim:
             return None
         return const

@@ -172,11 +172,11 @@ def reset_branch_scales(graph: Graph, *, copy: bool = True) -> tuple[Graph, dict
         # a constant only scales that end residual branches read (one layer scale, or the
         # equal ones an exporter stored once: torch.onnx's dynamo exporter writes ConvNeXt's
         # 1e-6 scales of one width as one initializer) is reset, once
+        if const.name in done:
+            continue
         value = const.params["value"]
         what = (f"branch scale before join {join_node!r} set to 1 (was "
                 f"{float(np.abs(value).mean()):.3g} on average: a layer scale)")
-        if const.name in done:
-            continue
         if all(user.name in readers[const.name]
                for name in readers[const.name] | {const.name} if g[name].op != "mul"
                for user in g.users(name)):

@@ -840,8 +840,9 @@ def linear_matmuls(graph: Graph, *, copy: bool = True) -> tuple[Graph, dict]:
     then initializes it like ``nn.Linear``, and a model shaped from PyTorch and from its ONNX
     export is the same network. (Loading keeps the matmul: a converted model's
     ``state_dict`` has the source's key ``w``, in its layout; a shaped model is a new one.)
-    A buffer, a weight read anywhere else (tied, or held by a module), a computed weight and
-    ``w @ x`` stay matmuls. Returns ``(graph, {"rewritten": [...]})``."""
+    A buffer, a weight read anywhere else (tied, or held by a module; reads of its shape
+    aside), a computed weight and ``w @ x`` stay matmuls. Returns ``(graph, {"rewritten":
+    [...]})``."""
     g = graph.copy() if copy else graph
     rewritten = []
     for node in list(g):
@@ -853,12 +854,19 @@ def linear_matmuls(graph: Graph, *, copy: bool = True) -> tuple[Graph, dict]:
                 and len(g.users(weight.name)) == 1):
             weight = g[weight.inputs[0].node]
         value = weight.params.get("value")
+        # (reads of its shape only, ``rel.shape[0]`` in timm's HaloNet, do not count)
+        shape_reads = [u for u in g.users(weight.name)
+                       if u.op == "opaque" and "shape_computation" in u.meta.get("flags", ())]
         if (weight.op != "constant" or not weight.attrs.get("trainable")
-                or weight.meta.get("shared_params") or len(g.users(weight.name)) != 1
+                or weight.meta.get("shared_params")
+                or len(g.users(weight.name)) != 1 + len(shape_reads)
                 or g[x_ref.node].op == "constant" or np.ndim(value) != 2
                 or not np.issubdtype(np.asarray(value).dtype, np.floating)):
             continue
         matrix = value if first is not weight else value.T  # (out, in)
+        if shape_reads:  # the tensor stays for them: a buffer, not a parameter left unused
+            weight.attrs["trainable"] = False
+            weight.meta["persistent"] = False
         node.op = "linear"
         node.attrs = {"in_features": int(matrix.shape[1]), "out_features": int(matrix.shape[0])}
         node.params = {"weight": matrix}

@@ -156,3 +156,27 @@ def test_shaped_from_pytorch_and_from_onnx_the_same_network(tmp_path):
     session = ort.InferenceSession(dst, providers=["CPUExecutionProvider"])
     got = session.run(None, {"x": x.numpy()})[0]
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * np.abs(want).max())
+
+
+class ReadsItsShape(nn.Module):
+    """timm's HaloNet relative-position logits: ``q @ rel.transpose(-1, -2)``, with
+    ``rel.shape[0]`` read too."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Linear(16, 16)
+        self.rel = nn.Parameter(torch.randn(7, 16) / 4)
+
+    def forward(self, x):
+        logits = torch.tanh(self.inp(x)) @ self.rel.transpose(-1, -2)
+        return logits.reshape(-1, self.rel.shape[0]).softmax(-1)
+
+
+def test_a_weight_whose_shape_is_read_too_is_a_linear_layer():
+    x = torch.randn(4, 16)
+    shaped = graphshape.shape(ReadsItsShape(), x, method="DKS", seed=0)
+    assert shaped.meta["graphshape"].initialized == 2
+    # the tensor stays for the shape read, as a buffer: no parameter left without a gradient
+    shaped(x).square().sum().backward()
+    assert all(p.grad is not None for p in shaped.parameters())
+    assert len(list(shaped.parameters())) == 3  # inp's weight and bias, the new linear's
