@@ -8,14 +8,13 @@ stream fell to q 0.03 at its last join where the ONNX path's kept 0.2."""
 
 from __future__ import annotations
 
-import warnings
-
 import numpy as np
 import pytest
 import torch
 import torch.nn as nn
 
 import graphshape
+from same_network import assert_same_outputs, shape_both_ways
 
 
 class Encoder(nn.Module):
@@ -71,21 +70,10 @@ def test_an_attention_module_called_twice_is_initialized_once_and_stays_one():
 
 
 def _same_network(model, x, tmp_path, method):
-    ort = pytest.importorskip("onnxruntime")
-    src, dst = str(tmp_path / "m.onnx"), str(tmp_path / "s.onnx")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(model, (x,), src, opset_version=17, dynamo=False,
-                          input_names=["x"])
-    shaped = graphshape.shape(model, x, method=method, seed=2).eval()
-    report = graphshape.shape_onnx(src, dst, method=method, seed=2)
-    assert shaped.meta["graphshape"].initialized == report.initialized
-    with torch.no_grad():
-        want = shaped(x).numpy()
-    session = ort.InferenceSession(dst, providers=["CPUExecutionProvider"])
-    got = session.run(None, {"x": x.numpy()})[0]
-    assert np.abs(want).max() > 0.05
-    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * np.abs(want).max())
+    pytest.importorskip("onnxruntime")
+    both = shape_both_ways(model, x, tmp_path, method=method, seed=2)
+    assert both.torch_report.initialized == both.onnx_report.initialized
+    assert_same_outputs(both)
 
 
 def test_transformer_encoder_shaped_from_pytorch_and_from_onnx_is_the_same_network(tmp_path):

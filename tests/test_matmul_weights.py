@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import warnings
 
-import numpy as np
 import pytest
 import torch
 import torch.nn as nn
 
 import graphshape
+from same_network import assert_same_outputs, shape_both_ways
 
 FORMS = {
     "x @ w": lambda x, w: x @ w,
@@ -140,22 +140,12 @@ class RelPosLogits(nn.Module):
 def test_shaped_from_pytorch_and_from_onnx_the_same_network(tmp_path):
     """The parity that found this (timm's botnet26t_256: same solved parameters, outputs 1.2
     apart, the ONNX path having initialized the relative-position weights)."""
-    ort = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxruntime")
     torch.manual_seed(0)
-    model = nn.Sequential(RelPosLogits(), RelPosLogits()).eval()
-    x = torch.randn(2, 9, 32)
-    src, dst = str(tmp_path / "m.onnx"), str(tmp_path / "s.onnx")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        torch.onnx.export(model, (x,), src, opset_version=17, dynamo=False, input_names=["x"])
-    shaped = graphshape.shape(model, x, method="DKS", seed=1).eval()
-    report = graphshape.shape_onnx(src, dst, method="DKS", seed=1)
-    assert shaped.meta["graphshape"].initialized == report.initialized == 6
-    with torch.no_grad():
-        want = shaped(x).numpy()
-    session = ort.InferenceSession(dst, providers=["CPUExecutionProvider"])
-    got = session.run(None, {"x": x.numpy()})[0]
-    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * np.abs(want).max())
+    model = nn.Sequential(RelPosLogits(), RelPosLogits())
+    both = shape_both_ways(model, torch.randn(2, 9, 32), tmp_path, method="DKS", seed=1)
+    assert both.torch_report.initialized == both.onnx_report.initialized == 6
+    assert_same_outputs(both)
 
 
 class ReadsItsShape(nn.Module):

@@ -14,6 +14,7 @@ import graphshape
 torch = pytest.importorskip("torch")
 torchvision = pytest.importorskip("torchvision")
 
+from same_network import assert_same_outputs, shape_both_ways  # noqa: E402
 from test_onnx_roundtrip import assert_outputs_equal, build_model, run_ort  # noqa: E402
 
 #: models taken across, beyond the required resnet18: mobilenet_v3_small (hardswish,
@@ -83,14 +84,8 @@ def test_shape_and_shape_onnx_build_the_same_network(tmp_path, name, method):
     seed, are the same network: the same solved parameters, the same orthogonal weights in
     the same order, the same outputs (the two frontends read the model into the same IR)."""
     model, x, _ = _traced(name)
-    src, dst = str(tmp_path / f"{name}.onnx"), str(tmp_path / f"{name}_shaped.onnx")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(model, (x,), src, opset_version=17, dynamo=False,
-                          input_names=["image"])
-        shaped = graphshape.shape(model, x, method=method, seed=3).eval()
-        report = graphshape.shape_onnx(src, dst, method=method, seed=3)
-    from_torch = shaped.meta["graphshape"]
+    both = shape_both_ways(model, x, tmp_path, input_name="image", method=method, seed=3)
+    from_torch, report = both.torch_report, both.onnx_report
     assert report.activation_params.keys() == from_torch.activation_params.keys()
     for name_, params in from_torch.activation_params.items():
         assert report.activation_params[name_] == pytest.approx(params, rel=1e-9)
@@ -98,7 +93,4 @@ def test_shape_and_shape_onnx_build_the_same_network(tmp_path, name, method):
     # convs, whose biases shaping then zeroes)
     assert report.activations_found == from_torch.activations_found
     assert report.initialized == from_torch.initialized > 0
-    assert len(report.warnings) == len(from_torch.warnings)
-    with torch.no_grad():
-        want = shaped(x).numpy()
-    assert_outputs_equal(run_ort(dst, {"image": x.numpy()}), [want])
+    assert_same_outputs(both)

@@ -16,7 +16,6 @@ seeds at width 32 held, 2026-12-07; so did 7 torchvision models, tests/test_onnx
 from __future__ import annotations
 
 import random
-import warnings
 
 import pytest
 import torch
@@ -24,6 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import graphshape
+from same_network import assert_same_outputs, shape_both_ways
 
 ACTIVATIONS = {
     "DKS": ("relu", "gelu", "tanh", "silu", "elu", "softplus", "leaky_relu", "selu", "mish",
@@ -110,24 +110,13 @@ def test_random_network_shaped_from_its_onnx_export_is_the_same_network(seed, tm
     """shape() on the module and shape_onnx() on its torch.onnx export, with the same seed,
     build the same network: equal solved parameters, equal outputs (onnxruntime against
     the shaped module), at every random topology."""
-    ort = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxruntime")
     method, activation, blocks, model, x = _draw(seed, 32)
-    model.eval()
-    src, dst = str(tmp_path / "model.onnx"), str(tmp_path / "shaped.onnx")
-    with warnings.catch_warnings():  # (the TorchScript exporter's deprecation notice)
-        warnings.simplefilter("ignore", DeprecationWarning)
-        torch.onnx.export(model, (x,), src, opset_version=17, dynamo=False, input_names=["x"])
-    options = {"method": method, "seed": seed, "eta": 0.5}  # (eta in reach at every depth)
-    shaped = graphshape.shape(model, x, **options).eval()
-    report = graphshape.shape_onnx(src, dst, **options)
+    # (eta in reach at every depth)
+    both = shape_both_ways(model, x, tmp_path, method=method, seed=seed, eta=0.5)
     where = f"{method} {activation} {blocks}"
-    solved = shaped.meta["graphshape"].activation_params
+    solved = both.torch_report.activation_params
     ((name, params),) = solved.items()  # (F.gelu is the registry's gelu_exact)
-    assert report.activation_params.keys() == {name}, where
-    assert report.activation_params[name] == pytest.approx(params), where
-    with torch.no_grad():
-        want = shaped(x).numpy()
-    session = ort.InferenceSession(dst, providers=["CPUExecutionProvider"])
-    got = session.run(None, {"x": x.numpy()})[0]
-    assert abs(want).max() > 0.1, where  # (a vacuous comparison otherwise)
-    assert got == pytest.approx(want, rel=1e-4, abs=1e-5), where
+    assert both.onnx_report.activation_params.keys() == {name}, where
+    assert both.onnx_report.activation_params[name] == pytest.approx(params), where
+    assert_same_outputs(both, where)
