@@ -1159,7 +1159,9 @@ class _Loader:
                     mod = _WithWeight(mod, weight_norm[3])
             args = (mod,)
         elif fx_node.op == "call_function":
-            handler = _FUNCTION_HANDLERS.get(_key(fx_node.target))
+            handler = _FUNCTION_HANDLERS.get(_key(fx_node.target)) or _NAMED_FUNCTIONS.get(
+                f"{getattr(fx_node.target, '__module__', '')}."
+                f"{getattr(fx_node.target, '__qualname__', '')}")
             args = ()
         else:  # call_method
             handler = METHOD_OPS.get(fx_node.target)
@@ -3083,6 +3085,79 @@ def _f_t(ld, fx_node):
         _emit(ld, fx_node, "transpose", [_input(ld, fx_node)], {"perm": (1, 0)})
 
 
+def _f_mvit_unsqueeze(ld, fx_node):
+    """torchvision MViT's ``_unsqueeze(x, target_dim, expand_dim)`` (``torch.fx.wrap``-ed, so
+    fx keeps the call): ``(x.unsqueeze(expand_dim), x.dim())`` when ``x`` has
+    ``target_dim - 1`` dims, else ``(x, x.dim())``; the rank is a constant."""
+    x, target_dim, expand_dim = _mvit_args(fx_node, 3)
+    r = ld.rank(x)
+    if r is None or r not in (target_dim - 1, target_dim):
+        raise _Unmapped("rank")
+    name = ld.graph.unique_name(f"{fx_node.name}_x")
+    if r == target_dim - 1:
+        out = ld.add(fx_node, "unsqueeze", [_input(ld, fx_node, x)],
+                     {"axes": (expand_dim % (r + 1),)},
+                     outputs=[_mvit_info(ld, x, r + 1, expand_dim)], name=name)
+    else:
+        out = ld.add(fx_node, "identity", [_input(ld, fx_node, x)], outputs=[ld.info(x)],
+                     name=name)
+    rank = ld.scalar_constant(fx_node.name, r, None)
+    ld.env[fx_node] = _Multi(fx_node.name, 2, refs=[out, rank])
+
+
+def _f_mvit_squeeze(ld, fx_node):
+    """torchvision MViT's ``_squeeze(x, target_dim, expand_dim, tensor_dim)``: undoes
+    :func:`_f_mvit_unsqueeze` (``tensor_dim``: the rank it returned)."""
+    x, target_dim, expand_dim, tensor_dim = _mvit_args(fx_node, 4)
+    value = ld.graph[ld.env[tensor_dim].node].params.get("value") \
+        if isinstance(tensor_dim, torch.fx.Node) and isinstance(ld.env.get(tensor_dim), Ref) \
+        else tensor_dim
+    if not isinstance(value, (int, np.integer, np.ndarray)) or np.ndim(value) != 0:
+        raise _Unmapped("tensor_dim")
+    if int(value) == target_dim - 1:
+        _emit(ld, fx_node, "squeeze", [_input(ld, fx_node, x)],
+              {"axes": (expand_dim % target_dim,)})
+    else:
+        _emit(ld, fx_node, "identity", [_input(ld, fx_node, x)])
+
+
+def _f_tensor_split(ld, fx_node):
+    """``torch.tensor_split(x, indices=(i, j, ...), dim)``: a split at those indices (MViT
+    takes its class token off with ``indices=(1,)``)."""
+    a = _bind(fx_node, ["input", "indices", "dim"], {"dim": 0})
+    indices = a["indices"]  # (an int: that many sections, not mapped)
+    info = ld.info(a["input"]) if isinstance(a["input"], torch.fx.Node) else None
+    if not isinstance(indices, (tuple, list)) or not all(isinstance(i, int) for i in indices) \
+            or info is None or info.shape is None or not isinstance(a["dim"], int):
+        raise _Unmapped("tensor_split needs static indices and shapes")
+    n = info.shape[a["dim"] % len(info.shape)]
+    bounds = [0, *[min(max(i if i >= 0 else i + n, 0), n) for i in indices], n]
+    _split(ld, fx_node, a["input"], [hi - lo for lo, hi in zip(bounds, bounds[1:])], a["dim"],
+           False)
+
+
+def _mvit_args(fx_node, n):
+    if fx_node.kwargs or len(fx_node.args) != n or not all(
+            isinstance(a, int) for a in fx_node.args[1:3]):
+        raise _Unmapped("arguments")
+    return fx_node.args
+
+
+def _mvit_info(ld, x, rank, axis):
+    info = ld.info(x)
+    if info.shape is None:
+        return TensorInfo(None, info.dtype)
+    shape = list(info.shape)
+    shape.insert(axis % rank, 1)
+    return TensorInfo(tuple(shape), info.dtype)
+
+
+#: functions fx keeps as calls (``torch.fx.wrap``) that are known ops, by qualified name (no
+#: import of their package here)
+_NAMED_FUNCTIONS = {"torchvision.models.video.mvit._unsqueeze": _f_mvit_unsqueeze,
+                    "torchvision.models.video.mvit._squeeze": _f_mvit_squeeze}
+
+
 def _f_getattr(ld, fx_node):
     """``x.T`` (all axes reversed) and ``x.mT`` (the last two swapped) of a tensor; other
     attributes (``x.shape``, ``x.dtype``...) stay opaque (shape computations)."""
@@ -3154,7 +3229,7 @@ FUNCTION_OPS: dict[Any, Callable] = {
     torch.cat: _f_cat, torch.concat: _f_cat, torch.stack: _f_stack, torch.concatenate: _f_cat,
     torch.flatten: _f_flatten, torch.reshape: _f_reshape, torch.permute: _f_permute,
     torch.transpose: _f_transpose, torch.swapaxes: _f_transpose, torch.swapdims: _f_transpose,
-    torch.t: _f_t, getattr: _f_getattr,
+    torch.t: _f_t, getattr: _f_getattr, torch.tensor_split: _f_tensor_split,
     torch.squeeze: _f_squeeze, torch.unsqueeze: _f_unsqueeze,
     torch.chunk: _f_split(True), torch.split: _f_split(False), torch.unbind: _f_unbind,
     operator.getitem: _f_getitem, F.pad: _f_pad, F.interpolate: _f_interpolate,
